@@ -1,0 +1,1 @@
+//! Embedded single-node Kubernetes API server.

@@ -1,0 +1,1 @@
+//! The keel host: builds a job's pod, lets sandboxed plugins shape it, and runs it.
