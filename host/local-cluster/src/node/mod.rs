@@ -40,3 +40,15 @@
 //! ```
 //! NodeError maps to HTTP statuses via `NodeError::status_code()` (404 no such pod/container,
 //! 400 bad request such as container not running, 500 otherwise).
+//!
+// API-SIDE REQUEST: concrete shapes the API side codes against (change freely, just keep names):
+//   Pod = k8s_openapi::api::core::v1::Pod; PodStatus = k8s_openapi::api::core::v1::PodStatus;
+//   pub type ResolvedVolumes = BTreeMap<String /*volume*/, BTreeMap<String /*key*/, Vec<u8>>>;
+//   pub struct ExecRequest { pub command: Vec<String>, pub stdin: bool, pub stdout: bool, pub stderr: bool, pub tty: bool }
+//   pub struct AttachRequest { pub stdin: bool, pub stdout: bool, pub stderr: bool, pub tty: bool }
+//   pub struct LogOptions { pub follow: bool, pub timestamps: bool, pub since_time: Option<std::time::SystemTime>,
+//       pub since_seconds: Option<i64>, pub tail_lines: Option<i64>, pub limit_bytes: Option<i64>, pub previous: bool }
+//   pub mod stream { pub enum Protocol { V4, V5 } }  (API side negotiates the subprotocol and passes it)
+//   NodeError: std::error::Error + `fn status_code(&self) -> u16`.
+//   The API side derives kubelet-like events (Created/Started/Failed...) from status transitions, so
+//   the node need not report events. lib.rs declares `pub mod node;` already.
