@@ -1,1 +1,209 @@
 //! Embedded single-node Kubernetes API server.
+//!
+//! [`LocalCluster::start`] serves the core `v1` API on loopback (discovery, CRUD, watch, patch,
+//! pod logs/exec/attach) so kube-rs, kubectl and the official Python client work unchanged;
+//! pods run on the embedded [`node`] as sandboxed local processes.
+
+pub mod api;
+pub mod discovery;
+pub mod errors;
+pub mod kubeconfig;
+pub mod kubelet;
+pub mod lifecycle;
+#[cfg(not(feature = "node-fallback"))]
+pub mod node;
+#[cfg(feature = "node-fallback")]
+#[path = "node_fallback.rs"]
+pub mod node;
+pub mod patch;
+pub mod resources;
+pub mod selectors;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// How to start a cluster. `Default` gives a random port and a temporary data dir.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// Port on 127.0.0.1; `None` picks a free one.
+    pub port: Option<u16>,
+    /// Where pods' directories and the kubeconfig live; `None` makes a temp dir removed on stop.
+    pub data_dir: Option<PathBuf>,
+    /// Root filesystems by image name (see `node::NodeConfig::images_dir`).
+    pub images_dir: Option<PathBuf>,
+    /// Images whose pull fails (ErrImagePull, then ImagePullBackOff).
+    pub unavailable_images: Vec<String>,
+    /// Bearer token every request must carry; `None` disables authentication.
+    pub token: Option<String>,
+    /// Watch events kept for replay from an old resourceVersion (default 10 000); older
+    /// versions answer 410 Gone.
+    pub watch_history: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot listen on 127.0.0.1:{port}: {source}")]
+    Bind {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the cluster data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the node: {0}")]
+    Node(#[source] node::NodeError),
+    #[error("cannot build a client for {url}: {source}")]
+    Client {
+        url: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+pub const NODE_NAME: &str = "keel-local";
+const DEFAULT_WATCH_HISTORY: usize = 10_000;
+
+/// A running cluster. Stop it with [`LocalCluster::stop`]; dropping it also kills every
+/// container and removes a temporary data dir.
+pub struct LocalCluster {
+    url: String,
+    addr: SocketAddr,
+    token: Option<String>,
+    kubeconfig: PathBuf,
+    data_dir: PathBuf,
+    temp_dir: Option<tempfile::TempDir>,
+    state: api::Shared,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl LocalCluster {
+    pub async fn start(opts: ClusterOptions) -> Result<LocalCluster, ClusterError> {
+        let (data_dir, temp_dir) = match &opts.data_dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).map_err(|source| ClusterError::DataDir { path: d.clone(), source })?;
+                (d.clone(), None)
+            }
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("keel-cluster-")
+                    .tempdir()
+                    .map_err(|source| ClusterError::DataDir { path: std::env::temp_dir(), source })?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let port = opts.port.unwrap_or(0);
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.map_err(|source| ClusterError::Bind { port, source })?;
+        let addr = listener.local_addr().map_err(|source| ClusterError::Bind { port, source })?;
+        let url = format!("http://{addr}");
+
+        let store = store::Store::new(NODE_NAME, opts.watch_history.unwrap_or(DEFAULT_WATCH_HISTORY));
+        let node_cfg = node::NodeConfig {
+            data_dir: data_dir.join("node"),
+            images_dir: opts.images_dir.clone(),
+            unavailable_images: opts.unavailable_images.clone(),
+            node_name: NODE_NAME.to_owned(),
+        };
+        let node = node::Node::new(node_cfg, kubelet::status_sink(Arc::downgrade(&store))).map_err(ClusterError::Node)?;
+        let state = Arc::new(api::ApiState {
+            store,
+            node,
+            token: opts.token.clone(),
+            server_address: addr.to_string(),
+            cancel: CancellationToken::new(),
+        });
+        let kubeconfig = data_dir.join("kubeconfig");
+        kubeconfig::write(&kubeconfig, &url, opts.token.as_deref()).map_err(|source| ClusterError::Kubeconfig { path: kubeconfig.clone(), source })?;
+
+        let app = api::router(state.clone());
+        let cancel = state.cancel.clone();
+        let server = tokio::spawn(async move {
+            let shutdown = async move { cancel.cancelled().await };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                tracing::error!(error = %e, "local cluster API server failed");
+            }
+        });
+        tracing::info!(cluster.url = %url, cluster.data_dir = %data_dir.display(), "local cluster started");
+        Ok(LocalCluster { url, addr, token: opts.token, kubeconfig, data_dir, temp_dir, state, server: Some(server) })
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The embedded node (tests inspect its processes).
+    pub fn node(&self) -> &node::Node {
+        &self.state.node
+    }
+
+    /// A kube-rs client for this cluster (bearer token included when set).
+    pub fn client(&self) -> Result<kube::Client, ClusterError> {
+        let url: axum::http::Uri = self.url.parse().expect("http://<socket address> is a valid URI");
+        let mut cfg = kube::Config::new(url);
+        cfg.default_namespace = "default".into();
+        if let Some(t) = &self.token {
+            cfg.auth_info.token = Some(t.clone().into());
+        }
+        kube::Client::try_from(cfg).map_err(|source| ClusterError::Client { url: self.url.clone(), source })
+    }
+
+    /// Stop serving, kill every container and remove a temporary data dir.
+    pub async fn stop(mut self) {
+        self.shutdown_server().await;
+        self.state.node.shutdown().await;
+        if let Some(t) = self.temp_dir.take() {
+            if let Err(e) = t.close() {
+                tracing::warn!(error = %e, "cannot remove the cluster's temp dir");
+            }
+        }
+    }
+
+    async fn shutdown_server(&mut self) {
+        self.state.cancel.cancel();
+        if let Some(server) = self.server.take() {
+            // Graceful shutdown waits for open connections; idle keep-alive ones could hold it,
+            // so bound the wait and then cut them.
+            let abort = server.abort_handle();
+            if tokio::time::timeout(std::time::Duration::from_secs(2), server).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        // Not stopped explicitly (or stopped already: all of this is idempotent). Ending the
+        // server and background tasks drops the last handles on the node, whose own Drop kills
+        // every container synchronously; the temp dir removes itself.
+        self.state.cancel.cancel();
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}

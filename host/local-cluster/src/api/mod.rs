@@ -1,0 +1,172 @@
+//! The HTTP surface: routing of `/api/v1/...` paths to verbs, authentication, discovery.
+
+mod objects;
+mod pods;
+pub mod query;
+mod table;
+mod watch;
+
+use crate::discovery;
+use crate::errors::ApiError;
+use crate::node::Node;
+use crate::resources::{self, Resource};
+use crate::store::Store;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State as AxState};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use query::Query;
+use serde_json::Value;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Everything request handlers share.
+pub struct ApiState {
+    pub store: Arc<Store>,
+    pub node: Node,
+    pub token: Option<String>,
+    /// `host:port` we listen on, for discovery's serverAddressByClientCIDRs.
+    pub server_address: String,
+    /// Cancelled when the cluster stops: ends watches, log streams and background deletions.
+    pub cancel: CancellationToken,
+}
+
+pub type Shared = Arc<ApiState>;
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/version", get(|| async { json_response(StatusCode::OK, &discovery::version()) }))
+        .route("/api", get(|AxState(s): AxState<Shared>| async move { json_response(StatusCode::OK, &discovery::api_versions(&s.server_address)) }))
+        .route("/apis", get(|| async { json_response(StatusCode::OK, &discovery::api_groups()) }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/api/v1", get(|| async { json_response(StatusCode::OK, &discovery::core_v1_resources()) }))
+        .route("/api/v1/{*rest}", axum::routing::any(dispatch))
+        .fallback(|req: Request| async move { ApiError::UnknownPath(req.uri().path().to_owned()) })
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+async fn authenticate(AxState(state): AxState<Shared>, req: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if presented != Some(token.as_str()) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+pub fn json_response(code: StatusCode, body: &Value) -> Response {
+    let mut resp = (code, body.to_string()).into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// What a `/api/v1/...` path names.
+#[derive(Debug)]
+pub struct Target {
+    pub res: &'static Resource,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub sub: Option<String>,
+}
+
+fn resource(plural: &str, path: &str) -> Result<&'static Resource, ApiError> {
+    resources::by_plural(plural).ok_or_else(|| ApiError::UnknownPath(path.to_owned()))
+}
+
+pub fn parse_target(path: &str) -> Result<Target, ApiError> {
+    let rest = path.trim_start_matches("/api/v1/").trim_end_matches('/');
+    let segs: Vec<&str> = rest.split('/').collect();
+    let owned = |s: &str| Some(s.to_owned());
+    let t = match segs.as_slice() {
+        [plural] => Target { res: resource(plural, path)?, namespace: None, name: None, sub: None },
+        ["namespaces", ns, plural] if resources::by_plural(plural).is_some_and(|r| r.namespaced) => {
+            Target { res: resource(plural, path)?, namespace: owned(ns), name: None, sub: None }
+        }
+        ["namespaces", ns, plural, name] => Target { res: resource(plural, path)?, namespace: owned(ns), name: owned(name), sub: None },
+        ["namespaces", ns, plural, name, sub] => {
+            Target { res: resource(plural, path)?, namespace: owned(ns), name: owned(name), sub: owned(sub) }
+        }
+        [plural, name] => Target { res: resource(plural, path)?, namespace: None, name: owned(name), sub: None },
+        [plural, name, sub] => Target { res: resource(plural, path)?, namespace: None, name: owned(name), sub: owned(sub) },
+        _ => return Err(ApiError::UnknownPath(path.to_owned())),
+    };
+    if t.res.namespaced && t.name.is_some() && t.namespace.is_none() {
+        return Err(ApiError::UnknownPath(path.to_owned()));
+    }
+    if let Some(sub) = &t.sub {
+        if !t.res.subresources.contains(&sub.as_str()) {
+            return Err(ApiError::UnknownPath(path.to_owned()));
+        }
+    }
+    Ok(t)
+}
+
+async fn dispatch(AxState(state): AxState<Shared>, req: Request) -> Response {
+    match route(state, req).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            if err.code() >= 500 {
+                tracing::error!(error = %err, "request failed");
+            }
+            err.into_response()
+        }
+    }
+}
+
+async fn route(state: Shared, req: Request) -> Result<Response, ApiError> {
+    let path = req.uri().path().to_owned();
+    let target = parse_target(&path)?;
+    let query = Query::parse(req.uri().query());
+    let method = req.method().clone();
+    let not_allowed = || ApiError::MethodNotAllowed(format!("{method} {path}"));
+    match (target.name.is_some(), target.sub.as_deref(), &method) {
+        (false, None, &Method::GET) if query.flag("watch")? => watch::serve(&state, &target, &query, req.headers()),
+        (false, None, &Method::GET) => objects::list(&state, &target, &query, req.headers()),
+        (false, None, &Method::POST) => objects::create(&state, &target, req).await,
+        (false, None, &Method::DELETE) => objects::delete_collection(&state, &target, &query, req).await,
+        (true, None | Some("status"), &Method::GET) => objects::get(&state, &target, req.headers()),
+        (true, None | Some("status"), &Method::PUT) => objects::update(&state, &target, req).await,
+        (true, None | Some("status"), &Method::PATCH) => objects::patch(&state, &target, req).await,
+        (true, None, &Method::DELETE) => objects::delete(&state, &target, &query, req).await,
+        (true, Some("log"), &Method::GET) => pods::logs(&state, &target, &query).await,
+        (true, Some("exec" | "attach"), &Method::GET | &Method::POST) => pods::stream(&state, &target, &query, req).await,
+        _ => Err(not_allowed()),
+    }
+}
+
+/// Read a request body (bounded, so a hostile client cannot exhaust memory).
+pub async fn body_bytes(body: Body) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(body, 32 * 1024 * 1024).await.map_err(|e| ApiError::BadRequest(format!("cannot read request body: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        let t = parse_target("/api/v1/namespaces/ns1/pods/p/log").unwrap();
+        assert_eq!((t.res.plural, t.namespace.as_deref(), t.name.as_deref(), t.sub.as_deref()), ("pods", Some("ns1"), Some("p"), Some("log")));
+        let t = parse_target("/api/v1/namespaces/ns1").unwrap();
+        assert_eq!((t.res.plural, t.name.as_deref()), ("namespaces", Some("ns1")));
+        let t = parse_target("/api/v1/namespaces/ns1/status").unwrap();
+        assert_eq!((t.res.plural, t.name.as_deref(), t.sub.as_deref()), ("namespaces", Some("ns1"), Some("status")));
+        let t = parse_target("/api/v1/namespaces/ns1/configmaps").unwrap();
+        assert_eq!((t.res.plural, t.namespace.as_deref(), t.name), ("configmaps", Some("ns1"), None));
+        assert!(parse_target("/api/v1/pods/p").is_err());
+        assert!(parse_target("/api/v1/widgets").is_err());
+        assert!(parse_target("/api/v1/namespaces/a/pods/p/bogus").is_err());
+    }
+}

@@ -1,0 +1,276 @@
+//! Deletion as a real control plane does it: graceful pod termination through the node,
+//! finalizers, namespace teardown, and ownerReference garbage collection with
+//! Background / Foreground / Orphan propagation.
+
+use crate::api::Shared;
+use crate::errors::ApiError;
+use crate::kubelet;
+use crate::resources::Resource;
+use crate::store::{Part, meta, res};
+use serde_json::{Value, json};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+pub use crate::kubelet::pod_created;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Propagation {
+    Background,
+    Foreground,
+    Orphan,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeleteOptions {
+    pub grace_seconds: Option<i64>,
+    pub propagation: Propagation,
+    pub precondition_uid: Option<String>,
+    pub precondition_rv: Option<String>,
+}
+
+impl Default for DeleteOptions {
+    fn default() -> Self {
+        DeleteOptions { grace_seconds: None, propagation: Propagation::Background, precondition_uid: None, precondition_rv: None }
+    }
+}
+
+const FOREGROUND: &str = "foregroundDeletion";
+
+fn deletion_time(grace: i64) -> String {
+    let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(grace);
+    at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// Delete one object; returns what the DELETE call answers (the object, possibly only marked
+/// for deletion). Work that a real cluster does asynchronously runs in background tasks.
+pub fn delete<'a>(
+    state: &'a Shared,
+    r: &'static Resource,
+    ns: Option<&'a str>,
+    name: &'a str,
+    opts: DeleteOptions,
+) -> Pin<Box<dyn Future<Output = Result<Value, ApiError>> + Send + 'a>> {
+    Box::pin(async move {
+        let obj = state.store.get(r, ns, name)?;
+        let conflict = |what: &str, want: &str, have: &str| ApiError::Conflict {
+            resource: r.plural.into(),
+            name: name.into(),
+            reason: format!("Precondition failed: {what}: {want}, {what} in object meta: {have}"),
+        };
+        if let Some(uid) = &opts.precondition_uid {
+            if uid != meta::uid(&obj) {
+                return Err(conflict("UID in precondition", uid, meta::uid(&obj)));
+            }
+        }
+        if let Some(rv) = &opts.precondition_rv {
+            if rv != meta::resource_version(&obj) {
+                return Err(conflict("ResourceVersion in precondition", rv, meta::resource_version(&obj)));
+            }
+        }
+        if obj.pointer("/metadata/deletionTimestamp").is_some() {
+            // Already terminating: a forced (grace 0) delete of a pod still finishes it now.
+            if r.is("pods") && opts.grace_seconds == Some(0) {
+                finish_pod(state, &obj, Duration::ZERO).await;
+            }
+            return Ok(obj);
+        }
+        let uid = meta::uid(&obj).to_owned();
+        if opts.propagation == Propagation::Orphan {
+            orphan_dependents(state, &uid);
+        }
+        if r.is("namespaces") {
+            return delete_namespace(state, name).await;
+        }
+        if opts.propagation == Propagation::Foreground && !state.store.dependents_of(&uid).is_empty() {
+            let marked = state.store.update_with(r, ns, name, Part::Whole, |o| {
+                let md = meta::metadata_mut(o);
+                md.insert("deletionTimestamp".into(), json!(meta::now_rfc3339()));
+                md.insert("deletionGracePeriodSeconds".into(), json!(0));
+                let fin = md.entry("finalizers").or_insert_with(|| json!([]));
+                if let Some(list) = fin.as_array_mut() {
+                    list.push(json!(FOREGROUND));
+                }
+                Ok(())
+            })?;
+            let outer = state;
+            let state = state.clone();
+            let ns_owned = ns.map(str::to_owned);
+            let grace = opts.grace_seconds;
+            spawn(&state.clone(), async move {
+                delete_dependents(&state, &uid, Propagation::Foreground).await;
+                wait_until_gone(&state, &uid).await;
+                if r.is("pods") {
+                    if let Ok(pod) = state.store.get(r, ns_owned.as_deref(), meta::name(&marked)) {
+                        let grace = grace.unwrap_or_else(|| pod_grace(&pod));
+                        finish_pod(&state, &pod, Duration::from_secs(grace as u64)).await;
+                    }
+                } else {
+                    let _ = state.store.update_with(r, ns_owned.as_deref(), meta::name(&marked), Part::Whole, |o| {
+                        let keep: Vec<String> = meta::finalizers(o).into_iter().filter(|f| f != FOREGROUND).collect();
+                        meta::metadata_mut(o).insert("finalizers".into(), json!(keep));
+                        Ok(())
+                    });
+                }
+            });
+            return outer.store.get(r, ns, name).or(Ok(obj));
+        }
+        if r.is("pods") {
+            return delete_pod(state, obj, opts).await;
+        }
+        if !meta::finalizers(&obj).is_empty() {
+            // Removed once a client clears the finalizers (see Store::update_with).
+            return state.store.update_with(r, ns, name, Part::Whole, |o| {
+                meta::metadata_mut(o).insert("deletionTimestamp".into(), json!(meta::now_rfc3339()));
+                meta::metadata_mut(o).insert("deletionGracePeriodSeconds".into(), json!(0));
+                Ok(())
+            });
+        }
+        let removed = state.store.remove(r, ns, name)?;
+        collect_garbage(state, &removed, opts.propagation);
+        Ok(removed)
+    })
+}
+
+fn pod_grace(pod: &Value) -> i64 {
+    pod.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(30).max(0)
+}
+
+/// Mark the pod terminating, then (in the background unless grace is 0) stop its containers
+/// through the node, remove it and garbage-collect its dependants.
+async fn delete_pod(state: &Shared, pod: Value, opts: DeleteOptions) -> Result<Value, ApiError> {
+    let grace = opts.grace_seconds.unwrap_or_else(|| pod_grace(&pod));
+    let name = meta::name(&pod).to_owned();
+    let ns = meta::namespace(&pod).to_owned();
+    let marked = state.store.update_with(res("pods"), Some(&ns), &name, Part::Whole, |o| {
+        let md = meta::metadata_mut(o);
+        md.insert("deletionTimestamp".into(), json!(deletion_time(grace)));
+        md.insert("deletionGracePeriodSeconds".into(), json!(grace));
+        Ok(())
+    })?;
+    for cs in marked.pointer("/status/containerStatuses").and_then(Value::as_array).into_iter().flatten() {
+        if cs.pointer("/state/running").is_some() {
+            let cname = cs.get("name").and_then(Value::as_str).unwrap_or_default();
+            kubelet::record(&state.store, &marked, "Normal", "Killing", &format!("Stopping container {cname}"), Some(format!("spec.containers{{{cname}}}")));
+        }
+    }
+    let propagation = opts.propagation;
+    if grace == 0 {
+        finish_pod_with(state, &marked, Duration::ZERO, propagation).await;
+        return Ok(marked);
+    }
+    let (state2, marked2) = (state.clone(), marked.clone());
+    spawn(state, async move { finish_pod_with(&state2, &marked2, Duration::from_secs(grace as u64), propagation).await });
+    Ok(marked)
+}
+
+async fn finish_pod(state: &Shared, pod: &Value, grace: Duration) {
+    finish_pod_with(state, pod, grace, Propagation::Background).await
+}
+
+async fn finish_pod_with(state: &Shared, pod: &Value, grace: Duration, propagation: Propagation) {
+    let uid = meta::uid(pod).to_owned();
+    state.node.stop_pod(&uid, grace).await;
+    // The node reported final statuses while stopping; the pod may also be gone already.
+    if let Some(current) = state.store.pod_by_uid(&uid) {
+        if let Ok(removed) = state.store.remove(res("pods"), Some(meta::namespace(&current)), meta::name(&current)) {
+            collect_garbage(state, &removed, propagation);
+        }
+    }
+    state.node.forget_pod(&uid).await;
+}
+
+/// Background GC: once an owner is gone, its dependants go too (Orphan already cut them loose).
+fn collect_garbage(state: &Shared, owner: &Value, propagation: Propagation) {
+    if propagation == Propagation::Orphan {
+        return;
+    }
+    let uid = meta::uid(owner).to_owned();
+    if state.store.dependents_of(&uid).is_empty() {
+        return;
+    }
+    let state2 = state.clone();
+    spawn(state, async move { delete_dependents(&state2, &uid, Propagation::Background).await });
+}
+
+async fn delete_dependents(state: &Shared, owner_uid: &str, propagation: Propagation) {
+    for (r, ns, name) in state.store.dependents_of(owner_uid) {
+        let opts = DeleteOptions { propagation, ..DeleteOptions::default() };
+        if let Err(e) = delete(state, r, ns.as_deref(), &name, opts).await {
+            if !matches!(e, ApiError::NotFound { .. }) {
+                tracing::warn!(k8s.owner.uid = owner_uid, k8s.name = %name, error = %e, "garbage collection failed");
+            }
+        }
+    }
+}
+
+/// Wait until no object is owned by `owner_uid` any more (Foreground deletion).
+async fn wait_until_gone(state: &Shared, owner_uid: &str) {
+    let mut rx = state.store.subscribe();
+    while !state.store.dependents_of(owner_uid).is_empty() {
+        if let Err(tokio::sync::broadcast::error::RecvError::Closed) = rx.recv().await {
+            return;
+        }
+    }
+}
+
+fn orphan_dependents(state: &Shared, owner_uid: &str) {
+    for (r, ns, name) in state.store.dependents_of(owner_uid) {
+        let _ = state.store.update_with(r, ns.as_deref(), &name, Part::Whole, |o| {
+            if let Some(refs) = o.pointer_mut("/metadata/ownerReferences").and_then(Value::as_array_mut) {
+                refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(owner_uid));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Terminating namespace: refuse new content, delete everything inside, then remove it.
+async fn delete_namespace(state: &Shared, name: &str) -> Result<Value, ApiError> {
+    let marked = state.store.update_with(res("namespaces"), None, name, Part::Whole, |o| {
+        meta::metadata_mut(o).insert("deletionTimestamp".into(), json!(meta::now_rfc3339()));
+        meta::metadata_mut(o).insert("deletionGracePeriodSeconds".into(), json!(0));
+        o["status"] = json!({"phase": "Terminating"});
+        Ok(())
+    })?;
+    let state2 = state.clone();
+    let name = name.to_owned();
+    spawn(state, async move {
+        let mut rx = state2.store.subscribe();
+        loop {
+            let contents = state2.store.contents_of_namespace(&name);
+            if contents.is_empty() {
+                break;
+            }
+            for (r, obj_name) in contents {
+                if let Err(e) = delete(&state2, r, Some(&name), &obj_name, DeleteOptions::default()).await {
+                    if !matches!(e, ApiError::NotFound { .. }) {
+                        tracing::warn!(k8s.namespace = %name, k8s.name = %obj_name, error = %e, "namespace cleanup failed");
+                    }
+                }
+            }
+            // Pods leave only after their grace period; wait for the store to change.
+            if state2.store.contents_of_namespace(&name).iter().all(|(r, n)| {
+                state2.store.get(r, Some(&name), n).is_ok_and(|o| o.pointer("/metadata/deletionTimestamp").is_some())
+            }) && !state2.store.contents_of_namespace(&name).is_empty()
+            {
+                if let Err(tokio::sync::broadcast::error::RecvError::Closed) = rx.recv().await {
+                    return;
+                }
+            }
+        }
+        let _ = state2.store.remove(res("namespaces"), None, &name);
+    });
+    Ok(marked)
+}
+
+/// Run deletion work in the background, ending it when the cluster stops.
+fn spawn(state: &Shared, work: impl Future<Output = ()> + Send + 'static) {
+    let cancel = state.cancel.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = work => {}
+        }
+    });
+}

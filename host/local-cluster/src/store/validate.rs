@@ -1,0 +1,167 @@
+//! Validation for the cases clients depend on: names, and pods' containers.
+
+use crate::errors::Cause;
+use crate::resources::Resource;
+use regex::Regex;
+use serde_json::Value;
+use std::collections::HashSet;
+use std::sync::LazyLock;
+
+static DNS1123_SUBDOMAIN: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$").expect("static regex"));
+static DNS1123_LABEL: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$").expect("static regex"));
+
+const SUBDOMAIN_MSG: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')";
+const LABEL_MSG: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')";
+
+fn check_name(field: &str, name: &str, label: bool, causes: &mut Vec<Cause>) {
+    if label {
+        if name.len() > 63 || !DNS1123_LABEL.is_match(name) {
+            causes.push(Cause::invalid(field, name, LABEL_MSG));
+        }
+    } else if name.len() > 253 || !DNS1123_SUBDOMAIN.is_match(name) {
+        causes.push(Cause::invalid(field, name, SUBDOMAIN_MSG));
+    }
+}
+
+/// `metadata.name` presence, before generateName is expanded.
+pub fn name_present(obj: &Value) -> Option<Cause> {
+    let has = |p: &str| obj.pointer(p).and_then(Value::as_str).is_some_and(|s| !s.is_empty());
+    (!has("/metadata/name") && !has("/metadata/generateName"))
+        .then(|| Cause::required("metadata.name", "name or generateName is required"))
+}
+
+/// Every problem with an object about to be stored (name already final).
+pub fn object(res: &Resource, obj: &Value) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+    check_name("metadata.name", name, res.label_names, &mut causes);
+    if let Some(labels) = obj.pointer("/metadata/labels") {
+        match labels.as_object() {
+            Some(map) => {
+                for (k, v) in map {
+                    if !v.is_string() {
+                        causes.push(Cause::invalid(format!("metadata.labels[{k}]"), &v.to_string(), "label values must be strings"));
+                    }
+                }
+            }
+            None => causes.push(Cause::invalid("metadata.labels", &labels.to_string(), "must be an object")),
+        }
+    }
+    if res.is("pods") {
+        pod(obj, &mut causes);
+    }
+    causes
+}
+
+fn pod(obj: &Value, causes: &mut Vec<Cause>) {
+    let containers = obj.pointer("/spec/containers").and_then(Value::as_array);
+    match containers {
+        None => causes.push(Cause::required("spec.containers", "")),
+        Some(list) if list.is_empty() => causes.push(Cause::required("spec.containers", "")),
+        Some(_) => {}
+    }
+    let mut seen = HashSet::new();
+    for key in ["initContainers", "containers"] {
+        let Some(list) = obj.pointer(&format!("/spec/{key}")).and_then(Value::as_array) else { continue };
+        for (i, c) in list.iter().enumerate() {
+            let base = format!("spec.{key}[{i}]");
+            match c.get("name").and_then(Value::as_str) {
+                None | Some("") => causes.push(Cause::required(format!("{base}.name"), "")),
+                Some(name) => {
+                    check_name(&format!("{base}.name"), name, true, causes);
+                    if !seen.insert(name.to_owned()) {
+                        causes.push(Cause::duplicate(format!("{base}.name"), name));
+                    }
+                }
+            }
+            if c.get("image").and_then(Value::as_str).is_none_or(str::is_empty) {
+                causes.push(Cause::required(format!("{base}.image"), ""));
+            }
+        }
+    }
+    let mut vols = HashSet::new();
+    if let Some(list) = obj.pointer("/spec/volumes").and_then(Value::as_array) {
+        for (i, v) in list.iter().enumerate() {
+            let name = v.get("name").and_then(Value::as_str).unwrap_or_default();
+            if name.is_empty() {
+                causes.push(Cause::required(format!("spec.volumes[{i}].name"), ""));
+            } else if !vols.insert(name.to_owned()) {
+                causes.push(Cause::duplicate(format!("spec.volumes[{i}].name"), name));
+            }
+        }
+    }
+}
+
+/// Pod updates may change only a few spec fields (as on a real server).
+pub fn pod_spec_update(old: &Value, new: &Value) -> Option<Cause> {
+    let strip = |spec: &Value| {
+        let mut spec = spec.clone();
+        for key in ["containers", "initContainers"] {
+            if let Some(list) = spec.get_mut(key).and_then(Value::as_array_mut) {
+                for c in list.iter_mut().filter_map(Value::as_object_mut) {
+                    c.remove("image");
+                }
+            }
+        }
+        if let Some(s) = spec.as_object_mut() {
+            s.remove("activeDeadlineSeconds");
+            s.remove("tolerations");
+            s.remove("terminationGracePeriodSeconds");
+        }
+        spec
+    };
+    let (o, n) = (strip(old.get("spec").unwrap_or(&Value::Null)), strip(new.get("spec").unwrap_or(&Value::Null)));
+    (o != n).then(|| {
+        Cause::forbidden(
+            "spec",
+            "pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)",
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::by_plural;
+    use serde_json::json;
+
+    #[test]
+    fn pod_problems_are_all_reported() {
+        let pods = by_plural("pods").unwrap();
+        let p = json!({"metadata": {"name": "Bad_Name"}, "spec": {"containers": [{"name": "a", "image": "x"}, {"name": "a"}]}});
+        let fields: Vec<_> = object(pods, &p).into_iter().map(|c| (c.field, c.reason)).collect();
+        assert_eq!(
+            fields,
+            vec![
+                ("metadata.name".to_owned(), "FieldValueInvalid"),
+                ("spec.containers[1].name".to_owned(), "FieldValueDuplicate"),
+                ("spec.containers[1].image".to_owned(), "FieldValueRequired"),
+            ]
+        );
+        let empty = json!({"metadata": {"name": "ok"}, "spec": {"containers": []}});
+        assert_eq!(object(pods, &empty)[0].field, "spec.containers");
+        assert!(name_present(&json!({"metadata": {}})).is_some());
+        assert!(name_present(&json!({"metadata": {"generateName": "x-"}})).is_none());
+    }
+}
+
+/// Decode into the k8s-openapi type of the kind, so wrongly typed fields (`"image": 5`) are
+/// rejected with the decoder's message, as the real server's strict decoding does.
+pub fn typed(plural: &str, obj: &Value) -> Result<(), String> {
+    use k8s_openapi::api::core::v1 as core;
+    fn decode<T: serde::de::DeserializeOwned>(v: &Value) -> Result<(), String> {
+        T::deserialize(v).map(|_| ()).map_err(|e| e.to_string())
+    }
+    match plural {
+        "pods" => decode::<core::Pod>(obj),
+        "secrets" => decode::<core::Secret>(obj),
+        "configmaps" => decode::<core::ConfigMap>(obj),
+        "services" => decode::<core::Service>(obj),
+        "serviceaccounts" => decode::<core::ServiceAccount>(obj),
+        "events" => decode::<core::Event>(obj),
+        "namespaces" => decode::<core::Namespace>(obj),
+        "nodes" => decode::<core::Node>(obj),
+        _ => Ok(()),
+    }
+}
