@@ -1,0 +1,127 @@
+//! Compiled components on disk, so a plugin is compiled by Cranelift once per machine, not
+//! once per process.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cannot create the plugin cache directory {path}")]
+    CreateDir { path: PathBuf, #[source] source: std::io::Error },
+    #[error("cannot write compiled plugin {path} into the cache")]
+    Write { path: PathBuf, #[source] source: std::io::Error },
+    #[error("cannot serialize the compiled component for the cache")]
+    Serialize(#[source] wasmtime::Error),
+}
+
+/// Where compiled components live: `$XDG_CACHE_HOME/keel`, else `~/.cache/keel`, else a
+/// directory under the system temp dir (a machine without a home still works, just slower).
+pub fn default_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("keel");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(home).join(".cache").join("keel");
+    }
+    std::env::temp_dir().join("keel-cache")
+}
+
+/// How a component was obtained, for logs and benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Compiled,
+    Cached,
+}
+
+pub struct ComponentCache {
+    dir: PathBuf,
+    engine_key: String,
+}
+
+/// Feeds `Hash` output into sha256 so the engine's compatibility hash becomes a stable key.
+struct ShaHasher(Sha256);
+
+impl Hasher for ShaHasher {
+    fn finish(&self) -> u64 {
+        let digest = self.0.clone().finalize();
+        u64::from_le_bytes(digest[..8].try_into().expect("sha256 is 32 bytes"))
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}
+
+impl ComponentCache {
+    pub fn new(engine: &Engine, dir: PathBuf) -> Result<Self, CacheError> {
+        let dir = dir.join("components");
+        std::fs::create_dir_all(&dir).map_err(|source| CacheError::CreateDir { path: dir.clone(), source })?;
+        let mut hasher = ShaHasher(Sha256::new());
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        // The compatibility hash covers compiler settings; the host version pins the wasmtime
+        // release (it is fixed in the workspace) so an upgrade never reads stale artifacts.
+        env!("CARGO_PKG_VERSION").hash(&mut hasher);
+        let engine_key = hex::encode(&hasher.0.finalize()[..8]);
+        Ok(ComponentCache { dir, engine_key })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path_for(&self, bytes: &[u8]) -> PathBuf {
+        let content = hex::encode(Sha256::digest(bytes));
+        self.dir.join(format!("{content}-{}.cwasm", self.engine_key))
+    }
+
+    /// The compiled component for `bytes`: from the cache when present and loadable, else
+    /// compiled now and stored. `compile` is only called on a miss.
+    pub fn get_or_compile(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+        compile: impl FnOnce() -> wasmtime::Result<Component>,
+    ) -> Result<(Component, Source), CompileOrCache> {
+        let path = self.path_for(bytes);
+        if path.is_file() {
+            // SAFETY: deserialize_file trusts the file to be a wasmtime artifact made by this
+            // engine configuration. It is: the file lives in our own cache, is named after the
+            // sha256 of the source bytes plus this engine's compatibility hash, and only
+            // `store` below ever writes it (atomically, via rename). wasmtime additionally
+            // checks the version and settings header and refuses a mismatch.
+            #[allow(unsafe_code)]
+            let loaded = unsafe { Component::deserialize_file(engine, &path) };
+            match loaded {
+                Ok(component) => return Ok((component, Source::Cached)),
+                Err(error) => {
+                    // A truncated or foreign file: recompile over it rather than fail the job.
+                    tracing::warn!(cache.path = %path.display(), error = %error, "discarding unusable cached plugin");
+                }
+            }
+        }
+        let component = compile().map_err(CompileOrCache::Compile)?;
+        self.store(&path, &component).map_err(CompileOrCache::Cache)?;
+        Ok((component, Source::Compiled))
+    }
+
+    fn store(&self, path: &Path, component: &Component) -> Result<(), CacheError> {
+        let bytes = component.serialize().map_err(CacheError::Serialize)?;
+        // Write beside the target and rename: concurrent hosts never see half a file.
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let write = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(source) = write {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(CacheError::Write { path: path.to_path_buf(), source });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub enum CompileOrCache {
+    Compile(wasmtime::Error),
+    Cache(CacheError),
+}

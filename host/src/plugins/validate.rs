@@ -1,0 +1,105 @@
+//! Checks a mutator's output: the host, not the plugin, owns the pod's identity.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+
+use super::{PluginError, PluginInner};
+
+/// Labels the host relies on to find its pods; mutators may not change or remove them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostOwned {
+    pub labels: Vec<String>,
+}
+
+impl HostOwned {
+    pub fn label(key: impl Into<String>) -> Self {
+        HostOwned { labels: vec![key.into()] }
+    }
+}
+
+/// The container every pod must keep: the job's script runs there.
+pub const BUILD_CONTAINER: &str = "build";
+
+/// Host-owned values of the pod before any plugin ran.
+pub(crate) struct Snapshot {
+    namespace: Option<String>,
+    name: Option<String>,
+    generate_name: Option<String>,
+    labels: BTreeMap<String, Option<String>>,
+}
+
+pub(crate) enum Violation {
+    NotJson(String),
+    NotAPod(String),
+    NoBuildContainer,
+    Changed { field: String, before: String, after: String },
+}
+
+impl Violation {
+    pub(crate) fn into_error(self, plugin: &PluginInner) -> PluginError {
+        let (name, version, call) = (plugin.name.to_string(), plugin.version.clone(), "pod-mutator.mutate");
+        match self {
+            Violation::NotJson(reason) => PluginError::Malformed { plugin: name, version, call, reason: format!("output is not JSON: {reason}") },
+            Violation::NotAPod(reason) => PluginError::Malformed { plugin: name, version, call, reason: format!("output is not a Kubernetes v1 Pod: {reason}") },
+            Violation::NoBuildContainer => PluginError::Malformed {
+                plugin: name,
+                version,
+                call,
+                reason: format!("the pod no longer has the `{BUILD_CONTAINER}` container (spec.containers)"),
+            },
+            Violation::Changed { field, before, after } => PluginError::HostOwnedChanged { plugin: name, version, field, before, after },
+        }
+    }
+}
+
+fn show(v: &Option<String>) -> String {
+    match v {
+        Some(s) => format!("{s:?}"),
+        None => "unset".to_string(),
+    }
+}
+
+impl Snapshot {
+    pub(crate) fn of(pod: &Pod, rules: &HostOwned) -> Self {
+        let labels = pod.metadata.labels.as_ref();
+        Snapshot {
+            namespace: pod.metadata.namespace.clone(),
+            name: pod.metadata.name.clone(),
+            generate_name: pod.metadata.generate_name.clone(),
+            labels: rules.labels.iter().map(|k| (k.clone(), labels.and_then(|l| l.get(k)).cloned())).collect(),
+        }
+    }
+
+    pub(crate) fn check(&self, output: &str) -> Result<Pod, Violation> {
+        let value: serde_json::Value = serde_json::from_str(output).map_err(|e| Violation::NotJson(e.to_string()))?;
+        let field = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        if field("apiVersion").as_deref() != Some("v1") || field("kind").as_deref() != Some("Pod") {
+            return Err(Violation::NotAPod(format!(
+                "apiVersion/kind is {}/{}, expected v1/Pod",
+                show(&field("apiVersion")),
+                show(&field("kind"))
+            )));
+        }
+        let pod: Pod = serde_json::from_value(value).map_err(|e| Violation::NotAPod(e.to_string()))?;
+        let same = |field: &str, before: &Option<String>, after: &Option<String>| {
+            if before == after {
+                Ok(())
+            } else {
+                Err(Violation::Changed { field: field.to_string(), before: show(before), after: show(after) })
+            }
+        };
+        same("metadata.namespace", &self.namespace, &pod.metadata.namespace)?;
+        same("metadata.name", &self.name, &pod.metadata.name)?;
+        same("metadata.generateName", &self.generate_name, &pod.metadata.generate_name)?;
+        for (key, before) in &self.labels {
+            let after = pod.metadata.labels.as_ref().and_then(|l| l.get(key)).cloned();
+            same(&format!("metadata.labels[{key}]"), before, &after)?;
+        }
+        let has_build = pod.spec.as_ref().is_some_and(|s| s.containers.iter().any(|c| c.name == BUILD_CONTAINER));
+        if !has_build {
+            return Err(Violation::NoBuildContainer);
+        }
+        Ok(pod)
+    }
+}
