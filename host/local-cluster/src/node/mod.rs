@@ -41,14 +41,320 @@
 //! NodeError maps to HTTP statuses via `NodeError::status_code()` (404 no such pod/container,
 //! 400 bad request such as container not running, 500 otherwise).
 //!
-// API-SIDE REQUEST: concrete shapes the API side codes against (change freely, just keep names):
-//   Pod = k8s_openapi::api::core::v1::Pod; PodStatus = k8s_openapi::api::core::v1::PodStatus;
-//   pub type ResolvedVolumes = BTreeMap<String /*volume*/, BTreeMap<String /*key*/, Vec<u8>>>;
-//   pub struct ExecRequest { pub command: Vec<String>, pub stdin: bool, pub stdout: bool, pub stderr: bool, pub tty: bool }
-//   pub struct AttachRequest { pub stdin: bool, pub stdout: bool, pub stderr: bool, pub tty: bool }
-//   pub struct LogOptions { pub follow: bool, pub timestamps: bool, pub since_time: Option<std::time::SystemTime>,
-//       pub since_seconds: Option<i64>, pub tail_lines: Option<i64>, pub limit_bytes: Option<i64>, pub previous: bool }
-//   pub mod stream { pub enum Protocol { V4, V5 } }  (API side negotiates the subprotocol and passes it)
-//   NodeError: std::error::Error + `fn status_code(&self) -> u16`.
-//   The API side derives kubelet-like events (Created/Started/Failed...) from status transitions, so
-//   the node need not report events. lib.rs declares `pub mod node;` already.
+//! Shapes (agreed with the API side):
+//!   Pod = k8s_openapi::api::core::v1::Pod; PodStatus = k8s_openapi::api::core::v1::PodStatus;
+//!   `pub type ResolvedVolumes = BTreeMap<String /*volume*/, BTreeMap<String /*key*/, Vec<u8>>>`;
+//!   ExecRequest { command, stdin, stdout, stderr, tty }, AttachRequest { stdin, stdout, stderr, tty },
+//!   LogOptions { follow, timestamps, since_time: Option<SystemTime>, since_seconds, tail_lines,
+//!   limit_bytes, previous }, `stream::Protocol { V4, V5 }` (negotiated by the API side; see
+//!   `stream::Protocol::from_header`). The node reports no events; the API side derives them.
+//!
+//! Node-side extensions:
+//!   * ResolvedVolumes may also carry the data for `env[].valueFrom.{configMapKeyRef,secretKeyRef}`
+//!     and `envFrom`: under the entry names `configMap/<name>` and `secret/<name>` (a `/` cannot
+//!     appear in a volume name, so these never clash). A missing referenced object or key makes the
+//!     container wait with reason `CreateContainerConfigError`, as a kubelet does.
+//!   * The StatusSink is called with an internal lock held so statuses arrive in order; it must not
+//!     call back into the Node.
+//!   * `Node::pod_processes(uid)` lists host pids of the pod's sandbox processes (tests, debugging).
+//!
+//! # Isolation: why bubblewrap
+//! Every container is a `bwrap` sandbox (Debian package `bubblewrap`): new mount, PID, UTS and IPC
+//! namespaces, the host's root (or the image's rootfs from `images_dir`) bound read-only, a private
+//! tmpfs on `/tmp`, fresh `/dev` and `/proc`, the pod's volumes bound at their mountPaths. bwrap
+//! already gets the fiddly parts right (pivot_root, mount propagation, `--die-with-parent`,
+//! bringing up loopback), and works both as root and, where unprivileged user namespaces are
+//! allowed, as an ordinary user. Doing the same in Rust would be several hundred lines of unsafe
+//! code between fork and exec. The few things bwrap cannot do (join the pod's network namespace,
+//! join a memory cgroup, die with this process) are done in `pre_exec` before bwrap starts; that
+//! is the crate's only `unsafe` (see `sandbox.rs`).
+//!
+//! Each pod has a holder process (`bwrap --unshare-net --unshare-pid ... sleep`, the analogue of
+//! the pause container) whose network namespace every container joins, so containers of a pod
+//! share `localhost` and pods are separated from each other and from the host. With
+//! `shareProcessNamespace` the containers also join the holder's PID namespace. Joining needs root;
+//! as an unprivileged user pods use the host's network namespace (documented limitation).
+//!
+//! Every sandbox is spawned from one long-lived "spawner" thread owned by the Node, with
+//! `PR_SET_PDEATHSIG=SIGKILL` (bwrap's `--die-with-parent`): when the Node is dropped the thread
+//! ends and the kernel kills every sandbox, even if this process dies by a panic or SIGKILL.
+
+mod cgroup;
+mod logs;
+mod pod;
+mod sandbox;
+mod session;
+pub mod stream;
+mod volumes;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+
+pub use session::{ExitStatus, Session, TerminalSize};
+
+/// Configuration of the embedded node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Per-pod directories live under `data_dir/pods/<uid>`, claims under `data_dir/pvcs`.
+    pub data_dir: PathBuf,
+    /// `images_dir/<image name with '/' and ':' replaced by '_'>` is used as the rootfs of
+    /// containers of that image; any other image runs on the host's root, read-only.
+    pub images_dir: Option<PathBuf>,
+    /// Images whose "pull" fails: ErrImagePull, then ImagePullBackOff.
+    pub unavailable_images: Vec<String>,
+    pub node_name: String,
+}
+
+/// Called whenever a pod's status changes, with the pod's uid and the full new status.
+pub type StatusSink = Arc<dyn Fn(&str, PodStatus) + Send + Sync>;
+
+/// configMap/secret volume data: volume name -> key -> bytes (plus `configMap/<name>` and
+/// `secret/<name>` entries for env references, see the module doc).
+pub type ResolvedVolumes = BTreeMap<String, BTreeMap<String, Vec<u8>>>;
+
+/// An exec request (`pods/exec` query parameters).
+#[derive(Debug, Clone, Default)]
+pub struct ExecRequest {
+    pub command: Vec<String>,
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub tty: bool,
+}
+
+/// An attach request (`pods/attach` query parameters).
+#[derive(Debug, Clone, Default)]
+pub struct AttachRequest {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub tty: bool,
+}
+
+/// `pods/log` query parameters.
+#[derive(Debug, Clone, Default)]
+pub struct LogOptions {
+    pub follow: bool,
+    pub timestamps: bool,
+    pub since_time: Option<SystemTime>,
+    pub since_seconds: Option<i64>,
+    pub tail_lines: Option<i64>,
+    pub limit_bytes: Option<i64>,
+    pub previous: bool,
+}
+
+/// Everything that can go wrong on the node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("bubblewrap (`bwrap`) is needed to run containers but could not be run: {0}")]
+    BwrapMissing(#[source] std::io::Error),
+    #[error(
+        "bubblewrap cannot create namespaces here (unprivileged user namespaces disabled?): {0}"
+    )]
+    NamespacesUnavailable(String),
+    #[error("cannot create node directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the node has no tokio runtime: Node::new must be called inside a runtime")]
+    NoRuntime,
+    #[error("the node is shut down")]
+    ShutDown,
+    #[error("pod {0} is not on this node")]
+    NoSuchPod(String),
+    #[error("container {container} not found in pod {pod}")]
+    NoSuchContainer { pod: String, container: String },
+    #[error("container {container} in pod {pod} is not running")]
+    NotRunning { pod: String, container: String },
+    #[error("container {container} in pod {pod} has no previous terminated instance")]
+    NoPreviousLogs { pod: String, container: String },
+    #[error("container {container} in pod {pod} was not started with stdin, cannot attach stdin")]
+    NoStdin { pod: String, container: String },
+    #[error("exec in pod {pod} needs a command")]
+    EmptyCommand { pod: String },
+    #[error("cannot start exec {command:?} in container {container}: {source}")]
+    ExecSpawn {
+        container: String,
+        command: Vec<String>,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open a terminal for container {container}: {source}")]
+    Pty {
+        container: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read log file {path}: {source}")]
+    LogRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl NodeError {
+    /// The HTTP status the API layer answers with.
+    pub fn status_code(&self) -> u16 {
+        match self {
+            NodeError::NoSuchPod(_) | NodeError::NoSuchContainer { .. } => 404,
+            NodeError::NotRunning { .. }
+            | NodeError::NoPreviousLogs { .. }
+            | NodeError::NoStdin { .. }
+            | NodeError::EmptyCommand { .. } => 400,
+            _ => 500,
+        }
+    }
+}
+
+/// The embedded node. Cheap to clone; the last clone dropped kills every container.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+pub(crate) struct NodeInner {
+    cfg: NodeConfig,
+    sink: StatusSink,
+    rt: tokio::runtime::Handle,
+    spawner: sandbox::Spawner,
+    isolation: sandbox::Isolation,
+    cgroups: Option<cgroup::CgroupRoot>,
+    pods: Mutex<HashMap<String, Arc<pod::PodRuntime>>>,
+    shut_down: std::sync::atomic::AtomicBool,
+}
+
+impl Node {
+    /// Checks that bwrap works here and prepares `data_dir`.
+    pub fn new(cfg: NodeConfig, on_status: StatusSink) -> Result<Node, NodeError> {
+        let rt = tokio::runtime::Handle::try_current().map_err(|_| NodeError::NoRuntime)?;
+        for dir in [cfg.data_dir.join("pods"), cfg.data_dir.join("pvcs")] {
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
+        }
+        let isolation = sandbox::Isolation::probe()?;
+        let cgroups = cgroup::CgroupRoot::create(&isolation);
+        let spawner = sandbox::Spawner::start(rt.clone());
+        Ok(Node {
+            inner: Arc::new(NodeInner {
+                cfg,
+                sink: on_status,
+                rt,
+                spawner,
+                isolation,
+                cgroups,
+                pods: Mutex::new(HashMap::new()),
+                shut_down: std::sync::atomic::AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Starts the pod in the background; progress arrives through the StatusSink.
+    pub fn run_pod(&self, pod: Pod, volumes: ResolvedVolumes) {
+        if self.inner.shut_down.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::warn!("run_pod after shutdown ignored");
+            return;
+        }
+        let runtime = pod::PodRuntime::new(&self.inner, pod);
+        let uid = runtime.uid.clone();
+        {
+            let mut pods = self.inner.pods.lock().expect("pods lock");
+            if pods.contains_key(&uid) {
+                tracing::warn!(k8s.pod.uid = %uid, "run_pod for a pod that is already running");
+                return;
+            }
+            pods.insert(uid, runtime.clone());
+        }
+        let inner = self.inner.clone();
+        self.inner.rt.spawn(async move { runtime.run(inner, volumes).await });
+    }
+
+    /// TERM every container, KILL after `grace`; returns when all are gone.
+    pub async fn stop_pod(&self, uid: &str, grace: Duration) {
+        let Some(pod) = self.pod(uid) else { return };
+        pod.stop(grace).await;
+    }
+
+    /// Drops the pod's logs and directories (stopping it first if needed).
+    pub async fn forget_pod(&self, uid: &str) {
+        let pod = self.inner.pods.lock().expect("pods lock").remove(uid);
+        if let Some(pod) = pod {
+            pod.stop(Duration::ZERO).await;
+            pod.remove_dirs().await;
+        }
+    }
+
+    pub async fn exec(
+        &self,
+        uid: &str,
+        container: &str,
+        req: ExecRequest,
+    ) -> Result<Session, NodeError> {
+        let pod = self.pod(uid).ok_or_else(|| NodeError::NoSuchPod(uid.to_string()))?;
+        session::exec(&self.inner, &pod, container, req).await
+    }
+
+    pub async fn attach(
+        &self,
+        uid: &str,
+        container: &str,
+        req: AttachRequest,
+    ) -> Result<Session, NodeError> {
+        let pod = self.pod(uid).ok_or_else(|| NodeError::NoSuchPod(uid.to_string()))?;
+        session::attach(&pod, container, req).await
+    }
+
+    pub async fn logs(
+        &self,
+        uid: &str,
+        container: &str,
+        opts: LogOptions,
+    ) -> Result<BoxStream<'static, Result<Bytes, NodeError>>, NodeError> {
+        let pod = self.pod(uid).ok_or_else(|| NodeError::NoSuchPod(uid.to_string()))?;
+        let log = pod.log_for(container, opts.previous)?;
+        logs::serve(log, opts).await
+    }
+
+    /// Host pids of every sandbox process of the pod (bwrap processes and the pod holder).
+    pub fn pod_processes(&self, uid: &str) -> Vec<u32> {
+        self.pod(uid).map(|p| p.host_pids()).unwrap_or_default()
+    }
+
+    /// Kills everything and removes every directory. Idempotent.
+    pub async fn shutdown(&self) {
+        self.inner.shut_down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let pods: Vec<_> = self.inner.pods.lock().expect("pods lock").drain().collect();
+        for (_, pod) in pods {
+            pod.stop(Duration::ZERO).await;
+            pod.remove_dirs().await;
+        }
+    }
+
+    fn pod(&self, uid: &str) -> Option<Arc<pod::PodRuntime>> {
+        self.inner.pods.lock().expect("pods lock").get(uid).cloned()
+    }
+}
+
+impl Drop for NodeInner {
+    fn drop(&mut self) {
+        // Async shutdown may not have run (a test panicked, the runtime is going away): kill
+        // synchronously. The spawner thread ending afterwards makes the kernel kill anything
+        // left via PDEATHSIG.
+        let pods: Vec<_> = self.pods.get_mut().map(|p| p.drain().collect()).unwrap_or_default();
+        for (_, pod) in pods {
+            pod.kill_now();
+            pod.remove_dirs_sync();
+        }
+        if let Some(cg) = &self.cgroups {
+            cg.remove();
+        }
+    }
+}

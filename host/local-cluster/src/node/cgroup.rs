@@ -1,0 +1,169 @@
+//! Memory limits through a per-container memory cgroup (v1 `memory` controller, or cgroup v2).
+//!
+//! The node's cgroups are created *below the cgroup this process already lives in*, so whatever
+//! limits the surrounding environment put on us still apply to the containers.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use super::sandbox::Isolation;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Version {
+    V1,
+    V2,
+}
+
+/// The node's own cgroup directory.
+#[derive(Debug)]
+pub(crate) struct CgroupRoot {
+    dir: PathBuf,
+    version: Version,
+}
+
+/// One container instance's cgroup.
+#[derive(Debug)]
+pub(crate) struct ContainerCgroup {
+    dir: PathBuf,
+    version: Version,
+}
+
+impl CgroupRoot {
+    /// `None` when memory cgroups cannot be used here (not root, controller missing); limits
+    /// are then not enforced, which is logged once.
+    pub fn create(isolation: &Isolation) -> Option<CgroupRoot> {
+        if !isolation.root {
+            tracing::warn!("not root: container memory limits are not enforced");
+            return None;
+        }
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let (base, version) = if let Some(path) = own.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+            ctrls.split(',').any(|c| c == "memory").then(|| path.to_string())
+        }) {
+            (Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/')), Version::V1)
+        } else {
+            let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+            let mount = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+                .into_iter()
+                .find(|m| Path::new(m).join("cgroup.controllers").exists())?;
+            let base = Path::new(mount).join(path.trim_start_matches('/'));
+            let ctrls = std::fs::read_to_string(base.join("cgroup.controllers")).ok()?;
+            if !ctrls.split_whitespace().any(|c| c == "memory") {
+                tracing::warn!("cgroup v2 without the memory controller: memory limits not enforced");
+                return None;
+            }
+            (base, Version::V2)
+        };
+        let dir = base.join(format!("keel-node-{}", std::process::id()));
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::warn!(cgroup.dir = %dir.display(), error = %e, "cannot create memory cgroup: memory limits not enforced");
+            return None;
+        }
+        if version == Version::V2 {
+            // Children of our cgroup may only get the memory controller if we enable it.
+            let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+memory");
+        }
+        Some(CgroupRoot { dir, version })
+    }
+
+    /// A cgroup for one container instance with `limit` bytes of memory (and no swap).
+    pub fn container(&self, name: &str, limit: u64) -> std::io::Result<ContainerCgroup> {
+        let dir = self.dir.join(name);
+        std::fs::create_dir_all(&dir)?;
+        match self.version {
+            Version::V1 => {
+                std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string())?;
+                // Without this the limit is evaded by swapping; absent when swap accounting is off.
+                let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), limit.to_string());
+            }
+            Version::V2 => {
+                std::fs::write(dir.join("memory.max"), limit.to_string())?;
+                let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+            }
+        }
+        Ok(ContainerCgroup { dir, version: self.version })
+    }
+
+    pub fn remove(&self) {
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+impl ContainerCgroup {
+    pub fn procs_file(&self) -> std::io::Result<File> {
+        std::fs::OpenOptions::new().write(true).open(self.dir.join("cgroup.procs"))
+    }
+
+    /// Whether the kernel's OOM killer killed a process of this cgroup.
+    pub fn oom_killed(&self) -> bool {
+        let (file, key) = match self.version {
+            Version::V1 => ("memory.oom_control", "oom_kill"),
+            Version::V2 => ("memory.events", "oom_kill"),
+        };
+        std::fs::read_to_string(self.dir.join(file))
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    let mut it = l.split_whitespace();
+                    (it.next() == Some(key)).then(|| it.next()?.parse::<u64>().ok()).flatten()
+                })
+            })
+            .is_some_and(|n| n > 0)
+    }
+
+    /// Removes the (empty) cgroup; fails silently while processes remain.
+    pub fn remove(&self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Parses a Kubernetes memory quantity ("128Mi", "1G", "1e6", "500000") into bytes.
+pub(crate) fn parse_memory(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q.find(|c: char| c.is_ascii_alphabetic() && c != 'e').unwrap_or(q.len());
+    let (num, suffix) = q.split_at(split);
+    let mult: f64 = match suffix {
+        "" => 1.0,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "m" => 1e-3,
+        _ => return None,
+    };
+    let n: f64 = num.parse().ok()?;
+    (n >= 0.0).then(|| (n * mult).ceil() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_memory;
+
+    #[test]
+    fn memory_quantities() {
+        assert_eq!(parse_memory("128Mi"), Some(128 * 1024 * 1024));
+        assert_eq!(parse_memory("1G"), Some(1_000_000_000));
+        assert_eq!(parse_memory("1e6"), Some(1_000_000));
+        assert_eq!(parse_memory("512"), Some(512));
+        assert_eq!(parse_memory("1.5Ki"), Some(1536));
+        assert_eq!(parse_memory("12Zi"), None);
+        assert_eq!(parse_memory("-1"), None);
+    }
+}

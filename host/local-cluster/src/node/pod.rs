@@ -1,0 +1,983 @@
+//! One pod's lifecycle: image "pull", volumes, holder, init containers, containers with their
+//! restart policy, and the kubelet-like status reported after every change.
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use k8s_openapi::api::core::v1::{
+    Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
+    ContainerStateWaiting, ContainerStatus, Pod, PodCondition, PodIP, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::{mpsc, watch};
+
+use super::cgroup::{ContainerCgroup, parse_memory};
+use super::logs::{LogFile, Pipe};
+use super::sandbox::{self, Bind, ContainerSandbox, PodNamespaces, Stdios};
+use super::session::exit_code;
+use super::volumes::{self, PodVolumes};
+use super::{NodeError, NodeInner, ResolvedVolumes};
+
+const POD_IP: &str = "127.0.0.1";
+
+fn now() -> Time {
+    Time(jiff::Timestamp::now())
+}
+
+type StdinWriter = Box<dyn AsyncWrite + Send + Unpin>;
+type Attacher = (Option<mpsc::Sender<Bytes>>, Option<mpsc::Sender<Bytes>>);
+
+/// One run of a container (a restart makes a new instance).
+pub(crate) struct Instance {
+    /// Host pid of the sandbox's first process (the command, PID 1 in its namespace).
+    pub inner_pid: i32,
+    outer_pid: Option<u32>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: String,
+    pub tty: bool,
+    /// The stdin the node holds open for `stdin: true` containers; `None` inside once closed.
+    pub stdin: Option<Arc<tokio::sync::Mutex<Option<StdinWriter>>>>,
+    pub stdin_once: bool,
+    pub pty_master: Option<Arc<OwnedFd>>,
+    pub exited: watch::Receiver<bool>,
+    attachers: Mutex<Vec<Attacher>>,
+    log: Arc<LogFile>,
+}
+
+impl Instance {
+    /// Adds a live copy of stdout/stderr from now on.
+    pub fn add_attacher(&self, out: Option<mpsc::Sender<Bytes>>, err: Option<mpsc::Sender<Bytes>>) {
+        if *self.exited.borrow() {
+            return; // dropping the senders ends the attach's output at once
+        }
+        self.attachers.lock().expect("attachers lock").push((out, err));
+    }
+
+    fn is_running(&self) -> bool {
+        !*self.exited.borrow()
+    }
+}
+
+struct ContainerRt {
+    spec: Container,
+    init: bool,
+    current: Mutex<Option<Arc<Instance>>>,
+    previous_log: Mutex<Option<Arc<LogFile>>>,
+}
+
+/// Mutable, reported state.
+struct PodState {
+    start_time: Time,
+    /// Set once the pod is over (or can never start): Succeeded / Failed.
+    terminal: Option<&'static str>,
+    statuses: BTreeMap<String, ContainerStatus>,
+    conditions: BTreeMap<&'static str, PodCondition>,
+}
+
+pub(crate) struct PodRuntime {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pod: Pod,
+    dir: PathBuf,
+    node: Weak<NodeInner>,
+    state: Mutex<PodState>,
+    containers: BTreeMap<String, Arc<ContainerRt>>,
+    stop: watch::Sender<Option<Duration>>,
+    done: watch::Sender<bool>,
+    holder: Mutex<Option<(u32, i32)>>,
+    volumes: Mutex<PodVolumes>,
+}
+
+fn waiting(reason: &str, message: Option<String>) -> ContainerState {
+    ContainerState {
+        waiting: Some(ContainerStateWaiting { reason: Some(reason.into()), message }),
+        ..Default::default()
+    }
+}
+
+impl PodRuntime {
+    pub fn new(node: &Arc<NodeInner>, pod: Pod) -> Arc<PodRuntime> {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let spec = pod.spec.clone().unwrap_or_default();
+        let has_init = spec.init_containers.as_ref().is_some_and(|c| !c.is_empty());
+        let mut containers = BTreeMap::new();
+        let mut statuses = BTreeMap::new();
+        let all = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(|c| (c, true))
+            .chain(spec.containers.iter().map(|c| (c, false)));
+        for (c, init) in all {
+            let reason = if has_init { "PodInitializing" } else { "ContainerCreating" };
+            statuses.insert(
+                c.name.clone(),
+                ContainerStatus {
+                    name: c.name.clone(),
+                    image: c.image.clone().unwrap_or_default(),
+                    image_id: String::new(),
+                    ready: false,
+                    started: Some(false),
+                    restart_count: 0,
+                    state: Some(waiting(reason, None)),
+                    ..Default::default()
+                },
+            );
+            containers.insert(
+                c.name.clone(),
+                Arc::new(ContainerRt {
+                    spec: c.clone(),
+                    init,
+                    current: Mutex::new(None),
+                    previous_log: Mutex::new(None),
+                }),
+            );
+        }
+        Arc::new(PodRuntime {
+            dir: node.cfg.data_dir.join("pods").join(&uid),
+            uid,
+            name,
+            namespace,
+            pod,
+            node: Arc::downgrade(node),
+            state: Mutex::new(PodState {
+                start_time: now(),
+                terminal: None,
+                statuses,
+                conditions: BTreeMap::new(),
+            }),
+            containers,
+            stop: watch::Sender::new(None),
+            done: watch::Sender::new(false),
+            holder: Mutex::new(None),
+            volumes: Mutex::new(PodVolumes::default()),
+        })
+    }
+
+    fn spec(&self) -> k8s_openapi::api::core::v1::PodSpec {
+        self.pod.spec.clone().unwrap_or_default()
+    }
+
+    fn node(&self) -> Option<Arc<NodeInner>> {
+        self.node.upgrade()
+    }
+
+    /// Applies a change to the state and reports the resulting status (in order: the sink is
+    /// called with the state lock held).
+    fn update(&self, f: impl FnOnce(&mut PodState)) {
+        let Some(node) = self.node() else { return };
+        let mut st = self.state.lock().expect("pod state lock");
+        f(&mut st);
+        let status = self.build_status(&mut st);
+        (node.sink)(&self.uid, status);
+    }
+
+    fn set_container(&self, name: &str, f: impl FnOnce(&mut ContainerStatus)) {
+        self.update(|st| {
+            if let Some(cs) = st.statuses.get_mut(name) {
+                f(cs);
+            }
+        });
+    }
+
+    fn build_status(&self, st: &mut PodState) -> PodStatus {
+        let spec = self.spec();
+        let init_names: Vec<&str> =
+            spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+        let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+        let term_ok = |cs: &ContainerStatus| {
+            cs.state.as_ref().and_then(|s| s.terminated.as_ref()).is_some_and(|t| t.exit_code == 0)
+        };
+        let initialized = init_names.iter().all(|n| st.statuses.get(*n).is_some_and(term_ok));
+        let ready = !names.is_empty()
+            && names.iter().all(|n| st.statuses.get(*n).is_some_and(|c| c.ready));
+        let mut set = |kind: &'static str, value: bool, reason: Option<&str>| {
+            let status = if value { "True" } else { "False" };
+            let changed = st.conditions.get(kind).is_none_or(|c| c.status != status);
+            if changed {
+                st.conditions.insert(
+                    kind,
+                    PodCondition {
+                        type_: kind.into(),
+                        status: status.into(),
+                        last_transition_time: Some(now()),
+                        reason: (!value).then(|| reason.map(str::to_string)).flatten(),
+                        ..Default::default()
+                    },
+                );
+            }
+        };
+        set("PodScheduled", true, None);
+        set("Initialized", initialized, Some("ContainersNotInitialized"));
+        set("ContainersReady", ready, Some("ContainersNotReady"));
+        set("Ready", ready, Some("ContainersNotReady"));
+        let running_or_restarted = names.iter().any(|n| {
+            st.statuses.get(*n).is_some_and(|c| {
+                c.state.as_ref().is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+                    || c.restart_count > 0
+            })
+        });
+        let phase = match st.terminal {
+            Some(p) => p,
+            None if initialized && running_or_restarted => "Running",
+            None => "Pending",
+        };
+        let order = ["PodScheduled", "Initialized", "ContainersReady", "Ready"];
+        PodStatus {
+            phase: Some(phase.into()),
+            conditions: Some(order.iter().filter_map(|k| st.conditions.get(k).cloned()).collect()),
+            host_ip: Some(POD_IP.into()),
+            host_ips: Some(vec![k8s_openapi::api::core::v1::HostIP { ip: POD_IP.into() }]),
+            pod_ip: Some(POD_IP.into()),
+            pod_ips: Some(vec![PodIP { ip: POD_IP.into() }]),
+            start_time: Some(st.start_time.clone()),
+            qos_class: Some("BestEffort".into()),
+            init_container_statuses: (!init_names.is_empty()).then(|| {
+                init_names.iter().filter_map(|n| st.statuses.get(*n).cloned()).collect()
+            }),
+            container_statuses: Some(
+                names.iter().filter_map(|n| st.statuses.get(*n).cloned()).collect(),
+            ),
+            message: None,
+            reason: None,
+            nominated_node_name: None,
+            ..Default::default()
+        }
+    }
+
+    /// The whole life of the pod; ends when every process is gone.
+    pub async fn run(self: Arc<Self>, node: Arc<NodeInner>, data: ResolvedVolumes) {
+        let span = tracing::info_span!("node.pod", k8s.pod = %self.name, k8s.namespace = %self.namespace, k8s.pod.uid = %self.uid);
+        let _ = tracing::Instrument::instrument(self.clone().lifecycle(node, data), span).await;
+        self.cleanup();
+        self.done.send_replace(true);
+    }
+
+    async fn lifecycle(self: Arc<Self>, node: Arc<NodeInner>, data: ResolvedVolumes) {
+        self.update(|_| {});
+        let unavailable: Vec<(String, String)> = self
+            .containers
+            .values()
+            .filter_map(|c| {
+                let image = c.spec.image.clone().unwrap_or_default();
+                node.cfg.unavailable_images.contains(&image).then(|| (c.spec.name.clone(), image))
+            })
+            .collect();
+        let mut stop = self.stop.subscribe();
+        if !unavailable.is_empty() {
+            for (name, image) in &unavailable {
+                let msg = format!("failed to pull and unpack image \"{image}\": not found");
+                self.set_container(name, |cs| cs.state = Some(waiting("ErrImagePull", Some(msg))));
+            }
+            drop(node);
+            if tokio::time::timeout(Duration::from_secs(1), stop.wait_for(Option::is_some)).await.is_err() {
+                for (name, image) in &unavailable {
+                    let msg = format!("Back-off pulling image \"{image}\"");
+                    self.set_container(name, |cs| {
+                        cs.state = Some(waiting("ImagePullBackOff", Some(msg)))
+                    });
+                }
+                let _ = stop.wait_for(Option::is_some).await;
+            }
+            return;
+        }
+
+        let (pod, dir, data_dir, root) =
+            (self.pod.clone(), self.dir.clone(), node.cfg.data_dir.clone(), node.isolation.root);
+        let prepared = tokio::task::spawn_blocking(move || {
+            volumes::prepare(&pod, &data, &dir, &data_dir, root).map(|v| (v, data))
+        })
+        .await;
+        let data = match prepared {
+            Ok(Ok((v, data))) => {
+                *self.volumes.lock().expect("volumes lock") = v;
+                data
+            }
+            Ok(Err(e)) => return self.config_error(e.to_string(), &mut stop).await,
+            Err(e) => return self.config_error(e.to_string(), &mut stop).await,
+        };
+
+        let mut pod_ns = None;
+        if node.isolation.root {
+            match sandbox::start_holder(&node.spawner, &self.dir, &self.name).await {
+                Ok((started, ns)) => {
+                    *self.holder.lock().expect("holder lock") =
+                        Some((started.child.id().unwrap_or(0), started.inner_pid));
+                    // The holder lives as long as this task; kill_on_drop ends it.
+                    let child = started.child;
+                    pod_ns = Some((Arc::new(ns), child));
+                }
+                Err(e) => {
+                    return self.config_error(format!("cannot start the pod sandbox: {e}"), &mut stop).await;
+                }
+            }
+        }
+        let ns = pod_ns.as_ref().map(|(n, _)| n.clone());
+        drop(node);
+        let spec = self.spec();
+        let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
+        let data = Arc::new(data);
+
+        for c in spec.init_containers.iter().flatten() {
+            let rt = self.containers[&c.name].clone();
+            // Init containers restart on failure unless the policy is Never.
+            let init_policy = if policy == "Never" { "Never" } else { "OnFailure" };
+            let ok = self.supervise(&rt, init_policy, ns.clone(), data.clone(), &mut stop).await;
+            if !ok {
+                let stopped = stop.borrow().is_some();
+                self.update(|st| {
+                    st.terminal = Some("Failed");
+                    for n in spec.containers.iter().map(|c| &c.name) {
+                        if let Some(cs) = st.statuses.get_mut(n) {
+                            cs.state = Some(waiting("PodInitializing", None));
+                        }
+                    }
+                });
+                if !stopped {
+                    tracing::info!("init container {} failed; pod failed", c.name);
+                }
+                return;
+            }
+        }
+        let tasks = spec.containers.iter().map(|c| {
+            let rt = self.containers[&c.name].clone();
+            let this = self.clone();
+            let (policy, ns, data, mut stop) =
+                (policy.clone(), ns.clone(), data.clone(), self.stop.subscribe());
+            async move { this.supervise(&rt, &policy, ns, data, &mut stop).await }
+        });
+        let results = futures::future::join_all(tasks).await;
+        let all_ok = results.iter().all(|ok| *ok);
+        self.update(|st| st.terminal = Some(if all_ok { "Succeeded" } else { "Failed" }));
+        drop(pod_ns);
+    }
+
+    async fn config_error(&self, msg: String, stop: &mut watch::Receiver<Option<Duration>>) {
+        tracing::warn!(error = %msg, "pod cannot start");
+        let names: Vec<String> = self.containers.keys().cloned().collect();
+        self.update(|st| {
+            for n in &names {
+                if let Some(cs) = st.statuses.get_mut(n) {
+                    cs.state = Some(waiting("CreateContainerConfigError", Some(msg.clone())));
+                }
+            }
+        });
+        let _ = stop.wait_for(Option::is_some).await;
+    }
+
+    /// Runs a container per restart policy until it is done or the pod stops. Returns whether
+    /// it ended successfully (exit 0).
+    async fn supervise(
+        &self,
+        rt: &Arc<ContainerRt>,
+        policy: &str,
+        ns: Option<Arc<PodNamespaces>>,
+        data: Arc<ResolvedVolumes>,
+        stop: &mut watch::Receiver<Option<Duration>>,
+    ) -> bool {
+        let name = rt.spec.name.clone();
+        let mut restarts: i32 = 0;
+        let mut backoff = Duration::from_secs(10);
+        loop {
+            if stop.borrow().is_some() {
+                return false;
+            }
+            let code = match self.run_instance(rt, restarts, ns.clone(), &data, stop).await {
+                Ok(code) => code,
+                Err(msg) => {
+                    // Config errors do not go away by retrying; the container waits like a kubelet's.
+                    self.set_container(&name, |cs| {
+                        cs.state = Some(waiting("CreateContainerConfigError", Some(msg)))
+                    });
+                    let _ = stop.wait_for(Option::is_some).await;
+                    return false;
+                }
+            };
+            let restart = match policy {
+                "Always" => true,
+                "OnFailure" => code != 0,
+                _ => false,
+            };
+            if !restart || stop.borrow().is_some() {
+                return code == 0;
+            }
+            // The first restart is immediate, then CrashLoopBackOff doubling to 5 minutes.
+            if restarts > 0 {
+                let msg = format!("back-off {}s restarting failed container={name} pod={}", backoff.as_secs(), self.name);
+                self.set_container(&name, |cs| {
+                    cs.last_state = cs.state.take();
+                    cs.state = Some(waiting("CrashLoopBackOff", Some(msg)));
+                });
+                if tokio::time::timeout(backoff, stop.wait_for(Option::is_some)).await.is_ok() {
+                    return false;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(300));
+            }
+            restarts += 1;
+        }
+    }
+
+    /// Starts one instance and waits for it to end; returns its exit code.
+    async fn run_instance(
+        &self,
+        rt: &Arc<ContainerRt>,
+        restarts: i32,
+        ns: Option<Arc<PodNamespaces>>,
+        data: &ResolvedVolumes,
+        stop: &mut watch::Receiver<Option<Duration>>,
+    ) -> Result<i32, String> {
+        let Some(node) = self.node() else { return Ok(137) };
+        let c = &rt.spec;
+        let env = build_env(&self.pod, c, data)?;
+        let argv = argv(c, &env);
+        let working_dir = c.working_dir.clone().unwrap_or_else(|| "/".into());
+        let binds = self.binds(c)?;
+        let image = c.image.clone().unwrap_or_default();
+        let rootfs = node
+            .cfg
+            .images_dir
+            .as_ref()
+            .map(|d| d.join(image.replace(['/', ':'], "_")))
+            .filter(|p| p.is_dir());
+        let log_path = self.dir.join("logs").join(&c.name).join(format!("{restarts}.log"));
+        let log = LogFile::create(&log_path).map_err(|e| format!("cannot create log {}: {e}", log_path.display()))?;
+        let cgroup: Option<ContainerCgroup> = match (
+            c.resources.as_ref().and_then(|r| r.limits.as_ref()).and_then(|l| l.get("memory")),
+            &node.cgroups,
+        ) {
+            (Some(q), Some(root)) => {
+                let bytes = parse_memory(&q.0)
+                    .ok_or_else(|| format!("container {}: invalid memory limit {:?}", c.name, q.0))?;
+                Some(
+                    root.container(&format!("{}-{}-{restarts}", self.uid, c.name), bytes)
+                        .map_err(|e| format!("cannot create memory cgroup: {e}"))?,
+                )
+            }
+            _ => None,
+        };
+        let tty = c.tty.unwrap_or(false);
+        let want_stdin = c.stdin.unwrap_or(false);
+        let (stdio, pty) = if tty {
+            let p = sandbox::open_pty().map_err(|e| format!("cannot open a terminal: {e}"))?;
+            let dup = |fd: &OwnedFd| fd.try_clone().map(Stdio::from).map_err(|e| e.to_string());
+            (Stdios { stdin: dup(&p.slave)?, stdout: dup(&p.slave)?, stderr: dup(&p.slave)? }, Some(p))
+        } else {
+            let stdin = if want_stdin { Stdio::piped() } else { Stdio::null() };
+            (Stdios { stdin, stdout: Stdio::piped(), stderr: Stdio::piped() }, None)
+        };
+        let share_pid = self.spec().share_process_namespace.unwrap_or(false);
+        let sb = ContainerSandbox {
+            rootfs,
+            binds,
+            env: env.clone(),
+            working_dir: working_dir.clone(),
+            argv: argv.clone(),
+            hostname: self.name.clone(),
+            pod_ns: ns,
+            share_pid,
+            cgroup_procs: cgroup.as_ref().map(|g| g.procs_file()).transpose().map_err(|e| e.to_string())?,
+            tty: None,
+        };
+        let started = sandbox::start_container(&node.spawner, sb, stdio).await;
+        drop(node);
+        let mut started = match started {
+            Ok(s) => s,
+            Err(e) => {
+                let msg = format!("failed to start container {:?}: {e}", c.name);
+                let t = now();
+                self.set_container(&c.name, |cs| {
+                    cs.restart_count = restarts;
+                    cs.state = Some(ContainerState {
+                        terminated: Some(ContainerStateTerminated {
+                            exit_code: 128,
+                            reason: Some("StartError".into()),
+                            message: Some(msg),
+                            started_at: Some(t.clone()),
+                            finished_at: Some(t),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    });
+                });
+                return Ok(128);
+            }
+        };
+        let (exited_tx, exited_rx) = watch::channel(false);
+        let mut pumps = Vec::new();
+        let (stdin, pty_master) = if let Some(p) = pty {
+            drop(p.slave);
+            let master = Arc::new(p.master);
+            let rd = master.try_clone().map_err(|e| e.to_string())?;
+            let wr = master.try_clone().map_err(|e| e.to_string())?;
+            let w: StdinWriter = Box::new(tokio::fs::File::from_std(std::fs::File::from(wr)));
+            pumps.push((Pipe::Stdout, Box::new(tokio::fs::File::from_std(std::fs::File::from(rd))) as Box<dyn AsyncRead + Send + Unpin>));
+            (want_stdin.then(|| Arc::new(tokio::sync::Mutex::new(Some(w)))), Some(master))
+        } else {
+            if let Some(o) = started.child.stdout.take() {
+                pumps.push((Pipe::Stdout, Box::new(o) as Box<dyn AsyncRead + Send + Unpin>));
+            }
+            if let Some(e) = started.child.stderr.take() {
+                pumps.push((Pipe::Stderr, Box::new(e)));
+            }
+            let stdin = started.child.stdin.take().map(|w| {
+                Arc::new(tokio::sync::Mutex::new(Some(Box::new(w) as StdinWriter)))
+            });
+            (stdin, None)
+        };
+        let inst = Arc::new(Instance {
+            inner_pid: started.inner_pid,
+            outer_pid: started.child.id(),
+            env,
+            working_dir,
+            tty,
+            stdin,
+            stdin_once: c.stdin_once.unwrap_or(false),
+            pty_master,
+            exited: exited_rx,
+            attachers: Mutex::new(Vec::new()),
+            log: log.clone(),
+        });
+        if let Some(prev) = rt.current.lock().expect("current lock").replace(inst.clone()) {
+            *rt.previous_log.lock().expect("previous log lock") = Some(prev.log.clone());
+        }
+        let started_at = now();
+        let container_id = format!("keel://{}-{}-{restarts}", self.uid, c.name);
+        let image_id = format!("keel-image://{image}");
+        let init = rt.init;
+        self.set_container(&c.name, |cs| {
+            if cs.state.as_ref().is_some_and(|s| s.terminated.is_some()) {
+                cs.last_state = cs.state.take();
+            }
+            cs.restart_count = restarts;
+            cs.container_id = Some(container_id.clone());
+            cs.image_id = image_id.clone();
+            cs.started = Some(true);
+            cs.ready = !init;
+            cs.state = Some(ContainerState {
+                running: Some(ContainerStateRunning { started_at: Some(started_at.clone()) }),
+                ..Default::default()
+            });
+        });
+        tracing::info!(k8s.container = %c.name, container.pid = started.inner_pid, "container started");
+
+        let pump_tasks: Vec<_> = pumps
+            .into_iter()
+            .map(|(pipe, r)| tokio::spawn(pump(r, pipe, inst.clone())))
+            .collect();
+        let mut child = started.child;
+        let status = tokio::select! {
+            s = child.wait() => s,
+            g = async { stop.wait_for(Option::is_some).await.map(|r| r.unwrap_or_default()) } => {
+                let grace = g.unwrap_or_default();
+                terminate(&mut child, inst.inner_pid, share_pid, grace).await
+            }
+        };
+        for t in pump_tasks {
+            // With a shared PID namespace a background process may keep the pipe open after
+            // the container's process exited; do not wait for it forever.
+            let abort = t.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(2), t).await.is_err() {
+                abort.abort();
+            }
+        }
+        log.close();
+        inst.attachers.lock().expect("attachers lock").clear();
+        exited_tx.send_replace(true);
+        let code = status.as_ref().map(|s| exit_code(*s)).unwrap_or(137);
+        let oom = cgroup.as_ref().is_some_and(ContainerCgroup::oom_killed);
+        if let Some(g) = &cgroup {
+            g.remove();
+        }
+        let signal = status.as_ref().ok().and_then(|s| {
+            use std::os::unix::process::ExitStatusExt;
+            s.signal().or_else(|| (s.code()? > 128).then(|| s.code().unwrap_or(0) - 128))
+        });
+        let reason = if oom { "OOMKilled" } else if code == 0 { "Completed" } else { "Error" };
+        let finished = now();
+        self.set_container(&c.name, |cs| {
+            cs.ready = false;
+            cs.started = Some(false);
+            cs.state = Some(ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    exit_code: code,
+                    reason: Some(reason.into()),
+                    signal: signal.filter(|_| code > 128),
+                    started_at: Some(started_at),
+                    finished_at: Some(finished),
+                    container_id: Some(container_id),
+                    message: None,
+                }),
+                ..Default::default()
+            });
+        });
+        tracing::info!(k8s.container = %c.name, exit.code = code, exit.reason = reason, "container ended");
+        Ok(code)
+    }
+
+    fn binds(&self, c: &Container) -> Result<Vec<Bind>, String> {
+        let vols = self.volumes.lock().expect("volumes lock");
+        let mut out = Vec::new();
+        for m in c.volume_mounts.iter().flatten() {
+            let v = vols
+                .by_name
+                .get(&m.name)
+                .ok_or_else(|| volumes::VolumeError::NoSuchVolume { mount: m.name.clone() }.to_string())?;
+            let mut source = v.path.clone();
+            if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+                if !volumes::safe_relative(sub) {
+                    return Err(volumes::VolumeError::BadSubPath {
+                        mount: m.name.clone(),
+                        sub_path: sub.into(),
+                    }
+                    .to_string());
+                }
+                source = source.join(sub);
+                if !source.exists() {
+                    std::fs::create_dir_all(&source).map_err(|e| e.to_string())?;
+                }
+            }
+            out.push(Bind {
+                source,
+                dest: m.mount_path.clone(),
+                read_only: v.read_only || m.read_only.unwrap_or(false),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Signals stop and waits until every process of the pod is gone.
+    pub async fn stop(&self, grace: Duration) {
+        self.stop.send_if_modified(|s| {
+            if s.is_none() {
+                *s = Some(grace);
+                true
+            } else {
+                false
+            }
+        });
+        let mut done = self.done.subscribe();
+        let _ = done.wait_for(|d| *d).await;
+    }
+
+    fn cleanup(&self) {
+        self.kill_now();
+    }
+
+    /// SIGKILL to everything still running (synchronous: used from Drop too).
+    pub fn kill_now(&self) {
+        use rustix::process::{Pid, Signal, kill_process};
+        for pid in self.host_pids() {
+            if let Some(p) = Pid::from_raw(pid as i32) {
+                let _ = kill_process(p, Signal::KILL);
+            }
+        }
+        self.holder.lock().expect("holder lock").take();
+    }
+
+    pub fn host_pids(&self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        if let Some((outer, inner)) = *self.holder.lock().expect("holder lock") {
+            pids.extend([outer, inner as u32]);
+        }
+        for c in self.containers.values() {
+            if let Some(i) = c.current.lock().expect("current lock").as_ref() {
+                if i.is_running() {
+                    pids.extend(i.outer_pid);
+                    pids.push(i.inner_pid as u32);
+                }
+            }
+        }
+        pids.retain(|p| *p > 0);
+        pids
+    }
+
+    pub async fn remove_dirs(&self) {
+        let tmpfs = std::mem::take(&mut self.volumes.lock().expect("volumes lock").tmpfs);
+        let dir = self.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            volumes::unmount_all(&tmpfs);
+            let _ = std::fs::remove_dir_all(&dir);
+        })
+        .await;
+    }
+
+    pub fn remove_dirs_sync(&self) {
+        let tmpfs = std::mem::take(&mut self.volumes.lock().expect("volumes lock").tmpfs);
+        volumes::unmount_all(&tmpfs);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    fn container(&self, name: &str) -> Result<&Arc<ContainerRt>, NodeError> {
+        self.containers.get(name).ok_or_else(|| NodeError::NoSuchContainer {
+            pod: self.name.clone(),
+            container: name.into(),
+        })
+    }
+
+    pub fn running_instance(&self, name: &str) -> Result<Arc<Instance>, NodeError> {
+        let c = self.container(name)?;
+        let cur = c.current.lock().expect("current lock").clone();
+        cur.filter(|i| i.is_running()).ok_or_else(|| NodeError::NotRunning {
+            pod: self.name.clone(),
+            container: name.into(),
+        })
+    }
+
+    pub fn log_for(&self, name: &str, previous: bool) -> Result<Arc<LogFile>, NodeError> {
+        let c = self.container(name)?;
+        if previous {
+            return c.previous_log.lock().expect("previous log lock").clone().ok_or_else(|| {
+                NodeError::NoPreviousLogs { pod: self.name.clone(), container: name.into() }
+            });
+        }
+        let cur = c.current.lock().expect("current lock").clone();
+        cur.map(|i| i.log.clone()).ok_or_else(|| NodeError::NotRunning {
+            pod: self.name.clone(),
+            container: name.into(),
+        })
+    }
+}
+
+/// Copies one pipe of the container into its log and to the attached sessions.
+async fn pump(mut r: Box<dyn AsyncRead + Send + Unpin>, pipe: Pipe, inst: Arc<Instance>) {
+    let mut buf = vec![0u8; 128 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let log = inst.log.clone();
+        let chunk = Bytes::copy_from_slice(&buf[..n]);
+        let c2 = chunk.clone();
+        // File writes block; keep them off the async workers.
+        let _ = tokio::task::spawn_blocking(move || log.append(pipe, &c2)).await;
+        let targets: Vec<mpsc::Sender<Bytes>> = {
+            let mut a = inst.attachers.lock().expect("attachers lock");
+            a.retain(|(o, e)| {
+                o.as_ref().is_some_and(|s| !s.is_closed()) || e.as_ref().is_some_and(|s| !s.is_closed())
+            });
+            a.iter()
+                .filter_map(|(o, e)| match pipe {
+                    Pipe::Stdout => o.clone(),
+                    Pipe::Stderr => e.clone(),
+                })
+                .collect()
+        };
+        for t in targets {
+            // A slow attacher slows the container, as a full pipe would.
+            let _ = t.send(chunk.clone()).await;
+        }
+    }
+}
+
+/// TERM, then KILL after `grace`.
+async fn terminate(
+    child: &mut tokio::process::Child,
+    inner_pid: i32,
+    share_pid: bool,
+    grace: Duration,
+) -> std::io::Result<std::process::ExitStatus> {
+    use rustix::process::{Pid, Signal, kill_process, kill_process_group};
+    let Some(pid) = Pid::from_raw(inner_pid) else { return child.wait().await };
+    if !grace.is_zero() {
+        let _ = if share_pid { kill_process_group(pid, Signal::TERM) } else { kill_process(pid, Signal::TERM) };
+        if let Ok(s) = tokio::time::timeout(grace, child.wait()).await {
+            return s;
+        }
+    }
+    let _ = if share_pid { kill_process_group(pid, Signal::KILL) } else { kill_process(pid, Signal::KILL) };
+    let _ = child.start_kill();
+    child.wait().await
+}
+
+/// Expands `$(VAR)` references like the kubelet; `$$` escapes, unknown references stay as is.
+pub(crate) fn expand(s: &str, env: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(r) = after.strip_prefix('$') {
+            out.push('$');
+            rest = r;
+        } else if let Some(r) = after.strip_prefix('(') {
+            match r.find(')') {
+                Some(end) => {
+                    let name = &r[..end];
+                    match env.iter().rev().find(|(k, _)| k == name) {
+                        Some((_, v)) => out.push_str(v),
+                        None => {
+                            out.push_str("$(");
+                            out.push_str(name);
+                            out.push(')');
+                        }
+                    }
+                    rest = &r[end + 1..];
+                }
+                None => {
+                    out.push('$');
+                    rest = after;
+                }
+            }
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn argv(c: &Container, env: &[(String, String)]) -> Vec<String> {
+    // No image metadata here: `sh` stands in for every image's entrypoint.
+    let mut argv = c.command.clone().unwrap_or_else(|| vec!["sh".into()]);
+    argv.extend(c.args.iter().flatten().cloned());
+    argv.iter().map(|a| expand(a, env)).collect()
+}
+
+fn field_ref(pod: &Pod, path: &str) -> Result<String, String> {
+    let m = &pod.metadata;
+    let spec = pod.spec.clone().unwrap_or_default();
+    let map_get = |map: &Option<BTreeMap<String, String>>, rest: &str| {
+        let key = rest.trim_start_matches("['").trim_end_matches("']");
+        map.as_ref().and_then(|l| l.get(key).cloned()).unwrap_or_default()
+    };
+    Ok(match path {
+        "metadata.name" => m.name.clone().unwrap_or_default(),
+        "metadata.namespace" => m.namespace.clone().unwrap_or_default(),
+        "metadata.uid" => m.uid.clone().unwrap_or_default(),
+        "spec.nodeName" => spec.node_name.clone().unwrap_or_default(),
+        "spec.serviceAccountName" => spec.service_account_name.clone().unwrap_or_default(),
+        "status.podIP" | "status.hostIP" | "status.podIPs" | "status.hostIPs" => POD_IP.into(),
+        p if p.starts_with("metadata.labels[") => map_get(&m.labels, &p["metadata.labels".len()..]),
+        p if p.starts_with("metadata.annotations[") => {
+            map_get(&m.annotations, &p["metadata.annotations".len()..])
+        }
+        p => return Err(format!("unsupported fieldRef fieldPath {p:?}")),
+    })
+}
+
+fn source_data<'a>(
+    data: &'a ResolvedVolumes,
+    kind: &str,
+    name: &str,
+) -> Option<&'a BTreeMap<String, Vec<u8>>> {
+    data.get(&format!("{kind}/{name}"))
+}
+
+/// The container's environment: defaults, envFrom, then env (later wins), `$(VAR)` expanded.
+pub(crate) fn build_env(
+    pod: &Pod,
+    c: &Container,
+    data: &ResolvedVolumes,
+) -> Result<Vec<(String, String)>, String> {
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), sandbox::DEFAULT_PATH.into()),
+        ("HOSTNAME".into(), pod.metadata.name.clone().unwrap_or_default()),
+        ("HOME".into(), "/root".into()),
+    ];
+    let set = |env: &mut Vec<(String, String)>, k: String, v: String| {
+        env.retain(|(x, _)| *x != k);
+        env.push((k, v));
+    };
+    for from in c.env_from.iter().flatten() {
+        let prefix = from.prefix.clone().unwrap_or_default();
+        let (kind, name, optional) = if let Some(r) = &from.config_map_ref {
+            ("configMap", r.name.clone(), r.optional.unwrap_or(false))
+        } else if let Some(r) = &from.secret_ref {
+            ("secret", r.name.clone(), r.optional.unwrap_or(false))
+        } else {
+            continue;
+        };
+        match source_data(data, kind, &name) {
+            Some(d) => {
+                for (k, v) in d {
+                    set(&mut env, format!("{prefix}{k}"), String::from_utf8_lossy(v).into_owned());
+                }
+            }
+            None if optional => {}
+            None => return Err(format!("{kind} \"{name}\" not found")),
+        }
+    }
+    for e in c.env.iter().flatten() {
+        let value = if let Some(vf) = &e.value_from {
+            if let Some(f) = &vf.field_ref {
+                field_ref(pod, &f.field_path)?
+            } else if let Some(r) = &vf.config_map_key_ref {
+                match source_data(data, "configMap", &r.name).and_then(|d| d.get(&r.key)) {
+                    Some(v) => String::from_utf8_lossy(v).into_owned(),
+                    None if r.optional.unwrap_or(false) => continue,
+                    None => return Err(format!("couldn't find key {} in ConfigMap {}/{}", r.key, pod.metadata.namespace.as_deref().unwrap_or(""), r.name)),
+                }
+            } else if let Some(r) = &vf.secret_key_ref {
+                match source_data(data, "secret", &r.name).and_then(|d| d.get(&r.key)) {
+                    Some(v) => String::from_utf8_lossy(v).into_owned(),
+                    None if r.optional.unwrap_or(false) => continue,
+                    None => return Err(format!("couldn't find key {} in Secret {}/{}", r.key, pod.metadata.namespace.as_deref().unwrap_or(""), r.name)),
+                }
+            } else if let Some(r) = &vf.resource_field_ref {
+                let res = c.resources.clone().unwrap_or_default();
+                let (map, key) = match r.resource.split_once('.') {
+                    Some(("limits", k)) => (res.limits, k.to_string()),
+                    Some(("requests", k)) => (res.requests, k.to_string()),
+                    _ => return Err(format!("unsupported resourceFieldRef {:?}", r.resource)),
+                };
+                map.and_then(|m| m.get(&key).map(|q| q.0.clone())).unwrap_or_else(|| "0".into())
+            } else {
+                String::new()
+            }
+        } else {
+            expand(e.value.as_deref().unwrap_or(""), &env)
+        };
+        set(&mut env, e.name.clone(), value);
+    }
+    Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dollar_paren_expansion_follows_kubelet_rules() {
+        let env = vec![("A".to_string(), "x".to_string())];
+        assert_eq!(expand("$(A)-$(B)-$$(A)-$", &env), "x-$(B)-$(A)-$");
+    }
+
+    #[test]
+    fn env_resolves_field_refs_and_secret_refs_and_names_missing_keys() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u1", "labels": {"app": "web"}},
+            "spec": {"serviceAccountName": "sa", "nodeName": "n1", "containers": [{"name": "c", "env": [
+                {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+                {"name": "SA", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
+                {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "PW", "valueFrom": {"secretKeyRef": {"name": "s", "key": "pw"}}},
+                {"name": "BOTH", "value": "$(POD)/$(APP)"}
+            ]}]}
+        }))
+        .unwrap();
+        let c = pod.spec.as_ref().unwrap().containers[0].clone();
+        let mut data = ResolvedVolumes::new();
+        data.insert("secret/s".into(), [("pw".to_string(), b"hunter2".to_vec())].into_iter().collect());
+        let env: BTreeMap<_, _> = build_env(&pod, &c, &data).unwrap().into_iter().collect();
+        assert_eq!(env["POD"], "p");
+        assert_eq!(env["APP"], "web");
+        assert_eq!(env["SA"], "sa");
+        assert_eq!(env["IP"], "127.0.0.1");
+        assert_eq!(env["PW"], "hunter2");
+        assert_eq!(env["BOTH"], "p/web");
+        let e = build_env(&pod, &c, &ResolvedVolumes::new()).unwrap_err();
+        assert_eq!(e, "couldn't find key pw in Secret ns/s");
+    }
+}

@@ -1,0 +1,487 @@
+//! Building and spawning bubblewrap sandboxes: the pod holder and the containers.
+//!
+//! This file holds the crate's only `unsafe`: `Command::pre_exec` hooks that run between fork and
+//! exec to set PR_SET_PDEATHSIG, join the pod's network/PID namespaces and the container's memory
+//! cgroup, and make a terminal the controlling one. Each hook only makes async-signal-safe system
+//! calls on file descriptors opened before the fork.
+#![allow(unsafe_code)]
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+
+use rustix::io::{FdFlags, fcntl_setfd};
+use rustix::process::{Signal, set_parent_process_death_signal};
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+use tokio::process::{Child, Command};
+
+use super::NodeError;
+
+/// What the node may do on this machine.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Isolation {
+    /// Root can join namespaces (pod network, shared PID namespace) and create cgroups.
+    pub root: bool,
+}
+
+impl Isolation {
+    /// Runs a trivial sandbox, so a missing bwrap or disabled user namespaces are reported at
+    /// node start with the real cause instead of at the first pod.
+    pub fn probe() -> Result<Isolation, NodeError> {
+        let out = std::process::Command::new("bwrap")
+            .args(["--ro-bind", "/", "/", "--unshare-pid", "--unshare-net", "--", "true"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(NodeError::BwrapMissing)?;
+        if !out.status.success() {
+            return Err(NodeError::NamespacesUnavailable(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        Ok(Isolation { root: rustix::process::geteuid().is_root() })
+    }
+}
+
+type SpawnJob = Box<dyn FnOnce() + Send>;
+
+/// A dedicated thread that spawns every sandbox. PR_SET_PDEATHSIG fires when the *thread* that
+/// forked a child ends, so spawning from tokio's blocking pool (threads come and go) would kill
+/// containers at random; this thread lives exactly as long as the Node.
+pub(crate) struct Spawner {
+    tx: std::sync::Mutex<Option<std::sync::mpsc::Sender<SpawnJob>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Spawner {
+    pub fn start(rt: tokio::runtime::Handle) -> Spawner {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
+        let thread = std::thread::Builder::new()
+            .name("keel-node-spawner".into())
+            .spawn(move || {
+                // tokio::process needs a runtime context to register the child's SIGCHLD.
+                let _guard = rt.enter();
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+            .expect("spawning the node's spawner thread");
+        Spawner { tx: std::sync::Mutex::new(Some(tx)), thread: std::sync::Mutex::new(Some(thread)) }
+    }
+
+    /// Spawns `cmd` on the spawner thread.
+    pub async fn spawn(&self, mut cmd: Command) -> std::io::Result<Child> {
+        let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+        let job: SpawnJob = Box::new(move || {
+            let _ = reply_tx.send(cmd.spawn());
+        });
+        let sent = match &*self.tx.lock().expect("spawner lock") {
+            Some(tx) => tx.send(job).is_ok(),
+            None => false,
+        };
+        if !sent {
+            return Err(std::io::Error::other("the node is shut down"));
+        }
+        reply_rx.await.map_err(|_| std::io::Error::other("the node's spawner thread ended"))?
+    }
+}
+
+impl Drop for Spawner {
+    fn drop(&mut self) {
+        self.tx.lock().map(|mut t| t.take()).ok();
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One mount of a volume into a container.
+#[derive(Debug, Clone)]
+pub(crate) struct Bind {
+    pub source: PathBuf,
+    pub dest: String,
+    pub read_only: bool,
+}
+
+/// Namespaces of the pod holder, kept open so containers and execs can join them.
+#[derive(Debug)]
+pub(crate) struct PodNamespaces {
+    pub net: OwnedFd,
+    pub pid: OwnedFd,
+}
+
+/// Everything needed to start one container sandbox.
+#[derive(Debug)]
+pub(crate) struct ContainerSandbox {
+    pub rootfs: Option<PathBuf>,
+    pub binds: Vec<Bind>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: String,
+    pub argv: Vec<String>,
+    pub hostname: String,
+    /// Join the pod holder's namespaces (root only).
+    pub pod_ns: Option<Arc<PodNamespaces>>,
+    /// With `shareProcessNamespace` the containers join the holder's PID namespace.
+    pub share_pid: bool,
+    /// `cgroup.procs` of the container's memory cgroup, opened for writing.
+    pub cgroup_procs: Option<File>,
+    pub tty: Option<OwnedFd>,
+}
+
+/// A started sandbox: the outer bwrap (our child) and the pid of the process inside whose
+/// namespaces execs join.
+pub(crate) struct Started {
+    pub child: Child,
+    pub inner_pid: i32,
+}
+
+/// bwrap arguments that build the sandbox's filesystem view.
+pub(crate) fn filesystem_args(
+    rootfs: Option<&Path>,
+    binds: &[Bind],
+    working_dir: &str,
+) -> Vec<String> {
+    let root_src = rootfs.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    let src_of = |p: &str| root_src.join(p.trim_start_matches('/'));
+    let mut args: Vec<String> = Vec::new();
+
+    // A mountPath (or workingDir) that does not exist in the read-only root cannot be created
+    // by bwrap. For each, find its deepest existing ancestor and "expand" it: a tmpfs on it with
+    // every entry bound back in, so the missing directory can be created on the tmpfs.
+    let mut needed: Vec<&str> = binds.iter().map(|b| b.dest.as_str()).collect();
+    needed.push(working_dir);
+    let special = ["/proc", "/dev", "/tmp"];
+    let mut expand: BTreeSet<PathBuf> = BTreeSet::new();
+    for path in needed {
+        let p = Path::new(path);
+        if special.iter().any(|s| p.starts_with(s)) {
+            continue;
+        }
+        // Inside another (writable) volume bwrap creates directories itself.
+        if binds.iter().any(|b| b.dest != path && p.starts_with(&b.dest)) {
+            continue;
+        }
+        let mut anc = p.to_path_buf();
+        while !src_of(&anc.to_string_lossy()).exists() {
+            if !anc.pop() {
+                break;
+            }
+        }
+        if anc != p {
+            expand.insert(anc);
+        }
+    }
+    let root_expanded = expand.contains(Path::new("/"));
+    if !root_expanded {
+        args.extend(["--ro-bind".into(), root_src.display().to_string(), "/".into()]);
+    }
+    let mut expand: Vec<PathBuf> = expand.into_iter().collect();
+    expand.sort_by_key(|p| p.components().count());
+    for dir in &expand {
+        let d = dir.to_string_lossy().to_string();
+        if d != "/" {
+            args.extend(["--tmpfs".into(), d.clone()]);
+        }
+        let Ok(entries) = std::fs::read_dir(src_of(&d)) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let inside = if d == "/" { format!("/{name}") } else { format!("{d}/{name}") };
+            if special.contains(&inside.as_str()) {
+                continue;
+            }
+            let src = e.path();
+            match std::fs::symlink_metadata(&src) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    if let Ok(target) = std::fs::read_link(&src) {
+                        args.extend(["--symlink".into(), target.display().to_string(), inside]);
+                    }
+                }
+                Ok(_) => args.extend(["--ro-bind".into(), src.display().to_string(), inside]),
+                Err(_) => {}
+            }
+        }
+    }
+    args.extend(["--dev".into(), "/dev".into(), "--proc".into(), "/proc".into()]);
+    args.extend(["--perms".into(), "1777".into(), "--tmpfs".into(), "/tmp".into()]);
+    let mut binds: Vec<&Bind> = binds.iter().collect();
+    binds.sort_by_key(|b| Path::new(&b.dest).components().count());
+    for b in binds {
+        let flag = if b.read_only { "--ro-bind" } else { "--bind" };
+        args.extend([flag.into(), b.source.display().to_string(), b.dest.clone()]);
+    }
+    if !src_of(working_dir).exists() {
+        args.extend(["--dir".into(), working_dir.to_string()]);
+    }
+    args.extend(["--chdir".into(), working_dir.to_string()]);
+    args
+}
+
+/// Sets up the pre_exec hook shared by every sandbox we spawn.
+///
+/// Safety of the hook: it runs in the forked child before exec and only calls setns(2),
+/// prctl(2), write(2), fcntl(2), setsid(2) and ioctl(2) on descriptors opened before the fork.
+fn install_pre_exec(
+    cmd: &mut Command,
+    net: Option<RawFd>,
+    pid: Option<RawFd>,
+    cgroup_procs: Option<RawFd>,
+    keep_open: Option<RawFd>,
+    ctty: bool,
+) {
+    let hook = move || -> std::io::Result<()> {
+        set_parent_process_death_signal(Some(Signal::KILL))?;
+        // SAFETY: the descriptors are owned by the parent's Command/sandbox structures, which
+        // outlive the spawn call, so they are open in the child.
+        let borrow = |fd: RawFd| unsafe { BorrowedFd::borrow_raw(fd) };
+        if let Some(fd) = cgroup_procs {
+            // "0" moves the writing process; its children (the sandbox) inherit the cgroup.
+            rustix::io::write(borrow(fd), b"0")?;
+        }
+        if let Some(fd) = net {
+            move_into_link_name_space(borrow(fd), Some(LinkNameSpaceType::Network))?;
+        }
+        if let Some(fd) = pid {
+            move_into_link_name_space(borrow(fd), Some(LinkNameSpaceType::ProcessID))?;
+        }
+        if let Some(fd) = keep_open {
+            fcntl_setfd(borrow(fd), FdFlags::empty())?;
+        }
+        if ctty {
+            rustix::process::setsid()?;
+            rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
+        }
+        Ok(())
+    };
+    // SAFETY: see the function comment; the closure allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// Reads bwrap's `--info-fd` JSON (`{"child-pid": N, ...}`) from the pipe's read end.
+fn read_child_pid(read: OwnedFd) -> std::io::Result<i32> {
+    let mut f = File::from(read);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 256];
+    loop {
+        let n = f.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.contains(&b'}') {
+            break;
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Info {
+        #[serde(rename = "child-pid")]
+        child_pid: i32,
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let end = text.find('}').map(|i| i + 1).unwrap_or(text.len());
+    serde_json::from_str::<Info>(&text[..end])
+        .map(|i| i.child_pid)
+        .map_err(|e| std::io::Error::other(format!("bwrap did not report the sandbox pid: {e}")))
+}
+
+/// Standard streams of a sandbox.
+pub(crate) struct Stdios {
+    pub stdin: Stdio,
+    pub stdout: Stdio,
+    pub stderr: Stdio,
+}
+
+/// Spawns `bwrap <args>` with `env` as the whole environment, joining the given namespaces and
+/// cgroup first, and waits for bwrap to report the pid of the sandbox's first process.
+#[allow(clippy::too_many_arguments)]
+async fn spawn_bwrap(
+    spawner: &Spawner,
+    args: Vec<String>,
+    env: &[(String, String)],
+    stdio: Stdios,
+    net: Option<RawFd>,
+    pid: Option<RawFd>,
+    cgroup_procs: Option<RawFd>,
+) -> std::io::Result<Started> {
+    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let mut cmd = Command::new("bwrap");
+    cmd.arg("--info-fd").arg(write.as_raw_fd().to_string()).args(args);
+    cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+    cmd.stdin(stdio.stdin).stdout(stdio.stdout).stderr(stdio.stderr);
+    cmd.kill_on_drop(true);
+    install_pre_exec(&mut cmd, net, pid, cgroup_procs, Some(write.as_raw_fd()), false);
+    let child = spawner.spawn(cmd).await;
+    // Our copy of the write end must go, or a bwrap that dies early never gives us EOF.
+    drop(write);
+    let mut child = child?;
+    match tokio::task::spawn_blocking(move || read_child_pid(read)).await {
+        Ok(Ok(inner_pid)) => Ok(Started { child, inner_pid }),
+        Ok(Err(e)) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            Err(e)
+        }
+        Err(e) => Err(std::io::Error::other(e)),
+    }
+}
+
+/// Starts the pod holder: new network (loopback up) and PID namespaces, `sleep` inside.
+pub(crate) async fn start_holder(
+    spawner: &Spawner,
+    pod_dir: &Path,
+    hostname: &str,
+) -> std::io::Result<(Started, PodNamespaces)> {
+    let args: Vec<String> = [
+        "--die-with-parent", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        "--hostname", hostname, "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    // The pod directory in the command line lets tests and operators find our processes.
+    .chain(["--chdir".into(), pod_dir.display().to_string(), "--".into()])
+    .chain(["sleep".into(), "infinity".into()])
+    .collect();
+    let stdio = Stdios { stdin: Stdio::null(), stdout: Stdio::null(), stderr: Stdio::piped() };
+    let started = spawn_bwrap(spawner, args, &[("PATH".into(), DEFAULT_PATH.into())], stdio, None, None, None).await?;
+    let open = |kind: &str| -> std::io::Result<OwnedFd> {
+        Ok(File::open(format!("/proc/{}/ns/{kind}", started.inner_pid))?.into())
+    };
+    let ns = PodNamespaces { net: open("net")?, pid: open("pid")? };
+    Ok((started, ns))
+}
+
+pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Starts one container sandbox.
+pub(crate) async fn start_container(
+    spawner: &Spawner,
+    sb: ContainerSandbox,
+    stdio: Stdios,
+) -> std::io::Result<Started> {
+    let mut args: Vec<String> = vec!["--die-with-parent".into(), "--unshare-ipc".into()];
+    args.extend(["--unshare-uts".into(), "--hostname".into(), sb.hostname.clone()]);
+    if sb.pod_ns.is_none() {
+        // No holder to join (unprivileged): at least keep the PID namespace private.
+        args.push("--unshare-pid".into());
+    } else if !sb.share_pid {
+        args.push("--unshare-pid".into());
+    }
+    if !(sb.pod_ns.is_some() && sb.share_pid) {
+        // The command is PID 1 of its namespace, as in a container runtime: killing it ends
+        // every process of the container.
+        args.push("--as-pid-1".into());
+    }
+    // Its own session, so a shared-PID container can be killed as a process group.
+    args.push("--new-session".into());
+    args.extend(filesystem_args(sb.rootfs.as_deref(), &sb.binds, &sb.working_dir));
+    args.push("--".into());
+    args.extend(sb.argv.iter().cloned());
+    let net = sb.pod_ns.as_ref().map(|n| n.net.as_raw_fd());
+    let pid = sb.pod_ns.as_ref().filter(|_| sb.share_pid).map(|n| n.pid.as_raw_fd());
+    let cg = sb.cgroup_procs.as_ref().map(|f| f.as_raw_fd());
+    let started = spawn_bwrap(spawner, args, &sb.env, stdio, net, pid, cg).await;
+    drop(sb.tty);
+    started
+}
+
+/// Builds the `nsenter` command for an exec into a running container.
+pub(crate) fn exec_command(
+    inner_pid: i32,
+    isolation: Isolation,
+    working_dir: &str,
+    env: &[(String, String)],
+    argv: &[String],
+) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg("--target").arg(inner_pid.to_string());
+    if !isolation.root {
+        // bwrap made a user namespace; without entering it we may not enter the others.
+        cmd.args(["--user", "--preserve-credentials"]);
+    }
+    cmd.args(["--mount", "--pid", "--net", "--uts", "--ipc"]);
+    cmd.arg(format!("--wdns={working_dir}"));
+    cmd.arg("--").args(argv);
+    cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+    cmd.kill_on_drop(true);
+    cmd
+}
+
+/// Prepares an exec command's pre_exec hook (death signal, optional controlling terminal).
+pub(crate) fn prepare_exec(cmd: &mut Command, tty: bool) {
+    if !tty {
+        // A process group of its own, so the whole exec (nsenter and its child) can be killed.
+        cmd.process_group(0);
+    }
+    install_pre_exec(cmd, None, None, None, None, tty);
+}
+
+/// A terminal pair: the master stays with the node, the slave becomes the process's stdio.
+pub(crate) struct Pty {
+    pub master: OwnedFd,
+    pub slave: OwnedFd,
+}
+
+pub(crate) fn open_pty() -> std::io::Result<Pty> {
+    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let name = ptsname(&master, Vec::new())?;
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(std::ffi::OsStr::new(std::str::from_utf8(name.as_bytes()).unwrap_or("/dev/ptmx")))?;
+    Ok(Pty { master, slave: slave.into() })
+}
+
+pub(crate) fn set_winsize(master: impl AsFd, width: u16, height: u16) -> std::io::Result<()> {
+    let ws = rustix::termios::Winsize { ws_row: height, ws_col: width, ws_xpixel: 0, ws_ypixel: 0 };
+    rustix::termios::tcsetwinsize(master, ws)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(args: &[String], a: &str, b: &str) -> Option<usize> {
+        args.windows(2).position(|w| w[0] == a && w[1] == b)
+    }
+
+    #[test]
+    fn existing_mount_path_keeps_the_plain_read_only_root() {
+        let binds = vec![Bind { source: "/srv/x".into(), dest: "/etc".into(), read_only: false }];
+        let args = filesystem_args(None, &binds, "/");
+        assert_eq!(&args[..3], ["--ro-bind", "/", "/"]);
+        assert!(pos(&args, "--bind", "/srv/x").is_some());
+        assert!(!args.iter().any(|a| a == "--tmpfs" && false));
+    }
+
+    #[test]
+    fn missing_top_level_mount_path_expands_the_root() {
+        let binds = vec![Bind { source: "/srv/b".into(), dest: "/builds/x".into(), read_only: false }];
+        let args = filesystem_args(None, &binds, "/builds/x");
+        // The root is no longer bound as a whole; its entries are.
+        assert!(pos(&args, "--ro-bind", "/").is_none());
+        assert!(pos(&args, "--ro-bind", "/etc").is_some());
+        assert!(pos(&args, "--bind", "/srv/b").is_some());
+        // /proc, /dev and /tmp are mounted fresh, not bound from the host.
+        assert!(pos(&args, "--ro-bind", "/proc").is_none());
+    }
+
+    #[test]
+    fn missing_nested_mount_path_expands_only_its_existing_parent() {
+        let binds = vec![Bind { source: "/srv/c".into(), dest: "/etc/keel-test/conf".into(), read_only: true }];
+        let args = filesystem_args(None, &binds, "/");
+        assert_eq!(&args[..3], ["--ro-bind", "/", "/"]);
+        let t = pos(&args, "--tmpfs", "/etc").expect("tmpfs on /etc");
+        let b = pos(&args, "--ro-bind", "/srv/c").expect("volume bind");
+        assert!(t < b, "the tmpfs must come before the volume bind: {args:?}");
+    }
+}
