@@ -3,6 +3,9 @@
 //! Parsing (GitLab CI YAML, a single job file or `.gitlab-ci.yml` + job name) lives in
 //! `job::parse`; everything downstream (pod building, plugins, strategies) sees only these types.
 
+pub mod overwrites;
+pub mod parse;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -42,6 +45,18 @@ pub struct Service {
     pub image: Image,
     pub alias: Option<String>,
     pub command: Vec<String>,
+    /// Ports the service exposes; each service with ports gets a Kubernetes Service object
+    /// selecting the job's pod (GitLab's proxy services).
+    pub ports: Vec<ServicePort>,
+}
+
+/// A port a `services:` entry exposes (`ports:` in GitLab's job syntax).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct ServicePort {
+    pub number: u16,
+    /// `TCP` (default) or `UDP`, as Kubernetes spells it.
+    pub protocol: String,
+    pub name: Option<String>,
 }
 
 /// A CI variable. `masked` values are replaced in the trace; `public: false` values are never
@@ -86,6 +101,7 @@ impl Job {
 
 /// Resource quantities for one container class, as Kubernetes quantity strings.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Resources {
     pub cpu_request: Option<String>,
     pub cpu_limit: Option<String>,
@@ -99,6 +115,7 @@ pub struct Resources {
 /// and (after the overwrite plugins ran) what was accepted. The same shape serves both: a
 /// field that is `None`/empty is not requested (or not accepted).
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Overwrites {
     pub namespace: Option<String>,
     pub service_account: Option<String>,
@@ -107,6 +124,8 @@ pub struct Overwrites {
     pub pod_annotations: BTreeMap<String, String>,
     pub node_selector: BTreeMap<String, String>,
     /// `key` -> `value:effect` or `effect` as in GitLab's `KUBERNETES_NODE_TOLERATIONS_*`.
+    /// `value:effect` (the value may be empty) means operator `Equal`; a bare `effect` (may be
+    /// empty: any effect) means operator `Exists`.
     pub node_tolerations: BTreeMap<String, String>,
     pub build: Resources,
     pub helper: Resources,

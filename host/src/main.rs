@@ -1,3 +1,143 @@
-fn main() -> anyhow::Result<()> {
+//! `host`: the keel command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use host::job::parse::JobSource;
+use host::plugins::Runtime;
+use host::render::{self, OutputFormat, RenderRequest};
+
+#[derive(Parser)]
+#[command(name = "host", version, about = "Run GitLab CI jobs on Kubernetes, shaped by WebAssembly plugins")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the objects (Secret, Pod, Services) a job would create, after all plugins ran.
+    Render(RenderArgs),
+    /// Work with plugin components.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Show a component's roles, WIT version and size, and whether it loads in this host.
+    Inspect {
+        /// The `.wasm` component.
+        path: PathBuf,
+        /// Where compiled plugins are cached.
+        #[arg(long, env = "KEEL_PLUGIN_CACHE")]
+        plugin_cache: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Yaml,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct RenderArgs {
+    /// Runner configuration (GitLab Runner's config.toml format).
+    #[arg(long, short, env = "KEEL_CONFIG")]
+    config: PathBuf,
+    /// Which `[[runners]]` entry, by name (default: the first with executor = "kubernetes").
+    #[arg(long, env = "KEEL_RUNNER")]
+    runner: Option<String>,
+    /// Extra plugin components, run after the config's plugins in the order given.
+    #[arg(long = "plugin", value_name = "P.wasm")]
+    plugins: Vec<PathBuf>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value = "yaml")]
+    output: Output,
+    /// The job's `CI_JOB_ID`.
+    #[arg(long, env = "KEEL_JOB_ID", default_value_t = 1)]
+    job_id: u64,
+    /// The project's `CI_PROJECT_ID`.
+    #[arg(long, env = "KEEL_PROJECT_ID", default_value_t = 1)]
+    project_id: u64,
+    /// The project's `group/name` (`CI_PROJECT_PATH`; the checkout goes below `builds_dir`).
+    #[arg(long, env = "KEEL_PROJECT_PATH", default_value = "local/project")]
+    project_path: String,
+    /// Print masked variables and registry credentials in clear.
+    #[arg(long)]
+    show_secrets: bool,
+    /// Where compiled plugins are cached.
+    #[arg(long, env = "KEEL_PLUGIN_CACHE")]
+    plugin_cache: Option<PathBuf>,
+    /// A single job file, or `path/.gitlab-ci.yml#jobname` for one job of a pipeline file.
+    #[arg(value_name = "JOB")]
+    job: String,
+}
+
+fn init_tracing() {
+    // Logs go to stderr so rendered output on stdout stays machine-readable.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Render(args) => {
+            let rt = Runtime::new(args.plugin_cache.clone()).context("cannot start the plugin runtime")?;
+            let req = RenderRequest {
+                config: args.config,
+                runner: args.runner,
+                job: JobSource::from_arg(&args.job),
+                extra_plugins: args.plugins,
+                job_id: args.job_id,
+                project_id: args.project_id,
+                project_path: args.project_path,
+                show_secrets: args.show_secrets,
+                plugin_cache: args.plugin_cache,
+            };
+            let mut rendered = render::render(&rt, &req).await?;
+            if !req.show_secrets {
+                render::redact(&mut rendered);
+            }
+            let format = match args.output {
+                Output::Yaml => OutputFormat::Yaml,
+                Output::Json => OutputFormat::Json,
+            };
+            print!("{}", render::format(&rendered.objects, format)?);
+        }
+        Command::Plugin { command: PluginCommand::Inspect { path, plugin_cache } } => {
+            let rt = Runtime::new(plugin_cache).context("cannot start the plugin runtime")?;
+            let inspection = rt.inspect(&path).await.with_context(|| format!("cannot inspect {}", path.display()))?;
+            println!("{inspection}");
+        }
+    }
     Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // The whole chain: which file/plugin, then why.
+            eprintln!("error: {error}");
+            for cause in error.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
 }

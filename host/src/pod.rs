@@ -1,0 +1,628 @@
+//! Build the Kubernetes objects for one job: the pod, the registry-credentials Secret and
+//! the Services for service ports. Plugins shape the pod afterwards; this is the baseline
+//! every runner config produces (GitLab Runner's Kubernetes executor is the reference).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{
+    ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HostAlias, HostPathVolumeSource,
+    KeyToPath, LocalObjectReference, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
+    ResourceRequirements, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Toleration,
+    Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::config::{EmptyDirMedium, Kubernetes, Runner, is_dns_label};
+use crate::job::parse::{expand, short_token};
+use crate::job::{Job, Overwrites, PullPolicy, Resources};
+
+/// The label the host finds its pods (and selects them from Services) by.
+pub const JOB_ID_LABEL: &str = "keel.dev/job-id";
+/// Marks every object keel creates, so an external cleaner can find orphans.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "keel";
+pub const BUILD_CONTAINER: &str = "build";
+pub const HELPER_CONTAINER: &str = "helper";
+pub const INIT_CONTAINER: &str = "init-logs";
+/// The checkout, shared by build, helper and services (GitLab's `repo` emptyDir).
+pub const REPO_VOLUME: &str = "repo";
+/// Stage scripts written by the execution strategy.
+pub const SCRIPTS_VOLUME: &str = "scripts";
+/// The job's `output.log`, read back by the trace reader.
+pub const LOGS_VOLUME: &str = "logs";
+/// Volume names operators cannot use for their own volumes.
+pub const RESERVED_VOLUMES: &[&str] = &[REPO_VOLUME, SCRIPTS_VOLUME, LOGS_VOLUME];
+/// Key of the registry credentials in a `kubernetes.io/dockerconfigjson` Secret.
+pub const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
+/// Default helper image (GitLab's), used when the config names none.
+pub const DEFAULT_HELPER_IMAGE: &str = "registry.gitlab.com/gitlab-org/gitlab-runner/gitlab-runner-helper:x86_64-latest";
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// PID 1 of build and helper: the first shell the image has, reading commands from stdin
+/// (the attach strategy writes one command line per stage to it).
+pub const DETECT_SHELL: &str = "for s in /usr/local/bin/bash /usr/bin/bash /bin/bash /usr/local/bin/sh /usr/bin/sh /bin/sh /busybox/sh; do \
+if [ -x \"$s\" ]; then exec \"$s\"; fi; done; echo 'keel: no shell (bash or sh) found in the image' >&2; exit 1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("variable DOCKER_AUTH_CONFIG is not a Docker config JSON object with an `auths` mapping: {reason}")]
+    DockerAuthConfig { reason: String },
+    #[error("pod label {key:?}={value:?} (from {origin}) is not a valid Kubernetes label")]
+    InvalidLabel { key: String, value: String, origin: &'static str },
+    #[error("service {index} ({image}): alias {alias:?} gives no valid DNS name")]
+    InvalidAlias { index: usize, image: String, alias: String },
+}
+
+/// Where the job runs inside the cluster: a few facts GitLab's coordinator would supply.
+#[derive(Debug, Clone, Default)]
+pub struct PodContext {
+    pub project_id: u64,
+    pub concurrent_id: u32,
+}
+
+/// Everything the job would create, pod first.
+#[derive(Debug, Clone)]
+pub struct JobObjects {
+    pub pod: Pod,
+    pub secret: Option<Secret>,
+    pub services: Vec<Service>,
+}
+
+/// The decided pull policies, per image. An image without an entry gets no
+/// `imagePullPolicy` (the cluster default).
+pub type PullPolicies = BTreeMap<String, Vec<PullPolicy>>;
+
+/// Lower-case DNS-1123 label from arbitrary text (GitLab's `MakeRFC1123Compatible`).
+pub fn dns_label(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars().flat_map(char::to_lowercase) {
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            out.push(c);
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    let trimmed: String = out.trim_matches('-').chars().take(max).collect();
+    trimmed.trim_end_matches('-').to_string()
+}
+
+/// `runner-<short token>-project-<id>-concurrent-<n>`: GitLab's project-unique name.
+pub fn project_unique_name(runner: &Runner, ctx: &PodContext) -> String {
+    dns_label(&format!("runner-{}-project-{}-concurrent-{}", short_token(&runner.token), ctx.project_id, ctx.concurrent_id), 57)
+}
+
+fn quantity_map(pairs: [(&str, &Option<String>); 3]) -> Option<BTreeMap<String, Quantity>> {
+    let m: BTreeMap<String, Quantity> = pairs
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), Quantity(v.clone()))))
+        .collect();
+    (!m.is_empty()).then_some(m)
+}
+
+fn requirements(r: &Resources) -> Option<ResourceRequirements> {
+    let requests =
+        quantity_map([("cpu", &r.cpu_request), ("memory", &r.memory_request), ("ephemeral-storage", &r.ephemeral_storage_request)]);
+    let limits = quantity_map([("cpu", &r.cpu_limit), ("memory", &r.memory_limit), ("ephemeral-storage", &r.ephemeral_storage_limit)]);
+    (requests.is_some() || limits.is_some()).then(|| ResourceRequirements { requests, limits, ..Default::default() })
+}
+
+/// Config values overlaid field by field with the accepted overwrites.
+fn overlay(config: Resources, accepted: &Resources) -> Resources {
+    let pick = |a: &Option<String>, c: Option<String>| a.clone().or(c);
+    Resources {
+        cpu_request: pick(&accepted.cpu_request, config.cpu_request),
+        cpu_limit: pick(&accepted.cpu_limit, config.cpu_limit),
+        memory_request: pick(&accepted.memory_request, config.memory_request),
+        memory_limit: pick(&accepted.memory_limit, config.memory_limit),
+        ephemeral_storage_request: pick(&accepted.ephemeral_storage_request, config.ephemeral_storage_request),
+        ephemeral_storage_limit: pick(&accepted.ephemeral_storage_limit, config.ephemeral_storage_limit),
+    }
+}
+
+/// Config form (`"key=value" = "effect"`, `"key" = "effect"`) -> our canonical form
+/// (`key -> "value:effect"` for `Equal`, `key -> "effect"` for `Exists`).
+fn canonical_tolerations(config: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    config
+        .iter()
+        .map(|(k, effect)| match k.split_once('=') {
+            Some((key, value)) => (key.to_string(), format!("{value}:{effect}")),
+            None => (k.clone(), effect.clone()),
+        })
+        .collect()
+}
+
+fn toleration(key: &str, spec: &str) -> Toleration {
+    let effect = |e: &str| (!e.is_empty()).then(|| e.to_string());
+    match spec.split_once(':') {
+        Some((value, e)) => Toleration {
+            key: Some(key.to_string()),
+            operator: Some("Equal".into()),
+            value: Some(value.to_string()),
+            effect: effect(e),
+            ..Default::default()
+        },
+        None => Toleration { key: Some(key.to_string()), operator: Some("Exists".into()), effect: effect(spec), ..Default::default() },
+    }
+}
+
+/// Kubernetes expands `$(VAR)` in env values; job variables are literal text.
+fn escape_env(value: &str) -> String {
+    value.replace("$(", "$$(")
+}
+
+/// Default DNS aliases of a service image: `tutum/wordpress:4` -> `tutum-wordpress`,
+/// `tutum__wordpress` (GitLab's rule).
+fn image_aliases(image: &str) -> Vec<String> {
+    let without_digest = image.split('@').next().unwrap_or(image);
+    // A ':' after the last '/' starts the tag; one before it belongs to a registry port.
+    let name = match without_digest.rsplit_once(':') {
+        Some((n, tag)) if !tag.contains('/') => n,
+        _ => without_digest,
+    };
+    let mut out = vec![name.replace('/', "-"), name.replace('/', "__")];
+    out.dedup();
+    out
+}
+
+fn label_ok(key: &str, value: &str) -> bool {
+    static VALUE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    static NAME: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let value_re = VALUE.get_or_init(|| regex::Regex::new(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$").expect("static regex"));
+    let name_re = NAME.get_or_init(|| regex::Regex::new(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$").expect("static regex"));
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    value.len() <= 63
+        && value_re.is_match(value)
+        && name.len() <= 63
+        && name_re.is_match(name)
+        && prefix.is_none_or(|p| !p.is_empty() && p.len() <= 253 && p.split('.').all(is_dns_label))
+}
+
+/// Build the job's objects. `accepted` are the overwrites the rules let through;
+/// `pull_policies` the policies decided per image.
+pub fn build(
+    runner: &Runner,
+    k8s: &Kubernetes,
+    job: &Job,
+    accepted: &Overwrites,
+    pull_policies: &PullPolicies,
+    ctx: &PodContext,
+) -> Result<JobObjects, PodError> {
+    let lookup = |k: &str| job.variable(k).map(str::to_string);
+    let unique = project_unique_name(runner, ctx);
+    let namespace = accepted
+        .namespace
+        .clone()
+        .or_else(|| (!k8s.namespace.is_empty()).then(|| k8s.namespace.clone()))
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+    let job_id = job.id.to_string();
+
+    // Labels: operator's, then the job's accepted requests, then the host's own, which nothing
+    // may replace.
+    let mut labels = BTreeMap::new();
+    for (origin, source) in [("config pod_labels", &k8s.pod_labels), ("KUBERNETES_POD_LABELS_*", &accepted.pod_labels)] {
+        for (k, v) in source {
+            let v = expand(v, &lookup);
+            if !label_ok(k, &v) {
+                return Err(PodError::InvalidLabel { key: k.clone(), value: v, origin });
+            }
+            labels.insert(k.clone(), v);
+        }
+    }
+    labels.insert("pod".to_string(), unique.clone());
+    labels.insert(JOB_ID_LABEL.to_string(), job_id.clone());
+    labels.insert(MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string());
+
+    let mut annotations = BTreeMap::new();
+    for source in [&k8s.pod_annotations, &accepted.pod_annotations] {
+        for (k, v) in source {
+            annotations.insert(k.clone(), expand(v, &lookup));
+        }
+    }
+
+    let mut node_selector = k8s.node_selector.clone();
+    node_selector.extend(accepted.node_selector.clone());
+    let mut tolerations = canonical_tolerations(&k8s.node_tolerations);
+    tolerations.extend(accepted.node_tolerations.clone());
+
+    let builds_dir = job.variable("CI_BUILDS_DIR").unwrap_or("/builds").to_string();
+    let scripts_dir = format!("/scripts-{}-{}", ctx.project_id, job.id);
+    let logs_dir = format!("/logs-{}-{}", ctx.project_id, job.id);
+
+    // Volumes: the host's three, then the operator's in GitLab's order.
+    let mut volumes = vec![
+        empty_dir(REPO_VOLUME, None, None),
+        empty_dir(SCRIPTS_VOLUME, None, None),
+        empty_dir(LOGS_VOLUME, None, None),
+    ];
+    let mut mounts = vec![
+        mount(REPO_VOLUME, &builds_dir, false, None),
+        mount(SCRIPTS_VOLUME, &scripts_dir, false, None),
+        mount(LOGS_VOLUME, &logs_dir, false, None),
+    ];
+    let v = &k8s.volumes;
+    for h in &v.host_path {
+        let host_path = h.host_path.clone().unwrap_or_else(|| h.mount_path.clone());
+        volumes.push(Volume {
+            name: h.name.0.clone(),
+            host_path: Some(HostPathVolumeSource { path: host_path, ..Default::default() }),
+            ..Default::default()
+        });
+        mounts.push(mount(&h.name.0, &h.mount_path, h.read_only, h.sub_path.as_deref()));
+    }
+    for s in &v.secret {
+        volumes.push(Volume {
+            name: s.name.0.clone(),
+            secret: Some(SecretVolumeSource { secret_name: Some(s.name.0.clone()), items: items(&s.items), ..Default::default() }),
+            ..Default::default()
+        });
+        mounts.push(mount(&s.name.0, &s.mount_path, s.read_only, s.sub_path.as_deref()));
+    }
+    for p in &v.pvc {
+        volumes.push(Volume {
+            name: p.name.0.clone(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: p.name.0.clone(),
+                read_only: p.read_only.then_some(true),
+            }),
+            ..Default::default()
+        });
+        mounts.push(mount(&p.name.0, &p.mount_path, p.read_only, p.sub_path.as_deref()));
+    }
+    for c in &v.config_map {
+        volumes.push(Volume {
+            name: c.name.0.clone(),
+            config_map: Some(ConfigMapVolumeSource { name: c.name.0.clone(), items: items(&c.items), ..Default::default() }),
+            ..Default::default()
+        });
+        mounts.push(mount(&c.name.0, &c.mount_path, c.read_only, c.sub_path.as_deref()));
+    }
+    for e in &v.empty_dir {
+        let medium = match e.medium {
+            EmptyDirMedium::Disk => None,
+            EmptyDirMedium::Memory => Some("Memory"),
+        };
+        volumes.push(empty_dir(&e.name.0, medium, e.size_limit.as_ref().map(|q| q.0.clone())));
+        mounts.push(mount(&e.name.0, &e.mount_path, false, e.sub_path.as_deref()));
+    }
+
+    let env: Vec<EnvVar> = {
+        // One entry per key, the winning value, in first-definition order.
+        let mut seen = std::collections::BTreeSet::new();
+        job.variables
+            .iter()
+            .filter(|v| seen.insert(v.key.as_str()))
+            .map(|v| EnvVar {
+                name: v.key.clone(),
+                value: Some(escape_env(job.variable(&v.key).unwrap_or_default())),
+                ..Default::default()
+            })
+            .collect()
+    };
+
+    let pull = |image: &str| pull_policies.get(image).and_then(|p| p.first()).map(|p| p.as_k8s().to_string());
+    let security = Some(SecurityContext {
+        privileged: Some(k8s.privileged),
+        allow_privilege_escalation: k8s.allow_privilege_escalation,
+        ..Default::default()
+    });
+    let shell = vec!["sh".to_string(), "-c".to_string(), DETECT_SHELL.to_string()];
+
+    let build_resources = overlay(k8s.build_resources(), &accepted.build);
+    let (command, args) = if job.image.entrypoint.iter().any(|s| !s.is_empty()) {
+        // Docker semantics: a custom entrypoint receives the shell as its arguments.
+        (job.image.entrypoint.clone(), Some(shell.clone()))
+    } else {
+        (shell.clone(), None)
+    };
+    let build = Container {
+        name: BUILD_CONTAINER.into(),
+        image: Some(job.image.name.clone()),
+        image_pull_policy: pull(&job.image.name),
+        command: Some(command),
+        args,
+        env: Some(env.clone()),
+        resources: requirements(&build_resources),
+        volume_mounts: Some(mounts.clone()),
+        security_context: security.clone(),
+        stdin: Some(true),
+        working_dir: job.variable("CI_PROJECT_DIR").map(str::to_string),
+        ..Default::default()
+    };
+
+    let helper_image = helper_image(k8s);
+    let helper = Container {
+        name: HELPER_CONTAINER.into(),
+        image: Some(helper_image.clone()),
+        image_pull_policy: pull(&helper_image),
+        command: Some(shell.clone()),
+        env: Some(env.clone()),
+        resources: requirements(&overlay(k8s.helper_resources(), &accepted.helper)),
+        volume_mounts: Some(mounts.clone()),
+        security_context: security.clone(),
+        stdin: Some(true),
+        ..Default::default()
+    };
+
+    // The log file must exist, writable by any user the build image runs as, before the
+    // strategy tees stage output into it.
+    let init = Container {
+        name: INIT_CONTAINER.into(),
+        image: Some(helper_image.clone()),
+        image_pull_policy: pull(&helper_image),
+        command: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            format!("touch {logs_dir}/output.log && chmod 666 {logs_dir}/output.log"),
+        ]),
+        resources: requirements(&overlay(k8s.helper_resources(), &accepted.helper)),
+        volume_mounts: Some(vec![mount(LOGS_VOLUME, &logs_dir, false, None)]),
+        ..Default::default()
+    };
+
+    // Services: the config's first, then the job's (seed 000's order).
+    let mut all_services: Vec<crate::job::Service> = k8s
+        .services
+        .iter()
+        .map(|s| crate::job::Service {
+            image: crate::job::Image { name: expand(&s.name, &lookup), entrypoint: s.entrypoint.clone(), pull_policy: vec![] },
+            alias: s.alias.clone(),
+            command: s.command.clone(),
+            ports: vec![],
+        })
+        .collect();
+    all_services.extend(job.services.iter().cloned());
+
+    let service_resources = requirements(&overlay(k8s.service_resources(), &accepted.service));
+    let mut containers = vec![build, helper];
+    let mut host_aliases: Vec<String> = Vec::new();
+    let mut k8s_services = Vec::new();
+    for (i, svc) in all_services.iter().enumerate() {
+        let name = format!("svc-{i}");
+        let ports: Vec<ContainerPort> = svc
+            .ports
+            .iter()
+            .map(|p| ContainerPort {
+                container_port: i32::from(p.number),
+                protocol: Some(p.protocol.clone()),
+                name: p.name.clone(),
+                ..Default::default()
+            })
+            .collect();
+        let (command, args) = (
+            (!svc.image.entrypoint.is_empty()).then(|| svc.image.entrypoint.clone()),
+            (!svc.command.is_empty()).then(|| svc.command.clone()),
+        );
+        containers.push(Container {
+            name: name.clone(),
+            image: Some(svc.image.name.clone()),
+            image_pull_policy: pull(&svc.image.name),
+            command,
+            args,
+            env: Some(env.clone()),
+            resources: service_resources.clone(),
+            volume_mounts: Some(mounts.clone()),
+            security_context: security.clone(),
+            ports: (!ports.is_empty()).then_some(ports),
+            ..Default::default()
+        });
+
+        // Aliases: GitLab accepts a comma-separated list; without one the image name serves.
+        let aliases: Vec<String> = match &svc.alias {
+            Some(a) => a.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            None => image_aliases(&svc.image.name),
+        };
+        for a in &aliases {
+            if a.split('.').any(|part| !is_dns_label(&part.to_ascii_lowercase().replace('_', "-"))) {
+                return Err(PodError::InvalidAlias { index: i, image: svc.image.name.clone(), alias: a.clone() });
+            }
+        }
+        host_aliases.extend(aliases.iter().cloned());
+
+        if !svc.ports.is_empty() {
+            let service_name = dns_label(svc.alias.as_deref().and_then(|a| a.split(',').next()).unwrap_or(&format!("proxy-{name}")), 50);
+            k8s_services.push(Service {
+                metadata: ObjectMeta {
+                    generate_name: Some(format!("{service_name}-")),
+                    namespace: Some(namespace.clone()),
+                    labels: Some(host_labels(&job_id)),
+                    ..Default::default()
+                },
+                spec: Some(ServiceSpec {
+                    type_: Some("ClusterIP".into()),
+                    selector: Some(BTreeMap::from([(JOB_ID_LABEL.to_string(), job_id.clone())])),
+                    ports: Some(
+                        svc.ports
+                            .iter()
+                            .map(|p| ServicePort {
+                                // Several ports need names; GitLab uses `<service>-<port>`.
+                                name: Some(p.name.clone().unwrap_or_else(|| format!("{service_name}-{}", p.number))),
+                                port: i32::from(p.number),
+                                target_port: Some(IntOrString::Int(i32::from(p.number))),
+                                protocol: Some(p.protocol.clone()),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    ),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+    }
+    host_aliases.dedup();
+
+    // Registry credentials from GitLab's DOCKER_AUTH_CONFIG, as a dockerconfigjson Secret.
+    let secret = match job.variable("DOCKER_AUTH_CONFIG") {
+        Some(raw) if !raw.trim().is_empty() => Some(registry_secret(raw, &unique, &namespace, &job_id)?),
+        _ => None,
+    };
+    let mut pull_secrets: Vec<LocalObjectReference> =
+        k8s.image_pull_secrets.iter().map(|s| LocalObjectReference { name: s.clone() }).collect();
+    if let Some(s) = &secret {
+        pull_secrets.push(LocalObjectReference { name: s.metadata.name.clone().unwrap_or_default() });
+    }
+
+    let pod_security = k8s.pod_security_context.as_ref().map(|p| PodSecurityContext {
+        fs_group: p.fs_group,
+        run_as_group: p.run_as_group,
+        run_as_non_root: p.run_as_non_root,
+        run_as_user: p.run_as_user,
+        supplemental_groups: (!p.supplemental_groups.is_empty()).then(|| p.supplemental_groups.clone()),
+        ..Default::default()
+    });
+
+    let pod = Pod {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{unique}-")),
+            namespace: Some(namespace.clone()),
+            labels: Some(labels),
+            annotations: (!annotations.is_empty()).then_some(annotations),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            service_account_name: accepted.service_account.clone().or_else(|| k8s.service_account.clone()),
+            node_selector: (!node_selector.is_empty()).then_some(node_selector),
+            tolerations: (!tolerations.is_empty()).then(|| tolerations.iter().map(|(k, v)| toleration(k, v)).collect()),
+            image_pull_secrets: (!pull_secrets.is_empty()).then_some(pull_secrets),
+            termination_grace_period_seconds: k8s.termination_grace_period_seconds,
+            security_context: pod_security,
+            host_aliases: (!host_aliases.is_empty())
+                .then(|| vec![HostAlias { ip: "127.0.0.1".into(), hostnames: Some(host_aliases) }]),
+            resources: requirements(&k8s.pod_resources()),
+            init_containers: Some(vec![init]),
+            containers,
+            volumes: Some(volumes),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    let mut objects = JobObjects { pod, secret, services: k8s_services };
+    // Dependants die with the pod. Until the pod exists its uid is unknown; `run` calls this
+    // again with the created pod's name and uid.
+    let pod_ref_name = objects.pod.metadata.generate_name.clone().unwrap_or_default();
+    objects.set_owner(&pod_ref_name, "");
+    Ok(objects)
+}
+
+impl JobObjects {
+    /// Point every dependant's owner reference at the pod `name`/`uid`.
+    pub fn set_owner(&mut self, name: &str, uid: &str) {
+        let owner = vec![OwnerReference {
+            api_version: "v1".into(),
+            kind: "Pod".into(),
+            name: name.to_string(),
+            uid: uid.to_string(),
+            controller: Some(false),
+            block_owner_deletion: Some(false),
+        }];
+        if let Some(s) = self.secret.as_mut() {
+            s.metadata.owner_references = Some(owner.clone());
+        }
+        for s in &mut self.services {
+            s.metadata.owner_references = Some(owner.clone());
+        }
+    }
+}
+
+fn host_labels(job_id: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(JOB_ID_LABEL.to_string(), job_id.to_string()), (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string())])
+}
+
+fn registry_secret(raw: &str, unique: &str, namespace: &str, job_id: &str) -> Result<Secret, PodError> {
+    let parsed: serde_json::Value =
+        serde_json::from_str(raw).map_err(|e| PodError::DockerAuthConfig { reason: format!("invalid JSON: {e}") })?;
+    if !parsed.get("auths").is_some_and(|a| a.is_object()) {
+        return Err(PodError::DockerAuthConfig { reason: "no `auths` object at the top level".into() });
+    }
+    // A fixed name (not generateName) so the pod can reference it before either exists.
+    let name = format!("{}-{job_id}-registry", dns_label(unique, 40));
+    Ok(Secret {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(namespace.to_string()),
+            labels: Some(host_labels(job_id)),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/dockerconfigjson".into()),
+        data: Some(BTreeMap::from([(DOCKER_CONFIG_KEY.to_string(), ByteString(raw.as_bytes().to_vec()))])),
+        ..Default::default()
+    })
+}
+
+/// The helper image, with GitLab's `${CI_RUNNER_VERSION}`/`${CI_RUNNER_REVISION}` expanded.
+pub fn helper_image(k8s: &Kubernetes) -> String {
+    match &k8s.helper_image {
+        Some(image) if !image.is_empty() => expand(image, &|k: &str| match k {
+            "CI_RUNNER_VERSION" | "CI_RUNNER_REVISION" => Some(env!("CARGO_PKG_VERSION").to_string()),
+            _ => None,
+        }),
+        _ => DEFAULT_HELPER_IMAGE.to_string(),
+    }
+}
+
+fn empty_dir(name: &str, medium: Option<&str>, size_limit: Option<String>) -> Volume {
+    Volume {
+        name: name.to_string(),
+        empty_dir: Some(EmptyDirVolumeSource { medium: medium.map(str::to_string), size_limit: size_limit.map(Quantity) }),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool, sub_path: Option<&str>) -> VolumeMount {
+    VolumeMount {
+        name: name.to_string(),
+        mount_path: path.to_string(),
+        read_only: read_only.then_some(true),
+        sub_path: sub_path.map(str::to_string),
+        ..Default::default()
+    }
+}
+
+fn items(m: &BTreeMap<String, String>) -> Option<Vec<KeyToPath>> {
+    (!m.is_empty()).then(|| m.iter().map(|(k, p)| KeyToPath { key: k.clone(), path: p.clone(), mode: None }).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_labels() {
+        assert_eq!(dns_label("Runner_ABC--project", 63), "runner-abc-project");
+        assert_eq!(dns_label("--x--", 63), "x");
+        assert_eq!(dns_label("abcdef", 3), "abc");
+    }
+
+    #[test]
+    fn aliases_from_image() {
+        assert_eq!(image_aliases("tutum/wordpress:4"), vec!["tutum-wordpress", "tutum__wordpress"]);
+        assert_eq!(image_aliases("postgres:16"), vec!["postgres"]);
+        assert_eq!(image_aliases("registry:5000/db"), vec!["registry:5000-db", "registry:5000__db"]);
+    }
+
+    #[test]
+    fn tolerations() {
+        let t = toleration("k", "v:NoSchedule");
+        assert_eq!((t.operator.as_deref(), t.value.as_deref(), t.effect.as_deref()), (Some("Equal"), Some("v"), Some("NoSchedule")));
+        let t = toleration("k", "");
+        assert_eq!((t.operator.as_deref(), t.value.as_deref(), t.effect.as_deref()), (Some("Exists"), None, None));
+        let c = canonical_tolerations(&BTreeMap::from([("a=b".to_string(), "NoExecute".to_string())]));
+        assert_eq!(c["a"], "b:NoExecute");
+    }
+
+    #[test]
+    fn labels_checked() {
+        assert!(label_ok("team", "infra"));
+        assert!(label_ok("example.com/team", ""));
+        assert!(!label_ok("team", "has space"));
+        assert!(!label_ok("/x", "y"));
+    }
+}
