@@ -302,8 +302,14 @@ impl PodRuntime {
                 *self.volumes.lock().expect("volumes lock") = v;
                 data
             }
-            Ok(Err(e)) => return self.config_error(e.to_string(), &mut stop).await,
-            Err(e) => return self.config_error(e.to_string(), &mut stop).await,
+            Ok(Err(e)) => {
+                drop(node);
+                return self.config_error(e.to_string(), &mut stop).await;
+            }
+            Err(e) => {
+                drop(node);
+                return self.config_error(e.to_string(), &mut stop).await;
+            }
         };
 
         let mut pod_ns = None;
@@ -317,6 +323,7 @@ impl PodRuntime {
                     pod_ns = Some((Arc::new(ns), child));
                 }
                 Err(e) => {
+                    drop(node);
                     return self.config_error(format!("cannot start the pod sandbox: {e}"), &mut stop).await;
                 }
             }

@@ -385,9 +385,26 @@ pub(crate) async fn start_container(
     let net = sb.pod_ns.as_ref().map(|n| n.net.as_raw_fd());
     let pid = sb.pod_ns.as_ref().filter(|_| sb.share_pid).map(|n| n.pid.as_raw_fd());
     let cg = sb.cgroup_procs.as_ref().map(|f| f.as_raw_fd());
-    let started = spawn_bwrap(spawner, args, &sb.env, stdio, net, pid, cg).await;
+    let mut started = spawn_bwrap(spawner, args, &sb.env, stdio, net, pid, cg).await?;
     drop(sb.tty);
-    started
+    // bwrap reports the pid right after clone(), before the sandbox's mounts exist; an exec
+    // joining too early would see a half-built filesystem. The process has exec'd the command
+    // once its executable is no longer bwrap.
+    let bwrap_exe = std::fs::read_link(format!("/proc/{}/exe", started.child.id().unwrap_or(0))).ok();
+    let exe_link = format!("/proc/{}/exe", started.inner_pid);
+    loop {
+        match std::fs::read_link(&exe_link) {
+            Ok(exe) if Some(&exe) != bwrap_exe.as_ref() => break,
+            Ok(_) => {}
+            // Gone already (a command that exits at once): nothing left to join.
+            Err(_) => break,
+        }
+        if let Ok(Some(_)) = started.child.try_wait() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_micros(500)).await;
+    }
+    Ok(started)
 }
 
 /// Builds the `nsenter` command for an exec into a running container.

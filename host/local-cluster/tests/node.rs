@@ -1,0 +1,318 @@
+//! The node on its own (no API server): real bwrap sandboxes, real processes.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use local_cluster::node::{
+    AttachRequest, ExecRequest, ExitStatus, LogOptions, Node, NodeConfig, ResolvedVolumes,
+};
+use tokio::sync::watch;
+
+struct Fixture {
+    node: Node,
+    statuses: watch::Receiver<BTreeMap<String, PodStatus>>,
+    dir: tempfile::TempDir,
+}
+
+fn fixture_with(unavailable: Vec<String>) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, rx) = watch::channel(BTreeMap::new());
+    let tx = Arc::new(Mutex::new(tx));
+    let node = Node::new(
+        NodeConfig {
+            data_dir: dir.path().join("node"),
+            images_dir: None,
+            unavailable_images: unavailable,
+            node_name: "test-node".into(),
+        },
+        Arc::new(move |uid: &str, st: PodStatus| {
+            tx.lock().unwrap().send_modify(|m| {
+                m.insert(uid.to_string(), st);
+            });
+        }),
+    )
+    .expect("node starts (is bwrap installed?)");
+    Fixture { node, statuses: rx, dir }
+}
+
+fn fixture() -> Fixture {
+    fixture_with(Vec::new())
+}
+
+fn pod(uid: &str, spec: serde_json::Value) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("pod-{uid}"), "namespace": "default", "uid": uid, "labels": {"app": "t"}},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+impl Fixture {
+    async fn wait_for(&mut self, uid: &str, what: &str, f: impl Fn(&PodStatus) -> bool) -> PodStatus {
+        let mut rx = self.statuses.clone();
+        let r = tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|m| m.get(uid).is_some_and(&f))).await;
+        match r {
+            Ok(m) => m.unwrap()[uid].clone(),
+            Err(_) => panic!("pod {uid} never reached: {what}; last status {:#?}", self.statuses.borrow().get(uid)),
+        }
+    }
+
+    async fn wait_phase(&mut self, uid: &str, phase: &str) -> PodStatus {
+        self.wait_for(uid, phase, |s| s.phase.as_deref() == Some(phase)).await
+    }
+
+    async fn logs(&self, uid: &str, c: &str, opts: LogOptions) -> String {
+        let mut s = self.node.logs(uid, c, opts).await.unwrap();
+        let mut out = Vec::new();
+        while let Some(b) = s.next().await {
+            out.extend_from_slice(&b.unwrap());
+        }
+        String::from_utf8(out).unwrap()
+    }
+}
+
+fn terminated(s: &PodStatus, c: &str) -> Option<(i32, String)> {
+    let cs = s.container_statuses.as_ref()?.iter().find(|x| x.name == c)?;
+    let t = cs.state.as_ref()?.terminated.as_ref()?;
+    Some((t.exit_code, t.reason.clone().unwrap_or_default()))
+}
+
+async fn collect(rx: &mut Option<tokio::sync::mpsc::Receiver<Bytes>>) -> String {
+    let mut out = Vec::new();
+    if let Some(rx) = rx {
+        while let Some(b) = rx.recv().await {
+            out.extend_from_slice(&b);
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_share_an_empty_dir_and_see_config_map_and_secret_files() {
+    let mut f = fixture();
+    let p = pod("u1", serde_json::json!({
+        "restartPolicy": "Never",
+        "volumes": [
+            {"name": "shared", "emptyDir": {}},
+            {"name": "cfg", "configMap": {"name": "cm", "items": [{"key": "greeting", "path": "sub/hello.txt"}]}},
+            {"name": "sec", "secret": {"secretName": "s", "defaultMode": 0o400}}
+        ],
+        "containers": [
+            {"name": "writer", "image": "alpine", "command": ["sh", "-c", "echo from-writer > /shared/x; sleep 0.2"],
+             "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]},
+            {"name": "reader", "image": "alpine",
+             "command": ["sh", "-c", "while [ ! -s /data/x ]; do sleep 0.05; done; cat /data/x; cat /cfg/sub/hello.txt; echo; stat -c %a /sec/token; cat /sec/token; echo; echo $MY_POD $APP; pwd; touch /etc/nope 2>/dev/null || echo ro-root"],
+             "workingDir": "/work/dir",
+             "env": [{"name": "MY_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                     {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}}],
+             "volumeMounts": [{"name": "shared", "mountPath": "/data"}, {"name": "cfg", "mountPath": "/cfg"},
+                              {"name": "sec", "mountPath": "/sec"}]}
+        ]
+    }));
+    let mut data = ResolvedVolumes::new();
+    data.insert("cfg".into(), [("greeting".to_string(), b"hello".to_vec())].into_iter().collect());
+    data.insert("sec".into(), [("token".to_string(), b"t0k".to_vec())].into_iter().collect());
+    f.node.run_pod(p, data);
+    let st = f.wait_phase("u1", "Succeeded").await;
+    assert_eq!(terminated(&st, "reader"), Some((0, "Completed".into())));
+    let out = f.logs("u1", "reader", LogOptions::default()).await;
+    assert_eq!(out, "from-writer\nhello\n400\nt0k\npod-u1 t\n/work/dir\nro-root\n");
+    let conds: Vec<_> = st.conditions.unwrap().iter().map(|c| (c.type_.clone(), c.status.clone())).collect();
+    assert!(conds.contains(&("PodScheduled".into(), "True".into())), "{conds:?}");
+    assert!(conds.contains(&("Initialized".into(), "True".into())), "{conds:?}");
+    f.node.shutdown().await;
+    assert!(!f.dir.path().join("node/pods/u1").exists(), "pod dir removed on shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_reports_exit_codes_and_runs_in_the_container() {
+    let mut f = fixture();
+    let p = pod("u2", serde_json::json!({
+        "containers": [{"name": "c", "image": "alpine", "command": ["sh", "-c", "echo $$$$ > /tmp/pid1; sleep 1000"],
+                        "workingDir": "/tmp", "env": [{"name": "FOO", "value": "bar"}]}]
+    }));
+    f.node.run_pod(p, ResolvedVolumes::new());
+    f.wait_phase("u2", "Running").await;
+    let req = |cmd: &str| ExecRequest {
+        command: vec!["sh".into(), "-c".into(), cmd.into()],
+        stdout: true,
+        stderr: true,
+        ..Default::default()
+    };
+    let mut s = f.node.exec("u2", "c", req("exit 3")).await.unwrap();
+    assert_eq!(collect(&mut s.stdout).await, "");
+    assert_eq!(collect(&mut s.stderr).await, "");
+    assert_eq!(s.exit.await.unwrap(), ExitStatus::Exited(3));
+    // Same mount namespace (the container's private /tmp), PID namespace (the command is 1),
+    // env and working directory.
+    let mut s = f.node.exec("u2", "c", req("cat /tmp/pid1; echo $FOO; pwd; echo err >&2")).await.unwrap();
+    assert_eq!(collect(&mut s.stdout).await, "1\nbar\n/tmp\n");
+    assert_eq!(collect(&mut s.stderr).await, "err\n");
+    assert_eq!(s.exit.await.unwrap(), ExitStatus::Exited(0));
+    // stdin reaches the process; closing it is EOF.
+    let mut s = f.node.exec("u2", "c", ExecRequest { stdin: true, ..req("tr a-z A-Z") }).await.unwrap();
+    let stdin = s.stdin.take().unwrap();
+    stdin.send(Bytes::from_static(b"shout\n")).await.unwrap();
+    drop(stdin);
+    assert_eq!(collect(&mut s.stdout).await, "SHOUT\n");
+    assert_eq!(s.exit.await.unwrap(), ExitStatus::Exited(0));
+    // The host's /tmp is not the container's.
+    assert!(!std::path::Path::new("/tmp/pid1").exists() || std::fs::read_to_string("/tmp/pid1").unwrap() != "1\n");
+    let err = f.node.exec("u2", "nope", req("true")).await.unwrap_err();
+    assert_eq!(err.status_code(), 404);
+    f.node.stop_pod("u2", Duration::from_secs(0)).await;
+    let st = f.wait_phase("u2", "Failed").await;
+    assert_eq!(terminated(&st, "c").map(|t| t.0), Some(137));
+    f.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_writes_to_stdin_and_reads_live_output() {
+    let mut f = fixture();
+    let p = pod("u3", serde_json::json!({
+        "restartPolicy": "Never",
+        "containers": [{"name": "c", "image": "alpine", "command": ["sh"], "stdin": true, "stdinOnce": true}]
+    }));
+    f.node.run_pod(p, ResolvedVolumes::new());
+    f.wait_phase("u3", "Running").await;
+    let mut s = f
+        .node
+        .attach("u3", "c", AttachRequest { stdin: true, stdout: true, stderr: true, tty: false })
+        .await
+        .unwrap();
+    let stdin = s.stdin.take().unwrap();
+    stdin.send(Bytes::from_static(b"echo attached-$((6*7))\n")).await.unwrap();
+    let mut out = s.stdout.take().unwrap();
+    assert_eq!(&out.recv().await.unwrap()[..], b"attached-42\n");
+    // stdinOnce: the end of the first attach closes stdin, so `sh` exits 0.
+    drop(stdin);
+    drop(out);
+    drop(s);
+    let st = f.wait_phase("u3", "Succeeded").await;
+    assert_eq!(terminated(&st, "c"), Some((0, "Completed".into())));
+    let logs = f.logs("u3", "c", LogOptions::default()).await;
+    assert_eq!(logs, "attached-42\n");
+    f.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_containers_run_first_and_restart_policy_on_failure_restarts() {
+    let mut f = fixture();
+    let p = pod("u4", serde_json::json!({
+        "restartPolicy": "OnFailure",
+        "volumes": [{"name": "w", "emptyDir": {}}],
+        "initContainers": [{"name": "init", "image": "alpine", "command": ["sh", "-c", "echo init > /w/order"],
+                            "volumeMounts": [{"name": "w", "mountPath": "/w"}]}],
+        "containers": [{"name": "c", "image": "alpine",
+                        "command": ["sh", "-c", "echo run >> /w/order; [ $(wc -l < /w/order) -ge 3 ]"],
+                        "volumeMounts": [{"name": "w", "mountPath": "/w"}]}]
+    }));
+    f.node.run_pod(p, ResolvedVolumes::new());
+    // Fails once (2 lines), restarts immediately, succeeds (3 lines).
+    let st = f.wait_phase("u4", "Succeeded").await;
+    let cs = &st.container_statuses.as_ref().unwrap()[0];
+    assert_eq!(cs.restart_count, 1);
+    assert_eq!(cs.last_state.as_ref().unwrap().terminated.as_ref().unwrap().exit_code, 1);
+    assert_eq!(st.init_container_statuses.as_ref().unwrap()[0].state.as_ref().unwrap().terminated.as_ref().unwrap().exit_code, 0);
+    let prev = f.logs("u4", "c", LogOptions { previous: true, ..Default::default() }).await;
+    assert_eq!(prev, "");
+    f.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_images_back_off() {
+    let mut f = fixture_with(vec!["registry.example/missing:1".into()]);
+    let p = pod("u5", serde_json::json!({
+        "containers": [{"name": "c", "image": "registry.example/missing:1"}]
+    }));
+    f.node.run_pod(p, ResolvedVolumes::new());
+    let reason = |s: &PodStatus| {
+        s.container_statuses.as_ref()?[0].state.as_ref()?.waiting.as_ref()?.reason.clone()
+    };
+    f.wait_for("u5", "ErrImagePull", |s| reason(s).as_deref() == Some("ErrImagePull")).await;
+    let st = f.wait_for("u5", "ImagePullBackOff", |s| reason(s).as_deref() == Some("ImagePullBackOff")).await;
+    assert_eq!(st.phase.as_deref(), Some("Pending"));
+    f.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_limit_is_enforced_as_oom_killed() {
+    if !rustix_is_root() {
+        eprintln!("skipped: memory cgroups need root");
+        return;
+    }
+    let mut f = fixture();
+    let p = pod("u6", serde_json::json!({
+        "restartPolicy": "Never",
+        "containers": [{"name": "c", "image": "alpine",
+            "command": ["sh", "-c", "x=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa; while true; do x=$x$x; done"],
+            "resources": {"limits": {"memory": "32Mi"}}}]
+    }));
+    f.node.run_pod(p, ResolvedVolumes::new());
+    let st = f.wait_phase("u6", "Failed").await;
+    assert_eq!(terminated(&st, "c"), Some((137, "OOMKilled".into())));
+    f.node.shutdown().await;
+}
+
+fn rustix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+/// Every process whose command line or environment mentions `marker`.
+fn processes_mentioning(marker: &str) -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            ["cmdline", "environ"].iter().any(|f| {
+                std::fs::read(format!("/proc/{pid}/{f}"))
+                    .map(|b| b.windows(marker.len()).any(|w| w == marker.as_bytes()))
+                    .unwrap_or(false)
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_outlives_a_dropped_node() {
+    let mut f = fixture();
+    let marker = format!("keel-marker-{}", std::process::id());
+    for uid in ["d1", "d2"] {
+        let p = pod(uid, serde_json::json!({
+            "containers": [{"name": "c", "image": "alpine", "command": ["sh", "-c", "sleep 1000 & sleep 1000"],
+                            "env": [{"name": "KEEL_TEST_MARKER", "value": marker}]}]
+        }));
+        f.node.run_pod(p, ResolvedVolumes::new());
+        f.wait_phase(uid, "Running").await;
+    }
+    let before = processes_mentioning(&marker);
+    assert!(before.len() >= 4, "expected the sandboxes and their sleeps, found {before:?}");
+    // Deleting one pod kills its processes.
+    f.node.stop_pod("d1", Duration::from_millis(100)).await;
+    f.node.forget_pod("d1").await;
+    assert!(f.node.pod_processes("d1").is_empty());
+    // Dropping the node (no shutdown call, as after a panic) kills the rest.
+    let Fixture { node, statuses, dir } = f;
+    drop(node);
+    drop(statuses);
+    let mut left = processes_mentioning(&marker);
+    for _ in 0..100 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = processes_mentioning(&marker);
+    }
+    assert!(left.is_empty(), "processes outlived the node: {left:?}");
+    drop(dir);
+}
