@@ -8,7 +8,7 @@
 //! Clients may send stdin as text frames (the Python client does); the first character is then
 //! the channel.
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 
@@ -102,7 +102,9 @@ pub async fn serve(ws: WebSocket, protocol: Protocol, session: Session) {
             if let Some(status) = exit_status.take() {
                 let body = status_json(&command, &status).to_string();
                 let _ = tx.send(frame(ERROR, body.as_bytes())).await;
-                let _ = tx.send(Message::Close(None)).await;
+                // client-go treats anything but a normal closure (1000) as an error on every stream.
+                let close = CloseFrame { code: axum::extract::ws::close_code::NORMAL, reason: "".into() };
+                let _ = tx.send(Message::Close(Some(close))).await;
                 break;
             }
         }

@@ -1,0 +1,211 @@
+//! The node behind the real API: kubectl, kube-rs and the official Python client as judges.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, AttachParams, DeleteParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use local_cluster::{ClusterOptions, LocalCluster};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn cluster() -> LocalCluster {
+    LocalCluster::start(ClusterOptions::default()).await.expect("cluster starts")
+}
+
+fn kubectl(c: &LocalCluster, args: &[&str]) -> Output {
+    Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(c.kubeconfig_path())
+        .args(args)
+        .output()
+        .expect("kubectl runs")
+}
+
+async fn create(c: &LocalCluster, pod: serde_json::Value) -> Pod {
+    let api: Api<Pod> = Api::default_namespaced(c.client().unwrap());
+    let pod: Pod = serde_json::from_value(pod).unwrap();
+    let name = pod.metadata.name.clone().unwrap();
+    let created = api.create(&PostParams::default(), &pod).await.expect("pod created");
+    tokio::time::timeout(Duration::from_secs(60), await_condition(api, &name, is_running()))
+        .await
+        .expect("pod running in time")
+        .expect("watch works");
+    created
+}
+
+fn is_running() -> impl kube::runtime::wait::Condition<Pod> {
+    |p: Option<&Pod>| {
+        p.and_then(|p| p.status.as_ref()?.phase.as_deref()).is_some_and(|ph| ph == "Running")
+    }
+}
+
+fn sleeper(name: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut c = serde_json::json!({"name": "c", "image": "alpine", "command": ["sh", "-c", "sleep 1000"]});
+    if let (Some(c), Some(extra)) = (c.as_object_mut(), extra.as_object()) {
+        c.extend(extra.clone());
+    }
+    serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {"containers": [c]}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_exec_reports_the_exit_code() {
+    let c = cluster().await;
+    create(&c, sleeper("ex", serde_json::json!({}))).await;
+    let out = kubectl(&c, &["exec", "ex", "--", "sh", "-c", "echo out; echo err >&2; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("err\n"));
+    // stdin through kubectl -i, closed at EOF.
+    let mut child = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(c.kubeconfig_path())
+        .args(["exec", "-i", "ex", "--", "sh", "-c", "tr a-z A-Z"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"piped through\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "PIPED THROUGH\n");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_rs_attach_writes_a_command_and_reads_its_output() {
+    let c = cluster().await;
+    create(&c, sleeper("att", serde_json::json!({"command": ["sh"], "stdin": true}))).await;
+    let api: Api<Pod> = Api::default_namespaced(c.client().unwrap());
+    let mut attached = api
+        .attach("att", &AttachParams::default().stdin(true).stdout(true).stderr(false))
+        .await
+        .expect("attach");
+    let mut stdin = attached.stdin().unwrap();
+    let mut stdout = attached.stdout().unwrap();
+    stdin.write_all(b"echo hello-from-$((40+2))\n").await.unwrap();
+    let mut buf = vec![0u8; 64];
+    let mut got = Vec::new();
+    while !got.ends_with(b"\n") {
+        let n = tokio::time::timeout(Duration::from_secs(30), stdout.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "attach output ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, b"hello-from-42\n");
+    // Ending the shell ends the container, the attach and the pod.
+    stdin.write_all(b"exit 0\n").await.unwrap();
+    drop(stdin);
+    let _ = tokio::time::timeout(Duration::from_secs(30), attached.join()).await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_logs_follow_reads_to_the_end() {
+    let c = cluster().await;
+    let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "lg"},
+        "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "alpine",
+            "command": ["sh", "-c", "for i in 1 2 3 4 5; do echo line $i; sleep 0.2; done"]}]}});
+    create(&c, pod).await;
+    let out = kubectl(&c, &["logs", "-f", "lg"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "line 1\nline 2\nline 3\nline 4\nline 5\n");
+    let out = kubectl(&c, &["logs", "lg", "--tail=2"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "line 4\nline 5\n");
+    let out = kubectl(&c, &["logs", "lg", "--timestamps", "--tail=1"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (ts, rest) = text.split_once(' ').unwrap();
+    assert!(ts.ends_with('Z') && ts.contains('T'), "{text}");
+    assert_eq!(rest, "line 5\n");
+    c.stop().await;
+}
+
+fn processes_mentioning(marker: &str) -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            ["cmdline", "environ"].iter().any(|f| {
+                std::fs::read(format!("/proc/{pid}/{f}"))
+                    .map(|b| b.windows(marker.len()).any(|w| w == marker.as_bytes()))
+                    .unwrap_or(false)
+            })
+        })
+        .collect()
+}
+
+async fn eventually_none(marker: &str) -> Vec<u32> {
+    let mut left = processes_mentioning(marker);
+    for _ in 0..100 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = processes_mentioning(marker);
+    }
+    left
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_pod_and_stopping_or_dropping_the_cluster_leaves_no_process() {
+    let marker = format!("keel-cluster-marker-{}", std::process::id());
+    let env = serde_json::json!({"env": [{"name": "KEEL_TEST_MARKER", "value": marker}],
+                                  "command": ["sh", "-c", "sleep 1000 & sleep 1000"]});
+    let c = cluster().await;
+    let pod = create(&c, sleeper("del", env.clone())).await;
+    let uid = pod.metadata.uid.unwrap();
+    assert!(!c.node().pod_processes(&uid).is_empty());
+    assert!(!processes_mentioning(&marker).is_empty());
+    let api: Api<Pod> = Api::default_namespaced(c.client().unwrap());
+    api.delete("del", &DeleteParams { grace_period_seconds: Some(1), ..Default::default() }).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), await_condition(api, "del", conditions::is_deleted(&uid)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(eventually_none(&marker).await, Vec::<u32>::new(), "deletion killed the pod");
+
+    // stop(): everything goes.
+    create(&c, sleeper("s1", env.clone())).await;
+    assert!(!processes_mentioning(&marker).is_empty());
+    c.stop().await;
+    assert_eq!(eventually_none(&marker).await, Vec::<u32>::new(), "stop killed every container");
+
+    // Dropped without stop (as on a panic): everything goes too.
+    let c = cluster().await;
+    create(&c, sleeper("s2", env.clone())).await;
+    assert!(!processes_mentioning(&marker).is_empty());
+    drop(c);
+    assert_eq!(eventually_none(&marker).await, Vec::<u32>::new(), "drop killed every container");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_stream_exec_works() {
+    let c = cluster().await;
+    create(&c, sleeper("py", serde_json::json!({}))).await;
+    let script = r#"
+import sys
+from kubernetes import config, client
+from kubernetes.stream import stream
+config.load_kube_config(sys.argv[1])
+v1 = client.CoreV1Api()
+out = stream(v1.connect_get_namespaced_pod_exec, "py", "default",
+             command=["sh", "-c", "echo py-$((1+1)); echo e >&2"], stderr=True, stdin=False, stdout=True, tty=False)
+print(repr("".join(sorted(out.splitlines(keepends=True)))))
+resp = stream(v1.connect_get_namespaced_pod_exec, "py", "default",
+              command=["sh", "-c", "read x; echo got-$x; exit 7"], stderr=True, stdin=True, stdout=True,
+              tty=False, _preload_content=False)
+resp.write_stdin("abc\n")
+resp.run_forever(timeout=30)
+print(repr(resp.read_stdout()))
+print(resp.returncode)
+"#;
+    let out = Command::new("python3").arg("-c").arg(script).arg(c.kubeconfig_path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "python failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines, ["'e\\npy-2\\n'", "'got-abc\\n'", "7"], "{stdout}");
+    c.stop().await;
+}
