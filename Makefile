@@ -1,0 +1,23 @@
+# The README's commands, spelled out. `make test` is what CI runs (.ci/run).
+CARGO ?= cargo
+
+.PHONY: plugins test build render bench
+
+# First-party plugins are a separate cargo workspace built for wasm32-wasip2; the components land
+# at target/plugins/<name>.wasm where docs, tests and examples expect them.
+plugins:
+	bash plugins/build.sh
+
+build: plugins
+	$(CARGO) build --workspace
+
+test: plugins
+	$(CARGO) test --workspace
+	$(CARGO) test --manifest-path plugins/Cargo.toml --target $$(rustc -vV | sed -n 's/host: //p')
+
+render: plugins
+	$(CARGO) run -q -p host -- render --config examples/config.toml examples/job.yml
+
+bench: plugins
+	$(CARGO) bench -p host
+	$(CARGO) bench -p local-cluster
