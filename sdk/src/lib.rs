@@ -1,1 +1,199 @@
-//! Rust SDK for keel plugins.
+//! Write keel plugins in Rust.
+//!
+//! A plugin is a type implementing [`Plugin`] (who it is, how it reads its configuration) plus
+//! one trait per role it plays: [`PodMutator`], [`PullPolicyRules`], [`OverwriteRules`],
+//! [`ExecutionStrategy`]. [`export!`] turns it into a component for `wasm32-wasip2`:
+//!
+//! ```ignore
+//! use keel_sdk::{Context, Error, Plugin, PodMutator, Pod};
+//!
+//! struct Hello;
+//!
+//! impl Plugin for Hello {
+//!     const NAME: &'static str = "hello";
+//!     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+//!     fn configure(_config: keel_sdk::Config) -> Result<Self, Error> { Ok(Hello) }
+//! }
+//!
+//! impl PodMutator for Hello {
+//!     fn mutate(&mut self, _ctx: &Context, pod: Pod) -> Result<Pod, Error> { Ok(pod) }
+//! }
+//!
+//! keel_sdk::export!(Hello: PodMutator);
+//! ```
+//!
+//! Every SDK-built component exports all role interfaces of the WIT world (wit-bindgen
+//! exports per world); the roles named in `export!` are the ones listed in the plugin's
+//! metadata, the host calls only those, and the others answer `internal("role ... not
+//! implemented")`. See `wit/README.md`.
+//!
+//! The logic is ordinary Rust: test it natively with `cargo test` and [`testing`].
+
+extern crate self as keel_sdk;
+
+#[doc(hidden)]
+pub use wit_bindgen as __wit_bindgen;
+
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit/v0.1.0",
+        world: "keel:plugin/strategy",
+        runtime_path: "::keel_sdk::__wit_bindgen::rt",
+        pub_export_macro: true,
+        export_macro_name: "__export_raw",
+        default_bindings_module: "::keel_sdk::bindings",
+    });
+}
+
+mod config;
+mod context;
+mod glue;
+pub mod log;
+mod overwrites;
+pub mod strategy;
+pub mod testing;
+
+pub use config::Config;
+pub use context::{Context, Image, Job, Service, Variable};
+pub use k8s_openapi;
+pub use k8s_openapi::api::core::v1::Pod;
+pub use overwrites::{Overwrites, Resources};
+pub use strategy::{Stage, StrategyHost};
+
+/// Image pull policies, as Kubernetes spells them in `imagePullPolicy`.
+pub use bindings::keel::plugin::types::PullPolicy;
+/// The roles a plugin can play.
+pub use bindings::keel::plugin::types::Role;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::glue::{Glue, Registered, Registry};
+}
+
+/// Why a plugin call did not produce a result; becomes the WIT `plugin-error`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// A policy said no; the job fails with this reason.
+    Denied(String),
+    /// The plugin's configuration is unusable (name the key).
+    InvalidConfig(String),
+    /// Anything else.
+    Internal(String),
+}
+
+impl Error {
+    pub fn denied(reason: impl Into<String>) -> Self {
+        Error::Denied(reason.into())
+    }
+    pub fn invalid_config(reason: impl Into<String>) -> Self {
+        Error::InvalidConfig(reason.into())
+    }
+    pub fn internal(reason: impl Into<String>) -> Self {
+        Error::Internal(reason.into())
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Denied(r) => write!(f, "denied: {r}"),
+            Error::InvalidConfig(r) => write!(f, "invalid config: {r}"),
+            Error::Internal(r) => write!(f, "internal: {r}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Who the plugin is and how it is built from its configuration.
+pub trait Plugin: Sized + 'static {
+    /// Shown by `host plugin inspect` and in the host's logs.
+    const NAME: &'static str;
+    /// Usually `env!("CARGO_PKG_VERSION")`.
+    const VERSION: &'static str;
+
+    /// Called once per job before any role call, with the plugin's table from the host config.
+    fn configure(config: Config) -> Result<Self, Error>;
+}
+
+/// Changes the job's pod before it is created.
+pub trait PodMutator: Plugin {
+    /// Return the pod to create. The host rejects a result that is not a Pod, drops the
+    /// `build` container, or changes namespace, name or the host's selector label.
+    fn mutate(&mut self, ctx: &Context, pod: Pod) -> Result<Pod, Error> {
+        let _ = ctx;
+        Ok(pod)
+    }
+
+    /// The call as it crosses the boundary: Pod JSON in, Pod JSON out. The default decodes
+    /// into k8s-openapi types and calls [`PodMutator::mutate`]; override it to work on the raw
+    /// JSON (e.g. to keep fields the pinned Kubernetes version does not know).
+    fn mutate_json(&mut self, ctx: &Context, pod: &str) -> Result<String, Error> {
+        let pod: Pod = serde_json::from_str(pod).map_err(|e| Error::internal(format!("host sent a pod that does not decode: {e}")))?;
+        let pod = self.mutate(ctx, pod)?;
+        serde_json::to_string(&pod).map_err(|e| Error::internal(format!("cannot encode the pod: {e}")))
+    }
+}
+
+/// What a pull-policy decision is asked about.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PullPolicyRequest {
+    pub image: String,
+    /// The job's `image:pull_policy` (may be empty).
+    pub job: Vec<PullPolicy>,
+    /// The runner's `pull_policy` (may be empty).
+    pub config: Vec<PullPolicy>,
+    /// The runner's `allowed_pull_policies` (empty = no restriction).
+    pub allowed: Vec<PullPolicy>,
+}
+
+/// Decides the pull policies of an image.
+pub trait PullPolicyRules: Plugin {
+    /// Policies to try in order; empty = the cluster's default.
+    fn decide(&mut self, ctx: &Context, request: &PullPolicyRequest) -> Result<Vec<PullPolicy>, Error> {
+        let _ = ctx;
+        Ok(if request.job.is_empty() { request.config.clone() } else { request.job.clone() })
+    }
+}
+
+/// Decides which requested overwrites are accepted.
+pub trait OverwriteRules: Plugin {
+    /// Return the accepted overwrites; deny (naming variable, value and rule) what is not allowed.
+    fn review(&mut self, ctx: &Context, requested: Overwrites) -> Result<Overwrites, Error> {
+        let _ = (ctx, requested);
+        Err(Error::denied("this plugin accepts no overwrites"))
+    }
+}
+
+/// Runs a job's stages in its pod through the host's exec/attach services. The host side of
+/// this role is not implemented yet (the WIT and this trait are the design); see wit/README.md.
+pub trait ExecutionStrategy: Plugin {
+    /// Add what the strategy needs to the pod before it is created.
+    fn prepare(&mut self, ctx: &Context, pod: Pod) -> Result<Pod, Error> {
+        let _ = ctx;
+        Ok(pod)
+    }
+
+    /// Run one stage and return its exit code.
+    fn run_stage(&mut self, ctx: &Context, stage: &Stage, host: &StrategyHost) -> Result<i32, Error>;
+}
+
+/// Export `$plugin` as a keel component playing the listed roles.
+///
+/// `keel_sdk::export!(MyPlugin: PodMutator, PullPolicyRules);`
+/// Roles: `PodMutator`, `PullPolicyRules`, `OverwriteRules`, `ExecutionStrategy`.
+#[macro_export]
+macro_rules! export {
+    ($plugin:ty $(: $($role:ident),* $(,)?)?) => {
+        impl $crate::__private::Registered for $plugin {
+            fn registry() -> $crate::__private::Registry<Self> {
+                $crate::__private::Registry::<Self>::new() $($( .$role() )*)?
+            }
+        }
+
+        #[doc(hidden)]
+        type __KeelGlue = $crate::__private::Glue<$plugin>;
+        $crate::bindings::__export_raw!(__KeelGlue with_types_in $crate::bindings);
+    };
+}

@@ -3,6 +3,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
@@ -109,8 +110,11 @@ impl ComponentCache {
 
     fn store(&self, path: &Path, component: &Component) -> Result<(), CacheError> {
         let bytes = component.serialize().map_err(CacheError::Serialize)?;
-        // Write beside the target and rename: concurrent hosts never see half a file.
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // Write beside the target and rename: concurrent hosts (and concurrent loads in this
+        // one) never see half a file. The temp name is unique per process and per write.
+        static WRITES: AtomicU64 = AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
         let write = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, path));
         if let Err(source) = write {
             let _ = std::fs::remove_file(&tmp);

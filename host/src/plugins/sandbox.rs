@@ -1,6 +1,7 @@
 //! What a plugin instance may touch: nothing but its own memory, a clock, randomness and a log.
 
 use std::pin::Pin;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
@@ -17,8 +18,8 @@ pub struct StoreState {
     table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
     pub(crate) plugin: Arc<str>,
-    /// The last line the plugin wrote to stderr; a panic message ends up here.
-    last_stderr: Arc<Mutex<Option<String>>>,
+    /// The last lines the plugin wrote to stderr; a panic message ends up here.
+    last_stderr: Tail,
 }
 
 impl StoreState {
@@ -26,7 +27,7 @@ impl StoreState {
         // Deny by default: no preopened directories, no environment, no arguments, no network
         // (WasiCtxBuilder's defaults refuse sockets and name lookups). Clocks and randomness
         // stay: they reveal nothing about the host.
-        let last_stderr = Arc::new(Mutex::new(None));
+        let last_stderr: Tail = Arc::new(Mutex::new(VecDeque::new()));
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(LogStream { plugin: plugin.clone(), stream: "stdout", last: None });
         wasi.stderr(LogStream { plugin: plugin.clone(), stream: "stderr", last: Some(last_stderr.clone()) });
@@ -39,9 +40,20 @@ impl StoreState {
         }
     }
 
-    /// The plugin's most recent stderr line, if it wrote one.
+    /// What the plugin last said on stderr: a Rust panic's `panicked at ...` line and its
+    /// message when there is one (skipping the backtrace hint after it), else the last line.
     pub fn stderr_tail(&self) -> Option<String> {
-        self.last_stderr.lock().ok().and_then(|l| l.clone())
+        let lines = self.last_stderr.lock().ok()?;
+        if let Some(start) = lines.iter().rposition(|l| l.contains("panicked at")) {
+            let panic: Vec<&str> = lines
+                .iter()
+                .skip(start)
+                .take_while(|l| !l.starts_with("note: run with"))
+                .map(String::as_str)
+                .collect();
+            return Some(panic.join(" "));
+        }
+        lines.back().cloned()
     }
 }
 
@@ -83,12 +95,16 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
+/// Recent stderr lines, shared between the stream and the store.
+type Tail = Arc<Mutex<VecDeque<String>>>;
+const TAIL_LINES: usize = 8;
+
 /// A plugin's stdout/stderr: each line becomes a tracing event tagged with the plugin's name.
 #[derive(Clone)]
 struct LogStream {
     plugin: Arc<str>,
     stream: &'static str,
-    last: Option<Arc<Mutex<Option<String>>>>,
+    last: Option<Tail>,
 }
 
 impl IsTerminal for LogStream {
@@ -107,7 +123,7 @@ impl StdoutStream for LogStream {
 struct LineForwarder {
     plugin: Arc<str>,
     stream: &'static str,
-    last: Option<Arc<Mutex<Option<String>>>>,
+    last: Option<Tail>,
     pending: Vec<u8>,
 }
 
@@ -125,7 +141,10 @@ impl LineForwarder {
         if let Some(last) = &self.last
             && let Ok(mut slot) = last.lock()
         {
-            *slot = Some(text.to_string());
+            if slot.len() == TAIL_LINES {
+                slot.pop_front();
+            }
+            slot.push_back(text.to_string());
         }
     }
 
