@@ -60,6 +60,10 @@ pub struct Config {
     pub listen_address: Option<String>,
     #[serde(default)]
     pub runners: Vec<Runner>,
+    /// keel's WebAssembly plugins for every runner; they run before a runner's own
+    /// `[[runners.kubernetes.plugins]]`, in file order.
+    #[serde(default, skip_serializing)]
+    pub plugins: Vec<PluginConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -734,6 +738,9 @@ impl Config {
     }
 
     fn resolve(&mut self, path: &Path, base: &Path) -> Result<(), ConfigError> {
+        for plugin in &mut self.plugins {
+            plugin.path = base.join(&plugin.path);
+        }
         for (ri, runner) in self.runners.iter_mut().enumerate() {
             let Some(k8s) = runner.kubernetes.as_mut() else { continue };
             for (pi, patch) in k8s.pod_spec.iter_mut().enumerate() {

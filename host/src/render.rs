@@ -106,9 +106,15 @@ pub fn plugin_spec(p: &PluginConfig) -> PluginSpec {
     }
 }
 
-/// The plugins a runner's config lists, then `extra` ones (named by file stem), loaded.
-pub async fn load_plugins(rt: &Runtime, k8s: &Kubernetes, extra: &[PathBuf]) -> Result<Vec<Plugin>, RenderError> {
-    let mut specs: Vec<PluginSpec> = k8s.plugins.iter().map(plugin_spec).collect();
+/// The config's plugins (top-level `[[plugins]]`, then the runner's), then `extra` ones
+/// (named by file stem), loaded.
+pub async fn load_plugins(
+    rt: &Runtime,
+    config: &Config,
+    k8s: &Kubernetes,
+    extra: &[PathBuf],
+) -> Result<Vec<Plugin>, RenderError> {
+    let mut specs: Vec<PluginSpec> = config.plugins.iter().chain(&k8s.plugins).map(plugin_spec).collect();
     for path in extra {
         let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         specs.push(PluginSpec { name, path: path.clone(), ..PluginSpec::default() });
@@ -172,7 +178,7 @@ pub async fn render(rt: &Runtime, req: &RenderRequest) -> Result<Rendered, Rende
         let requested = job
             .requested_overwrites()
             .map_err(|source| RenderError::Overwrites { path: req.job.path.clone(), source })?;
-        let plugins = load_plugins(rt, &k8s, &req.extra_plugins).await?;
+        let plugins = load_plugins(rt, &config, &k8s, &req.extra_plugins).await?;
         let mut jp = JobPlugins::new(rt, &plugins, &job, &k8s.to_json())
             .await
             .map_err(|source| RenderError::Plugins { stage: "starting for the job", source })?;
