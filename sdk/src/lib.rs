@@ -192,8 +192,12 @@ macro_rules! export {
             }
         }
 
+        // Only a wasm build exports the component's functions: their names (`keel:plugin/...#f`)
+        // are not valid symbols for native linkers, and native builds are for tests.
+        #[cfg(target_arch = "wasm32")]
         #[doc(hidden)]
         type __KeelGlue = $crate::__private::Glue<$plugin>;
+        #[cfg(target_arch = "wasm32")]
         $crate::bindings::__export_raw!(__KeelGlue with_types_in $crate::bindings);
     };
 }
