@@ -307,7 +307,7 @@ mod yaml {
         }
         let first = s.chars().next().expect("non-empty");
         // Anything number-like (ints, floats, 1e3, 0x1f, 1_000, 12:30 sexagesimal) stays quoted.
-        if first.is_ascii_digit() || first == '.' || first == '+' || (first == '-' && s.len() > 1) {
+        if first.is_ascii_digit() || first == '.' || first == '+' || first == '-' {
             return false;
         }
         s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
@@ -329,18 +329,18 @@ mod yaml {
         })
     }
 
-    fn indent(out: &mut String, n: usize) {
-        out.extend(std::iter::repeat_n(' ', n));
+    /// Indent unless the line already holds a `- ` a nested block continues.
+    fn start_line(out: &mut String, n: usize) {
+        if out.is_empty() || out.ends_with('\n') {
+            out.extend(std::iter::repeat_n(' ', n));
+        }
     }
 
     fn block(v: &Value, depth: usize, out: &mut String) {
         match v {
             Value::Object(map) => {
-                for (i, (k, v)) in map.iter().enumerate() {
-                    // The first key of a list item continues the `- ` line.
-                    if i > 0 || !out.ends_with("- ") {
-                        indent(out, depth);
-                    }
+                for (k, v) in map {
+                    start_line(out, depth);
                     out.push_str(&scalar(k));
                     out.push(':');
                     match leaf(v) {
@@ -360,23 +360,20 @@ mod yaml {
             }
             Value::Array(items) => {
                 for item in items {
-                    indent(out, depth);
+                    start_line(out, depth);
                     out.push_str("- ");
                     match leaf(item) {
                         Some(l) => {
                             out.push_str(&l);
                             out.push('\n');
                         }
-                        None if item.is_array() => {
-                            out.push('\n');
-                            block(item, depth + 2, out);
-                        }
+                        // A nested map or list starts on the `- ` line.
                         None => block(item, depth + 2, out),
                     }
                 }
             }
             other => {
-                indent(out, depth);
+                start_line(out, depth);
                 out.push_str(&leaf(other).unwrap_or_default());
                 out.push('\n');
             }
@@ -403,7 +400,7 @@ mod yaml {
             for quoted in ["a: \"yes\"", "b: \"on\"", "c: \"12\"", "o: \"\"", "q: \"1e3\""] {
                 assert!(out.contains(quoted), "{quoted} missing in\n{out}");
             }
-            let back: Value = serde_yaml_ng::from_str(&out).expect("valid YAML");
+            let back: Value = serde_yaml_ng::from_str(&out).unwrap_or_else(|e| panic!("invalid YAML {e}:\n{out}"));
             assert_eq!(back, v, "\n{out}");
         }
     }

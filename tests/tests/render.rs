@@ -289,3 +289,27 @@ fn plugin_inspect_reports_roles_and_wit_version() {
     let err = failed(&host(&["plugin", "inspect", not_wasm.to_str().expect("utf-8")], cache.path()));
     assert!(err.contains("bogus"), "{err}");
 }
+
+/// PyYAML reads YAML 1.1 (like kubectl's YAML stack): `yes`, `on`, `1e3` must come back as the
+/// strings they are, so the YAML output must equal the JSON output object for object.
+#[test]
+fn yaml_output_means_the_same_to_a_yaml_1_1_reader() {
+    all_plugins();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let args = ["render", "--config", "examples/config.toml", "examples/job.yml"];
+    let yaml = ok(&host(&args, dir.path()));
+    let json = ok(&host(&[&args[..], &["--output", "json"]].concat(), dir.path()));
+    let (y, j) = (dir.path().join("out.yaml"), dir.path().join("out.json"));
+    std::fs::write(&y, &yaml).expect("write");
+    std::fs::write(&j, &json).expect("write");
+    let script = r#"
+import json, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]
+items = json.load(open(sys.argv[2]))["items"]
+assert docs == items, "YAML and JSON output differ for a YAML 1.1 reader"
+print(len(docs))
+"#;
+    let py = Command::new("python3").arg("-c").arg(script).arg(&y).arg(&j).output().expect("run python3");
+    assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+    assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), "2");
+}
