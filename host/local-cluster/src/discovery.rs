@@ -3,13 +3,14 @@
 use crate::resources::RESOURCES;
 use serde_json::{Value, json};
 
-/// The Kubernetes version we answer as; matches the k8s-openapi feature we build with.
-pub const GIT_VERSION: &str = "v1.34.0-keel";
+/// The Kubernetes version we answer as: within kubectl 1.32's supported skew (+/-1), and our
+/// wire format (k8s-openapi v1_34) is a superset of what 1.33 clients send.
+pub const GIT_VERSION: &str = "v1.33.0-keel";
 
 pub fn version() -> Value {
     json!({
         "major": "1",
-        "minor": "34",
+        "minor": "33",
         "gitVersion": GIT_VERSION,
         "gitCommit": "0000000000000000000000000000000000000000",
         "gitTreeState": "clean",

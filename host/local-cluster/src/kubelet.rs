@@ -8,6 +8,7 @@ use crate::store::{EventType, Part, Store, meta, res};
 use base64::Engine;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use tokio::sync::broadcast::error::RecvError;
 
@@ -253,6 +254,16 @@ fn transition_events(store: &Store, old: &Value, new: &Value) {
     }
 }
 
+/// `<pod>.<hex nanoseconds>` like the real event recorder; strictly increasing, so events of a
+/// pod list (and `kubectl describe` shows them) in the order they happened.
+fn event_name(pod: &str) -> String {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let prev = LAST.fetch_max(now, Ordering::SeqCst);
+    let stamp = if now > prev { now } else { LAST.fetch_add(1, Ordering::SeqCst) + 1 };
+    format!("{pod}.{stamp:x}")
+}
+
 /// Store a core/v1 Event about `pod`, as a kubelet on our node would.
 pub fn record(store: &Store, pod: &Value, kind: &str, reason: &str, message: &str, field_path: Option<String>) {
     let now = meta::now_rfc3339();
@@ -269,7 +280,7 @@ pub fn record(store: &Store, pod: &Value, kind: &str, reason: &str, message: &st
     }
     let component = if reason == "Scheduled" { "default-scheduler" } else { "kubelet" };
     let event = json!({
-        "metadata": {"name": format!("{}.{:016x}", meta::name(pod), fastrand::u64(..))},
+        "metadata": {"name": event_name(meta::name(pod))},
         "involvedObject": involved,
         "reason": reason,
         "message": message,

@@ -15,6 +15,7 @@ pub mod node;
 #[cfg(feature = "node-fallback")]
 #[path = "node_fallback.rs"]
 pub mod node;
+pub mod openapi;
 pub mod patch;
 pub mod resources;
 pub mod selectors;

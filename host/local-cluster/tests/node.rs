@@ -316,3 +316,81 @@ async fn nothing_outlives_a_dropped_node() {
     assert!(left.is_empty(), "processes outlived the node: {left:?}");
     drop(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_have_their_own_network_and_containers_share_it() {
+    if !rustix_is_root() {
+        eprintln!("skipped: pod network namespaces need root");
+        return;
+    }
+    let mut f = fixture();
+    let server = "import http.server as h; h.HTTPServer(('127.0.0.1', 18931), h.SimpleHTTPRequestHandler).serve_forever()";
+    let client = "import urllib.request as u, time\n\
+                  for _ in range(200):\n\
+                  \x20   try:\n\
+                  \x20       print(u.urlopen('http://127.0.0.1:18931/').status); break\n\
+                  \x20   except OSError: time.sleep(0.05)\n";
+    let p = pod("n1", serde_json::json!({
+        "restartPolicy": "Never",
+        "shareProcessNamespace": true,
+        "containers": [
+            {"name": "server", "image": "alpine", "command": ["python3", "-c", server], "workingDir": "/tmp"},
+            {"name": "client", "image": "alpine", "command": ["sh", "-c", format!("python3 -c \"{client}\"; ps -e -o comm= | sort | tr '\\n' ' '")]}
+        ]
+    }));
+    f.node.run_pod(p, ResolvedVolumes::new());
+    f.wait_for("n1", "client done", |s| terminated(s, "client").is_some()).await;
+    let out = f.logs("n1", "client", LogOptions::default()).await;
+    // Same localhost; and with shareProcessNamespace the client sees the server's process.
+    assert!(out.starts_with("200\n"), "{out}");
+    assert!(out.contains("python3"), "processes of the other container visible: {out}");
+    // The host (and so any other pod) does not see the pod's listener.
+    let host = std::net::TcpStream::connect(("127.0.0.1", 18931));
+    assert!(host.is_err(), "the pod's port leaked into the host network namespace");
+    f.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_policy_always_restarts_then_backs_off() {
+    let mut f = fixture();
+    let p = pod("r1", serde_json::json!({
+        "restartPolicy": "Always",
+        "containers": [{"name": "c", "image": "alpine", "command": ["sh", "-c", "echo run; exit 2"]}]
+    }));
+    f.node.run_pod(p, ResolvedVolumes::new());
+    let st = f
+        .wait_for("r1", "CrashLoopBackOff", |s| {
+            s.container_statuses.as_ref().and_then(|c| c[0].state.as_ref()?.waiting.as_ref()?.reason.clone()).as_deref()
+                == Some("CrashLoopBackOff")
+        })
+        .await;
+    let cs = &st.container_statuses.as_ref().unwrap()[0];
+    assert_eq!(cs.restart_count, 1);
+    assert_eq!(cs.last_state.as_ref().unwrap().terminated.as_ref().unwrap().exit_code, 2);
+    assert_eq!(st.phase.as_deref(), Some("Running"));
+    assert_eq!(f.logs("r1", "c", LogOptions { previous: true, ..Default::default() }).await, "run\n");
+    f.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_with_a_tty_gets_a_terminal_and_resizes() {
+    let mut f = fixture();
+    f.node.run_pod(pod("t1", serde_json::json!({"containers": [{"name": "c", "image": "alpine", "command": ["sh", "-c", "sleep 1000"]}]})), ResolvedVolumes::new());
+    f.wait_phase("t1", "Running").await;
+    let mut s = f
+        .node
+        .exec("t1", "c", ExecRequest { command: vec!["sh".into()], stdin: true, stdout: true, tty: true, ..Default::default() })
+        .await
+        .unwrap();
+    s.resize.as_ref().unwrap().send(local_cluster::node::TerminalSize { width: 123, height: 45 }).await.unwrap();
+    let stdin = s.stdin.take().unwrap();
+    // Give the resize a moment to land before asking; the pty echoes input, so look for output.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stdin.send(Bytes::from_static(b"tty; stty size; exit 5\n")).await.unwrap();
+    let out = collect(&mut s.stdout).await;
+    assert!(out.contains("/dev/pts/"), "{out}");
+    assert!(out.contains("45 123"), "{out}");
+    assert!(s.stderr.is_none(), "a tty has a single output stream");
+    assert_eq!(s.exit.await.unwrap(), ExitStatus::Exited(5));
+    f.node.shutdown().await;
+}

@@ -209,3 +209,34 @@ print(resp.returncode)
     assert_eq!(lines, ["'e\\npy-2\\n'", "'got-abc\\n'", "7"], "{stdout}");
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_attach_drives_a_stdin_container() {
+    let c = cluster().await;
+    create(&c, sleeper("pya", serde_json::json!({"command": ["sh"], "stdin": true}))).await;
+    let script = r#"
+import sys
+from kubernetes import config, client
+from kubernetes.stream import stream
+config.load_kube_config(sys.argv[1])
+v1 = client.CoreV1Api()
+resp = stream(v1.connect_get_namespaced_pod_attach, "pya", "default",
+              stdin=True, stdout=True, stderr=True, tty=False, _preload_content=False)
+resp.write_stdin("echo attached-$((2*21))\n")
+out = ""
+while "\n" not in out and resp.is_open():
+    resp.update(timeout=30)
+    out += resp.read_stdout() or ""
+print(repr(out))
+resp.close()
+"#;
+    let out = Command::new("python3").arg("-c").arg(script).arg(c.kubeconfig_path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "python failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.trim(), "'attached-42\\n'");
+    // The container keeps running after the client detached (no stdinOnce).
+    let api: Api<Pod> = Api::default_namespaced(c.client().unwrap());
+    let p = api.get("pya").await.unwrap();
+    assert_eq!(p.status.unwrap().phase.as_deref(), Some("Running"));
+    c.stop().await;
+}

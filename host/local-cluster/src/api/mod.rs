@@ -44,6 +44,8 @@ pub fn router(state: Shared) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
         .route("/livez", get(|| async { "ok" }))
+        .route("/openapi/v3", get(|| async { json_response(StatusCode::OK, &crate::openapi::root()) }))
+        .route("/openapi/v3/api/v1", get(|| async { json_response(StatusCode::OK, &crate::openapi::core_v1()) }))
         .route("/api/v1", get(|| async { json_response(StatusCode::OK, &discovery::core_v1_resources()) }))
         .route("/api/v1/{*rest}", axum::routing::any(dispatch))
         .fallback(|req: Request| async move { ApiError::UnknownPath(req.uri().path().to_owned()) })

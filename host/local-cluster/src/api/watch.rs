@@ -76,7 +76,13 @@ pub fn serve(state: &Shared, t: &Target, query: &Query, headers: &HeaderMap) -> 
     let (mut last_rv, mut rx) = match rv_param {
         Some(rv) if rv != "0" && !send_initial => {
             let rv: u64 = rv.parse().map_err(|_| ApiError::BadRequest(format!("invalid resourceVersion {rv:?}: must be an integer")))?;
-            let (history, rx) = state.store.replay_and_subscribe(rv)?;
+            let (history, rx) = match state.store.replay_and_subscribe(rv) {
+                Ok(found) => found,
+                // Like the real server: 200 with an ERROR event carrying the 410 Status, which is
+                // what makes kube-rs' watcher and client-go's reflector re-list.
+                Err(gone @ ApiError::Gone { .. }) => return Ok(single_error_event(&gone)),
+                Err(other) => return Err(other),
+            };
             initial.extend(history.iter().filter(|e| filter.wants(e)).map(|e| filter.line(e.kind.as_str(), &e.object)));
             (history.last().map_or(rv, |e| e.rv), rx)
         }
@@ -135,4 +141,12 @@ pub fn serve(state: &Shared, t: &Target, query: &Query, headers: &HeaderMap) -> 
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, private"));
     Ok(resp)
+}
+
+fn single_error_event(err: &ApiError) -> Response {
+    let mut line = json!({"type": "ERROR", "object": err.to_status()}).to_string();
+    line.push('\n');
+    let mut resp = (StatusCode::OK, line).into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
 }

@@ -193,11 +193,11 @@ impl Store {
             obj["spec"]["clusterIP"] = json!("10.96.0.1");
         }
         defaults::apply(res.plural, &mut obj, &mut defaults::Context { node_name: &node_name, next_cluster_ip: &mut next_ip });
+        validate::typed(res.plural, &obj).map_err(|e| ApiError::BadRequest(format!("{} in body: {e}", res.kind)))?;
         let causes = validate::object(res, &obj);
         if !causes.is_empty() {
             return Err(invalid(res, meta::name(&obj), causes));
         }
-        validate::typed(res.plural, &obj).map_err(|e| ApiError::BadRequest(format!("{} in body: {e}", res.kind)))?;
         let key = Self::key(res, ns.as_deref(), meta::name(&obj));
         if inner.objects.get(res.plural).is_some_and(|m| m.contains_key(&key)) {
             return Err(ApiError::AlreadyExists { resource: res.plural.into(), name: key.1 });
@@ -345,6 +345,7 @@ impl Store {
             }
             _ => {}
         }
+        validate::typed(res.plural, &new).map_err(|e| ApiError::BadRequest(format!("{} in body: {e}", res.kind)))?;
         let mut causes = validate::object(res, &new);
         if res.is("pods") && part == Part::Main {
             causes.extend(validate::pod_spec_update(&old, &new));
@@ -352,14 +353,17 @@ impl Store {
         if !causes.is_empty() {
             return Err(invalid(res, name, causes));
         }
-        validate::typed(res.plural, &new).map_err(|e| ApiError::BadRequest(format!("{} in body: {e}", res.kind)))?;
         meta::metadata_mut(&mut new).insert("resourceVersion".into(), old["metadata"]["resourceVersion"].clone());
         if new == old {
             return Ok(old);
         }
         inner.rv += 1;
         new["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
-        let finished = new.pointer("/metadata/deletionTimestamp").is_some() && meta::finalizers(&new).is_empty() && !res.is("pods");
+        // Pods finish through the node and namespaces through their cleanup (lifecycle.rs).
+        let finished = new.pointer("/metadata/deletionTimestamp").is_some()
+            && meta::finalizers(&new).is_empty()
+            && !res.is("pods")
+            && !res.is("namespaces");
         if finished {
             inner.objects.entry(res.plural).or_default().remove(&key);
             self.emit(&mut inner, res, EventType::Deleted, new.clone());

@@ -1,0 +1,76 @@
+//! A minimal OpenAPI v3 document. kubectl reads it to learn that the server validates fields
+//! itself (`fieldValidation` query parameter on write operations); without it kubectl falls back
+//! to client-side validation against `/openapi/v2` schemas and refuses to create anything.
+//! Schemas are deliberately absent: kubectl then builds apply patches from its built-in types.
+
+use crate::discovery::GIT_VERSION;
+use crate::resources::RESOURCES;
+use serde_json::{Map, Value, json};
+
+/// Bumped whenever the document changes, so clients' caches (keyed by it) refresh.
+const HASH: &str = "keel-1";
+
+pub fn root() -> Value {
+    json!({"paths": {"api/v1": {"serverRelativeURL": format!("/openapi/v3/api/v1?hash={HASH}")}}})
+}
+
+fn operation(id: String, kind: &str, action: &str, with_body: bool) -> Value {
+    let mut params = vec![json!({"name": "pretty", "in": "query", "schema": {"type": "string"}})];
+    if with_body {
+        for p in ["fieldValidation", "fieldManager", "dryRun"] {
+            params.push(json!({"name": p, "in": "query", "schema": {"type": "string", "uniqueItems": true}}));
+        }
+    }
+    let mut op = json!({
+        "operationId": id,
+        "parameters": params,
+        "responses": {"200": {"description": "OK"}},
+        "x-kubernetes-action": action,
+        "x-kubernetes-group-version-kind": {"group": "", "version": "v1", "kind": kind},
+    });
+    if action == "patch" {
+        // No strategic-merge content type here on purpose: kubectl would then try to compute
+        // apply patches from (absent) schemas instead of its built-in types.
+        op["requestBody"] = json!({"content": {
+            "application/json-patch+json": {"schema": {"type": "object"}},
+            "application/merge-patch+json": {"schema": {"type": "object"}},
+        }});
+    } else if with_body {
+        op["requestBody"] = json!({"content": {"application/json": {"schema": {"type": "object"}}}});
+    }
+    op
+}
+
+pub fn core_v1() -> Value {
+    let mut paths = Map::new();
+    for r in RESOURCES {
+        let (collection, item) = if r.namespaced {
+            (format!("/api/v1/namespaces/{{namespace}}/{}", r.plural), format!("/api/v1/namespaces/{{namespace}}/{}/{{name}}", r.plural))
+        } else {
+            (format!("/api/v1/{}", r.plural), format!("/api/v1/{}/{{name}}", r.plural))
+        };
+        let k = r.kind;
+        paths.insert(
+            collection,
+            json!({
+                "get": operation(format!("listCoreV1{k}"), k, "list", false),
+                "post": operation(format!("createCoreV1{k}"), k, "post", true),
+            }),
+        );
+        paths.insert(
+            item,
+            json!({
+                "get": operation(format!("readCoreV1{k}"), k, "get", false),
+                "put": operation(format!("replaceCoreV1{k}"), k, "put", true),
+                "patch": operation(format!("patchCoreV1{k}"), k, "patch", true),
+                "delete": operation(format!("deleteCoreV1{k}"), k, "delete", false),
+            }),
+        );
+    }
+    json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes", "version": GIT_VERSION},
+        "paths": paths,
+        "components": {"schemas": {}},
+    })
+}
