@@ -58,6 +58,9 @@ pub struct Config {
     /// Seconds to wait for running jobs on shutdown.
     pub shutdown_timeout: Option<u64>,
     pub listen_address: Option<String>,
+    /// GitLab's interactive web terminal server; accepted so existing files load, not used.
+    #[serde(default, skip_serializing)]
+    pub session_server: Option<toml::Table>,
     #[serde(default)]
     pub runners: Vec<Runner>,
     /// keel's WebAssembly plugins for every runner; they run before a runner's own
@@ -109,6 +112,14 @@ pub struct Runner {
     /// Maximum trace size in kilobytes.
     pub output_limit: Option<u64>,
     pub request_concurrency: Option<u32>,
+    /// GitLab's `[runners.cache]`, `[runners.feature_flags]`, `[runners.custom_build_dir]`:
+    /// accepted so existing files load; keel does not act on them (yet).
+    #[serde(default, skip_serializing)]
+    pub cache: Option<toml::Table>,
+    #[serde(default, skip_serializing)]
+    pub feature_flags: Option<toml::Table>,
+    #[serde(default, skip_serializing)]
+    pub custom_build_dir: Option<toml::Table>,
     pub kubernetes: Option<Kubernetes>,
 }
 
@@ -958,6 +969,17 @@ mod tests {
             err,
             "c.toml:5:13: key `runners[0].kubernetes.cpu_limit`: \"lots\" is not a Kubernetes quantity (examples: \"500m\", \"1Gi\", \"2\")"
         );
+    }
+
+    #[test]
+    fn gitlab_tables_keel_does_not_use_still_load() {
+        let text = "[session_server]\nlisten_address = \"[::]:8093\"\n[[runners]]\nexecutor = \"kubernetes\"\n\
+                    [runners.cache]\nType = \"s3\"\n[runners.cache.s3]\nBucketName = \"b\"\n\
+                    [runners.feature_flags]\nFF_USE_POD_ACTIVE_DEADLINE_SECONDS = true\n[runners.kubernetes]\n";
+        let c = Config::parse(text, Path::new("c.toml"), Path::new(".")).unwrap();
+        // They never reach plugins.
+        let json = serde_json::to_value(&c.runners[0]).unwrap();
+        assert!(json.get("cache").is_none() && json.get("feature_flags").is_none());
     }
 
     #[test]

@@ -30,20 +30,18 @@ pub enum RenderError {
         #[source]
         source: OverwriteError,
     },
-    #[error("cannot start the plugin runtime")]
-    Runtime(#[source] PluginError),
     #[error("cannot load plugin `{name}` ({path})")]
     LoadPlugin {
         name: String,
         path: PathBuf,
         #[source]
-        source: PluginError,
+        source: Box<PluginError>,
     },
     #[error("plugins failed while {stage}")]
     Plugins {
         stage: &'static str,
         #[source]
-        source: PluginError,
+        source: Box<PluginError>,
     },
     #[error(
         "pull_policy {policies:?} for image {image} is not one of the allowed_pull_policies {allowed:?} of runner config {config}"
@@ -122,7 +120,7 @@ pub async fn load_plugins(
     let mut plugins = Vec::with_capacity(specs.len());
     for spec in specs {
         let (name, path) = (spec.name.clone(), spec.path.clone());
-        let plugin = rt.load(spec).await.map_err(|source| RenderError::LoadPlugin { name, path, source })?;
+        let plugin = rt.load(spec).await.map_err(|source| RenderError::LoadPlugin { name, path, source: Box::new(source) })?;
         plugins.push(plugin);
     }
     Ok(plugins)
@@ -181,12 +179,12 @@ pub async fn render(rt: &Runtime, req: &RenderRequest) -> Result<Rendered, Rende
         let plugins = load_plugins(rt, &config, &k8s, &req.extra_plugins).await?;
         let mut jp = JobPlugins::new(rt, &plugins, &job, &k8s.to_json())
             .await
-            .map_err(|source| RenderError::Plugins { stage: "starting for the job", source })?;
+            .map_err(|source| RenderError::Plugins { stage: "starting for the job", source: Box::new(source) })?;
 
         let decision = jp
             .overwrites(requested.clone())
             .await
-            .map_err(|source| RenderError::Plugins { stage: "reviewing the requested overwrites", source })?;
+            .map_err(|source| RenderError::Plugins { stage: "reviewing the requested overwrites", source: Box::new(source) })?;
         let accepted = decision.accepted_or_none();
         if accepted != requested {
             tracing::info!(requested = ?requested, accepted = ?accepted, "not every requested overwrite was accepted");
@@ -209,7 +207,7 @@ pub async fn render(rt: &Runtime, req: &RenderRequest) -> Result<Rendered, Rende
             let decided = jp
                 .pull_policies(&image, &own, &k8s.pull_policy, &k8s.allowed_pull_policies)
                 .await
-                .map_err(|source| RenderError::Plugins { stage: "deciding pull policies", source })?;
+                .map_err(|source| RenderError::Plugins { stage: "deciding pull policies", source: Box::new(source) })?;
             let decided = match decided {
                 Some(d) => d,
                 None => default_pull_policies(&image, &own, &k8s.pull_policy, &k8s.allowed_pull_policies, &req.config)?,
@@ -226,7 +224,7 @@ pub async fn render(rt: &Runtime, req: &RenderRequest) -> Result<Rendered, Rende
         objects.pod = jp
             .mutate_pod(objects.pod, &host_owned)
             .await
-            .map_err(|source| RenderError::Plugins { stage: "mutating the pod", source })?;
+            .map_err(|source| RenderError::Plugins { stage: "mutating the pod", source: Box::new(source) })?;
         Ok(Rendered { job: job.clone(), requested, accepted, objects })
     }
     .instrument(span)
