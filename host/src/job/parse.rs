@@ -583,6 +583,9 @@ fn has_merge_key(v: &serde_yaml_ng::Value) -> bool {
     }
 }
 
+/// Variables GitLab treats as credentials even when the job does not mask them.
+const CREDENTIAL_VARIABLES: &[&str] = &["DOCKER_AUTH_CONFIG", "KUBERNETES_BEARER_TOKEN", "CI_JOB_TOKEN", "CI_REGISTRY_PASSWORD"];
+
 const RESERVED: &[&str] =
     &["variables", "default", "image", "services", "before_script", "after_script", "include", "stages", "workflow", "cache", "spec"];
 
@@ -788,8 +791,8 @@ fn build_job(
             key: k.clone(),
             value: if v.expand { expand(&v.value, &lookup) } else { v.value.clone() },
             masked: v.masked,
-            // Masked values and registry credentials are secrets: never printed in clear.
-            public: !v.masked && k != "DOCKER_AUTH_CONFIG",
+            // Masked values and credentials are secrets: never printed in clear.
+            public: !v.masked && !CREDENTIAL_VARIABLES.contains(&k.as_str()),
             file: false,
         })
         .collect();
