@@ -84,6 +84,10 @@
 //   every `kubectl exec`. Please close with a status: `Message::Close(Some(CloseFrame { code:
 //   close_code::NORMAL, reason: "".into() }))` (1000), as the real server does. (Found with
 //   `kubectl exec p1 -- echo hi` against examples/serve.)
+// API-SIDE REQUEST: 50 pods created at once (`kubectl create -f` of 50 sleeper pods, or the kube_rs
+//   test `fifty_pods_created_and_watched_concurrently`): ~15 of them end Waiting with
+//   CreateContainerConfigError "cannot start the pod sandbox: No such file or directory (os error 2)".
+//   Looks like a race in pod-holder/sandbox start-up under concurrency.
 mod cgroup;
 mod logs;
 mod pod;
