@@ -17,6 +17,7 @@ pub mod node;
 pub mod node;
 pub mod openapi;
 pub mod patch;
+pub mod protobuf;
 pub mod resources;
 pub mod selectors;
 pub mod store;

@@ -351,6 +351,13 @@ async fn fifty_pods_created_and_watched_concurrently() {
             let mut stream = watcher(pods, watcher::Config::default().labels("suite=conformance")).default_backoff().applied_objects().boxed();
             while running.len() < 50 {
                 let p: Pod = stream.try_next().await.unwrap().unwrap();
+                // A container stuck waiting for any reason but start-up fails the test instead of hanging it.
+                let stuck = p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()).find_map(|cs| {
+                    cs.state.as_ref()?.waiting.as_ref().filter(|w| w.reason.as_deref() != Some("ContainerCreating")).map(|w| format!("{:?}: {:?}", w.reason, w.message))
+                });
+                if let Some(why) = stuck {
+                    panic!("pod {:?} cannot start: {why}", p.metadata.name);
+                }
                 if p.status.and_then(|s| s.phase).as_deref() == Some("Running") {
                     running.insert(p.metadata.name.unwrap());
                 }

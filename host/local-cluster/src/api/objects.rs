@@ -19,8 +19,18 @@ fn content_type(req: &Request) -> String {
 /// Decode a create/update body (JSON, or YAML for hand-written curl requests).
 async fn object_body(req: Request) -> Result<Value, ApiError> {
     let ct = content_type(&req);
+    if ct.contains("cbor") {
+        return Err(ApiError::UnsupportedMediaType { got: ct, accepted: "application/json, application/yaml".into() });
+    }
     let bytes = body_bytes(req.into_body()).await?;
-    let value: Value = if ct.contains("yaml") {
+    let value: Value = if ct.contains("protobuf") {
+        crate::protobuf::decode(&bytes).map_err(|e| match e {
+            crate::protobuf::ProtobufError::UnsupportedKind(_) => {
+                ApiError::UnsupportedMediaType { got: format!("{ct} ({e})"), accepted: "application/json, application/yaml".into() }
+            }
+            other => ApiError::BadRequest(other.to_string()),
+        })?
+    } else if ct.contains("yaml") {
         serde_yaml_ng::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("the request body is not valid YAML: {e}")))?
     } else {
         serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))?

@@ -294,6 +294,12 @@ impl PodRuntime {
         let (pod, dir, data_dir, root) =
             (self.pod.clone(), self.dir.clone(), node.cfg.data_dir.clone(), node.isolation.root);
         let prepared = tokio::task::spawn_blocking(move || {
+            // The pod directory must exist even without volumes: the holder runs in it.
+            std::fs::create_dir_all(&dir).map_err(|source| volumes::VolumeError::Io {
+                volume: "(pod directory)".into(),
+                path: dir.clone(),
+                source,
+            })?;
             volumes::prepare(&pod, &data, &dir, &data_dir, root).map(|v| (v, data))
         })
         .await;

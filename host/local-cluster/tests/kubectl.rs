@@ -1,0 +1,126 @@
+//! Conformance as seen by kubectl (a client nobody here wrote), run as a subprocess against the
+//! cluster's kubeconfig. Every command must succeed without printing warnings.
+
+mod common;
+
+use common::cluster;
+use local_cluster::LocalCluster;
+use std::process::Command;
+
+/// Run kubectl; returns stdout, asserting success and an empty stderr (no warnings).
+fn kubectl(c: &LocalCluster, args: &[&str]) -> String {
+    kubectl_stdin(c, args, None)
+}
+
+fn kubectl_stdin(c: &LocalCluster, args: &[&str], stdin: Option<&str>) -> String {
+    let out = kubectl_raw(c, args, stdin);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(out.status.success(), "kubectl {args:?} failed ({}):\nstdout: {stdout}\nstderr: {stderr}", out.status);
+    assert!(stderr.trim().is_empty(), "kubectl {args:?} printed to stderr: {stderr}");
+    stdout
+}
+
+fn kubectl_raw(c: &LocalCluster, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write;
+    let mut cmd = Command::new("kubectl");
+    cmd.arg("--kubeconfig").arg(c.kubeconfig_path()).args(args);
+    // kubectl caches discovery and OpenAPI per server URL; keep it inside the cluster's data dir
+    // so tests never see each other's (or a developer's) cache.
+    cmd.env("KUBECACHEDIR", c.data_dir().join("kubectl-cache"));
+    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("kubectl is installed");
+    if let Some(input) = stdin {
+        child.stdin.take().expect("piped").write_all(input.as_bytes()).expect("write kubectl stdin");
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().expect("kubectl runs")
+}
+
+const POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  labels: {app: web}
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: ["sh", "-c", "echo hello from web; exec sleep 3600"]
+"#;
+
+const CONFIGMAP: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: settings
+data:
+  mode: fast
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_everyday_commands_work_without_warnings() {
+    let c = cluster().await;
+    let version = kubectl(&c, &["version", "-o", "json"]);
+    assert!(version.contains("serverVersion"), "{version}");
+
+    assert_eq!(kubectl_stdin(&c, &["create", "-f", "-"], Some(POD)).trim(), "pod/web created");
+    assert!(kubectl(&c, &["wait", "--for=condition=Ready", "pod/web", "--timeout=120s"]).contains("condition met"));
+
+    let table = kubectl(&c, &["get", "pods"]);
+    let row = table.lines().find(|l| l.starts_with("web ")).unwrap_or_else(|| panic!("no row for web in:\n{table}"));
+    assert!(row.contains("1/1") && row.contains("Running"), "{table}");
+    assert!(kubectl(&c, &["get", "pods", "-l", "app=web", "-o", "name"]).contains("pod/web"));
+    assert!(kubectl(&c, &["get", "pods", "--field-selector", "status.phase=Running", "-o", "name"]).contains("pod/web"));
+    assert!(kubectl(&c, &["get", "pods", "-A"]).contains("default"));
+    let json: serde_json::Value = serde_json::from_str(&kubectl(&c, &["get", "pod", "web", "-o", "json"])).unwrap();
+    assert_eq!(json["status"]["phase"], "Running");
+    assert_eq!(json["spec"]["containers"][0]["imagePullPolicy"], "IfNotPresent");
+
+    let describe = kubectl(&c, &["describe", "pod", "web"]);
+    assert!(describe.lines().any(|l| l.starts_with("Status:") && l.ends_with("Running")), "{describe}");
+    for want in ["QoS Class:", "Scheduled", "Pulled", "Created", "Started"] {
+        assert!(describe.contains(want), "describe lacks {want:?}:\n{describe}");
+    }
+    assert_eq!(kubectl(&c, &["logs", "web"]).trim(), "hello from web");
+    assert_eq!(kubectl(&c, &["exec", "web", "--", "echo", "hi from exec"]).trim(), "hi from exec");
+
+    assert!(kubectl(&c, &["label", "pod", "web", "tier=front"]).contains("labeled"));
+    assert!(kubectl(&c, &["annotate", "pod", "web", "note=yes"]).contains("annotated"));
+    assert!(kubectl(&c, &["get", "pods", "-l", "tier=front", "-o", "name"]).contains("pod/web"));
+
+    assert!(kubectl_stdin(&c, &["apply", "-f", "-"], Some(CONFIGMAP)).contains("created"));
+    assert!(kubectl_stdin(&c, &["apply", "-f", "-"], Some(&CONFIGMAP.replace("fast", "safe"))).contains("configured"));
+    assert_eq!(kubectl(&c, &["get", "configmap", "settings", "-o", "jsonpath={.data.mode}"]), "safe");
+    // These subcommands send protobuf bodies.
+    assert!(kubectl(&c, &["create", "secret", "generic", "creds", "--from-literal=user=me"]).contains("created"));
+    assert!(kubectl(&c, &["create", "configmap", "flags", "--from-literal=debug=true"]).contains("created"));
+    assert_eq!(kubectl(&c, &["get", "configmap", "flags", "-o", "jsonpath={.data.debug}"]), "true");
+    assert_eq!(kubectl(&c, &["get", "secret", "creds", "-o", "jsonpath={.data.user}"]), "bWU=");
+    assert!(kubectl(&c, &["create", "namespace", "team"]).contains("created"));
+    for kind in ["configmaps", "secrets", "services", "serviceaccounts", "namespaces", "nodes", "events"] {
+        kubectl(&c, &["get", kind]);
+    }
+    assert!(kubectl(&c, &["get", "nodes"]).contains("Ready"));
+
+    assert!(kubectl(&c, &["delete", "pod", "web"]).contains("deleted"));
+    let gone = kubectl_raw(&c, &["get", "pod", "web"], None);
+    assert!(!gone.status.success());
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("NotFound"), "{gone:?}");
+    assert!(kubectl(&c, &["delete", "namespace", "team", "--wait=true"]).contains("deleted"));
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_reports_server_errors() {
+    let c = cluster().await;
+    let invalid = kubectl_raw(&c, &["create", "-f", "-"], Some("apiVersion: v1\nkind: Pod\nmetadata: {name: bad}\nspec: {containers: []}\n"));
+    assert!(!invalid.status.success());
+    let err = String::from_utf8_lossy(&invalid.stderr);
+    assert!(err.contains("is invalid") && err.contains("spec.containers"), "{err}");
+    kubectl_stdin(&c, &["create", "-f", "-"], Some(CONFIGMAP));
+    let dup = kubectl_raw(&c, &["create", "-f", "-"], Some(CONFIGMAP));
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("AlreadyExists"), "{dup:?}");
+    c.stop().await;
+}
