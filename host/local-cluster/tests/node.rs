@@ -379,14 +379,14 @@ async fn exec_with_a_tty_gets_a_terminal_and_resizes() {
     f.wait_phase("t1", "Running").await;
     let mut s = f
         .node
-        .exec("t1", "c", ExecRequest { command: vec!["sh".into()], stdin: true, stdout: true, tty: true, ..Default::default() })
+        .exec("t1", "c", ExecRequest { command: vec!["sh".into(), "-c".into(), "read line; [ -t 0 ] && [ -t 1 ] && echo is-a-$((1+1))tty; stty size; exit 5".into()], stdin: true, stdout: true, tty: true, ..Default::default() })
         .await
         .unwrap();
     s.resize.as_ref().unwrap().send(local_cluster::node::TerminalSize { width: 123, height: 45 }).await.unwrap();
     let stdin = s.stdin.take().unwrap();
     // Give the resize a moment to land before asking; the pty echoes input, so look for output.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    stdin.send(Bytes::from_static(b"[ -t 0 ] && [ -t 1 ] && echo is-a-$((1+1))tty; stty size; exit 5\n")).await.unwrap();
+    stdin.send(Bytes::from_static(b"go\n")).await.unwrap();
     let out = collect(&mut s.stdout).await;
     assert!(out.contains("is-a-2tty"), "{out}");
     assert!(out.contains("45 123"), "{out}");
