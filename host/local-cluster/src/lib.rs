@@ -10,10 +10,6 @@ pub mod errors;
 pub mod kubeconfig;
 pub mod kubelet;
 pub mod lifecycle;
-#[cfg(not(feature = "node-fallback"))]
-pub mod node;
-#[cfg(feature = "node-fallback")]
-#[path = "node_fallback.rs"]
 pub mod node;
 pub mod openapi;
 pub mod patch;

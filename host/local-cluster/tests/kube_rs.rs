@@ -443,3 +443,54 @@ async fn bearer_token_is_enforced() {
     assert!(kubeconfig.contains("t0ken") && kubeconfig.contains("keel-local"), "{kubeconfig}");
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streaming_list_watch_and_bookmarks() {
+    let c = cluster().await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(c.client().unwrap());
+    cms.create(&PostParams::default(), &cm("before", json!({"w": "1"}))).await.unwrap();
+    // sendInitialEvents=true: the initial state ends with the `k8s.io/initial-events-end` bookmark.
+    let wp = WatchParams::streaming_lists().labels("w=1");
+    let mut events = cms.watch(&wp, "").await.unwrap().boxed();
+    match events.try_next().await.unwrap() {
+        Some(WatchEvent::Added(o)) => assert_eq!(o.metadata.name.as_deref(), Some("before")),
+        other => panic!("expected ADDED, got {other:?}"),
+    }
+    match events.try_next().await.unwrap() {
+        Some(WatchEvent::Bookmark(b)) => assert_eq!(b.metadata.annotations.get("k8s.io/initial-events-end").map(String::as_str), Some("true")),
+        other => panic!("expected the initial-events-end BOOKMARK, got {other:?}"),
+    }
+    cms.create(&PostParams::default(), &cm("after", json!({"w": "1"}))).await.unwrap();
+    match events.try_next().await.unwrap() {
+        Some(WatchEvent::Added(o)) => assert_eq!(o.metadata.name.as_deref(), Some("after")),
+        other => panic!("expected ADDED, got {other:?}"),
+    }
+    // kube-runtime's streaming-list watcher sees both.
+    let objs: Vec<ConfigMap> = watcher(cms.clone(), watcher::Config::default().labels("w=1").streaming_lists())
+        .default_backoff()
+        .applied_objects()
+        .take(2)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(objs.len(), 2);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_kills_pods_and_removes_the_temp_dir() {
+    let c = cluster().await;
+    let pods: Api<Pod> = Api::default_namespaced(c.client().unwrap());
+    let pod = pods.create(&PostParams::default(), &sleeper("left-running")).await.unwrap();
+    await_condition(pods.clone(), "left-running", conditions::is_pod_running()).await.unwrap();
+    let pids = c.node().pod_processes(pod.metadata.uid.as_ref().unwrap());
+    assert!(!pids.is_empty());
+    let dir = c.data_dir().to_path_buf();
+    assert!(dir.exists());
+    c.stop().await;
+    assert!(!dir.exists(), "temp data dir {} removed", dir.display());
+    for pid in pids {
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
+        assert!(!alive, "process {pid} of the pod still runs after stop");
+    }
+}
