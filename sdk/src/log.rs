@@ -1,5 +1,5 @@
 //! Logging to the host. Lines are tagged with the plugin's name and the job id by the host.
-//! In native tests (no host) they go to stderr.
+//! In native tests (no host) they go to stderr when `KEEL_SDK_LOG` is set.
 
 #[doc(hidden)]
 pub fn __write(level: Level, message: &str) {
@@ -15,8 +15,12 @@ pub fn __write(level: Level, message: &str) {
         };
         log(level, message);
     }
+    // Natively (tests, benchmarks) there is no host; print only when asked, so a benchmark's
+    // native baseline is not dominated by terminal writes the wasm build never does.
     #[cfg(not(target_arch = "wasm32"))]
-    eprintln!("[{level:?}] {message}");
+    if std::env::var_os("KEEL_SDK_LOG").is_some() {
+        eprintln!("[{level:?}] {message}");
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -328,6 +328,7 @@ impl Runtime {
             .map_err(|source| PluginError::Encode { what: "plugin config", source })?;
         let mut inner = PluginInner {
             name: Arc::from(spec.name.as_str()),
+            self_name: String::new(),
             version: "?".to_string(),
             path: spec.path,
             config_json,
@@ -343,6 +344,7 @@ impl Runtime {
         let mut probe = Instance::new(&inner, None).await?;
         let meta = probe.metadata(&inner).await?;
         inner.version = meta.version;
+        inner.self_name = meta.name.clone();
         let exported = inner.indices.exported_roles();
         for role in meta.roles {
             if !exported.contains(&role) {
@@ -380,9 +382,7 @@ impl Runtime {
         let spec = PluginSpec { name: label, path: path.to_path_buf(), ..PluginSpec::default() };
         match self.prepare(spec, component).await {
             Ok(plugin) => {
-                let mut probe = Instance::new(&plugin.inner, None).await?;
-                let meta = probe.metadata(&plugin.inner).await?;
-                inspection.name = Some(meta.name);
+                inspection.name = Some(plugin.inner.self_name.clone());
                 inspection.version = Some(plugin.inner.version.clone());
                 inspection.roles = plugin.inner.roles.clone();
             }
@@ -394,6 +394,8 @@ impl Runtime {
 
 struct PluginInner {
     name: Arc<str>,
+    /// The name the plugin gives itself in its metadata (the operator's `name` may differ).
+    self_name: String,
     version: String,
     path: PathBuf,
     config_json: String,
