@@ -185,9 +185,13 @@ pub async fn render(rt: &Runtime, req: &RenderRequest) -> Result<Rendered, Rende
             .overwrites(requested.clone())
             .await
             .map_err(|source| RenderError::Plugins { stage: "reviewing the requested overwrites", source: Box::new(source) })?;
+        let no_rules = matches!(decision, crate::plugins::OverwriteDecision::NoRulesLoaded);
         let accepted = decision.accepted_or_none();
-        if accepted != requested {
-            tracing::info!(requested = ?requested, accepted = ?accepted, "not every requested overwrite was accepted");
+        let refused = refused_overwrites(&requested, &accepted);
+        if !refused.is_empty() {
+            // Visible by default: a job author otherwise wonders why their variable did nothing.
+            let reason = if no_rules { "no plugin with the overwrites role is loaded (deny by default)" } else { "not accepted by the overwrite rules" };
+            tracing::warn!(job.id = job.id, overwrites.refused = %refused.join(", "), "requested overwrites refused: {reason}");
         }
 
         // Each distinct image once: build, services (config's and job's), helper.
@@ -229,6 +233,40 @@ pub async fn render(rt: &Runtime, req: &RenderRequest) -> Result<Rendered, Rende
     }
     .instrument(span)
     .await
+}
+
+/// Names of the requested overwrites that did not come back accepted as requested.
+pub fn refused_overwrites(requested: &Overwrites, accepted: &Overwrites) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut opt = |name: &str, r: &Option<String>, a: &Option<String>| {
+        if r.is_some() && r != a {
+            out.push(name.to_string());
+        }
+    };
+    opt("namespace", &requested.namespace, &accepted.namespace);
+    opt("service_account", &requested.service_account, &accepted.service_account);
+    opt("bearer_token", &requested.bearer_token, &accepted.bearer_token);
+    for (class, r, a) in [("build", &requested.build, &accepted.build), ("helper", &requested.helper, &accepted.helper), ("service", &requested.service, &accepted.service)] {
+        opt(&format!("{class}.cpu_request"), &r.cpu_request, &a.cpu_request);
+        opt(&format!("{class}.cpu_limit"), &r.cpu_limit, &a.cpu_limit);
+        opt(&format!("{class}.memory_request"), &r.memory_request, &a.memory_request);
+        opt(&format!("{class}.memory_limit"), &r.memory_limit, &a.memory_limit);
+        opt(&format!("{class}.ephemeral_storage_request"), &r.ephemeral_storage_request, &a.ephemeral_storage_request);
+        opt(&format!("{class}.ephemeral_storage_limit"), &r.ephemeral_storage_limit, &a.ephemeral_storage_limit);
+    }
+    for (name, r, a) in [
+        ("pod_labels", &requested.pod_labels, &accepted.pod_labels),
+        ("pod_annotations", &requested.pod_annotations, &accepted.pod_annotations),
+        ("node_selector", &requested.node_selector, &accepted.node_selector),
+        ("node_tolerations", &requested.node_tolerations, &accepted.node_tolerations),
+    ] {
+        for (k, v) in r {
+            if a.get(k) != Some(v) {
+                out.push(format!("{name}.{k}"));
+            }
+        }
+    }
+    out
 }
 
 /// Replace secret values: env values of non-public variables and registry credentials.

@@ -202,7 +202,7 @@ fn extra_plugins_run_after_the_config_ones() {
     let config = dir.path().join("config.toml");
     std::fs::write(&config, "[[runners]]\nexecutor = \"kubernetes\"\n[runners.kubernetes]\nnamespace = \"x\"\n").expect("write");
     let patch = workspace_root().join("target/plugins/pod-spec.wasm");
-    let out = ok(&host(
+    let output = host(
         &[
             "render",
             "--config",
@@ -212,7 +212,10 @@ fn extra_plugins_run_after_the_config_ones() {
             "examples/job.yml",
         ],
         &dir.path().join("cache"),
-    ));
+    );
+    let out = ok(&output);
+    let warning = stderr(&output);
+    assert!(warning.contains("requested overwrites refused") && warning.contains("namespace"), "{warning}");
     // No overwrite rules loaded: every requested overwrite is refused (deny by default).
     let pod = kind(&docs(&out), "Pod")[0].clone();
     assert_eq!(pod["metadata"]["namespace"], "x");
