@@ -180,10 +180,10 @@ pub fn status_sink(store: Weak<Store>) -> StatusSink {
         let Some(store) = store.upgrade() else { return };
         let Some(pod) = store.pod_by_uid(uid) else { return };
         let Ok(mut new_status) = serde_json::to_value(&status) else { return };
-        if new_status.get("qosClass").is_none() {
-            if let Some(q) = pod.pointer("/status/qosClass") {
-                new_status["qosClass"] = q.clone();
-            }
+        if new_status.get("qosClass").is_none()
+            && let Some(q) = pod.pointer("/status/qosClass")
+        {
+            new_status["qosClass"] = q.clone();
         }
         let name = meta::name(&pod).to_owned();
         let result = store.update_with(res("pods"), Some(meta::namespace(&pod)), &name, Part::Status, |o| {

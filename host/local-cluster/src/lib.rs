@@ -174,10 +174,10 @@ impl LocalCluster {
     pub async fn stop(mut self) {
         self.shutdown_server().await;
         self.state.node.shutdown().await;
-        if let Some(t) = self.temp_dir.take() {
-            if let Err(e) = t.close() {
-                tracing::warn!(error = %e, "cannot remove the cluster's temp dir");
-            }
+        if let Some(t) = self.temp_dir.take()
+            && let Err(e) = t.close()
+        {
+            tracing::warn!(error = %e, "cannot remove the cluster's temp dir");
         }
     }
 

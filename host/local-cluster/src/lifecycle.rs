@@ -58,15 +58,15 @@ pub fn delete<'a>(
             name: name.into(),
             reason: format!("Precondition failed: {what}: {want}, {what} in object meta: {have}"),
         };
-        if let Some(uid) = &opts.precondition_uid {
-            if uid != meta::uid(&obj) {
-                return Err(conflict("UID in precondition", uid, meta::uid(&obj)));
-            }
+        if let Some(uid) = &opts.precondition_uid
+            && uid != meta::uid(&obj)
+        {
+            return Err(conflict("UID in precondition", uid, meta::uid(&obj)));
         }
-        if let Some(rv) = &opts.precondition_rv {
-            if rv != meta::resource_version(&obj) {
-                return Err(conflict("ResourceVersion in precondition", rv, meta::resource_version(&obj)));
-            }
+        if let Some(rv) = &opts.precondition_rv
+            && rv != meta::resource_version(&obj)
+        {
+            return Err(conflict("ResourceVersion in precondition", rv, meta::resource_version(&obj)));
         }
         if obj.pointer("/metadata/deletionTimestamp").is_some() {
             // Already terminating: a forced (grace 0) delete of a pod still finishes it now.
@@ -172,10 +172,10 @@ async fn finish_pod_with(state: &Shared, pod: &Value, grace: Duration, propagati
     let uid = meta::uid(pod).to_owned();
     state.node.stop_pod(&uid, grace).await;
     // The node reported final statuses while stopping; the pod may also be gone already.
-    if let Some(current) = state.store.pod_by_uid(&uid) {
-        if let Ok(removed) = state.store.remove(res("pods"), Some(meta::namespace(&current)), meta::name(&current)) {
-            collect_garbage(state, &removed, propagation);
-        }
+    if let Some(current) = state.store.pod_by_uid(&uid)
+        && let Ok(removed) = state.store.remove(res("pods"), Some(meta::namespace(&current)), meta::name(&current))
+    {
+        collect_garbage(state, &removed, propagation);
     }
     state.node.forget_pod(&uid).await;
 }
@@ -196,10 +196,10 @@ fn collect_garbage(state: &Shared, owner: &Value, propagation: Propagation) {
 async fn delete_dependents(state: &Shared, owner_uid: &str, propagation: Propagation) {
     for (r, ns, name) in state.store.dependents_of(owner_uid) {
         let opts = DeleteOptions { propagation, ..DeleteOptions::default() };
-        if let Err(e) = delete(state, r, ns.as_deref(), &name, opts).await {
-            if !matches!(e, ApiError::NotFound { .. }) {
-                tracing::warn!(k8s.owner.uid = owner_uid, k8s.name = %name, error = %e, "garbage collection failed");
-            }
+        if let Err(e) = delete(state, r, ns.as_deref(), &name, opts).await
+            && !matches!(e, ApiError::NotFound { .. })
+        {
+            tracing::warn!(k8s.owner.uid = owner_uid, k8s.name = %name, error = %e, "garbage collection failed");
         }
     }
 }
@@ -243,20 +243,22 @@ async fn delete_namespace(state: &Shared, name: &str) -> Result<Value, ApiError>
                 break;
             }
             for (r, obj_name) in contents {
-                if let Err(e) = delete(&state2, r, Some(&name), &obj_name, DeleteOptions::default()).await {
-                    if !matches!(e, ApiError::NotFound { .. }) {
-                        tracing::warn!(k8s.namespace = %name, k8s.name = %obj_name, error = %e, "namespace cleanup failed");
-                    }
+                if let Err(e) = delete(&state2, r, Some(&name), &obj_name, DeleteOptions::default()).await
+                    && !matches!(e, ApiError::NotFound { .. })
+                {
+                    tracing::warn!(k8s.namespace = %name, k8s.name = %obj_name, error = %e, "namespace cleanup failed");
                 }
             }
             // Pods leave only after their grace period; wait for the store to change.
-            if state2.store.contents_of_namespace(&name).iter().all(|(r, n)| {
-                state2.store.get(r, Some(&name), n).is_ok_and(|o| o.pointer("/metadata/deletionTimestamp").is_some())
-            }) && !state2.store.contents_of_namespace(&name).is_empty()
+            let remaining = state2.store.contents_of_namespace(&name);
+            let all_terminating = remaining
+                .iter()
+                .all(|(r, n)| state2.store.get(r, Some(&name), n).is_ok_and(|o| o.pointer("/metadata/deletionTimestamp").is_some()));
+            if !remaining.is_empty()
+                && all_terminating
+                && let Err(tokio::sync::broadcast::error::RecvError::Closed) = rx.recv().await
             {
-                if let Err(tokio::sync::broadcast::error::RecvError::Closed) = rx.recv().await {
-                    return;
-                }
+                return;
             }
         }
         let _ = state2.store.remove(res("namespaces"), None, &name);

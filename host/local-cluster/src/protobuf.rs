@@ -81,7 +81,7 @@ fn text(b: &[u8]) -> Value {
 
 /// A `map<string, string|bytes>` entry: key = field 1, value = field 2.
 fn map_entry(b: &[u8], value_as_base64: bool) -> Result<(String, Value), ProtobufError> {
-    let (mut k, mut v) = (String::new(), if value_as_base64 { json!("") } else { json!("") });
+    let (mut k, mut v) = (String::new(), json!(""));
     let mut r = Reader::new(b);
     while let Some((n, f)) = r.next()? {
         if let Field::Bytes(bytes) = f {

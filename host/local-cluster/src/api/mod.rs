@@ -107,10 +107,10 @@ pub fn parse_target(path: &str) -> Result<Target, ApiError> {
     if t.res.namespaced && t.name.is_some() && t.namespace.is_none() {
         return Err(ApiError::UnknownPath(path.to_owned()));
     }
-    if let Some(sub) = &t.sub {
-        if !t.res.subresources.contains(&sub.as_str()) {
-            return Err(ApiError::UnknownPath(path.to_owned()));
-        }
+    if let Some(sub) = &t.sub
+        && !t.res.subresources.contains(&sub.as_str())
+    {
+        return Err(ApiError::UnknownPath(path.to_owned()));
     }
     Ok(t)
 }

@@ -54,6 +54,9 @@ pub enum Part {
 
 type Key = (String, String);
 
+/// Live events from the moment of subscription.
+pub type Subscription = broadcast::Receiver<Arc<WatchEvent>>;
+
 struct Inner {
     rv: u64,
     /// Highest resourceVersion whose event fell out of the history.
@@ -136,10 +139,10 @@ impl Store {
         if !obj.is_object() {
             return Err(ApiError::BadRequest(format!("the body of a {} create must be a JSON object", res.kind)));
         }
-        if let Some(kind) = obj.get("kind").and_then(Value::as_str) {
-            if kind != res.kind {
-                return Err(ApiError::BadRequest(format!("the kind of the object ({kind}) does not match the resource ({})", res.plural)));
-            }
+        if let Some(kind) = obj.get("kind").and_then(Value::as_str)
+            && kind != res.kind
+        {
+            return Err(ApiError::BadRequest(format!("the kind of the object ({kind}) does not match the resource ({})", res.plural)));
         }
         if let Some(c) = validate::name_present(&obj) {
             return Err(invalid(res, "", vec![c]));
@@ -254,7 +257,7 @@ impl Store {
     }
 
     /// History after `rv` and a live receiver; 410 Gone when `rv` fell out of the history.
-    pub fn replay_and_subscribe(&self, rv: u64) -> Result<(Vec<Arc<WatchEvent>>, broadcast::Receiver<Arc<WatchEvent>>), ApiError> {
+    pub fn replay_and_subscribe(&self, rv: u64) -> Result<(Vec<Arc<WatchEvent>>, Subscription), ApiError> {
         let inner = self.lock();
         if rv < inner.compacted {
             return Err(ApiError::Gone { requested: rv, oldest: inner.compacted + 1 });

@@ -120,6 +120,31 @@ pub fn pod_spec_update(old: &Value, new: &Value) -> Option<Cause> {
     })
 }
 
+/// Decode into the k8s-openapi type of the kind, so wrongly typed fields (`"image": 5`) are
+/// rejected with the decoder's message, as the real server's strict decoding does.
+pub fn typed(plural: &str, obj: &Value) -> Result<(), String> {
+    use k8s_openapi::api::core::v1 as core;
+    fn decode<T: serde::de::DeserializeOwned>(v: &Value) -> Result<(), String> {
+        match T::deserialize(v) {
+            Ok(_) => Ok(()),
+            // Absent required fields are reported by `object` as 422 causes instead.
+            Err(e) if e.to_string().starts_with("missing field") => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+    match plural {
+        "pods" => decode::<core::Pod>(obj),
+        "secrets" => decode::<core::Secret>(obj),
+        "configmaps" => decode::<core::ConfigMap>(obj),
+        "services" => decode::<core::Service>(obj),
+        "serviceaccounts" => decode::<core::ServiceAccount>(obj),
+        "events" => decode::<core::Event>(obj),
+        "namespaces" => decode::<core::Namespace>(obj),
+        "nodes" => decode::<core::Node>(obj),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,30 +168,5 @@ mod tests {
         assert_eq!(object(pods, &empty)[0].field, "spec.containers");
         assert!(name_present(&json!({"metadata": {}})).is_some());
         assert!(name_present(&json!({"metadata": {"generateName": "x-"}})).is_none());
-    }
-}
-
-/// Decode into the k8s-openapi type of the kind, so wrongly typed fields (`"image": 5`) are
-/// rejected with the decoder's message, as the real server's strict decoding does.
-pub fn typed(plural: &str, obj: &Value) -> Result<(), String> {
-    use k8s_openapi::api::core::v1 as core;
-    fn decode<T: serde::de::DeserializeOwned>(v: &Value) -> Result<(), String> {
-        match T::deserialize(v) {
-            Ok(_) => Ok(()),
-            // Absent required fields are reported by `object` as 422 causes instead.
-            Err(e) if e.to_string().starts_with("missing field") => Ok(()),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-    match plural {
-        "pods" => decode::<core::Pod>(obj),
-        "secrets" => decode::<core::Secret>(obj),
-        "configmaps" => decode::<core::ConfigMap>(obj),
-        "services" => decode::<core::Service>(obj),
-        "serviceaccounts" => decode::<core::ServiceAccount>(obj),
-        "events" => decode::<core::Event>(obj),
-        "namespaces" => decode::<core::Namespace>(obj),
-        "nodes" => decode::<core::Node>(obj),
-        _ => Ok(()),
     }
 }
