@@ -494,3 +494,26 @@ async fn stop_kills_pods_and_removes_the_temp_dir() {
         assert!(!alive, "process {pid} of the pod still runs after stop");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn selector_watches_see_objects_enter_and_leave() {
+    let c = cluster().await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(c.client().unwrap());
+    let start = cms.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
+    let mut events = cms.watch(&WatchParams::default().labels("stage=active"), &start).await.unwrap().boxed();
+    cms.create(&PostParams::default(), &cm("mover", json!({"stage": "idle"}))).await.unwrap();
+    cms.patch("mover", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"stage": "active"}}}))).await.unwrap();
+    cms.patch("mover", &PatchParams::default(), &Patch::Merge(json!({"data": {"k": "2"}}))).await.unwrap();
+    cms.patch("mover", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"stage": "done"}}}))).await.unwrap();
+    let mut kinds = Vec::new();
+    while kinds.len() < 3 {
+        kinds.push(match events.try_next().await.unwrap().unwrap() {
+            WatchEvent::Added(_) => "ADDED",
+            WatchEvent::Modified(_) => "MODIFIED",
+            WatchEvent::Deleted(_) => "DELETED",
+            other => panic!("unexpected {other:?}"),
+        });
+    }
+    assert_eq!(kinds, ["ADDED", "MODIFIED", "DELETED"]);
+    c.stop().await;
+}

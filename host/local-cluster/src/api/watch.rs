@@ -36,11 +36,23 @@ struct Filter {
 }
 
 impl Filter {
-    fn wants(&self, ev: &WatchEvent) -> bool {
-        ev.resource == self.res.plural
-            && self.namespace.as_deref().is_none_or(|ns| meta::namespace(&ev.object) == ns)
-            && self.labels.matches(&ev.object)
-            && self.fields.matches(&ev.object)
+    fn matches(&self, obj: &Value) -> bool {
+        self.labels.matches(obj) && self.fields.matches(obj)
+    }
+
+    /// The event type this watcher sees for `ev`, if any: a change that makes an object start
+    /// (stop) matching the selectors is ADDED (DELETED) for this watcher.
+    fn kind_for(&self, ev: &WatchEvent) -> Option<&'static str> {
+        if ev.resource != self.res.plural || self.namespace.as_deref().is_some_and(|ns| meta::namespace(&ev.object) != ns) {
+            return None;
+        }
+        let now = self.matches(&ev.object);
+        match (ev.kind, ev.previous.as_ref().map(|p| self.matches(p))) {
+            (EventType::Modified, Some(true)) if !now => Some(EventType::Deleted.as_str()),
+            (EventType::Modified, Some(false)) if now => Some(EventType::Added.as_str()),
+            (EventType::Modified, Some(false)) => None,
+            (kind, _) => now.then_some(kind.as_str()),
+        }
     }
 
     fn line(&self, kind: &str, obj: &Value) -> Bytes {
@@ -83,12 +95,12 @@ pub fn serve(state: &Shared, t: &Target, query: &Query, headers: &HeaderMap) -> 
                 Err(gone @ ApiError::Gone { .. }) => return Ok(single_error_event(&gone)),
                 Err(other) => return Err(other),
             };
-            initial.extend(history.iter().filter(|e| filter.wants(e)).map(|e| filter.line(e.kind.as_str(), &e.object)));
+            initial.extend(history.iter().filter_map(|e| filter.kind_for(e).map(|k| filter.line(k, &e.object))));
             (history.last().map_or(rv, |e| e.rv), rx)
         }
         _ => {
             let (items, rv, rx) = state.store.list_and_subscribe(t.res, t.namespace.as_deref());
-            for obj in items.iter().filter(|o| filter.labels.matches(o) && filter.fields.matches(o)) {
+            for obj in items.iter().filter(|o| filter.matches(o)) {
                 initial.push(filter.line(EventType::Added.as_str(), obj));
             }
             if send_initial {
@@ -122,10 +134,10 @@ pub fn serve(state: &Shared, t: &Target, query: &Query, headers: &HeaderMap) -> 
                             continue;
                         }
                         last_rv = ev.rv;
-                        if !filter.wants(&ev) {
-                            continue;
+                        match filter.kind_for(&ev) {
+                            Some(kind) => filter.line(kind, &ev.object),
+                            None => continue,
                         }
-                        filter.line(ev.kind.as_str(), &ev.object)
                     }
                     // Too slow to keep up: end the watch; clients re-watch from their last version.
                     Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => return,

@@ -39,6 +39,9 @@ pub struct WatchEvent {
     pub resource: &'static str,
     pub kind: EventType,
     pub object: Value,
+    /// The object before a MODIFIED change, so selector-filtered watches can turn the change
+    /// into ADDED/DELETED when the object starts/stops matching (as the real server does).
+    pub previous: Option<Value>,
 }
 
 /// Which part of an object an update may change.
@@ -119,8 +122,8 @@ impl Store {
         self.lock().rv
     }
 
-    fn emit(&self, inner: &mut Inner, res: &'static Resource, kind: EventType, object: Value) {
-        let ev = Arc::new(WatchEvent { rv: inner.rv, resource: res.plural, kind, object });
+    fn emit(&self, inner: &mut Inner, res: &'static Resource, kind: EventType, object: Value, previous: Option<Value>) {
+        let ev = Arc::new(WatchEvent { rv: inner.rv, resource: res.plural, kind, object, previous });
         inner.history.push_back(ev.clone());
         while inner.history.len() > self.history_len {
             if let Some(old) = inner.history.pop_front() {
@@ -208,7 +211,7 @@ impl Store {
         inner.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
         inner.objects.entry(res.plural).or_default().insert(key, obj.clone());
-        self.emit(&mut inner, res, EventType::Added, obj.clone());
+        self.emit(&mut inner, res, EventType::Added, obj.clone(), None);
         if res.is("namespaces") {
             // Like the service-account controller: every namespace gets a `default` account.
             let name = meta::name(&obj).to_owned();
@@ -369,10 +372,10 @@ impl Store {
             && !res.is("namespaces");
         if finished {
             inner.objects.entry(res.plural).or_default().remove(&key);
-            self.emit(&mut inner, res, EventType::Deleted, new.clone());
+            self.emit(&mut inner, res, EventType::Deleted, new.clone(), None);
         } else {
             inner.objects.entry(res.plural).or_default().insert(key, new.clone());
-            self.emit(&mut inner, res, EventType::Modified, new.clone());
+            self.emit(&mut inner, res, EventType::Modified, new.clone(), Some(old));
         }
         Ok(new)
     }
@@ -388,7 +391,7 @@ impl Store {
             .ok_or_else(|| ApiError::not_found(res.plural, name))?;
         inner.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
-        self.emit(&mut inner, res, EventType::Deleted, obj.clone());
+        self.emit(&mut inner, res, EventType::Deleted, obj.clone(), None);
         Ok(obj)
     }
 
