@@ -55,6 +55,8 @@ pub enum RenderError {
     },
     #[error("cannot encode the rendered objects")]
     Encode(#[source] serde_json::Error),
+    #[error("cannot write the rendered objects as YAML")]
+    Yaml(#[source] yaml_rust2::EmitError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -314,8 +316,7 @@ pub fn format(objects: &JobObjects, format: OutputFormat) -> Result<String, Rend
         OutputFormat::Yaml => {
             let mut out = String::new();
             for v in values {
-                out.push_str("---\n");
-                yaml::emit(&v, &mut out);
+                yaml::emit(&v, &mut out).map_err(RenderError::Yaml)?;
             }
             Ok(out)
         }
@@ -328,96 +329,43 @@ pub fn format(objects: &JobObjects, format: OutputFormat) -> Result<String, Rend
     }
 }
 
-/// A small block-style YAML writer for rendered objects.
+/// YAML output for rendered objects, written by yaml-rust2's emitter.
 ///
 /// serde_yaml_ng writes YAML 1.2, where `yes`, `on` or `y` are plain strings; kubectl and most
-/// Kubernetes tooling read YAML 1.1, where they are booleans. Here any string that a YAML 1.1
-/// reader could take for something else is written double-quoted (JSON escaping is valid YAML).
+/// Kubernetes tooling read YAML 1.1, where they are booleans. yaml-rust2's emitter quotes every
+/// string a YAML 1.1 reader could take for a bool, null or number, so the output means the same
+/// to both.
 mod yaml {
     use serde_json::Value;
+    use yaml_rust2::{Yaml, YamlEmitter, yaml::Hash};
 
-    fn plain_ok(s: &str) -> bool {
-        const SPECIAL: &[&str] = &["y", "n", "yes", "no", "on", "off", "true", "false", "null", "~", ""];
-        if SPECIAL.contains(&s.to_ascii_lowercase().as_str()) {
-            return false;
-        }
-        let first = s.chars().next().expect("non-empty");
-        // Anything number-like (ints, floats, 1e3, 0x1f, 1_000, 12:30 sexagesimal) stays quoted.
-        if first.is_ascii_digit() || first == '.' || first == '+' || first == '-' {
-            return false;
-        }
-        s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-    }
-
-    fn scalar(s: &str) -> String {
-        if plain_ok(s) { s.to_string() } else { serde_json::to_string(s).expect("strings always encode") }
-    }
-
-    fn leaf(v: &Value) -> Option<String> {
-        Some(match v {
-            Value::Null => "null".into(),
-            Value::Bool(b) => b.to_string(),
-            Value::Number(n) => n.to_string(),
-            Value::String(s) => scalar(s),
-            Value::Array(a) if a.is_empty() => "[]".into(),
-            Value::Object(o) if o.is_empty() => "{}".into(),
-            _ => return None,
-        })
-    }
-
-    /// Indent unless the line already holds a `- ` a nested block continues.
-    fn start_line(out: &mut String, n: usize) {
-        if out.is_empty() || out.ends_with('\n') {
-            out.extend(std::iter::repeat_n(' ', n));
-        }
-    }
-
-    fn block(v: &Value, depth: usize, out: &mut String) {
+    fn to_yaml(v: &Value) -> Yaml {
         match v {
+            Value::Null => Yaml::Null,
+            Value::Bool(b) => Yaml::Boolean(*b),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => Yaml::Integer(i),
+                // u64 above i64::MAX and floats keep their JSON spelling, which is valid YAML.
+                None => Yaml::Real(n.to_string()),
+            },
+            Value::String(s) => Yaml::String(s.clone()),
+            Value::Array(items) => Yaml::Array(items.iter().map(to_yaml).collect()),
             Value::Object(map) => {
+                let mut hash = Hash::new();
                 for (k, v) in map {
-                    start_line(out, depth);
-                    out.push_str(&scalar(k));
-                    out.push(':');
-                    match leaf(v) {
-                        Some(l) => {
-                            out.push(' ');
-                            out.push_str(&l);
-                            out.push('\n');
-                        }
-                        None => {
-                            out.push('\n');
-                            // Lists sit at the key's own indentation (kubectl's style).
-                            let child = if v.is_array() { depth } else { depth + 2 };
-                            block(v, child, out);
-                        }
-                    }
+                    hash.insert(Yaml::String(k.clone()), to_yaml(v));
                 }
-            }
-            Value::Array(items) => {
-                for item in items {
-                    start_line(out, depth);
-                    out.push_str("- ");
-                    match leaf(item) {
-                        Some(l) => {
-                            out.push_str(&l);
-                            out.push('\n');
-                        }
-                        // A nested map or list starts on the `- ` line.
-                        None => block(item, depth + 2, out),
-                    }
-                }
-            }
-            other => {
-                start_line(out, depth);
-                out.push_str(&leaf(other).unwrap_or_default());
-                out.push('\n');
+                Yaml::Hash(hash)
             }
         }
     }
 
-    pub fn emit(v: &Value, out: &mut String) {
-        block(v, 0, out);
+    /// Appends one YAML document (with its `---` header) to `out`.
+    pub fn emit(v: &Value, out: &mut String) -> Result<(), yaml_rust2::EmitError> {
+        let doc = to_yaml(v);
+        YamlEmitter::new(out).dump(&doc)?;
+        out.push('\n');
+        Ok(())
     }
 
     #[cfg(test)]
@@ -432,7 +380,7 @@ mod yaml {
                 "n": "multi\nline", "o": "", "p": "-", "q": "1e3", "r": [["x"]]
             });
             let mut out = String::new();
-            emit(&v, &mut out);
+            emit(&v, &mut out).expect("emits");
             for quoted in ["a: \"yes\"", "b: \"on\"", "c: \"12\"", "o: \"\"", "q: \"1e3\""] {
                 assert!(out.contains(quoted), "{quoted} missing in\n{out}");
             }
