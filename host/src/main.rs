@@ -26,6 +26,37 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// The embedded single-node cluster (the real Kubernetes API on loopback).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Serve the cluster in the foreground and print the path of a kubeconfig for it.
+    /// Ctrl-C (or SIGTERM) stops it, kills every container and removes its directories.
+    Up(ClusterUpArgs),
+}
+
+#[derive(clap::Args)]
+struct ClusterUpArgs {
+    /// Port on 127.0.0.1 (default: a free one).
+    #[arg(long, env = "KEEL_CLUSTER_PORT")]
+    port: Option<u16>,
+    /// Where pods, logs and the kubeconfig live (default: a temporary directory removed at exit).
+    #[arg(long, env = "KEEL_CLUSTER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// A directory of root filesystems: an image whose name maps to a directory here runs in it.
+    #[arg(long, env = "KEEL_CLUSTER_IMAGES_DIR")]
+    images_dir: Option<PathBuf>,
+    /// Images the node treats as unpullable (ErrImagePull, then ImagePullBackOff). Repeatable.
+    #[arg(long = "unavailable-image", value_name = "IMAGE")]
+    unavailable_images: Vec<String>,
+    /// Require this bearer token on every request (it is written into the kubeconfig).
+    #[arg(long, env = "KEEL_CLUSTER_TOKEN")]
+    token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -113,12 +144,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             print!("{}", render::format(&rendered.objects, format)?);
         }
+        Command::Cluster { command: ClusterCommand::Up(args) } => cluster_up(args).await?,
         Command::Plugin { command: PluginCommand::Inspect { path, plugin_cache } } => {
             let rt = Runtime::new(plugin_cache).context("cannot start the plugin runtime")?;
             let inspection = rt.inspect(&path).await.with_context(|| format!("cannot inspect {}", path.display()))?;
             println!("{inspection}");
         }
     }
+    Ok(())
+}
+
+async fn cluster_up(args: ClusterUpArgs) -> anyhow::Result<()> {
+    use local_cluster::{ClusterOptions, LocalCluster};
+    use tokio::signal::unix::{SignalKind, signal};
+
+    // Listen for signals before anything starts, so no window exists where Ctrl-C kills the
+    // process without the cluster's cleanup.
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let opts = ClusterOptions {
+        port: args.port,
+        data_dir: args.data_dir,
+        images_dir: args.images_dir,
+        unavailable_images: args.unavailable_images,
+        token: args.token,
+        ..ClusterOptions::default()
+    };
+    let cluster = LocalCluster::start(opts).await.context("cannot start the local cluster")?;
+    // stdout carries only the kubeconfig path, so `export KUBECONFIG=$(host cluster up &)`-style
+    // scripting works; the human-facing line goes to stderr.
+    println!("{}", cluster.kubeconfig_path().display());
+    eprintln!("local cluster serving {} (Ctrl-C to stop)", cluster.url());
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("stopping: killing containers and removing the cluster's directories");
+    cluster.stop().await;
     Ok(())
 }
 
