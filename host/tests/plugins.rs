@@ -177,3 +177,42 @@ async fn a_plugin_without_the_role_is_not_called_for_it() {
     assert_eq!(job.overwrites(Overwrites::default()).await.unwrap(), OverwriteDecision::NoRulesLoaded);
     assert_eq!(job.pull_policies("alpine", &[], &[], &[]).await.unwrap(), None);
 }
+
+/// A `tracing` writer that keeps everything in memory for assertions.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn plugin_stdout_and_stderr_become_log_lines_tagged_with_the_plugin() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    // Thread-local default: the current-thread runtime runs the plugin (and WASI's output
+    // tasks) on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let rt = Runtime::new(Some(support::cache_dir())).unwrap();
+    let plugin = rt.load(PluginSpec { name: "chatty".into(), ..spec("fixture-fault", "mode = \"print\"") }).await.unwrap();
+    let mut job = JobPlugins::new(&rt, &[plugin], &support::job(), &json!({})).await.unwrap();
+    job.mutate_pod(support::pod(), &HostOwned::default()).await.unwrap();
+    drop(job);
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let line = |needle: &str| log.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} in:\n{log}")).to_string();
+    let out = line("hello from the fixture's stdout");
+    assert!(out.contains("plugin.name=\"chatty\"") && out.contains("plugin.stream=\"stdout\""), "{out}");
+    let err = line("hello from the fixture's stderr");
+    assert!(err.contains("plugin.name=\"chatty\"") && err.contains("plugin.stream=\"stderr\""), "{err}");
+}
