@@ -66,9 +66,14 @@ async fn main() {
         node.forget_pod(&uid).await;
 
         let t = Instant::now();
-        let mut child = tokio::process::Command::new("sh").args(["-c", "sleep 1000"]).kill_on_drop(true).spawn().unwrap();
+        let mut child =
+            tokio::process::Command::new("sh").args(["-c", "sleep 1000"]).process_group(0).kill_on_drop(true).spawn().unwrap();
         direct_start.push(t.elapsed());
-        child.kill().await.unwrap();
+        // The whole group: `sh` may have forked `sleep`, which must not outlive the benchmark.
+        if let Some(pid) = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+        child.wait().await.unwrap();
     }
 
     // 2. exec round trip.

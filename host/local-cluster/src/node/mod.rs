@@ -75,6 +75,12 @@
 //! `shareProcessNamespace` the containers also join the holder's PID namespace. Joining needs root;
 //! as an unprivileged user pods use the host's network namespace (documented limitation).
 //!
+//! Known limits: a container's `/dev` is bwrap's fresh one with its own devpts, so inside an exec
+//! with a tty `[ -t 0 ]` and `stty` work but `tty`/ttyname cannot name the terminal; interactive
+//! shells warn that they cannot set the tty process group. Unprivileged, pods share the host's
+//! network namespace, shareProcessNamespace is ignored and memory limits are not enforced.
+//! Readiness/liveness probes are not run: a running container is ready.
+//!
 //! Every sandbox is spawned from one long-lived "spawner" thread owned by the Node, with
 //! `PR_SET_PDEATHSIG=SIGKILL` (bwrap's `--die-with-parent`): when the Node is dropped the thread
 //! ends and the kernel kills every sandbox, even if this process dies by a panic or SIGKILL.
