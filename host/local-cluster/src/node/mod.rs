@@ -78,7 +78,8 @@
 //! Known limits: a container's `/dev` is bwrap's fresh one with its own devpts, so inside an exec
 //! with a tty `[ -t 0 ]` and `stty` work but `tty`/ttyname cannot name the terminal; interactive
 //! shells warn that they cannot set the tty process group. Unprivileged, pods share the host's
-//! network namespace, shareProcessNamespace is ignored and memory limits are not enforced.
+//! network namespace, shareProcessNamespace is ignored, memory limits are not enforced and exec
+//! does not work yet (nsenter gets EPERM joining the sandbox's PID namespace); run as root.
 //! Readiness/liveness probes are not run: a running container is ready.
 //!
 //! Every sandbox is spawned from one long-lived "spawner" thread owned by the Node, with

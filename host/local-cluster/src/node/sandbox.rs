@@ -417,11 +417,13 @@ pub(crate) fn exec_command(
 ) -> Command {
     let mut cmd = Command::new("nsenter");
     cmd.arg("--target").arg(inner_pid.to_string());
-    if !isolation.root {
-        // bwrap made a user namespace; without entering it we may not enter the others.
-        cmd.args(["--user", "--preserve-credentials"]);
+    if isolation.root {
+        cmd.args(["--mount", "--pid", "--net", "--uts", "--ipc"]);
+    } else {
+        // bwrap made a user namespace; without entering it we may not enter the others. The
+        // network is the host's anyway, and joining uts/ipc is refused (EPERM) in this setup.
+        cmd.args(["--user", "--preserve-credentials", "--mount", "--pid"]);
     }
-    cmd.args(["--mount", "--pid", "--net", "--uts", "--ipc"]);
     cmd.arg(format!("--wdns={working_dir}"));
     cmd.arg("--").args(argv);
     cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
