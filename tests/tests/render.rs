@@ -4,30 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace root").to_path_buf()
-}
-
-/// The `host` binary, built (or confirmed up to date) once per test run.
-fn host_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = workspace_root();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "host", "--bin", "host"])
-            .current_dir(&root)
-            .status()
-            .expect("run cargo build -p host");
-        assert!(status.success(), "cargo build -p host --bin host failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-        let bin = target.join("debug").join("host");
-        assert!(bin.exists(), "{} missing after cargo build", bin.display());
-        bin
-    })
-}
+use e2e_tests::{host_bin, workspace_root};
 
 /// A first-party plugin; missing ones fail the test with the command that builds them.
 fn plugin(name: &str) -> PathBuf {

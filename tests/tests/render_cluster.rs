@@ -2,33 +2,11 @@
 //! Service are created with kubectl in the embedded cluster, and the pod's host-side plumbing
 //! (init container, log file, env, shell as PID 1) is checked from inside the build container.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
+use std::process::Command;
+
+use e2e_tests::{host_bin, kubectl, succeeded};
 use local_cluster::{ClusterOptions, LocalCluster};
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
-}
-
-fn host_bin() -> PathBuf {
-    let root = workspace_root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status =
-        Command::new(cargo).args(["build", "-p", "host", "--bin", "host"]).current_dir(&root).status().expect("cargo build");
-    assert!(status.success(), "cargo build -p host --bin host failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-    target.join("debug/host")
-}
-
-fn kubectl(kubeconfig: &Path, args: &[&str]) -> Output {
-    Command::new("kubectl").arg("--kubeconfig").arg(kubeconfig).args(args).output().expect("run kubectl")
-}
-
-fn ok(o: Output, what: &str) -> String {
-    assert!(o.status.success(), "{what} failed:\n{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).expect("utf-8")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rendered_objects_are_created_and_the_pod_runs() {
@@ -59,24 +37,24 @@ async fn rendered_objects_are_created_and_the_pod_runs() {
         .arg(&job)
         .output()
         .expect("run host");
-    std::fs::write(&rendered, ok(out, "host render")).expect("write objects");
+    std::fs::write(&rendered, succeeded(out, "host render")).expect("write objects");
 
     let cluster = LocalCluster::start(ClusterOptions::default()).await.expect("start the embedded cluster");
     let kc = cluster.kubeconfig_path().to_path_buf();
     // Everything below runs on a blocking thread; the cluster is stopped whatever happens.
     let result = tokio::task::spawn_blocking(move || {
-        let created = ok(kubectl(&kc, &["create", "-f", rendered.to_str().expect("utf-8")]), "kubectl create");
+        let created = succeeded(kubectl(&kc, &["create", "-f", rendered.to_str().expect("utf-8")]), "kubectl create");
         assert!(created.contains("secret/") && created.contains("pod/") && created.contains("service/"), "{created}");
-        let pod = ok(kubectl(&kc, &["get", "pods", "-l", "keel.dev/job-id=5", "-o", "name"]), "get pod").trim().to_string();
+        let pod = succeeded(kubectl(&kc, &["get", "pods", "-l", "keel.dev/job-id=5", "-o", "name"]), "get pod").trim().to_string();
         assert!(pod.starts_with("pod/runner-clustert-project-1-concurrent-0-"), "{pod}");
-        ok(
+        succeeded(
             kubectl(&kc, &["wait", &pod, "--for=jsonpath={.status.phase}=Running", "--timeout=120s"]),
             "wait for the pod to run",
         );
         // Expanded pod label, then the host's plumbing, seen from inside the build container.
-        let owner = ok(kubectl(&kc, &["get", &pod, "-o", "jsonpath={.metadata.labels.owner}"]), "get label");
+        let owner = succeeded(kubectl(&kc, &["get", &pod, "-o", "jsonpath={.metadata.labels.owner}"]), "get label");
         assert_eq!(owner, "alice");
-        let inside = ok(
+        let inside = succeeded(
             kubectl(&kc, &["exec", &pod, "-c", "build", "--", "sh", "-c", "echo $CI_JOB_ID; stat -c %a /logs-1-5/output.log; cat /proc/1/comm"]),
             "exec into build",
         );
@@ -84,9 +62,9 @@ async fn rendered_objects_are_created_and_the_pod_runs() {
         assert_eq!(lines.first(), Some(&"5"), "{inside}");
         assert_eq!(lines.get(1), Some(&"666"), "the init container creates a world-writable log: {inside}");
         assert!(lines.get(2).is_some_and(|c| c.ends_with("sh")), "PID 1 of build is a shell: {inside}");
-        let svc = ok(kubectl(&kc, &["get", "services", "-l", "keel.dev/job-id=5", "-o", "jsonpath={.items[0].spec.selector}"]), "get svc");
+        let svc = succeeded(kubectl(&kc, &["get", "services", "-l", "keel.dev/job-id=5", "-o", "jsonpath={.items[0].spec.selector}"]), "get svc");
         assert!(svc.contains("\"keel.dev/job-id\":\"5\""), "{svc}");
-        ok(kubectl(&kc, &["delete", &pod, "--wait=false"]), "delete pod");
+        succeeded(kubectl(&kc, &["delete", &pod, "--wait=false"]), "delete pod");
     })
     .await;
     cluster.stop().await;
