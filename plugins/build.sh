@@ -4,7 +4,9 @@
 # Usage: plugins/build.sh   (from anywhere; needs `rustup target add wasm32-wasip2`)
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
-cargo build --release --target wasm32-wasip2 --manifest-path "$root/plugins/Cargo.toml"
+# An explicit --target-dir: a CARGO_TARGET_DIR in the environment (set for the host workspace)
+# must not move the artifacts away from where this script copies them from.
+cargo build --release --target wasm32-wasip2 --manifest-path "$root/plugins/Cargo.toml" --target-dir "$root/plugins/target"
 mkdir -p "$root/target/plugins"
 for name in labels pull-policy overwrites pod-spec fixture-fault; do
     # cargo names the artifact after the crate with '-' turned into '_'.
