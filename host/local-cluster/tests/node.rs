@@ -1,5 +1,7 @@
 //! The node on its own (no API server): real bwrap sandboxes, real processes.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -265,23 +267,6 @@ fn rustix_is_root() -> bool {
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
 
-/// Every process whose command line or environment mentions `marker`.
-fn processes_mentioning(marker: &str) -> Vec<u32> {
-    let me = std::process::id();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != me)
-        .filter(|pid| {
-            ["cmdline", "environ"].iter().any(|f| {
-                std::fs::read(format!("/proc/{pid}/{f}"))
-                    .map(|b| b.windows(marker.len()).any(|w| w == marker.as_bytes()))
-                    .unwrap_or(false)
-            })
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_outlives_a_dropped_node() {
@@ -295,7 +280,7 @@ async fn nothing_outlives_a_dropped_node() {
         f.node.run_pod(p, ResolvedVolumes::new());
         f.wait_phase(uid, "Running").await;
     }
-    let before = processes_mentioning(&marker);
+    let before = common::processes_mentioning(&marker);
     assert!(before.len() >= 4, "expected the sandboxes and their sleeps, found {before:?}");
     // Deleting one pod kills its processes.
     f.node.stop_pod("d1", Duration::from_millis(100)).await;
@@ -305,13 +290,13 @@ async fn nothing_outlives_a_dropped_node() {
     let Fixture { node, statuses, dir } = f;
     drop(node);
     drop(statuses);
-    let mut left = processes_mentioning(&marker);
+    let mut left = common::processes_mentioning(&marker);
     for _ in 0..100 {
         if left.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        left = processes_mentioning(&marker);
+        left = common::processes_mentioning(&marker);
     }
     assert!(left.is_empty(), "processes outlived the node: {left:?}");
     drop(dir);

@@ -1,5 +1,7 @@
 //! The node behind the real API: kubectl, kube-rs and the official Python client as judges.
 
+mod common;
+
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -120,31 +122,15 @@ async fn kubectl_logs_follow_reads_to_the_end() {
     c.stop().await;
 }
 
-fn processes_mentioning(marker: &str) -> Vec<u32> {
-    let me = std::process::id();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != me)
-        .filter(|pid| {
-            ["cmdline", "environ"].iter().any(|f| {
-                std::fs::read(format!("/proc/{pid}/{f}"))
-                    .map(|b| b.windows(marker.len()).any(|w| w == marker.as_bytes()))
-                    .unwrap_or(false)
-            })
-        })
-        .collect()
-}
 
 async fn eventually_none(marker: &str) -> Vec<u32> {
-    let mut left = processes_mentioning(marker);
+    let mut left = common::processes_mentioning(marker);
     for _ in 0..100 {
         if left.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        left = processes_mentioning(marker);
+        left = common::processes_mentioning(marker);
     }
     left
 }
@@ -158,7 +144,7 @@ async fn deleting_a_pod_and_stopping_or_dropping_the_cluster_leaves_no_process()
     let pod = create(&c, sleeper("del", env.clone())).await;
     let uid = pod.metadata.uid.unwrap();
     assert!(!c.node().pod_processes(&uid).is_empty());
-    assert!(!processes_mentioning(&marker).is_empty());
+    assert!(!common::processes_mentioning(&marker).is_empty());
     let api: Api<Pod> = Api::default_namespaced(c.client().unwrap());
     api.delete("del", &DeleteParams { grace_period_seconds: Some(1), ..Default::default() }).await.unwrap();
     tokio::time::timeout(Duration::from_secs(30), await_condition(api, "del", conditions::is_deleted(&uid)))
@@ -169,14 +155,14 @@ async fn deleting_a_pod_and_stopping_or_dropping_the_cluster_leaves_no_process()
 
     // stop(): everything goes.
     create(&c, sleeper("s1", env.clone())).await;
-    assert!(!processes_mentioning(&marker).is_empty());
+    assert!(!common::processes_mentioning(&marker).is_empty());
     c.stop().await;
     assert_eq!(eventually_none(&marker).await, Vec::<u32>::new(), "stop killed every container");
 
     // Dropped without stop (as on a panic): everything goes too.
     let c = cluster().await;
     create(&c, sleeper("s2", env.clone())).await;
-    assert!(!processes_mentioning(&marker).is_empty());
+    assert!(!common::processes_mentioning(&marker).is_empty());
     drop(c);
     assert_eq!(eventually_none(&marker).await, Vec::<u32>::new(), "drop killed every container");
 }
