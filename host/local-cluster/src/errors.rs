@@ -43,6 +43,9 @@ pub enum ApiError {
     AlreadyExists { resource: String, name: String },
     #[error("Operation cannot be fulfilled on {resource} \"{name}\": {reason}")]
     Conflict { resource: String, name: String, reason: String },
+    /// A server-side apply that would change fields other managers own (409, like the real server).
+    #[error("{message}")]
+    ApplyConflict { message: String, causes: Vec<Cause> },
     #[error("{kind} \"{name}\" is invalid: {}", render_causes(.causes))]
     Invalid { kind: String, name: String, causes: Vec<Cause> },
     #[error("{0}")]
@@ -53,6 +56,14 @@ pub enum ApiError {
     Unauthorized,
     #[error("too old resource version: {requested} ({oldest})")]
     Gone { requested: u64, oldest: u64 },
+    /// A list continue token whose snapshot fell out of the history; `continue_token` resumes
+    /// from the same key at the latest version (an inconsistent list), as the real server offers.
+    #[error(
+        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list."
+    )]
+    ContinueExpired { continue_token: String },
+    #[error("Too large resource version: {requested}, current: {current}")]
+    TooLargeResourceVersion { requested: u64, current: u64 },
     #[error("the body of the request was in an unknown format - accepted media types include: {accepted}; got {got}")]
     UnsupportedMediaType { got: String, accepted: String },
     #[error("the server could not find the requested resource: {0}")]
@@ -81,13 +92,14 @@ impl ApiError {
     pub fn code(&self) -> u16 {
         match self {
             ApiError::NotFound { .. } | ApiError::UnknownPath(_) | ApiError::NodeNotFound(_) => 404,
-            ApiError::AlreadyExists { .. } | ApiError::Conflict { .. } => 409,
+            ApiError::AlreadyExists { .. } | ApiError::Conflict { .. } | ApiError::ApplyConflict { .. } => 409,
             ApiError::Invalid { .. } => 422,
             ApiError::BadRequest(_) => 400,
             ApiError::MethodNotAllowed(_) => 405,
             ApiError::Unauthorized => 401,
             ApiError::Forbidden(_) => 403,
-            ApiError::Gone { .. } => 410,
+            ApiError::Gone { .. } | ApiError::ContinueExpired { .. } => 410,
+            ApiError::TooLargeResourceVersion { .. } => 504,
             ApiError::UnsupportedMediaType { .. } => 415,
             ApiError::Internal(_) => 500,
         }
@@ -97,13 +109,14 @@ impl ApiError {
         match self {
             ApiError::NotFound { .. } | ApiError::UnknownPath(_) | ApiError::NodeNotFound(_) => "NotFound",
             ApiError::AlreadyExists { .. } => "AlreadyExists",
-            ApiError::Conflict { .. } => "Conflict",
+            ApiError::Conflict { .. } | ApiError::ApplyConflict { .. } => "Conflict",
             ApiError::Invalid { .. } => "Invalid",
             ApiError::BadRequest(_) => "BadRequest",
             ApiError::MethodNotAllowed(_) => "MethodNotAllowed",
             ApiError::Unauthorized => "Unauthorized",
             ApiError::Forbidden(_) => "Forbidden",
-            ApiError::Gone { .. } => "Expired",
+            ApiError::Gone { .. } | ApiError::ContinueExpired { .. } => "Expired",
+            ApiError::TooLargeResourceVersion { .. } => "Timeout",
             ApiError::UnsupportedMediaType { .. } => "UnsupportedMediaType",
             ApiError::Internal(_) => "InternalError",
         }
@@ -115,6 +128,13 @@ impl ApiError {
             ApiError::NotFound { resource, name }
             | ApiError::AlreadyExists { resource, name }
             | ApiError::Conflict { resource, name, .. } => Some(json!({"name": name, "kind": resource})),
+            ApiError::TooLargeResourceVersion { .. } => Some(json!({
+                "causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+                "retryAfterSeconds": 1,
+            })),
+            ApiError::ApplyConflict { causes, .. } => Some(json!({
+                "causes": causes.iter().map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field})).collect::<Vec<_>>(),
+            })),
             ApiError::Invalid { kind, name, causes } => Some(json!({
                 "name": name,
                 "kind": kind,
@@ -133,6 +153,9 @@ impl ApiError {
         });
         if let Some(details) = details {
             status["details"] = details;
+        }
+        if let ApiError::ContinueExpired { continue_token } = self {
+            status["metadata"]["continue"] = json!(continue_token);
         }
         status
     }

@@ -2,6 +2,8 @@
 //! and strategic merge patch for the core-type lists clients rely on (merge by name/key,
 //! `$patch: delete|replace`, `$deleteFromPrimitiveList/…`, `$setElementOrder/…`).
 
+pub mod apply;
+
 use serde_json::{Map, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +27,7 @@ pub enum PatchKind {
     Merge,
     Strategic,
     Json,
-    /// Server-side apply; not implemented here, answered with 415 by the API layer.
+    /// Server-side apply: see [`apply`] (not a plain patch: it needs the field manager).
     Apply,
 }
 

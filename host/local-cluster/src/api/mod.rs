@@ -1,5 +1,6 @@
 //! The HTTP surface: routing of `/api/v1/...` paths to verbs, authentication, discovery.
 
+mod continuation;
 mod objects;
 mod pods;
 pub mod query;

@@ -1,9 +1,10 @@
 //! The object verbs: create, get, list, update, patch, delete, deletecollection.
 
 use super::query::Query;
-use super::{Shared, Target, body_bytes, json_response, table};
-use crate::errors::ApiError;
+use super::{Shared, Target, body_bytes, continuation, json_response, table};
+use crate::errors::{ApiError, Cause};
 use crate::lifecycle;
+use crate::patch::apply::ApplyError;
 use crate::patch::{self, PatchKind};
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::store::{Part, meta};
@@ -49,15 +50,59 @@ pub fn selectors(query: &Query) -> Result<(LabelSelector, FieldSelector), ApiErr
 
 pub fn list(state: &Shared, t: &Target, query: &Query, headers: &HeaderMap) -> Result<Response, ApiError> {
     let (labels, fields) = selectors(query)?;
-    let (items, rv) = state.store.list(t.res, t.namespace.as_deref(), |o| labels.matches(o) && fields.matches(o));
+    // limit <= 0 means "everything", as on the real server.
+    let limit = query.int("limit")?.filter(|l| *l > 0).map(|l| l as usize);
+    let rv_param = query.get("resourceVersion").filter(|v| !v.is_empty());
+    let continued = match query.get("continue").filter(|c| !c.is_empty()) {
+        Some(raw) => {
+            if rv_param.is_some_and(|rv| rv != "0") {
+                return Err(ApiError::BadRequest("specifying resource version is not allowed when using continue".into()));
+            }
+            if query.get("resourceVersionMatch").is_some_and(|m| !m.is_empty()) {
+                return Err(ApiError::BadRequest("resourceVersionMatch is forbidden when continue is provided".into()));
+            }
+            Some(continuation::decode(raw, t.res.namespaced)?)
+        }
+        None => None,
+    };
+    let at = match (&continued, query.get("resourceVersionMatch").filter(|m| !m.is_empty())) {
+        (Some(c), _) => c.rv,
+        (None, Some("Exact")) => {
+            let rv = rv_param.ok_or_else(|| ApiError::BadRequest("resourceVersionMatch=Exact requires resourceVersion".into()))?;
+            Some(rv.parse().map_err(|_| ApiError::BadRequest(format!("invalid resourceVersion {rv:?}: must be an integer")))?)
+        }
+        (None, None | Some("NotOlderThan")) => None,
+        (None, Some(other)) => return Err(ApiError::BadRequest(format!("unknown resourceVersionMatch {other:?}; use Exact or NotOlderThan"))),
+    };
+    let keep = |o: &serde_json::Value| labels.matches(o) && fields.matches(o);
+    let page = match state.store.list_page(t.res, t.namespace.as_deref(), keep, at, continued.as_ref().map(|c| &c.after), limit) {
+        Err(ApiError::Gone { .. }) if continued.is_some() => {
+            let after = &continued.as_ref().expect("checked").after;
+            return Err(ApiError::ContinueExpired { continue_token: continuation::encode(None, after, t.res.namespaced) });
+        }
+        other => other?,
+    };
+    let mut list_meta = json!({"resourceVersion": page.rv.to_string()});
+    if let Some(after) = &page.continue_after {
+        // An inconsistent continuation stays inconsistent: it resumes at the latest version again.
+        let snapshot = if continued.as_ref().is_some_and(|c| c.rv.is_none()) { None } else { Some(page.rv) };
+        list_meta["continue"] = json!(continuation::encode(snapshot, after, t.res.namespaced));
+        // The real server counts only when no selector filters the rest (etcd counts keys).
+        let unfiltered = |k: &str| query.get(k).is_none_or(str::is_empty);
+        if unfiltered("labelSelector") && unfiltered("fieldSelector") {
+            list_meta["remainingItemCount"] = json!(page.remaining);
+        }
+    }
     if let Some(mode) = table::requested(headers) {
-        return Ok(json_response(StatusCode::OK, &table::render(t.res, &items, Some(rv), mode, query)));
+        let mut table = table::render(t.res, &page.items, Some(page.rv), mode, query);
+        table["metadata"] = list_meta;
+        return Ok(json_response(StatusCode::OK, &table));
     }
     let list = json!({
         "kind": format!("{}List", t.res.kind),
         "apiVersion": "v1",
-        "metadata": {"resourceVersion": rv.to_string()},
-        "items": items,
+        "metadata": list_meta,
+        "items": page.items,
     });
     Ok(json_response(StatusCode::OK, &list))
 }
@@ -71,11 +116,29 @@ pub fn get(state: &Shared, t: &Target, headers: &HeaderMap) -> Result<Response, 
     Ok(json_response(StatusCode::OK, &obj))
 }
 
+/// `dryRun`: absent is a real request, `All` a dry run; anything else is refused like the real
+/// server does (422 on the `<Verb>Options` kind).
+fn dry_run(values: &[String], options_kind: &str) -> Result<bool, ApiError> {
+    if values.is_empty() {
+        return Ok(false);
+    }
+    if values.iter().all(|v| v == "All") {
+        return Ok(true);
+    }
+    Err(ApiError::Invalid {
+        kind: format!("{options_kind}.meta.k8s.io"),
+        name: String::new(),
+        causes: vec![Cause { reason: "FieldValueNotSupported", field: "dryRun".into(), message: format!("Unsupported value: {values:?}: supported values: \"All\"") }],
+    })
+}
+
 pub async fn create(state: &Shared, t: &Target, req: Request) -> Result<Response, ApiError> {
     let query = Query::parse(req.uri().query());
+    let dry = dry_run(&query.all("dryRun"), "CreateOptions")?;
     let body = object_body(req).await?;
-    if query.get("dryRun").is_some() {
-        return Err(ApiError::BadRequest("dryRun is not supported by this server".into()));
+    if dry {
+        let would_be = state.store.create_dry_run(t.res, t.namespace.as_deref(), body)?;
+        return Ok(json_response(StatusCode::CREATED, &would_be));
     }
     let created = state.store.create(t.res, t.namespace.as_deref(), body)?;
     if t.res.is("pods") {
@@ -88,10 +151,27 @@ fn part(t: &Target) -> Part {
     if t.sub.as_deref() == Some("status") { Part::Status } else { Part::Main }
 }
 
-pub async fn update(state: &Shared, t: &Target, req: Request) -> Result<Response, ApiError> {
-    let body = object_body(req).await?;
+/// Update or dry-run update through the store.
+fn write(state: &Shared, t: &Target, dry: bool, change: impl FnOnce(&mut Value) -> Result<(), ApiError>) -> Result<Value, ApiError> {
     let name = t.name.as_deref().unwrap_or_default();
-    let updated = state.store.update_with(t.res, t.namespace.as_deref(), name, part(t), |obj| {
+    if dry {
+        state.store.update_dry_run(t.res, t.namespace.as_deref(), name, part(t), change)
+    } else {
+        state.store.update_with(t.res, t.namespace.as_deref(), name, part(t), change)
+    }
+}
+
+pub async fn update(state: &Shared, t: &Target, req: Request) -> Result<Response, ApiError> {
+    let query = Query::parse(req.uri().query());
+    let dry = dry_run(&query.all("dryRun"), "UpdateOptions")?;
+    let mut body = object_body(req).await?;
+    let updated = write(state, t, dry, |obj| {
+        // Like the real server: a PUT that leaves managedFields out keeps the recorded ones.
+        if body.pointer("/metadata/managedFields").is_none()
+            && let Some(managed) = obj.pointer("/metadata/managedFields").cloned()
+        {
+            meta::metadata_mut(&mut body).insert("managedFields".into(), managed);
+        }
         *obj = body;
         Ok(())
     })?;
@@ -99,20 +179,30 @@ pub async fn update(state: &Shared, t: &Target, req: Request) -> Result<Response
 }
 
 pub async fn patch(state: &Shared, t: &Target, req: Request) -> Result<Response, ApiError> {
+    let query = Query::parse(req.uri().query());
+    let dry = dry_run(&query.all("dryRun"), "PatchOptions")?;
     let ct = content_type(&req);
     let kind = PatchKind::from_content_type(&ct).map_err(|e| ApiError::UnsupportedMediaType {
         got: ct.clone(),
-        accepted: format!("application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json ({e})"),
+        accepted: format!("application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml ({e})"),
     })?;
+    let options_invalid = |field: &str, cause: Cause| ApiError::Invalid { kind: "PatchOptions.meta.k8s.io".into(), name: String::new(), causes: vec![Cause { field: field.into(), ..cause }] };
+    if kind != PatchKind::Apply && query.get("force").is_some() {
+        return Err(options_invalid("force", Cause::forbidden("", "may not be specified for non-apply patch")));
+    }
     if kind == PatchKind::Apply {
-        return Err(ApiError::UnsupportedMediaType {
-            got: ct,
-            accepted: "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (server-side apply is not supported)".into(),
-        });
+        if ct.contains("cbor") {
+            return Err(ApiError::UnsupportedMediaType { got: ct, accepted: "application/apply-patch+yaml".into() });
+        }
+        let manager = query.get("fieldManager").filter(|m| !m.is_empty()).map(str::to_owned);
+        let manager = manager.ok_or_else(|| options_invalid("fieldManager", Cause::required("", "is required for apply patch")))?;
+        let force = query.flag("force")?;
+        let body = body_bytes(req.into_body()).await?;
+        return server_side_apply(state, t, dry, &manager, force, &body);
     }
     let body = body_bytes(req.into_body()).await?;
     let name = t.name.as_deref().unwrap_or_default();
-    let updated = state.store.update_with(t.res, t.namespace.as_deref(), name, part(t), |obj| {
+    let updated = write(state, t, dry, |obj| {
         patch::apply(kind, obj, &body).map_err(|e| match e {
             patch::PatchError::JsonPatch(_) => ApiError::Invalid {
                 kind: t.res.kind.into(),
@@ -125,8 +215,59 @@ pub async fn patch(state: &Shared, t: &Target, req: Request) -> Result<Response,
     Ok(json_response(StatusCode::OK, &updated))
 }
 
+fn apply_error(e: ApplyError) -> ApiError {
+    match e {
+        ApplyError::Conflicts(conflicts) => ApiError::ApplyConflict {
+            message: ApplyError::Conflicts(conflicts.clone()).to_string(),
+            causes: conflicts
+                .into_iter()
+                .map(|(manager, field)| Cause { reason: "FieldManagerConflict", field, message: format!("conflict with {manager:?} using v1") })
+                .collect(),
+        },
+        other => ApiError::BadRequest(other.to_string()),
+    }
+}
+
+/// Server-side apply: merge into the live object, or create it when missing (201).
+fn server_side_apply(state: &Shared, t: &Target, dry: bool, manager: &str, force: bool, body: &[u8]) -> Result<Response, ApiError> {
+    let config = patch::apply::parse(body).map_err(apply_error)?;
+    let name = t.name.as_deref().unwrap_or_default();
+    if let Some(kind) = config.get("kind").and_then(Value::as_str)
+        && kind != t.res.kind
+    {
+        return Err(ApiError::BadRequest(format!("the kind of the applied object ({kind}) does not match the resource ({})", t.res.plural)));
+    }
+    // A create racing ours makes the second round update instead.
+    for _ in 0..2 {
+        match write(state, t, dry, |obj| {
+            *obj = patch::apply::apply(obj, config.clone(), manager, force).map_err(apply_error)?;
+            Ok(())
+        }) {
+            Err(ApiError::NotFound { .. }) if t.sub.is_none() => {}
+            other => return other.map(|o| json_response(StatusCode::OK, &o)),
+        }
+        let mut fresh = patch::apply::apply(&json!({}), config.clone(), manager, force).map_err(apply_error)?;
+        meta::metadata_mut(&mut fresh).entry("name").or_insert_with(|| json!(name));
+        if meta::name(&fresh) != name {
+            return Err(ApiError::BadRequest(format!("the name of the object ({}) does not match the name on the URL ({name})", meta::name(&fresh))));
+        }
+        let created = if dry { state.store.create_dry_run(t.res, t.namespace.as_deref(), fresh) } else { state.store.create(t.res, t.namespace.as_deref(), fresh) };
+        match created {
+            Ok(created) => {
+                if t.res.is("pods") && !dry {
+                    lifecycle::pod_created(state, &created);
+                }
+                return Ok(json_response(StatusCode::CREATED, &created));
+            }
+            Err(ApiError::AlreadyExists { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ApiError::Conflict { resource: t.res.plural.into(), name: name.into(), reason: "the object was created and deleted concurrently; apply again".into() })
+}
+
 /// `DeleteOptions` from the body (kubectl, kube-rs) and/or the query string.
-async fn delete_options(query: &Query, req: Request) -> Result<lifecycle::DeleteOptions, ApiError> {
+async fn delete_options(query: &Query, req: Request) -> Result<(lifecycle::DeleteOptions, bool), ApiError> {
     let bytes = body_bytes(req.into_body()).await?;
     let body: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
         Value::Null
@@ -149,29 +290,84 @@ async fn delete_options(query: &Query, req: Request) -> Result<lifecycle::Delete
         Some(other) => return Err(ApiError::BadRequest(format!("unknown propagationPolicy {other:?}; use Background, Foreground or Orphan"))),
     };
     let precondition = |k: &str| body.pointer(&format!("/preconditions/{k}")).and_then(Value::as_str).map(str::to_owned);
-    Ok(lifecycle::DeleteOptions {
+    // kubectl and kube-rs send dryRun in the DeleteOptions body, curl users in the query.
+    let mut dry_values = query.all("dryRun");
+    if let Some(list) = body.get("dryRun").and_then(Value::as_array) {
+        dry_values.extend(list.iter().map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned)));
+    }
+    let dry = dry_run(&dry_values, "DeleteOptions")?;
+    let opts = lifecycle::DeleteOptions {
         grace_seconds: grace.map(|g| g.max(0)),
         propagation,
         precondition_uid: precondition("uid"),
         precondition_rv: precondition("resourceVersion"),
-    })
+    };
+    Ok((opts, dry))
+}
+
+/// What a delete would answer, checked like one (existence, preconditions), changing nothing:
+/// the object, marked terminating where a real delete would only mark it.
+fn delete_dry_run(state: &Shared, t: &Target, ns: Option<&str>, name: &str, opts: &lifecycle::DeleteOptions) -> Result<Value, ApiError> {
+    let mut obj = state.store.get(t.res, ns, name)?;
+    let conflict = |what: &str, want: &str, have: &str| ApiError::Conflict {
+        resource: t.res.plural.into(),
+        name: name.into(),
+        reason: format!("Precondition failed: {what}: {want}, {what} in object meta: {have}"),
+    };
+    if let Some(uid) = &opts.precondition_uid
+        && uid != meta::uid(&obj)
+    {
+        return Err(conflict("UID in precondition", uid, meta::uid(&obj)));
+    }
+    if let Some(rv) = &opts.precondition_rv
+        && rv != meta::resource_version(&obj)
+    {
+        return Err(conflict("ResourceVersion in precondition", rv, meta::resource_version(&obj)));
+    }
+    if obj.pointer("/metadata/deletionTimestamp").is_some() {
+        return Ok(obj);
+    }
+    let grace = if t.res.is("pods") {
+        opts.grace_seconds.unwrap_or_else(|| obj.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(30)).max(0)
+    } else {
+        0
+    };
+    let marks = (t.res.is("pods") && grace > 0) || t.res.is("namespaces") || !meta::finalizers(&obj).is_empty();
+    if marks {
+        let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(grace);
+        let md = meta::metadata_mut(&mut obj);
+        md.insert("deletionTimestamp".into(), json!(at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()));
+        md.insert("deletionGracePeriodSeconds".into(), json!(grace));
+        if t.res.is("namespaces") {
+            obj["status"] = json!({"phase": "Terminating"});
+        }
+    }
+    Ok(obj)
 }
 
 pub async fn delete(state: &Shared, t: &Target, query: &Query, req: Request) -> Result<Response, ApiError> {
-    let opts = delete_options(query, req).await?;
+    let (opts, dry) = delete_options(query, req).await?;
     let name = t.name.as_deref().unwrap_or_default();
+    if dry {
+        return Ok(json_response(StatusCode::OK, &delete_dry_run(state, t, t.namespace.as_deref(), name, &opts)?));
+    }
     let obj = lifecycle::delete(state, t.res, t.namespace.as_deref(), name, opts).await?;
     Ok(json_response(StatusCode::OK, &obj))
 }
 
 pub async fn delete_collection(state: &Shared, t: &Target, query: &Query, req: Request) -> Result<Response, ApiError> {
     let (labels, fields) = selectors(query)?;
-    let opts = delete_options(query, req).await?;
+    let (opts, dry) = delete_options(query, req).await?;
     let (items, _) = state.store.list(t.res, t.namespace.as_deref(), |o| labels.matches(o) && fields.matches(o));
     let mut deleted = Vec::new();
     for item in items {
         let ns = (!meta::namespace(&item).is_empty()).then(|| meta::namespace(&item).to_owned());
-        match lifecycle::delete(state, t.res, ns.as_deref(), meta::name(&item), opts.clone()).await {
+        let result = if dry {
+            delete_dry_run(state, t, ns.as_deref(), meta::name(&item), &opts)
+        } else {
+            lifecycle::delete(state, t.res, ns.as_deref(), meta::name(&item), opts.clone()).await
+        };
+        match result {
             Ok(obj) => deleted.push(obj),
             Err(ApiError::NotFound { .. }) => {}
             Err(e) => return Err(e),

@@ -39,8 +39,9 @@ pub struct WatchEvent {
     pub resource: &'static str,
     pub kind: EventType,
     pub object: Value,
-    /// The object before a MODIFIED change, so selector-filtered watches can turn the change
-    /// into ADDED/DELETED when the object starts/stops matching (as the real server does).
+    /// The object before a MODIFIED or DELETED change: selector-filtered watches turn a change
+    /// into ADDED/DELETED when the object starts/stops matching (as the real server does), and
+    /// chunked lists undo changes newer than their snapshot with it.
     pub previous: Option<Value>,
 }
 
@@ -55,7 +56,52 @@ pub enum Part {
     Whole,
 }
 
-type Key = (String, String);
+/// (namespace, name); namespace is empty for cluster-scoped kinds. Lists are in this order.
+pub type Key = (String, String);
+
+/// One page of a (possibly chunked) list.
+#[derive(Debug)]
+pub struct Page {
+    pub items: Vec<Value>,
+    /// The resourceVersion of the snapshot the page was read from.
+    pub rv: u64,
+    /// Where the next page starts (after this key), when more items match.
+    pub continue_after: Option<Key>,
+    /// Matching items after this page.
+    pub remaining: u64,
+}
+
+/// Merge the live objects with the undone ones (which take precedence) in key order.
+fn merge_sorted<'a>(
+    live: impl Iterator<Item = (&'a Key, &'a Value)>,
+    undone: impl Iterator<Item = (&'a Key, &'a Option<Value>)>,
+) -> impl Iterator<Item = (&'a Key, &'a Value)> {
+    let mut live = live.peekable();
+    let mut undone = undone.peekable();
+    std::iter::from_fn(move || {
+        loop {
+            let order = match (live.peek(), undone.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => std::cmp::Ordering::Greater,
+                (None, Some(_)) => std::cmp::Ordering::Less,
+                (Some((lk, _)), Some((uk, _))) => uk.cmp(lk),
+            };
+            if order == std::cmp::Ordering::Equal {
+                // The undone state replaces the live one.
+                live.next();
+            }
+            let take_undone = order != std::cmp::Ordering::Greater;
+            if take_undone {
+                let (k, v) = undone.next().expect("peeked");
+                if let Some(v) = v {
+                    return Some((k, v));
+                }
+            } else {
+                return live.next();
+            }
+        }
+    })
+}
 
 /// Live events from the moment of subscription.
 pub type Subscription = broadcast::Receiver<Arc<WatchEvent>>;
@@ -138,7 +184,18 @@ impl Store {
         (if res.namespaced { ns.unwrap_or_default().to_owned() } else { String::new() }, name.to_owned())
     }
 
-    pub fn create(&self, res: &'static Resource, ns: Option<&str>, mut obj: Value) -> Result<Value, ApiError> {
+    pub fn create(&self, res: &'static Resource, ns: Option<&str>, obj: Value) -> Result<Value, ApiError> {
+        self.create_inner(res, ns, obj, false)
+    }
+
+    /// `dryRun=All` create: named, defaulted and validated like `create` (uid and
+    /// creationTimestamp filled, no resourceVersion, as the real server answers), but nothing
+    /// is stored, no event is emitted and no cluster IP is used up.
+    pub fn create_dry_run(&self, res: &'static Resource, ns: Option<&str>, obj: Value) -> Result<Value, ApiError> {
+        self.create_inner(res, ns, obj, true)
+    }
+
+    fn create_inner(&self, res: &'static Resource, ns: Option<&str>, mut obj: Value, dry_run: bool) -> Result<Value, ApiError> {
         if !obj.is_object() {
             return Err(ApiError::BadRequest(format!("the body of a {} create must be a JSON object", res.kind)));
         }
@@ -191,6 +248,7 @@ impl Store {
         obj["apiVersion"] = json!("v1");
         obj["kind"] = json!(res.kind);
         let node_name = self.node_name.clone();
+        let ip_before = inner.next_ip;
         let mut next_ip = || {
             inner.next_ip += 1;
             format!("10.96.{}.{}", inner.next_ip / 256, inner.next_ip % 256)
@@ -207,6 +265,10 @@ impl Store {
         let key = Self::key(res, ns.as_deref(), meta::name(&obj));
         if inner.objects.get(res.plural).is_some_and(|m| m.contains_key(&key)) {
             return Err(ApiError::AlreadyExists { resource: res.plural.into(), name: key.1 });
+        }
+        if dry_run {
+            inner.next_ip = ip_before;
+            return Ok(obj);
         }
         inner.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
@@ -246,6 +308,55 @@ impl Store {
             .collect()
     }
 
+    /// One page of a list as the store looked at `at` (a resourceVersion; `None` is now), in key
+    /// order, starting after `after`. Past versions are rebuilt by undoing the history's events
+    /// newer than `at`, so every page of a chunked list shows the same snapshot, as etcd's MVCC
+    /// does for the real server; a version older than the history answers 410 Gone.
+    pub fn list_page(&self, res: &Resource, ns: Option<&str>, keep: impl Fn(&Value) -> bool, at: Option<u64>, after: Option<&Key>, limit: Option<usize>) -> Result<Page, ApiError> {
+        let inner = self.lock();
+        let rv = at.unwrap_or(inner.rv);
+        if rv > inner.rv {
+            return Err(ApiError::TooLargeResourceVersion { requested: rv, current: inner.rv });
+        }
+        if rv < inner.compacted {
+            return Err(ApiError::Gone { requested: rv, oldest: inner.compacted + 1 });
+        }
+        // The state before the oldest event newer than `rv`, per touched key (None: absent).
+        let mut undone: BTreeMap<Key, Option<Value>> = BTreeMap::new();
+        for ev in inner.history.iter().rev().take_while(|e| e.rv > rv).filter(|e| e.resource == res.plural) {
+            let key = Self::key(res, Some(meta::namespace(&ev.object)), meta::name(&ev.object));
+            let before = match ev.kind {
+                EventType::Added => None,
+                EventType::Modified | EventType::Deleted => ev.previous.clone(),
+            };
+            undone.insert(key, before);
+        }
+        let empty = BTreeMap::new();
+        let current = inner.objects.get(res.plural).unwrap_or(&empty);
+        let lower = match after {
+            Some(k) => std::ops::Bound::Excluded(k.clone()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let range = (lower, std::ops::Bound::Unbounded);
+        let in_ns = |k: &Key| !res.namespaced || ns.is_none_or(|ns| ns == k.0);
+        let mut items = Vec::new();
+        let mut last: Option<Key> = None;
+        let mut remaining = 0u64;
+        for (key, obj) in merge_sorted(current.range(range.clone()), undone.range(range)) {
+            if !in_ns(key) || !keep(obj) {
+                continue;
+            }
+            if limit.is_some_and(|l| items.len() >= l) {
+                remaining += 1;
+            } else {
+                items.push(obj.clone());
+                last = Some(key.clone());
+            }
+        }
+        let continue_after = if remaining > 0 { last } else { None };
+        Ok(Page { items, rv, continue_after, remaining })
+    }
+
     /// Like `list`, plus a live receiver subscribed atomically with the snapshot.
     pub fn list_and_subscribe(&self, res: &Resource, ns: Option<&str>) -> (Vec<Value>, u64, broadcast::Receiver<Arc<WatchEvent>>) {
         let inner = self.lock();
@@ -279,6 +390,31 @@ impl Store {
         ns: Option<&str>,
         name: &str,
         part: Part,
+        change: impl FnOnce(&mut Value) -> Result<(), ApiError>,
+    ) -> Result<Value, ApiError> {
+        self.update_inner(res, ns, name, part, false, change)
+    }
+
+    /// `dryRun=All` update: every check of `update_with`, and the object as it would be stored
+    /// (with its current resourceVersion), but nothing changes.
+    pub fn update_dry_run(
+        &self,
+        res: &'static Resource,
+        ns: Option<&str>,
+        name: &str,
+        part: Part,
+        change: impl FnOnce(&mut Value) -> Result<(), ApiError>,
+    ) -> Result<Value, ApiError> {
+        self.update_inner(res, ns, name, part, true, change)
+    }
+
+    fn update_inner(
+        &self,
+        res: &'static Resource,
+        ns: Option<&str>,
+        name: &str,
+        part: Part,
+        dry_run: bool,
         change: impl FnOnce(&mut Value) -> Result<(), ApiError>,
     ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
@@ -360,8 +496,8 @@ impl Store {
             return Err(invalid(res, name, causes));
         }
         meta::metadata_mut(&mut new).insert("resourceVersion".into(), old["metadata"]["resourceVersion"].clone());
-        if new == old {
-            return Ok(old);
+        if new == old || dry_run {
+            return Ok(new);
         }
         inner.rv += 1;
         new["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
@@ -372,7 +508,7 @@ impl Store {
             && !res.is("namespaces");
         if finished {
             inner.objects.entry(res.plural).or_default().remove(&key);
-            self.emit(&mut inner, res, EventType::Deleted, new.clone(), None);
+            self.emit(&mut inner, res, EventType::Deleted, new.clone(), Some(old));
         } else {
             inner.objects.entry(res.plural).or_default().insert(key, new.clone());
             self.emit(&mut inner, res, EventType::Modified, new.clone(), Some(old));
@@ -389,9 +525,10 @@ impl Store {
             .get_mut(res.plural)
             .and_then(|m| m.remove(&key))
             .ok_or_else(|| ApiError::not_found(res.plural, name))?;
+        let before = obj.clone();
         inner.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
-        self.emit(&mut inner, res, EventType::Deleted, obj.clone(), None);
+        self.emit(&mut inner, res, EventType::Deleted, obj.clone(), Some(before));
         Ok(obj)
     }
 
@@ -513,6 +650,55 @@ mod tests {
         assert!(matches!(err, Err(ApiError::Conflict { .. })));
         assert!(matches!(store.create(res("pods"), Some("nope"), pod("x")), Err(ApiError::NotFound { .. })));
         assert!(matches!(store.create(res("pods"), Some("default"), pod(&name)), Err(ApiError::AlreadyExists { .. })));
+    }
+
+    #[test]
+    fn pages_read_one_snapshot_until_it_leaves_the_history() {
+        let store = Store::new("n", 20);
+        let cms = res("configmaps");
+        let cm = |n: &str| json!({"metadata": {"name": n}});
+        for n in ["a", "b", "c", "d"] {
+            store.create(cms, Some("default"), cm(n)).unwrap();
+        }
+        let names = |p: &Page| p.items.iter().map(|o| meta::name(o).to_owned()).collect::<Vec<_>>();
+        let first = store.list_page(cms, Some("default"), |_| true, None, None, Some(2)).unwrap();
+        assert_eq!((names(&first), first.remaining), (vec!["a".to_owned(), "b".to_owned()], 2));
+        // Changes after the first page: a new object, a deletion and a modification.
+        store.create(cms, Some("default"), cm("bb")).unwrap();
+        store.remove(cms, Some("default"), "c").unwrap();
+        store.update_with(cms, Some("default"), "d", Part::Main, |o| {
+            o["data"] = json!({"k": "v"});
+            Ok(())
+        })
+        .unwrap();
+        let second = store.list_page(cms, Some("default"), |_| true, Some(first.rv), first.continue_after.as_ref(), Some(2)).unwrap();
+        assert_eq!(names(&second), ["c", "d"]);
+        assert!(second.items[1].get("data").is_none(), "d as it was at the snapshot");
+        assert_eq!((second.rv, second.continue_after.as_ref()), (first.rv, None));
+        for i in 0..20 {
+            store.create(cms, Some("default"), cm(&format!("x{i}"))).unwrap();
+        }
+        let gone = store.list_page(cms, Some("default"), |_| true, Some(first.rv), first.continue_after.as_ref(), Some(2));
+        assert!(matches!(gone, Err(ApiError::Gone { .. })), "{gone:?}");
+    }
+
+    #[test]
+    fn dry_runs_store_nothing() {
+        let store = Store::new("n", 100);
+        let rv = store.current_rv();
+        let would_be = store.create_dry_run(res("pods"), Some("default"), pod("p")).unwrap();
+        assert_eq!((meta::uid(&would_be).len(), meta::resource_version(&would_be)), (36, ""));
+        assert!(store.get(res("pods"), Some("default"), "p").is_err());
+        store.create(res("pods"), Some("default"), pod("p")).unwrap();
+        let changed = store
+            .update_dry_run(res("pods"), Some("default"), "p", Part::Main, |o| {
+                o["metadata"]["labels"] = json!({"x": "1"});
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(changed["metadata"]["labels"]["x"], "1");
+        assert!(store.get(res("pods"), Some("default"), "p").unwrap()["metadata"].get("labels").is_none());
+        assert_eq!(store.current_rv(), rv + 1, "only the real create wrote");
     }
 
     #[test]
