@@ -517,3 +517,190 @@ async fn selector_watches_see_objects_enter_and_leave() {
     assert_eq!(kinds, ["ADDED", "MODIFIED", "DELETED"]);
     c.stop().await;
 }
+
+fn names_of(items: &[ConfigMap]) -> Vec<String> {
+    items.iter().map(|o| o.metadata.name.clone().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chunked_lists_page_through_one_snapshot() {
+    let c = cluster().await;
+    let client = c.client().unwrap();
+    let nss: Api<Namespace> = Api::all(client.clone());
+    nss.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "paging"}})).unwrap()).await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "paging");
+    let want: Vec<String> = (0..25).map(|i| format!("cm-{i:02}")).collect();
+    for name in &want {
+        cms.create(&PostParams::default(), &cm(name, json!({}))).await.unwrap();
+    }
+    let mut seen: Vec<ConfigMap> = Vec::new();
+    let mut token: Option<String> = None;
+    let mut versions = Vec::new();
+    loop {
+        let mut lp = ListParams::default().limit(10);
+        if let Some(t) = &token {
+            lp = lp.continue_token(t);
+        }
+        let page = cms.list(&lp).await.unwrap();
+        assert!(page.items.len() <= 10);
+        versions.push(page.metadata.resource_version.clone().unwrap());
+        seen.extend(page.items);
+        token = page.metadata.continue_.clone().filter(|t| !t.is_empty());
+        if token.is_none() {
+            assert_eq!(page.metadata.remaining_item_count, None);
+            break;
+        }
+        assert_eq!(page.metadata.remaining_item_count, Some(25 - seen.len() as i64));
+        if versions.len() == 1 {
+            // Writes between pages must not show in the later pages.
+            cms.create(&PostParams::default(), &cm("cm-99", json!({}))).await.unwrap();
+            cms.delete("cm-20", &DeleteParams::default()).await.unwrap();
+            cms.patch("cm-15", &PatchParams::default(), &Patch::Merge(json!({"data": {"k": "changed"}}))).await.unwrap();
+        }
+    }
+    assert_eq!(versions.len(), 3);
+    assert!(versions.iter().all(|v| v == &versions[0]), "every page reports the first page's version: {versions:?}");
+    assert_eq!(names_of(&seen), want);
+    let cm15 = seen.iter().find(|o| o.metadata.name.as_deref() == Some("cm-15")).unwrap();
+    assert_eq!(cm15.data.as_ref().unwrap()["k"], "v", "cm-15 as it was when the list began");
+    let now = names_of(&cms.list(&ListParams::default()).await.unwrap().items);
+    assert!(now.contains(&"cm-99".to_owned()) && !now.contains(&"cm-20".to_owned()), "{now:?}");
+
+    // Across all namespaces: every object once, in (namespace, name) order.
+    let all: Api<ConfigMap> = Api::all(client.clone());
+    let (mut everywhere, mut token) = (Vec::new(), None::<String>);
+    loop {
+        let mut lp = ListParams::default().limit(7);
+        if let Some(t) = &token {
+            lp = lp.continue_token(t);
+        }
+        let page = all.list(&lp).await.unwrap();
+        everywhere.extend(page.items.iter().map(|o| (o.metadata.namespace.clone().unwrap(), o.metadata.name.clone().unwrap())));
+        token = page.metadata.continue_.filter(|t| !t.is_empty());
+        if token.is_none() {
+            break;
+        }
+    }
+    let mut sorted = everywhere.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(everywhere, sorted);
+    assert_eq!(everywhere.iter().filter(|(ns, _)| ns == "paging").count(), 25);
+    // kube-runtime's watcher pages its initial list (500 by default; 4 here).
+    let objs: Vec<ConfigMap> = watcher(cms.clone(), watcher::Config::default().page_size(4)).default_backoff().applied_objects().take(25).try_collect().await.unwrap();
+    let mut names = names_of(&objs);
+    names.sort();
+    assert_eq!(names.len(), 25);
+    assert!(names.contains(&"cm-99".to_owned()));
+
+    let err = api_error(cms.list(&ListParams::default().limit(5).continue_token("not-a-token")).await.unwrap_err());
+    assert_eq!((err.code, err.reason.as_str()), (400, "BadRequest"), "{err:?}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn continue_tokens_expire_with_the_watch_history() {
+    let c = cluster_with(ClusterOptions { watch_history: Some(10), ..ClusterOptions::default() }).await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(c.client().unwrap());
+    for i in 0..5 {
+        cms.create(&PostParams::default(), &cm(&format!("a-{i}"), json!({}))).await.unwrap();
+    }
+    let token = cms.list(&ListParams::default().limit(2)).await.unwrap().metadata.continue_.unwrap();
+    for i in 0..12 {
+        cms.create(&PostParams::default(), &cm(&format!("b-{i}"), json!({}))).await.unwrap();
+    }
+    let err = api_error(cms.list(&ListParams::default().limit(2).continue_token(&token)).await.unwrap_err());
+    assert_eq!((err.code, err.reason.as_str()), (410, "Expired"), "{err:?}");
+    assert!(err.message.contains("continue parameter is too old"), "{}", err.message);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dry_runs_answer_like_writes_but_change_nothing() {
+    let c = cluster().await;
+    let client = c.client().unwrap();
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let start = cms.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
+    let mut events = cms.watch(&WatchParams::default(), &start).await.unwrap().boxed();
+    let dry = PostParams { dry_run: true, ..PostParams::default() };
+
+    let would_be = cms.create(&dry, &cm("ghost", json!({"app": "x"}))).await.unwrap();
+    assert_eq!(would_be.metadata.uid.as_ref().map(String::len), Some(36));
+    assert!(would_be.metadata.creation_timestamp.is_some());
+    assert_eq!(would_be.metadata.resource_version, None, "nothing was stored, so no version");
+    assert_eq!(api_error(cms.get("ghost").await.unwrap_err()).code, 404);
+    // Validation and defaulting still run: a dry-run pod comes back defaulted, a bad one is refused.
+    let pod = pods.create(&dry, &sleeper("dry-pod")).await.unwrap();
+    assert_eq!(pod.spec.unwrap().restart_policy.as_deref(), Some("Always"));
+    let mut bad = sleeper("bad");
+    bad.spec.as_mut().unwrap().containers.clear();
+    assert_eq!(api_error(pods.create(&dry, &bad).await.unwrap_err()).code, 422);
+    assert!(pods.get_opt("dry-pod").await.unwrap().is_none());
+
+    let real = cms.create(&PostParams::default(), &cm("real", json!({}))).await.unwrap();
+    let patched = cms.patch("real", &PatchParams::default().dry_run(), &Patch::Merge(json!({"data": {"k": "dry"}}))).await.unwrap();
+    assert_eq!(patched.data.unwrap()["k"], "dry");
+    let mut replaced = real.clone();
+    replaced.data = Some([("k".to_owned(), "replaced".to_owned())].into());
+    assert_eq!(cms.replace("real", &dry, &replaced).await.unwrap().data.unwrap()["k"], "replaced");
+    cms.delete("real", &DeleteParams { dry_run: true, ..DeleteParams::default() }).await.unwrap();
+    let after = cms.get("real").await.unwrap();
+    assert_eq!((after.data.unwrap()["k"].as_str(), after.metadata.resource_version), ("v", real.metadata.resource_version));
+
+    // The watch saw the one real create and nothing from the dry runs.
+    cms.create(&PostParams::default(), &cm("marker", json!({}))).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("marker") {
+        match events.try_next().await.unwrap().unwrap() {
+            WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => seen.push(o.metadata.name.unwrap()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, ["real", "marker"]);
+
+    let bogus = axum::http::Request::post("/api/v1/namespaces/default/configmaps?dryRun=Maybe")
+        .header("content-type", "application/json")
+        .body(br#"{"metadata":{"name":"x"}}"#.to_vec())
+        .unwrap();
+    let err = api_error(client.request_text(bogus).await.unwrap_err());
+    assert_eq!((err.code, err.reason.as_str()), (422, "Invalid"), "{err:?}");
+    assert!(err.message.contains("dryRun") && err.message.contains("supported values: \"All\""), "{}", err.message);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_side_apply_creates_merges_and_tracks_owners() {
+    let c = cluster().await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(c.client().unwrap());
+    let applied = |data: Value| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa"}, "data": data});
+    let ci = PatchParams::apply("ci");
+
+    let created = cms.patch("ssa", &ci, &Patch::Apply(applied(json!({"a": "1", "b": "2"})))).await.unwrap();
+    assert_eq!(created.data.as_ref().unwrap().len(), 2);
+    let managed = created.metadata.managed_fields.clone().unwrap();
+    assert_eq!((managed[0].manager.as_deref(), managed[0].operation.as_deref()), (Some("ci"), Some("Apply")));
+    // Someone else's field survives; a field ci stops applying goes; a changed one changes.
+    cms.patch("ssa", &PatchParams::default(), &Patch::Merge(json!({"data": {"theirs": "x"}}))).await.unwrap();
+    let second = cms.patch("ssa", &ci, &Patch::Apply(applied(json!({"a": "10"})))).await.unwrap();
+    let data = second.data.unwrap();
+    assert_eq!((data.get("a").map(String::as_str), data.get("b"), data.get("theirs").map(String::as_str)), (Some("10"), None, Some("x")));
+
+    // Another manager changing ci's field conflicts, unless it forces.
+    let err = api_error(cms.patch("ssa", &PatchParams::apply("other"), &Patch::Apply(applied(json!({"a": "20"})))).await.unwrap_err());
+    assert_eq!((err.code, err.reason.as_str()), (409, "Conflict"), "{err:?}");
+    assert!(err.message.contains("conflict with \"ci\"") && err.message.contains(".data.a"), "{}", err.message);
+    let forced = cms.patch("ssa", &PatchParams::apply("other").force(), &Patch::Apply(applied(json!({"a": "20"})))).await.unwrap();
+    assert_eq!(forced.data.unwrap()["a"], "20");
+
+    let missing_manager = axum::http::Request::patch("/api/v1/namespaces/default/configmaps/ssa")
+        .header("content-type", "application/apply-patch+yaml")
+        .body(b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ssa}\n".to_vec())
+        .unwrap();
+    let err = api_error(c.client().unwrap().request_text(missing_manager).await.unwrap_err());
+    assert_eq!((err.code, err.message.contains("fieldManager")), (422, true), "{err:?}");
+    // A dry-run apply of a new object creates nothing.
+    cms.patch("ssa-dry", &PatchParams::apply("ci").dry_run(), &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa-dry"}}))).await.unwrap();
+    assert!(cms.get_opt("ssa-dry").await.unwrap().is_none());
+    c.stop().await;
+}
