@@ -124,3 +124,65 @@ async fn kubectl_reports_server_errors() {
     assert!(String::from_utf8_lossy(&dup.stderr).contains("AlreadyExists"), "{dup:?}");
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_chunked_get_returns_every_object() {
+    let c = cluster().await;
+    let many: String = (0..10).map(|i| format!("---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: chunk-{i}}}\ndata: {{i: \"{i}\"}}\n")).collect();
+    kubectl_stdin(&c, &["create", "-f", "-"], Some(&many));
+    let table = kubectl(&c, &["get", "cm", "--chunk-size=3"]);
+    for i in 0..10 {
+        assert!(table.lines().any(|l| l.starts_with(&format!("chunk-{i} "))), "no row for chunk-{i}:\n{table}");
+    }
+    let names = kubectl(&c, &["get", "cm", "-A", "--chunk-size=3", "-o", "name"]);
+    assert_eq!(names.lines().filter(|l| l.starts_with("configmap/chunk-")).count(), 10, "{names}");
+    // It really paged: -v=6 logs each request URL.
+    let verbose = kubectl_raw(&c, &["get", "cm", "--chunk-size=3", "-v=6"], None);
+    let log = String::from_utf8_lossy(&verbose.stderr);
+    assert!(verbose.status.success(), "{log}");
+    assert!(log.matches("limit=3").count() >= 4 && log.contains("continue="), "{log}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_server_dry_run_changes_nothing() {
+    let c = cluster().await;
+    assert_eq!(kubectl_stdin(&c, &["create", "--dry-run=server", "-f", "-"], Some(CONFIGMAP)).trim(), "configmap/settings created (server dry run)");
+    let missing = kubectl_raw(&c, &["get", "configmap", "settings"], None);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("NotFound"), "{missing:?}");
+    kubectl_stdin(&c, &["create", "-f", "-"], Some(CONFIGMAP));
+    assert!(kubectl(&c, &["label", "configmap", "settings", "tier=x", "--dry-run=server"]).contains("labeled"));
+    assert_eq!(kubectl(&c, &["delete", "configmap", "settings", "--dry-run=server"]).trim(), "configmap \"settings\" deleted (server dry run)");
+    let json: serde_json::Value = serde_json::from_str(&kubectl(&c, &["get", "configmap", "settings", "-o", "json"])).unwrap();
+    assert!(json["metadata"].get("labels").is_none(), "{json}");
+    assert!(json["metadata"].get("deletionTimestamp").is_none(), "{json}");
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_apply_server_side_and_client_side() {
+    let c = cluster().await;
+    let applied = |mode: &str| CONFIGMAP.replace("name: settings", "name: applied").replace("fast", mode);
+    for mode in ["fast", "fast", "safe"] {
+        assert_eq!(kubectl_stdin(&c, &["apply", "--server-side", "-f", "-"], Some(&applied(mode))).trim(), "configmap/applied serverside-applied");
+        assert_eq!(kubectl(&c, &["get", "configmap", "applied", "-o", "jsonpath={.data.mode}"]), mode);
+    }
+    let managers = kubectl(&c, &["get", "configmap", "applied", "--show-managed-fields", "-o", "jsonpath={.metadata.managedFields[*].manager}"]);
+    assert_eq!(managers, "kubectl");
+    let conflict = kubectl_raw(&c, &["apply", "--server-side", "--field-manager=other", "-f", "-"], Some(&applied("slow")));
+    assert!(!conflict.status.success());
+    let err = String::from_utf8_lossy(&conflict.stderr);
+    assert!(err.contains("conflict") && err.contains(".data.mode"), "{err}");
+    kubectl_stdin(&c, &["apply", "--server-side", "--field-manager=other", "--force-conflicts", "-f", "-"], Some(&applied("slow")));
+    assert_eq!(kubectl(&c, &["get", "configmap", "applied", "-o", "jsonpath={.data.mode}"]), "slow");
+
+    // Client-side apply: create, change a key and drop another (three-way merge on the
+    // last-applied annotation).
+    let two_keys = CONFIGMAP.replace("name: settings", "name: csa").replace("mode: fast", "mode: fast\n  extra: \"1\"");
+    assert_eq!(kubectl_stdin(&c, &["apply", "-f", "-"], Some(&two_keys)).trim(), "configmap/csa created");
+    assert_eq!(kubectl_stdin(&c, &["apply", "-f", "-"], Some(&two_keys)).trim(), "configmap/csa unchanged");
+    let one_key = CONFIGMAP.replace("name: settings", "name: csa").replace("fast", "safe");
+    assert_eq!(kubectl_stdin(&c, &["apply", "-f", "-"], Some(&one_key)).trim(), "configmap/csa configured");
+    assert_eq!(kubectl(&c, &["get", "configmap", "csa", "-o", "jsonpath={.data}"]), r#"{"mode":"safe"}"#);
+    c.stop().await;
+}
