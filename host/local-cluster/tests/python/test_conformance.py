@@ -160,3 +160,61 @@ def test_owner_gc_and_deletion(core, ns):
     with pytest.raises(ApiException) as nf:
         core.read_namespaced_secret("owned", ns)
     assert nf.value.status == 404
+
+
+def test_chunked_list_pages_and_tokens(core, ns):
+    for i in range(12):
+        core.create_namespaced_config_map(ns, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=f"page-{i:02}")))
+    names, token, pages = [], None, []
+    while True:
+        page = core.list_namespaced_config_map(ns, limit=5, _continue=token)
+        pages.append(page.metadata)
+        names += [o.metadata.name for o in page.items]
+        token = page.metadata._continue
+        if not token:
+            break
+        if len(pages) == 1:
+            # Not visible in the later pages of this list.
+            core.create_namespaced_config_map(ns, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="page-99")))
+    assert names == [f"page-{i:02}" for i in range(12)]
+    assert [p.remaining_item_count for p in pages] == [7, 2, None]
+    assert len({p.resource_version for p in pages}) == 1
+
+    with pytest.raises(ApiException) as bad:
+        core.list_namespaced_config_map(ns, limit=5, _continue="garbage")
+    assert status_of(bad.value)["code"] == 400
+
+    # Push the first page's version out of the 100-event history: 410 Expired, and the Status
+    # carries a token that continues (inconsistently) at the latest version.
+    token = core.list_namespaced_config_map(ns, limit=5).metadata._continue
+    for i in range(110):
+        core.create_namespaced_config_map(ns, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=f"later-{i:03}")))
+    with pytest.raises(ApiException) as expired:
+        core.list_namespaced_config_map(ns, limit=5, _continue=token)
+    body = status_of(expired.value)
+    assert (body["code"], body["reason"]) == (410, "Expired")
+    rest = core.list_namespaced_config_map(ns, _continue=body["metadata"]["continue"])
+    assert [o.metadata.name for o in rest.items][:5] == ["page-05", "page-06", "page-07", "page-08", "page-09"]
+    assert not rest.metadata._continue
+
+
+def test_dry_run_and_server_side_apply(core, ns):
+    cm = client.V1ConfigMap(metadata=client.V1ObjectMeta(name="dry"), data={"k": "v"})
+    would_be = core.create_namespaced_config_map(ns, cm, dry_run="All")
+    assert would_be.metadata.uid and would_be.metadata.resource_version is None
+    with pytest.raises(ApiException) as nf:
+        core.read_namespaced_config_map("dry", ns)
+    assert nf.value.status == 404
+    with pytest.raises(ApiException) as unknown:
+        core.create_namespaced_config_map(ns, cm, dry_run="Sometimes")
+    body = status_of(unknown.value)
+    assert (body["code"], body["reason"], body["details"]["causes"][0]["field"]) == (422, "Invalid", "dryRun")
+
+    manifest = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa"}, "data": {"mode": "fast"}}
+    apply = lambda m, **kw: core.patch_namespaced_config_map("ssa", ns, m, field_manager="py", _content_type="application/apply-patch+yaml", **kw)
+    assert apply(manifest).data == {"mode": "fast"}
+    manifest["data"] = {"mode": "safe"}
+    assert apply(manifest).data == {"mode": "safe"}
+    manifest["data"] = {"mode": "dry"}
+    assert apply(manifest, dry_run="All").data == {"mode": "dry"}
+    assert core.read_namespaced_config_map("ssa", ns).data == {"mode": "safe"}
