@@ -57,6 +57,10 @@ struct ClusterUpArgs {
     /// Require this bearer token on every request (it is written into the kubeconfig).
     #[arg(long, env = "KEEL_CLUSTER_TOKEN")]
     token: Option<String>,
+    /// Serve HTTPS with a CA made at start: `ca.crt`, `server.crt` and `server.key` go into the
+    /// data dir and the kubeconfig carries the CA, so clients verify the server.
+    #[arg(long, env = "KEEL_CLUSTER_TLS")]
+    tls: bool,
 }
 
 #[derive(Subcommand)]
@@ -168,6 +172,7 @@ async fn cluster_up(args: ClusterUpArgs) -> anyhow::Result<()> {
         images_dir: args.images_dir,
         unavailable_images: args.unavailable_images,
         token: args.token,
+        tls: args.tls,
         ..ClusterOptions::default()
     };
     let cluster = LocalCluster::start(opts).await.context("cannot start the local cluster")?;

@@ -16,7 +16,9 @@ pub mod patch;
 pub mod protobuf;
 pub mod resources;
 pub mod selectors;
+mod serve;
 pub mod store;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,6 +41,9 @@ pub struct ClusterOptions {
     /// Watch events kept for replay from an old resourceVersion (default 10 000); older
     /// versions answer 410 Gone.
     pub watch_history: Option<usize>,
+    /// Serve HTTPS with a CA and server certificate made at start (`ca.crt`, `server.crt`,
+    /// `server.key` in the data dir); the kubeconfig then carries the CA. Plain HTTP otherwise.
+    pub tls: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,12 +68,21 @@ pub enum ClusterError {
     },
     #[error("cannot start the node: {0}")]
     Node(#[source] node::NodeError),
+    #[error("cannot set up TLS for the API server")]
+    Tls(#[source] tls::TlsError),
     #[error("cannot build a client for {url}: {source}")]
     Client {
         url: String,
         #[source]
         source: kube::Error,
     },
+}
+
+/// What clients need to trust a TLS cluster.
+struct TlsInfo {
+    ca_pem: String,
+    ca_der: Vec<u8>,
+    ca_path: PathBuf,
 }
 
 pub const NODE_NAME: &str = "keel-local";
@@ -80,6 +94,7 @@ pub struct LocalCluster {
     url: String,
     addr: SocketAddr,
     token: Option<String>,
+    tls: Option<TlsInfo>,
     kubeconfig: PathBuf,
     data_dir: PathBuf,
     temp_dir: Option<tempfile::TempDir>,
@@ -105,7 +120,8 @@ impl LocalCluster {
         let port = opts.port.unwrap_or(0);
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.map_err(|source| ClusterError::Bind { port, source })?;
         let addr = listener.local_addr().map_err(|source| ClusterError::Bind { port, source })?;
-        let url = format!("http://{addr}");
+        let server_tls = if opts.tls { Some(tls::ServerTls::generate().map_err(ClusterError::Tls)?) } else { None };
+        let url = format!("{}://{addr}", if server_tls.is_some() { "https" } else { "http" });
 
         let store = store::Store::new(NODE_NAME, opts.watch_history.unwrap_or(DEFAULT_WATCH_HISTORY));
         let node_cfg = node::NodeConfig {
@@ -123,23 +139,33 @@ impl LocalCluster {
             cancel: CancellationToken::new(),
         });
         let kubeconfig = data_dir.join("kubeconfig");
-        kubeconfig::write(&kubeconfig, &url, opts.token.as_deref()).map_err(|source| ClusterError::Kubeconfig { path: kubeconfig.clone(), source })?;
+        let tls = match &server_tls {
+            Some(t) => Some(TlsInfo { ca_path: t.write_to(&data_dir).map_err(ClusterError::Tls)?, ca_pem: t.ca_pem().to_owned(), ca_der: t.ca_der().to_vec() }),
+            None => None,
+        };
+        let kubeconfig_tls = server_tls.as_ref().map(|t| kubeconfig::Tls { ca_pem: t.ca_pem(), client: t.client_identity() });
+        kubeconfig::write(&kubeconfig, &url, opts.token.as_deref(), kubeconfig_tls)
+            .map_err(|source| ClusterError::Kubeconfig { path: kubeconfig.clone(), source })?;
 
         let app = api::router(state.clone());
-        let cancel = state.cancel.clone();
-        let server = tokio::spawn(async move {
-            let shutdown = async move { cancel.cancelled().await };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-                tracing::error!(error = %e, "local cluster API server failed");
-            }
-        });
+        let server = tokio::spawn(serve::serve(listener, app, server_tls.map(|t| t.acceptor()), state.cancel.clone()));
         tracing::info!(cluster.url = %url, cluster.data_dir = %data_dir.display(), "local cluster started");
-        Ok(LocalCluster { url, addr, token: opts.token, kubeconfig, data_dir, temp_dir, state, server: Some(server) })
+        Ok(LocalCluster { url, addr, token: opts.token, tls, kubeconfig, data_dir, temp_dir, state, server: Some(server) })
     }
 
-    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    /// Base URL, e.g. `http://127.0.0.1:41234` (`https://` with TLS).
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The CA certificate (PEM) a TLS cluster's clients must trust; `None` for plain HTTP.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.tls.as_ref().map(|t| t.ca_pem.as_str())
+    }
+
+    /// Where that CA certificate is written (`ca.crt` in the data dir).
+    pub fn ca_path(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|t| t.ca_path.as_path())
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -159,11 +185,15 @@ impl LocalCluster {
         &self.state.node
     }
 
-    /// A kube-rs client for this cluster (bearer token included when set).
+    /// A kube-rs client for this cluster (bearer token included when set; trusting the
+    /// cluster's CA, and only it, with TLS).
     pub fn client(&self) -> Result<kube::Client, ClusterError> {
-        let url: axum::http::Uri = self.url.parse().expect("http://<socket address> is a valid URI");
+        let url: axum::http::Uri = self.url.parse().expect("http(s)://<socket address> is a valid URI");
         let mut cfg = kube::Config::new(url);
         cfg.default_namespace = "default".into();
+        if let Some(t) = &self.tls {
+            cfg.root_cert = Some(vec![t.ca_der.clone()]);
+        }
         if let Some(t) = &self.token {
             cfg.auth_info.token = Some(t.clone().into());
         }

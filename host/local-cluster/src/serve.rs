@@ -1,0 +1,135 @@
+//! The API server's accept loop, one for plain HTTP and HTTPS alike.
+//!
+//! Each connection runs in its own task, TLS handshake included, so a slow or silent client
+//! never holds up the next `accept`. Connections are served by hyper-util's auto builder (HTTP/1.1
+//! and HTTP/2) with upgrades, which exec/attach need for their WebSockets.
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+/// A client that connects and then says nothing (or stalls mid-handshake) is dropped after this,
+/// so idle sockets cannot pile up as tasks.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first byte of every TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// What kube-apiserver (Go's net/http) answers to plain HTTP on its TLS port, so `curl http://`
+/// by mistake says what is wrong instead of failing with a reset.
+const PLAIN_HTTP_ON_TLS: &[u8] = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n";
+
+/// Serve `app` on `listener` until `cancel`; then stop accepting and let open connections
+/// finish their requests. The caller bounds that wait and aborts this task after it, which
+/// drops (and so cuts) whatever connection is still open.
+pub(crate) async fn serve(listener: TcpListener, app: Router, tls: Option<TlsAcceptor>, cancel: CancellationToken) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            // Reap finished connections as they end, so the set does not grow with every client.
+            Some(done) = connections.join_next(), if !connections.is_empty() => log_panic(done),
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    connections.spawn(connection(tcp, peer, app.clone(), tls.clone(), cancel.clone()));
+                }
+                Err(e) if is_connection_error(&e) => {}
+                Err(e) => {
+                    // Out of file descriptors and the like: accepting again at once would spin.
+                    tracing::error!(error = %e, "cannot accept a connection; retrying in 1s");
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            },
+        }
+    }
+    // Closing the listener now refuses new clients instead of leaving them hanging in the backlog.
+    drop(listener);
+    while let Some(done) = connections.join_next().await {
+        log_panic(done);
+    }
+}
+
+fn log_panic(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        tracing::error!(error = %e, "a connection task failed");
+    }
+}
+
+/// Errors about one client's connection, not the listener (same list as axum::serve).
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(e.kind(), ConnectionRefused | ConnectionAborted | ConnectionReset)
+}
+
+async fn connection(tcp: TcpStream, peer: SocketAddr, app: Router, tls: Option<TlsAcceptor>, cancel: CancellationToken) {
+    // Exec/attach frames and watch events are small writes that should leave at once.
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(client.address = %peer, error = %e, "cannot set TCP_NODELAY");
+    }
+    let Some(acceptor) = tls else {
+        return http(tcp, peer, app, cancel).await;
+    };
+    let handshake = async move {
+        let mut first = [0u8; 1];
+        if tcp.peek(&mut first).await? == 1 && first[0] != TLS_HANDSHAKE_RECORD {
+            let mut tcp = tcp;
+            tcp.write_all(PLAIN_HTTP_ON_TLS).await?;
+            tcp.shutdown().await?;
+            return Ok(None);
+        }
+        acceptor.accept(tcp).await.map(Some)
+    };
+    let stream = tokio::select! {
+        () = cancel.cancelled() => return,
+        done = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => match done {
+            Ok(Ok(Some(stream))) => stream,
+            Ok(Ok(None)) => {
+                tracing::debug!(client.address = %peer, "plain HTTP on the TLS port; answered 400");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(client.address = %peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(client.address = %peer, "TLS handshake timed out");
+                return;
+            }
+        },
+    };
+    http(stream, peer, app, cancel).await
+}
+
+async fn http<I>(io: I, peer: SocketAddr, app: Router, cancel: CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // RFC 8441 (WebSockets over HTTP/2), as axum::serve enables it.
+    builder.http2().enable_connect_protocol();
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app));
+    let mut conn = std::pin::pin!(conn);
+    let served = tokio::select! {
+        served = conn.as_mut() => served,
+        () = cancel.cancelled() => {
+            // Finish the request in flight, then close; the caller bounds how long that may take.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = served {
+        // A client hanging up or speaking nonsense is its own business, not a server failure.
+        tracing::debug!(client.address = %peer, error = %e, "connection ended with an error");
+    }
+}
