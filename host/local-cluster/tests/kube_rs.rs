@@ -565,6 +565,9 @@ async fn chunked_lists_page_through_one_snapshot() {
     assert_eq!(cm15.data.as_ref().unwrap()["k"], "v", "cm-15 as it was when the list began");
     let now = names_of(&cms.list(&ListParams::default()).await.unwrap().items);
     assert!(now.contains(&"cm-99".to_owned()) && !now.contains(&"cm-20".to_owned()), "{now:?}");
+    // resourceVersionMatch=Exact lists that same snapshot in one go.
+    let exact = cms.list(&ListParams::default().at(&versions[0]).matching(kube::api::VersionMatch::Exact)).await.unwrap();
+    assert_eq!(names_of(&exact.items), want);
 
     // Across all namespaces: every object once, in (namespace, name) order.
     let all: Api<ConfigMap> = Api::all(client.clone());
