@@ -46,7 +46,7 @@ pub fn decode(raw: &str, namespaced: bool) -> Result<Continue, ApiError> {
         _ => return Err(bad("incorrect encoded start resourceVersion (version meta.k8s.io/v1)")),
     };
     let start = token.start.strip_suffix('\u{0}').unwrap_or(&token.start);
-    if start.is_empty() || start.contains("..") {
+    if start.is_empty() {
         return Err(bad("continue key is not valid"));
     }
     let after = match (namespaced, start.split_once('/')) {
