@@ -304,10 +304,6 @@ async fn nothing_outlives_a_dropped_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_have_their_own_network_and_containers_share_it() {
-    if !rustix_is_root() {
-        eprintln!("skipped: pod network namespaces need root");
-        return;
-    }
     let mut f = fixture();
     let server = "import http.server as h; h.HTTPServer(('127.0.0.1', 18931), h.SimpleHTTPRequestHandler).serve_forever()";
     let client = "import urllib.request as u, time\n\
@@ -320,7 +316,9 @@ async fn pods_have_their_own_network_and_containers_share_it() {
         "shareProcessNamespace": true,
         "containers": [
             {"name": "server", "image": "alpine", "command": ["python3", "-c", server], "workingDir": "/tmp"},
-            {"name": "client", "image": "alpine", "command": ["sh", "-c", format!("python3 -c \"{client}\"; ps -e -o comm= | sort | tr '\\n' ' '")]}
+            // The /proc of the shared PID namespace, not the host's: PID 1 is the pod's.
+            {"name": "client", "image": "alpine", "command": ["sh", "-c", format!("python3 -c \"{client}\"; ps -e -o comm= | sort | tr '\\n' ' '; \
+                [ $(readlink /proc/1/ns/pid) = $(readlink /proc/self/ns/pid) ] && echo own-proc")]}
         ]
     }));
     f.node.run_pod(p, ResolvedVolumes::new());
@@ -329,6 +327,7 @@ async fn pods_have_their_own_network_and_containers_share_it() {
     // Same localhost; and with shareProcessNamespace the client sees the server's process.
     assert!(out.starts_with("200\n"), "{out}");
     assert!(out.contains("python3"), "processes of the other container visible: {out}");
+    assert!(out.ends_with("own-proc\n"), "a /proc of the pod's PID namespace: {out}");
     // The host (and so any other pod) does not see the pod's listener.
     let host = std::net::TcpStream::connect(("127.0.0.1", 18931));
     assert!(host.is_err(), "the pod's port leaked into the host network namespace");

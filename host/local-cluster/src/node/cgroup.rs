@@ -29,14 +29,18 @@ pub(crate) struct ContainerCgroup {
 }
 
 impl CgroupRoot {
-    /// `None` when memory cgroups cannot be used here (not root, controller missing); limits
-    /// are then not enforced, which is logged once.
+    /// `None` when memory cgroups cannot be used here (controller missing, or our cgroup is not
+    /// writable: the usual case for an ordinary user, unless a cgroup v2 subtree was delegated to
+    /// it); limits are then not enforced, which is logged once here and per limited container.
     pub fn create(isolation: &Isolation) -> Option<CgroupRoot> {
-        if !isolation.root {
-            tracing::warn!("not root: container memory limits are not enforced");
+        let not_enforced = |why: &str| {
+            let who = if isolation.root { "" } else { " (running unprivileged: run as root, or in a delegated cgroup v2 subtree such as `systemd-run --user --scope -p Delegate=yes`)" };
+            tracing::warn!("container memory limits are not enforced: {why}{who}");
+        };
+        let Ok(own) = std::fs::read_to_string("/proc/self/cgroup") else {
+            not_enforced("cannot read /proc/self/cgroup");
             return None;
-        }
-        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        };
         let (base, version) = if let Some(path) = own.lines().find_map(|l| {
             let mut parts = l.splitn(3, ':');
             let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
@@ -44,26 +48,39 @@ impl CgroupRoot {
         }) {
             (Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/')), Version::V1)
         } else {
-            let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
-            let mount = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
-                .into_iter()
-                .find(|m| Path::new(m).join("cgroup.controllers").exists())?;
-            let base = Path::new(mount).join(path.trim_start_matches('/'));
-            let ctrls = std::fs::read_to_string(base.join("cgroup.controllers")).ok()?;
-            if !ctrls.split_whitespace().any(|c| c == "memory") {
-                tracing::warn!("cgroup v2 without the memory controller: memory limits not enforced");
+            let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
+                not_enforced("no memory cgroup controller (neither cgroup v1 nor v2)");
                 return None;
-            }
-            (base, Version::V2)
+            };
+            let Some(mount) = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+                .into_iter()
+                .find(|m| Path::new(m).join("cgroup.controllers").exists())
+            else {
+                not_enforced("cgroup v2 is not mounted at /sys/fs/cgroup");
+                return None;
+            };
+            (Path::new(mount).join(path.trim_start_matches('/')), Version::V2)
         };
         let dir = base.join(format!("keel-node-{}", std::process::id()));
         if let Err(e) = std::fs::create_dir_all(&dir) {
-            tracing::warn!(cgroup.dir = %dir.display(), error = %e, "cannot create memory cgroup: memory limits not enforced");
+            not_enforced(&format!("cannot create the memory cgroup {}: {e}", dir.display()));
             return None;
         }
         if version == Version::V2 {
-            // Children of our cgroup may only get the memory controller if we enable it.
-            let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+memory");
+            // Children of our cgroup may only get the memory controller if it reached our new
+            // cgroup (the parent enables it) and we pass it on.
+            let has_memory = std::fs::read_to_string(dir.join("cgroup.controllers"))
+                .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
+            let passed_on = has_memory
+                && std::fs::write(dir.join("cgroup.subtree_control"), "+memory").is_ok();
+            if !passed_on {
+                let _ = std::fs::remove_dir(&dir);
+                not_enforced(&format!(
+                    "the memory controller is not enabled for {} (cgroup v2)",
+                    dir.display()
+                ));
+                return None;
+            }
         }
         Some(CgroupRoot { dir, version })
     }

@@ -65,22 +65,30 @@
 //! already gets the fiddly parts right (pivot_root, mount propagation, `--die-with-parent`,
 //! bringing up loopback), and works both as root and, where unprivileged user namespaces are
 //! allowed, as an ordinary user. Doing the same in Rust would be several hundred lines of unsafe
-//! code between fork and exec. The few things bwrap cannot do (join the pod's network namespace,
-//! join a memory cgroup, die with this process) are done in `pre_exec` before bwrap starts; that
-//! is the crate's only `unsafe` (see `sandbox.rs`).
+//! code between fork and exec. The few things bwrap cannot do (join the pod's user and network
+//! namespaces, join a memory cgroup, die with this process) are done in `pre_exec` before bwrap
+//! starts; that is the crate's only `unsafe` (see `sandbox.rs`).
 //!
 //! Each pod has a holder process (`bwrap --unshare-net --unshare-pid ... sleep`, the analogue of
 //! the pause container) whose network namespace every container joins, so containers of a pod
 //! share `localhost` and pods are separated from each other and from the host. With
-//! `shareProcessNamespace` the containers also join the holder's PID namespace. Joining needs root;
-//! as an unprivileged user pods use the host's network namespace (documented limitation).
+//! `shareProcessNamespace` the containers also join the holder's PID namespace (bwrap `--pidns`,
+//! so their `/proc` shows only the pod's processes). As an ordinary user the holder also gets a
+//! user namespace of its own (`--unshare-user --uid 0 --gid 0`); containers join it first, which
+//! gives them the capabilities to join the pod's other namespaces, and then run as uid 0 *of that
+//! namespace*: to the host they are the node's user, and so are the files they write to volumes.
+//! exec (`nsenter`) joins the same user namespace first. `Node::new` checks that the pod's
+//! namespaces can be made and otherwise fails with `NodeError::NamespacesUnavailable`, naming the
+//! kernel setting that forbids them and the remedy.
 //!
 //! Known limits: a container's `/dev` is bwrap's fresh one with its own devpts, so inside an exec
 //! with a tty `[ -t 0 ]` and `stty` work but `tty`/ttyname cannot name the terminal; interactive
-//! shells warn that they cannot set the tty process group. Unprivileged, pods share the host's
-//! network namespace, shareProcessNamespace is ignored, memory limits are not enforced and exec
-//! does not work yet (nsenter gets EPERM joining the sandbox's PID namespace); run as root.
-//! Readiness/liveness probes are not run: a running container is ready.
+//! shells warn that they cannot set the tty process group. As an ordinary user memory limits are
+//! enforced only where this user may create memory cgroups (a delegated cgroup v2 subtree);
+//! otherwise, as on cgroup v1, they are not enforced: the node warns at start and for every
+//! limited container, and `Node::memory_limits_enforced()` says so. Unprivileged, emptyDir
+//! `medium: Memory` is a plain directory, and files owned by other host users (root) appear as
+//! `nobody` inside containers. Readiness/liveness probes are not run: a running container is ready.
 //!
 //! Every sandbox is spawned from one long-lived "spawner" thread owned by the Node, with
 //! `PR_SET_PDEATHSIG=SIGKILL` (bwrap's `--die-with-parent`): when the Node is dropped the thread
@@ -170,10 +178,10 @@ pub struct LogOptions {
 pub enum NodeError {
     #[error("bubblewrap (`bwrap`) is needed to run containers but could not be run: {0}")]
     BwrapMissing(#[source] std::io::Error),
-    #[error(
-        "bubblewrap cannot create namespaces here (unprivileged user namespaces disabled?): {0}"
-    )]
-    NamespacesUnavailable(String),
+    /// The start-up probe could not create a pod's namespaces; `cause` is the likeliest reason
+    /// (from the kernel settings), `bwrap` what bubblewrap itself said.
+    #[error("bubblewrap cannot create a pod's namespaces here: {cause}; {remedy} (bwrap said: {bwrap})")]
+    NamespacesUnavailable { cause: String, remedy: String, bwrap: String },
     #[error("cannot create node directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -337,6 +345,12 @@ impl Node {
         let pod = self.pod(uid).ok_or_else(|| NodeError::NoSuchPod(uid.to_string()))?;
         let log = pod.log_for(container, opts.previous)?;
         logs::serve(log, opts).await
+    }
+
+    /// Whether containers' `resources.limits.memory` are enforced (a memory cgroup could be made
+    /// at start). When not, a warning was logged at start and is logged per limited container.
+    pub fn memory_limits_enforced(&self) -> bool {
+        self.inner.cgroups.is_some()
     }
 
     /// Host pids of every sandbox process of the pod (bwrap processes and the pod holder).

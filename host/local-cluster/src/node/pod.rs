@@ -318,23 +318,19 @@ impl PodRuntime {
             }
         };
 
-        let mut pod_ns = None;
-        if node.isolation.root {
-            match sandbox::start_holder(&node.spawner, &self.dir, &self.name).await {
-                Ok((started, ns)) => {
-                    *self.holder.lock().expect("holder lock") =
-                        Some((started.child.id().unwrap_or(0), started.inner_pid));
-                    // The holder lives as long as this task; kill_on_drop ends it.
-                    let child = started.child;
-                    pod_ns = Some((Arc::new(ns), child));
-                }
-                Err(e) => {
-                    drop(node);
-                    return self.config_error(format!("cannot start the pod sandbox: {e}"), &mut stop).await;
-                }
+        let pod_ns = match sandbox::start_holder(&node.spawner, node.isolation, &self.dir, &self.name).await {
+            Ok((started, ns)) => {
+                *self.holder.lock().expect("holder lock") =
+                    Some((started.child.id().unwrap_or(0), started.inner_pid));
+                // The holder lives as long as this task; kill_on_drop ends it.
+                (Arc::new(ns), started.child)
             }
-        }
-        let ns = pod_ns.as_ref().map(|(n, _)| n.clone());
+            Err(e) => {
+                drop(node);
+                return self.config_error(format!("cannot start the pod sandbox: {e}"), &mut stop).await;
+            }
+        };
+        let ns = Some(pod_ns.0.clone());
         drop(node);
         let spec = self.spec();
         let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
@@ -474,6 +470,12 @@ impl PodRuntime {
                     root.container(&format!("{}-{}-{restarts}", self.uid, c.name), bytes)
                         .map_err(|e| format!("cannot create memory cgroup: {e}"))?,
                 )
+            }
+            (Some(q), None) => {
+                // Said per container, not only once at node start, so the warning names the
+                // pod whose limit is ignored (the span carries the pod).
+                tracing::warn!(k8s.container = %c.name, limit = %q.0, "memory limit not enforced: the node has no memory cgroup (see the node's start-up warning)");
+                None
             }
             _ => None,
         };

@@ -1,9 +1,17 @@
 //! Building and spawning bubblewrap sandboxes: the pod holder and the containers.
 //!
 //! This file holds the crate's only `unsafe`: `Command::pre_exec` hooks that run between fork and
-//! exec to set PR_SET_PDEATHSIG, join the pod's network/PID namespaces and the container's memory
-//! cgroup, and make a terminal the controlling one. Each hook only makes async-signal-safe system
-//! calls on file descriptors opened before the fork.
+//! exec to set PR_SET_PDEATHSIG, join the pod's user and network namespaces and the container's
+//! memory cgroup, and make a terminal the controlling one. Each hook only makes async-signal-safe
+//! system calls on file descriptors opened before the fork.
+//!
+//! Root and unprivileged differ in one place: as an ordinary user the pod holder also gets a user
+//! namespace of its own (bwrap `--unshare-user --uid 0 --gid 0`, mapping uid 0 inside to our uid
+//! outside). Every container first joins that user namespace, which gives it all capabilities
+//! over the namespaces the holder owns, then the holder's network (and PID) namespace; bwrap then
+//! runs as uid 0 there and takes the same path as for real root (no further user namespace, all
+//! capabilities kept, but only over the pod's namespaces). Files the containers write into volumes
+//! belong to our uid on the host.
 #![allow(unsafe_code)]
 
 use std::collections::BTreeSet;
@@ -24,28 +32,95 @@ use super::NodeError;
 /// What the node may do on this machine.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Isolation {
-    /// Root can join namespaces (pod network, shared PID namespace) and create cgroups.
+    /// Real root: pod namespaces belong to the host's user namespace. Otherwise each pod has a
+    /// user namespace of its own that its containers and execs join first.
     pub root: bool,
 }
 
+/// The holder's extra arguments as an ordinary user: a user namespace owned by us in which
+/// uid/gid 0 map to our own uid/gid.
+const POD_USER_NS_ARGS: [&str; 5] = ["--unshare-user", "--uid", "0", "--gid", "0"];
+
 impl Isolation {
-    /// Runs a trivial sandbox, so a missing bwrap or disabled user namespaces are reported at
-    /// node start with the real cause instead of at the first pod.
+    /// Runs a trivial sandbox with the namespaces a pod holder gets, so a missing bwrap or
+    /// disabled user namespaces are reported at node start, with the cause and the remedy,
+    /// instead of at the first pod.
     pub fn probe() -> Result<Isolation, NodeError> {
-        let out = std::process::Command::new("bwrap")
-            .args(["--ro-bind", "/", "/", "--unshare-pid", "--unshare-net", "--", "true"])
+        let root = rustix::process::geteuid().is_root();
+        let mut cmd = std::process::Command::new("bwrap");
+        cmd.args(["--ro-bind", "/", "/", "--unshare-pid", "--unshare-net"]);
+        if !root {
+            cmd.args(POD_USER_NS_ARGS);
+        }
+        let out = cmd
+            .args(["--", "true"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .output()
             .map_err(NodeError::BwrapMissing)?;
         if !out.status.success() {
-            return Err(NodeError::NamespacesUnavailable(
-                String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            ));
+            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Err(namespaces_unavailable(root, stderr, &UsernsSysctls::read()));
         }
-        Ok(Isolation { root: rustix::process::geteuid().is_root() })
+        Ok(Isolation { root })
     }
+}
+
+/// The kernel settings that decide whether an ordinary user may create user namespaces.
+/// `None`: the setting does not exist on this kernel (or cannot be read).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct UsernsSysctls {
+    /// `kernel.unprivileged_userns_clone` (Debian and older Ubuntu kernels).
+    pub unprivileged_userns_clone: Option<u64>,
+    /// `user.max_user_namespaces` (upstream; 0 disables user namespaces for everyone).
+    pub max_user_namespaces: Option<u64>,
+    /// `kernel.apparmor_restrict_unprivileged_userns` (Ubuntu 23.10 and later).
+    pub apparmor_restrict_unprivileged_userns: Option<u64>,
+}
+
+impl UsernsSysctls {
+    fn read() -> UsernsSysctls {
+        let get = |path: &str| std::fs::read_to_string(path).ok()?.trim().parse().ok();
+        UsernsSysctls {
+            unprivileged_userns_clone: get("/proc/sys/kernel/unprivileged_userns_clone"),
+            max_user_namespaces: get("/proc/sys/user/max_user_namespaces"),
+            apparmor_restrict_unprivileged_userns: get(
+                "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
+            ),
+        }
+    }
+}
+
+/// Turns a failed probe into an error naming the most likely cause and what to do about it.
+pub(crate) fn namespaces_unavailable(root: bool, bwrap: String, sysctls: &UsernsSysctls) -> NodeError {
+    let (cause, remedy) = if root {
+        (
+            "running as root but without the capability to create namespaces (CAP_SYS_ADMIN), as in an unprivileged container".to_string(),
+            "run the node where root may create namespaces (e.g. a container started with --privileged or --cap-add SYS_ADMIN and an unconfined seccomp profile)".to_string(),
+        )
+    } else if sysctls.max_user_namespaces == Some(0) {
+        (
+            "user namespaces are disabled (user.max_user_namespaces = 0)".to_string(),
+            "allow them with `sysctl -w user.max_user_namespaces=15000`, or run the node as root".to_string(),
+        )
+    } else if sysctls.unprivileged_userns_clone == Some(0) {
+        (
+            "unprivileged user namespaces are disabled (kernel.unprivileged_userns_clone = 0)".to_string(),
+            "allow them with `sysctl -w kernel.unprivileged_userns_clone=1`, or run the node as root".to_string(),
+        )
+    } else if sysctls.apparmor_restrict_unprivileged_userns == Some(1) {
+        (
+            "AppArmor restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns = 1)".to_string(),
+            "give bwrap an AppArmor profile that allows `userns`, or `sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`, or run the node as root".to_string(),
+        )
+    } else {
+        (
+            "this user may not create user namespaces (a container's seccomp profile or a hardened kernel can forbid them)".to_string(),
+            "run the node as root, or where unprivileged user namespaces are allowed".to_string(),
+        )
+    };
+    NodeError::NamespacesUnavailable { cause, remedy, bwrap }
 }
 
 type SpawnJob = Box<dyn FnOnce() + Send>;
@@ -111,6 +186,8 @@ pub(crate) struct Bind {
 /// Namespaces of the pod holder, kept open so containers and execs can join them.
 #[derive(Debug)]
 pub(crate) struct PodNamespaces {
+    /// The pod's own user namespace (unprivileged only), joined before the others.
+    pub user: Option<OwnedFd>,
     pub net: OwnedFd,
     pub pid: OwnedFd,
 }
@@ -124,7 +201,8 @@ pub(crate) struct ContainerSandbox {
     pub working_dir: String,
     pub argv: Vec<String>,
     pub hostname: String,
-    /// Join the pod holder's namespaces (root only).
+    /// The pod holder's namespaces, joined before bwrap starts (`None` only in unit tests of
+    /// argument building: every pod has a holder).
     pub pod_ns: Option<Arc<PodNamespaces>>,
     /// With `shareProcessNamespace` the containers join the holder's PID namespace.
     pub share_pid: bool,
@@ -223,16 +301,25 @@ pub(crate) fn filesystem_args(
 
 /// Sets up the pre_exec hook shared by every sandbox we spawn.
 ///
+/// Namespaces to join before exec, as descriptors the parent keeps open across the spawn. (A
+/// shared PID namespace is not joined here but handed to bwrap as `--pidns`: only then does bwrap
+/// mount a /proc of that namespace; after a setns of our own it would bind the host's /proc.)
+#[derive(Debug, Clone, Copy, Default)]
+struct Join {
+    user: Option<RawFd>,
+    net: Option<RawFd>,
+}
+
 /// Safety of the hook: it runs in the forked child before exec and only calls setns(2),
 /// prctl(2), write(2), fcntl(2), setsid(2) and ioctl(2) on descriptors opened before the fork.
 fn install_pre_exec(
     cmd: &mut Command,
-    net: Option<RawFd>,
-    pid: Option<RawFd>,
+    join: Join,
     cgroup_procs: Option<RawFd>,
-    keep_open: Option<RawFd>,
+    keep_open: [Option<RawFd>; 2],
     ctty: bool,
 ) {
+    let Join { user, net } = join;
     let hook = move || -> std::io::Result<()> {
         set_parent_process_death_signal(Some(Signal::KILL))?;
         // SAFETY: the descriptors are owned by the parent's Command/sandbox structures, which
@@ -242,13 +329,15 @@ fn install_pre_exec(
             // "0" moves the writing process; its children (the sandbox) inherit the cgroup.
             rustix::io::write(borrow(fd), b"0")?;
         }
+        if let Some(fd) = user {
+            // First: only inside the pod's user namespace do we hold the capabilities needed to
+            // join its other namespaces (the forked child is single-threaded, as setns requires).
+            move_into_link_name_space(borrow(fd), Some(LinkNameSpaceType::User))?;
+        }
         if let Some(fd) = net {
             move_into_link_name_space(borrow(fd), Some(LinkNameSpaceType::Network))?;
         }
-        if let Some(fd) = pid {
-            move_into_link_name_space(borrow(fd), Some(LinkNameSpaceType::ProcessID))?;
-        }
-        if let Some(fd) = keep_open {
+        for fd in keep_open.into_iter().flatten() {
             fcntl_setfd(borrow(fd), FdFlags::empty())?;
         }
         if ctty {
@@ -299,15 +388,16 @@ pub(crate) struct Stdios {
 
 /// Spawns `bwrap <args>` with `env` as the whole environment, joining the given namespaces and
 /// cgroup first, and waits for bwrap to report the pid of the sandbox's first process.
+/// `pass_fd` stays open across exec (a descriptor named in `args`).
 #[allow(clippy::too_many_arguments)]
 async fn spawn_bwrap(
     spawner: &Spawner,
     args: Vec<String>,
     env: &[(String, String)],
     stdio: Stdios,
-    net: Option<RawFd>,
-    pid: Option<RawFd>,
+    join: Join,
     cgroup_procs: Option<RawFd>,
+    pass_fd: Option<RawFd>,
 ) -> std::io::Result<Started> {
     let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     let mut cmd = Command::new("bwrap");
@@ -315,7 +405,7 @@ async fn spawn_bwrap(
     cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
     cmd.stdin(stdio.stdin).stdout(stdio.stdout).stderr(stdio.stderr);
     cmd.kill_on_drop(true);
-    install_pre_exec(&mut cmd, net, pid, cgroup_procs, Some(write.as_raw_fd()), false);
+    install_pre_exec(&mut cmd, join, cgroup_procs, [Some(write.as_raw_fd()), pass_fd], false);
     let child = spawner.spawn(cmd).await;
     // Our copy of the write end must go, or a bwrap that dies early never gives us EOF.
     drop(write);
@@ -331,29 +421,96 @@ async fn spawn_bwrap(
     }
 }
 
-/// Starts the pod holder: new network (loopback up) and PID namespaces, `sleep` inside.
+/// Starts the pod holder: new network (loopback up) and PID namespaces, and as an ordinary user
+/// a user namespace, with `sleep` inside.
 pub(crate) async fn start_holder(
     spawner: &Spawner,
+    isolation: Isolation,
     pod_dir: &Path,
     hostname: &str,
 ) -> std::io::Result<(Started, PodNamespaces)> {
+    let user_ns: &[&str] = if isolation.root { &[] } else { &POD_USER_NS_ARGS };
     let args: Vec<String> = [
         "--die-with-parent", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
         "--hostname", hostname, "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
     ]
     .iter()
+    .chain(user_ns)
     .map(|s| s.to_string())
     // The pod directory in the command line lets tests and operators find our processes.
     .chain(["--chdir".into(), pod_dir.display().to_string(), "--".into()])
     .chain(["sleep".into(), "infinity".into()])
     .collect();
     let stdio = Stdios { stdin: Stdio::null(), stdout: Stdio::null(), stderr: Stdio::piped() };
-    let started = spawn_bwrap(spawner, args, &[("PATH".into(), DEFAULT_PATH.into())], stdio, None, None, None).await?;
+    let env = [("PATH".to_string(), DEFAULT_PATH.to_string())];
+    let mut started = spawn_bwrap(spawner, args, &env, stdio, Join::default(), None, None).await?;
+    let inner_pid = started.inner_pid;
     let open = |kind: &str| -> std::io::Result<OwnedFd> {
-        Ok(File::open(format!("/proc/{}/ns/{kind}", started.inner_pid))?.into())
+        Ok(File::open(format!("/proc/{inner_pid}/ns/{kind}"))?.into())
     };
-    let ns = PodNamespaces { net: open("net")?, pid: open("pid")? };
-    Ok((started, ns))
+    let opened = match holder_set_up(&mut started).await {
+        Ok(()) => (|| {
+            let user = if isolation.root { None } else { Some(open("user")?) };
+            Ok(PodNamespaces { user, net: open("net")?, pid: open("pid")? })
+        })(),
+        Err(e) => Err(e),
+    };
+    match opened {
+        Ok(ns) => Ok((started, ns)),
+        Err(e) => {
+            let _ = started.child.start_kill();
+            let _ = started.child.wait().await;
+            Err(e)
+        }
+    }
+}
+
+/// Waits until the holder's sandbox is completely set up. bwrap reports the pid right after
+/// clone(); the user namespace's uid/gid maps, loopback and the mounts come after that. A
+/// container joining earlier finds an unmapped user namespace (its bwrap then fails: "No
+/// permissions to create new namespace") or loopback still down. The set-up is over once the
+/// holder's init (bwrap as PID 1) has started `sleep`.
+async fn holder_set_up(started: &mut Started) -> std::io::Result<()> {
+    // Gone already: the loop below reports how the holder ended.
+    let bwrap_exe = std::fs::read_link(format!("/proc/{}/exe", started.inner_pid)).ok();
+    loop {
+        let child = first_child(started.inner_pid);
+        if child.is_some_and(|c| {
+            std::fs::read_link(format!("/proc/{c}/exe")).is_ok_and(|exe| Some(exe) != bwrap_exe)
+        }) {
+            return Ok(());
+        }
+        if let Some(status) = started.child.try_wait()? {
+            let mut stderr = String::new();
+            if let Some(mut e) = started.child.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = e.read_to_string(&mut stderr).await;
+            }
+            return Err(std::io::Error::other(format!(
+                "the pod holder ended during set-up ({status}): {}",
+                stderr.trim()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_micros(500)).await;
+    }
+}
+
+/// The first child of `pid`, from /proc/<pid>/task/<pid>/children, or by scanning every
+/// process's parent where the kernel lacks that file (CONFIG_PROC_CHILDREN off).
+fn first_child(pid: i32) -> Option<i32> {
+    match std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        Ok(list) => list.split_whitespace().next()?.parse().ok(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+                let candidate: i32 = e.file_name().to_str()?.parse().ok()?;
+                let stat = std::fs::read_to_string(format!("/proc/{candidate}/stat")).ok()?;
+                // Fields after the command (which may contain spaces) in parentheses: state, ppid.
+                let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse::<i32>().ok()?;
+                (ppid == pid).then_some(candidate)
+            })
+        }
+        Err(_) => None,
+    }
 }
 
 pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -366,13 +523,13 @@ pub(crate) async fn start_container(
 ) -> std::io::Result<Started> {
     let mut args: Vec<String> = vec!["--die-with-parent".into(), "--unshare-ipc".into()];
     args.extend(["--unshare-uts".into(), "--hostname".into(), sb.hostname.clone()]);
-    if sb.pod_ns.is_none() {
-        // No holder to join (unprivileged): at least keep the PID namespace private.
-        args.push("--unshare-pid".into());
-    } else if !sb.share_pid {
+    if sb.pod_ns.is_none() || !sb.share_pid {
         args.push("--unshare-pid".into());
     }
-    if !(sb.pod_ns.is_some() && sb.share_pid) {
+    let shared_pid = sb.pod_ns.as_ref().filter(|_| sb.share_pid).map(|n| n.pid.as_raw_fd());
+    if let Some(fd) = shared_pid {
+        args.extend(["--pidns".into(), fd.to_string()]);
+    } else {
         // The command is PID 1 of its namespace, as in a container runtime: killing it ends
         // every process of the container.
         args.push("--as-pid-1".into());
@@ -382,10 +539,12 @@ pub(crate) async fn start_container(
     args.extend(filesystem_args(sb.rootfs.as_deref(), &sb.binds, &sb.working_dir));
     args.push("--".into());
     args.extend(sb.argv.iter().cloned());
-    let net = sb.pod_ns.as_ref().map(|n| n.net.as_raw_fd());
-    let pid = sb.pod_ns.as_ref().filter(|_| sb.share_pid).map(|n| n.pid.as_raw_fd());
+    let join = Join {
+        user: sb.pod_ns.as_ref().and_then(|n| n.user.as_ref()).map(|u| u.as_raw_fd()),
+        net: sb.pod_ns.as_ref().map(|n| n.net.as_raw_fd()),
+    };
     let cg = sb.cgroup_procs.as_ref().map(|f| f.as_raw_fd());
-    let mut started = spawn_bwrap(spawner, args, &sb.env, stdio, net, pid, cg).await?;
+    let mut started = spawn_bwrap(spawner, args, &sb.env, stdio, join, cg, shared_pid).await?;
     drop(sb.tty);
     // bwrap reports the pid right after clone(), before the sandbox's mounts exist; an exec
     // joining too early would see a half-built filesystem. The process has exec'd the command
@@ -417,13 +576,13 @@ pub(crate) fn exec_command(
 ) -> Command {
     let mut cmd = Command::new("nsenter");
     cmd.arg("--target").arg(inner_pid.to_string());
-    if isolation.root {
-        cmd.args(["--mount", "--pid", "--net", "--uts", "--ipc"]);
-    } else {
-        // bwrap made a user namespace; without entering it we may not enter the others. The
-        // network is the host's anyway, and joining uts/ipc is refused (EPERM) in this setup.
-        cmd.args(["--user", "--preserve-credentials", "--mount", "--pid"]);
+    if !isolation.root {
+        // The container's namespaces belong to the pod's user namespace: nsenter joins it first
+        // and so gets the capabilities to join the rest. Our uid already is the pod's uid 0;
+        // without --preserve-credentials nsenter would call setgroups, which bwrap denied.
+        cmd.args(["--user", "--preserve-credentials"]);
     }
+    cmd.args(["--mount", "--pid", "--net", "--uts", "--ipc"]);
     cmd.arg(format!("--wdns={working_dir}"));
     cmd.arg("--").args(argv);
     cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
@@ -437,7 +596,7 @@ pub(crate) fn prepare_exec(cmd: &mut Command, tty: bool) {
         // A process group of its own, so the whole exec (nsenter and its child) can be killed.
         cmd.process_group(0);
     }
-    install_pre_exec(cmd, None, None, None, None, tty);
+    install_pre_exec(cmd, Join::default(), None, [None, None], tty);
 }
 
 /// A terminal pair: the master stays with the node, the slave becomes the process's stdio.
@@ -471,6 +630,43 @@ mod tests {
 
     fn pos(args: &[String], a: &str, b: &str) -> Option<usize> {
         args.windows(2).position(|w| w[0] == a && w[1] == b)
+    }
+
+    #[test]
+    fn namespace_errors_name_the_kernel_setting_and_the_remedy() {
+        let bwrap = || "bwrap: No permissions to create new namespace".to_string();
+        let msg = |root, s: UsernsSysctls| namespaces_unavailable(root, bwrap(), &s).to_string();
+        let debian = UsernsSysctls { unprivileged_userns_clone: Some(0), max_user_namespaces: Some(63000), ..Default::default() };
+        assert_eq!(
+            msg(false, debian),
+            "bubblewrap cannot create a pod's namespaces here: unprivileged user namespaces are disabled \
+             (kernel.unprivileged_userns_clone = 0); allow them with `sysctl -w kernel.unprivileged_userns_clone=1`, \
+             or run the node as root (bwrap said: bwrap: No permissions to create new namespace)"
+        );
+        // The upstream switch wins: with it at 0 the Debian one does not matter.
+        let off = UsernsSysctls { unprivileged_userns_clone: Some(1), max_user_namespaces: Some(0), ..Default::default() };
+        assert!(msg(false, off).contains("user.max_user_namespaces = 0); allow them with `sysctl -w user.max_user_namespaces=15000`"));
+        let ubuntu = UsernsSysctls { apparmor_restrict_unprivileged_userns: Some(1), max_user_namespaces: Some(63000), ..Default::default() };
+        assert!(msg(false, ubuntu).contains("AppArmor restricts unprivileged user namespaces"));
+        // Nothing in the kernel settings explains it: a seccomp policy, most likely.
+        let unknown = msg(false, UsernsSysctls { max_user_namespaces: Some(63000), ..Default::default() });
+        assert!(unknown.contains("this user may not create user namespaces") && unknown.contains("run the node as root"), "{unknown}");
+        // Root without CAP_SYS_ADMIN (an unprivileged container): the sysctls are beside the point.
+        let root = msg(true, debian);
+        assert!(root.contains("CAP_SYS_ADMIN") && !root.contains("unprivileged_userns_clone"), "{root}");
+    }
+
+    #[test]
+    fn exec_joins_the_pods_user_namespace_first_when_unprivileged() {
+        let argv = ["true".to_string()];
+        let args = |root| {
+            let cmd = exec_command(42, Isolation { root }, "/w", &[], &argv);
+            cmd.as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>()
+        };
+        let unprivileged = args(false);
+        assert_eq!(&unprivileged[..4], ["--target", "42", "--user", "--preserve-credentials"]);
+        assert!(["--mount", "--pid", "--net", "--uts", "--ipc"].iter().all(|ns| unprivileged.contains(&ns.to_string())));
+        assert!(!args(true).contains(&"--user".to_string()), "root stays in the host's user namespace");
     }
 
     #[test]

@@ -1,0 +1,308 @@
+//! The node as an ordinary user: every pod gets a user namespace of its own, and with it its own
+//! network namespace (containers share loopback), a shared PID namespace on request, exec and
+//! attach; files the containers write belong to that user on the host.
+//!
+//! As root (CI) the scenario runs in a copy of this test binary started under `setpriv` as uid
+//! 65534 (`nobody`), which needs no user account and no access to the build directory; as an
+//! ordinary user it runs in-process.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use local_cluster::node::{AttachRequest, ExecRequest, ExitStatus, LogOptions, Node, NodeConfig, ResolvedVolumes};
+use local_cluster::{ClusterOptions, LocalCluster};
+use tokio::sync::watch;
+
+const NOBODY: u32 = 65534;
+/// Set for the child: the uid it must be running as, checked so a broken `setpriv` cannot make
+/// the scenario silently run as root.
+const EXPECT_UID: &str = "KEEL_TEST_EXPECT_UID";
+/// Put into every pod's environment, so leftovers can be found after the child is gone.
+const MARKER: &str = "KEEL_TEST_MARKER";
+
+#[test]
+fn node_runs_pods_with_their_own_namespaces_as_an_unprivileged_user() {
+    if !is_root() {
+        return runtime().block_on(scenario());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The build directory may sit where uid 65534 cannot reach (under /root): run a copy.
+    let exe = dir.path().join("unprivileged-test");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).unwrap();
+    let marker = format!("keel-unprivileged-{}", std::process::id());
+
+    let out = Command::new("setpriv")
+        .args([format!("--reuid={NOBODY}"), format!("--regid={NOBODY}")])
+        .args(["--clear-groups", "--inh-caps=-all"])
+        .arg(&exe)
+        .args(["--exact", "scenario_as_this_user", "--ignored", "--nocapture", "--test-threads=1"])
+        .current_dir(&home)
+        .env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", &home)
+        .env("TMPDIR", &home)
+        .env("RUST_BACKTRACE", "1")
+        .env(EXPECT_UID, NOBODY.to_string())
+        .env(MARKER, &marker)
+        .output()
+        .expect("setpriv (util-linux) runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the scenario failed as uid {NOBODY} ({}):\n{stdout}\n{stderr}", out.status);
+    assert!(stdout.contains("1 passed"), "the scenario did not run:\n{stdout}\n{stderr}");
+    // Nothing of the child's pods survives it, and its data directory is gone.
+    assert!(common::processes_mentioning(&marker).is_empty(), "sandboxes outlived the node");
+    let left: Vec<_> = std::fs::read_dir(&home).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "the child left files behind: {left:?}");
+}
+
+/// The scenario itself; started by the test above (as uid 65534 when that runs as root).
+#[test]
+#[ignore = "run by node_runs_pods_with_their_own_namespaces_as_an_unprivileged_user"]
+fn scenario_as_this_user() {
+    runtime().block_on(scenario());
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn is_root() -> bool {
+    rustix_uid() == 0
+}
+
+fn rustix_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+async fn scenario() {
+    if let Ok(uid) = std::env::var(EXPECT_UID) {
+        assert_eq!(rustix_uid().to_string(), uid, "the scenario must run as uid {uid}");
+    }
+    let marker = std::env::var(MARKER).unwrap_or_else(|_| format!("keel-unprivileged-{}", std::process::id()));
+    node_scenario(&marker).await;
+    cluster_scenario(&marker).await;
+}
+
+fn pod(uid: &str, marker: &str, mut spec: serde_json::Value) -> Pod {
+    for c in spec["containers"].as_array_mut().unwrap() {
+        c["env"] = serde_json::json!([{"name": MARKER, "value": marker}]);
+    }
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("pod-{uid}"), "namespace": "default", "uid": uid},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+fn terminated(s: &PodStatus, c: &str) -> Option<i32> {
+    let cs = s.container_statuses.as_ref()?.iter().find(|x| x.name == c)?;
+    Some(cs.state.as_ref()?.terminated.as_ref()?.exit_code)
+}
+
+async fn wait_for(rx: &watch::Receiver<BTreeMap<String, PodStatus>>, uid: &str, what: &str, f: impl Fn(&PodStatus) -> bool) -> PodStatus {
+    let mut waiter = rx.clone();
+    match tokio::time::timeout(Duration::from_secs(60), waiter.wait_for(|m| m.get(uid).is_some_and(&f))).await {
+        Ok(m) => m.unwrap()[uid].clone(),
+        Err(_) => panic!("pod {uid} never reached: {what}; last status {:#?}", rx.borrow().get(uid)),
+    }
+}
+
+async fn collect(rx: Option<tokio::sync::mpsc::Receiver<Bytes>>) -> String {
+    let mut out = Vec::new();
+    if let Some(mut rx) = rx {
+        while let Some(b) = rx.recv().await {
+            out.extend_from_slice(&b);
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+async fn logs(node: &Node, uid: &str, c: &str) -> String {
+    let mut s = node.logs(uid, c, LogOptions::default()).await.unwrap();
+    let mut out = Vec::new();
+    while let Some(b) = s.next().await {
+        out.extend_from_slice(&b.unwrap());
+    }
+    String::from_utf8(out).unwrap()
+}
+
+async fn exec(node: &Node, uid: &str, c: &str, script: &str) -> (String, String, ExitStatus) {
+    let req = ExecRequest {
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        stdout: true,
+        stderr: true,
+        ..Default::default()
+    };
+    let mut s = node.exec(uid, c, req).await.unwrap_or_else(|e| panic!("exec {script:?}: {e}"));
+    let (out, err) = tokio::join!(collect(s.stdout.take()), collect(s.stderr.take()));
+    (out, err, s.exit.await.unwrap())
+}
+
+const FETCH: &str = "import urllib.request as u, time\n\
+                     for _ in range(200):\n\
+                     \x20   try:\n\
+                     \x20       print(u.urlopen('http://127.0.0.1:18933/').status); break\n\
+                     \x20   except OSError: time.sleep(0.05)\n";
+
+async fn node_scenario(marker: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, rx) = watch::channel(BTreeMap::new());
+    let tx = Arc::new(Mutex::new(tx));
+    let node = Node::new(
+        NodeConfig {
+            data_dir: dir.path().join("node"),
+            images_dir: None,
+            unavailable_images: Vec::new(),
+            node_name: "unprivileged".into(),
+        },
+        Arc::new(move |uid: &str, st: PodStatus| {
+            tx.lock().unwrap().send_modify(|m| {
+                m.insert(uid.to_string(), st);
+            });
+        }),
+    )
+    .expect("the node starts for an ordinary user where user namespaces are allowed");
+
+    // Two containers share loopback and (shareProcessNamespace) their processes; a third writes
+    // into an emptyDir.
+    let server = "import http.server as h; h.HTTPServer(('127.0.0.1', 18933), h.SimpleHTTPRequestHandler).serve_forever()";
+    node.run_pod(
+        pod("net", marker, serde_json::json!({
+            "restartPolicy": "Never",
+            "shareProcessNamespace": true,
+            "volumes": [{"name": "data", "emptyDir": {}}],
+            "containers": [
+                {"name": "server", "image": "alpine", "command": ["python3", "-c", server], "workingDir": "/tmp"},
+                {"name": "client", "image": "alpine", "command": ["sh", "-c", format!(
+                    "python3 -c \"{FETCH}\"; ps -e -o comm= | sort | tr '\\n' ' '; echo hi > /data/from-client; id -u; \
+                    [ $(readlink /proc/1/ns/pid) = $(readlink /proc/self/ns/pid) ] && echo own-proc")],
+                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]}
+            ]
+        })),
+        ResolvedVolumes::new(),
+    );
+    let st = wait_for(&rx, "net", "client done", |s| terminated(s, "client").is_some()).await;
+    assert_eq!(terminated(&st, "client"), Some(0));
+    let out = logs(&node, "net", "client").await;
+    assert!(out.starts_with("200\n"), "the client reaches the server on 127.0.0.1: {out}");
+    assert!(out.contains("python3"), "shareProcessNamespace: the server's process is visible: {out}");
+    assert!(out.ends_with(" 0\nown-proc\n"), "uid 0 inside the pod's user namespace, /proc of the pod's PID namespace: {out}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", 18933)).is_err(), "the pod's port leaked into the host network");
+    // The file belongs to this user on the host, not to root.
+    let file = dir.path().join("node/pods/net/volumes/data/from-client");
+    assert_eq!(std::fs::metadata(&file).unwrap().uid(), rustix_uid());
+
+    // exec joins the container's namespaces: a network and user namespace that are not ours,
+    // where the server answers on loopback; exit codes come back.
+    let ns = |kind: &str| std::fs::read_link(format!("/proc/self/ns/{kind}")).unwrap().display().to_string();
+    let (out, err, code) = exec(&node, "net", "server", &format!(
+        "readlink /proc/self/ns/net /proc/self/ns/user; python3 -c \"{FETCH}\"")).await;
+    assert_eq!(code, ExitStatus::Exited(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}{err}");
+    assert_ne!(lines[0], ns("net"), "the pod has its own network namespace");
+    assert_ne!(lines[1], ns("user"), "the pod has its own user namespace");
+    assert_eq!(lines[2], "200");
+    assert_eq!(exec(&node, "net", "server", "exit 3").await.2, ExitStatus::Exited(3));
+
+    // attach reaches a running container's stdin and output.
+    node.run_pod(
+        pod("att", marker, serde_json::json!({
+            "restartPolicy": "Never",
+            "containers": [{"name": "c", "image": "alpine", "command": ["sh"], "stdin": true, "stdinOnce": true}]
+        })),
+        ResolvedVolumes::new(),
+    );
+    wait_for(&rx, "att", "Running", |s| s.phase.as_deref() == Some("Running")).await;
+    let mut s = node.attach("att", "c", AttachRequest { stdin: true, stdout: true, stderr: true, tty: false }).await.unwrap();
+    let stdin = s.stdin.take().unwrap();
+    stdin.send(Bytes::from_static(b"echo attached-$((6*7))\n")).await.unwrap();
+    let mut out = s.stdout.take().unwrap();
+    assert_eq!(&out.recv().await.unwrap()[..], b"attached-42\n");
+    drop((stdin, out, s));
+    wait_for(&rx, "att", "Succeeded", |s| s.phase.as_deref() == Some("Succeeded")).await;
+
+    // A memory limit this user cannot enforce (no writable memory cgroup) is reported by the
+    // node and does not keep the pod from running.
+    node.run_pod(
+        pod("mem", marker, serde_json::json!({
+            "restartPolicy": "Never",
+            "containers": [{"name": "c", "image": "alpine", "command": ["echo", "ran"], "resources": {"limits": {"memory": "64Mi"}}}]
+        })),
+        ResolvedVolumes::new(),
+    );
+    wait_for(&rx, "mem", "Succeeded", |s| s.phase.as_deref() == Some("Succeeded")).await;
+    assert_eq!(logs(&node, "mem", "c").await, "ran\n");
+    let cgroup_writable = memory_cgroup_writable();
+    assert_eq!(node.memory_limits_enforced(), cgroup_writable, "enforcement as reported matches what the cgroups allow");
+
+    node.shutdown().await;
+    drop(node);
+    dir.close().unwrap();
+}
+
+/// Whether this process may create a cgroup next to itself in the memory hierarchy (v1) or the
+/// unified one (v2): the precondition for enforcing memory limits.
+fn memory_cgroup_writable() -> bool {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let dir = own
+        .lines()
+        .find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, ctrls, path) = (p.next()?, p.next()?, p.next()?);
+            ctrls.split(',').any(|c| c == "memory").then(|| format!("/sys/fs/cgroup/memory{path}"))
+        })
+        .or_else(|| own.lines().find_map(|l| l.strip_prefix("0::")).map(|p| format!("/sys/fs/cgroup{p}")))
+        .unwrap();
+    rustix::fs::access(dir.as_str(), rustix::fs::Access::WRITE_OK).is_ok()
+}
+
+/// The same through the API server, judged by kubectl.
+async fn cluster_scenario(marker: &str) {
+    let c = LocalCluster::start(ClusterOptions::default()).await.expect("the cluster starts for an ordinary user");
+    let kubectl = |args: &[&str], stdin: Option<&str>| {
+        use std::io::Write;
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(c.kubeconfig_path())
+            .args(args)
+            .env("KUBECACHEDIR", c.data_dir().join("kubectl-cache"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl is installed");
+        if let Some(input) = stdin {
+            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().unwrap()
+    };
+    let manifest = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: web}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: busybox\n    command: [sleep, '3600']\n    env: [{{name: {MARKER}, value: {marker}}}]\n"
+    );
+    let out = tokio::task::block_in_place(|| kubectl(&["create", "-f", "-"], Some(&manifest)));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tokio::task::block_in_place(|| kubectl(&["wait", "--for=condition=Ready", "pod/web", "--timeout=60s"], None));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tokio::task::block_in_place(|| kubectl(&["exec", "web", "--", "sh", "-c", "echo in-pod; id -u"], None));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "in-pod\n0\n", "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tokio::task::block_in_place(|| kubectl(&["exec", "web", "--", "sh", "-c", "exit 3"], None));
+    assert_eq!(out.status.code(), Some(3), "kubectl exec passes on the exit code: {}", String::from_utf8_lossy(&out.stderr));
+    c.stop().await;
+}
