@@ -175,6 +175,13 @@ async fn kubectl_apply_server_side_and_client_side() {
     assert!(err.contains("conflict") && err.contains(".data.mode"), "{err}");
     kubectl_stdin(&c, &["apply", "--server-side", "--field-manager=other", "--force-conflicts", "-f", "-"], Some(&applied("slow")));
     assert_eq!(kubectl(&c, &["get", "configmap", "applied", "-o", "jsonpath={.data.mode}"]), "slow");
+    // A pod created by apply runs; re-applying it (containers merged by name) changes nothing.
+    let rv = || kubectl(&c, &["get", "pod", "web", "-o", "jsonpath={.metadata.resourceVersion}"]);
+    assert_eq!(kubectl_stdin(&c, &["apply", "--server-side", "-f", "-"], Some(POD)).trim(), "pod/web serverside-applied");
+    assert!(kubectl(&c, &["wait", "--for=condition=Ready", "pod/web", "--timeout=120s"]).contains("condition met"));
+    let before = rv();
+    assert_eq!(kubectl_stdin(&c, &["apply", "--server-side", "-f", "-"], Some(POD)).trim(), "pod/web serverside-applied");
+    assert_eq!(rv(), before, "an identical apply is a no-op");
 
     // Client-side apply: create, change a key and drop another (three-way merge on the
     // last-applied annotation).

@@ -219,7 +219,8 @@ pub fn apply(live: &Value, mut config: Value, manager: &str, force: bool) -> Res
     let applied = field_set(&config);
     let mut all = entries(live);
     let ours_at = all.iter().position(|e| e.manager == manager && e.operation == "Apply");
-    let previous = ours_at.map(|i| all.remove(i).fields).unwrap_or_default();
+    let ours_before = ours_at.map(|i| all.remove(i));
+    let previous = ours_before.as_ref().map(|e| e.fields.clone()).unwrap_or_default();
 
     let mut conflicts = Vec::new();
     for other in &mut all {
@@ -255,10 +256,15 @@ pub fn apply(live: &Value, mut config: Value, manager: &str, force: bool) -> Res
     let mut managed: Vec<Value> = Vec::new();
     let now = crate::store::meta::now_rfc3339();
     let mut ours_written = false;
-    let ours = json!({
-        "manager": manager, "operation": "Apply", "apiVersion": "v1", "time": now,
-        "fieldsType": "FieldsV1", "fieldsV1": to_fields_v1(&applied),
-    });
+    // Unchanged ownership keeps its entry (and time), so an identical apply is a no-op that
+    // leaves the resourceVersion alone, as on the real server.
+    let ours = match ours_before {
+        Some(e) if e.fields == applied => e.raw,
+        _ => json!({
+            "manager": manager, "operation": "Apply", "apiVersion": "v1", "time": now,
+            "fieldsType": "FieldsV1", "fieldsV1": to_fields_v1(&applied),
+        }),
+    };
     for (i, mut e) in all.into_iter().enumerate() {
         if ours_at == Some(i) {
             managed.push(ours.clone());
@@ -299,6 +305,7 @@ mod tests {
     #[test]
     fn reapply_updates_and_drops_fields_it_no_longer_sets() {
         let first = apply(&json!({}), cm(json!({"a": "1", "b": "2"})), "me", false).unwrap();
+        assert_eq!(apply(&first, cm(json!({"a": "1", "b": "2"})), "me", false).unwrap(), first, "an identical apply changes nothing");
         let mut live = first.clone();
         live["data"]["other"] = json!("kept: nobody applied it");
         let second = apply(&live, cm(json!({"a": "10"})), "me", false).unwrap();
