@@ -153,6 +153,7 @@ async fn kubectl_server_dry_run_changes_nothing() {
     kubectl_stdin(&c, &["create", "-f", "-"], Some(CONFIGMAP));
     assert!(kubectl(&c, &["label", "configmap", "settings", "tier=x", "--dry-run=server"]).contains("labeled"));
     assert_eq!(kubectl(&c, &["delete", "configmap", "settings", "--dry-run=server"]).trim(), "configmap \"settings\" deleted (server dry run)");
+    assert!(kubectl(&c, &["delete", "configmaps", "--all", "--dry-run=server"]).contains("configmap \"settings\" deleted (server dry run)"));
     let json: serde_json::Value = serde_json::from_str(&kubectl(&c, &["get", "configmap", "settings", "-o", "json"])).unwrap();
     assert!(json["metadata"].get("labels").is_none(), "{json}");
     assert!(json["metadata"].get("deletionTimestamp").is_none(), "{json}");
