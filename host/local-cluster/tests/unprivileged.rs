@@ -4,7 +4,8 @@
 //!
 //! As root (CI) the scenario runs in a copy of this test binary started under `setpriv` as uid
 //! 65534 (`nobody`), which needs no user account and no access to the build directory; as an
-//! ordinary user it runs in-process.
+//! ordinary user it runs in-process. Also as root: where user namespaces are disabled the node
+//! refuses to start with an error naming the cause and the remedy.
 
 mod common;
 
@@ -17,7 +18,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
-use local_cluster::node::{AttachRequest, ExecRequest, ExitStatus, LogOptions, Node, NodeConfig, ResolvedVolumes};
+use local_cluster::node::{
+    AttachRequest, ExecRequest, ExitStatus, LogOptions, Node, NodeConfig, NodeError, ResolvedVolumes,
+};
 use local_cluster::{ClusterOptions, LocalCluster};
 use tokio::sync::watch;
 
@@ -33,6 +36,82 @@ fn node_runs_pods_with_their_own_namespaces_as_an_unprivileged_user() {
     if !is_root() {
         return runtime().block_on(scenario());
     }
+    let marker = format!("keel-unprivileged-{}", std::process::id());
+    run_as_nobody("scenario_as_this_user", &marker, None);
+    // Nothing of the child's pods survives it.
+    assert!(common::processes_mentioning(&marker).is_empty(), "sandboxes outlived the node");
+}
+
+/// The scenario itself; started by the test above (as uid 65534 when that runs as root).
+#[test]
+#[ignore = "run by node_runs_pods_with_their_own_namespaces_as_an_unprivileged_user"]
+fn scenario_as_this_user() {
+    runtime().block_on(scenario());
+}
+
+/// Where user namespaces are disabled, the node refuses to start and says why and what to do.
+/// Simulated without touching the host: a user namespace of our own (every host uid mapped)
+/// whose `user.max_user_namespaces` is 0, which binds everything inside it.
+#[test]
+fn node_start_names_the_cause_when_user_namespaces_are_disabled() {
+    if !is_root() {
+        eprintln!("skipped: making a user namespace with user namespaces disabled needs root");
+        return;
+    }
+    let marker = format!("keel-no-userns-{}", std::process::id());
+    run_as_nobody("start_without_user_namespaces", &marker, Some(NO_USER_NAMESPACES));
+}
+
+#[test]
+#[ignore = "run by node_start_names_the_cause_when_user_namespaces_are_disabled"]
+fn start_without_user_namespaces() {
+    let rt = runtime();
+    let _enter = rt.enter();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = NodeConfig {
+        data_dir: dir.path().join("node"),
+        images_dir: None,
+        unavailable_images: Vec::new(),
+        node_name: "no-userns".into(),
+    };
+    let err = Node::new(cfg, Arc::new(|_: &str, _: PodStatus| {})).err().expect("the node must not start");
+    assert!(matches!(err, NodeError::NamespacesUnavailable { .. }), "{err:?}");
+    let msg = err.to_string();
+    for want in ["user.max_user_namespaces = 0", "sysctl -w user.max_user_namespaces=", "run the node as root", "bwrap said: bwrap:"] {
+        assert!(msg.contains(want), "the error lacks {want:?}: {msg}");
+    }
+}
+
+/// `python3 -c` program that runs its arguments in a new user namespace mapping every host
+/// uid/gid below 65536 to itself, as root there, with `user.max_user_namespaces` set to 0.
+/// (The parent writes the maps: a process may map only its own uid into its namespace.)
+const NO_USER_NAMESPACES: &str = r#"
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+go_r, go_w = os.pipe(); ready_r, ready_w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(go_w); os.close(ready_r)
+    if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        sys.exit("unshare(CLONE_NEWUSER) failed: " + os.strerror(ctypes.get_errno()))
+    os.write(ready_w, b"x"); os.read(go_r, 1)
+    os.setgid(0); os.setuid(0)
+    with open("/proc/sys/user/max_user_namespaces", "w") as f:
+        f.write("0")
+    os.execvp(sys.argv[1], sys.argv[1:])
+os.close(go_r); os.close(ready_w)
+os.read(ready_r, 1)
+for name, line in [("uid_map", "0 0 65536"), ("setgroups", "allow"), ("gid_map", "0 0 65536")]:
+    with open(f"/proc/{pid}/{name}", "w") as f:
+        f.write(line)
+os.write(go_w, b"x")
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"#;
+
+/// Runs the ignored test `name` of a copy of this binary as uid 65534 (through `python3 -c
+/// wrapper` when given, which gets the command line as arguments) and asserts that it passed
+/// and left no files behind.
+fn run_as_nobody(name: &str, marker: &str, wrapper: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     // The build directory may sit where uid 65534 cannot reach (under /root): run a copy.
@@ -42,37 +121,35 @@ fn node_runs_pods_with_their_own_namespaces_as_an_unprivileged_user() {
     let home = dir.path().join("home");
     std::fs::create_dir(&home).unwrap();
     std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).unwrap();
-    let marker = format!("keel-unprivileged-{}", std::process::id());
 
-    let out = Command::new("setpriv")
+    let mut cmd = match wrapper {
+        Some(program) => {
+            let mut c = Command::new("python3");
+            c.args(["-c", program, "setpriv"]);
+            c
+        }
+        None => Command::new("setpriv"),
+    };
+    let out = cmd
         .args([format!("--reuid={NOBODY}"), format!("--regid={NOBODY}")])
         .args(["--clear-groups", "--inh-caps=-all"])
         .arg(&exe)
-        .args(["--exact", "scenario_as_this_user", "--ignored", "--nocapture", "--test-threads=1"])
+        .args(["--exact", name, "--ignored", "--nocapture", "--test-threads=1"])
         .current_dir(&home)
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", &home)
         .env("TMPDIR", &home)
         .env("RUST_BACKTRACE", "1")
         .env(EXPECT_UID, NOBODY.to_string())
-        .env(MARKER, &marker)
+        .env(MARKER, marker)
         .output()
         .expect("setpriv (util-linux) runs");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "the scenario failed as uid {NOBODY} ({}):\n{stdout}\n{stderr}", out.status);
-    assert!(stdout.contains("1 passed"), "the scenario did not run:\n{stdout}\n{stderr}");
-    // Nothing of the child's pods survives it, and its data directory is gone.
-    assert!(common::processes_mentioning(&marker).is_empty(), "sandboxes outlived the node");
+    assert!(out.status.success(), "{name} failed as uid {NOBODY} ({}):\n{stdout}\n{stderr}", out.status);
+    assert!(stdout.contains("1 passed"), "{name} did not run:\n{stdout}\n{stderr}");
     let left: Vec<_> = std::fs::read_dir(&home).unwrap().flatten().map(|e| e.path()).collect();
-    assert!(left.is_empty(), "the child left files behind: {left:?}");
-}
-
-/// The scenario itself; started by the test above (as uid 65534 when that runs as root).
-#[test]
-#[ignore = "run by node_runs_pods_with_their_own_namespaces_as_an_unprivileged_user"]
-fn scenario_as_this_user() {
-    runtime().block_on(scenario());
+    assert!(left.is_empty(), "{name} left files behind: {left:?}");
 }
 
 fn runtime() -> tokio::runtime::Runtime {
