@@ -34,7 +34,11 @@ impl CgroupRoot {
     /// it); limits are then not enforced, which is logged once here and per limited container.
     pub fn create(isolation: &Isolation) -> Option<CgroupRoot> {
         let not_enforced = |why: &str| {
-            let who = if isolation.root { "" } else { " (running unprivileged: run as root, or in a delegated cgroup v2 subtree such as `systemd-run --user --scope -p Delegate=yes`)" };
+            let who = if isolation.root {
+                ""
+            } else {
+                " (running as an ordinary user: run as root, or give this user a cgroup v2 subtree whose memory controller reaches the node's cgroup)"
+            };
             tracing::warn!("container memory limits are not enforced: {why}{who}");
         };
         let Ok(own) = std::fs::read_to_string("/proc/self/cgroup") else {

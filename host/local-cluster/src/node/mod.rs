@@ -84,11 +84,12 @@
 //! Known limits: a container's `/dev` is bwrap's fresh one with its own devpts, so inside an exec
 //! with a tty `[ -t 0 ]` and `stty` work but `tty`/ttyname cannot name the terminal; interactive
 //! shells warn that they cannot set the tty process group. As an ordinary user memory limits are
-//! enforced only where this user may create memory cgroups (a delegated cgroup v2 subtree);
-//! otherwise, as on cgroup v1, they are not enforced: the node warns at start and for every
-//! limited container, and `Node::memory_limits_enforced()` says so. Unprivileged, emptyDir
-//! `medium: Memory` is a plain directory, and files owned by other host users (root) appear as
-//! `nobody` inside containers. Readiness/liveness probes are not run: a running container is ready.
+//! enforced only where this user may create memory cgroups below its own (a cgroup v2 subtree
+//! delegated with the memory controller passed down; not tested here); otherwise, as always on
+//! cgroup v1, they are not enforced: the node warns at start and for every limited container,
+//! and `Node::memory_limits_enforced()` says so. Unprivileged, emptyDir `medium: Memory` is a
+//! plain directory, and files of other host users (root) appear as `nobody` inside containers.
+//! Readiness/liveness probes are not run: a running container is ready.
 //!
 //! Every sandbox is spawned from one long-lived "spawner" thread owned by the Node, with
 //! `PR_SET_PDEATHSIG=SIGKILL` (bwrap's `--die-with-parent`): when the Node is dropped the thread

@@ -8,10 +8,10 @@
 //! Root and unprivileged differ in one place: as an ordinary user the pod holder also gets a user
 //! namespace of its own (bwrap `--unshare-user --uid 0 --gid 0`, mapping uid 0 inside to our uid
 //! outside). Every container first joins that user namespace, which gives it all capabilities
-//! over the namespaces the holder owns, then the holder's network (and PID) namespace; bwrap then
-//! runs as uid 0 there and takes the same path as for real root (no further user namespace, all
-//! capabilities kept, but only over the pod's namespaces). Files the containers write into volumes
-//! belong to our uid on the host.
+//! over the namespaces the holder owns, then the holder's network namespace (a shared PID
+//! namespace is joined by bwrap itself, `--pidns`); bwrap then runs as uid 0 there and takes the
+//! same path as for real root (no further user namespace, all capabilities kept, but only over
+//! the pod's namespaces). Files the containers write into volumes belong to our uid on the host.
 #![allow(unsafe_code)]
 
 use std::collections::BTreeSet;
@@ -299,8 +299,6 @@ pub(crate) fn filesystem_args(
     args
 }
 
-/// Sets up the pre_exec hook shared by every sandbox we spawn.
-///
 /// Namespaces to join before exec, as descriptors the parent keeps open across the spawn. (A
 /// shared PID namespace is not joined here but handed to bwrap as `--pidns`: only then does bwrap
 /// mount a /proc of that namespace; after a setns of our own it would bind the host's /proc.)
@@ -310,6 +308,8 @@ struct Join {
     net: Option<RawFd>,
 }
 
+/// Sets up the pre_exec hook shared by every sandbox we spawn.
+///
 /// Safety of the hook: it runs in the forked child before exec and only calls setns(2),
 /// prctl(2), write(2), fcntl(2), setsid(2) and ioctl(2) on descriptors opened before the fork.
 fn install_pre_exec(
