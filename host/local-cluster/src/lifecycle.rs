@@ -42,6 +42,26 @@ fn deletion_time(grace: i64) -> String {
     at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
+/// The delete's `preconditions` (uid, resourceVersion) against the stored object: 409 on a mismatch.
+pub fn check_preconditions(r: &Resource, name: &str, obj: &Value, opts: &DeleteOptions) -> Result<(), ApiError> {
+    let conflict = |what: &str, want: &str, have: &str| ApiError::Conflict {
+        resource: r.plural.into(),
+        name: name.into(),
+        reason: format!("Precondition failed: {what}: {want}, {what} in object meta: {have}"),
+    };
+    if let Some(uid) = &opts.precondition_uid
+        && uid != meta::uid(obj)
+    {
+        return Err(conflict("UID in precondition", uid, meta::uid(obj)));
+    }
+    if let Some(rv) = &opts.precondition_rv
+        && rv != meta::resource_version(obj)
+    {
+        return Err(conflict("ResourceVersion in precondition", rv, meta::resource_version(obj)));
+    }
+    Ok(())
+}
+
 /// Delete one object; returns what the DELETE call answers (the object, possibly only marked
 /// for deletion). Work that a real cluster does asynchronously runs in background tasks.
 pub fn delete<'a>(
@@ -53,21 +73,7 @@ pub fn delete<'a>(
 ) -> Pin<Box<dyn Future<Output = Result<Value, ApiError>> + Send + 'a>> {
     Box::pin(async move {
         let obj = state.store.get(r, ns, name)?;
-        let conflict = |what: &str, want: &str, have: &str| ApiError::Conflict {
-            resource: r.plural.into(),
-            name: name.into(),
-            reason: format!("Precondition failed: {what}: {want}, {what} in object meta: {have}"),
-        };
-        if let Some(uid) = &opts.precondition_uid
-            && uid != meta::uid(&obj)
-        {
-            return Err(conflict("UID in precondition", uid, meta::uid(&obj)));
-        }
-        if let Some(rv) = &opts.precondition_rv
-            && rv != meta::resource_version(&obj)
-        {
-            return Err(conflict("ResourceVersion in precondition", rv, meta::resource_version(&obj)));
-        }
+        check_preconditions(r, name, &obj, &opts)?;
         if obj.pointer("/metadata/deletionTimestamp").is_some() {
             // Already terminating: a forced (grace 0) delete of a pod still finishes it now.
             if r.is("pods") && opts.grace_seconds == Some(0) {

@@ -707,3 +707,30 @@ async fn server_side_apply_creates_merges_and_tracks_owners() {
     assert!(cms.get_opt("ssa-dry").await.unwrap().is_none());
     c.stop().await;
 }
+
+/// A completed delete answers as the real registry does: pods (and services, service accounts,
+/// namespaces) with the object, configmaps and secrets with a `Status` of Success naming it; an
+/// object held by a finalizer comes back marked.
+#[tokio::test(flavor = "multi_thread")]
+async fn delete_answers_object_or_status_by_kind() {
+    let c = cluster().await;
+    let client = c.client().unwrap();
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    let made = cms.create(&PostParams::default(), &cm("gone", json!({}))).await.unwrap();
+    let status = cms.delete("gone", &DeleteParams::default()).await.unwrap().right().expect("a Status for a configmap");
+    let details = status.details.unwrap();
+    assert_eq!((details.name.as_str(), details.kind.as_str(), details.uid), ("gone", "configmaps", made.metadata.uid.unwrap()));
+
+    let mut held = cm("held", json!({}));
+    held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    cms.create(&PostParams::default(), &held).await.unwrap();
+    let marked = cms.delete("held", &DeleteParams::default()).await.unwrap().left().expect("the object while a finalizer holds it");
+    assert!(marked.metadata.deletion_timestamp.is_some());
+    cms.patch("held", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}}))).await.unwrap();
+
+    let pods: Api<Pod> = Api::default_namespaced(client);
+    pods.create(&PostParams::default(), &sleeper("quick")).await.unwrap();
+    let pod = pods.delete("quick", &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() }).await.unwrap();
+    assert!(pod.left().is_some(), "pods answer with the pod");
+    c.stop().await;
+}

@@ -4,6 +4,7 @@ use super::query::Query;
 use super::{Shared, Target, body_bytes, continuation, json_response, table};
 use crate::errors::{ApiError, Cause};
 use crate::lifecycle;
+use crate::resources::Resource;
 use crate::patch::apply::ApplyError;
 use crate::patch::{self, PatchKind};
 use crate::selectors::{FieldSelector, LabelSelector};
@@ -309,21 +310,7 @@ async fn delete_options(query: &Query, req: Request) -> Result<(lifecycle::Delet
 /// the object, marked terminating where a real delete would only mark it.
 fn delete_dry_run(state: &Shared, t: &Target, ns: Option<&str>, name: &str, opts: &lifecycle::DeleteOptions) -> Result<Value, ApiError> {
     let mut obj = state.store.get(t.res, ns, name)?;
-    let conflict = |what: &str, want: &str, have: &str| ApiError::Conflict {
-        resource: t.res.plural.into(),
-        name: name.into(),
-        reason: format!("Precondition failed: {what}: {want}, {what} in object meta: {have}"),
-    };
-    if let Some(uid) = &opts.precondition_uid
-        && uid != meta::uid(&obj)
-    {
-        return Err(conflict("UID in precondition", uid, meta::uid(&obj)));
-    }
-    if let Some(rv) = &opts.precondition_rv
-        && rv != meta::resource_version(&obj)
-    {
-        return Err(conflict("ResourceVersion in precondition", rv, meta::resource_version(&obj)));
-    }
+    lifecycle::check_preconditions(t.res, name, &obj, opts)?;
     if obj.pointer("/metadata/deletionTimestamp").is_some() {
         return Ok(obj);
     }
@@ -348,11 +335,28 @@ fn delete_dry_run(state: &Shared, t: &Target, ns: Option<&str>, name: &str, opts
 pub async fn delete(state: &Shared, t: &Target, query: &Query, req: Request) -> Result<Response, ApiError> {
     let (opts, dry) = delete_options(query, req).await?;
     let name = t.name.as_deref().unwrap_or_default();
-    if dry {
-        return Ok(json_response(StatusCode::OK, &delete_dry_run(state, t, t.namespace.as_deref(), name, &opts)?));
+    let obj = if dry {
+        delete_dry_run(state, t, t.namespace.as_deref(), name, &opts)?
+    } else {
+        lifecycle::delete(state, t.res, t.namespace.as_deref(), name, opts).await?
+    };
+    Ok(json_response(StatusCode::OK, &deleted_answer(t.res, obj)))
+}
+
+/// What a DELETE answers: an object still pending deletion (grace period, finalizers) comes back
+/// as it is; a removed one as itself or, for most kinds, as a `Status` of Success naming it, as
+/// the real registry does (`kubectl delete` and kube-rs accept either).
+fn deleted_answer(r: &Resource, obj: Value) -> Value {
+    if r.returns_deleted_object || obj.pointer("/metadata/deletionTimestamp").is_some() {
+        return obj;
     }
-    let obj = lifecycle::delete(state, t.res, t.namespace.as_deref(), name, opts).await?;
-    Ok(json_response(StatusCode::OK, &obj))
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Success",
+        "details": {"name": meta::name(&obj), "kind": r.plural, "uid": meta::uid(&obj)},
+    })
 }
 
 pub async fn delete_collection(state: &Shared, t: &Target, query: &Query, req: Request) -> Result<Response, ApiError> {
