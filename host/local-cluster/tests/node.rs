@@ -260,6 +260,68 @@ async fn memory_limit_is_enforced_as_oom_killed() {
     f.node.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_limits_are_cfs_quotas_and_requests_are_shares_in_cgroups_that_go_away() {
+    if !rustix_is_root() {
+        eprintln!("skipped: cpu cgroups need root");
+        return;
+    }
+    let mut f = fixture();
+    assert!(f.node.cpu_limits_enforced(), "root can make cpu cgroups here");
+    let p = pod("cpu1", serde_json::json!({
+        "containers": [
+            {"name": "busy", "image": "alpine", "command": ["sh", "-c", "while :; do :; done"],
+             "resources": {"limits": {"cpu": "100m"}}},
+            {"name": "idle", "image": "alpine", "command": ["sleep", "1000"],
+             "resources": {"requests": {"cpu": "0.25"}}}
+        ]
+    }));
+    f.node.run_pod(p, ResolvedVolumes::new());
+    f.wait_for("cpu1", "both containers running", |s| {
+        s.container_statuses.iter().flatten().filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some())).count() == 2
+    })
+    .await;
+    let cgroups = common::node_cpu_cgroups(&f.node.pod_processes("cpu1"));
+    let names: Vec<&str> = cgroups.keys().map(String::as_str).collect();
+    assert_eq!(names, ["cpu1-busy-0", "cpu1-idle-0"], "each container has a cpu cgroup of its own");
+    let (busy, idle) = (&cgroups["cpu1-busy-0"], &cgroups["cpu1-idle-0"]);
+    // 100m: 10 ms of CPU per 100 ms period. No limit (requests only): no quota.
+    assert_eq!(common::cpu_quota(busy), (10_000, 100_000));
+    assert_eq!(common::cpu_quota(idle).0, -1);
+    // Shares from the requests (a missing request is the limit): 100m -> 102, 250m -> 256 (v2:
+    // the weights runc derives from those shares).
+    let weight = |d: &std::path::Path| {
+        let v1 = std::fs::read_to_string(d.join("cpu.shares"));
+        v1.or_else(|_| std::fs::read_to_string(d.join("cpu.weight"))).unwrap().trim().to_string()
+    };
+    let v1 = busy.join("cpu.shares").exists();
+    assert_eq!((weight(busy), weight(idle)), if v1 { ("102".into(), "256".into()) } else { ("4".into(), "10".into()) });
+    // The busy loop wants the whole CPU and gets 10% of it: the kernel throttles it.
+    assert!(common::until_throttled(busy).await > 0);
+    assert_eq!(common::cpu_nr_throttled(idle), 0, "a sleeping container without a limit is never throttled");
+
+    // A container that ends takes its cgroup with it (it was in it: it printed it).
+    let node_dir = busy.parent().unwrap().to_path_buf();
+    let p = pod("cpu2", serde_json::json!({
+        "restartPolicy": "Never",
+        "containers": [{"name": "c", "image": "alpine", "command": ["cat", "/proc/self/cgroup"],
+                        "resources": {"limits": {"cpu": "2"}}}]
+    }));
+    f.node.run_pod(p, ResolvedVolumes::new());
+    f.wait_phase("cpu2", "Succeeded").await;
+    let out = f.logs("cpu2", "c", LogOptions::default()).await;
+    assert!(out.contains("/cpu2-c-0\n"), "the container ran in its cgroup: {out}");
+    assert!(!node_dir.join("cpu2-c-0").exists(), "the ended container's cgroup is removed");
+
+    // Deleting a pod removes its containers' cgroups; shutting down removes the node's.
+    f.node.stop_pod("cpu1", Duration::ZERO).await;
+    f.node.forget_pod("cpu1").await;
+    assert!(!busy.exists() && !idle.exists(), "the deleted pod's cgroups are removed");
+    assert!(node_dir.exists());
+    f.node.shutdown().await;
+    assert!(!node_dir.exists(), "the node's cgroup {} is removed at shutdown", node_dir.display());
+}
+
 fn rustix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .unwrap()

@@ -226,3 +226,37 @@ resp.close()
     assert_eq!(p.status.unwrap().phase.as_deref(), Some("Running"));
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_limit_through_the_api_throttles_and_leaves_no_cgroup() {
+    let c = cluster().await;
+    if !c.node().cpu_limits_enforced() {
+        eprintln!("skipped: this user cannot make cpu cgroups");
+        c.stop().await;
+        return;
+    }
+    let busy = serde_json::json!({"command": ["sh", "-c", "while :; do :; done"],
+                                  "resources": {"limits": {"cpu": "100m"}}});
+    let pod = create(&c, sleeper("busy", busy)).await;
+    let uid = pod.metadata.uid.unwrap();
+    let cgroups = common::node_cpu_cgroups(&c.node().pod_processes(&uid));
+    let dir = cgroups.get(&format!("{uid}-c-0")).unwrap_or_else(|| panic!("no cpu cgroup for the container: {cgroups:?}")).clone();
+    assert_eq!(common::cpu_quota(&dir), (10_000, 100_000));
+    assert!(common::until_throttled(&dir).await > 0);
+    // A pod without CPU resources gets no cgroup, so no quota either.
+    let free = create(&c, sleeper("free", serde_json::json!({}))).await;
+    let free_uid = free.metadata.uid.unwrap();
+    assert!(!c.node().pod_processes(&free_uid).is_empty());
+    assert_eq!(common::node_cpu_cgroups(&c.node().pod_processes(&free_uid)).len(), 0);
+
+    let api: Api<Pod> = Api::default_namespaced(c.client().unwrap());
+    api.delete("busy", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), await_condition(api, "busy", conditions::is_deleted(&uid)))
+        .await
+        .unwrap()
+        .unwrap();
+    let node_dir = dir.parent().unwrap().to_path_buf();
+    assert!(!dir.exists(), "deleting the pod removed its cgroup {}", dir.display());
+    c.stop().await;
+    assert!(!node_dir.exists(), "stopping the cluster removed the node's cgroup {}", node_dir.display());
+}

@@ -314,35 +314,36 @@ async fn node_scenario(marker: &str) {
     drop((stdin, out, s));
     wait_for(&rx, "att", "Succeeded", |s| s.phase.as_deref() == Some("Succeeded")).await;
 
-    // A memory limit this user cannot enforce (no writable memory cgroup) is reported by the
-    // node and does not keep the pod from running.
+    // Memory and CPU limits this user cannot enforce (no writable memory or cpu cgroup) are
+    // reported by the node and do not keep the pod from running.
     node.run_pod(
         pod("mem", marker, serde_json::json!({
             "restartPolicy": "Never",
-            "containers": [{"name": "c", "image": "alpine", "command": ["echo", "ran"], "resources": {"limits": {"memory": "64Mi"}}}]
+            "containers": [{"name": "c", "image": "alpine", "command": ["echo", "ran"],
+                            "resources": {"limits": {"memory": "64Mi", "cpu": "100m"}, "requests": {"cpu": "50m"}}}]
         })),
         ResolvedVolumes::new(),
     );
     wait_for(&rx, "mem", "Succeeded", |s| s.phase.as_deref() == Some("Succeeded")).await;
     assert_eq!(logs(&node, "mem", "c").await, "ran\n");
-    let cgroup_writable = memory_cgroup_writable();
-    assert_eq!(node.memory_limits_enforced(), cgroup_writable, "enforcement as reported matches what the cgroups allow");
+    assert_eq!(node.memory_limits_enforced(), cgroup_writable("memory"), "memory enforcement as reported matches what the cgroups allow");
+    assert_eq!(node.cpu_limits_enforced(), cgroup_writable("cpu"), "CPU enforcement as reported matches what the cgroups allow");
 
     node.shutdown().await;
     drop(node);
     dir.close().unwrap();
 }
 
-/// Whether this process may create a cgroup next to itself in the memory hierarchy (v1) or the
-/// unified one (v2): the precondition for enforcing memory limits.
-fn memory_cgroup_writable() -> bool {
+/// Whether this process may create a cgroup below its own in the hierarchy of `controller` (v1)
+/// or the unified one (v2): the precondition for enforcing that controller's limits.
+fn cgroup_writable(controller: &str) -> bool {
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
     let dir = own
         .lines()
         .find_map(|l| {
             let mut p = l.splitn(3, ':');
             let (_, ctrls, path) = (p.next()?, p.next()?, p.next()?);
-            ctrls.split(',').any(|c| c == "memory").then(|| format!("/sys/fs/cgroup/memory{path}"))
+            ctrls.split(',').any(|c| c == controller).then(|| format!("/sys/fs/cgroup/{controller}{path}"))
         })
         .or_else(|| own.lines().find_map(|l| l.strip_prefix("0::")).map(|p| format!("/sys/fs/cgroup{p}")))
         .unwrap();

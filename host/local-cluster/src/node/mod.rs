@@ -57,6 +57,8 @@
 //!   * The StatusSink is called with an internal lock held so statuses arrive in order; it must not
 //!     call back into the Node.
 //!   * `Node::pod_processes(uid)` lists host pids of the pod's sandbox processes (tests, debugging).
+//!   * `Node::memory_limits_enforced()` and `Node::cpu_limits_enforced()` say whether containers'
+//!     memory and CPU resources can be enforced here (see "Resources" below).
 //!
 //! # Isolation: why bubblewrap
 //! Every container is a `bwrap` sandbox (Debian package `bubblewrap`): new mount, PID, UTS and IPC
@@ -66,8 +68,24 @@
 //! bringing up loopback), and works both as root and, where unprivileged user namespaces are
 //! allowed, as an ordinary user. Doing the same in Rust would be several hundred lines of unsafe
 //! code between fork and exec. The few things bwrap cannot do (join the pod's user and network
-//! namespaces, join a memory cgroup, die with this process) are done in `pre_exec` before bwrap
-//! starts; that is the crate's only `unsafe` (see `sandbox.rs`).
+//! namespaces, join the container's cgroups, die with this process) are done in `pre_exec` before
+//! bwrap starts; that is the crate's only `unsafe` (see `sandbox.rs`).
+//!
+//! # Resources: what a kubelet would set
+//! Limits are enforced with per-container cgroups below a directory of the node's own
+//! (`keel-node-<pid>-<n>`, created below this process's own cgroup in each hierarchy, so limits
+//! set on us still apply). `limits.memory` becomes `memory.limit_in_bytes` (v1) or `memory.max`
+//! (v2), swap off, and an OOM kill is reported as `OOMKilled`. `limits.cpu` becomes a CFS quota
+//! of millicores × 100 µs per 100 ms period (at least 1 ms), `cpu.cfs_quota_us` on v1 and
+//! `cpu.max` on v2; `requests.cpu` (or the limit when there is no request, as the API server
+//! defaults it) becomes `cpu.shares` = millicores × 1024 / 1000 (2..=262144), or the `cpu.weight`
+//! runc derives from that on v2. Quantities are parsed exactly as Kubernetes parses them and
+//! rounded up (CPU to 1m). A container without those resources gets no cgroup of that
+//! controller. The first process of the container joins its cgroups (one `cgroup.procs` per
+//! hierarchy) before exec, so nothing of it ever runs outside them. When the container ends its
+//! cgroups are removed, killing what is left in them as a container runtime does; the node's
+//! directory goes at shutdown (and when the Node is dropped). Only cgroup v1 is tested here
+//! (v2 is written for: the unified hierarchy is used for a controller no v1 hierarchy has).
 //!
 //! Each pod has a holder process (`bwrap --unshare-net --unshare-pid ... sleep`, the analogue of
 //! the pause container) whose network namespace every container joins, so containers of a pod
@@ -83,11 +101,13 @@
 //!
 //! Known limits: a container's `/dev` is bwrap's fresh one with its own devpts, so inside an exec
 //! with a tty `[ -t 0 ]` and `stty` work but `tty`/ttyname cannot name the terminal; interactive
-//! shells warn that they cannot set the tty process group. As an ordinary user memory limits are
-//! enforced only where this user may create memory cgroups below its own (a cgroup v2 subtree
-//! delegated with the memory controller passed down; not tested here); otherwise, as always on
-//! cgroup v1, they are not enforced: the node warns at start and for every limited container,
-//! and `Node::memory_limits_enforced()` says so. Unprivileged, emptyDir `medium: Memory` is a
+//! shells warn that they cannot set the tty process group. As an ordinary user memory and CPU
+//! limits are enforced only where this user may create cgroups of that controller below its own
+//! (a cgroup v2 subtree delegated with the controller passed down; not tested here); otherwise,
+//! as always on cgroup v1, they are not enforced: the node warns at start and for every limited
+//! container, and `Node::memory_limits_enforced()` / `Node::cpu_limits_enforced()` say so; the
+//! pods run regardless. The pod's reported `qosClass` is always `BestEffort`, whatever its
+//! resources. Unprivileged, emptyDir `medium: Memory` is a
 //! plain directory, and files of other host users (root) appear as `nobody` inside containers.
 //! Readiness/liveness probes are not run: a running container is ready.
 //!
@@ -252,7 +272,7 @@ pub(crate) struct NodeInner {
     rt: tokio::runtime::Handle,
     spawner: sandbox::Spawner,
     isolation: sandbox::Isolation,
-    cgroups: Option<cgroup::CgroupRoot>,
+    cgroups: cgroup::NodeCgroups,
     pods: Mutex<HashMap<String, Arc<pod::PodRuntime>>>,
     shut_down: std::sync::atomic::AtomicBool,
 }
@@ -266,7 +286,7 @@ impl Node {
                 .map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
         }
         let isolation = sandbox::Isolation::probe()?;
-        let cgroups = cgroup::CgroupRoot::create(&isolation);
+        let cgroups = cgroup::NodeCgroups::create(&isolation);
         let spawner = sandbox::Spawner::start(rt.clone());
         Ok(Node {
             inner: Arc::new(NodeInner {
@@ -351,7 +371,14 @@ impl Node {
     /// Whether containers' `resources.limits.memory` are enforced (a memory cgroup could be made
     /// at start). When not, a warning was logged at start and is logged per limited container.
     pub fn memory_limits_enforced(&self) -> bool {
-        self.inner.cgroups.is_some()
+        self.inner.cgroups.enforces(cgroup::Controller::Memory)
+    }
+
+    /// Whether containers' `resources.limits.cpu` (CFS quota) and `resources.requests.cpu` (CPU
+    /// shares) are enforced (a cpu cgroup could be made at start). When not, a warning was logged
+    /// at start and is logged per container that has either.
+    pub fn cpu_limits_enforced(&self) -> bool {
+        self.inner.cgroups.enforces(cgroup::Controller::Cpu)
     }
 
     /// Host pids of every sandbox process of the pod (bwrap processes and the pod holder).
@@ -367,6 +394,8 @@ impl Node {
             pod.stop(Duration::ZERO).await;
             pod.remove_dirs().await;
         }
+        let inner = self.inner.clone();
+        let _ = tokio::task::spawn_blocking(move || inner.cgroups.remove()).await;
     }
 
     fn pod(&self, uid: &str) -> Option<Arc<pod::PodRuntime>> {
@@ -384,8 +413,6 @@ impl Drop for NodeInner {
             pod.kill_now();
             pod.remove_dirs_sync();
         }
-        if let Some(cg) = &self.cgroups {
-            cg.remove();
-        }
+        self.cgroups.remove();
     }
 }

@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 
-use super::cgroup::{ContainerCgroup, parse_memory};
+use super::cgroup::{Controller, ContainerCgroup, CpuSettings, parse_cpu_millis, parse_memory};
 use super::logs::{LogFile, Pipe};
 use super::sandbox::{self, Bind, ContainerSandbox, PodNamespaces, Stdios};
 use super::session::exit_code;
@@ -459,26 +459,19 @@ impl PodRuntime {
             .filter(|p| p.is_dir());
         let log_path = self.dir.join("logs").join(&c.name).join(format!("{restarts}.log"));
         let log = LogFile::create(&log_path).map_err(|e| format!("cannot create log {}: {e}", log_path.display()))?;
-        let cgroup: Option<ContainerCgroup> = match (
-            c.resources.as_ref().and_then(|r| r.limits.as_ref()).and_then(|l| l.get("memory")),
-            &node.cgroups,
-        ) {
-            (Some(q), Some(root)) => {
-                let bytes = parse_memory(&q.0)
-                    .ok_or_else(|| format!("container {}: invalid memory limit {:?}", c.name, q.0))?;
-                Some(
-                    root.container(&format!("{}-{}-{restarts}", self.uid, c.name), bytes)
-                        .map_err(|e| format!("cannot create memory cgroup: {e}"))?,
-                )
-            }
-            (Some(q), None) => {
-                // Said per container, not only once at node start, so the warning names the
-                // pod whose limit is ignored (the span carries the pod).
-                tracing::warn!(k8s.container = %c.name, limit = %q.0, "memory limit not enforced: the node has no memory cgroup (see the node's start-up warning)");
-                None
-            }
-            _ => None,
-        };
+        let (memory, cpu) = resource_limits(c)?;
+        // Said per container, not only once at node start, so the warning names the pod whose
+        // limit is ignored (the span carries the pod).
+        if memory.is_some() && !node.cgroups.enforces(Controller::Memory) {
+            tracing::warn!(k8s.container = %c.name, "memory limit not enforced: the node has no memory cgroup (see the node's start-up warning)");
+        }
+        if cpu.is_some() && !node.cgroups.enforces(Controller::Cpu) {
+            tracing::warn!(k8s.container = %c.name, "CPU limit and request not enforced: the node has no cpu cgroup (see the node's start-up warning)");
+        }
+        let cgroup: Option<ContainerCgroup> = node
+            .cgroups
+            .container(&format!("{}-{}-{restarts}", self.uid, c.name), memory, cpu)
+            .map_err(|e| e.to_string())?;
         let tty = c.tty.unwrap_or(false);
         let want_stdin = c.stdin.unwrap_or(false);
         let (stdio, pty) = if tty {
@@ -499,7 +492,10 @@ impl PodRuntime {
             hostname: self.name.clone(),
             pod_ns: ns,
             share_pid,
-            cgroup_procs: cgroup.as_ref().map(|g| g.procs_file()).transpose().map_err(|e| e.to_string())?,
+            cgroup_procs: match &cgroup {
+                Some(g) => g.procs_files().map_err(|e| e.to_string())?,
+                None => Vec::new(),
+            },
             tty: None,
         };
         let started = sandbox::start_container(&node.spawner, sb, stdio).await;
@@ -609,8 +605,9 @@ impl PodRuntime {
         exited_tx.send_replace(true);
         let code = status.as_ref().map(|s| exit_code(*s)).unwrap_or(137);
         let oom = cgroup.as_ref().is_some_and(ContainerCgroup::oom_killed);
-        if let Some(g) = &cgroup {
-            g.remove();
+        if let Some(g) = cgroup {
+            // Blocks while stray processes are killed and leave the cgroup.
+            let _ = tokio::task::spawn_blocking(move || g.remove()).await;
         }
         let signal = status.as_ref().ok().and_then(|s| {
             use std::os::unix::process::ExitStatusExt;
@@ -849,6 +846,31 @@ pub(crate) fn expand(s: &str, env: &[(String, String)]) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// The container's memory limit in bytes and CPU settings (when it has a CPU limit or request),
+/// as a kubelet reads its resources. An unparsable quantity is a config error naming it.
+fn resource_limits(c: &Container) -> Result<(Option<u64>, Option<CpuSettings>), String> {
+    let res = c.resources.as_ref();
+    let get = |which: &str, name: &str| {
+        let map = match which {
+            "limits" => res.and_then(|r| r.limits.as_ref()),
+            _ => res.and_then(|r| r.requests.as_ref()),
+        };
+        map.and_then(|m| m.get(name)).map(|q| q.0.as_str())
+    };
+    let invalid = |which: &str, name: &str, q: &str| format!("container {}: invalid {which}.{name} {q:?}", c.name);
+    let memory = match get("limits", "memory") {
+        Some(q) => Some(parse_memory(q).ok_or_else(|| invalid("limits", "memory", q))?),
+        None => None,
+    };
+    let millis = |which: &str| match get(which, "cpu") {
+        Some(q) => parse_cpu_millis(q).map(Some).ok_or_else(|| invalid(which, "cpu", q)),
+        None => Ok(None),
+    };
+    let (limit, request) = (millis("limits")?, millis("requests")?);
+    let cpu = (limit.is_some() || request.is_some()).then(|| CpuSettings::from_millicores(limit, request));
+    Ok((memory, cpu))
 }
 
 fn argv(c: &Container, env: &[(String, String)]) -> Vec<String> {

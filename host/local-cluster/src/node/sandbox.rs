@@ -2,7 +2,7 @@
 //!
 //! This file holds the crate's only `unsafe`: `Command::pre_exec` hooks that run between fork and
 //! exec to set PR_SET_PDEATHSIG, join the pod's user and network namespaces and the container's
-//! memory cgroup, and make a terminal the controlling one. Each hook only makes async-signal-safe
+//! cgroups (memory and CPU), and make a terminal the controlling one. Each hook only makes async-signal-safe
 //! system calls on file descriptors opened before the fork.
 //!
 //! Root and unprivileged differ in one place: as an ordinary user the pod holder also gets a user
@@ -206,8 +206,9 @@ pub(crate) struct ContainerSandbox {
     pub pod_ns: Option<Arc<PodNamespaces>>,
     /// With `shareProcessNamespace` the containers join the holder's PID namespace.
     pub share_pid: bool,
-    /// `cgroup.procs` of the container's memory cgroup, opened for writing.
-    pub cgroup_procs: Option<File>,
+    /// `cgroup.procs` of each of the container's cgroups (at most two: memory and CPU are
+    /// separate hierarchies on cgroup v1), opened for writing.
+    pub cgroup_procs: Vec<File>,
     pub tty: Option<OwnedFd>,
 }
 
@@ -308,6 +309,9 @@ struct Join {
     net: Option<RawFd>,
 }
 
+/// `cgroup.procs` descriptors to write before exec: a fixed array, as the hook may not allocate.
+type CgroupProcs = [Option<RawFd>; 2];
+
 /// Sets up the pre_exec hook shared by every sandbox we spawn.
 ///
 /// Safety of the hook: it runs in the forked child before exec and only calls setns(2),
@@ -315,7 +319,7 @@ struct Join {
 fn install_pre_exec(
     cmd: &mut Command,
     join: Join,
-    cgroup_procs: Option<RawFd>,
+    cgroup_procs: CgroupProcs,
     keep_open: [Option<RawFd>; 2],
     ctty: bool,
 ) {
@@ -325,8 +329,9 @@ fn install_pre_exec(
         // SAFETY: the descriptors are owned by the parent's Command/sandbox structures, which
         // outlive the spawn call, so they are open in the child.
         let borrow = |fd: RawFd| unsafe { BorrowedFd::borrow_raw(fd) };
-        if let Some(fd) = cgroup_procs {
+        for fd in cgroup_procs.into_iter().flatten() {
             // "0" moves the writing process; its children (the sandbox) inherit the cgroup.
+            // Before joining the pod's user namespace: moving needs the rights we have here.
             rustix::io::write(borrow(fd), b"0")?;
         }
         if let Some(fd) = user {
@@ -396,7 +401,7 @@ async fn spawn_bwrap(
     env: &[(String, String)],
     stdio: Stdios,
     join: Join,
-    cgroup_procs: Option<RawFd>,
+    cgroup_procs: CgroupProcs,
     pass_fd: Option<RawFd>,
 ) -> std::io::Result<Started> {
     let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
@@ -443,7 +448,8 @@ pub(crate) async fn start_holder(
     .collect();
     let stdio = Stdios { stdin: Stdio::null(), stdout: Stdio::null(), stderr: Stdio::piped() };
     let env = [("PATH".to_string(), DEFAULT_PATH.to_string())];
-    let mut started = spawn_bwrap(spawner, args, &env, stdio, Join::default(), None, None).await?;
+    let mut started =
+        spawn_bwrap(spawner, args, &env, stdio, Join::default(), CgroupProcs::default(), None).await?;
     let inner_pid = started.inner_pid;
     let open = |kind: &str| -> std::io::Result<OwnedFd> {
         Ok(File::open(format!("/proc/{inner_pid}/ns/{kind}"))?.into())
@@ -543,7 +549,10 @@ pub(crate) async fn start_container(
         user: sb.pod_ns.as_ref().and_then(|n| n.user.as_ref()).map(|u| u.as_raw_fd()),
         net: sb.pod_ns.as_ref().map(|n| n.net.as_raw_fd()),
     };
-    let cg = sb.cgroup_procs.as_ref().map(|f| f.as_raw_fd());
+    if sb.cgroup_procs.len() > 2 {
+        return Err(std::io::Error::other("a container joins at most two cgroups (memory and CPU)"));
+    }
+    let cg: CgroupProcs = std::array::from_fn(|i| sb.cgroup_procs.get(i).map(|f| f.as_raw_fd()));
     let mut started = spawn_bwrap(spawner, args, &sb.env, stdio, join, cg, shared_pid).await?;
     drop(sb.tty);
     // bwrap reports the pid right after clone(), before the sandbox's mounts exist; an exec
@@ -596,7 +605,7 @@ pub(crate) fn prepare_exec(cmd: &mut Command, tty: bool) {
         // A process group of its own, so the whole exec (nsenter and its child) can be killed.
         cmd.process_group(0);
     }
-    install_pre_exec(cmd, Join::default(), None, [None, None], tty);
+    install_pre_exec(cmd, Join::default(), CgroupProcs::default(), [None, None], tty);
 }
 
 /// A terminal pair: the master stays with the node, the slave becomes the process's stdio.

@@ -43,3 +43,72 @@ pub fn processes_mentioning(marker: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+/// The node-made cgroups in the cpu hierarchy (cgroup v1 `cpu`, or v2) that these processes are
+/// in, by directory name (`<pod uid>-<container>-<restart>`). A process the node made no cpu
+/// cgroup for is in none of them (the node's own directories are named `keel-node-*`).
+pub fn node_cpu_cgroups(pids: &[u32]) -> std::collections::BTreeMap<String, std::path::PathBuf> {
+    use std::path::{Path, PathBuf};
+    let dir_of = |pid: &u32| -> Option<PathBuf> {
+        let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let v1 = own.lines().find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, ctrls, path) = (p.next()?, p.next()?, p.next()?);
+            ctrls.split(',').any(|c| c == "cpu").then(|| format!("/sys/fs/cgroup/cpu{path}"))
+        });
+        let dir = v1.or_else(|| {
+            let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+            ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+                .into_iter()
+                .find(|m| Path::new(m).join("cgroup.controllers").exists())
+                .map(|m| format!("{m}{path}"))
+        })?;
+        Some(PathBuf::from(dir))
+    };
+    pids.iter()
+        .filter_map(dir_of)
+        .filter(|d| {
+            d.parent()
+                .and_then(|p| p.file_name())
+                .is_some_and(|n| n.to_string_lossy().starts_with("keel-node-"))
+        })
+        .map(|d| (d.file_name().unwrap().to_string_lossy().into_owned(), d))
+        .collect()
+}
+
+/// A cpu cgroup's CFS quota in µs (-1: none) and period, from v1's `cpu.cfs_quota_us` and
+/// `cpu.cfs_period_us` or v2's `cpu.max`.
+pub fn cpu_quota(dir: &std::path::Path) -> (i64, u64) {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_else(|e| panic!("{}/{f}: {e}", dir.display()));
+    if dir.join("cpu.cfs_quota_us").exists() {
+        (read("cpu.cfs_quota_us").trim().parse().unwrap(), read("cpu.cfs_period_us").trim().parse().unwrap())
+    } else {
+        let max = read("cpu.max");
+        let (quota, period) = max.trim().split_once(' ').unwrap();
+        (if quota == "max" { -1 } else { quota.parse().unwrap() }, period.parse().unwrap())
+    }
+}
+
+/// How many CFS periods the cgroup's processes were throttled in (`cpu.stat` `nr_throttled`,
+/// in both versions).
+pub fn cpu_nr_throttled(dir: &std::path::Path) -> u64 {
+    let stat = std::fs::read_to_string(dir.join("cpu.stat")).unwrap();
+    stat.lines()
+        .find_map(|l| l.strip_prefix("nr_throttled "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no nr_throttled in {}/cpu.stat: {stat}", dir.display()))
+}
+
+/// Waits until the busy loop in `dir` has been throttled at least once. Throttling is the
+/// kernel's own record that the quota took effect; the deadline only keeps a broken quota from
+/// hanging the test.
+pub async fn until_throttled(dir: &std::path::Path) -> u64 {
+    for _ in 0..600 {
+        let n = cpu_nr_throttled(dir);
+        if n > 0 {
+            return n;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("{} was never throttled: the quota does not hold", dir.display());
+}
