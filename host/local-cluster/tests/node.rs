@@ -322,6 +322,24 @@ async fn cpu_limits_are_cfs_quotas_and_requests_are_shares_in_cgroups_that_go_aw
     assert!(!node_dir.exists(), "the node's cgroup {} is removed at shutdown", node_dir.display());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unparsable_cpu_quantity_is_a_config_error_naming_it() {
+    let mut f = fixture();
+    let p = pod("cpu3", serde_json::json!({
+        "containers": [{"name": "c", "image": "alpine", "command": ["true"],
+                        "resources": {"requests": {"cpu": "1.5.0"}}}]
+    }));
+    f.node.run_pod(p, ResolvedVolumes::new());
+    let st = f.wait_for("cpu3", "a waiting reason", |s| {
+        s.container_statuses.iter().flatten().any(|c| c.state.as_ref().is_some_and(|s| s.waiting.as_ref().is_some_and(|w| w.message.is_some())))
+    })
+    .await;
+    let w = st.container_statuses.unwrap()[0].state.clone().unwrap().waiting.unwrap();
+    assert_eq!(w.reason.as_deref(), Some("CreateContainerConfigError"));
+    assert_eq!(w.message.as_deref(), Some(r#"container c: invalid requests.cpu "1.5.0""#));
+    f.node.shutdown().await;
+}
+
 fn rustix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .unwrap()
