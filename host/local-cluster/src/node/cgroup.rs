@@ -240,6 +240,11 @@ fn own_cgroup(controller: Controller) -> Result<(PathBuf, Version), String> {
         .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
+    locate(controller, &own, &mountinfo)
+}
+
+/// [`own_cgroup`] from the texts of /proc/self/cgroup and /proc/self/mountinfo.
+fn locate(controller: Controller, own: &str, mountinfo: &str) -> Result<(PathBuf, Version), String> {
     let v1 = own.lines().find_map(|l| {
         let mut parts = l.splitn(3, ':');
         let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
@@ -263,7 +268,9 @@ fn own_cgroup(controller: Controller) -> Result<(PathBuf, Version), String> {
         })
         .find_map(|m| {
             let below = Path::new(path).strip_prefix(m.root).ok()?;
-            Some(Path::new(m.mount_point).join(below))
+            let mount_point = Path::new(m.mount_point);
+            // Joining an empty path would add a trailing slash.
+            Some(if below.as_os_str().is_empty() { mount_point.to_path_buf() } else { mount_point.join(below) })
         });
     match dir {
         Some(dir) => Ok((dir, version)),
@@ -589,6 +596,32 @@ mod tests {
         assert_eq!(s(None, Some(1)).weight(), 1);
         assert_eq!(s(None, Some(1000)).weight(), 39);
         assert_eq!(s(None, Some(1_000_000)).weight(), 10_000);
+    }
+
+    #[test]
+    fn each_controller_is_found_in_its_hierarchy() {
+        let v1_mounts = "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime shared:9 - cgroup cgroup rw,cpu,cpuacct\n\
+                         35 31 0:32 / /sys/fs/cgroup/memory rw,relatime shared:12 - cgroup cgroup rw,memory\n\
+                         41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:5 - cgroup2 cgroup2 rw";
+        let v1_own = "4:memory:/ci/job\n2:cpu,cpuacct:/ci/job\n0::/ci/job";
+        let at = |c, own, mounts| locate(c, own, mounts).map(|(p, v)| (p.display().to_string(), v));
+        assert_eq!(at(Controller::Cpu, v1_own, v1_mounts), Ok(("/sys/fs/cgroup/cpu,cpuacct/ci/job".into(), Version::V1)));
+        assert_eq!(at(Controller::Memory, v1_own, v1_mounts), Ok(("/sys/fs/cgroup/memory/ci/job".into(), Version::V1)));
+        // Hybrid with memory not on v1: the unified hierarchy (where it may not be enabled).
+        let hybrid_own = "2:cpu,cpuacct:/ci/job\n0::/ci/job";
+        assert_eq!(at(Controller::Memory, hybrid_own, v1_mounts), Ok(("/sys/fs/cgroup/unified/ci/job".into(), Version::V2)));
+        // Pure v2, as most current distributions.
+        let v2_mounts = "30 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot";
+        let v2_own = "0::/user.slice/user-1000.slice/session-2.scope";
+        assert_eq!(
+            at(Controller::Cpu, v2_own, v2_mounts),
+            Ok(("/sys/fs/cgroup/user.slice/user-1000.slice/session-2.scope".into(), Version::V2))
+        );
+        // In a container whose own cgroup is mounted as the hierarchy's root.
+        let docker_mounts = "700 690 0:29 /docker/abc /sys/fs/cgroup/cpu ro,nosuid master:9 - cgroup cgroup rw,cpu";
+        assert_eq!(at(Controller::Cpu, "3:cpu:/docker/abc", docker_mounts), Ok(("/sys/fs/cgroup/cpu".into(), Version::V1)));
+        assert!(at(Controller::Cpu, "3:cpu:/elsewhere", docker_mounts).unwrap_err().contains("not mounted where"));
+        assert!(at(Controller::Cpu, "1:name=systemd:/", "").unwrap_err().contains("no cpu cgroup controller"));
     }
 
     #[test]
