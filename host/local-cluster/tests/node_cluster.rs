@@ -260,3 +260,22 @@ async fn cpu_limit_through_the_api_throttles_and_leaves_no_cgroup() {
     c.stop().await;
     assert!(!node_dir.exists(), "stopping the cluster removed the node's cgroup {}", node_dir.display());
 }
+
+/// The QoS class the API server computed at create survives the kubelet's status updates.
+#[tokio::test(flavor = "multi_thread")]
+async fn running_pods_keep_their_qos_class() {
+    let c = cluster().await;
+    let equal = serde_json::json!({"limits": {"cpu": "200m", "memory": "64Mi"}, "requests": {"cpu": "200m", "memory": "64Mi"}});
+    let api: Api<Pod> = Api::default_namespaced(c.client().unwrap());
+    for (name, resources, qos) in [
+        ("guaranteed", equal, "Guaranteed"),
+        ("burstable", serde_json::json!({"requests": {"cpu": "100m"}}), "Burstable"),
+        ("besteffort", serde_json::json!({}), "BestEffort"),
+    ] {
+        create(&c, sleeper(name, serde_json::json!({"resources": resources}))).await;
+        let running = api.get(name).await.unwrap();
+        let status = running.status.unwrap();
+        assert_eq!((status.phase.as_deref(), status.qos_class.as_deref()), (Some("Running"), Some(qos)), "{name}");
+    }
+    c.stop().await;
+}

@@ -106,9 +106,7 @@
 //! (a cgroup v2 subtree delegated with the controller passed down; not tested here); otherwise,
 //! as always on cgroup v1, they are not enforced: the node warns at start and for every limited
 //! container, and `Node::memory_limits_enforced()` / `Node::cpu_limits_enforced()` say so; the
-//! pods run regardless. The pod's reported `qosClass` is always `BestEffort`, whatever its
-//! resources. Unprivileged, emptyDir `medium: Memory` is a
-//! plain directory, and files of other host users (root) appear as `nobody` inside containers.
+//! pods run regardless. Unprivileged, emptyDir `medium: Memory` is a plain directory, and files of other host users (root) appear as `nobody` inside containers.
 //! Readiness/liveness probes are not run: a running container is ready.
 //!
 //! Every sandbox is spawned from one long-lived "spawner" thread owned by the Node, with

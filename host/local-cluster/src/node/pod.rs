@@ -240,7 +240,8 @@ impl PodRuntime {
             pod_ip: Some(POD_IP.into()),
             pod_ips: Some(vec![PodIP { ip: POD_IP.into() }]),
             start_time: Some(st.start_time.clone()),
-            qos_class: Some("BestEffort".into()),
+            // The API server computed it from the resources at create; the kubelet keeps it.
+            qos_class: None,
             init_container_statuses: (!init_names.is_empty()).then(|| {
                 init_names.iter().filter_map(|n| st.statuses.get(*n).cloned()).collect()
             }),
