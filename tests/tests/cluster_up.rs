@@ -35,10 +35,11 @@ fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
-#[test]
-fn cluster_up_serves_kubectl_and_ctrl_c_leaves_nothing_behind() {
+/// `host cluster up` with `extra` arguments; returns it and the kubeconfig path it printed.
+fn cluster_up(extra: &[&str]) -> (std::process::Child, PathBuf) {
     let mut child = Command::new(host_bin())
         .args(["cluster", "up"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -46,7 +47,12 @@ fn cluster_up_serves_kubectl_and_ctrl_c_leaves_nothing_behind() {
     let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
     let mut line = String::new();
     stdout.read_line(&mut line).expect("read kubeconfig path");
-    let kubeconfig = PathBuf::from(line.trim());
+    (child, PathBuf::from(line.trim()))
+}
+
+#[test]
+fn cluster_up_serves_kubectl_and_ctrl_c_leaves_nothing_behind() {
+    let (mut child, kubeconfig) = cluster_up(&[]);
     let data_dir = kubeconfig.parent().expect("kubeconfig lives in the data dir").to_path_buf();
 
     // Run the body so a failed assertion still stops the cluster below.
@@ -80,4 +86,27 @@ fn cluster_up_serves_kubectl_and_ctrl_c_leaves_nothing_behind() {
         processes_with(&marker)
     );
     assert!(!data_dir.exists(), "the cluster's data dir {} was not removed", data_dir.display());
+}
+
+#[test]
+fn cluster_up_tls_serves_verified_https() {
+    let (mut child, kubeconfig) = cluster_up(&["--tls"]);
+    let data_dir = kubeconfig.parent().expect("kubeconfig lives in the data dir").to_path_buf();
+    let outcome = std::panic::catch_unwind(|| {
+        let doc: serde_json::Value = serde_yaml_ng::from_str(&std::fs::read_to_string(&kubeconfig).expect("read kubeconfig")).unwrap();
+        let cluster = &doc["clusters"][0]["cluster"];
+        assert!(cluster["server"].as_str().is_some_and(|s| s.starts_with("https://127.0.0.1:")), "{cluster}");
+        assert!(cluster["certificate-authority-data"].is_string() && cluster.get("insecure-skip-tls-verify").is_none(), "{cluster}");
+        assert!(data_dir.join("ca.crt").is_file());
+        let out = kubectl(&kubeconfig, &["get", "ns", "default", "-o", "name"]);
+        assert!(out.stderr.is_empty(), "kubectl warned: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(succeeded(out, "kubectl get ns over TLS").trim(), "namespace/default");
+    });
+    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let status = child.wait().expect("wait for host cluster up --tls");
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+    assert!(status.success(), "host cluster up --tls exited with {status:?} after SIGINT");
+    assert!(!data_dir.exists(), "the cluster's data dir {} (with its key) was not removed", data_dir.display());
 }
