@@ -702,12 +702,11 @@ impl PodRuntime {
             pids.extend([outer, inner as u32]);
         }
         for c in self.containers.values() {
-            if let Some(i) = c.current.lock().expect("current lock").as_ref() {
-                if i.is_running() {
+            if let Some(i) = c.current.lock().expect("current lock").as_ref()
+                && i.is_running() {
                     pids.extend(i.outer_pid);
                     pids.push(i.inner_pid as u32);
                 }
-            }
         }
         pids.retain(|p| *p > 0);
         pids

@@ -244,8 +244,8 @@ fn attach_instance(inst: &Arc<Instance>, req: AttachRequest) -> Result<Session, 
     };
     inst.add_attacher(out_tx, err_tx);
     let mut stdin_tx = None;
-    if req.stdin {
-        if let Some(shared) = inst.stdin.clone() {
+    if req.stdin
+        && let Some(shared) = inst.stdin.clone() {
             let (tx, mut rx) = mpsc::channel::<Bytes>(16);
             let once = inst.stdin_once;
             tokio::spawn(async move {
@@ -263,10 +263,9 @@ fn attach_instance(inst: &Arc<Instance>, req: AttachRequest) -> Result<Session, 
             });
             stdin_tx = Some(tx);
         }
-    }
     let mut resize_tx = None;
-    if tty {
-        if let Some(master) = inst.pty_master.clone() {
+    if tty
+        && let Some(master) = inst.pty_master.clone() {
             let (tx, mut rx) = mpsc::channel::<TerminalSize>(4);
             tokio::spawn(async move {
                 while let Some(sz) = rx.recv().await {
@@ -275,7 +274,6 @@ fn attach_instance(inst: &Arc<Instance>, req: AttachRequest) -> Result<Session, 
             });
             resize_tx = Some(tx);
         }
-    }
     let (exit_tx, exit_rx) = oneshot::channel();
     let mut gone = inst.exited.clone();
     tokio::spawn(async move {

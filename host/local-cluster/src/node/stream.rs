@@ -98,8 +98,8 @@ pub async fn serve(ws: WebSocket, protocol: Protocol, session: Session) {
     let mut exit_done = false;
     loop {
         let outputs_done = stdout.is_none() && stderr.is_none();
-        if outputs_done {
-            if let Some(status) = exit_status.take() {
+        if outputs_done
+            && let Some(status) = exit_status.take() {
                 let body = status_json(&command, &status).to_string();
                 let _ = tx.send(frame(ERROR, body.as_bytes())).await;
                 // client-go treats anything but a normal closure (1000) as an error on every stream.
@@ -107,7 +107,6 @@ pub async fn serve(ws: WebSocket, protocol: Protocol, session: Session) {
                 let _ = tx.send(Message::Close(Some(close))).await;
                 break;
             }
-        }
         tokio::select! {
             chunk = recv(&mut stdout) => match chunk {
                 Some(c) => if tx.send(frame(STDOUT, &c)).await.is_err() { break },
@@ -135,11 +134,10 @@ pub async fn serve(ws: WebSocket, protocol: Protocol, session: Session) {
                 };
                 let Some((&channel, payload)) = data.split_first() else { continue };
                 match channel {
-                    STDIN => if let Some(s) = &stdin {
-                        if !payload.is_empty() && s.send(Bytes::copy_from_slice(payload)).await.is_err() {
+                    STDIN => if let Some(s) = &stdin
+                        && !payload.is_empty() && s.send(Bytes::copy_from_slice(payload)).await.is_err() {
                             stdin = None;
-                        }
-                    },
+                        },
                     RESIZE => if let (Some(r), Ok(size)) = (&resize, serde_json::from_slice::<TerminalSize>(payload)) {
                         let _ = r.try_send(size);
                     },
