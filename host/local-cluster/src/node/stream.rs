@@ -141,9 +141,8 @@ pub async fn serve(ws: WebSocket, protocol: Protocol, session: Session) {
                     RESIZE => if let (Some(r), Ok(size)) = (&resize, serde_json::from_slice::<TerminalSize>(payload)) {
                         let _ = r.try_send(size);
                     },
-                    CLOSE if protocol == Protocol::V5 => if payload.first() == Some(&STDIN) {
-                        stdin = None;
-                    },
+                    // v5: the client closed its stdin; end the process's input.
+                    CLOSE if protocol == Protocol::V5 && payload.first() == Some(&STDIN) => stdin = None,
                     _ => {}
                 }
             },
