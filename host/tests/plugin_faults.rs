@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use host::plugins::{HostOwned, JobPlugins, Limits, PluginError, PluginSpec, Runtime};
+use host::plugins::{Allocation, HostOwned, JobPlugins, Limits, PluginError, PluginSpec, Runtime};
 
 fn fault_spec(mode: &str) -> PluginSpec {
     let mut config = toml::Table::new();
@@ -132,4 +132,22 @@ async fn a_missing_file_names_plugin_and_path() {
         .await
         .unwrap_err();
     assert_eq!(err.to_string(), "cannot read plugin `ghost` from /nonexistent/ghost.wasm");
+}
+
+/// The pooling allocator has a fixed number of slots: a job that needs one more instance than
+/// the pool holds fails at once with a message saying so, and works again once a slot is free.
+#[tokio::test]
+async fn a_full_instance_pool_is_a_clear_error_not_a_hang() {
+    let rt = Runtime::with_allocation(Some(support::cache_dir()), Allocation::Pooling { plugin_instances: 1, keep_resident_bytes: 0 }).unwrap();
+    let labels = rt.load(labels_spec()).await.expect("load labels (its probe instance is freed again)");
+    let plugins = [labels];
+    let first = JobPlugins::new(&rt, &plugins, &support::job(), &serde_json::json!({})).await.expect("first job fits");
+    let err = JobPlugins::new(&rt, &plugins, &support::job(), &serde_json::json!({})).await.err().expect("no slot left");
+    assert!(matches!(err, PluginError::PoolExhausted { limit: 1, .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("plugin `labels` 0.1.0: no free instance slot: 1 plugin instances are already alive"), "{msg}");
+    drop(first);
+    let mut again = JobPlugins::new(&rt, &plugins, &support::job(), &serde_json::json!({})).await.expect("slot freed with the job");
+    let pod = again.mutate_pod(support::pod(), &HostOwned::label("keel.dev/job")).await.expect("mutates");
+    assert_eq!(pod.metadata.labels.unwrap()["team"], "platform");
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use tracing::Instrument;
 use wasmtime::component::{Component, InstancePre, Linker};
-use wasmtime::{Config, Engine, Store, Trap};
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig, Store, Trap};
 
 use crate::job::{Job, Overwrites, PullPolicy, Resources};
 pub use cache::Source as CompileSource;
@@ -124,6 +124,8 @@ pub enum PluginError {
     Link { plugin: String, path: PathBuf, reason: String },
     #[error("plugin `{plugin}` declares role {role} in its metadata but does not export keel:plugin/{role}")]
     RoleNotExported { plugin: String, role: Role },
+    #[error("plugin `{plugin}` {version}: no free instance slot: {limit} plugin instances are already alive across running jobs (the runtime's pool is full: {reason}); the job can be retried once others finish")]
+    PoolExhausted { plugin: String, version: String, limit: u32, reason: String },
     #[error("plugin `{plugin}` {version}: could not be instantiated: {reason}")]
     Instantiate { plugin: String, version: String, reason: String },
     #[error("plugin `{plugin}` {version}: configuration rejected: {reason}")]
@@ -239,7 +241,67 @@ struct RuntimeInner {
     engine: Engine,
     linker: Linker<StoreState>,
     cache: cache::ComponentCache,
+    allocation: Allocation,
     _ticker: EpochTicker,
+}
+
+/// How the runtime allocates plugin instances (one per plugin per job, plus a short-lived probe
+/// while a plugin loads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// wasmtime's on-demand allocator: fresh mappings for every instance, no cap on how many
+    /// are alive at once. Slower per job; kept for comparison and for hosts that cannot spare
+    /// the address space.
+    OnDemand,
+    /// wasmtime's pooling allocator: slots reserved once, reused by every job (linear memory
+    /// reset in place from its copy-on-write image). At most `plugin_instances` plugin
+    /// instances are alive at once across all jobs; beyond that, instantiation fails at once
+    /// with [`PluginError::PoolExhausted`] (no waiting, no panic).
+    Pooling {
+        plugin_instances: u32,
+        /// Per linear memory, how many bytes may stay resident between jobs. Pages a job
+        /// dirtied within this much are reset in place (only the dirty ones, found with Linux's
+        /// PAGEMAP_SCAN where the kernel has it) instead of being unmapped, so the next job
+        /// takes no page faults on them. Isolation is the same: every byte is back to its
+        /// initial contents before the slot is reused. 0 = unmap everything (wasmtime's default).
+        keep_resident_bytes: usize,
+    },
+}
+
+/// Plugin instances alive at once by default: e.g. 16 concurrent jobs with 4 plugins each.
+pub const DEFAULT_PLUGIN_INSTANCES: u32 = 64;
+/// A first-party plugin touches a few MiB per job; at most this much stays resident per
+/// memory slot (so at most 128 x 4 MiB = 512 MiB in all, once every slot has been used).
+pub const DEFAULT_KEEP_RESIDENT: usize = 4 * 1024 * 1024;
+
+impl Default for Allocation {
+    fn default() -> Self {
+        Allocation::Pooling { plugin_instances: DEFAULT_PLUGIN_INSTANCES, keep_resident_bytes: DEFAULT_KEEP_RESIDENT }
+    }
+}
+
+/// A Rust wasm32-wasip2 component holds 3 core instances (program, shim, fixup), 1 linear
+/// memory and 2 tables; the slots per plugin instance leave room for components built by other
+/// toolchains. Memory slots keep wasmtime's default 4 GiB reservation (+ guard) so compiled
+/// code needs no bounds checks: the same address space the on-demand allocator maps per live
+/// instance, but reserved up front (about 8 GiB of address space, no resident memory, per
+/// plugin instance slot). A plugin's own cap is still its `Limits::memory_bytes`, enforced
+/// by the store's `ResourceLimiter`.
+fn pooling_config(plugin_instances: u32, keep_resident_bytes: usize) -> PoolingAllocationConfig {
+    let n = plugin_instances.max(1);
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(n)
+        .total_core_instances(n.saturating_mul(4))
+        .total_memories(n.saturating_mul(2))
+        .total_tables(n.saturating_mul(4))
+        .total_stacks(n)
+        // Rust plugins' function tables exceed the default of 20,000 entries only when huge,
+        // but a table slot is cheap (8 bytes per element, reserved not resident).
+        .table_elements(100_000)
+        .linear_memory_keep_resident(keep_resident_bytes)
+        .table_keep_resident(if keep_resident_bytes > 0 { 64 * 1024 } else { 0 })
+        .pagemap_scan(Enabled::Auto);
+    pool
 }
 
 /// The plugin runtime: one per process. Cheap to clone.
@@ -252,9 +314,17 @@ impl Runtime {
     /// `cache_dir`: where compiled plugins are kept (default `$XDG_CACHE_HOME/keel`,
     /// `~/.cache/keel`).
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, PluginError> {
+        Self::with_allocation(cache_dir, Allocation::default())
+    }
+
+    /// Like [`Runtime::new`], choosing how plugin instances get their memory.
+    pub fn with_allocation(cache_dir: Option<PathBuf>, allocation: Allocation) -> Result<Self, PluginError> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
+        if let Allocation::Pooling { plugin_instances, keep_resident_bytes } = allocation {
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling_config(plugin_instances, keep_resident_bytes)));
+        }
         let engine = Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -262,7 +332,7 @@ impl Runtime {
             .map_err(|e| PluginError::Engine(format!("cannot define host imports: {e:#}")))?;
         let cache = cache::ComponentCache::new(&engine, cache_dir.unwrap_or_else(cache::default_dir))?;
         let ticker = EpochTicker::start(engine.clone())?;
-        Ok(Runtime { inner: Arc::new(RuntimeInner { engine, linker, cache, _ticker: ticker }) })
+        Ok(Runtime { inner: Arc::new(RuntimeInner { engine, linker, cache, allocation, _ticker: ticker }) })
     }
 
     pub fn cache_dir(&self) -> &Path {
@@ -341,7 +411,7 @@ impl Runtime {
         };
         // Ask the plugin who it is, in a throwaway instance, so errors from now on can name
         // its version and the host knows which of the exported roles are real.
-        let mut probe = Instance::new(&inner, None).await?;
+        let mut probe = Instance::new(&inner, self.inner.allocation, None).await?;
         let meta = probe.metadata(&inner).await?;
         inner.version = meta.version;
         inner.self_name = meta.name.clone();
@@ -456,7 +526,7 @@ struct Instance {
 }
 
 impl Instance {
-    async fn new(plugin: &PluginInner, ctx: Option<Arc<latest::Context>>) -> Result<Self, PluginError> {
+    async fn new(plugin: &PluginInner, allocation: Allocation, ctx: Option<Arc<latest::Context>>) -> Result<Self, PluginError> {
         let mut store = Store::new(plugin.pre.engine(), StoreState::new(plugin.name.clone(), plugin.limits.memory_bytes));
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
@@ -464,6 +534,18 @@ impl Instance {
         let instantiate = plugin.pre.instantiate_async(&mut store);
         let instance = match tokio::time::timeout(plugin.limits.call_timeout + EPOCH_TICK * 10, instantiate).await {
             Ok(Ok(instance)) => instance,
+            Ok(Err(e)) if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() => {
+                let limit = match allocation {
+                    Allocation::Pooling { plugin_instances, .. } => plugin_instances,
+                    Allocation::OnDemand => 0,
+                };
+                return Err(PluginError::PoolExhausted {
+                    plugin: plugin.name.to_string(),
+                    version: plugin.version.clone(),
+                    limit,
+                    reason: format!("{e:#}"),
+                });
+            }
             Ok(Err(e)) => {
                 return Err(PluginError::Instantiate {
                     plugin: plugin.name.to_string(),
@@ -605,7 +687,7 @@ impl JobPlugins {
     /// `[runners.kubernetes]` table as JSON; `pod_spec[].patch_path` entries still in it are
     /// resolved here, relative to the current directory (see [`resolve_patch_paths`]).
     pub async fn new(
-        _rt: &Runtime,
+        rt: &Runtime,
         plugins: &[Plugin],
         job: &Job,
         runner_config: &serde_json::Value,
@@ -620,7 +702,7 @@ impl JobPlugins {
         for plugin in plugins {
             let ctx = if plugin.inner.grants.secrets { full.clone() } else { redacted.clone() };
             let span = tracing::info_span!("plugin.call", plugin.name = plugin.name(), plugin.role = "plugin", job.id = job.id);
-            let mut instance = Instance::new(&plugin.inner, Some(ctx)).instrument(span.clone()).await?;
+            let mut instance = Instance::new(&plugin.inner, rt.inner.allocation, Some(ctx)).instrument(span.clone()).await?;
             instance.configure(&plugin.inner).instrument(span).await?;
             members.push((plugin.clone(), instance));
         }
