@@ -175,8 +175,12 @@ fn per_job(c: &mut Criterion) {
     let mut group = c.benchmark_group("per_job");
     group.bench_function("native", |b| b.iter(|| native_job(&runner, &configs)));
     group.bench_function("wasm", |b| b.iter(|| tokio.block_on(wasm_job(&rt, &plugins, &runner))));
-    group.bench_function("wasm_on_demand", |b| b.iter(|| tokio.block_on(wasm_job(&on_demand, &plugins_on_demand, &runner))));
-    group.bench_function("wasm_pool_unmap", |b| b.iter(|| tokio.block_on(wasm_job(&pool_unmap, &plugins_pool_unmap, &runner))));
+    group.bench_function("wasm_on_demand", |b| {
+        b.iter(|| tokio.block_on(wasm_job(&on_demand, &plugins_on_demand, &runner)))
+    });
+    group.bench_function("wasm_pool_unmap", |b| {
+        b.iter(|| tokio.block_on(wasm_job(&pool_unmap, &plugins_pool_unmap, &runner)))
+    });
     if let Some(alt) = &plugins_alt {
         group.bench_function("wasm_alt_build", |b| b.iter(|| tokio.block_on(wasm_job(&rt, alt, &runner))));
     }
@@ -225,14 +229,30 @@ fn per_job(c: &mut Criterion) {
     });
     println!("\nplugin_chain summary (mean per job, this run):");
     println!("  native                  {native:>10.1?}");
-    println!("  wasm                    {wasm:>10.1?}   ratio {:.2}x native", wasm.as_secs_f64() / native.as_secs_f64());
-    println!("  wasm, on-demand alloc   {wasm_on_demand:>10.1?}   ratio {:.2}x native", wasm_on_demand.as_secs_f64() / native.as_secs_f64());
-    println!("  wasm, pool, no resident {wasm_pool_unmap:>10.1?}   ratio {:.2}x native", wasm_pool_unmap.as_secs_f64() / native.as_secs_f64());
+    println!(
+        "  wasm                    {wasm:>10.1?}   ratio {:.2}x native",
+        wasm.as_secs_f64() / native.as_secs_f64()
+    );
+    println!(
+        "  wasm, on-demand alloc   {wasm_on_demand:>10.1?}   ratio {:.2}x native",
+        wasm_on_demand.as_secs_f64() / native.as_secs_f64()
+    );
+    println!(
+        "  wasm, pool, no resident {wasm_pool_unmap:>10.1?}   ratio {:.2}x native",
+        wasm_pool_unmap.as_secs_f64() / native.as_secs_f64()
+    );
     if let (Some(alt), Some(dir)) = (wasm_alt, &alt_dir) {
-        println!("  wasm, plugins from {}: {alt:.1?}   ratio {:.2}x native", dir.display(), alt.as_secs_f64() / native.as_secs_f64());
+        println!(
+            "  wasm, plugins from {}: {alt:.1?}   ratio {:.2}x native",
+            dir.display(),
+            alt.as_secs_f64() / native.as_secs_f64()
+        );
     }
     println!("  of which instantiate + configure x3: pooling {instantiate:.1?}, on-demand {instantiate_on_demand:.1?}");
-    println!("  wasm + cached load x3   {wasm_load:>10.1?}   ratio {:.2}x native", wasm_load.as_secs_f64() / native.as_secs_f64());
+    println!(
+        "  wasm + cached load x3   {wasm_load:>10.1?}   ratio {:.2}x native",
+        wasm_load.as_secs_f64() / native.as_secs_f64()
+    );
 }
 
 fn compile(c: &mut Criterion) {
@@ -276,7 +296,10 @@ fn compile(c: &mut Criterion) {
     let cached = start.elapsed() / n;
     println!("\ncompile summary (labels.wasm, this run):");
     println!("  cold compile + load     {cold:>10.1?}");
-    println!("  cached load             {cached:>10.1?}   cold/cached {:.0}x", cold.as_secs_f64() / cached.as_secs_f64());
+    println!(
+        "  cached load             {cached:>10.1?}   cold/cached {:.0}x",
+        cold.as_secs_f64() / cached.as_secs_f64()
+    );
 }
 
 criterion_group!(benches, per_job, compile);

@@ -439,9 +439,9 @@ pub struct PluginGrants {
 
 impl PluginConfig {
     pub fn plugin_name(&self) -> String {
-        self.name.clone().unwrap_or_else(|| {
-            self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
-        })
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default())
     }
 }
 
@@ -568,15 +568,17 @@ impl<'de> de::Visitor<'de> for PullPolicyVisitor {
         if s.is_empty() {
             return Ok(Vec::new());
         }
-        parse_pull_policy(s)
-            .map(|p| vec![p])
-            .ok_or_else(|| E::custom(format!("unknown pull policy {s:?}, expected \"always\", \"if-not-present\" or \"never\"")))
+        parse_pull_policy(s).map(|p| vec![p]).ok_or_else(|| {
+            E::custom(format!("unknown pull policy {s:?}, expected \"always\", \"if-not-present\" or \"never\""))
+        })
     }
     fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut out = Vec::new();
         while let Some(s) = seq.next_element::<String>()? {
             let p = parse_pull_policy(&s).ok_or_else(|| {
-                de::Error::custom(format!("unknown pull policy {s:?}, expected \"always\", \"if-not-present\" or \"never\""))
+                de::Error::custom(format!(
+                    "unknown pull policy {s:?}, expected \"always\", \"if-not-present\" or \"never\""
+                ))
             })?;
             if !out.contains(&p) {
                 out.push(p);
@@ -706,9 +708,9 @@ impl<'de> Deserialize<'de> for GitlabDuration {
                     .map_err(|_| E::custom(format!("duration {n} is negative")))
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<GitlabDuration, E> {
-                parse_duration(s)
-                    .map(GitlabDuration)
-                    .ok_or_else(|| E::custom(format!("{s:?} is not a duration (examples: \"2s\", \"1h 30m\", \"90 minutes\")")))
+                parse_duration(s).map(GitlabDuration).ok_or_else(|| {
+                    E::custom(format!("{s:?} is not a duration (examples: \"2s\", \"1h 30m\", \"90 minutes\")"))
+                })
             }
         }
         d.deserialize_any(V)
@@ -731,7 +733,8 @@ impl Config {
     /// Read and check `path`; relative paths inside (plugins, patch files) resolve against
     /// the file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Self::parse(&text, path, &base)
     }
@@ -795,7 +798,10 @@ impl Config {
                 })?;
             }
             let v = &k8s.volumes;
-            let names = v.host_path.iter().map(|x| ("host_path", &x.name))
+            let names = v
+                .host_path
+                .iter()
+                .map(|x| ("host_path", &x.name))
                 .chain(v.pvc.iter().map(|x| ("pvc", &x.name)))
                 .chain(v.config_map.iter().map(|x| ("config_map", &x.name)))
                 .chain(v.secret.iter().map(|x| ("secret", &x.name)))
@@ -813,7 +819,10 @@ impl Config {
                     return Err(ConfigError::InvalidNoSpan {
                         path: path.to_path_buf(),
                         key: format!("runners[{ri}].kubernetes.volumes.{kind}"),
-                        message: format!("volume name {:?} is already used by a {first} volume; names must be unique", name.0),
+                        message: format!(
+                            "volume name {:?} is already used by a {first} volume; names must be unique",
+                            name.0
+                        ),
                     });
                 }
             }
@@ -846,7 +855,8 @@ pub fn parse_patch(text: &str, patch_type: PatchType) -> Result<serde_json::Valu
     let value: serde_json::Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
     match patch_type {
         PatchType::Json => {
-            serde_json::from_value::<json_patch::Patch>(value.clone()).map_err(|e| format!("not a JSON patch (RFC 6902): {e}"))?;
+            serde_json::from_value::<json_patch::Patch>(value.clone())
+                .map_err(|e| format!("not a JSON patch (RFC 6902): {e}"))?;
         }
         PatchType::Merge | PatchType::Strategic => {
             if !value.is_object() {
@@ -880,7 +890,14 @@ impl Kubernetes {
     }
 
     pub fn build_resources(&self) -> crate::job::Resources {
-        resources(&self.cpu_request, &self.cpu_limit, &self.memory_request, &self.memory_limit, &self.ephemeral_storage_request, &self.ephemeral_storage_limit)
+        resources(
+            &self.cpu_request,
+            &self.cpu_limit,
+            &self.memory_request,
+            &self.memory_limit,
+            &self.ephemeral_storage_request,
+            &self.ephemeral_storage_limit,
+        )
     }
 
     pub fn helper_resources(&self) -> crate::job::Resources {
@@ -906,7 +923,14 @@ impl Kubernetes {
     }
 
     pub fn pod_resources(&self) -> crate::job::Resources {
-        resources(&self.pod_cpu_request, &self.pod_cpu_limit, &self.pod_memory_request, &self.pod_memory_limit, &None, &None)
+        resources(
+            &self.pod_cpu_request,
+            &self.pod_cpu_limit,
+            &self.pod_memory_request,
+            &self.pod_memory_limit,
+            &None,
+            &None,
+        )
     }
 }
 
@@ -1003,6 +1027,9 @@ mod tests {
         assert_eq!(k.allowed_pull_policies, vec![PullPolicy::Always, PullPolicy::Never]);
         let text = "[[runners]]\n[runners.kubernetes]\npull_policy = [\"if-not-present\", \"always\"]\n";
         let c = Config::parse(text, Path::new("c.toml"), Path::new(".")).unwrap();
-        assert_eq!(c.runners[0].kubernetes.as_ref().unwrap().pull_policy, vec![PullPolicy::IfNotPresent, PullPolicy::Always]);
+        assert_eq!(
+            c.runners[0].kubernetes.as_ref().unwrap().pull_policy,
+            vec![PullPolicy::IfNotPresent, PullPolicy::Always]
+        );
     }
 }

@@ -5,6 +5,6 @@
 
 pub mod config;
 pub mod job;
+pub mod plugins;
 pub mod pod;
 pub mod render;
-pub mod plugins;

@@ -38,7 +38,8 @@ pub const RESERVED_VOLUMES: &[&str] = &[REPO_VOLUME, SCRIPTS_VOLUME, LOGS_VOLUME
 /// Key of the registry credentials in a `kubernetes.io/dockerconfigjson` Secret.
 pub const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
 /// Default helper image (GitLab's), used when the config names none.
-pub const DEFAULT_HELPER_IMAGE: &str = "registry.gitlab.com/gitlab-org/gitlab-runner/gitlab-runner-helper:x86_64-latest";
+pub const DEFAULT_HELPER_IMAGE: &str =
+    "registry.gitlab.com/gitlab-org/gitlab-runner/gitlab-runner-helper:x86_64-latest";
 pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// PID 1 of build and helper: the first shell the image has, reading commands from stdin
@@ -91,21 +92,29 @@ pub fn dns_label(s: &str, max: usize) -> String {
 
 /// `runner-<short token>-project-<id>-concurrent-<n>`: GitLab's project-unique name.
 pub fn project_unique_name(runner: &Runner, ctx: &PodContext) -> String {
-    dns_label(&format!("runner-{}-project-{}-concurrent-{}", short_token(&runner.token), ctx.project_id, ctx.concurrent_id), 57)
+    dns_label(
+        &format!("runner-{}-project-{}-concurrent-{}", short_token(&runner.token), ctx.project_id, ctx.concurrent_id),
+        57,
+    )
 }
 
 fn quantity_map(pairs: [(&str, &Option<String>); 3]) -> Option<BTreeMap<String, Quantity>> {
-    let m: BTreeMap<String, Quantity> = pairs
-        .into_iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), Quantity(v.clone()))))
-        .collect();
+    let m: BTreeMap<String, Quantity> =
+        pairs.into_iter().filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), Quantity(v.clone())))).collect();
     (!m.is_empty()).then_some(m)
 }
 
 fn requirements(r: &Resources) -> Option<ResourceRequirements> {
-    let requests =
-        quantity_map([("cpu", &r.cpu_request), ("memory", &r.memory_request), ("ephemeral-storage", &r.ephemeral_storage_request)]);
-    let limits = quantity_map([("cpu", &r.cpu_limit), ("memory", &r.memory_limit), ("ephemeral-storage", &r.ephemeral_storage_limit)]);
+    let requests = quantity_map([
+        ("cpu", &r.cpu_request),
+        ("memory", &r.memory_request),
+        ("ephemeral-storage", &r.ephemeral_storage_request),
+    ]);
+    let limits = quantity_map([
+        ("cpu", &r.cpu_limit),
+        ("memory", &r.memory_limit),
+        ("ephemeral-storage", &r.ephemeral_storage_limit),
+    ]);
     (requests.is_some() || limits.is_some()).then(|| ResourceRequirements { requests, limits, ..Default::default() })
 }
 
@@ -144,7 +153,12 @@ fn toleration(key: &str, spec: &str) -> Toleration {
             effect: effect(e),
             ..Default::default()
         },
-        None => Toleration { key: Some(key.to_string()), operator: Some("Exists".into()), effect: effect(spec), ..Default::default() },
+        None => Toleration {
+            key: Some(key.to_string()),
+            operator: Some("Exists".into()),
+            effect: effect(spec),
+            ..Default::default()
+        },
     }
 }
 
@@ -170,8 +184,10 @@ fn image_aliases(image: &str) -> Vec<String> {
 fn label_ok(key: &str, value: &str) -> bool {
     static VALUE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
     static NAME: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
-    let value_re = VALUE.get_or_init(|| regex::Regex::new(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$").expect("static regex"));
-    let name_re = NAME.get_or_init(|| regex::Regex::new(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$").expect("static regex"));
+    let value_re = VALUE
+        .get_or_init(|| regex::Regex::new(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$").expect("static regex"));
+    let name_re =
+        NAME.get_or_init(|| regex::Regex::new(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$").expect("static regex"));
     let (prefix, name) = match key.rsplit_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
@@ -205,7 +221,8 @@ pub fn build(
     // Labels: operator's, then the job's accepted requests, then the host's own, which nothing
     // may replace.
     let mut labels = BTreeMap::new();
-    for (origin, source) in [("config pod_labels", &k8s.pod_labels), ("KUBERNETES_POD_LABELS_*", &accepted.pod_labels)] {
+    for (origin, source) in [("config pod_labels", &k8s.pod_labels), ("KUBERNETES_POD_LABELS_*", &accepted.pod_labels)]
+    {
         for (k, v) in source {
             let v = expand(v, &lookup);
             if !label_ok(k, &v) {
@@ -258,7 +275,11 @@ pub fn build(
     for s in &v.secret {
         volumes.push(Volume {
             name: s.name.0.clone(),
-            secret: Some(SecretVolumeSource { secret_name: Some(s.name.0.clone()), items: items(&s.items), ..Default::default() }),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(s.name.0.clone()),
+                items: items(&s.items),
+                ..Default::default()
+            }),
             ..Default::default()
         });
         mounts.push(mount(&s.name.0, &s.mount_path, s.read_only, s.sub_path.as_deref()));
@@ -277,7 +298,11 @@ pub fn build(
     for c in &v.config_map {
         volumes.push(Volume {
             name: c.name.0.clone(),
-            config_map: Some(ConfigMapVolumeSource { name: c.name.0.clone(), items: items(&c.items), ..Default::default() }),
+            config_map: Some(ConfigMapVolumeSource {
+                name: c.name.0.clone(),
+                items: items(&c.items),
+                ..Default::default()
+            }),
             ..Default::default()
         });
         mounts.push(mount(&c.name.0, &c.mount_path, c.read_only, c.sub_path.as_deref()));
@@ -370,7 +395,11 @@ pub fn build(
         .services
         .iter()
         .map(|s| crate::job::Service {
-            image: crate::job::Image { name: expand(&s.name, &lookup), entrypoint: s.entrypoint.clone(), pull_policy: vec![] },
+            image: crate::job::Image {
+                name: expand(&s.name, &lookup),
+                entrypoint: s.entrypoint.clone(),
+                pull_policy: vec![],
+            },
             alias: s.alias.clone(),
             command: s.command.clone(),
             ports: vec![],
@@ -425,7 +454,10 @@ pub fn build(
         host_aliases.extend(aliases.iter().cloned());
 
         if !svc.ports.is_empty() {
-            let service_name = dns_label(svc.alias.as_deref().and_then(|a| a.split(',').next()).unwrap_or(&format!("proxy-{name}")), 50);
+            let service_name = dns_label(
+                svc.alias.as_deref().and_then(|a| a.split(',').next()).unwrap_or(&format!("proxy-{name}")),
+                50,
+            );
             k8s_services.push(Service {
                 metadata: ObjectMeta {
                     generate_name: Some(format!("{service_name}-")),
@@ -533,7 +565,10 @@ impl JobObjects {
 }
 
 fn host_labels(job_id: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([(JOB_ID_LABEL.to_string(), job_id.to_string()), (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string())])
+    BTreeMap::from([
+        (JOB_ID_LABEL.to_string(), job_id.to_string()),
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+    ])
 }
 
 fn registry_secret(raw: &str, unique: &str, namespace: &str, job_id: &str) -> Result<Secret, PodError> {
@@ -571,7 +606,10 @@ pub fn helper_image(k8s: &Kubernetes) -> String {
 fn empty_dir(name: &str, medium: Option<&str>, size_limit: Option<String>) -> Volume {
     Volume {
         name: name.to_string(),
-        empty_dir: Some(EmptyDirVolumeSource { medium: medium.map(str::to_string), size_limit: size_limit.map(Quantity) }),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: medium.map(str::to_string),
+            size_limit: size_limit.map(Quantity),
+        }),
         ..Default::default()
     }
 }
@@ -611,7 +649,10 @@ mod tests {
     #[test]
     fn tolerations() {
         let t = toleration("k", "v:NoSchedule");
-        assert_eq!((t.operator.as_deref(), t.value.as_deref(), t.effect.as_deref()), (Some("Equal"), Some("v"), Some("NoSchedule")));
+        assert_eq!(
+            (t.operator.as_deref(), t.value.as_deref(), t.effect.as_deref()),
+            (Some("Equal"), Some("v"), Some("NoSchedule"))
+        );
         let t = toleration("k", "");
         assert_eq!((t.operator.as_deref(), t.value.as_deref(), t.effect.as_deref()), (Some("Exists"), None, None));
         let c = canonical_tolerations(&BTreeMap::from([("a=b".to_string(), "NoExecute".to_string())]));

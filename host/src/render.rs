@@ -122,7 +122,8 @@ pub async fn load_plugins(
     let mut plugins = Vec::with_capacity(specs.len());
     for spec in specs {
         let (name, path) = (spec.name.clone(), spec.path.clone());
-        let plugin = rt.load(spec).await.map_err(|source| RenderError::LoadPlugin { name, path, source: Box::new(source) })?;
+        let plugin =
+            rt.load(spec).await.map_err(|source| RenderError::LoadPlugin { name, path, source: Box::new(source) })?;
         plugins.push(plugin);
     }
     Ok(plugins)
@@ -248,7 +249,11 @@ pub fn refused_overwrites(requested: &Overwrites, accepted: &Overwrites) -> Vec<
     opt("namespace", &requested.namespace, &accepted.namespace);
     opt("service_account", &requested.service_account, &accepted.service_account);
     opt("bearer_token", &requested.bearer_token, &accepted.bearer_token);
-    for (class, r, a) in [("build", &requested.build, &accepted.build), ("helper", &requested.helper, &accepted.helper), ("service", &requested.service, &accepted.service)] {
+    for (class, r, a) in [
+        ("build", &requested.build, &accepted.build),
+        ("helper", &requested.helper, &accepted.helper),
+        ("service", &requested.service, &accepted.service),
+    ] {
         opt(&format!("{class}.cpu_request"), &r.cpu_request, &a.cpu_request);
         opt(&format!("{class}.cpu_limit"), &r.cpu_limit, &a.cpu_limit);
         opt(&format!("{class}.memory_request"), &r.memory_request, &a.memory_request);

@@ -190,9 +190,8 @@ fn overwrites_reach_the_pod() {
         &JobContext { builds_dir: "/workspace".into(), ..JobContext::default() },
     )
     .expect("job");
-    let build = |o: Overwrites| {
-        pod::build(runner, &k8s, &job, &o, &BTreeMap::new(), &PodContext::default()).expect("pod").pod
-    };
+    let build =
+        |o: Overwrites| pod::build(runner, &k8s, &job, &o, &BTreeMap::new(), &PodContext::default()).expect("pod").pod;
     let base = build(Overwrites::default());
     let base_spec = base.spec.clone().expect("spec");
     assert_eq!(base.metadata.namespace.as_deref(), Some("ci"));
@@ -209,7 +208,10 @@ fn overwrites_reach_the_pod() {
         (
             "pod label",
             Overwrites { pod_labels: BTreeMap::from([("tier".into(), "$CI_JOB_NAME".into())]), ..Default::default() },
-            |p| p.metadata.labels.as_ref().unwrap()["tier"] == "job" && p.metadata.labels.as_ref().unwrap()["team"] == "infra",
+            |p| {
+                p.metadata.labels.as_ref().unwrap()["tier"] == "job"
+                    && p.metadata.labels.as_ref().unwrap()["team"] == "infra"
+            },
         ),
         (
             "host label wins",
@@ -223,12 +225,18 @@ fn overwrites_reach_the_pod() {
         ),
         (
             "node selector",
-            Overwrites { node_selector: BTreeMap::from([("kubernetes.io/arch".into(), "arm64".into())]), ..Default::default() },
+            Overwrites {
+                node_selector: BTreeMap::from([("kubernetes.io/arch".into(), "arm64".into())]),
+                ..Default::default()
+            },
             |p| p.spec.as_ref().unwrap().node_selector.as_ref().unwrap()["kubernetes.io/arch"] == "arm64",
         ),
         (
             "toleration",
-            Overwrites { node_tolerations: BTreeMap::from([("gpu".into(), "yes:NoExecute".into())]), ..Default::default() },
+            Overwrites {
+                node_tolerations: BTreeMap::from([("gpu".into(), "yes:NoExecute".into())]),
+                ..Default::default()
+            },
             |p| {
                 p.spec.as_ref().unwrap().tolerations.as_ref().unwrap().iter().any(|t| {
                     t.key.as_deref() == Some("gpu")
@@ -248,8 +256,15 @@ fn overwrites_reach_the_pod() {
         ),
         (
             "helper memory request",
-            Overwrites { helper: Resources { memory_request: Some("32Mi".into()), ..Default::default() }, ..Default::default() },
-            |p| p.spec.as_ref().unwrap().containers[1].resources.as_ref().unwrap().requests.as_ref().unwrap()["memory"].0 == "32Mi",
+            Overwrites {
+                helper: Resources { memory_request: Some("32Mi".into()), ..Default::default() },
+                ..Default::default()
+            },
+            |p| {
+                p.spec.as_ref().unwrap().containers[1].resources.as_ref().unwrap().requests.as_ref().unwrap()["memory"]
+                    .0
+                    == "32Mi"
+            },
         ),
         (
             "service ephemeral storage limit",
@@ -258,15 +273,19 @@ fn overwrites_reach_the_pod() {
                 ..Default::default()
             },
             |p| {
-                p.spec.as_ref().unwrap().containers[2..].iter().all(|c| {
-                    c.resources.as_ref().unwrap().limits.as_ref().unwrap()["ephemeral-storage"].0 == "2Gi"
-                })
+                p.spec.as_ref().unwrap().containers[2..]
+                    .iter()
+                    .all(|c| c.resources.as_ref().unwrap().limits.as_ref().unwrap()["ephemeral-storage"].0 == "2Gi")
             },
         ),
     ];
     for (name, overwrites, check) in rows {
         let pod = build(overwrites);
-        assert!(check(&pod), "overwrite row {name:?} not reflected in the pod: {}", serde_json::to_string_pretty(&pod).unwrap());
+        assert!(
+            check(&pod),
+            "overwrite row {name:?} not reflected in the pod: {}",
+            serde_json::to_string_pretty(&pod).unwrap()
+        );
     }
 }
 
@@ -278,7 +297,8 @@ fn pull_policy_reaches_containers() {
     let k8s = runner.kubernetes.clone().expect("kubernetes");
     let job = parse::load(&JobSource::from_arg("tests/fixtures/job.yml"), &JobContext::default()).expect("job");
     let policies = BTreeMap::from([("golang:1.23".to_string(), vec![PullPolicy::Never, PullPolicy::Always])]);
-    let pod = pod::build(runner, &k8s, &job, &Overwrites::default(), &policies, &PodContext::default()).expect("pod").pod;
+    let pod =
+        pod::build(runner, &k8s, &job, &Overwrites::default(), &policies, &PodContext::default()).expect("pod").pod;
     let containers = pod.spec.expect("spec").containers;
     assert_eq!(containers[0].image_pull_policy.as_deref(), Some("Never"));
     assert_eq!(containers[1].image_pull_policy, None);

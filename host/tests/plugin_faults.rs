@@ -32,7 +32,8 @@ fn labels_spec() -> PluginSpec {
 /// After any failure, a fresh job with a healthy plugin on the same runtime still works.
 async fn next_job_works(rt: &Runtime) {
     let labels = rt.load(labels_spec()).await.expect("load labels");
-    let mut job = JobPlugins::new(rt, &[labels], &support::job(), &serde_json::json!({})).await.expect("next job's plugins");
+    let mut job =
+        JobPlugins::new(rt, &[labels], &support::job(), &serde_json::json!({})).await.expect("next job's plugins");
     let pod = job.mutate_pod(support::pod(), &HostOwned::label("keel.dev/job")).await.expect("next job mutates");
     assert_eq!(pod.metadata.labels.unwrap()["team"], "platform");
 }
@@ -65,7 +66,10 @@ async fn each_fault_is_reported_with_plugin_and_cause_and_the_host_carries_on() 
     for (mode, cause) in cases {
         let err = mutate_fails(&rt, mode).await;
         let msg = err.to_string();
-        assert!(msg.contains(&format!("plugin `fault-{mode}` 0.1.0")), "{mode}: message names plugin and version: {msg}");
+        assert!(
+            msg.contains(&format!("plugin `fault-{mode}` 0.1.0")),
+            "{mode}: message names plugin and version: {msg}"
+        );
         assert!(msg.contains(cause), "{mode}: expected cause {cause:?} in: {msg}");
         next_job_works(&rt).await;
     }
@@ -95,7 +99,10 @@ async fn bad_config_is_rejected_at_job_start() {
         Ok(_) => panic!("unknown key must be rejected"),
         Err(e) => e.to_string(),
     };
-    assert!(err.starts_with("plugin `fault-ok` 0.1.0: configuration rejected: plugin table: unknown field `colour`"), "{err}");
+    assert!(
+        err.starts_with("plugin `fault-ok` 0.1.0: configuration rejected: plugin table: unknown field `colour`"),
+        "{err}"
+    );
     next_job_works(&rt).await;
 }
 
@@ -103,7 +110,8 @@ async fn bad_config_is_rejected_at_job_start() {
 async fn a_component_for_another_wit_version_is_refused_at_load() {
     let rt = Runtime::new(Some(support::cache_dir())).unwrap();
     let path = support::wat_fixture("wrong-version");
-    let err = rt.load(PluginSpec { name: "future".into(), path: path.clone(), ..Default::default() }).await.unwrap_err();
+    let err =
+        rt.load(PluginSpec { name: "future".into(), path: path.clone(), ..Default::default() }).await.unwrap_err();
     assert_eq!(
         err.to_string(),
         format!("plugin `future` ({}) was built for WIT keel:plugin@0.9.0; this host supports 0.1.0", path.display())
@@ -138,16 +146,25 @@ async fn a_missing_file_names_plugin_and_path() {
 /// the pool holds fails at once with a message saying so, and works again once a slot is free.
 #[tokio::test]
 async fn a_full_instance_pool_is_a_clear_error_not_a_hang() {
-    let rt = Runtime::with_allocation(Some(support::cache_dir()), Allocation::Pooling { plugin_instances: 1, keep_resident_bytes: 0 }).unwrap();
+    let rt = Runtime::with_allocation(
+        Some(support::cache_dir()),
+        Allocation::Pooling { plugin_instances: 1, keep_resident_bytes: 0 },
+    )
+    .unwrap();
     let labels = rt.load(labels_spec()).await.expect("load labels (its probe instance is freed again)");
     let plugins = [labels];
     let first = JobPlugins::new(&rt, &plugins, &support::job(), &serde_json::json!({})).await.expect("first job fits");
-    let err = JobPlugins::new(&rt, &plugins, &support::job(), &serde_json::json!({})).await.err().expect("no slot left");
+    let err =
+        JobPlugins::new(&rt, &plugins, &support::job(), &serde_json::json!({})).await.err().expect("no slot left");
     assert!(matches!(err, PluginError::PoolExhausted { limit: 1, .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("plugin `labels` 0.1.0: no free instance slot: 1 plugin instances are already alive"), "{msg}");
+    assert!(
+        msg.contains("plugin `labels` 0.1.0: no free instance slot: 1 plugin instances are already alive"),
+        "{msg}"
+    );
     drop(first);
-    let mut again = JobPlugins::new(&rt, &plugins, &support::job(), &serde_json::json!({})).await.expect("slot freed with the job");
+    let mut again =
+        JobPlugins::new(&rt, &plugins, &support::job(), &serde_json::json!({})).await.expect("slot freed with the job");
     let pod = again.mutate_pod(support::pod(), &HostOwned::label("keel.dev/job")).await.expect("mutates");
     assert_eq!(pod.metadata.labels.unwrap()["team"], "platform");
 }

@@ -125,7 +125,8 @@ async fn mutators_chain_in_config_order_and_patch_path_is_read_by_the_host() {
             {"name": "dns", "patch_type": "merge", "patch_path": patch_file.to_str().unwrap()},
         ]
     });
-    let labels = rt.load(spec("labels", "labels = { team = \"platform\" }\nnode_selector = { disk = \"ssd\" }")).await.unwrap();
+    let labels =
+        rt.load(spec("labels", "labels = { team = \"platform\" }\nnode_selector = { disk = \"ssd\" }")).await.unwrap();
     let pod_spec = rt.load(spec("pod-spec", "")).await.unwrap();
     let mut job = JobPlugins::new(&rt, &[labels, pod_spec], &support::job(), &runner).await.unwrap();
     let pod = job.mutate_pod(support::pod(), &HostOwned::label("keel.dev/job")).await.unwrap();
@@ -205,12 +206,15 @@ async fn plugin_stdout_and_stderr_become_log_lines_tagged_with_the_plugin() {
     // tasks) on this thread.
     let _guard = tracing::subscriber::set_default(subscriber);
     let rt = Runtime::new(Some(support::cache_dir())).unwrap();
-    let plugin = rt.load(PluginSpec { name: "chatty".into(), ..spec("fixture-fault", "mode = \"print\"") }).await.unwrap();
+    let plugin =
+        rt.load(PluginSpec { name: "chatty".into(), ..spec("fixture-fault", "mode = \"print\"") }).await.unwrap();
     let mut job = JobPlugins::new(&rt, &[plugin], &support::job(), &json!({})).await.unwrap();
     job.mutate_pod(support::pod(), &HostOwned::default()).await.unwrap();
     drop(job);
     let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    let line = |needle: &str| log.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} in:\n{log}")).to_string();
+    let line = |needle: &str| {
+        log.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} in:\n{log}")).to_string()
+    };
     let out = line("hello from the fixture's stdout");
     assert!(out.contains("plugin.name=\"chatty\"") && out.contains("plugin.stream=\"stdout\""), "{out}");
     let err = line("hello from the fixture's stderr");

@@ -12,7 +12,9 @@ pub struct Config {
 
 impl Config {
     pub fn from_json(json: &str) -> Result<Self, Error> {
-        let value = if json.trim().is_empty() { serde_json::Value::Object(Default::default()) } else {
+        let value = if json.trim().is_empty() {
+            serde_json::Value::Object(Default::default())
+        } else {
             serde_json::from_str(json).map_err(|e| Error::invalid_config(format!("config is not valid JSON: {e}")))?
         };
         Ok(Config { value })

@@ -58,7 +58,11 @@ pub struct Context {
 impl Context {
     /// Deserialize the runner config (or the part of it you care about) into your own type.
     pub fn runner_config<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        let value = if self.runner_config.is_null() { serde_json::Value::Object(Default::default()) } else { self.runner_config.clone() };
+        let value = if self.runner_config.is_null() {
+            serde_json::Value::Object(Default::default())
+        } else {
+            self.runner_config.clone()
+        };
         T::deserialize(value).map_err(|e| Error::invalid_config(format!("[runners.kubernetes]: {e}")))
     }
 

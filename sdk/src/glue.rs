@@ -145,10 +145,18 @@ impl<T: Registered> ex::pod_mutator::Guest for Glue<T> {
 }
 
 impl<T: Registered> ex::pull_policy::Guest for Glue<T> {
-    fn decide(ctx: wit::Context, request: ex::pull_policy::PullPolicyRequest) -> Result<Vec<wit::PullPolicy>, wit::PluginError> {
+    fn decide(
+        ctx: wit::Context,
+        request: ex::pull_policy::PullPolicyRequest,
+    ) -> Result<Vec<wit::PullPolicy>, wit::PluginError> {
         let Some(decide) = T::registry().decide else { return Err(not_implemented::<T>("pull-policy")) };
         let ctx = Context::from_wit(ctx)?;
-        let request = PullPolicyRequest { image: request.image, job: request.job, config: request.config, allowed: request.allowed };
+        let request = PullPolicyRequest {
+            image: request.image,
+            job: request.job,
+            config: request.config,
+            allowed: request.allowed,
+        };
         with_plugin::<T, _>(|p| decide(p, &ctx, &request))
     }
 }

@@ -130,7 +130,8 @@ pub trait PodMutator: Plugin {
     /// into k8s-openapi types and calls [`PodMutator::mutate`]; override it to work on the raw
     /// JSON (e.g. to keep fields the pinned Kubernetes version does not know).
     fn mutate_json(&mut self, ctx: &Context, pod: &str) -> Result<String, Error> {
-        let pod: Pod = serde_json::from_str(pod).map_err(|e| Error::internal(format!("host sent a pod that does not decode: {e}")))?;
+        let pod: Pod = serde_json::from_str(pod)
+            .map_err(|e| Error::internal(format!("host sent a pod that does not decode: {e}")))?;
         let pod = self.mutate(ctx, pod)?;
         serde_json::to_string(&pod).map_err(|e| Error::internal(format!("cannot encode the pod: {e}")))
     }

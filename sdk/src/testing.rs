@@ -13,7 +13,8 @@ use crate::{Context, Error, Image, Job, PodMutator, Service, Variable};
 #[cfg(not(target_arch = "wasm32"))]
 pub fn configure<T: crate::Plugin>(toml_table: &str) -> Result<T, Error> {
     use crate::Config;
-    let table: toml::Table = toml::from_str(toml_table).map_err(|e| Error::invalid_config(format!("test TOML: {e}")))?;
+    let table: toml::Table =
+        toml::from_str(toml_table).map_err(|e| Error::invalid_config(format!("test TOML: {e}")))?;
     let json = serde_json::to_string(&table).map_err(|e| Error::internal(e.to_string()))?;
     T::configure(Config::from_json(&json)?)
 }
@@ -26,10 +27,19 @@ pub fn context(runner_config: serde_json::Value) -> Context {
             name: "test".into(),
             image: Image { name: "alpine:3.20".into(), ..Default::default() },
             services: vec![
-                Service { image: Image { name: "postgres:16".into(), ..Default::default() }, alias: Some("db".into()), command: vec![] },
+                Service {
+                    image: Image { name: "postgres:16".into(), ..Default::default() },
+                    alias: Some("db".into()),
+                    command: vec![],
+                },
                 Service { image: Image { name: "redis:7".into(), ..Default::default() }, alias: None, command: vec![] },
             ],
-            variables: vec![Variable { key: "CI_JOB_ID".into(), value: Some("42".into()), public: true, ..Default::default() }],
+            variables: vec![Variable {
+                key: "CI_JOB_ID".into(),
+                value: Some("42".into()),
+                public: true,
+                ..Default::default()
+            }],
             stages: vec!["before_script".into(), "script".into(), "after_script".into()],
         },
         runner_config,
@@ -38,7 +48,8 @@ pub fn context(runner_config: serde_json::Value) -> Context {
 
 /// A job pod as the host builds it: `build`, `helper` and two service containers.
 pub fn pod() -> Pod {
-    let container = |name: &str, image: &str| Container { name: name.into(), image: Some(image.into()), ..Default::default() };
+    let container =
+        |name: &str, image: &str| Container { name: name.into(), image: Some(image.into()), ..Default::default() };
     Pod {
         metadata: ObjectMeta {
             name: Some("runner-42".into()),

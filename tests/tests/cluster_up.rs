@@ -61,7 +61,10 @@ fn cluster_up_serves_kubectl_and_ctrl_c_leaves_nothing_behind() {
         assert!(kubeconfig.is_file(), "printed kubeconfig {} does not exist", kubeconfig.display());
         let sleeper = format!("echo {marker}; exec sleep 300 # {marker}");
         succeeded(
-            kubectl(&kubeconfig, &["run", "sleeper", "--image=busybox", "--restart=Never", "--command", "--", "sh", "-c", &sleeper]),
+            kubectl(
+                &kubeconfig,
+                &["run", "sleeper", "--image=busybox", "--restart=Never", "--command", "--", "sh", "-c", &sleeper],
+            ),
             "kubectl run",
         );
         succeeded(
@@ -93,10 +96,14 @@ fn cluster_up_tls_serves_verified_https() {
     let (mut child, kubeconfig) = cluster_up(&["--tls"]);
     let data_dir = kubeconfig.parent().expect("kubeconfig lives in the data dir").to_path_buf();
     let outcome = std::panic::catch_unwind(|| {
-        let doc: serde_json::Value = serde_yaml_ng::from_str(&std::fs::read_to_string(&kubeconfig).expect("read kubeconfig")).unwrap();
+        let doc: serde_json::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(&kubeconfig).expect("read kubeconfig")).unwrap();
         let cluster = &doc["clusters"][0]["cluster"];
         assert!(cluster["server"].as_str().is_some_and(|s| s.starts_with("https://127.0.0.1:")), "{cluster}");
-        assert!(cluster["certificate-authority-data"].is_string() && cluster.get("insecure-skip-tls-verify").is_none(), "{cluster}");
+        assert!(
+            cluster["certificate-authority-data"].is_string() && cluster.get("insecure-skip-tls-verify").is_none(),
+            "{cluster}"
+        );
         assert!(data_dir.join("ca.crt").is_file());
         let out = kubectl(&kubeconfig, &["get", "ns", "default", "-o", "name"]);
         assert!(out.stderr.is_empty(), "kubectl warned: {}", String::from_utf8_lossy(&out.stderr));

@@ -2,9 +2,9 @@
 //! first-party plugins compiled to wasm32-wasip2 (`target/plugins/*.wasm`), and the Python
 //! `kubernetes` client as an independent reader of the output.
 
+use e2e_tests::{host_bin, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use e2e_tests::{host_bin, workspace_root};
 
 /// A first-party plugin; missing ones fail the test with the command that builds them.
 fn plugin(name: &str) -> PathBuf {
@@ -153,7 +153,11 @@ for item in items:
 print(len(items))
 "#;
     let py = Command::new("python3").arg("-c").arg(script).arg(&file).output().expect("run python3");
-    assert!(py.status.success(), "python kubernetes client rejected the output:\n{}", String::from_utf8_lossy(&py.stderr));
+    assert!(
+        py.status.success(),
+        "python kubernetes client rejected the output:\n{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), "2");
 }
 
@@ -177,7 +181,8 @@ fn extra_plugins_run_after_the_config_ones() {
     all_plugins();
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("config.toml");
-    std::fs::write(&config, "[[runners]]\nexecutor = \"kubernetes\"\n[runners.kubernetes]\nnamespace = \"x\"\n").expect("write");
+    std::fs::write(&config, "[[runners]]\nexecutor = \"kubernetes\"\n[runners.kubernetes]\nnamespace = \"x\"\n")
+        .expect("write");
     let patch = workspace_root().join("target/plugins/pod-spec.wasm");
     let output = host(
         &[
@@ -215,7 +220,10 @@ fn job_errors_name_file_line_and_key() {
     let dir = tempfile::tempdir().expect("temp dir");
     let job = dir.path().join("job.yml");
     std::fs::write(&job, "image: alpine\nscript: [echo]\ntimeout: whenever\n").expect("write");
-    let err = failed(&host(&["render", "--config", "tests/../examples/config.toml", job.to_str().expect("utf-8")], dir.path()));
+    let err = failed(&host(
+        &["render", "--config", "tests/../examples/config.toml", job.to_str().expect("utf-8")],
+        dir.path(),
+    ));
     let want = format!("{}:3:10: key `timeout`", job.display());
     assert!(err.contains(&want), "expected {want:?} in:\n{err}");
 }

@@ -2,7 +2,6 @@
 //! Service are created with kubectl in the embedded cluster, and the pod's host-side plumbing
 //! (init container, log file, env, shell as PID 1) is checked from inside the build container.
 
-
 use std::process::Command;
 
 use e2e_tests::{host_bin, kubectl, succeeded};
@@ -45,7 +44,9 @@ async fn rendered_objects_are_created_and_the_pod_runs() {
     let result = tokio::task::spawn_blocking(move || {
         let created = succeeded(kubectl(&kc, &["create", "-f", rendered.to_str().expect("utf-8")]), "kubectl create");
         assert!(created.contains("secret/") && created.contains("pod/") && created.contains("service/"), "{created}");
-        let pod = succeeded(kubectl(&kc, &["get", "pods", "-l", "keel.dev/job-id=5", "-o", "name"]), "get pod").trim().to_string();
+        let pod = succeeded(kubectl(&kc, &["get", "pods", "-l", "keel.dev/job-id=5", "-o", "name"]), "get pod")
+            .trim()
+            .to_string();
         assert!(pod.starts_with("pod/runner-clustert-project-1-concurrent-0-"), "{pod}");
         succeeded(
             kubectl(&kc, &["wait", &pod, "--for=jsonpath={.status.phase}=Running", "--timeout=120s"]),
@@ -55,14 +56,29 @@ async fn rendered_objects_are_created_and_the_pod_runs() {
         let owner = succeeded(kubectl(&kc, &["get", &pod, "-o", "jsonpath={.metadata.labels.owner}"]), "get label");
         assert_eq!(owner, "alice");
         let inside = succeeded(
-            kubectl(&kc, &["exec", &pod, "-c", "build", "--", "sh", "-c", "echo $CI_JOB_ID; stat -c %a /logs-1-5/output.log; cat /proc/1/comm"]),
+            kubectl(
+                &kc,
+                &[
+                    "exec",
+                    &pod,
+                    "-c",
+                    "build",
+                    "--",
+                    "sh",
+                    "-c",
+                    "echo $CI_JOB_ID; stat -c %a /logs-1-5/output.log; cat /proc/1/comm",
+                ],
+            ),
             "exec into build",
         );
         let lines: Vec<&str> = inside.lines().collect();
         assert_eq!(lines.first(), Some(&"5"), "{inside}");
         assert_eq!(lines.get(1), Some(&"666"), "the init container creates a world-writable log: {inside}");
         assert!(lines.get(2).is_some_and(|c| c.ends_with("sh")), "PID 1 of build is a shell: {inside}");
-        let svc = succeeded(kubectl(&kc, &["get", "services", "-l", "keel.dev/job-id=5", "-o", "jsonpath={.items[0].spec.selector}"]), "get svc");
+        let svc = succeeded(
+            kubectl(&kc, &["get", "services", "-l", "keel.dev/job-id=5", "-o", "jsonpath={.items[0].spec.selector}"]),
+            "get svc",
+        );
         assert!(svc.contains("\"keel.dev/job-id\":\"5\""), "{svc}");
         succeeded(kubectl(&kc, &["delete", &pod, "--wait=false"]), "delete pod");
     })

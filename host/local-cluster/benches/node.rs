@@ -33,7 +33,8 @@ const KUBECTL_ITER: usize = 15;
 const LOG_ITER: usize = 5;
 const LOG_BYTES: u64 = 256 * 1024 * 1024;
 /// 99 characters + newline: the size of a typical line of a CI job's build log.
-const LOG_LINE: &str = "2026-01-01T12:00:00Z INFO step 3/7: Compiling serde_json v1.0.140 (registry) with 2 jobs, cache hit";
+const LOG_LINE: &str =
+    "2026-01-01T12:00:00Z INFO step 3/7: Compiling serde_json v1.0.140 (registry) with 2 jobs, cache hit";
 /// Upper bound for anything the bench waits on, so a regression fails instead of hanging.
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -73,7 +74,13 @@ impl Row {
         let (m, _) = stats(samples.clone());
         let worst = samples.iter().max().copied().unwrap_or(m);
         let ratio = format!("{:.2} of pipe", pipe.as_secs_f64() / m.as_secs_f64());
-        Row { what, median: mibs(m), p90: format!("slowest {}", mibs(worst)), baseline: format!("same bytes from a pipe: {}", mibs(pipe)), ratio }
+        Row {
+            what,
+            median: mibs(m),
+            p90: format!("slowest {}", mibs(worst)),
+            baseline: format!("same bytes from a pipe: {}", mibs(pipe)),
+            ratio,
+        }
     }
 }
 
@@ -117,7 +124,11 @@ async fn read_to_end(mut r: impl AsyncRead + Unpin) -> u64 {
 /// The baseline for `logs -f`: the same producer, its stdout piped straight into this process.
 async fn pipe_read() -> Duration {
     let t = Instant::now();
-    let mut child = tokio::process::Command::new("sh").args(["-c", &log_producer()]).stdout(Stdio::piped()).spawn().expect("sh spawns");
+    let mut child = tokio::process::Command::new("sh")
+        .args(["-c", &log_producer()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sh spawns");
     let n = read_to_end(child.stdout.take().expect("piped stdout")).await;
     child.wait().await.expect("producer exits");
     assert_eq!(n, LOG_BYTES);
@@ -154,7 +165,12 @@ async fn node_level(rows: &mut Vec<Row>) -> NodeFigures {
     let (tx, mut rx) = watch::channel(BTreeMap::<String, PodStatus>::new());
     let tx = Arc::new(Mutex::new(tx));
     let node = Node::new(
-        NodeConfig { data_dir: dir.path().join("node"), images_dir: None, unavailable_images: vec![], node_name: "bench".into() },
+        NodeConfig {
+            data_dir: dir.path().join("node"),
+            images_dir: None,
+            unavailable_images: vec![],
+            node_name: "bench".into(),
+        },
         Arc::new(move |uid: &str, st: PodStatus| {
             tx.lock().expect("status lock").send_modify(|m| {
                 m.insert(uid.to_string(), st);
@@ -175,7 +191,8 @@ async fn node_level(rows: &mut Vec<Row>) -> NodeFigures {
         direct.push(direct_start());
     }
     let (direct, _) = stats(direct);
-    let (row, start) = Row::latency(format!("node: `run_pod` -> Running ({ITER})"), node_start, "direct spawn of `sleep`", direct);
+    let (row, start) =
+        Row::latency(format!("node: `run_pod` -> Running ({ITER})"), node_start, "direct spawn of `sleep`", direct);
     rows.push(row);
 
     eprintln!("node: exec...");
@@ -185,7 +202,11 @@ async fn node_level(rows: &mut Vec<Row>) -> NodeFigures {
     for _ in 0..ITER {
         let t = Instant::now();
         let mut s = node
-            .exec("exec", "c", ExecRequest { command: vec!["echo".into(), "ok".into()], stdout: true, ..Default::default() })
+            .exec(
+                "exec",
+                "c",
+                ExecRequest { command: vec!["echo".into(), "ok".into()], stdout: true, ..Default::default() },
+            )
             .await
             .expect("exec starts");
         let mut out = Vec::new();
@@ -201,7 +222,22 @@ async fn node_level(rows: &mut Vec<Row>) -> NodeFigures {
 
         let t = Instant::now();
         let o = tokio::process::Command::new("bwrap")
-            .args(["--die-with-parent", "--unshare-pid", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--", "echo", "ok"])
+            .args([
+                "--die-with-parent",
+                "--unshare-pid",
+                "--ro-bind",
+                "/",
+                "/",
+                "--dev",
+                "/dev",
+                "--proc",
+                "/proc",
+                "--tmpfs",
+                "/tmp",
+                "--",
+                "echo",
+                "ok",
+            ])
             .output()
             .await
             .expect("bwrap runs");
@@ -210,9 +246,18 @@ async fn node_level(rows: &mut Vec<Row>) -> NodeFigures {
     }
     node.forget_pod("exec").await;
     let ((bare, _), (bwrap, _)) = (stats(bare), stats(bwrap));
-    let (row, exec) = Row::latency(format!("node: `exec` `echo ok` ({ITER})"), node_exec.clone(), "bare spawn of `echo ok`", bare);
+    let (row, exec) =
+        Row::latency(format!("node: `exec` `echo ok` ({ITER})"), node_exec.clone(), "bare spawn of `echo ok`", bare);
     rows.push(row);
-    rows.push(Row::latency(format!("node: `exec` `echo ok` ({ITER})"), node_exec, "a new bwrap sandbox running `echo ok`", bwrap).0);
+    rows.push(
+        Row::latency(
+            format!("node: `exec` `echo ok` ({ITER})"),
+            node_exec,
+            "a new bwrap sandbox running `echo ok`",
+            bwrap,
+        )
+        .0,
+    );
 
     eprintln!("node: logs -f...");
     let (mut node_logs, mut pipe) = (Vec::new(), Vec::new());
@@ -237,7 +282,11 @@ async fn node_level(rows: &mut Vec<Row>) -> NodeFigures {
         pipe.push(pipe_read().await);
     }
     node.shutdown().await;
-    rows.push(Row::throughput(format!("node: `logs` follow, {} MiB ({LOG_ITER})", LOG_BYTES >> 20), node_logs, stats(pipe).0));
+    rows.push(Row::throughput(
+        format!("node: `logs` follow, {} MiB ({LOG_ITER})", LOG_BYTES >> 20),
+        node_logs,
+        stats(pipe).0,
+    ));
     NodeFigures { start, exec }
 }
 
@@ -248,7 +297,10 @@ fn phase_is(wanted: &'static [&'static str]) -> impl Condition<Pod> {
 async fn create_and_wait(pods: &Api<Pod>, pod: &Pod, cond: impl Condition<Pod>) -> Pod {
     let name = pod.metadata.name.clone().expect("named pod");
     let created = pods.create(&PostParams::default(), pod).await.expect("pod created");
-    tokio::time::timeout(WAIT, await_condition(pods.clone(), &name, cond)).await.expect("pod reached the phase in time").expect("watch works");
+    tokio::time::timeout(WAIT, await_condition(pods.clone(), &name, cond))
+        .await
+        .expect("pod reached the phase in time")
+        .expect("watch works");
     created
 }
 
@@ -257,7 +309,10 @@ async fn delete(pods: &Api<Pod>, pod: &Pod) {
     let name = pod.metadata.name.as_deref().expect("named pod");
     let uid = pod.metadata.uid.as_deref().expect("created pod has a uid");
     pods.delete(name, &DeleteParams::default().grace_period(0)).await.expect("pod deleted");
-    tokio::time::timeout(WAIT, await_condition(pods.clone(), name, conditions::is_deleted(uid))).await.expect("pod gone in time").expect("watch works");
+    tokio::time::timeout(WAIT, await_condition(pods.clone(), name, conditions::is_deleted(uid)))
+        .await
+        .expect("pod gone in time")
+        .expect("watch works");
 }
 
 async fn api_level(rows: &mut Vec<Row>, node: &NodeFigures) {
@@ -277,8 +332,24 @@ async fn api_level(rows: &mut Vec<Row>, node: &NodeFigures) {
         direct.push(direct_start());
     }
     let (direct, _) = stats(direct);
-    rows.push(Row::latency(format!("API: kube-rs create + watch -> Running ({ITER})"), api_start.clone(), "direct spawn of `sleep`", direct).0);
-    rows.push(Row::latency(format!("API: kube-rs create + watch -> Running ({ITER})"), api_start, "node-level `run_pod` (above)", node.start).0);
+    rows.push(
+        Row::latency(
+            format!("API: kube-rs create + watch -> Running ({ITER})"),
+            api_start.clone(),
+            "direct spawn of `sleep`",
+            direct,
+        )
+        .0,
+    );
+    rows.push(
+        Row::latency(
+            format!("API: kube-rs create + watch -> Running ({ITER})"),
+            api_start,
+            "node-level `run_pod` (above)",
+            node.start,
+        )
+        .0,
+    );
 
     // (b) exec over WebSocket (v5.channel.k8s.io): connect, stdout to EOF, status frame.
     eprintln!("api: exec...");
@@ -286,7 +357,10 @@ async fn api_level(rows: &mut Vec<Row>, node: &NodeFigures) {
     let (mut api_exec, mut bare) = (Vec::new(), Vec::new());
     for _ in 0..EXEC_ITER {
         let t = Instant::now();
-        let mut p = pods.exec("exec", ["echo", "ok"], &AttachParams::default().stdout(true).stderr(false)).await.expect("exec starts");
+        let mut p = pods
+            .exec("exec", ["echo", "ok"], &AttachParams::default().stdout(true).stderr(false))
+            .await
+            .expect("exec starts");
         let n = {
             let mut out = Vec::new();
             p.stdout().expect("stdout requested").read_to_end(&mut out).await.expect("stdout reads");
@@ -300,15 +374,36 @@ async fn api_level(rows: &mut Vec<Row>, node: &NodeFigures) {
         bare.push(bare_echo());
     }
     let (bare, _) = stats(bare);
-    rows.push(Row::latency(format!("API: kube-rs `exec` `echo ok` ({EXEC_ITER})"), api_exec.clone(), "bare spawn of `echo ok`", bare).0);
-    rows.push(Row::latency(format!("API: kube-rs `exec` `echo ok` ({EXEC_ITER})"), api_exec, "node-level `exec` (above)", node.exec).0);
+    rows.push(
+        Row::latency(
+            format!("API: kube-rs `exec` `echo ok` ({EXEC_ITER})"),
+            api_exec.clone(),
+            "bare spawn of `echo ok`",
+            bare,
+        )
+        .0,
+    );
+    rows.push(
+        Row::latency(
+            format!("API: kube-rs `exec` `echo ok` ({EXEC_ITER})"),
+            api_exec,
+            "node-level `exec` (above)",
+            node.exec,
+        )
+        .0,
+    );
 
     // The same through kubectl, against kubectl's own start-up (it reads the kubeconfig and
     // builds its client but sends no request).
     eprintln!("api: kubectl exec...");
     let kubectl = |args: &[&str]| {
         let t = Instant::now();
-        let o = std::process::Command::new("kubectl").arg("--kubeconfig").arg(cluster.kubeconfig_path()).args(args).output().expect("kubectl runs");
+        let o = std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(cluster.kubeconfig_path())
+            .args(args)
+            .output()
+            .expect("kubectl runs");
         assert!(o.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
         (t.elapsed(), o.stdout)
     };
@@ -319,7 +414,15 @@ async fn api_level(rows: &mut Vec<Row>, node: &NodeFigures) {
         kexec.push(d);
         kversion.push(kubectl(&["version", "--client", "-o", "json"]).0);
     }
-    rows.push(Row::latency(format!("API: `kubectl exec` `echo ok` ({KUBECTL_ITER})"), kexec, "`kubectl version --client`", stats(kversion).0).0);
+    rows.push(
+        Row::latency(
+            format!("API: `kubectl exec` `echo ok` ({KUBECTL_ITER})"),
+            kexec,
+            "`kubectl version --client`",
+            stats(kversion).0,
+        )
+        .0,
+    );
     delete(&pods, &exec_pod).await;
 
     // (c) `logs -f`: from create to the end of the followed stream (chunked HTTP body).
@@ -331,7 +434,8 @@ async fn api_level(rows: &mut Vec<Row>, node: &NodeFigures) {
         let t = Instant::now();
         // Logs exist once the container started: Running, or already Succeeded.
         let created = create_and_wait(&pods, &pod, phase_is(&["Running", "Succeeded"])).await;
-        let stream = pods.log_stream(&name, &LogParams { follow: true, ..Default::default() }).await.expect("log stream opens");
+        let stream =
+            pods.log_stream(&name, &LogParams { follow: true, ..Default::default() }).await.expect("log stream opens");
         // kube-rs hands the body out as a `futures` reader, not a tokio one.
         let mut stream = Box::pin(stream);
         let (mut buf, mut n) = (vec![0u8; 128 * 1024], 0u64);
@@ -347,7 +451,11 @@ async fn api_level(rows: &mut Vec<Row>, node: &NodeFigures) {
         delete(&pods, &created).await;
         pipe.push(pipe_read().await);
     }
-    rows.push(Row::throughput(format!("API: kube-rs `log_stream` follow, {} MiB ({LOG_ITER})", LOG_BYTES >> 20), api_logs, stats(pipe).0));
+    rows.push(Row::throughput(
+        format!("API: kube-rs `log_stream` follow, {} MiB ({LOG_ITER})", LOG_BYTES >> 20),
+        api_logs,
+        stats(pipe).0,
+    ));
 
     cluster.stop().await;
 }

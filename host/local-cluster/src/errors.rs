@@ -22,7 +22,11 @@ impl Cause {
         Cause { reason: "FieldValueRequired", field: field.into(), message }
     }
     pub fn invalid(field: impl Into<String>, value: &str, detail: &str) -> Self {
-        Cause { reason: "FieldValueInvalid", field: field.into(), message: format!("Invalid value: {value:?}: {detail}") }
+        Cause {
+            reason: "FieldValueInvalid",
+            field: field.into(),
+            message: format!("Invalid value: {value:?}: {detail}"),
+        }
     }
     pub fn duplicate(field: impl Into<String>, value: &str) -> Self {
         Cause { reason: "FieldValueDuplicate", field: field.into(), message: format!("Duplicate value: {value:?}") }

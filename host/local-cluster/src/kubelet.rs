@@ -24,7 +24,12 @@ pub enum ResolveError {
     BadBase64 { name: String, key: String },
 }
 
-fn object_data(store: &Store, ns: &str, kind: &'static str, name: &str) -> Result<Option<BTreeMap<String, Vec<u8>>>, ResolveError> {
+fn object_data(
+    store: &Store,
+    ns: &str,
+    kind: &'static str,
+    name: &str,
+) -> Result<Option<BTreeMap<String, Vec<u8>>>, ResolveError> {
     let plural = if kind == "configmap" { "configmaps" } else { "secrets" };
     let Ok(obj) = store.get(res(plural), Some(ns), name) else { return Ok(None) };
     let mut out = BTreeMap::new();
@@ -83,7 +88,9 @@ pub fn resolve_volumes(store: &Store, pod: &Value) -> Result<ResolvedVolumes, Re
                             mapped.insert(path.to_owned(), bytes.clone());
                         }
                         None if optional => {}
-                        None => return Err(ResolveError::MissingKey { volume: vname, kind, name, key: key.to_owned() }),
+                        None => {
+                            return Err(ResolveError::MissingKey { volume: vname, kind, name, key: key.to_owned() });
+                        }
                     }
                 }
                 mapped
@@ -93,14 +100,21 @@ pub fn resolve_volumes(store: &Store, pod: &Value) -> Result<ResolvedVolumes, Re
         out.insert(vname, data);
     }
     // Env references: missing ones are the node's to report (CreateContainerConfigError).
-    let containers = ["initContainers", "containers"].into_iter().filter_map(|k| pod.pointer(&format!("/spec/{k}")).and_then(Value::as_array)).flatten();
+    let containers = ["initContainers", "containers"]
+        .into_iter()
+        .filter_map(|k| pod.pointer(&format!("/spec/{k}")).and_then(Value::as_array))
+        .flatten();
     for c in containers {
         let env_refs = c.get("env").and_then(Value::as_array).into_iter().flatten().filter_map(|e| {
             let vf = e.get("valueFrom")?;
-            vf.pointer("/configMapKeyRef/name").map(|n| ("configmap", n)).or_else(|| vf.pointer("/secretKeyRef/name").map(|n| ("secret", n)))
+            vf.pointer("/configMapKeyRef/name")
+                .map(|n| ("configmap", n))
+                .or_else(|| vf.pointer("/secretKeyRef/name").map(|n| ("secret", n)))
         });
         let from_refs = c.get("envFrom").and_then(Value::as_array).into_iter().flatten().filter_map(|e| {
-            e.pointer("/configMapRef/name").map(|n| ("configmap", n)).or_else(|| e.pointer("/secretRef/name").map(|n| ("secret", n)))
+            e.pointer("/configMapRef/name")
+                .map(|n| ("configmap", n))
+                .or_else(|| e.pointer("/secretRef/name").map(|n| ("secret", n)))
         });
         for (kind, name) in env_refs.chain(from_refs) {
             let name = name.as_str().unwrap_or_default();
@@ -115,7 +129,14 @@ pub fn resolve_volumes(store: &Store, pod: &Value) -> Result<ResolvedVolumes, Re
 
 /// After a pod is stored: schedule it (event), then start it on the node once its volumes resolve.
 pub fn pod_created(state: &Shared, pod: &Value) {
-    record(&state.store, pod, "Normal", "Scheduled", &format!("Successfully assigned {}/{} to {}", meta::namespace(pod), meta::name(pod), state.store.node_name()), None);
+    record(
+        &state.store,
+        pod,
+        "Normal",
+        "Scheduled",
+        &format!("Successfully assigned {}/{} to {}", meta::namespace(pod), meta::name(pod), state.store.node_name()),
+        None,
+    );
     let state = state.clone();
     let pod = pod.clone();
     // Subscribe before the first attempt so a configMap created in between is not missed.
@@ -153,7 +174,9 @@ pub fn pod_created(state: &Shared, pod: &Value) {
                         }
                         match try_start(&state.store, &state.node, &current) {
                             Ok(()) => return,
-                            Err(err) => record(&state.store, &current, "Warning", "FailedMount", &err.to_string(), None),
+                            Err(err) => {
+                                record(&state.store, &current, "Warning", "FailedMount", &err.to_string(), None)
+                            }
                         }
                     }
                 }
@@ -216,15 +239,30 @@ fn transition_events(store: &Store, old: &Value, new: &Value) {
         let image = cs.get("image").and_then(Value::as_str).unwrap_or_default().to_owned();
         let field = Some(format!("spec.containers{{{name}}}"));
         let state_key = |v: Option<&Value>| {
-            v.and_then(|v| v.get("state")).and_then(Value::as_object).and_then(|s| s.keys().next().cloned()).unwrap_or_default()
+            v.and_then(|v| v.get("state"))
+                .and_then(Value::as_object)
+                .and_then(|s| s.keys().next().cloned())
+                .unwrap_or_default()
         };
         let (was, is) = (state_key(prev), state_key(Some(&cs)));
         let restarts = |v: Option<&Value>| v.and_then(|v| v.get("restartCount")).and_then(Value::as_i64).unwrap_or(0);
         let restarted = restarts(Some(&cs)) > restarts(prev);
-        let waiting_reason = |v: Option<&Value>| v.and_then(|v| v.pointer("/state/waiting/reason")).and_then(Value::as_str).map(str::to_owned);
-        if (is == "running" || is == "terminated") && (was == "waiting" || was.is_empty() || restarted) && !(was == "running" && is == "terminated") {
+        let waiting_reason = |v: Option<&Value>| {
+            v.and_then(|v| v.pointer("/state/waiting/reason")).and_then(Value::as_str).map(str::to_owned)
+        };
+        if (is == "running" || is == "terminated")
+            && (was == "waiting" || was.is_empty() || restarted)
+            && !(was == "running" && is == "terminated")
+        {
             if restarts(Some(&cs)) == 0 || !restarted {
-                record(store, new, "Normal", "Pulled", &format!("Container image {image:?} already present on machine"), field.clone());
+                record(
+                    store,
+                    new,
+                    "Normal",
+                    "Pulled",
+                    &format!("Container image {image:?} already present on machine"),
+                    field.clone(),
+                );
             }
             record(store, new, "Normal", "Created", &format!("Created container: {name}"), field.clone());
             record(store, new, "Normal", "Started", &format!("Started container {name}"), field.clone());
@@ -235,15 +273,36 @@ fn transition_events(store: &Store, old: &Value, new: &Value) {
             match new_reason.as_deref() {
                 Some("ErrImagePull") => {
                     record(store, new, "Normal", "Pulling", &format!("Pulling image {image:?}"), field.clone());
-                    record(store, new, "Warning", "Failed", &format!("Failed to pull image {image:?}: {message}"), field.clone());
+                    record(
+                        store,
+                        new,
+                        "Warning",
+                        "Failed",
+                        &format!("Failed to pull image {image:?}: {message}"),
+                        field.clone(),
+                    );
                     record(store, new, "Warning", "Failed", "Error: ErrImagePull", field.clone());
                 }
                 Some("ImagePullBackOff") => {
-                    record(store, new, "Normal", "BackOff", &format!("Back-off pulling image {image:?}"), field.clone());
+                    record(
+                        store,
+                        new,
+                        "Normal",
+                        "BackOff",
+                        &format!("Back-off pulling image {image:?}"),
+                        field.clone(),
+                    );
                     record(store, new, "Warning", "Failed", "Error: ImagePullBackOff", field.clone());
                 }
                 Some("CrashLoopBackOff") => {
-                    record(store, new, "Warning", "BackOff", &format!("Back-off restarting failed container {name} in pod {}", meta::name(new)), field.clone());
+                    record(
+                        store,
+                        new,
+                        "Warning",
+                        "BackOff",
+                        &format!("Back-off restarting failed container {name} in pod {}", meta::name(new)),
+                        field.clone(),
+                    );
                 }
                 Some("CreateContainerConfigError") | Some("InvalidImageName") | Some("CreateContainerError") => {
                     record(store, new, "Warning", "Failed", &format!("Error: {message}"), field.clone());

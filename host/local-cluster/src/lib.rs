@@ -118,7 +118,9 @@ impl LocalCluster {
             }
         };
         let port = opts.port.unwrap_or(0);
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.map_err(|source| ClusterError::Bind { port, source })?;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .map_err(|source| ClusterError::Bind { port, source })?;
         let addr = listener.local_addr().map_err(|source| ClusterError::Bind { port, source })?;
         let server_tls = if opts.tls { Some(tls::ServerTls::generate().map_err(ClusterError::Tls)?) } else { None };
         let url = format!("{}://{addr}", if server_tls.is_some() { "https" } else { "http" });
@@ -130,7 +132,8 @@ impl LocalCluster {
             unavailable_images: opts.unavailable_images.clone(),
             node_name: NODE_NAME.to_owned(),
         };
-        let node = node::Node::new(node_cfg, kubelet::status_sink(Arc::downgrade(&store))).map_err(ClusterError::Node)?;
+        let node =
+            node::Node::new(node_cfg, kubelet::status_sink(Arc::downgrade(&store))).map_err(ClusterError::Node)?;
         let state = Arc::new(api::ApiState {
             store,
             node,
@@ -140,17 +143,32 @@ impl LocalCluster {
         });
         let kubeconfig = data_dir.join("kubeconfig");
         let tls = match &server_tls {
-            Some(t) => Some(TlsInfo { ca_path: t.write_to(&data_dir).map_err(ClusterError::Tls)?, ca_pem: t.ca_pem().to_owned(), ca_der: t.ca_der().to_vec() }),
+            Some(t) => Some(TlsInfo {
+                ca_path: t.write_to(&data_dir).map_err(ClusterError::Tls)?,
+                ca_pem: t.ca_pem().to_owned(),
+                ca_der: t.ca_der().to_vec(),
+            }),
             None => None,
         };
-        let kubeconfig_tls = server_tls.as_ref().map(|t| kubeconfig::Tls { ca_pem: t.ca_pem(), client: t.client_identity() });
+        let kubeconfig_tls =
+            server_tls.as_ref().map(|t| kubeconfig::Tls { ca_pem: t.ca_pem(), client: t.client_identity() });
         kubeconfig::write(&kubeconfig, &url, opts.token.as_deref(), kubeconfig_tls)
             .map_err(|source| ClusterError::Kubeconfig { path: kubeconfig.clone(), source })?;
 
         let app = api::router(state.clone());
         let server = tokio::spawn(serve::serve(listener, app, server_tls.map(|t| t.acceptor()), state.cancel.clone()));
         tracing::info!(cluster.url = %url, cluster.data_dir = %data_dir.display(), "local cluster started");
-        Ok(LocalCluster { url, addr, token: opts.token, tls, kubeconfig, data_dir, temp_dir, state, server: Some(server) })
+        Ok(LocalCluster {
+            url,
+            addr,
+            token: opts.token,
+            tls,
+            kubeconfig,
+            data_dir,
+            temp_dir,
+            state,
+            server: Some(server),
+        })
     }
 
     /// Base URL, e.g. `http://127.0.0.1:41234` (`https://` with TLS).

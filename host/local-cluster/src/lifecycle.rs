@@ -31,7 +31,12 @@ pub struct DeleteOptions {
 
 impl Default for DeleteOptions {
     fn default() -> Self {
-        DeleteOptions { grace_seconds: None, propagation: Propagation::Background, precondition_uid: None, precondition_rv: None }
+        DeleteOptions {
+            grace_seconds: None,
+            propagation: Propagation::Background,
+            precondition_uid: None,
+            precondition_rv: None,
+        }
     }
 }
 
@@ -157,7 +162,14 @@ async fn delete_pod(state: &Shared, pod: Value, opts: DeleteOptions) -> Result<V
     for cs in marked.pointer("/status/containerStatuses").and_then(Value::as_array).into_iter().flatten() {
         if cs.pointer("/state/running").is_some() {
             let cname = cs.get("name").and_then(Value::as_str).unwrap_or_default();
-            kubelet::record(&state.store, &marked, "Normal", "Killing", &format!("Stopping container {cname}"), Some(format!("spec.containers{{{cname}}}")));
+            kubelet::record(
+                &state.store,
+                &marked,
+                "Normal",
+                "Killing",
+                &format!("Stopping container {cname}"),
+                Some(format!("spec.containers{{{cname}}}")),
+            );
         }
     }
     let propagation = opts.propagation;
@@ -166,7 +178,10 @@ async fn delete_pod(state: &Shared, pod: Value, opts: DeleteOptions) -> Result<V
         return Ok(marked);
     }
     let (state2, marked2) = (state.clone(), marked.clone());
-    spawn(state, async move { finish_pod_with(&state2, &marked2, Duration::from_secs(grace as u64), propagation).await });
+    spawn(
+        state,
+        async move { finish_pod_with(&state2, &marked2, Duration::from_secs(grace as u64), propagation).await },
+    );
     Ok(marked)
 }
 
@@ -257,9 +272,9 @@ async fn delete_namespace(state: &Shared, name: &str) -> Result<Value, ApiError>
             }
             // Pods leave only after their grace period; wait for the store to change.
             let remaining = state2.store.contents_of_namespace(&name);
-            let all_terminating = remaining
-                .iter()
-                .all(|(r, n)| state2.store.get(r, Some(&name), n).is_ok_and(|o| o.pointer("/metadata/deletionTimestamp").is_some()));
+            let all_terminating = remaining.iter().all(|(r, n)| {
+                state2.store.get(r, Some(&name), n).is_ok_and(|o| o.pointer("/metadata/deletionTimestamp").is_some())
+            });
             if !remaining.is_empty()
                 && all_terminating
                 && let Err(tokio::sync::broadcast::error::RecvError::Closed) = rx.recv().await

@@ -45,7 +45,10 @@ pub fn core_v1() -> Value {
     let mut paths = Map::new();
     for r in RESOURCES {
         let (collection, item) = if r.namespaced {
-            (format!("/api/v1/namespaces/{{namespace}}/{}", r.plural), format!("/api/v1/namespaces/{{namespace}}/{}/{{name}}", r.plural))
+            (
+                format!("/api/v1/namespaces/{{namespace}}/{}", r.plural),
+                format!("/api/v1/namespaces/{{namespace}}/{}/{{name}}", r.plural),
+            )
         } else {
             (format!("/api/v1/{}", r.plural), format!("/api/v1/{}/{{name}}", r.plural))
         };

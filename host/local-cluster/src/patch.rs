@@ -8,7 +8,9 @@ use serde_json::{Map, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PatchError {
-    #[error("unsupported patch content type {0:?}; use application/merge-patch+json, application/strategic-merge-patch+json or application/json-patch+json")]
+    #[error(
+        "unsupported patch content type {0:?}; use application/merge-patch+json, application/strategic-merge-patch+json or application/json-patch+json"
+    )]
     UnsupportedType(String),
     #[error("patch body is not valid JSON: {0}")]
     BadJson(#[source] serde_json::Error),
@@ -84,8 +86,16 @@ pub fn apply(kind: PatchKind, target: &mut Value, body: &[u8]) -> Result<(), Pat
 /// Merge keys of the core/v1 list fields (from the `patchMergeKey` tags of the Go types).
 fn merge_key(field: &str) -> Option<&'static str> {
     Some(match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "volumes" | "env" | "imagePullSecrets"
-        | "containerStatuses" | "initContainerStatuses" | "ephemeralContainerStatuses" | "resourceClaims" => "name",
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "volumes"
+        | "env"
+        | "imagePullSecrets"
+        | "containerStatuses"
+        | "initContainerStatuses"
+        | "ephemeralContainerStatuses"
+        | "resourceClaims" => "name",
         "ports" => "containerPort",
         "volumeMounts" => "mountPath",
         "volumeDevices" => "devicePath",
@@ -174,13 +184,15 @@ fn strategic_merge(target: &mut Value, mut patch: Map<String, Value>, path: &str
     Ok(())
 }
 
-fn merge_keyed_list(mut current: Vec<Value>, items: Vec<Value>, mk: &str, path: &str) -> Result<Vec<Value>, PatchError> {
+fn merge_keyed_list(
+    mut current: Vec<Value>,
+    items: Vec<Value>,
+    mk: &str,
+    path: &str,
+) -> Result<Vec<Value>, PatchError> {
     // A `$patch: replace` element replaces the whole list with the remaining elements.
     if items.iter().any(|i| i.get("$patch").and_then(Value::as_str) == Some("replace")) {
-        return Ok(items
-            .into_iter()
-            .filter(|i| i.get("$patch").is_none())
-            .collect());
+        return Ok(items.into_iter().filter(|i| i.get("$patch").is_none()).collect());
     }
     for item in items {
         let Value::Object(mut pmap) = item else {
@@ -243,7 +255,10 @@ mod tests {
         let c = &p["spec"]["containers"];
         assert_eq!(c.as_array().unwrap().len(), 2);
         assert_eq!(c[0]["image"], "debian");
-        assert_eq!(c[0]["env"], json!([{"name": "A", "value": "1"}, {"name": "B", "value": "20"}, {"name": "C", "value": "3"}]));
+        assert_eq!(
+            c[0]["env"],
+            json!([{"name": "A", "value": "1"}, {"name": "B", "value": "20"}, {"name": "C", "value": "3"}])
+        );
         assert_eq!(c[1]["image"], "helper:1");
         assert_eq!(p["spec"]["volumes"].as_array().unwrap().len(), 2);
     }
@@ -275,7 +290,8 @@ mod tests {
         apply(PatchKind::Json, &mut p, br#"[{"op":"replace","path":"/spec/containers/1/image","value":"h:2"},{"op":"add","path":"/metadata/labels/z","value":"9"}]"#).unwrap();
         assert_eq!(p["spec"]["containers"][1]["image"], "h:2");
         assert_eq!(p["metadata"]["labels"]["z"], "9");
-        let err = apply(PatchKind::Json, &mut p, br#"[{"op":"test","path":"/metadata/name","value":"other"}]"#).unwrap_err();
+        let err =
+            apply(PatchKind::Json, &mut p, br#"[{"op":"test","path":"/metadata/name","value":"other"}]"#).unwrap_err();
         assert!(matches!(err, PatchError::JsonPatch(_)), "{err}");
         assert!(matches!(apply(PatchKind::Merge, &mut p, b"{not json").unwrap_err(), PatchError::BadJson(_)));
         assert!(matches!(apply(PatchKind::Strategic, &mut p, b"[1]").unwrap_err(), PatchError::NotAnObject { .. }));
@@ -283,7 +299,10 @@ mod tests {
 
     #[test]
     fn content_types() {
-        assert_eq!(PatchKind::from_content_type("application/merge-patch+json; charset=utf-8").unwrap(), PatchKind::Merge);
+        assert_eq!(
+            PatchKind::from_content_type("application/merge-patch+json; charset=utf-8").unwrap(),
+            PatchKind::Merge
+        );
         assert!(PatchKind::from_content_type("text/plain").is_err());
     }
 }

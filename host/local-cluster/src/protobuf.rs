@@ -53,7 +53,11 @@ impl<'a> Reader<'a> {
             0 => Field::Varint(self.varint()?),
             2 => {
                 let len = usize::try_from(self.varint()?).map_err(|_| ProtobufError::Malformed(self.pos))?;
-                let end = self.pos.checked_add(len).filter(|e| *e <= self.buf.len()).ok_or(ProtobufError::Malformed(self.pos))?;
+                let end = self
+                    .pos
+                    .checked_add(len)
+                    .filter(|e| *e <= self.buf.len())
+                    .ok_or(ProtobufError::Malformed(self.pos))?;
                 let bytes = &self.buf[self.pos..end];
                 self.pos = end;
                 Field::Bytes(bytes)
@@ -149,7 +153,9 @@ fn decode_kind(kind: &str, raw: &[u8]) -> Result<Value, ProtobufError> {
             ("Secret", 2, Field::Bytes(b)) => insert_entry(&mut obj, "data", b, true)?,
             ("Secret", 3, Field::Bytes(b)) => drop(obj.insert("type".into(), text(b))),
             ("Secret", 4, Field::Bytes(b)) => insert_entry(&mut obj, "stringData", b, false)?,
-            ("Secret", 5, Field::Varint(v)) | ("ConfigMap", 4, Field::Varint(v)) => drop(obj.insert("immutable".into(), json!(v != 0))),
+            ("Secret", 5, Field::Varint(v)) | ("ConfigMap", 4, Field::Varint(v)) => {
+                drop(obj.insert("immutable".into(), json!(v != 0)))
+            }
             ("ConfigMap", 2, Field::Bytes(b)) => insert_entry(&mut obj, "data", b, false)?,
             ("ConfigMap", 3, Field::Bytes(b)) => insert_entry(&mut obj, "binaryData", b, true)?,
             _ => {}
@@ -197,7 +203,8 @@ mod tests {
     fn decodes_a_secret_envelope() {
         let type_meta = [field(1, b"v1"), field(2, b"Secret")].concat();
         let meta = [field(1, b"creds"), field(11, &[field(1, b"app"), field(2, b"x")].concat())].concat();
-        let secret = [field(1, &meta), field(2, &[field(1, b"user"), field(2, b"me")].concat()), field(3, b"Opaque")].concat();
+        let secret =
+            [field(1, &meta), field(2, &[field(1, b"user"), field(2, b"me")].concat()), field(3, b"Opaque")].concat();
         let body = [b"k8s\0".to_vec(), field(1, &type_meta), field(2, &secret)].concat();
         let v = decode(&body).unwrap();
         assert_eq!(v["metadata"]["name"], "creds");

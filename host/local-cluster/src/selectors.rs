@@ -69,10 +69,11 @@ fn valid_key(k: &str) -> bool {
 
 fn parse_set(selector: &str, req: &str, rest: &str) -> Result<Vec<String>, SelectorError> {
     let rest = rest.trim();
-    let inner = rest
-        .strip_prefix('(')
-        .and_then(|r| r.strip_suffix(')'))
-        .ok_or_else(|| SelectorError::Requirement { selector: selector.into(), requirement: req.into(), why: "expected a parenthesised value set" })?;
+    let inner = rest.strip_prefix('(').and_then(|r| r.strip_suffix(')')).ok_or_else(|| SelectorError::Requirement {
+        selector: selector.into(),
+        requirement: req.into(),
+        why: "expected a parenthesised value set",
+    })?;
     Ok(inner.split(',').map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()).collect())
 }
 
@@ -80,7 +81,11 @@ fn parse_requirement(selector: &str, req: &str) -> Result<Requirement, SelectorE
     let bad = |why| SelectorError::Requirement { selector: selector.into(), requirement: req.into(), why };
     if let Some(key) = req.strip_prefix('!') {
         let key = key.trim();
-        return if valid_key(key) { Ok(Requirement { key: key.into(), op: Op::NotExists }) } else { Err(bad("invalid key")) };
+        return if valid_key(key) {
+            Ok(Requirement { key: key.into(), op: Op::NotExists })
+        } else {
+            Err(bad("invalid key"))
+        };
     }
     for (token, is_neq) in [("!=", true), ("==", false), ("=", false)] {
         if let Some((k, v)) = req.split_once(token) {
@@ -142,7 +147,11 @@ impl FieldSelector {
             .into_iter()
             .map(|r| match parse_requirement(s, r)? {
                 req @ Requirement { op: Op::Eq(_) | Op::NotEq(_), .. } => Ok(req),
-                _ => Err(SelectorError::Requirement { selector: s.into(), requirement: r.into(), why: "field selectors support only =, == and !=" }),
+                _ => Err(SelectorError::Requirement {
+                    selector: s.into(),
+                    requirement: r.into(),
+                    why: "field selectors support only =, == and !=",
+                }),
             })
             .collect::<Result<_, _>>()?;
         Ok(FieldSelector(reqs))

@@ -10,7 +10,9 @@
 //! some credential, as kind's and minikube's kubeconfigs do with theirs. The server asks for
 //! client certificates without requiring one, and refuses any the CA did not issue.
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -105,7 +107,9 @@ impl ServerTls {
         // OpenSSL's strict verification (Python 3.13+ defaults to it) wants the issuer's key id.
         server.use_authority_key_identifier_extension = true;
         validity.apply(&mut server);
-        let server_cert = server.signed_by(&server_key, &issuer).map_err(|source| TlsError::Certificate { what: "server", source })?;
+        let server_cert = server
+            .signed_by(&server_key, &issuer)
+            .map_err(|source| TlsError::Certificate { what: "server", source })?;
 
         let client_key = KeyPair::generate().map_err(|source| TlsError::Key { what: "client", source })?;
         let mut client = CertificateParams::default();
@@ -116,17 +120,20 @@ impl ServerTls {
         client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         client.use_authority_key_identifier_extension = true;
         validity.apply(&mut client);
-        let client_cert = client.signed_by(&client_key, &issuer).map_err(|source| TlsError::Certificate { what: "client", source })?;
+        let client_cert = client
+            .signed_by(&client_key, &issuer)
+            .map_err(|source| TlsError::Certificate { what: "client", source })?;
 
         // The ring provider explicitly: it is the one kube already links, and naming it keeps
         // rustls from depending on a process-wide default that another crate could install.
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca_cert.der().clone()).map_err(TlsError::Config)?;
-        let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .allow_unauthenticated()
-            .build()
-            .map_err(TlsError::ClientVerifier)?;
+        let client_verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(TlsError::ClientVerifier)?;
         let chain = vec![server_cert.der().clone()];
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -195,7 +202,9 @@ impl Validity {
     }
 
     fn apply(&self, params: &mut CertificateParams) {
-        let day = |d: jiff::civil::Date| rcgen::date_time_ymd(i32::from(d.year()), d.month().unsigned_abs(), d.day().unsigned_abs());
+        let day = |d: jiff::civil::Date| {
+            rcgen::date_time_ymd(i32::from(d.year()), d.month().unsigned_abs(), d.day().unsigned_abs())
+        };
         params.not_before = day(self.from);
         params.not_after = day(self.until);
     }
@@ -207,7 +216,8 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let err = |source| TlsError::Write { path: path.to_path_buf(), source };
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path).map_err(err)?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path).map_err(err)?;
     f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(err)?;
     f.write_all(contents.as_bytes()).map_err(err)
 }
@@ -222,11 +232,18 @@ mod tests {
         let tls = ServerTls::generate().unwrap();
         let ca = tls.write_to(dir.path()).unwrap();
         assert_eq!(ca, dir.path().join(CA_CERT_FILE));
-        let mode = |name: &str| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join(name)).unwrap().permissions()) & 0o777;
+        let mode = |name: &str| {
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join(name)).unwrap().permissions())
+                & 0o777
+        };
         assert_eq!(mode(SERVER_KEY_FILE), 0o600);
         assert_eq!(mode(SERVER_CERT_FILE), 0o644);
         assert!(std::fs::read_to_string(&ca).unwrap().starts_with("-----BEGIN CERTIFICATE-----"));
-        assert!(std::fs::read_to_string(dir.path().join(SERVER_KEY_FILE)).unwrap().starts_with("-----BEGIN PRIVATE KEY-----"));
+        assert!(
+            std::fs::read_to_string(dir.path().join(SERVER_KEY_FILE))
+                .unwrap()
+                .starts_with("-----BEGIN PRIVATE KEY-----")
+        );
         // A second start in the same data dir gets new certificates, not the old ones.
         let again = ServerTls::generate().unwrap();
         again.write_to(dir.path()).unwrap();

@@ -5,7 +5,9 @@ mod common;
 use common::{cluster, cluster_with, sleeper};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy, WatchEvent, WatchParams};
+use kube::api::{
+    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy, WatchEvent, WatchParams,
+};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::runtime::{WatchStreamExt, watcher};
 use local_cluster::ClusterOptions;
@@ -47,7 +49,9 @@ async fn generate_name_and_server_defaults() {
     assert_eq!(status.qos_class.as_deref(), Some("BestEffort"));
     // A new namespace gets its default service account.
     let nss: Api<Namespace> = Api::all(c.client().unwrap());
-    nss.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "team-a"}})).unwrap()).await.unwrap();
+    nss.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "team-a"}})).unwrap())
+        .await
+        .unwrap();
     let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(c.client().unwrap(), "team-a");
     sas.get("default").await.unwrap();
     c.stop().await;
@@ -63,7 +67,8 @@ async fn create_get_list_with_label_and_field_selectors() {
     cms.create(&PostParams::default(), &cm("c", json!({"app": "cache", "tier": "back"}))).await.unwrap();
     assert_eq!(cms.get("b").await.unwrap().data.unwrap()["k"], "v");
     let names = |l: kube::core::ObjectList<ConfigMap>| {
-        let mut n: Vec<String> = l.items.into_iter().map(|o| o.metadata.name.unwrap()).filter(|n| n.len() == 1).collect();
+        let mut n: Vec<String> =
+            l.items.into_iter().map(|o| o.metadata.name.unwrap()).filter(|n| n.len() == 1).collect();
         n.sort();
         n
     };
@@ -81,14 +86,16 @@ async fn create_get_list_with_label_and_field_selectors() {
     }
     let got = names(cms.list(&ListParams::default().fields("metadata.name=c")).await.unwrap());
     assert_eq!(got, vec!["c"]);
-    let got = names(cms.list(&ListParams::default().fields("metadata.namespace=default,metadata.name!=c")).await.unwrap());
+    let got =
+        names(cms.list(&ListParams::default().fields("metadata.namespace=default,metadata.name!=c")).await.unwrap());
     assert_eq!(got, vec!["a", "b"]);
     // Pod field selectors, and cluster-wide lists of a namespaced kind.
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     pods.create(&PostParams::default(), &sleeper("runner")).await.unwrap();
     await_condition(pods.clone(), "runner", conditions::is_pod_running()).await.unwrap();
     let all: Api<Pod> = Api::all(client.clone());
-    let running = all.list(&ListParams::default().fields("status.phase=Running,spec.nodeName=keel-local")).await.unwrap();
+    let running =
+        all.list(&ListParams::default().fields("status.phase=Running,spec.nodeName=keel-local")).await.unwrap();
     assert_eq!(running.items.len(), 1);
     assert!(all.list(&ListParams::default().fields("status.phase=Pending")).await.unwrap().items.is_empty());
     let bad = cms.list(&ListParams::default().labels("app in (web")).await.unwrap_err();
@@ -169,7 +176,13 @@ async fn watch_from_an_old_version_replays_and_expired_versions_are_gone() {
         other => panic!("expected a 410 ERROR event, got {other:?}"),
     }
     // kube-runtime's watcher re-lists after a 410 and still sees everything.
-    let objs: Vec<ConfigMap> = watcher(cms.clone(), watcher::Config::default()).default_backoff().applied_objects().take(11).try_collect().await.unwrap();
+    let objs: Vec<ConfigMap> = watcher(cms.clone(), watcher::Config::default())
+        .default_backoff()
+        .applied_objects()
+        .take(11)
+        .try_collect()
+        .await
+        .unwrap();
     assert_eq!(objs.len(), 11);
     c.stop().await;
 }
@@ -199,8 +212,18 @@ async fn merge_strategic_and_json_patches() {
     let client = c.client().unwrap();
     let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
     cms.create(&PostParams::default(), &cm("p", json!({"a": "1", "b": "2"}))).await.unwrap();
-    let merged = cms.patch("p", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"a": null, "c": "3"}}, "data": {"x": "y"}}))).await.unwrap();
-    assert_eq!(merged.metadata.labels.unwrap(), [("b".to_owned(), "2".to_owned()), ("c".to_owned(), "3".to_owned())].into());
+    let merged = cms
+        .patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"a": null, "c": "3"}}, "data": {"x": "y"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        merged.metadata.labels.unwrap(),
+        [("b".to_owned(), "2".to_owned()), ("c".to_owned(), "3".to_owned())].into()
+    );
     assert_eq!(merged.data.unwrap().len(), 2);
     // kube's own json-patch version is inferred from `Patch::Json`.
     let ops = serde_json::from_value(json!([
@@ -218,7 +241,9 @@ async fn merge_strategic_and_json_patches() {
     // Strategic merge on a pod: containers merge by name, labels merge, env merges by name.
     let pods: Api<Pod> = Api::default_namespaced(client.clone());
     let mut p = sleeper("sm");
-    p.spec.as_mut().unwrap().containers.push(serde_json::from_value(json!({"name": "side", "image": "busybox:1", "command": ["sleep", "3600"]})).unwrap());
+    p.spec.as_mut().unwrap().containers.push(
+        serde_json::from_value(json!({"name": "side", "image": "busybox:1", "command": ["sleep", "3600"]})).unwrap(),
+    );
     pods.create(&PostParams::default(), &p).await.unwrap();
     let patched = pods
         .patch(
@@ -234,10 +259,21 @@ async fn merge_strategic_and_json_patches() {
     assert_eq!(containers[1].image.as_deref(), Some("busybox:2"));
     assert_eq!(patched.metadata.labels.unwrap()["extra"], "yes");
     // Changing anything else in a pod's spec is forbidden, as on a real server.
-    let err = api_error(pods.patch("sm", &PatchParams::default(), &Patch::Merge(json!({"spec": {"restartPolicy": "Never"}}))).await.unwrap_err());
+    let err = api_error(
+        pods.patch("sm", &PatchParams::default(), &Patch::Merge(json!({"spec": {"restartPolicy": "Never"}})))
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(err.code, 422);
     // The status subresource changes status only.
-    let st = pods.patch_status("sm", &PatchParams::default(), &Patch::Merge(json!({"status": {"message": "hello"}, "metadata": {"labels": {"ignored": "x"}}}))).await.unwrap();
+    let st = pods
+        .patch_status(
+            "sm",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"message": "hello"}, "metadata": {"labels": {"ignored": "x"}}})),
+        )
+        .await
+        .unwrap();
     assert_eq!(st.status.unwrap().message.as_deref(), Some("hello"));
     assert!(!st.metadata.labels.unwrap().contains_key("ignored"));
     c.stop().await;
@@ -254,15 +290,43 @@ async fn error_bodies_are_kubernetes_statuses() {
 
     pods.create(&PostParams::default(), &sleeper("dup")).await.unwrap();
     let ae = api_error(pods.create(&PostParams::default(), &sleeper("dup")).await.unwrap_err());
-    assert_eq!((ae.code, ae.reason.as_str(), ae.message.as_str()), (409, "AlreadyExists", "pods \"dup\" already exists"));
+    assert_eq!(
+        (ae.code, ae.reason.as_str(), ae.message.as_str()),
+        (409, "AlreadyExists", "pods \"dup\" already exists")
+    );
     assert_eq!(ae.details.unwrap().name, "dup");
 
     let cases = [
-        (json!({"metadata": {}, "spec": {"containers": [{"name": "a", "image": "x"}]}}), "", "metadata.name", "FieldValueRequired"),
-        (json!({"metadata": {"name": "Bad_Name"}, "spec": {"containers": [{"name": "a", "image": "x"}]}}), "Bad_Name", "metadata.name", "FieldValueInvalid"),
-        (json!({"metadata": {"name": "empty"}, "spec": {"containers": []}}), "empty", "spec.containers", "FieldValueRequired"),
-        (json!({"metadata": {"name": "twins"}, "spec": {"containers": [{"name": "a", "image": "x"}, {"name": "a", "image": "x"}]}}), "twins", "spec.containers[1].name", "FieldValueDuplicate"),
-        (json!({"metadata": {"name": "noimage"}, "spec": {"containers": [{"name": "a"}]}}), "noimage", "spec.containers[0].image", "FieldValueRequired"),
+        (
+            json!({"metadata": {}, "spec": {"containers": [{"name": "a", "image": "x"}]}}),
+            "",
+            "metadata.name",
+            "FieldValueRequired",
+        ),
+        (
+            json!({"metadata": {"name": "Bad_Name"}, "spec": {"containers": [{"name": "a", "image": "x"}]}}),
+            "Bad_Name",
+            "metadata.name",
+            "FieldValueInvalid",
+        ),
+        (
+            json!({"metadata": {"name": "empty"}, "spec": {"containers": []}}),
+            "empty",
+            "spec.containers",
+            "FieldValueRequired",
+        ),
+        (
+            json!({"metadata": {"name": "twins"}, "spec": {"containers": [{"name": "a", "image": "x"}, {"name": "a", "image": "x"}]}}),
+            "twins",
+            "spec.containers[1].name",
+            "FieldValueDuplicate",
+        ),
+        (
+            json!({"metadata": {"name": "noimage"}, "spec": {"containers": [{"name": "a"}]}}),
+            "noimage",
+            "spec.containers[0].image",
+            "FieldValueRequired",
+        ),
     ];
     for (body, name, field, reason) in cases {
         let pod: Pod = serde_json::from_value(body).unwrap();
@@ -319,22 +383,32 @@ async fn owner_reference_garbage_collection() {
     let secret = secrets.create(&PostParams::default(), &owned_secret("owned", &owner)).await.unwrap();
     assert_eq!(secret.data.unwrap()["token"].0, b"s3cr3t");
     pods.delete("owner", &DeleteParams::default().grace_period(0)).await.unwrap();
-    await_condition(secrets.clone(), "owned", conditions::is_deleted(secret.metadata.uid.as_ref().unwrap())).await.unwrap();
+    await_condition(secrets.clone(), "owned", conditions::is_deleted(secret.metadata.uid.as_ref().unwrap()))
+        .await
+        .unwrap();
 
     // Orphan: the secret stays, without the owner reference.
     let owner = pods.create(&PostParams::default(), &sleeper("owner2")).await.unwrap();
     secrets.create(&PostParams::default(), &owned_secret("kept", &owner)).await.unwrap();
     pods.delete("owner2", &DeleteParams::orphan().grace_period(0)).await.unwrap();
-    await_condition(pods.clone(), "owner2", conditions::is_deleted(owner.metadata.uid.as_ref().unwrap())).await.unwrap();
+    await_condition(pods.clone(), "owner2", conditions::is_deleted(owner.metadata.uid.as_ref().unwrap()))
+        .await
+        .unwrap();
     let kept = secrets.get("kept").await.unwrap();
     assert!(kept.metadata.owner_references.unwrap_or_default().is_empty());
 
     // Foreground: the owner is only gone after its dependants.
     let owner = pods.create(&PostParams::default(), &sleeper("owner3")).await.unwrap();
     let dep = secrets.create(&PostParams::default(), &owned_secret("fg", &owner)).await.unwrap();
-    let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), grace_period_seconds: Some(0), ..DeleteParams::default() };
+    let dp = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Foreground),
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
     pods.delete("owner3", &dp).await.unwrap();
-    await_condition(pods.clone(), "owner3", conditions::is_deleted(owner.metadata.uid.as_ref().unwrap())).await.unwrap();
+    await_condition(pods.clone(), "owner3", conditions::is_deleted(owner.metadata.uid.as_ref().unwrap()))
+        .await
+        .unwrap();
     let nf = api_error(secrets.get("fg").await.unwrap_err());
     assert_eq!(nf.code, 404, "dependant {} deleted before its owner", dep.metadata.name.unwrap());
     c.stop().await;
@@ -348,12 +422,20 @@ async fn fifty_pods_created_and_watched_concurrently() {
         let pods = pods.clone();
         async move {
             let mut running = std::collections::HashSet::new();
-            let mut stream = watcher(pods, watcher::Config::default().labels("suite=conformance")).default_backoff().applied_objects().boxed();
+            let mut stream = watcher(pods, watcher::Config::default().labels("suite=conformance"))
+                .default_backoff()
+                .applied_objects()
+                .boxed();
             while running.len() < 50 {
                 let p: Pod = stream.try_next().await.unwrap().unwrap();
                 // A container stuck waiting for any reason but start-up fails the test instead of hanging it.
                 let stuck = p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()).find_map(|cs| {
-                    cs.state.as_ref()?.waiting.as_ref().filter(|w| w.reason.as_deref() != Some("ContainerCreating")).map(|w| format!("{:?}: {:?}", w.reason, w.message))
+                    cs.state
+                        .as_ref()?
+                        .waiting
+                        .as_ref()
+                        .filter(|w| w.reason.as_deref() != Some("ContainerCreating"))
+                        .map(|w| format!("{:?}: {:?}", w.reason, w.message))
                 });
                 if let Some(why) = stuck {
                     panic!("pod {:?} cannot start: {why}", p.metadata.name);
@@ -375,7 +457,12 @@ async fn fifty_pods_created_and_watched_concurrently() {
     assert_eq!(watch.await.unwrap(), 50);
     let listed = pods.list(&ListParams::default().labels("suite=conformance")).await.unwrap();
     assert_eq!(listed.items.len(), 50);
-    pods.delete_collection(&DeleteParams::default().grace_period(0), &ListParams::default().labels("suite=conformance")).await.unwrap();
+    pods.delete_collection(
+        &DeleteParams::default().grace_period(0),
+        &ListParams::default().labels("suite=conformance"),
+    )
+    .await
+    .unwrap();
     assert!(pods.list(&ListParams::default().labels("suite=conformance")).await.unwrap().items.is_empty());
     c.stop().await;
 }
@@ -410,7 +497,10 @@ async fn deleting_a_namespace_deletes_its_contents() {
     let c = cluster().await;
     let client = c.client().unwrap();
     let nss: Api<Namespace> = Api::all(client.clone());
-    let ns = nss.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "doomed"}})).unwrap()).await.unwrap();
+    let ns = nss
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "doomed"}})).unwrap())
+        .await
+        .unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "doomed");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "doomed");
     let inside = pods.create(&PostParams::default(), &sleeper("inside")).await.unwrap();
@@ -423,7 +513,9 @@ async fn deleting_a_namespace_deletes_its_contents() {
     let err = api_error(cms.create(&PostParams::default(), &cm("late", json!({}))).await.unwrap_err());
     assert_eq!(err.code, 403, "no new content in a terminating namespace");
     assert_eq!(nss.get("doomed").await.unwrap().status.unwrap().phase.as_deref(), Some("Terminating"));
-    await_condition(pods.clone(), "inside", conditions::is_deleted(inside.metadata.uid.as_ref().unwrap())).await.unwrap();
+    await_condition(pods.clone(), "inside", conditions::is_deleted(inside.metadata.uid.as_ref().unwrap()))
+        .await
+        .unwrap();
     cms.patch("held", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}}))).await.unwrap();
     await_condition(nss.clone(), "doomed", conditions::is_deleted(ns.metadata.uid.as_ref().unwrap())).await.unwrap();
     let all: Api<Pod> = Api::all(client);
@@ -457,7 +549,9 @@ async fn streaming_list_watch_and_bookmarks() {
         other => panic!("expected ADDED, got {other:?}"),
     }
     match events.try_next().await.unwrap() {
-        Some(WatchEvent::Bookmark(b)) => assert_eq!(b.metadata.annotations.get("k8s.io/initial-events-end").map(String::as_str), Some("true")),
+        Some(WatchEvent::Bookmark(b)) => {
+            assert_eq!(b.metadata.annotations.get("k8s.io/initial-events-end").map(String::as_str), Some("true"))
+        }
         other => panic!("expected the initial-events-end BOOKMARK, got {other:?}"),
     }
     cms.create(&PostParams::default(), &cm("after", json!({"w": "1"}))).await.unwrap();
@@ -502,9 +596,13 @@ async fn selector_watches_see_objects_enter_and_leave() {
     let start = cms.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
     let mut events = cms.watch(&WatchParams::default().labels("stage=active"), &start).await.unwrap().boxed();
     cms.create(&PostParams::default(), &cm("mover", json!({"stage": "idle"}))).await.unwrap();
-    cms.patch("mover", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"stage": "active"}}}))).await.unwrap();
+    cms.patch("mover", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"stage": "active"}}})))
+        .await
+        .unwrap();
     cms.patch("mover", &PatchParams::default(), &Patch::Merge(json!({"data": {"k": "2"}}))).await.unwrap();
-    cms.patch("mover", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"stage": "done"}}}))).await.unwrap();
+    cms.patch("mover", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"stage": "done"}}})))
+        .await
+        .unwrap();
     let mut kinds = Vec::new();
     while kinds.len() < 3 {
         kinds.push(match events.try_next().await.unwrap().unwrap() {
@@ -527,7 +625,9 @@ async fn chunked_lists_page_through_one_snapshot() {
     let c = cluster().await;
     let client = c.client().unwrap();
     let nss: Api<Namespace> = Api::all(client.clone());
-    nss.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "paging"}})).unwrap()).await.unwrap();
+    nss.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "paging"}})).unwrap())
+        .await
+        .unwrap();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "paging");
     let want: Vec<String> = (0..25).map(|i| format!("cm-{i:02}")).collect();
     for name in &want {
@@ -555,7 +655,9 @@ async fn chunked_lists_page_through_one_snapshot() {
             // Writes between pages must not show in the later pages.
             cms.create(&PostParams::default(), &cm("cm-99", json!({}))).await.unwrap();
             cms.delete("cm-20", &DeleteParams::default()).await.unwrap();
-            cms.patch("cm-15", &PatchParams::default(), &Patch::Merge(json!({"data": {"k": "changed"}}))).await.unwrap();
+            cms.patch("cm-15", &PatchParams::default(), &Patch::Merge(json!({"data": {"k": "changed"}})))
+                .await
+                .unwrap();
         }
     }
     assert_eq!(versions.len(), 3);
@@ -566,7 +668,8 @@ async fn chunked_lists_page_through_one_snapshot() {
     let now = names_of(&cms.list(&ListParams::default()).await.unwrap().items);
     assert!(now.contains(&"cm-99".to_owned()) && !now.contains(&"cm-20".to_owned()), "{now:?}");
     // resourceVersionMatch=Exact lists that same snapshot in one go.
-    let exact = cms.list(&ListParams::default().at(&versions[0]).matching(kube::api::VersionMatch::Exact)).await.unwrap();
+    let exact =
+        cms.list(&ListParams::default().at(&versions[0]).matching(kube::api::VersionMatch::Exact)).await.unwrap();
     assert_eq!(names_of(&exact.items), want);
 
     // Across all namespaces: every object once, in (namespace, name) order.
@@ -578,7 +681,9 @@ async fn chunked_lists_page_through_one_snapshot() {
             lp = lp.continue_token(t);
         }
         let page = all.list(&lp).await.unwrap();
-        everywhere.extend(page.items.iter().map(|o| (o.metadata.namespace.clone().unwrap(), o.metadata.name.clone().unwrap())));
+        everywhere.extend(
+            page.items.iter().map(|o| (o.metadata.namespace.clone().unwrap(), o.metadata.name.clone().unwrap())),
+        );
         token = page.metadata.continue_.filter(|t| !t.is_empty());
         if token.is_none() {
             break;
@@ -590,7 +695,13 @@ async fn chunked_lists_page_through_one_snapshot() {
     assert_eq!(everywhere, sorted);
     assert_eq!(everywhere.iter().filter(|(ns, _)| ns == "paging").count(), 25);
     // kube-runtime's watcher pages its initial list (500 by default; 4 here).
-    let objs: Vec<ConfigMap> = watcher(cms.clone(), watcher::Config::default().page_size(4)).default_backoff().applied_objects().take(25).try_collect().await.unwrap();
+    let objs: Vec<ConfigMap> = watcher(cms.clone(), watcher::Config::default().page_size(4))
+        .default_backoff()
+        .applied_objects()
+        .take(25)
+        .try_collect()
+        .await
+        .unwrap();
     let mut names = names_of(&objs);
     names.sort();
     assert_eq!(names.len(), 25);
@@ -642,21 +753,29 @@ async fn dry_runs_answer_like_writes_but_change_nothing() {
     assert!(pods.get_opt("dry-pod").await.unwrap().is_none());
 
     let real = cms.create(&PostParams::default(), &cm("real", json!({}))).await.unwrap();
-    let patched = cms.patch("real", &PatchParams::default().dry_run(), &Patch::Merge(json!({"data": {"k": "dry"}}))).await.unwrap();
+    let patched = cms
+        .patch("real", &PatchParams::default().dry_run(), &Patch::Merge(json!({"data": {"k": "dry"}})))
+        .await
+        .unwrap();
     assert_eq!(patched.data.unwrap()["k"], "dry");
     let mut replaced = real.clone();
     replaced.data = Some([("k".to_owned(), "replaced".to_owned())].into());
     assert_eq!(cms.replace("real", &dry, &replaced).await.unwrap().data.unwrap()["k"], "replaced");
     cms.delete("real", &DeleteParams { dry_run: true, ..DeleteParams::default() }).await.unwrap();
     let after = cms.get("real").await.unwrap();
-    assert_eq!((after.data.unwrap()["k"].as_str(), after.metadata.resource_version), ("v", real.metadata.resource_version));
+    assert_eq!(
+        (after.data.unwrap()["k"].as_str(), after.metadata.resource_version),
+        ("v", real.metadata.resource_version)
+    );
 
     // The watch saw the one real create and nothing from the dry runs.
     cms.create(&PostParams::default(), &cm("marker", json!({}))).await.unwrap();
     let mut seen = Vec::new();
     while seen.last().map(String::as_str) != Some("marker") {
         match events.try_next().await.unwrap().unwrap() {
-            WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => seen.push(o.metadata.name.unwrap()),
+            WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => {
+                seen.push(o.metadata.name.unwrap())
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -676,7 +795,8 @@ async fn dry_runs_answer_like_writes_but_change_nothing() {
 async fn server_side_apply_creates_merges_and_tracks_owners() {
     let c = cluster().await;
     let cms: Api<ConfigMap> = Api::default_namespaced(c.client().unwrap());
-    let applied = |data: Value| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa"}, "data": data});
+    let applied =
+        |data: Value| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa"}, "data": data});
     let ci = PatchParams::apply("ci");
 
     let created = cms.patch("ssa", &ci, &Patch::Apply(applied(json!({"a": "1", "b": "2"})))).await.unwrap();
@@ -687,13 +807,21 @@ async fn server_side_apply_creates_merges_and_tracks_owners() {
     cms.patch("ssa", &PatchParams::default(), &Patch::Merge(json!({"data": {"theirs": "x"}}))).await.unwrap();
     let second = cms.patch("ssa", &ci, &Patch::Apply(applied(json!({"a": "10"})))).await.unwrap();
     let data = second.data.unwrap();
-    assert_eq!((data.get("a").map(String::as_str), data.get("b"), data.get("theirs").map(String::as_str)), (Some("10"), None, Some("x")));
+    assert_eq!(
+        (data.get("a").map(String::as_str), data.get("b"), data.get("theirs").map(String::as_str)),
+        (Some("10"), None, Some("x"))
+    );
 
     // Another manager changing ci's field conflicts, unless it forces.
-    let err = api_error(cms.patch("ssa", &PatchParams::apply("other"), &Patch::Apply(applied(json!({"a": "20"})))).await.unwrap_err());
+    let err = api_error(
+        cms.patch("ssa", &PatchParams::apply("other"), &Patch::Apply(applied(json!({"a": "20"})))).await.unwrap_err(),
+    );
     assert_eq!((err.code, err.reason.as_str()), (409, "Conflict"), "{err:?}");
     assert!(err.message.contains("conflict with \"ci\"") && err.message.contains(".data.a"), "{}", err.message);
-    let forced = cms.patch("ssa", &PatchParams::apply("other").force(), &Patch::Apply(applied(json!({"a": "20"})))).await.unwrap();
+    let forced = cms
+        .patch("ssa", &PatchParams::apply("other").force(), &Patch::Apply(applied(json!({"a": "20"}))))
+        .await
+        .unwrap();
     assert_eq!(forced.data.unwrap()["a"], "20");
 
     let missing_manager = axum::http::Request::patch("/api/v1/namespaces/default/configmaps/ssa")
@@ -703,7 +831,13 @@ async fn server_side_apply_creates_merges_and_tracks_owners() {
     let err = api_error(c.client().unwrap().request_text(missing_manager).await.unwrap_err());
     assert_eq!((err.code, err.message.contains("fieldManager")), (422, true), "{err:?}");
     // A dry-run apply of a new object creates nothing.
-    cms.patch("ssa-dry", &PatchParams::apply("ci").dry_run(), &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa-dry"}}))).await.unwrap();
+    cms.patch(
+        "ssa-dry",
+        &PatchParams::apply("ci").dry_run(),
+        &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa-dry"}})),
+    )
+    .await
+    .unwrap();
     assert!(cms.get_opt("ssa-dry").await.unwrap().is_none());
     c.stop().await;
 }
@@ -719,18 +853,27 @@ async fn delete_answers_object_or_status_by_kind() {
     let made = cms.create(&PostParams::default(), &cm("gone", json!({}))).await.unwrap();
     let status = cms.delete("gone", &DeleteParams::default()).await.unwrap().right().expect("a Status for a configmap");
     let details = status.details.unwrap();
-    assert_eq!((details.name.as_str(), details.kind.as_str(), details.uid), ("gone", "configmaps", made.metadata.uid.unwrap()));
+    assert_eq!(
+        (details.name.as_str(), details.kind.as_str(), details.uid),
+        ("gone", "configmaps", made.metadata.uid.unwrap())
+    );
 
     let mut held = cm("held", json!({}));
     held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
     cms.create(&PostParams::default(), &held).await.unwrap();
-    let marked = cms.delete("held", &DeleteParams::default()).await.unwrap().left().expect("the object while a finalizer holds it");
+    let marked = cms
+        .delete("held", &DeleteParams::default())
+        .await
+        .unwrap()
+        .left()
+        .expect("the object while a finalizer holds it");
     assert!(marked.metadata.deletion_timestamp.is_some());
     cms.patch("held", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}}))).await.unwrap();
 
     let pods: Api<Pod> = Api::default_namespaced(client);
     pods.create(&PostParams::default(), &sleeper("quick")).await.unwrap();
-    let pod = pods.delete("quick", &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() }).await.unwrap();
+    let pod =
+        pods.delete("quick", &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() }).await.unwrap();
     assert!(pod.left().is_some(), "pods answer with the pod");
     c.stop().await;
 }

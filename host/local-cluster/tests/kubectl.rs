@@ -14,7 +14,8 @@ fn kubectl(c: &LocalCluster, args: &[&str]) -> String {
 
 fn kubectl_stdin(c: &LocalCluster, args: &[&str], stdin: Option<&str>) -> String {
     let out = kubectl_raw(c, args, stdin);
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(out.status.success(), "kubectl {args:?} failed ({}):\nstdout: {stdout}\nstderr: {stderr}", out.status);
     assert!(stderr.trim().is_empty(), "kubectl {args:?} printed to stderr: {stderr}");
     stdout
@@ -72,7 +73,9 @@ async fn kubectl_everyday_commands_work_without_warnings() {
     let row = table.lines().find(|l| l.starts_with("web ")).unwrap_or_else(|| panic!("no row for web in:\n{table}"));
     assert!(row.contains("1/1") && row.contains("Running"), "{table}");
     assert!(kubectl(&c, &["get", "pods", "-l", "app=web", "-o", "name"]).contains("pod/web"));
-    assert!(kubectl(&c, &["get", "pods", "--field-selector", "status.phase=Running", "-o", "name"]).contains("pod/web"));
+    assert!(
+        kubectl(&c, &["get", "pods", "--field-selector", "status.phase=Running", "-o", "name"]).contains("pod/web")
+    );
     assert!(kubectl(&c, &["get", "pods", "-A"]).contains("default"));
     let json: serde_json::Value = serde_json::from_str(&kubectl(&c, &["get", "pod", "web", "-o", "json"])).unwrap();
     assert_eq!(json["status"]["phase"], "Running");
@@ -115,7 +118,11 @@ async fn kubectl_everyday_commands_work_without_warnings() {
 #[tokio::test(flavor = "multi_thread")]
 async fn kubectl_reports_server_errors() {
     let c = cluster().await;
-    let invalid = kubectl_raw(&c, &["create", "-f", "-"], Some("apiVersion: v1\nkind: Pod\nmetadata: {name: bad}\nspec: {containers: []}\n"));
+    let invalid = kubectl_raw(
+        &c,
+        &["create", "-f", "-"],
+        Some("apiVersion: v1\nkind: Pod\nmetadata: {name: bad}\nspec: {containers: []}\n"),
+    );
     assert!(!invalid.status.success());
     let err = String::from_utf8_lossy(&invalid.stderr);
     assert!(err.contains("is invalid") && err.contains("spec.containers"), "{err}");
@@ -128,7 +135,9 @@ async fn kubectl_reports_server_errors() {
 #[tokio::test(flavor = "multi_thread")]
 async fn kubectl_chunked_get_returns_every_object() {
     let c = cluster().await;
-    let many: String = (0..10).map(|i| format!("---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: chunk-{i}}}\ndata: {{i: \"{i}\"}}\n")).collect();
+    let many: String = (0..10)
+        .map(|i| format!("---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: chunk-{i}}}\ndata: {{i: \"{i}\"}}\n"))
+        .collect();
     kubectl_stdin(&c, &["create", "-f", "-"], Some(&many));
     let table = kubectl(&c, &["get", "cm", "--chunk-size=3"]);
     for i in 0..10 {
@@ -147,14 +156,24 @@ async fn kubectl_chunked_get_returns_every_object() {
 #[tokio::test(flavor = "multi_thread")]
 async fn kubectl_server_dry_run_changes_nothing() {
     let c = cluster().await;
-    assert_eq!(kubectl_stdin(&c, &["create", "--dry-run=server", "-f", "-"], Some(CONFIGMAP)).trim(), "configmap/settings created (server dry run)");
+    assert_eq!(
+        kubectl_stdin(&c, &["create", "--dry-run=server", "-f", "-"], Some(CONFIGMAP)).trim(),
+        "configmap/settings created (server dry run)"
+    );
     let missing = kubectl_raw(&c, &["get", "configmap", "settings"], None);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("NotFound"), "{missing:?}");
     kubectl_stdin(&c, &["create", "-f", "-"], Some(CONFIGMAP));
     assert!(kubectl(&c, &["label", "configmap", "settings", "tier=x", "--dry-run=server"]).contains("labeled"));
-    assert_eq!(kubectl(&c, &["delete", "configmap", "settings", "--dry-run=server"]).trim(), "configmap \"settings\" deleted (server dry run)");
-    assert!(kubectl(&c, &["delete", "configmaps", "--all", "--dry-run=server"]).contains("configmap \"settings\" deleted (server dry run)"));
-    let json: serde_json::Value = serde_json::from_str(&kubectl(&c, &["get", "configmap", "settings", "-o", "json"])).unwrap();
+    assert_eq!(
+        kubectl(&c, &["delete", "configmap", "settings", "--dry-run=server"]).trim(),
+        "configmap \"settings\" deleted (server dry run)"
+    );
+    assert!(
+        kubectl(&c, &["delete", "configmaps", "--all", "--dry-run=server"])
+            .contains("configmap \"settings\" deleted (server dry run)")
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&kubectl(&c, &["get", "configmap", "settings", "-o", "json"])).unwrap();
     assert!(json["metadata"].get("labels").is_none(), "{json}");
     assert!(json["metadata"].get("deletionTimestamp").is_none(), "{json}");
     c.stop().await;
@@ -165,23 +184,47 @@ async fn kubectl_apply_server_side_and_client_side() {
     let c = cluster().await;
     let applied = |mode: &str| CONFIGMAP.replace("name: settings", "name: applied").replace("fast", mode);
     for mode in ["fast", "fast", "safe"] {
-        assert_eq!(kubectl_stdin(&c, &["apply", "--server-side", "-f", "-"], Some(&applied(mode))).trim(), "configmap/applied serverside-applied");
+        assert_eq!(
+            kubectl_stdin(&c, &["apply", "--server-side", "-f", "-"], Some(&applied(mode))).trim(),
+            "configmap/applied serverside-applied"
+        );
         assert_eq!(kubectl(&c, &["get", "configmap", "applied", "-o", "jsonpath={.data.mode}"]), mode);
     }
-    let managers = kubectl(&c, &["get", "configmap", "applied", "--show-managed-fields", "-o", "jsonpath={.metadata.managedFields[*].manager}"]);
+    let managers = kubectl(
+        &c,
+        &[
+            "get",
+            "configmap",
+            "applied",
+            "--show-managed-fields",
+            "-o",
+            "jsonpath={.metadata.managedFields[*].manager}",
+        ],
+    );
     assert_eq!(managers, "kubectl");
-    let conflict = kubectl_raw(&c, &["apply", "--server-side", "--field-manager=other", "-f", "-"], Some(&applied("slow")));
+    let conflict =
+        kubectl_raw(&c, &["apply", "--server-side", "--field-manager=other", "-f", "-"], Some(&applied("slow")));
     assert!(!conflict.status.success());
     let err = String::from_utf8_lossy(&conflict.stderr);
     assert!(err.contains("conflict") && err.contains(".data.mode"), "{err}");
-    kubectl_stdin(&c, &["apply", "--server-side", "--field-manager=other", "--force-conflicts", "-f", "-"], Some(&applied("slow")));
+    kubectl_stdin(
+        &c,
+        &["apply", "--server-side", "--field-manager=other", "--force-conflicts", "-f", "-"],
+        Some(&applied("slow")),
+    );
     assert_eq!(kubectl(&c, &["get", "configmap", "applied", "-o", "jsonpath={.data.mode}"]), "slow");
     // A pod created by apply runs; re-applying it (containers merged by name) changes nothing.
     let rv = || kubectl(&c, &["get", "pod", "web", "-o", "jsonpath={.metadata.resourceVersion}"]);
-    assert_eq!(kubectl_stdin(&c, &["apply", "--server-side", "-f", "-"], Some(POD)).trim(), "pod/web serverside-applied");
+    assert_eq!(
+        kubectl_stdin(&c, &["apply", "--server-side", "-f", "-"], Some(POD)).trim(),
+        "pod/web serverside-applied"
+    );
     assert!(kubectl(&c, &["wait", "--for=condition=Ready", "pod/web", "--timeout=120s"]).contains("condition met"));
     let before = rv();
-    assert_eq!(kubectl_stdin(&c, &["apply", "--server-side", "-f", "-"], Some(POD)).trim(), "pod/web serverside-applied");
+    assert_eq!(
+        kubectl_stdin(&c, &["apply", "--server-side", "-f", "-"], Some(POD)).trim(),
+        "pod/web serverside-applied"
+    );
     assert_eq!(rv(), before, "an identical apply is a no-op");
 
     // Client-side apply: create, change a key and drop another (three-way merge on the

@@ -9,9 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
-use local_cluster::node::{
-    AttachRequest, ExecRequest, ExitStatus, LogOptions, Node, NodeConfig, ResolvedVolumes,
-};
+use local_cluster::node::{AttachRequest, ExecRequest, ExitStatus, LogOptions, Node, NodeConfig, ResolvedVolumes};
 use tokio::sync::watch;
 
 struct Fixture {
@@ -96,25 +94,28 @@ async fn collect(rx: &mut Option<tokio::sync::mpsc::Receiver<Bytes>>) -> String 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_share_an_empty_dir_and_see_config_map_and_secret_files() {
     let mut f = fixture();
-    let p = pod("u1", serde_json::json!({
-        "restartPolicy": "Never",
-        "volumes": [
-            {"name": "shared", "emptyDir": {}},
-            {"name": "cfg", "configMap": {"name": "cm", "items": [{"key": "greeting", "path": "sub/hello.txt"}]}},
-            {"name": "sec", "secret": {"secretName": "s", "defaultMode": 0o400}}
-        ],
-        "containers": [
-            {"name": "writer", "image": "alpine", "command": ["sh", "-c", "echo from-writer > /shared/x; sleep 0.2"],
-             "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]},
-            {"name": "reader", "image": "alpine",
-             "command": ["sh", "-c", "while [ ! -s /data/x ]; do sleep 0.05; done; cat /data/x; cat /cfg/sub/hello.txt; echo; stat -c %a /sec/token; cat /sec/token; echo; echo $MY_POD $APP; pwd; touch /etc/nope 2>/dev/null || echo ro-root"],
-             "workingDir": "/work/dir",
-             "env": [{"name": "MY_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                     {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}}],
-             "volumeMounts": [{"name": "shared", "mountPath": "/data"}, {"name": "cfg", "mountPath": "/cfg"},
-                              {"name": "sec", "mountPath": "/sec"}]}
-        ]
-    }));
+    let p = pod(
+        "u1",
+        serde_json::json!({
+            "restartPolicy": "Never",
+            "volumes": [
+                {"name": "shared", "emptyDir": {}},
+                {"name": "cfg", "configMap": {"name": "cm", "items": [{"key": "greeting", "path": "sub/hello.txt"}]}},
+                {"name": "sec", "secret": {"secretName": "s", "defaultMode": 0o400}}
+            ],
+            "containers": [
+                {"name": "writer", "image": "alpine", "command": ["sh", "-c", "echo from-writer > /shared/x; sleep 0.2"],
+                 "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]},
+                {"name": "reader", "image": "alpine",
+                 "command": ["sh", "-c", "while [ ! -s /data/x ]; do sleep 0.05; done; cat /data/x; cat /cfg/sub/hello.txt; echo; stat -c %a /sec/token; cat /sec/token; echo; echo $MY_POD $APP; pwd; touch /etc/nope 2>/dev/null || echo ro-root"],
+                 "workingDir": "/work/dir",
+                 "env": [{"name": "MY_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                         {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}}],
+                 "volumeMounts": [{"name": "shared", "mountPath": "/data"}, {"name": "cfg", "mountPath": "/cfg"},
+                                  {"name": "sec", "mountPath": "/sec"}]}
+            ]
+        }),
+    );
     let mut data = ResolvedVolumes::new();
     data.insert("cfg".into(), [("greeting".to_string(), b"hello".to_vec())].into_iter().collect());
     data.insert("sec".into(), [("token".to_string(), b"t0k".to_vec())].into_iter().collect());
@@ -133,10 +134,13 @@ async fn containers_share_an_empty_dir_and_see_config_map_and_secret_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_reports_exit_codes_and_runs_in_the_container() {
     let mut f = fixture();
-    let p = pod("u2", serde_json::json!({
-        "containers": [{"name": "c", "image": "alpine", "command": ["sh", "-c", "echo $$$$ > /tmp/pid1; sleep 1000"],
-                        "workingDir": "/tmp", "env": [{"name": "FOO", "value": "bar"}]}]
-    }));
+    let p = pod(
+        "u2",
+        serde_json::json!({
+            "containers": [{"name": "c", "image": "alpine", "command": ["sh", "-c", "echo $$$$ > /tmp/pid1; sleep 1000"],
+                            "workingDir": "/tmp", "env": [{"name": "FOO", "value": "bar"}]}]
+        }),
+    );
     f.node.run_pod(p, ResolvedVolumes::new());
     f.wait_phase("u2", "Running").await;
     let req = |cmd: &str| ExecRequest {
@@ -175,17 +179,17 @@ async fn exec_reports_exit_codes_and_runs_in_the_container() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_writes_to_stdin_and_reads_live_output() {
     let mut f = fixture();
-    let p = pod("u3", serde_json::json!({
-        "restartPolicy": "Never",
-        "containers": [{"name": "c", "image": "alpine", "command": ["sh"], "stdin": true, "stdinOnce": true}]
-    }));
+    let p = pod(
+        "u3",
+        serde_json::json!({
+            "restartPolicy": "Never",
+            "containers": [{"name": "c", "image": "alpine", "command": ["sh"], "stdin": true, "stdinOnce": true}]
+        }),
+    );
     f.node.run_pod(p, ResolvedVolumes::new());
     f.wait_phase("u3", "Running").await;
-    let mut s = f
-        .node
-        .attach("u3", "c", AttachRequest { stdin: true, stdout: true, stderr: true, tty: false })
-        .await
-        .unwrap();
+    let mut s =
+        f.node.attach("u3", "c", AttachRequest { stdin: true, stdout: true, stderr: true, tty: false }).await.unwrap();
     let stdin = s.stdin.take().unwrap();
     stdin.send(Bytes::from_static(b"echo attached-$((6*7))\n")).await.unwrap();
     let mut out = s.stdout.take().unwrap();
@@ -204,22 +208,28 @@ async fn attach_writes_to_stdin_and_reads_live_output() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_containers_run_first_and_restart_policy_on_failure_restarts() {
     let mut f = fixture();
-    let p = pod("u4", serde_json::json!({
-        "restartPolicy": "OnFailure",
-        "volumes": [{"name": "w", "emptyDir": {}}],
-        "initContainers": [{"name": "init", "image": "alpine", "command": ["sh", "-c", "echo init > /w/order"],
-                            "volumeMounts": [{"name": "w", "mountPath": "/w"}]}],
-        "containers": [{"name": "c", "image": "alpine",
-                        "command": ["sh", "-c", "echo run >> /w/order; [ $(wc -l < /w/order) -ge 3 ]"],
-                        "volumeMounts": [{"name": "w", "mountPath": "/w"}]}]
-    }));
+    let p = pod(
+        "u4",
+        serde_json::json!({
+            "restartPolicy": "OnFailure",
+            "volumes": [{"name": "w", "emptyDir": {}}],
+            "initContainers": [{"name": "init", "image": "alpine", "command": ["sh", "-c", "echo init > /w/order"],
+                                "volumeMounts": [{"name": "w", "mountPath": "/w"}]}],
+            "containers": [{"name": "c", "image": "alpine",
+                            "command": ["sh", "-c", "echo run >> /w/order; [ $(wc -l < /w/order) -ge 3 ]"],
+                            "volumeMounts": [{"name": "w", "mountPath": "/w"}]}]
+        }),
+    );
     f.node.run_pod(p, ResolvedVolumes::new());
     // Fails once (2 lines), restarts immediately, succeeds (3 lines).
     let st = f.wait_phase("u4", "Succeeded").await;
     let cs = &st.container_statuses.as_ref().unwrap()[0];
     assert_eq!(cs.restart_count, 1);
     assert_eq!(cs.last_state.as_ref().unwrap().terminated.as_ref().unwrap().exit_code, 1);
-    assert_eq!(st.init_container_statuses.as_ref().unwrap()[0].state.as_ref().unwrap().terminated.as_ref().unwrap().exit_code, 0);
+    assert_eq!(
+        st.init_container_statuses.as_ref().unwrap()[0].state.as_ref().unwrap().terminated.as_ref().unwrap().exit_code,
+        0
+    );
     let prev = f.logs("u4", "c", LogOptions { previous: true, ..Default::default() }).await;
     assert_eq!(prev, "");
     f.node.shutdown().await;
@@ -228,13 +238,14 @@ async fn init_containers_run_first_and_restart_policy_on_failure_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unavailable_images_back_off() {
     let mut f = fixture_with(vec!["registry.example/missing:1".into()]);
-    let p = pod("u5", serde_json::json!({
-        "containers": [{"name": "c", "image": "registry.example/missing:1"}]
-    }));
+    let p = pod(
+        "u5",
+        serde_json::json!({
+            "containers": [{"name": "c", "image": "registry.example/missing:1"}]
+        }),
+    );
     f.node.run_pod(p, ResolvedVolumes::new());
-    let reason = |s: &PodStatus| {
-        s.container_statuses.as_ref()?[0].state.as_ref()?.waiting.as_ref()?.reason.clone()
-    };
+    let reason = |s: &PodStatus| s.container_statuses.as_ref()?[0].state.as_ref()?.waiting.as_ref()?.reason.clone();
     f.wait_for("u5", "ErrImagePull", |s| reason(s).as_deref() == Some("ErrImagePull")).await;
     let st = f.wait_for("u5", "ImagePullBackOff", |s| reason(s).as_deref() == Some("ImagePullBackOff")).await;
     assert_eq!(st.phase.as_deref(), Some("Pending"));
@@ -248,12 +259,15 @@ async fn memory_limit_is_enforced_as_oom_killed() {
         return;
     }
     let mut f = fixture();
-    let p = pod("u6", serde_json::json!({
-        "restartPolicy": "Never",
-        "containers": [{"name": "c", "image": "alpine",
-            "command": ["sh", "-c", "x=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa; while true; do x=$x$x; done"],
-            "resources": {"limits": {"memory": "32Mi"}}}]
-    }));
+    let p = pod(
+        "u6",
+        serde_json::json!({
+            "restartPolicy": "Never",
+            "containers": [{"name": "c", "image": "alpine",
+                "command": ["sh", "-c", "x=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa; while true; do x=$x$x; done"],
+                "resources": {"limits": {"memory": "32Mi"}}}]
+        }),
+    );
     f.node.run_pod(p, ResolvedVolumes::new());
     let st = f.wait_phase("u6", "Failed").await;
     assert_eq!(terminated(&st, "c"), Some((137, "OOMKilled".into())));
@@ -268,17 +282,21 @@ async fn cpu_limits_are_cfs_quotas_and_requests_are_shares_in_cgroups_that_go_aw
     }
     let mut f = fixture();
     assert!(f.node.cpu_limits_enforced(), "root can make cpu cgroups here");
-    let p = pod("cpu1", serde_json::json!({
-        "containers": [
-            {"name": "busy", "image": "alpine", "command": ["sh", "-c", "while :; do :; done"],
-             "resources": {"limits": {"cpu": "100m"}}},
-            {"name": "idle", "image": "alpine", "command": ["sleep", "1000"],
-             "resources": {"requests": {"cpu": "0.25"}}}
-        ]
-    }));
+    let p = pod(
+        "cpu1",
+        serde_json::json!({
+            "containers": [
+                {"name": "busy", "image": "alpine", "command": ["sh", "-c", "while :; do :; done"],
+                 "resources": {"limits": {"cpu": "100m"}}},
+                {"name": "idle", "image": "alpine", "command": ["sleep", "1000"],
+                 "resources": {"requests": {"cpu": "0.25"}}}
+            ]
+        }),
+    );
     f.node.run_pod(p, ResolvedVolumes::new());
     f.wait_for("cpu1", "both containers running", |s| {
-        s.container_statuses.iter().flatten().filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some())).count() == 2
+        s.container_statuses.iter().flatten().filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some())).count()
+            == 2
     })
     .await;
     let cgroups = common::node_cpu_cgroups(&f.node.pod_processes("cpu1"));
@@ -302,11 +320,14 @@ async fn cpu_limits_are_cfs_quotas_and_requests_are_shares_in_cgroups_that_go_aw
 
     // A container that ends takes its cgroup with it (it was in it: it printed it).
     let node_dir = busy.parent().unwrap().to_path_buf();
-    let p = pod("cpu2", serde_json::json!({
-        "restartPolicy": "Never",
-        "containers": [{"name": "c", "image": "alpine", "command": ["cat", "/proc/self/cgroup"],
-                        "resources": {"limits": {"cpu": "2"}}}]
-    }));
+    let p = pod(
+        "cpu2",
+        serde_json::json!({
+            "restartPolicy": "Never",
+            "containers": [{"name": "c", "image": "alpine", "command": ["cat", "/proc/self/cgroup"],
+                            "resources": {"limits": {"cpu": "2"}}}]
+        }),
+    );
     f.node.run_pod(p, ResolvedVolumes::new());
     f.wait_phase("cpu2", "Succeeded").await;
     let out = f.logs("cpu2", "c", LogOptions::default()).await;
@@ -325,15 +346,22 @@ async fn cpu_limits_are_cfs_quotas_and_requests_are_shares_in_cgroups_that_go_aw
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unparsable_cpu_quantity_is_a_config_error_naming_it() {
     let mut f = fixture();
-    let p = pod("cpu3", serde_json::json!({
-        "containers": [{"name": "c", "image": "alpine", "command": ["true"],
-                        "resources": {"requests": {"cpu": "1.5.0"}}}]
-    }));
+    let p = pod(
+        "cpu3",
+        serde_json::json!({
+            "containers": [{"name": "c", "image": "alpine", "command": ["true"],
+                            "resources": {"requests": {"cpu": "1.5.0"}}}]
+        }),
+    );
     f.node.run_pod(p, ResolvedVolumes::new());
-    let st = f.wait_for("cpu3", "a waiting reason", |s| {
-        s.container_statuses.iter().flatten().any(|c| c.state.as_ref().is_some_and(|s| s.waiting.as_ref().is_some_and(|w| w.message.is_some())))
-    })
-    .await;
+    let st = f
+        .wait_for("cpu3", "a waiting reason", |s| {
+            s.container_statuses
+                .iter()
+                .flatten()
+                .any(|c| c.state.as_ref().is_some_and(|s| s.waiting.as_ref().is_some_and(|w| w.message.is_some())))
+        })
+        .await;
     let w = st.container_statuses.unwrap()[0].state.clone().unwrap().waiting.unwrap();
     assert_eq!(w.reason.as_deref(), Some("CreateContainerConfigError"));
     assert_eq!(w.message.as_deref(), Some(r#"container c: invalid requests.cpu "1.5.0""#));
@@ -347,16 +375,18 @@ fn rustix_is_root() -> bool {
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_outlives_a_dropped_node() {
     let mut f = fixture();
     let marker = format!("keel-marker-{}", std::process::id());
     for uid in ["d1", "d2"] {
-        let p = pod(uid, serde_json::json!({
-            "containers": [{"name": "c", "image": "alpine", "command": ["sh", "-c", "sleep 1000 & sleep 1000"],
-                            "env": [{"name": "KEEL_TEST_MARKER", "value": marker}]}]
-        }));
+        let p = pod(
+            uid,
+            serde_json::json!({
+                "containers": [{"name": "c", "image": "alpine", "command": ["sh", "-c", "sleep 1000 & sleep 1000"],
+                                "env": [{"name": "KEEL_TEST_MARKER", "value": marker}]}]
+            }),
+        );
         f.node.run_pod(p, ResolvedVolumes::new());
         f.wait_phase(uid, "Running").await;
     }
@@ -385,22 +415,26 @@ async fn nothing_outlives_a_dropped_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_have_their_own_network_and_containers_share_it() {
     let mut f = fixture();
-    let server = "import http.server as h; h.HTTPServer(('127.0.0.1', 18931), h.SimpleHTTPRequestHandler).serve_forever()";
+    let server =
+        "import http.server as h; h.HTTPServer(('127.0.0.1', 18931), h.SimpleHTTPRequestHandler).serve_forever()";
     let client = "import urllib.request as u, time\n\
                   for _ in range(200):\n\
                   \x20   try:\n\
                   \x20       print(u.urlopen('http://127.0.0.1:18931/').status); break\n\
                   \x20   except OSError: time.sleep(0.05)\n";
-    let p = pod("n1", serde_json::json!({
-        "restartPolicy": "Never",
-        "shareProcessNamespace": true,
-        "containers": [
-            {"name": "server", "image": "alpine", "command": ["python3", "-c", server], "workingDir": "/tmp"},
-            // The /proc of the shared PID namespace, not the host's: PID 1 is the pod's.
-            {"name": "client", "image": "alpine", "command": ["sh", "-c", format!("python3 -c \"{client}\"; ps -e -o comm= | sort | tr '\\n' ' '; \
-                [ $(readlink /proc/1/ns/pid) = $(readlink /proc/self/ns/pid) ] && echo own-proc")]}
-        ]
-    }));
+    let p = pod(
+        "n1",
+        serde_json::json!({
+            "restartPolicy": "Never",
+            "shareProcessNamespace": true,
+            "containers": [
+                {"name": "server", "image": "alpine", "command": ["python3", "-c", server], "workingDir": "/tmp"},
+                // The /proc of the shared PID namespace, not the host's: PID 1 is the pod's.
+                {"name": "client", "image": "alpine", "command": ["sh", "-c", format!("python3 -c \"{client}\"; ps -e -o comm= | sort | tr '\\n' ' '; \
+                    [ $(readlink /proc/1/ns/pid) = $(readlink /proc/self/ns/pid) ] && echo own-proc")]}
+            ]
+        }),
+    );
     f.node.run_pod(p, ResolvedVolumes::new());
     f.wait_for("n1", "client done", |s| terminated(s, "client").is_some()).await;
     let out = f.logs("n1", "client", LogOptions::default()).await;
@@ -417,10 +451,13 @@ async fn pods_have_their_own_network_and_containers_share_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_policy_always_restarts_then_backs_off() {
     let mut f = fixture();
-    let p = pod("r1", serde_json::json!({
-        "restartPolicy": "Always",
-        "containers": [{"name": "c", "image": "alpine", "command": ["sh", "-c", "echo run; exit 2"]}]
-    }));
+    let p = pod(
+        "r1",
+        serde_json::json!({
+            "restartPolicy": "Always",
+            "containers": [{"name": "c", "image": "alpine", "command": ["sh", "-c", "echo run; exit 2"]}]
+        }),
+    );
     f.node.run_pod(p, ResolvedVolumes::new());
     let st = f
         .wait_for("r1", "CrashLoopBackOff", |s| {
@@ -443,7 +480,21 @@ async fn exec_with_a_tty_gets_a_terminal_and_resizes() {
     f.wait_phase("t1", "Running").await;
     let mut s = f
         .node
-        .exec("t1", "c", ExecRequest { command: vec!["sh".into(), "-c".into(), "read line; [ -t 0 ] && [ -t 1 ] && echo is-a-$((1+1))tty; stty size; exit 5".into()], stdin: true, stdout: true, tty: true, ..Default::default() })
+        .exec(
+            "t1",
+            "c",
+            ExecRequest {
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "read line; [ -t 0 ] && [ -t 1 ] && echo is-a-$((1+1))tty; stty size; exit 5".into(),
+                ],
+                stdin: true,
+                stdout: true,
+                tty: true,
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     s.resize.as_ref().unwrap().send(local_cluster::node::TerminalSize { width: 123, height: 45 }).await.unwrap();

@@ -16,12 +16,7 @@ async fn cluster() -> LocalCluster {
 }
 
 fn kubectl(c: &LocalCluster, args: &[&str]) -> Output {
-    Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(c.kubeconfig_path())
-        .args(args)
-        .output()
-        .expect("kubectl runs")
+    Command::new("kubectl").arg("--kubeconfig").arg(c.kubeconfig_path()).args(args).output().expect("kubectl runs")
 }
 
 async fn create(c: &LocalCluster, pod: serde_json::Value) -> Pod {
@@ -37,9 +32,7 @@ async fn create(c: &LocalCluster, pod: serde_json::Value) -> Pod {
 }
 
 fn is_running() -> impl kube::runtime::wait::Condition<Pod> {
-    |p: Option<&Pod>| {
-        p.and_then(|p| p.status.as_ref()?.phase.as_deref()).is_some_and(|ph| ph == "Running")
-    }
+    |p: Option<&Pod>| p.and_then(|p| p.status.as_ref()?.phase.as_deref()).is_some_and(|ph| ph == "Running")
 }
 
 fn sleeper(name: &str, extra: serde_json::Value) -> serde_json::Value {
@@ -80,10 +73,8 @@ async fn kube_rs_attach_writes_a_command_and_reads_its_output() {
     let c = cluster().await;
     create(&c, sleeper("att", serde_json::json!({"command": ["sh"], "stdin": true}))).await;
     let api: Api<Pod> = Api::default_namespaced(c.client().unwrap());
-    let mut attached = api
-        .attach("att", &AttachParams::default().stdin(true).stdout(true).stderr(false))
-        .await
-        .expect("attach");
+    let mut attached =
+        api.attach("att", &AttachParams::default().stdin(true).stdout(true).stderr(false)).await.expect("attach");
     let mut stdin = attached.stdin().unwrap();
     let mut stdout = attached.stdout().unwrap();
     stdin.write_all(b"echo hello-from-$((40+2))\n").await.unwrap();
@@ -121,7 +112,6 @@ async fn kubectl_logs_follow_reads_to_the_end() {
     assert_eq!(rest, "line 5\n");
     c.stop().await;
 }
-
 
 async fn eventually_none(marker: &str) -> Vec<u32> {
     let mut left = common::processes_mentioning(marker);
@@ -240,7 +230,10 @@ async fn cpu_limit_through_the_api_throttles_and_leaves_no_cgroup() {
     let pod = create(&c, sleeper("busy", busy)).await;
     let uid = pod.metadata.uid.unwrap();
     let cgroups = common::node_cpu_cgroups(&c.node().pod_processes(&uid));
-    let dir = cgroups.get(&format!("{uid}-c-0")).unwrap_or_else(|| panic!("no cpu cgroup for the container: {cgroups:?}")).clone();
+    let dir = cgroups
+        .get(&format!("{uid}-c-0"))
+        .unwrap_or_else(|| panic!("no cpu cgroup for the container: {cgroups:?}"))
+        .clone();
     assert_eq!(common::cpu_quota(&dir), (10_000, 100_000));
     assert!(common::until_throttled(&dir).await > 0);
     // A pod without CPU resources gets no cgroup, so no quota either.
@@ -265,7 +258,8 @@ async fn cpu_limit_through_the_api_throttles_and_leaves_no_cgroup() {
 #[tokio::test(flavor = "multi_thread")]
 async fn running_pods_keep_their_qos_class() {
     let c = cluster().await;
-    let equal = serde_json::json!({"limits": {"cpu": "200m", "memory": "64Mi"}, "requests": {"cpu": "200m", "memory": "64Mi"}});
+    let equal =
+        serde_json::json!({"limits": {"cpu": "200m", "memory": "64Mi"}, "requests": {"cpu": "200m", "memory": "64Mi"}});
     let api: Api<Pod> = Api::default_namespaced(c.client().unwrap());
     for (name, resources, qos) in [
         ("guaranteed", equal, "Guaranteed"),

@@ -63,8 +63,12 @@ async fn files_and_kubeconfig_carry_the_ca_and_never_skip_verification() {
     let ca_pem = c.ca_pem().expect("a TLS cluster has a CA");
     assert_eq!(c.ca_path(), Some(c.data_dir().join("ca.crt").as_path()));
     assert_eq!(std::fs::read_to_string(c.data_dir().join("ca.crt")).unwrap(), ca_pem);
-    assert!(std::fs::read_to_string(c.data_dir().join("server.crt")).unwrap().starts_with("-----BEGIN CERTIFICATE-----"));
-    let key_mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(c.data_dir().join("server.key")).unwrap().permissions());
+    assert!(
+        std::fs::read_to_string(c.data_dir().join("server.crt")).unwrap().starts_with("-----BEGIN CERTIFICATE-----")
+    );
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(c.data_dir().join("server.key")).unwrap().permissions(),
+    );
     assert_eq!(key_mode & 0o777, 0o600);
 
     let text = std::fs::read_to_string(c.kubeconfig_path()).unwrap();
@@ -72,7 +76,9 @@ async fn files_and_kubeconfig_carry_the_ca_and_never_skip_verification() {
     let doc: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
     let cluster = &doc["clusters"][0]["cluster"];
     assert_eq!(cluster["server"], c.url());
-    let ca_data = base64::engine::general_purpose::STANDARD.decode(cluster["certificate-authority-data"].as_str().unwrap()).unwrap();
+    let ca_data = base64::engine::general_purpose::STANDARD
+        .decode(cluster["certificate-authority-data"].as_str().unwrap())
+        .unwrap();
     assert_eq!(String::from_utf8(ca_data).unwrap(), ca_pem);
     // No token: a client certificate names the user, so kubectl does not prompt for one.
     let user = &doc["users"][0]["user"];
@@ -92,10 +98,13 @@ async fn kube_rs_creates_watches_execs_and_reads_logs_over_tls() {
     let c = tls_cluster().await;
     let pods: Api<Pod> = Api::default_namespaced(c.client().unwrap());
     pods.create(&PostParams::default(), &talker("talker")).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(120), await_condition(pods.clone(), "talker", conditions::is_pod_running()))
-        .await
-        .expect("pod running in time")
-        .expect("watch works over TLS");
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        await_condition(pods.clone(), "talker", conditions::is_pod_running()),
+    )
+    .await
+    .expect("pod running in time")
+    .expect("watch works over TLS");
 
     // exec: a WebSocket upgrade on the TLS connection, with the exit code in the final status.
     let ap = AttachParams::default().stdin(false).stdout(true).stderr(true);
@@ -114,7 +123,8 @@ async fn kube_rs_creates_watches_execs_and_reads_logs_over_tls() {
 
     // Logs, whole and followed.
     assert_eq!(pods.logs("talker", &LogParams::default()).await.unwrap(), "hello over tls\n");
-    let mut follow = pods.log_stream("talker", &LogParams { follow: true, ..LogParams::default() }).await.unwrap().lines();
+    let mut follow =
+        pods.log_stream("talker", &LogParams { follow: true, ..LogParams::default() }).await.unwrap().lines();
     assert_eq!(futures::TryStreamExt::try_next(&mut follow).await.unwrap().as_deref(), Some("hello over tls"));
     drop(follow);
 
@@ -135,7 +145,11 @@ async fn kubectl_works_over_tls_without_warnings() {
     let c = tls_cluster().await;
     assert!(kubectl(&c, &["get", "ns"]).contains("default"));
     assert_eq!(
-        kubectl(&c, &["run", "web", "--image=busybox", "--command", "--", "sh", "-c", "echo hello over tls; exec sleep 3600"]).trim(),
+        kubectl(
+            &c,
+            &["run", "web", "--image=busybox", "--command", "--", "sh", "-c", "echo hello over tls; exec sleep 3600"]
+        )
+        .trim(),
         "pod/web created"
     );
     assert!(kubectl(&c, &["wait", "--for=condition=Ready", "pod/web", "--timeout=120s"]).contains("condition met"));
@@ -188,7 +202,8 @@ async fn clients_that_do_not_trust_the_ca_are_refused() {
     let c = tls_cluster().await;
 
     // kubectl with the cluster's kubeconfig minus its CA data: Go's verifier rejects the server.
-    let mut doc: serde_json::Value = serde_yaml_ng::from_str(&std::fs::read_to_string(c.kubeconfig_path()).unwrap()).unwrap();
+    let mut doc: serde_json::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(c.kubeconfig_path()).unwrap()).unwrap();
     doc["clusters"][0]["cluster"].as_object_mut().unwrap().remove("certificate-authority-data").unwrap();
     let untrusting = c.data_dir().join("kubeconfig-without-ca");
     std::fs::write(&untrusting, serde_yaml_ng::to_string(&doc).unwrap()).unwrap();
@@ -199,7 +214,8 @@ async fn clients_that_do_not_trust_the_ca_are_refused() {
 
     // The other way round: a client certificate some other CA issued is refused by the server.
     let stranger = rcgen::generate_simple_self_signed(vec!["stranger".to_owned()]).unwrap();
-    let mut doc: serde_json::Value = serde_yaml_ng::from_str(&std::fs::read_to_string(c.kubeconfig_path()).unwrap()).unwrap();
+    let mut doc: serde_json::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(c.kubeconfig_path()).unwrap()).unwrap();
     let b64 = |pem: String| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pem);
     doc["users"][0]["user"]["client-certificate-data"] = json!(b64(stranger.cert.pem()));
     doc["users"][0]["user"]["client-key-data"] = json!(b64(stranger.signing_key.serialize_pem()));
@@ -244,7 +260,12 @@ async fn tls_and_bearer_token_together() {
     assert!(kubectl(&c, &["get", "ns", "default", "-o", "name"]).contains("namespace/default"));
     // The token is the credential; no client key is written beside it.
     let text = std::fs::read_to_string(c.kubeconfig_path()).unwrap();
-    assert!(text.contains("token: t0ken") && text.contains("certificate-authority-data") && !text.contains("client-key-data"), "{text}");
+    assert!(
+        text.contains("token: t0ken")
+            && text.contains("certificate-authority-data")
+            && !text.contains("client-key-data"),
+        "{text}"
+    );
 
     // The cluster's kubeconfig read by kube-rs (CA from certificate-authority-data), minus the token.
     let mut kc = kube::config::Kubeconfig::read_from(c.kubeconfig_path()).unwrap();
@@ -254,7 +275,10 @@ async fn tls_and_bearer_token_together() {
     let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.unwrap();
     let tokenless = kube::Client::try_from(cfg).unwrap();
     match Api::<Namespace>::all(tokenless).get("default").await.unwrap_err() {
-        kube::Error::Api(s) => assert_eq!((s.code, s.reason.as_str(), s.status), (401, "Unauthorized", Some(kube::core::response::StatusSummary::Failure))),
+        kube::Error::Api(s) => assert_eq!(
+            (s.code, s.reason.as_str(), s.status),
+            (401, "Unauthorized", Some(kube::core::response::StatusSummary::Failure))
+        ),
         other => panic!("expected a 401 Status, got {other:?}"),
     }
     c.stop().await;
@@ -318,7 +342,10 @@ async fn malformed_input_on_the_plain_port_does_not_hurt_the_server() {
     assert!(reply.starts_with("HTTP/1.1 400 Bad Request"), "{reply:?}");
     let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     assert!(String::from_utf8_lossy(&exchange(addr, &noise).await).starts_with("HTTP/1.1 400 Bad Request"));
-    let version = String::from_utf8(exchange(addr, b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await).unwrap();
+    let version = String::from_utf8(
+        exchange(addr, b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await,
+    )
+    .unwrap();
     assert!(version.starts_with("HTTP/1.1 200 OK\r\n") && version.contains("gitVersion"), "{version}");
     c.stop().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "the port still accepts after stop");

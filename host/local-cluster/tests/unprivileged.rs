@@ -77,7 +77,12 @@ fn start_without_user_namespaces() {
     let err = Node::new(cfg, Arc::new(|_: &str, _: PodStatus| {})).err().expect("the node must not start");
     assert!(matches!(err, NodeError::NamespacesUnavailable { .. }), "{err:?}");
     let msg = err.to_string();
-    for want in ["user.max_user_namespaces = 0", "sysctl -w user.max_user_namespaces=", "run the node as root", "bwrap said: bwrap:"] {
+    for want in [
+        "user.max_user_namespaces = 0",
+        "sysctl -w user.max_user_namespaces=",
+        "run the node as root",
+        "bwrap said: bwrap:",
+    ] {
         assert!(msg.contains(want), "the error lacks {want:?}: {msg}");
     }
 }
@@ -191,7 +196,12 @@ fn terminated(s: &PodStatus, c: &str) -> Option<i32> {
     Some(cs.state.as_ref()?.terminated.as_ref()?.exit_code)
 }
 
-async fn wait_for(rx: &watch::Receiver<BTreeMap<String, PodStatus>>, uid: &str, what: &str, f: impl Fn(&PodStatus) -> bool) -> PodStatus {
+async fn wait_for(
+    rx: &watch::Receiver<BTreeMap<String, PodStatus>>,
+    uid: &str,
+    what: &str,
+    f: impl Fn(&PodStatus) -> bool,
+) -> PodStatus {
     let mut waiter = rx.clone();
     match tokio::time::timeout(Duration::from_secs(60), waiter.wait_for(|m| m.get(uid).is_some_and(&f))).await {
         Ok(m) => m.unwrap()[uid].clone(),
@@ -257,7 +267,8 @@ async fn node_scenario(marker: &str) {
 
     // Two containers share loopback and (shareProcessNamespace) their processes; a third writes
     // into an emptyDir.
-    let server = "import http.server as h; h.HTTPServer(('127.0.0.1', 18933), h.SimpleHTTPRequestHandler).serve_forever()";
+    let server =
+        "import http.server as h; h.HTTPServer(('127.0.0.1', 18933), h.SimpleHTTPRequestHandler).serve_forever()";
     node.run_pod(
         pod("net", marker, serde_json::json!({
             "restartPolicy": "Never",
@@ -278,7 +289,10 @@ async fn node_scenario(marker: &str) {
     let out = logs(&node, "net", "client").await;
     assert!(out.starts_with("200\n"), "the client reaches the server on 127.0.0.1: {out}");
     assert!(out.contains("python3"), "shareProcessNamespace: the server's process is visible: {out}");
-    assert!(out.ends_with(" 0\nown-proc\n"), "uid 0 inside the pod's user namespace, /proc of the pod's PID namespace: {out}");
+    assert!(
+        out.ends_with(" 0\nown-proc\n"),
+        "uid 0 inside the pod's user namespace, /proc of the pod's PID namespace: {out}"
+    );
     assert!(std::net::TcpStream::connect(("127.0.0.1", 18933)).is_err(), "the pod's port leaked into the host network");
     // The file belongs to this user on the host, not to root.
     let file = dir.path().join("node/pods/net/volumes/data/from-client");
@@ -287,8 +301,9 @@ async fn node_scenario(marker: &str) {
     // exec joins the container's namespaces: a network and user namespace that are not ours,
     // where the server answers on loopback; exit codes come back.
     let ns = |kind: &str| std::fs::read_link(format!("/proc/self/ns/{kind}")).unwrap().display().to_string();
-    let (out, err, code) = exec(&node, "net", "server", &format!(
-        "readlink /proc/self/ns/net /proc/self/ns/user; python3 -c \"{FETCH}\"")).await;
+    let (out, err, code) =
+        exec(&node, "net", "server", &format!("readlink /proc/self/ns/net /proc/self/ns/user; python3 -c \"{FETCH}\""))
+            .await;
     assert_eq!(code, ExitStatus::Exited(0), "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}{err}");
@@ -299,14 +314,19 @@ async fn node_scenario(marker: &str) {
 
     // attach reaches a running container's stdin and output.
     node.run_pod(
-        pod("att", marker, serde_json::json!({
-            "restartPolicy": "Never",
-            "containers": [{"name": "c", "image": "alpine", "command": ["sh"], "stdin": true, "stdinOnce": true}]
-        })),
+        pod(
+            "att",
+            marker,
+            serde_json::json!({
+                "restartPolicy": "Never",
+                "containers": [{"name": "c", "image": "alpine", "command": ["sh"], "stdin": true, "stdinOnce": true}]
+            }),
+        ),
         ResolvedVolumes::new(),
     );
     wait_for(&rx, "att", "Running", |s| s.phase.as_deref() == Some("Running")).await;
-    let mut s = node.attach("att", "c", AttachRequest { stdin: true, stdout: true, stderr: true, tty: false }).await.unwrap();
+    let mut s =
+        node.attach("att", "c", AttachRequest { stdin: true, stdout: true, stderr: true, tty: false }).await.unwrap();
     let stdin = s.stdin.take().unwrap();
     stdin.send(Bytes::from_static(b"echo attached-$((6*7))\n")).await.unwrap();
     let mut out = s.stdout.take().unwrap();
@@ -317,17 +337,29 @@ async fn node_scenario(marker: &str) {
     // Memory and CPU limits this user cannot enforce (no writable memory or cpu cgroup) are
     // reported by the node and do not keep the pod from running.
     node.run_pod(
-        pod("mem", marker, serde_json::json!({
-            "restartPolicy": "Never",
-            "containers": [{"name": "c", "image": "alpine", "command": ["echo", "ran"],
-                            "resources": {"limits": {"memory": "64Mi", "cpu": "100m"}, "requests": {"cpu": "50m"}}}]
-        })),
+        pod(
+            "mem",
+            marker,
+            serde_json::json!({
+                "restartPolicy": "Never",
+                "containers": [{"name": "c", "image": "alpine", "command": ["echo", "ran"],
+                                "resources": {"limits": {"memory": "64Mi", "cpu": "100m"}, "requests": {"cpu": "50m"}}}]
+            }),
+        ),
         ResolvedVolumes::new(),
     );
     wait_for(&rx, "mem", "Succeeded", |s| s.phase.as_deref() == Some("Succeeded")).await;
     assert_eq!(logs(&node, "mem", "c").await, "ran\n");
-    assert_eq!(node.memory_limits_enforced(), cgroup_writable("memory"), "memory enforcement as reported matches what the cgroups allow");
-    assert_eq!(node.cpu_limits_enforced(), cgroup_writable("cpu"), "CPU enforcement as reported matches what the cgroups allow");
+    assert_eq!(
+        node.memory_limits_enforced(),
+        cgroup_writable("memory"),
+        "memory enforcement as reported matches what the cgroups allow"
+    );
+    assert_eq!(
+        node.cpu_limits_enforced(),
+        cgroup_writable("cpu"),
+        "CPU enforcement as reported matches what the cgroups allow"
+    );
 
     node.shutdown().await;
     drop(node);
@@ -376,11 +408,17 @@ async fn cluster_scenario(marker: &str) {
     );
     let out = tokio::task::block_in_place(|| kubectl(&["create", "-f", "-"], Some(&manifest)));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = tokio::task::block_in_place(|| kubectl(&["wait", "--for=condition=Ready", "pod/web", "--timeout=60s"], None));
+    let out =
+        tokio::task::block_in_place(|| kubectl(&["wait", "--for=condition=Ready", "pod/web", "--timeout=60s"], None));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = tokio::task::block_in_place(|| kubectl(&["exec", "web", "--", "sh", "-c", "echo in-pod; id -u"], None));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "in-pod\n0\n", "{}", String::from_utf8_lossy(&out.stderr));
     let out = tokio::task::block_in_place(|| kubectl(&["exec", "web", "--", "sh", "-c", "exit 3"], None));
-    assert_eq!(out.status.code(), Some(3), "kubectl exec passes on the exit code: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "kubectl exec passes on the exit code: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     c.stop().await;
 }

@@ -102,7 +102,10 @@ impl Job {
                 _ => {
                     if let Some(slot) = resource_slot(&mut o, name) {
                         if !is_quantity(value) {
-                            return Err(OverwriteError::NotQuantity { variable: key.to_string(), value: value.to_string() });
+                            return Err(OverwriteError::NotQuantity {
+                                variable: key.to_string(),
+                                value: value.to_string(),
+                            });
                         }
                         *slot = Some(value.to_string());
                     }
@@ -126,7 +129,13 @@ mod tests {
             services: vec![],
             variables: vars
                 .iter()
-                .map(|(k, v)| Variable { key: k.to_string(), value: v.to_string(), masked: false, public: true, file: false })
+                .map(|(k, v)| Variable {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                    masked: false,
+                    public: true,
+                    file: false,
+                })
                 .collect(),
             stages: vec![],
             timeout: None,
@@ -178,7 +187,10 @@ mod tests {
         let e = job(&[("KUBERNETES_POD_LABELS_1", "novalue")]).requested_overwrites().unwrap_err();
         assert_eq!(e.to_string(), "variable KUBERNETES_POD_LABELS_1: expected `key=value`, got \"novalue\"");
         let e = job(&[("KUBERNETES_MEMORY_LIMIT", "lots")]).requested_overwrites().unwrap_err();
-        assert_eq!(e.to_string(), "variable KUBERNETES_MEMORY_LIMIT: \"lots\" is not a Kubernetes quantity (examples: \"500m\", \"1Gi\")");
+        assert_eq!(
+            e.to_string(),
+            "variable KUBERNETES_MEMORY_LIMIT: \"lots\" is not a Kubernetes quantity (examples: \"500m\", \"1Gi\")"
+        );
     }
 
     #[test]

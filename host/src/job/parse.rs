@@ -316,7 +316,9 @@ impl<'de> Deserialize<'de> for ServiceDef {
         impl<'de> Visitor<'de> for V {
             type Value = ServiceDef;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an image name or a mapping with `name`, `alias`, `entrypoint`, `command`, `pull_policy`, `ports`")
+                f.write_str(
+                    "an image name or a mapping with `name`, `alias`, `entrypoint`, `command`, `pull_policy`, `ports`",
+                )
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<ServiceDef, E> {
                 Ok(ServiceDef { image: ImageDef { name: s.to_string(), ..Default::default() }, ..Default::default() })
@@ -355,7 +357,10 @@ impl<'de> Deserialize<'de> for PortDef {
                 f.write_str("a port number or a mapping with `number`, `protocol`, `name`")
             }
             fn visit_u64<E: de::Error>(self, n: u64) -> Result<PortDef, E> {
-                let number = u16::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| E::custom(format!("port {n} is not in 1..=65535")))?;
+                let number = u16::try_from(n)
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| E::custom(format!("port {n} is not in 1..=65535")))?;
                 Ok(PortDef(ServicePort { number, protocol: "TCP".into(), name: None }))
             }
             fn visit_i64<E: de::Error>(self, n: i64) -> Result<PortDef, E> {
@@ -369,7 +374,11 @@ impl<'de> Deserialize<'de> for PortDef {
                 let protocol = match f.protocol.as_deref().map(str::to_ascii_lowercase).as_deref() {
                     None | Some("tcp") | Some("http") | Some("https") => "TCP",
                     Some("udp") => "UDP",
-                    Some(other) => return Err(de::Error::custom(format!("unknown port protocol {other:?}, expected tcp, udp, http or https"))),
+                    Some(other) => {
+                        return Err(de::Error::custom(format!(
+                            "unknown port protocol {other:?}, expected tcp, udp, http or https"
+                        )));
+                    }
                 };
                 Ok(PortDef(ServicePort { number: f.number, protocol: protocol.into(), name: f.name }))
             }
@@ -467,7 +476,8 @@ impl<'de> Deserialize<'de> for Unsupported {
 
 /// Read the job `source` and build the [`Job`] with predefined variables from `ctx`.
 pub fn load(source: &JobSource, ctx: &JobContext) -> Result<Job, JobError> {
-    let text = std::fs::read_to_string(&source.path).map_err(|e| JobError::Read { path: source.path.clone(), source: e })?;
+    let text =
+        std::fs::read_to_string(&source.path).map_err(|e| JobError::Read { path: source.path.clone(), source: e })?;
     parse(&text, source, ctx)
 }
 
@@ -498,7 +508,8 @@ pub fn parse(text: &str, source: &JobSource, ctx: &JobContext) -> Result<Job, Jo
         None => {
             let def: JobDef = typed(text, resolved_tree.as_ref(), path, |d| {
                 let mut track = serde_path_to_error::Track::new();
-                JobDef::deserialize(serde_path_to_error::Deserializer::new(d, &mut track)).map_err(|e| (track.path(), e))
+                JobDef::deserialize(serde_path_to_error::Deserializer::new(d, &mut track))
+                    .map_err(|e| (track.path(), e))
             })?;
             let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "job".into());
             (name, def, None)
@@ -534,7 +545,9 @@ fn typed<T>(
     f: impl Fn(serde_yaml_ng::Deserializer<'_>) -> Result<T, (serde_path_to_error::Path, serde_yaml_ng::Error)>,
 ) -> Result<T, JobError> {
     match resolved {
-        None => f(serde_yaml_ng::Deserializer::from_str(text)).map_err(|(key, e)| yaml_error(path, &key.to_string(), &e)),
+        None => {
+            f(serde_yaml_ng::Deserializer::from_str(text)).map_err(|(key, e)| yaml_error(path, &key.to_string(), &e))
+        }
         Some(tree) => {
             // Re-serialise the resolved tree so the same typed path runs; lines then refer to the
             // resolved document, so they are left out of messages.
@@ -569,7 +582,9 @@ fn yaml_error(path: &Path, key: &str, e: &serde_yaml_ng::Error) -> JobError {
     let key = key_or_document(key);
     let message = strip_location(&e.to_string());
     match e.location() {
-        Some(loc) => JobError::Invalid { path: path.to_path_buf(), line: loc.line(), column: loc.column(), key, message },
+        Some(loc) => {
+            JobError::Invalid { path: path.to_path_buf(), line: loc.line(), column: loc.column(), key, message }
+        }
         None => JobError::InvalidNoSpan { path: path.to_path_buf(), key, message },
     }
 }
@@ -584,10 +599,22 @@ fn has_merge_key(v: &serde_yaml_ng::Value) -> bool {
 }
 
 /// Variables GitLab treats as credentials even when the job does not mask them.
-const CREDENTIAL_VARIABLES: &[&str] = &["DOCKER_AUTH_CONFIG", "KUBERNETES_BEARER_TOKEN", "CI_JOB_TOKEN", "CI_REGISTRY_PASSWORD"];
+const CREDENTIAL_VARIABLES: &[&str] =
+    &["DOCKER_AUTH_CONFIG", "KUBERNETES_BEARER_TOKEN", "CI_JOB_TOKEN", "CI_REGISTRY_PASSWORD"];
 
-const RESERVED: &[&str] =
-    &["variables", "default", "image", "services", "before_script", "after_script", "include", "stages", "workflow", "cache", "spec"];
+const RESERVED: &[&str] = &[
+    "variables",
+    "default",
+    "image",
+    "services",
+    "before_script",
+    "after_script",
+    "include",
+    "stages",
+    "workflow",
+    "cache",
+    "spec",
+];
 
 /// The job and every job it extends, child first, each once.
 fn extends_chain(tree: &serde_yaml_ng::Value, name: &str, path: &Path) -> Result<Vec<String>, JobError> {
@@ -620,7 +647,11 @@ fn visit_extends(
     stack: &mut Vec<String>,
 ) -> Result<(), JobError> {
     if stack.iter().any(|s| s == name) {
-        return Err(JobError::ExtendsLoop { path: path.to_path_buf(), job: stack[0].clone(), target: name.to_string() });
+        return Err(JobError::ExtendsLoop {
+            path: path.to_path_buf(),
+            job: stack[0].clone(),
+            target: name.to_string(),
+        });
     }
     if order.iter().any(|s| s == name) {
         return Ok(());
@@ -629,7 +660,9 @@ fn visit_extends(
     stack.push(name.to_string());
     let parents: Vec<String> = match jobs.get(name).and_then(|j| j.get("extends")) {
         Some(serde_yaml_ng::Value::String(s)) => vec![s.clone()],
-        Some(serde_yaml_ng::Value::Sequence(items)) => items.iter().filter_map(|i| i.as_str().map(str::to_string)).collect(),
+        Some(serde_yaml_ng::Value::Sequence(items)) => {
+            items.iter().filter_map(|i| i.as_str().map(str::to_string)).collect()
+        }
         // Anything else is a type error the typed pass reports with its line.
         _ => Vec::new(),
     };
@@ -798,7 +831,11 @@ fn build_job(
         .collect();
     let final_lookup = |k: &str| variables.iter().rev().find(|v| v.key == k).map(|v| v.value.clone());
 
-    let to_image = |i: ImageDef| Image { name: expand(&i.name, &final_lookup), entrypoint: i.entrypoint, pull_policy: i.pull_policy };
+    let to_image = |i: ImageDef| Image {
+        name: expand(&i.name, &final_lookup),
+        entrypoint: i.entrypoint,
+        pull_policy: i.pull_policy,
+    };
     let services = def
         .services
         .clone()
@@ -808,7 +845,9 @@ fn build_job(
         .collect();
 
     let mut stages = Vec::new();
-    for (stage_name, lines) in [("before_script", &def.before_script), ("script", &def.script), ("after_script", &def.after_script)] {
+    for (stage_name, lines) in
+        [("before_script", &def.before_script), ("script", &def.script), ("after_script", &def.after_script)]
+    {
         if let Some(Script(lines)) = lines
             && !lines.is_empty()
         {

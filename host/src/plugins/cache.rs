@@ -12,9 +12,17 @@ use wasmtime::component::Component;
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("cannot create the plugin cache directory {path}")]
-    CreateDir { path: PathBuf, #[source] source: std::io::Error },
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write compiled plugin {path} into the cache")]
-    Write { path: PathBuf, #[source] source: std::io::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot serialize the compiled component for the cache")]
     Serialize(#[source] wasmtime::Error),
 }

@@ -24,13 +24,16 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use tracing::Instrument;
 use wasmtime::component::{Component, InstancePre, Linker};
-use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{
+    Config, Enabled, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig, Store,
+    Trap,
+};
 
 use crate::job::{Job, Overwrites, PullPolicy, Resources};
 pub use cache::Source as CompileSource;
 use sandbox::StoreState;
-use wit::latest;
 pub use validate::HostOwned;
+use wit::latest;
 
 /// How often the epoch advances; per-call CPU deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -113,10 +116,17 @@ pub enum PluginError {
     #[error("plugin cache unusable")]
     Cache(#[from] cache::CacheError),
     #[error("cannot read plugin `{plugin}` from {path}")]
-    Read { plugin: String, path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        plugin: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("plugin `{plugin}` ({path}) is not a valid WebAssembly component: {reason}")]
     Compile { plugin: String, path: PathBuf, reason: String },
-    #[error("plugin `{plugin}` ({path}) is not a keel plugin: it exports no `keel:plugin/plugin` interface (exports: {exports})")]
+    #[error(
+        "plugin `{plugin}` ({path}) is not a keel plugin: it exports no `keel:plugin/plugin` interface (exports: {exports})"
+    )]
     NotAPlugin { plugin: String, path: PathBuf, exports: String },
     #[error("plugin `{plugin}` ({path}) was built for WIT keel:plugin@{found}; this host supports {supported}")]
     UnsupportedWitVersion { plugin: String, path: PathBuf, found: String, supported: String },
@@ -124,7 +134,9 @@ pub enum PluginError {
     Link { plugin: String, path: PathBuf, reason: String },
     #[error("plugin `{plugin}` declares role {role} in its metadata but does not export keel:plugin/{role}")]
     RoleNotExported { plugin: String, role: Role },
-    #[error("plugin `{plugin}` {version}: no free instance slot: {limit} plugin instances are already alive across running jobs (the runtime's pool is full: {reason}); the job can be retried once others finish")]
+    #[error(
+        "plugin `{plugin}` {version}: no free instance slot: {limit} plugin instances are already alive across running jobs (the runtime's pool is full: {reason}); the job can be retried once others finish"
+    )]
     PoolExhausted { plugin: String, version: String, limit: u32, reason: String },
     #[error("plugin `{plugin}` {version}: could not be instantiated: {reason}")]
     Instantiate { plugin: String, version: String, reason: String },
@@ -147,9 +159,19 @@ pub enum PluginError {
     #[error("plugin `{plugin}` {version} was stopped earlier in this job ({reason}) and is not called again")]
     Stopped { plugin: String, version: String, reason: String },
     #[error("cannot encode {what} for plugins: {source}")]
-    Encode { what: &'static str, #[source] source: serde_json::Error },
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("runner config pod_spec[{index}] ({name}): cannot read patch_path {path}")]
-    PatchPath { index: usize, name: String, path: PathBuf, #[source] source: std::io::Error },
+    PatchPath {
+        index: usize,
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What a component says about itself, for `host plugin inspect`.
@@ -177,7 +199,11 @@ impl std::fmt::Display for Inspection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "path:        {}", self.path.display())?;
         writeln!(f, "size:        {} bytes", self.size_bytes)?;
-        writeln!(f, "wit:         {}", self.wit_version.as_deref().map(|v| format!("keel:plugin@{v}")).unwrap_or_else(|| "none".into()))?;
+        writeln!(
+            f,
+            "wit:         {}",
+            self.wit_version.as_deref().map(|v| format!("keel:plugin@{v}")).unwrap_or_else(|| "none".into())
+        )?;
         writeln!(f, "name:        {}", self.name.as_deref().unwrap_or("-"))?;
         writeln!(f, "version:     {}", self.version.as_deref().unwrap_or("-"))?;
         let roles: Vec<&str> = self.roles.iter().map(|r| r.as_str()).collect();
@@ -323,7 +349,10 @@ impl Runtime {
         config.epoch_interruption(true);
         config.wasm_component_model(true);
         if let Allocation::Pooling { plugin_instances, keep_resident_bytes } = allocation {
-            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling_config(plugin_instances, keep_resident_bytes)));
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling_config(
+                plugin_instances,
+                keep_resident_bytes,
+            )));
         }
         let engine = Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
@@ -341,18 +370,21 @@ impl Runtime {
 
     /// Compile (or fetch from the cache) the component at `path`.
     fn component(&self, plugin: &str, path: &Path) -> Result<(Component, CompileSource, u64), PluginError> {
-        let bytes = std::fs::read(path)
-            .map_err(|source| PluginError::Read { plugin: plugin.to_string(), path: path.to_path_buf(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
+            plugin: plugin.to_string(),
+            path: path.to_path_buf(),
+            source,
+        })?;
         let engine = &self.inner.engine;
-        let compile_err = |reason: String| PluginError::Compile { plugin: plugin.to_string(), path: path.to_path_buf(), reason };
-        let (component, source) = self
-            .inner
-            .cache
-            .get_or_compile(engine, &bytes, || Component::new(engine, &bytes))
-            .map_err(|e| match e {
-                cache::CompileOrCache::Compile(e) => compile_err(format!("{e:#}")),
-                cache::CompileOrCache::Cache(e) => PluginError::Cache(e),
-            })?;
+        let compile_err =
+            |reason: String| PluginError::Compile { plugin: plugin.to_string(), path: path.to_path_buf(), reason };
+        let (component, source) =
+            self.inner.cache.get_or_compile(engine, &bytes, || Component::new(engine, &bytes)).map_err(
+                |e| match e {
+                    cache::CompileOrCache::Compile(e) => compile_err(format!("{e:#}")),
+                    cache::CompileOrCache::Cache(e) => PluginError::Cache(e),
+                },
+            )?;
         Ok((component, source, bytes.len() as u64))
     }
 
@@ -375,7 +407,11 @@ impl Runtime {
         let engine = &self.inner.engine;
         let scan = wit::ExportScan::of(engine, &component);
         let Some(found) = scan.plugin_version.clone() else {
-            return Err(PluginError::NotAPlugin { plugin: spec.name, path: spec.path, exports: scan.exports.join(", ") });
+            return Err(PluginError::NotAPlugin {
+                plugin: spec.name,
+                path: spec.path,
+                exports: scan.exports.join(", "),
+            });
         };
         let Some(wit_version) = scan.version() else {
             return Err(PluginError::UnsupportedWitVersion {
@@ -385,15 +421,19 @@ impl Runtime {
                 supported: wit::WitVersion::supported_list(),
             });
         };
-        let pre = self
-            .inner
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| PluginError::Link { plugin: spec.name.clone(), path: spec.path.clone(), reason: format!("{e:#}") })?;
+        let pre = self.inner.linker.instantiate_pre(&component).map_err(|e| PluginError::Link {
+            plugin: spec.name.clone(),
+            path: spec.path.clone(),
+            reason: format!("{e:#}"),
+        })?;
         let indices = match wit_version {
             wit::WitVersion::V0_1_0 => latest::Indices::new(&pre, |iface| scan.exports_role(iface)),
         }
-        .map_err(|e| PluginError::Link { plugin: spec.name.clone(), path: spec.path.clone(), reason: format!("{e:#}") })?;
+        .map_err(|e| PluginError::Link {
+            plugin: spec.name.clone(),
+            path: spec.path.clone(),
+            reason: format!("{e:#}"),
+        })?;
         let config_json = serde_json::to_string(&spec.config)
             .map_err(|source| PluginError::Encode { what: "plugin config", source })?;
         let mut inner = PluginInner {
@@ -418,7 +458,10 @@ impl Runtime {
         let exported = inner.indices.exported_roles();
         for role in meta.roles {
             if !exported.contains(&role) {
-                return Err(PluginError::RoleNotExported { plugin: inner.name.to_string(), role: Role::from_wit(role) });
+                return Err(PluginError::RoleNotExported {
+                    plugin: inner.name.to_string(),
+                    role: Role::from_wit(role),
+                });
             }
             let role = Role::from_wit(role);
             if !inner.roles.contains(&role) {
@@ -526,8 +569,13 @@ struct Instance {
 }
 
 impl Instance {
-    async fn new(plugin: &PluginInner, allocation: Allocation, ctx: Option<Arc<latest::Context>>) -> Result<Self, PluginError> {
-        let mut store = Store::new(plugin.pre.engine(), StoreState::new(plugin.name.clone(), plugin.limits.memory_bytes));
+    async fn new(
+        plugin: &PluginInner,
+        allocation: Allocation,
+        ctx: Option<Arc<latest::Context>>,
+    ) -> Result<Self, PluginError> {
+        let mut store =
+            Store::new(plugin.pre.engine(), StoreState::new(plugin.name.clone(), plugin.limits.memory_bytes));
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(deadline_ticks(plugin.limits.call_timeout));
@@ -658,6 +706,7 @@ fn guest_error(plugin: &PluginInner, role: &'static str, call: &'static str, e: 
 
 /// The outcome of the overwrite rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[expect(clippy::large_enum_variant, reason = "one value per job, moved once; boxing buys nothing")]
 pub enum OverwriteDecision {
     /// No loaded plugin has the `overwrites` role. Deny by default: the caller must treat
     /// every requested overwrite as refused (see [`OverwriteDecision::accepted_or_none`]).
@@ -701,8 +750,14 @@ impl JobPlugins {
         let mut members = Vec::with_capacity(plugins.len());
         for plugin in plugins {
             let ctx = if plugin.inner.grants.secrets { full.clone() } else { redacted.clone() };
-            let span = tracing::info_span!("plugin.call", plugin.name = plugin.name(), plugin.role = "plugin", job.id = job.id);
-            let mut instance = Instance::new(&plugin.inner, rt.inner.allocation, Some(ctx)).instrument(span.clone()).await?;
+            let span = tracing::info_span!(
+                "plugin.call",
+                plugin.name = plugin.name(),
+                plugin.role = "plugin",
+                job.id = job.id
+            );
+            let mut instance =
+                Instance::new(&plugin.inner, rt.inner.allocation, Some(ctx)).instrument(span.clone()).await?;
             instance.configure(&plugin.inner).instrument(span).await?;
             members.push((plugin.clone(), instance));
         }
@@ -721,7 +776,12 @@ impl JobPlugins {
         let mut current = convert::overwrites_to_wit(&requested);
         for (plugin, instance) in self.members.iter_mut().filter(|(p, _)| p.has_role(Role::Overwrites)) {
             let p = &*plugin.inner;
-            let span = tracing::info_span!("plugin.call", plugin.name = &*p.name, plugin.role = "overwrites", job.id = self.job_id);
+            let span = tracing::info_span!(
+                "plugin.call",
+                plugin.name = &*p.name,
+                plugin.role = "overwrites",
+                job.id = self.job_id
+            );
             async {
                 instance.arm(p)?;
                 let ctx = instance.ctx.clone().expect("job instances carry a context");
@@ -761,7 +821,12 @@ impl JobPlugins {
         };
         for (plugin, instance) in self.members.iter_mut().filter(|(p, _)| p.has_role(Role::PullPolicy)) {
             let p = &*plugin.inner;
-            let span = tracing::info_span!("plugin.call", plugin.name = &*p.name, plugin.role = "pull-policy", job.id = self.job_id);
+            let span = tracing::info_span!(
+                "plugin.call",
+                plugin.name = &*p.name,
+                plugin.role = "pull-policy",
+                job.id = self.job_id
+            );
             let decided = async {
                 instance.arm(p)?;
                 let ctx = instance.ctx.clone().expect("job instances carry a context");
@@ -791,7 +856,12 @@ impl JobPlugins {
         let mut json = serde_json::to_string(&current).map_err(|source| PluginError::Encode { what: "pod", source })?;
         for (plugin, instance) in self.members.iter_mut().filter(|(p, _)| p.has_role(Role::PodMutator)) {
             let p = &*plugin.inner;
-            let span = tracing::info_span!("plugin.call", plugin.name = &*p.name, plugin.role = "pod-mutator", job.id = self.job_id);
+            let span = tracing::info_span!(
+                "plugin.call",
+                plugin.name = &*p.name,
+                plugin.role = "pod-mutator",
+                job.id = self.job_id
+            );
             let output = async {
                 instance.arm(p)?;
                 let ctx = instance.ctx.clone().expect("job instances carry a context");
@@ -825,7 +895,12 @@ pub fn resolve_patch_paths(runner_config: &mut serde_json::Value, base: &Path) -
         let Some(path) = obj.get("patch_path").and_then(|p| p.as_str()).map(PathBuf::from) else { continue };
         let path = if path.is_absolute() { path } else { base.join(path) };
         let name = obj.get("name").and_then(|n| n.as_str()).unwrap_or("").to_string();
-        let text = std::fs::read_to_string(&path).map_err(|source| PluginError::PatchPath { index, name, path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| PluginError::PatchPath {
+            index,
+            name,
+            path: path.clone(),
+            source,
+        })?;
         obj.remove("patch_path");
         obj.insert("patch".into(), serde_json::Value::String(text));
     }
@@ -870,7 +945,11 @@ mod convert {
                 services: job
                     .services
                     .iter()
-                    .map(|s| latest::Service { image: image(&s.image), alias: s.alias.clone(), command: s.command.clone() })
+                    .map(|s| latest::Service {
+                        image: image(&s.image),
+                        alias: s.alias.clone(),
+                        command: s.command.clone(),
+                    })
                     .collect(),
                 variables: job
                     .variables

@@ -1,9 +1,9 @@
 //! What a plugin instance may touch: nothing but its own memory, a clock, randomness and a log.
 
-use std::pin::Pin;
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::io::AsyncWrite;
@@ -45,12 +45,8 @@ impl StoreState {
     pub fn stderr_tail(&self) -> Option<String> {
         let lines = self.last_stderr.lock().ok()?;
         if let Some(start) = lines.iter().rposition(|l| l.contains("panicked at")) {
-            let panic: Vec<&str> = lines
-                .iter()
-                .skip(start)
-                .take_while(|l| !l.starts_with("note: run with"))
-                .map(String::as_str)
-                .collect();
+            let panic: Vec<&str> =
+                lines.iter().skip(start).take_while(|l| !l.starts_with("note: run with")).map(String::as_str).collect();
             return Some(panic.join(" "));
         }
         lines.back().cloned()
@@ -115,7 +111,12 @@ impl IsTerminal for LogStream {
 
 impl StdoutStream for LogStream {
     fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
-        Box::new(LineForwarder { plugin: self.plugin.clone(), stream: self.stream, last: self.last.clone(), pending: Vec::new() })
+        Box::new(LineForwarder {
+            plugin: self.plugin.clone(),
+            stream: self.stream,
+            last: self.last.clone(),
+            pending: Vec::new(),
+        })
     }
 }
 

@@ -40,15 +40,24 @@ impl Violation {
     pub(crate) fn into_error(self, plugin: &PluginInner) -> PluginError {
         let (name, version, call) = (plugin.name.to_string(), plugin.version.clone(), "pod-mutator.mutate");
         match self {
-            Violation::NotJson(reason) => PluginError::Malformed { plugin: name, version, call, reason: format!("output is not JSON: {reason}") },
-            Violation::NotAPod(reason) => PluginError::Malformed { plugin: name, version, call, reason: format!("output is not a Kubernetes v1 Pod: {reason}") },
+            Violation::NotJson(reason) => {
+                PluginError::Malformed { plugin: name, version, call, reason: format!("output is not JSON: {reason}") }
+            }
+            Violation::NotAPod(reason) => PluginError::Malformed {
+                plugin: name,
+                version,
+                call,
+                reason: format!("output is not a Kubernetes v1 Pod: {reason}"),
+            },
             Violation::NoBuildContainer => PluginError::Malformed {
                 plugin: name,
                 version,
                 call,
                 reason: format!("the pod no longer has the `{BUILD_CONTAINER}` container (spec.containers)"),
             },
-            Violation::Changed { field, before, after } => PluginError::HostOwnedChanged { plugin: name, version, field, before, after },
+            Violation::Changed { field, before, after } => {
+                PluginError::HostOwnedChanged { plugin: name, version, field, before, after }
+            }
         }
     }
 }

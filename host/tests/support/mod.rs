@@ -26,10 +26,10 @@ fn newest_source(dir: &Path, newest: &mut SystemTime) {
         }
         if path.is_dir() {
             newest_source(&path, newest);
-        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("rs" | "toml" | "wit")) {
-            if let Ok(modified) = entry.metadata().and_then(|m| m.modified()) {
-                *newest = (*newest).max(modified);
-            }
+        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("rs" | "toml" | "wit"))
+            && let Ok(modified) = entry.metadata().and_then(|m| m.modified())
+        {
+            *newest = (*newest).max(modified);
         }
     }
 }
@@ -89,7 +89,8 @@ pub fn job() -> Job {
 
 /// A job pod like the host builds: build, helper and two services.
 pub fn pod() -> Pod {
-    let container = |name: &str, image: &str| Container { name: name.into(), image: Some(image.into()), ..Default::default() };
+    let container =
+        |name: &str, image: &str| Container { name: name.into(), image: Some(image.into()), ..Default::default() };
     Pod {
         metadata: ObjectMeta {
             name: Some("runner-7".into()),

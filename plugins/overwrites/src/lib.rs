@@ -66,15 +66,17 @@ impl Plugin for OverwritesPlugin {
 fn rule(key: &str, pattern: &Option<String>) -> Result<Option<Regex>, Error> {
     match pattern.as_deref() {
         None | Some("") => Ok(None),
-        Some(p) => Regex::new(&format!("^(?:{p})$"))
-            .map(Some)
-            .map_err(|e| Error::invalid_config(format!("[runners.kubernetes] {key} = {p:?} is not a valid regex: {e}"))),
+        Some(p) => Regex::new(&format!("^(?:{p})$")).map(Some).map_err(|e| {
+            Error::invalid_config(format!("[runners.kubernetes] {key} = {p:?} is not a valid regex: {e}"))
+        }),
     }
 }
 
 fn check_value(variable: &str, value: &str, key: &str, pattern: &Option<String>) -> Result<(), Error> {
     match rule(key, pattern)? {
-        None => Err(Error::denied(format!("{variable}={value:?} is not allowed: overwrite disabled ({key} is not set)"))),
+        None => {
+            Err(Error::denied(format!("{variable}={value:?} is not allowed: overwrite disabled ({key} is not set)")))
+        }
         Some(re) if re.is_match(value) => Ok(()),
         Some(_) => Err(Error::denied(format!(
             "{variable}={value:?} is not allowed: does not match {key} = {:?}",
@@ -88,7 +90,9 @@ fn check_map(prefix: &str, map: &BTreeMap<String, String>, key: &str, pattern: &
         let pair = format!("{k}={v}");
         match rule(key, pattern)? {
             None => {
-                return Err(Error::denied(format!("{prefix} {pair:?} is not allowed: overwrite disabled ({key} is not set)")));
+                return Err(Error::denied(format!(
+                    "{prefix} {pair:?} is not allowed: overwrite disabled ({key} is not set)"
+                )));
             }
             Some(re) if re.is_match(&pair) => {}
             Some(_) => {
@@ -124,14 +128,19 @@ fn check_resources(rules: &RunnerRules, class: usize, requested: &Resources) -> 
             Some(serde_json::Value::String(s)) if s.is_empty() => None,
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             Some(serde_json::Value::Number(n)) => Some(n.to_string()),
-            Some(other) => return Err(Error::invalid_config(format!("[runners.kubernetes] {key} = {other} is not a quantity"))),
+            Some(other) => {
+                return Err(Error::invalid_config(format!("[runners.kubernetes] {key} = {other} is not a quantity")));
+            }
         };
         let Some(max) = max else {
-            return Err(Error::denied(format!("{variable}={value:?} is not allowed: overwrite disabled ({key} is not set)")));
+            return Err(Error::denied(format!(
+                "{variable}={value:?} is not allowed: overwrite disabled ({key} is not set)"
+            )));
         };
         let max_q = Quantity::parse(&max)
             .map_err(|e| Error::invalid_config(format!("[runners.kubernetes] {key} = {max:?}: {e}")))?;
-        let want = Quantity::parse(value).map_err(|e| Error::denied(format!("{variable}={value:?} is not a valid quantity: {e}")))?;
+        let want = Quantity::parse(value)
+            .map_err(|e| Error::denied(format!("{variable}={value:?} is not a valid quantity: {e}")))?;
         if want > max_q {
             return Err(Error::denied(format!("{variable}={value:?} is not allowed: exceeds {key} = {max:?}")));
         }
@@ -142,7 +151,12 @@ fn check_resources(rules: &RunnerRules, class: usize, requested: &Resources) -> 
 /// The decision, independent of the plugin plumbing: accepted overwrites, or the first denial.
 pub fn review(rules: &RunnerRules, requested: Overwrites) -> Result<Overwrites, Error> {
     if let Some(ns) = &requested.namespace {
-        check_value("KUBERNETES_NAMESPACE_OVERWRITE", ns, "namespace_overwrite_allowed", &rules.namespace_overwrite_allowed)?;
+        check_value(
+            "KUBERNETES_NAMESPACE_OVERWRITE",
+            ns,
+            "namespace_overwrite_allowed",
+            &rules.namespace_overwrite_allowed,
+        )?;
     }
     if let Some(sa) = &requested.service_account {
         check_value(
@@ -158,7 +172,12 @@ pub fn review(rules: &RunnerRules, requested: Overwrites) -> Result<Overwrites, 
             "KUBERNETES_BEARER_TOKEN is not allowed: bearer_token_overwrite_allowed is not true".to_string(),
         ));
     }
-    check_map("KUBERNETES_POD_LABELS_*", &requested.pod_labels, "pod_labels_overwrite_allowed", &rules.pod_labels_overwrite_allowed)?;
+    check_map(
+        "KUBERNETES_POD_LABELS_*",
+        &requested.pod_labels,
+        "pod_labels_overwrite_allowed",
+        &rules.pod_labels_overwrite_allowed,
+    )?;
     check_map(
         "KUBERNETES_POD_ANNOTATIONS_*",
         &requested.pod_annotations,
@@ -229,63 +248,128 @@ mod tests {
             (
                 "namespace anchored",
                 Overwrites { namespace: Some("prod-ci-x".into()), ..Default::default() },
-                Err("KUBERNETES_NAMESPACE_OVERWRITE=\"prod-ci-x\" is not allowed: does not match namespace_overwrite_allowed = \"ci-.*\""),
+                Err(
+                    "KUBERNETES_NAMESPACE_OVERWRITE=\"prod-ci-x\" is not allowed: does not match namespace_overwrite_allowed = \"ci-.*\"",
+                ),
             ),
             (
                 "empty regex disables",
                 Overwrites { service_account: Some("admin".into()), ..Default::default() },
-                Err("KUBERNETES_SERVICE_ACCOUNT_OVERWRITE=\"admin\" is not allowed: overwrite disabled (service_account_overwrite_allowed is not set)"),
+                Err(
+                    "KUBERNETES_SERVICE_ACCOUNT_OVERWRITE=\"admin\" is not allowed: overwrite disabled (service_account_overwrite_allowed is not set)",
+                ),
             ),
             (
                 "bearer token refused without echoing it",
                 Overwrites { bearer_token: Some("s3cr3t".into()), ..Default::default() },
                 Err("KUBERNETES_BEARER_TOKEN is not allowed: bearer_token_overwrite_allowed is not true"),
             ),
-            ("labels key=value allowed", Overwrites { pod_labels: map(&[("team", "a"), ("tier", "dev")]), ..Default::default() }, Ok(())),
+            (
+                "labels key=value allowed",
+                Overwrites { pod_labels: map(&[("team", "a"), ("tier", "dev")]), ..Default::default() },
+                Ok(()),
+            ),
             (
                 "label value not allowed",
                 Overwrites { pod_labels: map(&[("tier", "prod")]), ..Default::default() },
-                Err("KUBERNETES_POD_LABELS_* \"tier=prod\" is not allowed: does not match pod_labels_overwrite_allowed"),
+                Err(
+                    "KUBERNETES_POD_LABELS_* \"tier=prod\" is not allowed: does not match pod_labels_overwrite_allowed",
+                ),
             ),
             (
                 "annotations absent regex disables",
                 Overwrites { pod_annotations: map(&[("a", "b")]), ..Default::default() },
                 Err("overwrite disabled (pod_annotations_overwrite_allowed is not set)"),
             ),
-            ("node selector allowed", Overwrites { node_selector: map(&[("kubernetes.io/arch", "arm64")]), ..Default::default() }, Ok(())),
-            ("toleration allowed", Overwrites { node_tolerations: map(&[("gpu", "true:NoSchedule")]), ..Default::default() }, Ok(())),
+            (
+                "node selector allowed",
+                Overwrites { node_selector: map(&[("kubernetes.io/arch", "arm64")]), ..Default::default() },
+                Ok(()),
+            ),
+            (
+                "toleration allowed",
+                Overwrites { node_tolerations: map(&[("gpu", "true:NoSchedule")]), ..Default::default() },
+                Ok(()),
+            ),
             (
                 "toleration key not allowed",
                 Overwrites { node_tolerations: map(&[("spot", "NoSchedule")]), ..Default::default() },
                 Err("\"spot=NoSchedule\" is not allowed"),
             ),
-            ("cpu limit 500m under 2", Overwrites { build: Resources { cpu_limit: Some("500m".into()), ..Default::default() }, ..Default::default() }, Ok(())),
-            ("cpu limit equal to max", Overwrites { build: Resources { cpu_limit: Some("2000m".into()), ..Default::default() }, ..Default::default() }, Ok(())),
+            (
+                "cpu limit 500m under 2",
+                Overwrites {
+                    build: Resources { cpu_limit: Some("500m".into()), ..Default::default() },
+                    ..Default::default()
+                },
+                Ok(()),
+            ),
+            (
+                "cpu limit equal to max",
+                Overwrites {
+                    build: Resources { cpu_limit: Some("2000m".into()), ..Default::default() },
+                    ..Default::default()
+                },
+                Ok(()),
+            ),
             (
                 "cpu limit over max",
-                Overwrites { build: Resources { cpu_limit: Some("2.5".into()), ..Default::default() }, ..Default::default() },
+                Overwrites {
+                    build: Resources { cpu_limit: Some("2.5".into()), ..Default::default() },
+                    ..Default::default()
+                },
                 Err("KUBERNETES_CPU_LIMIT=\"2.5\" is not allowed: exceeds cpu_limit_overwrite_max_allowed = \"2\""),
             ),
-            ("memory 1000Mi under 1Gi", Overwrites { build: Resources { memory_request: Some("1000Mi".into()), ..Default::default() }, ..Default::default() }, Ok(())),
+            (
+                "memory 1000Mi under 1Gi",
+                Overwrites {
+                    build: Resources { memory_request: Some("1000Mi".into()), ..Default::default() },
+                    ..Default::default()
+                },
+                Ok(()),
+            ),
             (
                 "memory 1.1G over 1Gi",
-                Overwrites { build: Resources { memory_request: Some("1.1G".into()), ..Default::default() }, ..Default::default() },
+                Overwrites {
+                    build: Resources { memory_request: Some("1.1G".into()), ..Default::default() },
+                    ..Default::default()
+                },
                 Err("exceeds memory_request_overwrite_max_allowed = \"1Gi\""),
             ),
             (
                 "no bound disables",
-                Overwrites { build: Resources { memory_limit: Some("1Mi".into()), ..Default::default() }, ..Default::default() },
-                Err("KUBERNETES_MEMORY_LIMIT=\"1Mi\" is not allowed: overwrite disabled (memory_limit_overwrite_max_allowed is not set)"),
+                Overwrites {
+                    build: Resources { memory_limit: Some("1Mi".into()), ..Default::default() },
+                    ..Default::default()
+                },
+                Err(
+                    "KUBERNETES_MEMORY_LIMIT=\"1Mi\" is not allowed: overwrite disabled (memory_limit_overwrite_max_allowed is not set)",
+                ),
             ),
             (
                 "helper bound",
-                Overwrites { helper: Resources { memory_limit: Some("1Gi".into()), ..Default::default() }, ..Default::default() },
-                Err("KUBERNETES_HELPER_MEMORY_LIMIT=\"1Gi\" is not allowed: exceeds helper_memory_limit_overwrite_max_allowed = \"512Mi\""),
+                Overwrites {
+                    helper: Resources { memory_limit: Some("1Gi".into()), ..Default::default() },
+                    ..Default::default()
+                },
+                Err(
+                    "KUBERNETES_HELPER_MEMORY_LIMIT=\"1Gi\" is not allowed: exceeds helper_memory_limit_overwrite_max_allowed = \"512Mi\"",
+                ),
             ),
-            ("service bound ok", Overwrites { service: Resources { cpu_request: Some("0.5".into()), ..Default::default() }, ..Default::default() }, Ok(())),
+            (
+                "service bound ok",
+                Overwrites {
+                    service: Resources { cpu_request: Some("0.5".into()), ..Default::default() },
+                    ..Default::default()
+                },
+                Ok(()),
+            ),
             (
                 "garbage quantity",
-                Overwrites { service: Resources { cpu_request: Some("lots".into()), ..Default::default() }, ..Default::default() },
+                Overwrites {
+                    service: Resources { cpu_request: Some("lots".into()), ..Default::default() },
+                    ..Default::default()
+                },
                 Err("KUBERNETES_SERVICE_CPU_REQUEST=\"lots\" is not a valid quantity"),
             ),
         ];

@@ -55,8 +55,14 @@ impl Plugin for PodSpec {
 /// `x-kubernetes-patch-merge-key`).
 fn merge_key(field: &str) -> Option<&'static str> {
     Some(match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "volumes" | "env" | "imagePullSecrets"
-        | "readinessGates" | "resourceClaims" => match field {
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "volumes"
+        | "env"
+        | "imagePullSecrets"
+        | "readinessGates"
+        | "resourceClaims" => match field {
             "readinessGates" => "conditionType",
             _ => "name",
         },
@@ -122,16 +128,22 @@ pub fn apply(spec: &mut Value, index: usize, entry: &PodSpecPatch) -> Result<(),
         .map_err(|e| Error::invalid_config(format!("{label}: patch is not valid YAML/JSON: {e}")))?;
     match entry.patch_type.as_deref().unwrap_or("strategic") {
         "json" => {
-            let ops: json_patch::Patch = serde_json::from_value(patch)
-                .map_err(|e| Error::invalid_config(format!("{label}: not a JSON patch (RFC 6902) operation list: {e}")))?;
-            json_patch::patch(spec, &ops).map_err(|e| Error::invalid_config(format!("{label}: JSON patch does not apply: {e}")))
+            let ops: json_patch::Patch = serde_json::from_value(patch).map_err(|e| {
+                Error::invalid_config(format!("{label}: not a JSON patch (RFC 6902) operation list: {e}"))
+            })?;
+            json_patch::patch(spec, &ops)
+                .map_err(|e| Error::invalid_config(format!("{label}: JSON patch does not apply: {e}")))
         }
         "merge" => {
             json_patch::merge(spec, &patch);
             Ok(())
         }
-        "strategic" => strategic_merge(spec, &patch, "spec").map_err(|e| Error::invalid_config(format!("{label}: {e}"))),
-        other => Err(Error::invalid_config(format!("{label}: patch_type {other:?} is not one of json, merge, strategic"))),
+        "strategic" => {
+            strategic_merge(spec, &patch, "spec").map_err(|e| Error::invalid_config(format!("{label}: {e}")))
+        }
+        other => {
+            Err(Error::invalid_config(format!("{label}: patch_type {other:?} is not one of json, merge, strategic")))
+        }
     }
 }
 
@@ -140,11 +152,16 @@ pub fn apply_all(pod: Pod, patches: &[PodSpecPatch]) -> Result<Pod, Error> {
         return Ok(pod);
     }
     let mut value = serde_json::to_value(&pod).map_err(|e| Error::internal(e.to_string()))?;
-    let spec = value.as_object_mut().ok_or_else(|| Error::internal("pod is not an object"))?.entry("spec").or_insert(Value::Object(Default::default()));
+    let spec = value
+        .as_object_mut()
+        .ok_or_else(|| Error::internal("pod is not an object"))?
+        .entry("spec")
+        .or_insert(Value::Object(Default::default()));
     for (index, entry) in patches.iter().enumerate() {
         apply(spec, index, entry)?;
     }
-    serde_json::from_value(value).map_err(|e| Error::denied(format!("after the pod_spec patches the pod is no longer valid: {e}")))
+    serde_json::from_value(value)
+        .map_err(|e| Error::denied(format!("after the pod_spec patches the pod is no longer valid: {e}")))
 }
 
 impl PodMutator for PodSpec {
@@ -168,7 +185,9 @@ mod tests {
 
     fn run(patches: Vec<PodSpecPatch>) -> Result<Value, Error> {
         let mut plugin = PodSpec;
-        let ctx = testing::context(json!({ "pod_spec": serde_json::to_value(patches.iter().map(|p| json!({"name": p.name, "patch": p.patch, "patch_type": p.patch_type})).collect::<Vec<_>>()).unwrap() }));
+        let ctx = testing::context(
+            json!({ "pod_spec": serde_json::to_value(patches.iter().map(|p| json!({"name": p.name, "patch": p.patch, "patch_type": p.patch_type})).collect::<Vec<_>>()).unwrap() }),
+        );
         testing::mutate(&mut plugin, &ctx, testing::pod()).map(|p| serde_json::to_value(p).unwrap())
     }
 
@@ -211,8 +230,14 @@ mod tests {
             let err = run(vec![p]).unwrap_err();
             assert!(err.to_string().contains(want), "{err}");
         }
-        let unresolved = PodSpecPatch { name: "f".into(), patch: None, patch_path: Some("/x".into()), patch_type: None };
+        let unresolved =
+            PodSpecPatch { name: "f".into(), patch: None, patch_path: Some("/x".into()), patch_type: None };
         let mut spec = json!({});
-        assert!(apply(&mut spec, 2, &unresolved).unwrap_err().to_string().contains("pod_spec[2] (\"f\"): patch_path reached the plugin"));
+        assert!(
+            apply(&mut spec, 2, &unresolved)
+                .unwrap_err()
+                .to_string()
+                .contains("pod_spec[2] (\"f\"): patch_path reached the plugin")
+        );
     }
 }

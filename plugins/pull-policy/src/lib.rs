@@ -95,16 +95,29 @@ mod tests {
 
     #[test]
     fn table() {
-        type Row = (&'static str, Vec<PullPolicy>, Vec<PullPolicy>, Vec<PullPolicy>, Result<Vec<PullPolicy>, &'static str>);
+        type Row =
+            (&'static str, Vec<PullPolicy>, Vec<PullPolicy>, Vec<PullPolicy>, Result<Vec<PullPolicy>, &'static str>);
         let rows: Vec<Row> = vec![
             ("nothing set: cluster default", vec![], vec![], vec![], Ok(vec![])),
             ("runner policy only", vec![], vec![A], vec![], Ok(vec![A])),
             ("runner list keeps order", vec![], vec![A, I], vec![], Ok(vec![A, I])),
             ("job wins over runner", vec![N], vec![A], vec![], Ok(vec![N])),
             ("job wins when allowed", vec![I], vec![A], vec![A, I], Ok(vec![I])),
-            ("job not allowed: denied", vec![N], vec![A], vec![A, I], Err("the job's image:pull_policy [never] is not one of allowed_pull_policies [always, if-not-present]")),
+            (
+                "job not allowed: denied",
+                vec![N],
+                vec![A],
+                vec![A, I],
+                Err("the job's image:pull_policy [never] is not one of allowed_pull_policies [always, if-not-present]"),
+            ),
             ("runner list narrowed by allow-list", vec![], vec![A, I, N], vec![N, I], Ok(vec![I, N])),
-            ("runner policy not allowed", vec![], vec![A], vec![I], Err("the runner's pull_policy [always] is not one of allowed_pull_policies [if-not-present]")),
+            (
+                "runner policy not allowed",
+                vec![],
+                vec![A],
+                vec![I],
+                Err("the runner's pull_policy [always] is not one of allowed_pull_policies [if-not-present]"),
+            ),
             ("foot-gun: allow-list only uses it", vec![], vec![], vec![I, A], Ok(vec![I, A])),
             ("duplicates collapse", vec![A, A, I], vec![], vec![], Ok(vec![A, I])),
         ];

@@ -35,7 +35,8 @@ pub fn encode(rv: Option<u64>, after: &Key, namespaced: bool) -> String {
 
 pub fn decode(raw: &str, namespaced: bool) -> Result<Continue, ApiError> {
     let bad = |why: &str| ApiError::BadRequest(format!("invalid continue token: {why}"));
-    let bytes = URL_SAFE_NO_PAD.decode(raw).or_else(|_| URL_SAFE.decode(raw)).map_err(|e| bad(&format!("not base64: {e}")))?;
+    let bytes =
+        URL_SAFE_NO_PAD.decode(raw).or_else(|_| URL_SAFE.decode(raw)).map_err(|e| bad(&format!("not base64: {e}")))?;
     let token: Token = serde_json::from_slice(&bytes).map_err(|e| bad(&format!("not a continue key: {e}")))?;
     if token.v != VERSION {
         return Err(bad(&format!("incorrect encoded start resourceVersion (version {VERSION})")));

@@ -40,7 +40,12 @@ pub type Shared = Arc<ApiState>;
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/version", get(|| async { json_response(StatusCode::OK, &discovery::version()) }))
-        .route("/api", get(|AxState(s): AxState<Shared>| async move { json_response(StatusCode::OK, &discovery::api_versions(&s.server_address)) }))
+        .route(
+            "/api",
+            get(|AxState(s): AxState<Shared>| async move {
+                json_response(StatusCode::OK, &discovery::api_versions(&s.server_address))
+            }),
+        )
         .route("/apis", get(|| async { json_response(StatusCode::OK, &discovery::api_groups()) }))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
@@ -97,12 +102,16 @@ pub fn parse_target(path: &str) -> Result<Target, ApiError> {
         ["namespaces", ns, plural] if resources::by_plural(plural).is_some_and(|r| r.namespaced) => {
             Target { res: resource(plural, path)?, namespace: owned(ns), name: None, sub: None }
         }
-        ["namespaces", ns, plural, name] => Target { res: resource(plural, path)?, namespace: owned(ns), name: owned(name), sub: None },
+        ["namespaces", ns, plural, name] => {
+            Target { res: resource(plural, path)?, namespace: owned(ns), name: owned(name), sub: None }
+        }
         ["namespaces", ns, plural, name, sub] => {
             Target { res: resource(plural, path)?, namespace: owned(ns), name: owned(name), sub: owned(sub) }
         }
         [plural, name] => Target { res: resource(plural, path)?, namespace: None, name: owned(name), sub: None },
-        [plural, name, sub] => Target { res: resource(plural, path)?, namespace: None, name: owned(name), sub: owned(sub) },
+        [plural, name, sub] => {
+            Target { res: resource(plural, path)?, namespace: None, name: owned(name), sub: owned(sub) }
+        }
         _ => return Err(ApiError::UnknownPath(path.to_owned())),
     };
     if t.res.namespaced && t.name.is_some() && t.namespace.is_none() {
@@ -144,14 +153,18 @@ async fn route(state: Shared, req: Request) -> Result<Response, ApiError> {
         (true, None | Some("status"), &Method::PATCH) => objects::patch(&state, &target, req).await,
         (true, None, &Method::DELETE) => objects::delete(&state, &target, &query, req).await,
         (true, Some("log"), &Method::GET) => pods::logs(&state, &target, &query).await,
-        (true, Some("exec" | "attach"), &Method::GET | &Method::POST) => pods::stream(&state, &target, &query, req).await,
+        (true, Some("exec" | "attach"), &Method::GET | &Method::POST) => {
+            pods::stream(&state, &target, &query, req).await
+        }
         _ => Err(not_allowed()),
     }
 }
 
 /// Read a request body (bounded, so a hostile client cannot exhaust memory).
 pub async fn body_bytes(body: Body) -> Result<bytes::Bytes, ApiError> {
-    axum::body::to_bytes(body, 32 * 1024 * 1024).await.map_err(|e| ApiError::BadRequest(format!("cannot read request body: {e}")))
+    axum::body::to_bytes(body, 32 * 1024 * 1024)
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("cannot read request body: {e}")))
 }
 
 #[cfg(test)]
@@ -161,7 +174,10 @@ mod tests {
     #[test]
     fn paths() {
         let t = parse_target("/api/v1/namespaces/ns1/pods/p/log").unwrap();
-        assert_eq!((t.res.plural, t.namespace.as_deref(), t.name.as_deref(), t.sub.as_deref()), ("pods", Some("ns1"), Some("p"), Some("log")));
+        assert_eq!(
+            (t.res.plural, t.namespace.as_deref(), t.name.as_deref(), t.sub.as_deref()),
+            ("pods", Some("ns1"), Some("p"), Some("log"))
+        );
         let t = parse_target("/api/v1/namespaces/ns1").unwrap();
         assert_eq!((t.res.plural, t.name.as_deref()), ("namespaces", Some("ns1")));
         let t = parse_target("/api/v1/namespaces/ns1/status").unwrap();

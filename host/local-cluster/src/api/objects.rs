@@ -4,9 +4,9 @@ use super::query::Query;
 use super::{Shared, Target, body_bytes, continuation, json_response, table};
 use crate::errors::{ApiError, Cause};
 use crate::lifecycle;
-use crate::resources::Resource;
 use crate::patch::apply::ApplyError;
 use crate::patch::{self, PatchKind};
+use crate::resources::Resource;
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::store::{Part, meta};
 use axum::extract::Request;
@@ -27,15 +27,18 @@ async fn object_body(req: Request) -> Result<Value, ApiError> {
     let bytes = body_bytes(req.into_body()).await?;
     let value: Value = if ct.contains("protobuf") {
         crate::protobuf::decode(&bytes).map_err(|e| match e {
-            crate::protobuf::ProtobufError::UnsupportedKind(_) => {
-                ApiError::UnsupportedMediaType { got: format!("{ct} ({e})"), accepted: "application/json, application/yaml".into() }
-            }
+            crate::protobuf::ProtobufError::UnsupportedKind(_) => ApiError::UnsupportedMediaType {
+                got: format!("{ct} ({e})"),
+                accepted: "application/json, application/yaml".into(),
+            },
             other => ApiError::BadRequest(other.to_string()),
         })?
     } else if ct.contains("yaml") {
-        serde_yaml_ng::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("the request body is not valid YAML: {e}")))?
+        serde_yaml_ng::from_slice(&bytes)
+            .map_err(|e| ApiError::BadRequest(format!("the request body is not valid YAML: {e}")))?
     } else {
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))?
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::BadRequest(format!("the request body is not valid JSON: {e}")))?
     };
     if !value.is_object() {
         return Err(ApiError::BadRequest("the request body must be a JSON object".into()));
@@ -44,8 +47,10 @@ async fn object_body(req: Request) -> Result<Value, ApiError> {
 }
 
 pub fn selectors(query: &Query) -> Result<(LabelSelector, FieldSelector), ApiError> {
-    let labels = LabelSelector::parse(query.get("labelSelector").unwrap_or_default()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let fields = FieldSelector::parse(query.get("fieldSelector").unwrap_or_default()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let labels = LabelSelector::parse(query.get("labelSelector").unwrap_or_default())
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let fields = FieldSelector::parse(query.get("fieldSelector").unwrap_or_default())
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     Ok((labels, fields))
 }
 
@@ -57,7 +62,9 @@ pub fn list(state: &Shared, t: &Target, query: &Query, headers: &HeaderMap) -> R
     let continued = match query.get("continue").filter(|c| !c.is_empty()) {
         Some(raw) => {
             if rv_param.is_some_and(|rv| rv != "0") {
-                return Err(ApiError::BadRequest("specifying resource version is not allowed when using continue".into()));
+                return Err(ApiError::BadRequest(
+                    "specifying resource version is not allowed when using continue".into(),
+                ));
             }
             if query.get("resourceVersionMatch").is_some_and(|m| !m.is_empty()) {
                 return Err(ApiError::BadRequest("resourceVersionMatch is forbidden when continue is provided".into()));
@@ -69,17 +76,34 @@ pub fn list(state: &Shared, t: &Target, query: &Query, headers: &HeaderMap) -> R
     let at = match (&continued, query.get("resourceVersionMatch").filter(|m| !m.is_empty())) {
         (Some(c), _) => c.rv,
         (None, Some("Exact")) => {
-            let rv = rv_param.ok_or_else(|| ApiError::BadRequest("resourceVersionMatch=Exact requires resourceVersion".into()))?;
-            Some(rv.parse().map_err(|_| ApiError::BadRequest(format!("invalid resourceVersion {rv:?}: must be an integer")))?)
+            let rv = rv_param
+                .ok_or_else(|| ApiError::BadRequest("resourceVersionMatch=Exact requires resourceVersion".into()))?;
+            Some(
+                rv.parse()
+                    .map_err(|_| ApiError::BadRequest(format!("invalid resourceVersion {rv:?}: must be an integer")))?,
+            )
         }
         (None, None | Some("NotOlderThan")) => None,
-        (None, Some(other)) => return Err(ApiError::BadRequest(format!("unknown resourceVersionMatch {other:?}; use Exact or NotOlderThan"))),
+        (None, Some(other)) => {
+            return Err(ApiError::BadRequest(format!(
+                "unknown resourceVersionMatch {other:?}; use Exact or NotOlderThan"
+            )));
+        }
     };
     let keep = |o: &serde_json::Value| labels.matches(o) && fields.matches(o);
-    let page = match state.store.list_page(t.res, t.namespace.as_deref(), keep, at, continued.as_ref().map(|c| &c.after), limit) {
+    let page = match state.store.list_page(
+        t.res,
+        t.namespace.as_deref(),
+        keep,
+        at,
+        continued.as_ref().map(|c| &c.after),
+        limit,
+    ) {
         Err(ApiError::Gone { .. }) if continued.is_some() => {
             let after = &continued.as_ref().expect("checked").after;
-            return Err(ApiError::ContinueExpired { continue_token: continuation::encode(None, after, t.res.namespaced) });
+            return Err(ApiError::ContinueExpired {
+                continue_token: continuation::encode(None, after, t.res.namespaced),
+            });
         }
         other => other?,
     };
@@ -112,7 +136,10 @@ pub fn get(state: &Shared, t: &Target, headers: &HeaderMap) -> Result<Response, 
     let obj = state.store.get(t.res, t.namespace.as_deref(), t.name.as_deref().unwrap_or_default())?;
     if let Some(mode) = table::requested(headers) {
         let rv = meta::resource_version(&obj).parse().ok();
-        return Ok(json_response(StatusCode::OK, &table::render(t.res, std::slice::from_ref(&obj), rv, mode, &Query::default())));
+        return Ok(json_response(
+            StatusCode::OK,
+            &table::render(t.res, std::slice::from_ref(&obj), rv, mode, &Query::default()),
+        ));
     }
     Ok(json_response(StatusCode::OK, &obj))
 }
@@ -129,7 +156,11 @@ fn dry_run(values: &[String], options_kind: &str) -> Result<bool, ApiError> {
     Err(ApiError::Invalid {
         kind: format!("{options_kind}.meta.k8s.io"),
         name: String::new(),
-        causes: vec![Cause { reason: "FieldValueNotSupported", field: "dryRun".into(), message: format!("Unsupported value: {values:?}: supported values: \"All\"") }],
+        causes: vec![Cause {
+            reason: "FieldValueNotSupported",
+            field: "dryRun".into(),
+            message: format!("Unsupported value: {values:?}: supported values: \"All\""),
+        }],
     })
 }
 
@@ -153,7 +184,12 @@ fn part(t: &Target) -> Part {
 }
 
 /// Update or dry-run update through the store.
-fn write(state: &Shared, t: &Target, dry: bool, change: impl FnOnce(&mut Value) -> Result<(), ApiError>) -> Result<Value, ApiError> {
+fn write(
+    state: &Shared,
+    t: &Target,
+    dry: bool,
+    change: impl FnOnce(&mut Value) -> Result<(), ApiError>,
+) -> Result<Value, ApiError> {
     let name = t.name.as_deref().unwrap_or_default();
     if dry {
         state.store.update_dry_run(t.res, t.namespace.as_deref(), name, part(t), change)
@@ -187,7 +223,11 @@ pub async fn patch(state: &Shared, t: &Target, req: Request) -> Result<Response,
         got: ct.clone(),
         accepted: format!("application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml ({e})"),
     })?;
-    let options_invalid = |field: &str, cause: Cause| ApiError::Invalid { kind: "PatchOptions.meta.k8s.io".into(), name: String::new(), causes: vec![Cause { field: field.into(), ..cause }] };
+    let options_invalid = |field: &str, cause: Cause| ApiError::Invalid {
+        kind: "PatchOptions.meta.k8s.io".into(),
+        name: String::new(),
+        causes: vec![Cause { field: field.into(), ..cause }],
+    };
     if kind != PatchKind::Apply && query.get("force").is_some() {
         return Err(options_invalid("force", Cause::forbidden("", "may not be specified for non-apply patch")));
     }
@@ -196,7 +236,8 @@ pub async fn patch(state: &Shared, t: &Target, req: Request) -> Result<Response,
             return Err(ApiError::UnsupportedMediaType { got: ct, accepted: "application/apply-patch+yaml".into() });
         }
         let manager = query.get("fieldManager").filter(|m| !m.is_empty()).map(str::to_owned);
-        let manager = manager.ok_or_else(|| options_invalid("fieldManager", Cause::required("", "is required for apply patch")))?;
+        let manager = manager
+            .ok_or_else(|| options_invalid("fieldManager", Cause::required("", "is required for apply patch")))?;
         let force = query.flag("force")?;
         let body = body_bytes(req.into_body()).await?;
         return server_side_apply(state, t, dry, &manager, force, &body);
@@ -222,7 +263,11 @@ fn apply_error(e: ApplyError) -> ApiError {
             message: ApplyError::Conflicts(conflicts.clone()).to_string(),
             causes: conflicts
                 .into_iter()
-                .map(|(manager, field)| Cause { reason: "FieldManagerConflict", field, message: format!("conflict with {manager:?} using v1") })
+                .map(|(manager, field)| Cause {
+                    reason: "FieldManagerConflict",
+                    field,
+                    message: format!("conflict with {manager:?} using v1"),
+                })
                 .collect(),
         },
         other => ApiError::BadRequest(other.to_string()),
@@ -230,13 +275,23 @@ fn apply_error(e: ApplyError) -> ApiError {
 }
 
 /// Server-side apply: merge into the live object, or create it when missing (201).
-fn server_side_apply(state: &Shared, t: &Target, dry: bool, manager: &str, force: bool, body: &[u8]) -> Result<Response, ApiError> {
+fn server_side_apply(
+    state: &Shared,
+    t: &Target,
+    dry: bool,
+    manager: &str,
+    force: bool,
+    body: &[u8],
+) -> Result<Response, ApiError> {
     let config = patch::apply::parse(body).map_err(apply_error)?;
     let name = t.name.as_deref().unwrap_or_default();
     if let Some(kind) = config.get("kind").and_then(Value::as_str)
         && kind != t.res.kind
     {
-        return Err(ApiError::BadRequest(format!("the kind of the applied object ({kind}) does not match the resource ({})", t.res.plural)));
+        return Err(ApiError::BadRequest(format!(
+            "the kind of the applied object ({kind}) does not match the resource ({})",
+            t.res.plural
+        )));
     }
     // A create racing ours makes the second round update instead.
     for _ in 0..2 {
@@ -250,9 +305,16 @@ fn server_side_apply(state: &Shared, t: &Target, dry: bool, manager: &str, force
         let mut fresh = patch::apply::apply(&json!({}), config.clone(), manager, force).map_err(apply_error)?;
         meta::metadata_mut(&mut fresh).entry("name").or_insert_with(|| json!(name));
         if meta::name(&fresh) != name {
-            return Err(ApiError::BadRequest(format!("the name of the object ({}) does not match the name on the URL ({name})", meta::name(&fresh))));
+            return Err(ApiError::BadRequest(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                meta::name(&fresh)
+            )));
         }
-        let created = if dry { state.store.create_dry_run(t.res, t.namespace.as_deref(), fresh) } else { state.store.create(t.res, t.namespace.as_deref(), fresh) };
+        let created = if dry {
+            state.store.create_dry_run(t.res, t.namespace.as_deref(), fresh)
+        } else {
+            state.store.create(t.res, t.namespace.as_deref(), fresh)
+        };
         match created {
             Ok(created) => {
                 if t.res.is("pods") && !dry {
@@ -264,7 +326,11 @@ fn server_side_apply(state: &Shared, t: &Target, dry: bool, manager: &str, force
             Err(e) => return Err(e),
         }
     }
-    Err(ApiError::Conflict { resource: t.res.plural.into(), name: name.into(), reason: "the object was created and deleted concurrently; apply again".into() })
+    Err(ApiError::Conflict {
+        resource: t.res.plural.into(),
+        name: name.into(),
+        reason: "the object was created and deleted concurrently; apply again".into(),
+    })
 }
 
 /// `DeleteOptions` from the body (kubectl, kube-rs) and/or the query string.
@@ -273,7 +339,8 @@ async fn delete_options(query: &Query, req: Request) -> Result<(lifecycle::Delet
     let body: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("DeleteOptions body is not valid JSON: {e}")))?
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::BadRequest(format!("DeleteOptions body is not valid JSON: {e}")))?
     };
     let grace = match query.int("gracePeriodSeconds")? {
         Some(g) => Some(g),
@@ -288,9 +355,14 @@ async fn delete_options(query: &Query, req: Request) -> Result<(lifecycle::Delet
         None | Some("Background") => lifecycle::Propagation::Background,
         Some("Foreground") => lifecycle::Propagation::Foreground,
         Some("Orphan") => lifecycle::Propagation::Orphan,
-        Some(other) => return Err(ApiError::BadRequest(format!("unknown propagationPolicy {other:?}; use Background, Foreground or Orphan"))),
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "unknown propagationPolicy {other:?}; use Background, Foreground or Orphan"
+            )));
+        }
     };
-    let precondition = |k: &str| body.pointer(&format!("/preconditions/{k}")).and_then(Value::as_str).map(str::to_owned);
+    let precondition =
+        |k: &str| body.pointer(&format!("/preconditions/{k}")).and_then(Value::as_str).map(str::to_owned);
     // kubectl and kube-rs send dryRun in the DeleteOptions body, curl users in the query.
     let mut dry_values = query.all("dryRun");
     if let Some(list) = body.get("dryRun").and_then(Value::as_array) {
@@ -308,14 +380,22 @@ async fn delete_options(query: &Query, req: Request) -> Result<(lifecycle::Delet
 
 /// What a delete would answer, checked like one (existence, preconditions), changing nothing:
 /// the object, marked terminating where a real delete would only mark it.
-fn delete_dry_run(state: &Shared, t: &Target, ns: Option<&str>, name: &str, opts: &lifecycle::DeleteOptions) -> Result<Value, ApiError> {
+fn delete_dry_run(
+    state: &Shared,
+    t: &Target,
+    ns: Option<&str>,
+    name: &str,
+    opts: &lifecycle::DeleteOptions,
+) -> Result<Value, ApiError> {
     let mut obj = state.store.get(t.res, ns, name)?;
     lifecycle::check_preconditions(t.res, name, &obj, opts)?;
     if obj.pointer("/metadata/deletionTimestamp").is_some() {
         return Ok(obj);
     }
     let grace = if t.res.is("pods") {
-        opts.grace_seconds.unwrap_or_else(|| obj.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(30)).max(0)
+        opts.grace_seconds
+            .unwrap_or_else(|| obj.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(30))
+            .max(0)
     } else {
         0
     };

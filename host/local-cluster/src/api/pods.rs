@@ -54,7 +54,10 @@ fn pod_of(state: &Shared, t: &Target) -> Result<Value, ApiError> {
 /// A pod the node has not started yet (e.g. a volume is missing) answers like a kubelet.
 fn waiting(pod: &Value, container: &str, err: NodeError) -> ApiError {
     match err {
-        NodeError::NoSuchPod(_) => ApiError::BadRequest(format!("container {container:?} in pod {:?} is waiting to start: ContainerCreating", meta::name(pod))),
+        NodeError::NoSuchPod(_) => ApiError::BadRequest(format!(
+            "container {container:?} in pod {:?} is waiting to start: ContainerCreating",
+            meta::name(pod)
+        )),
         other => node_error(other),
     }
 }
@@ -93,7 +96,9 @@ pub async fn logs(state: &Shared, t: &Target, query: &Query) -> Result<Response,
     let stream = state.node.logs(meta::uid(&pod), &container, opts).await.map_err(|e| waiting(&pod, &container, e))?;
     let cancel = state.cancel.clone();
     // Stop following when the cluster stops, so open `kubectl logs -f` calls end cleanly.
-    let body = stream.map(|r| r.map_err(std::io::Error::other)).take_until(Box::pin(async move { cancel.cancelled_owned().await }));
+    let body = stream
+        .map(|r| r.map_err(std::io::Error::other))
+        .take_until(Box::pin(async move { cancel.cancelled_owned().await }));
     let mut resp = (StatusCode::OK, Body::from_stream(body)).into_response();
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     Ok(resp)
@@ -124,10 +129,21 @@ pub async fn stream(state: &Shared, t: &Target, query: &Query, req: Request) -> 
     let uid = meta::uid(&pod).to_owned();
     let session = if t.sub.as_deref() == Some("exec") {
         let command = query.all("command");
-        let req = ExecRequest { command, stdin: flags("stdin")?, stdout: flags("stdout")?, stderr: flags("stderr")?, tty: flags("tty")? };
+        let req = ExecRequest {
+            command,
+            stdin: flags("stdin")?,
+            stdout: flags("stdout")?,
+            stderr: flags("stderr")?,
+            tty: flags("tty")?,
+        };
         state.node.exec(&uid, &container, req).await
     } else {
-        let req = AttachRequest { stdin: flags("stdin")?, stdout: flags("stdout")?, stderr: flags("stderr")?, tty: flags("tty")? };
+        let req = AttachRequest {
+            stdin: flags("stdin")?,
+            stdout: flags("stdout")?,
+            stderr: flags("stderr")?,
+            tty: flags("tty")?,
+        };
         state.node.attach(&uid, &container, req).await
     }
     .map_err(|e| waiting(&pod, &container, e))?;

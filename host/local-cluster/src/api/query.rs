@@ -30,7 +30,10 @@ impl Query {
 
     pub fn int(&self, key: &str) -> Result<Option<i64>, ApiError> {
         self.get(key)
-            .map(|v| v.parse::<i64>().map_err(|_| ApiError::BadRequest(format!("invalid integer {v:?} for query parameter {key:?}"))))
+            .map(|v| {
+                v.parse::<i64>()
+                    .map_err(|_| ApiError::BadRequest(format!("invalid integer {v:?} for query parameter {key:?}")))
+            })
             .transpose()
     }
 }

@@ -55,7 +55,8 @@ fn pod_status(pod: &Value) -> String {
     if pod.pointer("/metadata/deletionTimestamp").is_some() {
         return "Terminating".into();
     }
-    let mut reason = pod.pointer("/status/reason").and_then(Value::as_str).unwrap_or(s(pod, "/status/phase")).to_owned();
+    let mut reason =
+        pod.pointer("/status/reason").and_then(Value::as_str).unwrap_or(s(pod, "/status/phase")).to_owned();
     for cs in pod.pointer("/status/containerStatuses").and_then(Value::as_array).into_iter().flatten() {
         if let Some(r) = cs.pointer("/state/waiting/reason").and_then(Value::as_str) {
             reason = r.to_owned();
@@ -74,23 +75,60 @@ fn cells(res: &Resource, o: &Value) -> (Vec<Value>, Vec<Value>) {
     let count = |p: &str| o.pointer(p).and_then(Value::as_object).map_or(0, |m| m.len());
     match res.plural {
         "pods" => {
-            let statuses = o.pointer("/status/containerStatuses").and_then(Value::as_array).cloned().unwrap_or_default();
+            let statuses =
+                o.pointer("/status/containerStatuses").and_then(Value::as_array).cloned().unwrap_or_default();
             let total = o.pointer("/spec/containers").and_then(Value::as_array).map_or(0, Vec::len);
             let ready = statuses.iter().filter(|c| c.get("ready").and_then(Value::as_bool) == Some(true)).count();
             let restarts: i64 = statuses.iter().filter_map(|c| c.get("restartCount").and_then(Value::as_i64)).sum();
             let ip = o.pointer("/status/podIP").and_then(Value::as_str).unwrap_or("<none>");
             let node = o.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("<none>");
             (
-                vec![col("Name", "string", 0), col("Ready", "string", 0), col("Status", "string", 0), col("Restarts", "string", 0), col("Age", "string", 0), col("IP", "string", 1), col("Node", "string", 1)],
-                vec![name, json!(format!("{ready}/{total}")), json!(pod_status(o)), json!(restarts.to_string()), age_cell, json!(ip), json!(node)],
+                vec![
+                    col("Name", "string", 0),
+                    col("Ready", "string", 0),
+                    col("Status", "string", 0),
+                    col("Restarts", "string", 0),
+                    col("Age", "string", 0),
+                    col("IP", "string", 1),
+                    col("Node", "string", 1),
+                ],
+                vec![
+                    name,
+                    json!(format!("{ready}/{total}")),
+                    json!(pod_status(o)),
+                    json!(restarts.to_string()),
+                    age_cell,
+                    json!(ip),
+                    json!(node),
+                ],
             )
         }
-        "namespaces" => (vec![col("Name", "string", 0), col("Status", "string", 0), col("Age", "string", 0)], vec![name, json!(s(o, "/status/phase")), age_cell]),
+        "namespaces" => (
+            vec![col("Name", "string", 0), col("Status", "string", 0), col("Age", "string", 0)],
+            vec![name, json!(s(o, "/status/phase")), age_cell],
+        ),
         "nodes" => {
-            let ready = o.pointer("/status/conditions").and_then(Value::as_array).into_iter().flatten().any(|c| s(c, "/type") == "Ready" && s(c, "/status") == "True");
+            let ready = o
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .any(|c| s(c, "/type") == "Ready" && s(c, "/status") == "True");
             (
-                vec![col("Name", "string", 0), col("Status", "string", 0), col("Roles", "string", 0), col("Age", "string", 0), col("Version", "string", 0)],
-                vec![name, json!(if ready { "Ready" } else { "NotReady" }), json!("control-plane"), age_cell, json!(s(o, "/status/nodeInfo/kubeletVersion"))],
+                vec![
+                    col("Name", "string", 0),
+                    col("Status", "string", 0),
+                    col("Roles", "string", 0),
+                    col("Age", "string", 0),
+                    col("Version", "string", 0),
+                ],
+                vec![
+                    name,
+                    json!(if ready { "Ready" } else { "NotReady" }),
+                    json!("control-plane"),
+                    age_cell,
+                    json!(s(o, "/status/nodeInfo/kubeletVersion")),
+                ],
             )
         }
         "services" => {
@@ -102,20 +140,47 @@ fn cells(res: &Resource, o: &Value) -> (Vec<Value>, Vec<Value>) {
                 .map(|p| format!("{}/{}", p.get("port").cloned().unwrap_or_default(), s(p, "/protocol")))
                 .collect();
             (
-                vec![col("Name", "string", 0), col("Type", "string", 0), col("Cluster-IP", "string", 0), col("External-IP", "string", 0), col("Port(s)", "string", 0), col("Age", "string", 0)],
-                vec![name, json!(s(o, "/spec/type")), json!(s(o, "/spec/clusterIP")), json!("<none>"), json!(if ports.is_empty() { "<none>".into() } else { ports.join(",") }), age_cell],
+                vec![
+                    col("Name", "string", 0),
+                    col("Type", "string", 0),
+                    col("Cluster-IP", "string", 0),
+                    col("External-IP", "string", 0),
+                    col("Port(s)", "string", 0),
+                    col("Age", "string", 0),
+                ],
+                vec![
+                    name,
+                    json!(s(o, "/spec/type")),
+                    json!(s(o, "/spec/clusterIP")),
+                    json!("<none>"),
+                    json!(if ports.is_empty() { "<none>".into() } else { ports.join(",") }),
+                    age_cell,
+                ],
             )
         }
         "secrets" => (
             vec![col("Name", "string", 0), col("Type", "string", 0), col("Data", "string", 0), col("Age", "string", 0)],
             vec![name, json!(s(o, "/type")), json!(count("/data").to_string()), age_cell],
         ),
-        "configmaps" => (vec![col("Name", "string", 0), col("Data", "string", 0), col("Age", "string", 0)], vec![name, json!((count("/data") + count("/binaryData")).to_string()), age_cell]),
+        "configmaps" => (
+            vec![col("Name", "string", 0), col("Data", "string", 0), col("Age", "string", 0)],
+            vec![name, json!((count("/data") + count("/binaryData")).to_string()), age_cell],
+        ),
         "events" => {
-            let last = json!(age(o.pointer("/lastTimestamp").and_then(Value::as_str).unwrap_or(s(o, "/metadata/creationTimestamp"))));
-            let object = json!(format!("{}/{}", s(o, "/involvedObject/kind").to_lowercase(), s(o, "/involvedObject/name")));
+            let last = json!(age(o
+                .pointer("/lastTimestamp")
+                .and_then(Value::as_str)
+                .unwrap_or(s(o, "/metadata/creationTimestamp"))));
+            let object =
+                json!(format!("{}/{}", s(o, "/involvedObject/kind").to_lowercase(), s(o, "/involvedObject/name")));
             (
-                vec![col("Last Seen", "string", 0), col("Type", "string", 0), col("Reason", "string", 0), col("Object", "string", 0), col("Message", "string", 0)],
+                vec![
+                    col("Last Seen", "string", 0),
+                    col("Type", "string", 0),
+                    col("Reason", "string", 0),
+                    col("Object", "string", 0),
+                    col("Message", "string", 0),
+                ],
                 vec![last, json!(s(o, "/type")), json!(s(o, "/reason")), object, json!(s(o, "/message"))],
             )
         }

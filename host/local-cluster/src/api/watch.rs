@@ -43,7 +43,9 @@ impl Filter {
     /// The event type this watcher sees for `ev`, if any: a change that makes an object start
     /// (stop) matching the selectors is ADDED (DELETED) for this watcher.
     fn kind_for(&self, ev: &WatchEvent) -> Option<&'static str> {
-        if ev.resource != self.res.plural || self.namespace.as_deref().is_some_and(|ns| meta::namespace(&ev.object) != ns) {
+        if ev.resource != self.res.plural
+            || self.namespace.as_deref().is_some_and(|ns| meta::namespace(&ev.object) != ns)
+        {
             return None;
         }
         let now = self.matches(&ev.object);
@@ -57,7 +59,13 @@ impl Filter {
 
     fn line(&self, kind: &str, obj: &Value) -> Bytes {
         let object = match self.table {
-            Some(mode) => table::render(self.res, std::slice::from_ref(obj), meta::resource_version(obj).parse().ok(), mode, &self.query),
+            Some(mode) => table::render(
+                self.res,
+                std::slice::from_ref(obj),
+                meta::resource_version(obj).parse().ok(),
+                mode,
+                &self.query,
+            ),
             None => obj.clone(),
         };
         let mut line = json!({"type": kind, "object": object}).to_string();
@@ -70,7 +78,9 @@ impl Filter {
         if initial_end {
             md["annotations"] = json!({"k8s.io/initial-events-end": "true"});
         }
-        let mut line = json!({"type": "BOOKMARK", "object": {"kind": self.res.kind, "apiVersion": "v1", "metadata": md}}).to_string();
+        let mut line =
+            json!({"type": "BOOKMARK", "object": {"kind": self.res.kind, "apiVersion": "v1", "metadata": md}})
+                .to_string();
         line.push('\n');
         Bytes::from(line)
     }
@@ -78,7 +88,14 @@ impl Filter {
 
 pub fn serve(state: &Shared, t: &Target, query: &Query, headers: &HeaderMap) -> Result<Response, ApiError> {
     let (labels, fields) = selectors(query)?;
-    let filter = Filter { res: t.res, namespace: t.namespace.clone(), labels, fields, table: table::requested(headers), query: query.clone() };
+    let filter = Filter {
+        res: t.res,
+        namespace: t.namespace.clone(),
+        labels,
+        fields,
+        table: table::requested(headers),
+        query: query.clone(),
+    };
     let bookmarks = query.flag("allowWatchBookmarks")?;
     let send_initial = query.flag("sendInitialEvents")?;
     let timeout = query.int("timeoutSeconds")?.filter(|s| *s > 0).map(|s| Duration::from_secs(s as u64));
@@ -87,7 +104,9 @@ pub fn serve(state: &Shared, t: &Target, query: &Query, headers: &HeaderMap) -> 
     let mut initial: Vec<Bytes> = Vec::new();
     let (mut last_rv, mut rx) = match rv_param {
         Some(rv) if rv != "0" && !send_initial => {
-            let rv: u64 = rv.parse().map_err(|_| ApiError::BadRequest(format!("invalid resourceVersion {rv:?}: must be an integer")))?;
+            let rv: u64 = rv
+                .parse()
+                .map_err(|_| ApiError::BadRequest(format!("invalid resourceVersion {rv:?}: must be an integer")))?;
             let (history, rx) = match state.store.replay_and_subscribe(rv) {
                 Ok(found) => found,
                 // Like the real server: 200 with an ERROR event carrying the 410 Status, which is

@@ -75,9 +75,7 @@ impl CpuSettings {
     /// Follows the kubelet's `MilliCPUToQuota` and `MilliCPUToShares`: a limit of 0 is no limit,
     /// the quota is at least 1 ms, shares are clamped to 2..=262144.
     pub fn from_millicores(limit: Option<u64>, request: Option<u64>) -> CpuSettings {
-        let quota_us = limit
-            .filter(|m| *m > 0)
-            .map(|m| (m.saturating_mul(CFS_PERIOD_US) / 1000).max(MIN_CFS_QUOTA_US));
+        let quota_us = limit.filter(|m| *m > 0).map(|m| (m.saturating_mul(CFS_PERIOD_US) / 1000).max(MIN_CFS_QUOTA_US));
         let request = request.or(limit).unwrap_or(0);
         let shares = (request.saturating_mul(1024) / 1000).clamp(MIN_SHARES, MAX_SHARES);
         CpuSettings { quota_us, shares }
@@ -217,8 +215,8 @@ fn node_dir(controller: Controller, name: &str, made: &mut Vec<PathBuf>) -> Resu
         // cgroup's parent enabled it for us and we for it) and the directory passes it on.
         let available = std::fs::read_to_string(dir.join("cgroup.controllers"))
             .is_ok_and(|c| c.split_whitespace().any(|c| c == controller.name()));
-        let passed_on = available
-            && std::fs::write(dir.join("cgroup.subtree_control"), format!("+{}", controller.name())).is_ok();
+        let passed_on =
+            available && std::fs::write(dir.join("cgroup.subtree_control"), format!("+{}", controller.name())).is_ok();
         if !passed_on {
             return Err(format!(
                 "the {} controller is not enabled for {} (cgroup v2)",
@@ -236,8 +234,8 @@ fn node_dir(controller: Controller, name: &str, made: &mut Vec<PathBuf>) -> Resu
 /// hierarchy mounted elsewhere than /sys/fs/cgroup, or with only part of it visible (a
 /// container's cgroup mounted as its root), is found too.
 fn own_cgroup(controller: Controller) -> Result<(PathBuf, Version), String> {
-    let own = std::fs::read_to_string("/proc/self/cgroup")
-        .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
+    let own =
+        std::fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
     locate(controller, &own, &mountinfo)
@@ -274,9 +272,10 @@ fn locate(controller: Controller, own: &str, mountinfo: &str) -> Result<(PathBuf
         });
     match dir {
         Some(dir) => Ok((dir, version)),
-        None if version == Version::V1 => {
-            Err(format!("the cgroup v1 {} hierarchy is not mounted where this process sees its cgroup {path}", controller.name()))
-        }
+        None if version == Version::V1 => Err(format!(
+            "the cgroup v1 {} hierarchy is not mounted where this process sees its cgroup {path}",
+            controller.name()
+        )),
         None => Err(format!("cgroup v2 is not mounted where this process sees its cgroup {path}")),
     }
 }
@@ -605,11 +604,17 @@ mod tests {
                          41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:5 - cgroup2 cgroup2 rw";
         let v1_own = "4:memory:/ci/job\n2:cpu,cpuacct:/ci/job\n0::/ci/job";
         let at = |c, own, mounts| locate(c, own, mounts).map(|(p, v)| (p.display().to_string(), v));
-        assert_eq!(at(Controller::Cpu, v1_own, v1_mounts), Ok(("/sys/fs/cgroup/cpu,cpuacct/ci/job".into(), Version::V1)));
+        assert_eq!(
+            at(Controller::Cpu, v1_own, v1_mounts),
+            Ok(("/sys/fs/cgroup/cpu,cpuacct/ci/job".into(), Version::V1))
+        );
         assert_eq!(at(Controller::Memory, v1_own, v1_mounts), Ok(("/sys/fs/cgroup/memory/ci/job".into(), Version::V1)));
         // Hybrid with memory not on v1: the unified hierarchy (where it may not be enabled).
         let hybrid_own = "2:cpu,cpuacct:/ci/job\n0::/ci/job";
-        assert_eq!(at(Controller::Memory, hybrid_own, v1_mounts), Ok(("/sys/fs/cgroup/unified/ci/job".into(), Version::V2)));
+        assert_eq!(
+            at(Controller::Memory, hybrid_own, v1_mounts),
+            Ok(("/sys/fs/cgroup/unified/ci/job".into(), Version::V2))
+        );
         // Pure v2, as most current distributions.
         let v2_mounts = "30 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot";
         let v2_own = "0::/user.slice/user-1000.slice/session-2.scope";
@@ -619,15 +624,24 @@ mod tests {
         );
         // In a container whose own cgroup is mounted as the hierarchy's root.
         let docker_mounts = "700 690 0:29 /docker/abc /sys/fs/cgroup/cpu ro,nosuid master:9 - cgroup cgroup rw,cpu";
-        assert_eq!(at(Controller::Cpu, "3:cpu:/docker/abc", docker_mounts), Ok(("/sys/fs/cgroup/cpu".into(), Version::V1)));
+        assert_eq!(
+            at(Controller::Cpu, "3:cpu:/docker/abc", docker_mounts),
+            Ok(("/sys/fs/cgroup/cpu".into(), Version::V1))
+        );
         assert!(at(Controller::Cpu, "3:cpu:/elsewhere", docker_mounts).unwrap_err().contains("not mounted where"));
         assert!(at(Controller::Cpu, "1:name=systemd:/", "").unwrap_err().contains("no cpu cgroup controller"));
     }
 
     #[test]
     fn mountinfo_lines_locate_cgroup_hierarchies() {
-        let m = parse_mount("36 25 0:32 /docker/abc /sys/fs/cgroup/cpu,cpuacct rw,nosuid shared:15 - cgroup cgroup rw,cpu,cpuacct").unwrap();
-        assert_eq!((m.root, m.mount_point, m.fstype, m.options), ("/docker/abc", "/sys/fs/cgroup/cpu,cpuacct", "cgroup", "rw,cpu,cpuacct"));
+        let m = parse_mount(
+            "36 25 0:32 /docker/abc /sys/fs/cgroup/cpu,cpuacct rw,nosuid shared:15 - cgroup cgroup rw,cpu,cpuacct",
+        )
+        .unwrap();
+        assert_eq!(
+            (m.root, m.mount_point, m.fstype, m.options),
+            ("/docker/abc", "/sys/fs/cgroup/cpu,cpuacct", "cgroup", "rw,cpu,cpuacct")
+        );
         let m = parse_mount("41 31 0:38 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw,nsdelegate").unwrap();
         assert_eq!((m.mount_point, m.fstype), ("/sys/fs/cgroup", "cgroup2"));
     }

@@ -65,7 +65,6 @@ impl LogFile {
         }))
     }
 
-
     /// Appends one chunk read from a pipe. `partial` tracks, per pipe, whether the previous
     /// chunk ended mid-line (only needed to keep entries well formed; readers join `P` entries).
     pub fn append(&self, pipe: Pipe, chunk: &[u8]) {

@@ -280,8 +280,7 @@ impl Node {
     pub fn new(cfg: NodeConfig, on_status: StatusSink) -> Result<Node, NodeError> {
         let rt = tokio::runtime::Handle::try_current().map_err(|_| NodeError::NoRuntime)?;
         for dir in [cfg.data_dir.join("pods"), cfg.data_dir.join("pvcs")] {
-            std::fs::create_dir_all(&dir)
-                .map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
+            std::fs::create_dir_all(&dir).map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
         }
         let isolation = sandbox::Isolation::probe()?;
         let cgroups = cgroup::NodeCgroups::create(&isolation);
@@ -335,22 +334,12 @@ impl Node {
         }
     }
 
-    pub async fn exec(
-        &self,
-        uid: &str,
-        container: &str,
-        req: ExecRequest,
-    ) -> Result<Session, NodeError> {
+    pub async fn exec(&self, uid: &str, container: &str, req: ExecRequest) -> Result<Session, NodeError> {
         let pod = self.pod(uid).ok_or_else(|| NodeError::NoSuchPod(uid.to_string()))?;
         session::exec(&self.inner, &pod, container, req).await
     }
 
-    pub async fn attach(
-        &self,
-        uid: &str,
-        container: &str,
-        req: AttachRequest,
-    ) -> Result<Session, NodeError> {
+    pub async fn attach(&self, uid: &str, container: &str, req: AttachRequest) -> Result<Session, NodeError> {
         let pod = self.pod(uid).ok_or_else(|| NodeError::NoSuchPod(uid.to_string()))?;
         session::attach(&pod, container, req).await
     }

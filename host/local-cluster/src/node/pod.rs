@@ -10,14 +10,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use k8s_openapi::api::core::v1::{
-    Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
-    ContainerStateWaiting, ContainerStatus, Pod, PodCondition, PodIP, PodStatus,
+    Container, ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus,
+    Pod, PodCondition, PodIP, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 
-use super::cgroup::{Controller, ContainerCgroup, CpuSettings, parse_cpu_millis, parse_memory};
+use super::cgroup::{ContainerCgroup, Controller, CpuSettings, parse_cpu_millis, parse_memory};
 use super::logs::{LogFile, Pipe};
 use super::sandbox::{self, Bind, ContainerSandbox, PodNamespaces, Stdios};
 use super::session::exit_code;
@@ -111,12 +111,8 @@ impl PodRuntime {
         let has_init = spec.init_containers.as_ref().is_some_and(|c| !c.is_empty());
         let mut containers = BTreeMap::new();
         let mut statuses = BTreeMap::new();
-        let all = spec
-            .init_containers
-            .iter()
-            .flatten()
-            .map(|c| (c, true))
-            .chain(spec.containers.iter().map(|c| (c, false)));
+        let all =
+            spec.init_containers.iter().flatten().map(|c| (c, true)).chain(spec.containers.iter().map(|c| (c, false)));
         for (c, init) in all {
             let reason = if has_init { "PodInitializing" } else { "ContainerCreating" };
             statuses.insert(
@@ -149,12 +145,7 @@ impl PodRuntime {
             namespace,
             pod,
             node: Arc::downgrade(node),
-            state: Mutex::new(PodState {
-                start_time: now(),
-                terminal: None,
-                statuses,
-                conditions: BTreeMap::new(),
-            }),
+            state: Mutex::new(PodState { start_time: now(), terminal: None, statuses, conditions: BTreeMap::new() }),
             containers,
             stop: watch::Sender::new(None),
             done: watch::Sender::new(false),
@@ -191,15 +182,13 @@ impl PodRuntime {
 
     fn build_status(&self, st: &mut PodState) -> PodStatus {
         let spec = self.spec();
-        let init_names: Vec<&str> =
-            spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+        let init_names: Vec<&str> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
         let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
         let term_ok = |cs: &ContainerStatus| {
             cs.state.as_ref().and_then(|s| s.terminated.as_ref()).is_some_and(|t| t.exit_code == 0)
         };
         let initialized = init_names.iter().all(|n| st.statuses.get(*n).is_some_and(term_ok));
-        let ready = !names.is_empty()
-            && names.iter().all(|n| st.statuses.get(*n).is_some_and(|c| c.ready));
+        let ready = !names.is_empty() && names.iter().all(|n| st.statuses.get(*n).is_some_and(|c| c.ready));
         let mut set = |kind: &'static str, value: bool, reason: Option<&str>| {
             let status = if value { "True" } else { "False" };
             let changed = st.conditions.get(kind).is_none_or(|c| c.status != status);
@@ -222,8 +211,7 @@ impl PodRuntime {
         set("Ready", ready, Some("ContainersNotReady"));
         let running_or_restarted = names.iter().any(|n| {
             st.statuses.get(*n).is_some_and(|c| {
-                c.state.as_ref().is_some_and(|s| s.running.is_some() || s.terminated.is_some())
-                    || c.restart_count > 0
+                c.state.as_ref().is_some_and(|s| s.running.is_some() || s.terminated.is_some()) || c.restart_count > 0
             })
         });
         let phase = match st.terminal {
@@ -242,12 +230,9 @@ impl PodRuntime {
             start_time: Some(st.start_time.clone()),
             // The API server computed it from the resources at create; the kubelet keeps it.
             qos_class: None,
-            init_container_statuses: (!init_names.is_empty()).then(|| {
-                init_names.iter().filter_map(|n| st.statuses.get(*n).cloned()).collect()
-            }),
-            container_statuses: Some(
-                names.iter().filter_map(|n| st.statuses.get(*n).cloned()).collect(),
-            ),
+            init_container_statuses: (!init_names.is_empty())
+                .then(|| init_names.iter().filter_map(|n| st.statuses.get(*n).cloned()).collect()),
+            container_statuses: Some(names.iter().filter_map(|n| st.statuses.get(*n).cloned()).collect()),
             message: None,
             reason: None,
             nominated_node_name: None,
@@ -283,9 +268,7 @@ impl PodRuntime {
             if tokio::time::timeout(Duration::from_secs(1), stop.wait_for(Option::is_some)).await.is_err() {
                 for (name, image) in &unavailable {
                     let msg = format!("Back-off pulling image \"{image}\"");
-                    self.set_container(name, |cs| {
-                        cs.state = Some(waiting("ImagePullBackOff", Some(msg)))
-                    });
+                    self.set_container(name, |cs| cs.state = Some(waiting("ImagePullBackOff", Some(msg))));
                 }
                 let _ = stop.wait_for(Option::is_some).await;
             }
@@ -321,8 +304,7 @@ impl PodRuntime {
 
         let pod_ns = match sandbox::start_holder(&node.spawner, node.isolation, &self.dir, &self.name).await {
             Ok((started, ns)) => {
-                *self.holder.lock().expect("holder lock") =
-                    Some((started.child.id().unwrap_or(0), started.inner_pid));
+                *self.holder.lock().expect("holder lock") = Some((started.child.id().unwrap_or(0), started.inner_pid));
                 // The holder lives as long as this task; kill_on_drop ends it.
                 (Arc::new(ns), started.child)
             }
@@ -361,8 +343,7 @@ impl PodRuntime {
         let tasks = spec.containers.iter().map(|c| {
             let rt = self.containers[&c.name].clone();
             let this = self.clone();
-            let (policy, ns, data, mut stop) =
-                (policy.clone(), ns.clone(), data.clone(), self.stop.subscribe());
+            let (policy, ns, data, mut stop) = (policy.clone(), ns.clone(), data.clone(), self.stop.subscribe());
             async move { this.supervise(&rt, &policy, ns, data, &mut stop).await }
         });
         let results = futures::future::join_all(tasks).await;
@@ -405,9 +386,7 @@ impl PodRuntime {
                 Ok(code) => code,
                 Err(msg) => {
                     // Config errors do not go away by retrying; the container waits like a kubelet's.
-                    self.set_container(&name, |cs| {
-                        cs.state = Some(waiting("CreateContainerConfigError", Some(msg)))
-                    });
+                    self.set_container(&name, |cs| cs.state = Some(waiting("CreateContainerConfigError", Some(msg))));
                     let _ = stop.wait_for(Option::is_some).await;
                     return false;
                 }
@@ -422,7 +401,8 @@ impl PodRuntime {
             }
             // The first restart is immediate, then CrashLoopBackOff doubling to 5 minutes.
             if restarts > 0 {
-                let msg = format!("back-off {}s restarting failed container={name} pod={}", backoff.as_secs(), self.name);
+                let msg =
+                    format!("back-off {}s restarting failed container={name} pod={}", backoff.as_secs(), self.name);
                 self.set_container(&name, |cs| {
                     cs.last_state = cs.state.take();
                     cs.state = Some(waiting("CrashLoopBackOff", Some(msg)));
@@ -452,12 +432,8 @@ impl PodRuntime {
         let working_dir = c.working_dir.clone().unwrap_or_else(|| "/".into());
         let binds = self.binds(c)?;
         let image = c.image.clone().unwrap_or_default();
-        let rootfs = node
-            .cfg
-            .images_dir
-            .as_ref()
-            .map(|d| d.join(image.replace(['/', ':'], "_")))
-            .filter(|p| p.is_dir());
+        let rootfs =
+            node.cfg.images_dir.as_ref().map(|d| d.join(image.replace(['/', ':'], "_"))).filter(|p| p.is_dir());
         let log_path = self.dir.join("logs").join(&c.name).join(format!("{restarts}.log"));
         let log = LogFile::create(&log_path).map_err(|e| format!("cannot create log {}: {e}", log_path.display()))?;
         let (memory, cpu) = resource_limits(c)?;
@@ -531,7 +507,10 @@ impl PodRuntime {
             let rd = master.try_clone().map_err(|e| e.to_string())?;
             let wr = master.try_clone().map_err(|e| e.to_string())?;
             let w: StdinWriter = Box::new(tokio::fs::File::from_std(std::fs::File::from(wr)));
-            pumps.push((Pipe::Stdout, Box::new(tokio::fs::File::from_std(std::fs::File::from(rd))) as Box<dyn AsyncRead + Send + Unpin>));
+            pumps.push((
+                Pipe::Stdout,
+                Box::new(tokio::fs::File::from_std(std::fs::File::from(rd))) as Box<dyn AsyncRead + Send + Unpin>,
+            ));
             (want_stdin.then(|| Arc::new(tokio::sync::Mutex::new(Some(w)))), Some(master))
         } else {
             if let Some(o) = started.child.stdout.take() {
@@ -540,9 +519,8 @@ impl PodRuntime {
             if let Some(e) = started.child.stderr.take() {
                 pumps.push((Pipe::Stderr, Box::new(e)));
             }
-            let stdin = started.child.stdin.take().map(|w| {
-                Arc::new(tokio::sync::Mutex::new(Some(Box::new(w) as StdinWriter)))
-            });
+            let stdin =
+                started.child.stdin.take().map(|w| Arc::new(tokio::sync::Mutex::new(Some(Box::new(w) as StdinWriter))));
             (stdin, None)
         };
         let inst = Arc::new(Instance {
@@ -581,10 +559,7 @@ impl PodRuntime {
         });
         tracing::info!(k8s.container = %c.name, container.pid = started.inner_pid, "container started");
 
-        let pump_tasks: Vec<_> = pumps
-            .into_iter()
-            .map(|(pipe, r)| tokio::spawn(pump(r, pipe, inst.clone())))
-            .collect();
+        let pump_tasks: Vec<_> = pumps.into_iter().map(|(pipe, r)| tokio::spawn(pump(r, pipe, inst.clone()))).collect();
         let mut child = started.child;
         let status = tokio::select! {
             s = child.wait() => s,
@@ -614,7 +589,13 @@ impl PodRuntime {
             use std::os::unix::process::ExitStatusExt;
             s.signal().or_else(|| (s.code()? > 128).then(|| s.code().unwrap_or(0) - 128))
         });
-        let reason = if oom { "OOMKilled" } else if code == 0 { "Completed" } else { "Error" };
+        let reason = if oom {
+            "OOMKilled"
+        } else if code == 0 {
+            "Completed"
+        } else {
+            "Error"
+        };
         let finished = now();
         self.set_container(&c.name, |cs| {
             cs.ready = false;
@@ -647,11 +628,9 @@ impl PodRuntime {
             let mut source = v.path.clone();
             if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
                 if !volumes::safe_relative(sub) {
-                    return Err(volumes::VolumeError::BadSubPath {
-                        mount: m.name.clone(),
-                        sub_path: sub.into(),
-                    }
-                    .to_string());
+                    return Err(
+                        volumes::VolumeError::BadSubPath { mount: m.name.clone(), sub_path: sub.into() }.to_string()
+                    );
                 }
                 source = source.join(sub);
                 if !source.exists() {
@@ -703,10 +682,11 @@ impl PodRuntime {
         }
         for c in self.containers.values() {
             if let Some(i) = c.current.lock().expect("current lock").as_ref()
-                && i.is_running() {
-                    pids.extend(i.outer_pid);
-                    pids.push(i.inner_pid as u32);
-                }
+                && i.is_running()
+            {
+                pids.extend(i.outer_pid);
+                pids.push(i.inner_pid as u32);
+            }
         }
         pids.retain(|p| *p > 0);
         pids
@@ -729,33 +709,31 @@ impl PodRuntime {
     }
 
     fn container(&self, name: &str) -> Result<&Arc<ContainerRt>, NodeError> {
-        self.containers.get(name).ok_or_else(|| NodeError::NoSuchContainer {
-            pod: self.name.clone(),
-            container: name.into(),
-        })
+        self.containers
+            .get(name)
+            .ok_or_else(|| NodeError::NoSuchContainer { pod: self.name.clone(), container: name.into() })
     }
 
     pub fn running_instance(&self, name: &str) -> Result<Arc<Instance>, NodeError> {
         let c = self.container(name)?;
         let cur = c.current.lock().expect("current lock").clone();
-        cur.filter(|i| i.is_running()).ok_or_else(|| NodeError::NotRunning {
-            pod: self.name.clone(),
-            container: name.into(),
-        })
+        cur.filter(|i| i.is_running())
+            .ok_or_else(|| NodeError::NotRunning { pod: self.name.clone(), container: name.into() })
     }
 
     pub fn log_for(&self, name: &str, previous: bool) -> Result<Arc<LogFile>, NodeError> {
         let c = self.container(name)?;
         if previous {
-            return c.previous_log.lock().expect("previous log lock").clone().ok_or_else(|| {
-                NodeError::NoPreviousLogs { pod: self.name.clone(), container: name.into() }
-            });
+            return c
+                .previous_log
+                .lock()
+                .expect("previous log lock")
+                .clone()
+                .ok_or_else(|| NodeError::NoPreviousLogs { pod: self.name.clone(), container: name.into() });
         }
         let cur = c.current.lock().expect("current lock").clone();
-        cur.map(|i| i.log.clone()).ok_or_else(|| NodeError::NotRunning {
-            pod: self.name.clone(),
-            container: name.into(),
-        })
+        cur.map(|i| i.log.clone())
+            .ok_or_else(|| NodeError::NotRunning { pod: self.name.clone(), container: name.into() })
     }
 }
 
@@ -773,9 +751,7 @@ async fn pump(mut r: Box<dyn AsyncRead + Send + Unpin>, pipe: Pipe, inst: Arc<In
         inst.log.append(pipe, &chunk);
         let targets: Vec<mpsc::Sender<Bytes>> = {
             let mut a = inst.attachers.lock().expect("attachers lock");
-            a.retain(|(o, e)| {
-                o.as_ref().is_some_and(|s| !s.is_closed()) || e.as_ref().is_some_and(|s| !s.is_closed())
-            });
+            a.retain(|(o, e)| o.as_ref().is_some_and(|s| !s.is_closed()) || e.as_ref().is_some_and(|s| !s.is_closed()));
             a.iter()
                 .filter_map(|(o, e)| match pipe {
                     Pipe::Stdout => o.clone(),
@@ -895,27 +871,17 @@ fn field_ref(pod: &Pod, path: &str) -> Result<String, String> {
         "spec.serviceAccountName" => spec.service_account_name.clone().unwrap_or_default(),
         "status.podIP" | "status.hostIP" | "status.podIPs" | "status.hostIPs" => POD_IP.into(),
         p if p.starts_with("metadata.labels[") => map_get(&m.labels, &p["metadata.labels".len()..]),
-        p if p.starts_with("metadata.annotations[") => {
-            map_get(&m.annotations, &p["metadata.annotations".len()..])
-        }
+        p if p.starts_with("metadata.annotations[") => map_get(&m.annotations, &p["metadata.annotations".len()..]),
         p => return Err(format!("unsupported fieldRef fieldPath {p:?}")),
     })
 }
 
-fn source_data<'a>(
-    data: &'a ResolvedVolumes,
-    kind: &str,
-    name: &str,
-) -> Option<&'a BTreeMap<String, Vec<u8>>> {
+fn source_data<'a>(data: &'a ResolvedVolumes, kind: &str, name: &str) -> Option<&'a BTreeMap<String, Vec<u8>>> {
     data.get(&format!("{kind}/{name}"))
 }
 
 /// The container's environment: defaults, envFrom, then env (later wins), `$(VAR)` expanded.
-pub(crate) fn build_env(
-    pod: &Pod,
-    c: &Container,
-    data: &ResolvedVolumes,
-) -> Result<Vec<(String, String)>, String> {
+pub(crate) fn build_env(pod: &Pod, c: &Container, data: &ResolvedVolumes) -> Result<Vec<(String, String)>, String> {
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), sandbox::DEFAULT_PATH.into()),
         ("HOSTNAME".into(), pod.metadata.name.clone().unwrap_or_default()),
@@ -952,13 +918,27 @@ pub(crate) fn build_env(
                 match source_data(data, "configMap", &r.name).and_then(|d| d.get(&r.key)) {
                     Some(v) => String::from_utf8_lossy(v).into_owned(),
                     None if r.optional.unwrap_or(false) => continue,
-                    None => return Err(format!("couldn't find key {} in ConfigMap {}/{}", r.key, pod.metadata.namespace.as_deref().unwrap_or(""), r.name)),
+                    None => {
+                        return Err(format!(
+                            "couldn't find key {} in ConfigMap {}/{}",
+                            r.key,
+                            pod.metadata.namespace.as_deref().unwrap_or(""),
+                            r.name
+                        ));
+                    }
                 }
             } else if let Some(r) = &vf.secret_key_ref {
                 match source_data(data, "secret", &r.name).and_then(|d| d.get(&r.key)) {
                     Some(v) => String::from_utf8_lossy(v).into_owned(),
                     None if r.optional.unwrap_or(false) => continue,
-                    None => return Err(format!("couldn't find key {} in Secret {}/{}", r.key, pod.metadata.namespace.as_deref().unwrap_or(""), r.name)),
+                    None => {
+                        return Err(format!(
+                            "couldn't find key {} in Secret {}/{}",
+                            r.key,
+                            pod.metadata.namespace.as_deref().unwrap_or(""),
+                            r.name
+                        ));
+                    }
                 }
             } else if let Some(r) = &vf.resource_field_ref {
                 let res = c.resources.clone().unwrap_or_default();

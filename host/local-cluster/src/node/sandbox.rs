@@ -85,9 +85,7 @@ impl UsernsSysctls {
         UsernsSysctls {
             unprivileged_userns_clone: get("/proc/sys/kernel/unprivileged_userns_clone"),
             max_user_namespaces: get("/proc/sys/user/max_user_namespaces"),
-            apparmor_restrict_unprivileged_userns: get(
-                "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
-            ),
+            apparmor_restrict_unprivileged_userns: get("/proc/sys/kernel/apparmor_restrict_unprivileged_userns"),
         }
     }
 }
@@ -220,11 +218,7 @@ pub(crate) struct Started {
 }
 
 /// bwrap arguments that build the sandbox's filesystem view.
-pub(crate) fn filesystem_args(
-    rootfs: Option<&Path>,
-    binds: &[Bind],
-    working_dir: &str,
-) -> Vec<String> {
+pub(crate) fn filesystem_args(rootfs: Option<&Path>, binds: &[Bind], working_dir: &str) -> Vec<String> {
     let root_src = rootfs.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
     let src_of = |p: &str| root_src.join(p.trim_start_matches('/'));
     let mut args: Vec<String> = Vec::new();
@@ -436,8 +430,20 @@ pub(crate) async fn start_holder(
 ) -> std::io::Result<(Started, PodNamespaces)> {
     let user_ns: &[&str] = if isolation.root { &[] } else { &POD_USER_NS_ARGS };
     let args: Vec<String> = [
-        "--die-with-parent", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-        "--hostname", hostname, "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
+        "--die-with-parent",
+        "--unshare-net",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--hostname",
+        hostname,
+        "--ro-bind",
+        "/",
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
     ]
     .iter()
     .chain(user_ns)
@@ -448,12 +454,10 @@ pub(crate) async fn start_holder(
     .collect();
     let stdio = Stdios { stdin: Stdio::null(), stdout: Stdio::null(), stderr: Stdio::piped() };
     let env = [("PATH".to_string(), DEFAULT_PATH.to_string())];
-    let mut started =
-        spawn_bwrap(spawner, args, &env, stdio, Join::default(), CgroupProcs::default(), None).await?;
+    let mut started = spawn_bwrap(spawner, args, &env, stdio, Join::default(), CgroupProcs::default(), None).await?;
     let inner_pid = started.inner_pid;
-    let open = |kind: &str| -> std::io::Result<OwnedFd> {
-        Ok(File::open(format!("/proc/{inner_pid}/ns/{kind}"))?.into())
-    };
+    let open =
+        |kind: &str| -> std::io::Result<OwnedFd> { Ok(File::open(format!("/proc/{inner_pid}/ns/{kind}"))?.into()) };
     let opened = match holder_set_up(&mut started).await {
         Ok(()) => (|| {
             let user = if isolation.root { None } else { Some(open("user")?) };
@@ -481,9 +485,7 @@ async fn holder_set_up(started: &mut Started) -> std::io::Result<()> {
     let bwrap_exe = std::fs::read_link(format!("/proc/{}/exe", started.inner_pid)).ok();
     loop {
         let child = first_child(started.inner_pid);
-        if child.is_some_and(|c| {
-            std::fs::read_link(format!("/proc/{c}/exe")).is_ok_and(|exe| Some(exe) != bwrap_exe)
-        }) {
+        if child.is_some_and(|c| std::fs::read_link(format!("/proc/{c}/exe")).is_ok_and(|exe| Some(exe) != bwrap_exe)) {
             return Ok(());
         }
         if let Some(status) = started.child.try_wait()? {
@@ -645,7 +647,11 @@ mod tests {
     fn namespace_errors_name_the_kernel_setting_and_the_remedy() {
         let bwrap = || "bwrap: No permissions to create new namespace".to_string();
         let msg = |root, s: UsernsSysctls| namespaces_unavailable(root, bwrap(), &s).to_string();
-        let debian = UsernsSysctls { unprivileged_userns_clone: Some(0), max_user_namespaces: Some(63000), ..Default::default() };
+        let debian = UsernsSysctls {
+            unprivileged_userns_clone: Some(0),
+            max_user_namespaces: Some(63000),
+            ..Default::default()
+        };
         assert_eq!(
             msg(false, debian),
             "bubblewrap cannot create a pod's namespaces here: unprivileged user namespaces are disabled \
@@ -653,13 +659,24 @@ mod tests {
              or run the node as root (bwrap said: bwrap: No permissions to create new namespace)"
         );
         // The upstream switch wins: with it at 0 the Debian one does not matter.
-        let off = UsernsSysctls { unprivileged_userns_clone: Some(1), max_user_namespaces: Some(0), ..Default::default() };
-        assert!(msg(false, off).contains("user.max_user_namespaces = 0); allow them with `sysctl -w user.max_user_namespaces=15000`"));
-        let ubuntu = UsernsSysctls { apparmor_restrict_unprivileged_userns: Some(1), max_user_namespaces: Some(63000), ..Default::default() };
+        let off =
+            UsernsSysctls { unprivileged_userns_clone: Some(1), max_user_namespaces: Some(0), ..Default::default() };
+        assert!(
+            msg(false, off)
+                .contains("user.max_user_namespaces = 0); allow them with `sysctl -w user.max_user_namespaces=15000`")
+        );
+        let ubuntu = UsernsSysctls {
+            apparmor_restrict_unprivileged_userns: Some(1),
+            max_user_namespaces: Some(63000),
+            ..Default::default()
+        };
         assert!(msg(false, ubuntu).contains("AppArmor restricts unprivileged user namespaces"));
         // Nothing in the kernel settings explains it: a seccomp policy, most likely.
         let unknown = msg(false, UsernsSysctls { max_user_namespaces: Some(63000), ..Default::default() });
-        assert!(unknown.contains("this user may not create user namespaces") && unknown.contains("run the node as root"), "{unknown}");
+        assert!(
+            unknown.contains("this user may not create user namespaces") && unknown.contains("run the node as root"),
+            "{unknown}"
+        );
         // Root without CAP_SYS_ADMIN (an unprivileged container): the sysctls are beside the point.
         let root = msg(true, debian);
         assert!(root.contains("CAP_SYS_ADMIN") && !root.contains("unprivileged_userns_clone"), "{root}");
@@ -674,7 +691,9 @@ mod tests {
         };
         let unprivileged = args(false);
         assert_eq!(&unprivileged[..4], ["--target", "42", "--user", "--preserve-credentials"]);
-        assert!(["--mount", "--pid", "--net", "--uts", "--ipc"].iter().all(|ns| unprivileged.contains(&ns.to_string())));
+        assert!(
+            ["--mount", "--pid", "--net", "--uts", "--ipc"].iter().all(|ns| unprivileged.contains(&ns.to_string()))
+        );
         assert!(!args(true).contains(&"--user".to_string()), "root stays in the host's user namespace");
     }
 

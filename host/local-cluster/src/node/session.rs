@@ -100,18 +100,8 @@ pub(crate) async fn exec(
         return Err(NodeError::EmptyCommand { pod: pod.name.clone() });
     }
     let inst = pod.running_instance(container)?;
-    let mut cmd = sandbox::exec_command(
-        inst.inner_pid,
-        node.isolation,
-        &inst.working_dir,
-        &inst.env,
-        &req.command,
-    );
-    let spawn_err = |source| NodeError::ExecSpawn {
-        container: container.into(),
-        command: req.command.clone(),
-        source,
-    };
+    let mut cmd = sandbox::exec_command(inst.inner_pid, node.isolation, &inst.working_dir, &inst.env, &req.command);
+    let spawn_err = |source| NodeError::ExecSpawn { container: container.into(), command: req.command.clone(), source };
     let pty = if req.tty {
         let p = sandbox::open_pty().map_err(|source| NodeError::Pty { container: container.into(), source })?;
         let dup = |fd: &OwnedFd| fd.try_clone().map(Stdio::from);
@@ -215,11 +205,7 @@ pub(crate) fn exit_code(s: std::process::ExitStatus) -> i32 {
     s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
 }
 
-pub(crate) async fn attach(
-    pod: &Arc<PodRuntime>,
-    container: &str,
-    req: AttachRequest,
-) -> Result<Session, NodeError> {
+pub(crate) async fn attach(pod: &Arc<PodRuntime>, container: &str, req: AttachRequest) -> Result<Session, NodeError> {
     let inst = pod.running_instance(container)?;
     attach_instance(&inst, req)
 }
@@ -245,35 +231,35 @@ fn attach_instance(inst: &Arc<Instance>, req: AttachRequest) -> Result<Session, 
     inst.add_attacher(out_tx, err_tx);
     let mut stdin_tx = None;
     if req.stdin
-        && let Some(shared) = inst.stdin.clone() {
-            let (tx, mut rx) = mpsc::channel::<Bytes>(16);
-            let once = inst.stdin_once;
-            tokio::spawn(async move {
-                while let Some(b) = rx.recv().await {
-                    let mut g = shared.lock().await;
-                    let Some(w) = g.as_mut() else { break };
-                    if w.write_all(&b).await.is_err() || w.flush().await.is_err() {
-                        break;
-                    }
+        && let Some(shared) = inst.stdin.clone()
+    {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(16);
+        let once = inst.stdin_once;
+        tokio::spawn(async move {
+            while let Some(b) = rx.recv().await {
+                let mut g = shared.lock().await;
+                let Some(w) = g.as_mut() else { break };
+                if w.write_all(&b).await.is_err() || w.flush().await.is_err() {
+                    break;
                 }
-                if once {
-                    // stdinOnce: the first attach session to end closes the container's stdin.
-                    shared.lock().await.take();
-                }
-            });
-            stdin_tx = Some(tx);
-        }
+            }
+            if once {
+                // stdinOnce: the first attach session to end closes the container's stdin.
+                shared.lock().await.take();
+            }
+        });
+        stdin_tx = Some(tx);
+    }
     let mut resize_tx = None;
-    if tty
-        && let Some(master) = inst.pty_master.clone() {
-            let (tx, mut rx) = mpsc::channel::<TerminalSize>(4);
-            tokio::spawn(async move {
-                while let Some(sz) = rx.recv().await {
-                    let _ = sandbox::set_winsize(&*master, sz.width, sz.height);
-                }
-            });
-            resize_tx = Some(tx);
-        }
+    if tty && let Some(master) = inst.pty_master.clone() {
+        let (tx, mut rx) = mpsc::channel::<TerminalSize>(4);
+        tokio::spawn(async move {
+            while let Some(sz) = rx.recv().await {
+                let _ = sandbox::set_winsize(&*master, sz.width, sz.height);
+            }
+        });
+        resize_tx = Some(tx);
+    }
     let (exit_tx, exit_rx) = oneshot::channel();
     let mut gone = inst.exited.clone();
     tokio::spawn(async move {

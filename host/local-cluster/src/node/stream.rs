@@ -89,8 +89,7 @@ fn frame(channel: u8, data: &[u8]) -> Message {
 /// Runs the session over the socket until the process ends (then sends the Status and closes)
 /// or the client goes away (then the session is dropped, which kills an exec).
 pub async fn serve(ws: WebSocket, protocol: Protocol, session: Session) {
-    let Session { command, stdin, mut stdout, mut stderr, resize, mut exit, _kill_on_drop, .. } =
-        session;
+    let Session { command, stdin, mut stdout, mut stderr, resize, mut exit, _kill_on_drop, .. } = session;
     let mut stdin = stdin;
     let (mut tx, mut rx) = ws.split();
     let mut client_open = true;
@@ -98,15 +97,14 @@ pub async fn serve(ws: WebSocket, protocol: Protocol, session: Session) {
     let mut exit_done = false;
     loop {
         let outputs_done = stdout.is_none() && stderr.is_none();
-        if outputs_done
-            && let Some(status) = exit_status.take() {
-                let body = status_json(&command, &status).to_string();
-                let _ = tx.send(frame(ERROR, body.as_bytes())).await;
-                // client-go treats anything but a normal closure (1000) as an error on every stream.
-                let close = CloseFrame { code: axum::extract::ws::close_code::NORMAL, reason: "".into() };
-                let _ = tx.send(Message::Close(Some(close))).await;
-                break;
-            }
+        if outputs_done && let Some(status) = exit_status.take() {
+            let body = status_json(&command, &status).to_string();
+            let _ = tx.send(frame(ERROR, body.as_bytes())).await;
+            // client-go treats anything but a normal closure (1000) as an error on every stream.
+            let close = CloseFrame { code: axum::extract::ws::close_code::NORMAL, reason: "".into() };
+            let _ = tx.send(Message::Close(Some(close))).await;
+            break;
+        }
         tokio::select! {
             chunk = recv(&mut stdout) => match chunk {
                 Some(c) => if tx.send(frame(STDOUT, &c)).await.is_err() { break },
@@ -176,10 +174,7 @@ mod tests {
                 "details": {"causes": [{"reason": "ExitCode", "message": "3"}]}
             })
         );
-        assert_eq!(
-            status_json(&cmd, &ExitStatus::Exited(0)),
-            serde_json::json!({"metadata": {}, "status": "Success"})
-        );
+        assert_eq!(status_json(&cmd, &ExitStatus::Exited(0)), serde_json::json!({"metadata": {}, "status": "Success"}));
     }
 
     #[test]

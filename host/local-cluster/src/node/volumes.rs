@@ -57,8 +57,7 @@ fn io(volume: &str, path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError {
 
 /// A relative path that cannot climb out of its base.
 pub(crate) fn safe_relative(p: &str) -> bool {
-    !p.is_empty()
-        && Path::new(p).components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    !p.is_empty() && Path::new(p).components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
 fn project(
@@ -86,11 +85,7 @@ fn project(
                     Some(v) => files.push((it.path.clone(), v, it.mode.map(|m| m as u32).unwrap_or(mode))),
                     None if optional => {}
                     None => {
-                        return Err(VolumeError::MissingKey {
-                            volume: volume.into(),
-                            kind,
-                            key: it.key.clone(),
-                        });
+                        return Err(VolumeError::MissingKey { volume: volume.into(), kind, key: it.key.clone() });
                     }
                 }
             }
@@ -106,8 +101,7 @@ fn project(
             std::fs::create_dir_all(parent).map_err(io(volume, parent))?;
         }
         std::fs::write(&path, bytes).map_err(io(volume, &path))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777))
-            .map_err(io(volume, &path))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777)).map_err(io(volume, &path))?;
     }
     Ok(())
 }
@@ -128,8 +122,7 @@ pub(crate) fn prepare(
         let dir = pod_dir.join("volumes").join(name);
         let prepared = if let Some(ed) = &v.empty_dir {
             std::fs::create_dir_all(&dir).map_err(io(name, &dir))?;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
-                .map_err(io(name, &dir))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).map_err(io(name, &dir))?;
             if ed.medium.as_deref() == Some("Memory") {
                 if root {
                     mount_tmpfs(&dir).map_err(io(name, &dir))?;
@@ -144,16 +137,10 @@ pub(crate) fn prepare(
             let kind = hp.type_.clone().unwrap_or_default();
             match kind.as_str() {
                 "DirectoryOrCreate" => std::fs::create_dir_all(&path).map_err(io(name, &path))?,
-                "FileOrCreate" if !path.exists() => {
-                    std::fs::write(&path, b"").map_err(io(name, &path))?
-                }
+                "FileOrCreate" if !path.exists() => std::fs::write(&path, b"").map_err(io(name, &path))?,
                 "" | "FileOrCreate" => {}
                 _ if !path.exists() => {
-                    return Err(VolumeError::HostPathMissing {
-                        volume: name.into(),
-                        path: hp.path.clone(),
-                        kind,
-                    });
+                    return Err(VolumeError::HostPathMissing { volume: name.into(), path: hp.path.clone(), kind });
                 }
                 _ => {}
             }
@@ -248,12 +235,16 @@ mod tests {
     #[test]
     fn missing_key_and_escaping_paths_are_errors_naming_the_volume() {
         let tmp = tempfile::tempdir().unwrap();
-        let p = pod(serde_json::json!([{"name": "s", "secret": {"secretName": "x", "items": [{"key": "nope", "path": "n"}]}}]));
+        let p = pod(
+            serde_json::json!([{"name": "s", "secret": {"secretName": "x", "items": [{"key": "nope", "path": "n"}]}}]),
+        );
         let mut data = ResolvedVolumes::new();
         data.insert("s".into(), BTreeMap::new());
         let e = prepare(&p, &data, tmp.path(), tmp.path(), false).unwrap_err();
         assert_eq!(e.to_string(), "volume s: key nope not found in its secret");
-        let p = pod(serde_json::json!([{"name": "s", "secret": {"secretName": "x", "items": [{"key": "k", "path": "../../etc/x"}]}}]));
+        let p = pod(
+            serde_json::json!([{"name": "s", "secret": {"secretName": "x", "items": [{"key": "k", "path": "../../etc/x"}]}}]),
+        );
         data.insert("s".into(), [("k".to_string(), b"v".to_vec())].into_iter().collect());
         let e = prepare(&p, &data, tmp.path(), tmp.path(), false).unwrap_err();
         assert!(e.to_string().contains("../../etc/x"), "{e}");

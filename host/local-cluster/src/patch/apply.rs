@@ -68,7 +68,19 @@ fn untracked(prefix: &[String], key: &str) -> bool {
     match prefix {
         [] => matches!(key, "apiVersion" | "kind" | "status"),
         [m] if m == "f:metadata" => {
-            matches!(key, "name" | "namespace" | "uid" | "resourceVersion" | "generation" | "creationTimestamp" | "managedFields" | "deletionTimestamp" | "deletionGracePeriodSeconds" | "selfLink")
+            matches!(
+                key,
+                "name"
+                    | "namespace"
+                    | "uid"
+                    | "resourceVersion"
+                    | "generation"
+                    | "creationTimestamp"
+                    | "managedFields"
+                    | "deletionTimestamp"
+                    | "deletionGracePeriodSeconds"
+                    | "selfLink"
+            )
         }
         _ => false,
     }
@@ -90,7 +102,10 @@ pub fn field_set(config: &Value) -> BTreeSet<Path> {
             path.push(format!("f:{k}"));
             match v {
                 Value::Object(m) if !m.is_empty() => walk(m, &path, out),
-                Value::Array(items) if merge_key(k).is_some() && items.iter().all(|i| i.get(merge_key(k).unwrap_or_default()).is_some()) => {
+                Value::Array(items)
+                    if merge_key(k).is_some()
+                        && items.iter().all(|i| i.get(merge_key(k).unwrap_or_default()).is_some()) =>
+                {
                     let mk = merge_key(k).unwrap_or_default();
                     if items.is_empty() {
                         out.insert(path.clone());
@@ -244,7 +259,8 @@ pub fn apply(live: &Value, mut config: Value, manager: &str, force: bool) -> Res
 
     let mut result = live.clone();
     // Shallowest first: a list item is found by its key fields, so it must go before them.
-    let mut dropped: Vec<&Path> = previous.difference(&applied).filter(|p| !all.iter().any(|e| e.fields.contains(*p))).collect();
+    let mut dropped: Vec<&Path> =
+        previous.difference(&applied).filter(|p| !all.iter().any(|e| e.fields.contains(*p))).collect();
     dropped.sort_by_key(|p| p.len());
     for path in dropped {
         remove_at(&mut result, path);
@@ -293,7 +309,8 @@ mod tests {
 
     #[test]
     fn field_sets_round_trip_through_fields_v1() {
-        let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i", "args": ["a"]}]}});
+        let pod =
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i", "args": ["a"]}]}});
         let set = field_set(&pod);
         let v1 = to_fields_v1(&set);
         assert_eq!(v1["f:spec"]["f:containers"]["k:{\"name\":\"c\"}"]["."], json!({}));
@@ -305,7 +322,11 @@ mod tests {
     #[test]
     fn reapply_updates_and_drops_fields_it_no_longer_sets() {
         let first = apply(&json!({}), cm(json!({"a": "1", "b": "2"})), "me", false).unwrap();
-        assert_eq!(apply(&first, cm(json!({"a": "1", "b": "2"})), "me", false).unwrap(), first, "an identical apply changes nothing");
+        assert_eq!(
+            apply(&first, cm(json!({"a": "1", "b": "2"})), "me", false).unwrap(),
+            first,
+            "an identical apply changes nothing"
+        );
         let mut live = first.clone();
         live["data"]["other"] = json!("kept: nobody applied it");
         let second = apply(&live, cm(json!({"a": "10"})), "me", false).unwrap();
@@ -333,7 +354,9 @@ mod tests {
     #[test]
     fn keyed_list_items_merge_and_leave() {
         let pod = |containers: Value| json!({"metadata": {"name": "p"}, "spec": {"containers": containers}});
-        let live = apply(&json!({}), pod(json!([{"name": "a", "image": "1"}, {"name": "b", "image": "1"}])), "me", false).unwrap();
+        let live =
+            apply(&json!({}), pod(json!([{"name": "a", "image": "1"}, {"name": "b", "image": "1"}])), "me", false)
+                .unwrap();
         let next = apply(&live, pod(json!([{"name": "a", "image": "2"}])), "me", false).unwrap();
         assert_eq!(next["spec"]["containers"], json!([{"name": "a", "image": "2"}]));
     }

@@ -46,7 +46,11 @@ pub fn map_mut<'a>(obj: &'a mut Value, key: &str) -> &'a mut Map<String, Value> 
     if !obj.is_object() {
         *obj = Value::Object(Map::new());
     }
-    let slot = obj.as_object_mut().expect("just made an object").entry(key.to_owned()).or_insert_with(|| Value::Object(Map::new()));
+    let slot = obj
+        .as_object_mut()
+        .expect("just made an object")
+        .entry(key.to_owned())
+        .or_insert_with(|| Value::Object(Map::new()));
     if !slot.is_object() {
         *slot = Value::Object(Map::new());
     }

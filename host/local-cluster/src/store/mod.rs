@@ -133,7 +133,13 @@ impl Store {
     pub fn new(node_name: &str, history_len: usize) -> Arc<Store> {
         let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
         let store = Arc::new(Store {
-            inner: Mutex::new(Inner { rv: 0, compacted: 0, objects: HashMap::new(), history: VecDeque::new(), next_ip: 1 }),
+            inner: Mutex::new(Inner {
+                rv: 0,
+                compacted: 0,
+                objects: HashMap::new(),
+                history: VecDeque::new(),
+                next_ip: 1,
+            }),
             tx,
             history_len: history_len.max(1),
             node_name: node_name.to_owned(),
@@ -144,7 +150,8 @@ impl Store {
 
     fn bootstrap(&self) {
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
-            self.create(res("namespaces"), None, json!({"metadata": {"name": ns}})).expect("bootstrap namespace is valid");
+            self.create(res("namespaces"), None, json!({"metadata": {"name": ns}}))
+                .expect("bootstrap namespace is valid");
         }
         let kubernetes_svc = json!({
             "metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
@@ -195,14 +202,23 @@ impl Store {
         self.create_inner(res, ns, obj, true)
     }
 
-    fn create_inner(&self, res: &'static Resource, ns: Option<&str>, mut obj: Value, dry_run: bool) -> Result<Value, ApiError> {
+    fn create_inner(
+        &self,
+        res: &'static Resource,
+        ns: Option<&str>,
+        mut obj: Value,
+        dry_run: bool,
+    ) -> Result<Value, ApiError> {
         if !obj.is_object() {
             return Err(ApiError::BadRequest(format!("the body of a {} create must be a JSON object", res.kind)));
         }
         if let Some(kind) = obj.get("kind").and_then(Value::as_str)
             && kind != res.kind
         {
-            return Err(ApiError::BadRequest(format!("the kind of the object ({kind}) does not match the resource ({})", res.plural)));
+            return Err(ApiError::BadRequest(format!(
+                "the kind of the object ({kind}) does not match the resource ({})",
+                res.plural
+            )));
         }
         if let Some(c) = validate::name_present(&obj) {
             return Err(invalid(res, "", vec![c]));
@@ -212,7 +228,9 @@ impl Store {
             let ns = ns.unwrap_or("default");
             let body_ns = meta::namespace(&obj);
             if !body_ns.is_empty() && body_ns != ns {
-                return Err(ApiError::BadRequest("the namespace of the provided object does not match the namespace sent on the request".into()));
+                return Err(ApiError::BadRequest(
+                    "the namespace of the provided object does not match the namespace sent on the request".into(),
+                ));
             }
             match inner.objects.get("namespaces").and_then(|m| m.get(&(String::new(), ns.to_owned()))) {
                 None => return Err(ApiError::not_found("namespaces", ns)),
@@ -256,7 +274,11 @@ impl Store {
         if meta::name(&obj) == "kubernetes" && res.is("services") && ns.as_deref() == Some("default") {
             obj["spec"]["clusterIP"] = json!("10.96.0.1");
         }
-        defaults::apply(res.plural, &mut obj, &mut defaults::Context { node_name: &node_name, next_cluster_ip: &mut next_ip });
+        defaults::apply(
+            res.plural,
+            &mut obj,
+            &mut defaults::Context { node_name: &node_name, next_cluster_ip: &mut next_ip },
+        );
         validate::typed(res.plural, &obj).map_err(|e| ApiError::BadRequest(format!("{} in body: {e}", res.kind)))?;
         let causes = validate::object(res, &obj);
         if !causes.is_empty() {
@@ -278,7 +300,11 @@ impl Store {
             // Like the service-account controller: every namespace gets a `default` account.
             let name = meta::name(&obj).to_owned();
             drop(inner);
-            self.create(crate::resources::by_plural("serviceaccounts").expect("known"), Some(&name), json!({"metadata": {"name": "default"}}))?;
+            self.create(
+                crate::resources::by_plural("serviceaccounts").expect("known"),
+                Some(&name),
+                json!({"metadata": {"name": "default"}}),
+            )?;
         }
         Ok(obj)
     }
@@ -312,7 +338,15 @@ impl Store {
     /// order, starting after `after`. Past versions are rebuilt by undoing the history's events
     /// newer than `at`, so every page of a chunked list shows the same snapshot, as etcd's MVCC
     /// does for the real server; a version older than the history answers 410 Gone.
-    pub fn list_page(&self, res: &Resource, ns: Option<&str>, keep: impl Fn(&Value) -> bool, at: Option<u64>, after: Option<&Key>, limit: Option<usize>) -> Result<Page, ApiError> {
+    pub fn list_page(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+        keep: impl Fn(&Value) -> bool,
+        at: Option<u64>,
+        after: Option<&Key>,
+        limit: Option<usize>,
+    ) -> Result<Page, ApiError> {
         let inner = self.lock();
         let rv = at.unwrap_or(inner.rv);
         if rv > inner.rv {
@@ -358,7 +392,11 @@ impl Store {
     }
 
     /// Like `list`, plus a live receiver subscribed atomically with the snapshot.
-    pub fn list_and_subscribe(&self, res: &Resource, ns: Option<&str>) -> (Vec<Value>, u64, broadcast::Receiver<Arc<WatchEvent>>) {
+    pub fn list_and_subscribe(
+        &self,
+        res: &Resource,
+        ns: Option<&str>,
+    ) -> (Vec<Value>, u64, broadcast::Receiver<Arc<WatchEvent>>) {
         let inner = self.lock();
         let items = Self::list_locked(&inner, res, ns, |_| true);
         (items, inner.rv, self.tx.subscribe())
@@ -432,12 +470,16 @@ impl Store {
         }
         let new_name = meta::name(&new);
         if new_name != name {
-            return Err(ApiError::BadRequest(format!("the name of the object ({new_name}) does not match the name on the URL ({name})")));
+            return Err(ApiError::BadRequest(format!(
+                "the name of the object ({new_name}) does not match the name on the URL ({name})"
+            )));
         }
         if res.namespaced {
             let new_ns = meta::namespace(&new);
             if !new_ns.is_empty() && new_ns != key.0 {
-                return Err(ApiError::BadRequest("the namespace of the provided object does not match the namespace sent on the request".into()));
+                return Err(ApiError::BadRequest(
+                    "the namespace of the provided object does not match the namespace sent on the request".into(),
+                ));
             }
         }
         let new_rv = meta::resource_version(&new);
@@ -445,7 +487,8 @@ impl Store {
             return Err(ApiError::Conflict {
                 resource: res.plural.into(),
                 name: name.into(),
-                reason: "the object has been modified; please apply your changes to the latest version and try again".into(),
+                reason: "the object has been modified; please apply your changes to the latest version and try again"
+                    .into(),
             });
         }
         // Identity and server-owned metadata cannot be changed by clients.
@@ -578,9 +621,7 @@ fn invalid(res: &Resource, name: &str, causes: Vec<Cause>) -> ApiError {
 fn node_object(name: &str) -> Value {
     let now = meta::now_rfc3339();
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let condition = |t: &str, s: &str, reason: &str, msg: &str| {
-        json!({"type": t, "status": s, "reason": reason, "message": msg, "lastHeartbeatTime": now, "lastTransitionTime": now})
-    };
+    let condition = |t: &str, s: &str, reason: &str, msg: &str| json!({"type": t, "status": s, "reason": reason, "message": msg, "lastHeartbeatTime": now, "lastTransitionTime": now});
     json!({
         "metadata": {"name": name, "labels": {
             "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": std::env::consts::ARCH,
@@ -637,11 +678,12 @@ mod tests {
         let name = meta::name(&created).to_owned();
         assert!(name.starts_with("job-") && name.len() == 9, "{name}");
         let mut stale = created.clone();
-        store.update_with(res("pods"), Some("default"), &name, Part::Main, |o| {
-            o["metadata"]["labels"] = json!({"x": "1"});
-            Ok(())
-        })
-        .unwrap();
+        store
+            .update_with(res("pods"), Some("default"), &name, Part::Main, |o| {
+                o["metadata"]["labels"] = json!({"x": "1"});
+                Ok(())
+            })
+            .unwrap();
         stale["metadata"]["labels"] = json!({"x": "2"});
         let err = store.update_with(res("pods"), Some("default"), &name, Part::Main, |o| {
             *o = stale;
@@ -666,19 +708,23 @@ mod tests {
         // Changes after the first page: a new object, a deletion and a modification.
         store.create(cms, Some("default"), cm("bb")).unwrap();
         store.remove(cms, Some("default"), "c").unwrap();
-        store.update_with(cms, Some("default"), "d", Part::Main, |o| {
-            o["data"] = json!({"k": "v"});
-            Ok(())
-        })
-        .unwrap();
-        let second = store.list_page(cms, Some("default"), |_| true, Some(first.rv), first.continue_after.as_ref(), Some(2)).unwrap();
+        store
+            .update_with(cms, Some("default"), "d", Part::Main, |o| {
+                o["data"] = json!({"k": "v"});
+                Ok(())
+            })
+            .unwrap();
+        let second = store
+            .list_page(cms, Some("default"), |_| true, Some(first.rv), first.continue_after.as_ref(), Some(2))
+            .unwrap();
         assert_eq!(names(&second), ["c", "d"]);
         assert!(second.items[1].get("data").is_none(), "d as it was at the snapshot");
         assert_eq!((second.rv, second.continue_after.as_ref()), (first.rv, None));
         for i in 0..20 {
             store.create(cms, Some("default"), cm(&format!("x{i}"))).unwrap();
         }
-        let gone = store.list_page(cms, Some("default"), |_| true, Some(first.rv), first.continue_after.as_ref(), Some(2));
+        let gone =
+            store.list_page(cms, Some("default"), |_| true, Some(first.rv), first.continue_after.as_ref(), Some(2));
         assert!(matches!(gone, Err(ApiError::Gone { .. })), "{gone:?}");
     }
 

@@ -68,9 +68,7 @@ pub fn node_cpu_cgroups(pids: &[u32]) -> std::collections::BTreeMap<String, std:
     pids.iter()
         .filter_map(dir_of)
         .filter(|d| {
-            d.parent()
-                .and_then(|p| p.file_name())
-                .is_some_and(|n| n.to_string_lossy().starts_with("keel-node-"))
+            d.parent().and_then(|p| p.file_name()).is_some_and(|n| n.to_string_lossy().starts_with("keel-node-"))
         })
         .map(|d| (d.file_name().unwrap().to_string_lossy().into_owned(), d))
         .collect()

@@ -17,8 +17,7 @@ pub use exports::keel::plugin::execution_strategy::Stage;
 pub use exports::keel::plugin::pull_policy::PullPolicyRequest;
 pub use keel::plugin::host::LogLevel;
 pub use keel::plugin::types::{
-    Context, Image, Job, KeyValue, PluginInfo, Overwrites, PluginError, PullPolicy, Resources, Role,
-    Service, Variable,
+    Context, Image, Job, KeyValue, Overwrites, PluginError, PluginInfo, PullPolicy, Resources, Role, Service, Variable,
 };
 
 use exports::keel::plugin as guest;
@@ -38,15 +37,9 @@ impl Indices {
     pub fn new<T>(pre: &InstancePre<T>, has_role: impl Fn(&str) -> bool) -> Result<Self> {
         Ok(Indices {
             plugin: guest::plugin::GuestIndices::new(pre)?,
-            pod_mutator: has_role("pod-mutator")
-                .then(|| guest::pod_mutator::GuestIndices::new(pre))
-                .transpose()?,
-            pull_policy: has_role("pull-policy")
-                .then(|| guest::pull_policy::GuestIndices::new(pre))
-                .transpose()?,
-            overwrites: has_role("overwrites")
-                .then(|| guest::overwrites::GuestIndices::new(pre))
-                .transpose()?,
+            pod_mutator: has_role("pod-mutator").then(|| guest::pod_mutator::GuestIndices::new(pre)).transpose()?,
+            pull_policy: has_role("pull-policy").then(|| guest::pull_policy::GuestIndices::new(pre)).transpose()?,
+            overwrites: has_role("overwrites").then(|| guest::overwrites::GuestIndices::new(pre)).transpose()?,
             execution_strategy: has_role("execution-strategy")
                 .then(|| guest::execution_strategy::GuestIndices::new(pre))
                 .transpose()?,
@@ -60,11 +53,7 @@ impl Indices {
             pod_mutator: self.pod_mutator.as_ref().map(|i| i.load(&mut store, instance)).transpose()?,
             pull_policy: self.pull_policy.as_ref().map(|i| i.load(&mut store, instance)).transpose()?,
             overwrites: self.overwrites.as_ref().map(|i| i.load(&mut store, instance)).transpose()?,
-            execution_strategy: self
-                .execution_strategy
-                .as_ref()
-                .map(|i| i.load(&mut store, instance))
-                .transpose()?,
+            execution_strategy: self.execution_strategy.as_ref().map(|i| i.load(&mut store, instance)).transpose()?,
         })
     }
 
@@ -113,9 +102,7 @@ impl keel::plugin::host::Host for super::super::sandbox::StoreState {
 
 impl keel::plugin::types::Host for super::super::sandbox::StoreState {}
 
-pub fn add_host_to_linker(
-    linker: &mut wasmtime::component::Linker<super::super::sandbox::StoreState>,
-) -> Result<()> {
+pub fn add_host_to_linker(linker: &mut wasmtime::component::Linker<super::super::sandbox::StoreState>) -> Result<()> {
     keel::plugin::host::add_to_linker::<_, wasmtime::component::HasSelf<_>>(linker, |s| s)?;
     keel::plugin::types::add_to_linker::<_, wasmtime::component::HasSelf<_>>(linker, |s| s)
 }
