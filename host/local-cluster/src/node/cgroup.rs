@@ -71,7 +71,8 @@ pub(crate) struct CpuSettings {
 
 impl CpuSettings {
     /// From `limits.cpu` and `requests.cpu` in millicores. A missing request is the limit, as
-    /// the API server's defaulting makes it (the embedded API server does not default it).
+    /// API-server defaulting makes it (ours does too, in `store::defaults`); repeated here for
+    /// pods handed to the node directly, which skip the API server.
     /// Follows the kubelet's `MilliCPUToQuota` and `MilliCPUToShares`: a limit of 0 is no limit,
     /// the quota is at least 1 ms, shares are clamped to 2..=262144.
     pub fn from_millicores(limit: Option<u64>, request: Option<u64>) -> CpuSettings {
