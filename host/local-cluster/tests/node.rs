@@ -2,46 +2,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use common::{Fixture, fixture, fixture_with};
+
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
-use local_cluster::node::{AttachRequest, ExecRequest, ExitStatus, LogOptions, Node, NodeConfig, ResolvedVolumes};
-use tokio::sync::watch;
-
-struct Fixture {
-    node: Node,
-    statuses: watch::Receiver<BTreeMap<String, PodStatus>>,
-    dir: tempfile::TempDir,
-}
-
-fn fixture_with(unavailable: Vec<String>) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let (tx, rx) = watch::channel(BTreeMap::new());
-    let tx = Arc::new(Mutex::new(tx));
-    let node = Node::new(
-        NodeConfig {
-            data_dir: dir.path().join("node"),
-            images_dir: None,
-            unavailable_images: unavailable,
-            node_name: "test-node".into(),
-        },
-        Arc::new(move |uid: &str, st: PodStatus| {
-            tx.lock().unwrap().send_modify(|m| {
-                m.insert(uid.to_string(), st);
-            });
-        }),
-    )
-    .expect("node starts (is bwrap installed?)");
-    Fixture { node, statuses: rx, dir }
-}
-
-fn fixture() -> Fixture {
-    fixture_with(Vec::new())
-}
+use local_cluster::node::{AttachRequest, ExecRequest, ExitStatus, LogOptions, ResolvedVolumes};
 
 fn pod(uid: &str, spec: serde_json::Value) -> Pod {
     serde_json::from_value(serde_json::json!({
@@ -49,30 +16,6 @@ fn pod(uid: &str, spec: serde_json::Value) -> Pod {
         "spec": spec,
     }))
     .unwrap()
-}
-
-impl Fixture {
-    async fn wait_for(&mut self, uid: &str, what: &str, f: impl Fn(&PodStatus) -> bool) -> PodStatus {
-        let mut rx = self.statuses.clone();
-        let r = tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|m| m.get(uid).is_some_and(&f))).await;
-        match r {
-            Ok(m) => m.unwrap()[uid].clone(),
-            Err(_) => panic!("pod {uid} never reached: {what}; last status {:#?}", self.statuses.borrow().get(uid)),
-        }
-    }
-
-    async fn wait_phase(&mut self, uid: &str, phase: &str) -> PodStatus {
-        self.wait_for(uid, phase, |s| s.phase.as_deref() == Some(phase)).await
-    }
-
-    async fn logs(&self, uid: &str, c: &str, opts: LogOptions) -> String {
-        let mut s = self.node.logs(uid, c, opts).await.unwrap();
-        let mut out = Vec::new();
-        while let Some(b) = s.next().await {
-            out.extend_from_slice(&b.unwrap());
-        }
-        String::from_utf8(out).unwrap()
-    }
 }
 
 fn terminated(s: &PodStatus, c: &str) -> Option<(i32, String)> {
@@ -254,7 +197,7 @@ async fn unavailable_images_back_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_limit_is_enforced_as_oom_killed() {
-    if !rustix_is_root() {
+    if !common::is_root() {
         eprintln!("skipped: memory cgroups need root");
         return;
     }
@@ -276,7 +219,7 @@ async fn memory_limit_is_enforced_as_oom_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpu_limits_are_cfs_quotas_and_requests_are_shares_in_cgroups_that_go_away() {
-    if !rustix_is_root() {
+    if !common::is_root() {
         eprintln!("skipped: cpu cgroups need root");
         return;
     }
@@ -366,13 +309,6 @@ async fn an_unparsable_cpu_quantity_is_a_config_error_naming_it() {
     assert_eq!(w.reason.as_deref(), Some("CreateContainerConfigError"));
     assert_eq!(w.message.as_deref(), Some(r#"container c: invalid requests.cpu "1.5.0""#));
     f.node.shutdown().await;
-}
-
-fn rustix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

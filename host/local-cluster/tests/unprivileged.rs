@@ -9,20 +9,16 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use local_cluster::node::{
     AttachRequest, ExecRequest, ExitStatus, LogOptions, Node, NodeConfig, NodeError, ResolvedVolumes,
 };
 use local_cluster::{ClusterOptions, LocalCluster};
-use tokio::sync::watch;
 
 const NOBODY: u32 = 65534;
 /// Set for the child: the uid it must be running as, checked so a broken `setpriv` cannot make
@@ -33,7 +29,7 @@ const MARKER: &str = "KEEL_TEST_MARKER";
 
 #[test]
 fn node_runs_pods_with_their_own_namespaces_as_an_unprivileged_user() {
-    if !is_root() {
+    if !common::is_root() {
         return runtime().block_on(scenario());
     }
     let marker = format!("keel-unprivileged-{}", std::process::id());
@@ -54,7 +50,7 @@ fn scenario_as_this_user() {
 /// whose `user.max_user_namespaces` is 0, which binds everything inside it.
 #[test]
 fn node_start_names_the_cause_when_user_namespaces_are_disabled() {
-    if !is_root() {
+    if !common::is_root() {
         eprintln!("skipped: making a user namespace with user namespaces disabled needs root");
         return;
     }
@@ -161,19 +157,9 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-fn is_root() -> bool {
-    rustix_uid() == 0
-}
-
-fn rustix_uid() -> u32 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    line.split_whitespace().nth(2).unwrap().parse().unwrap()
-}
-
 async fn scenario() {
     if let Ok(uid) = std::env::var(EXPECT_UID) {
-        assert_eq!(rustix_uid().to_string(), uid, "the scenario must run as uid {uid}");
+        assert_eq!(rustix::process::geteuid().as_raw().to_string(), uid, "the scenario must run as uid {uid}");
     }
     let marker = std::env::var(MARKER).unwrap_or_else(|_| format!("keel-unprivileged-{}", std::process::id()));
     node_scenario(&marker).await;
@@ -196,34 +182,12 @@ fn terminated(s: &PodStatus, c: &str) -> Option<i32> {
     Some(cs.state.as_ref()?.terminated.as_ref()?.exit_code)
 }
 
-async fn wait_for(
-    rx: &watch::Receiver<BTreeMap<String, PodStatus>>,
-    uid: &str,
-    what: &str,
-    f: impl Fn(&PodStatus) -> bool,
-) -> PodStatus {
-    let mut waiter = rx.clone();
-    match tokio::time::timeout(Duration::from_secs(60), waiter.wait_for(|m| m.get(uid).is_some_and(&f))).await {
-        Ok(m) => m.unwrap()[uid].clone(),
-        Err(_) => panic!("pod {uid} never reached: {what}; last status {:#?}", rx.borrow().get(uid)),
-    }
-}
-
 async fn collect(rx: Option<tokio::sync::mpsc::Receiver<Bytes>>) -> String {
     let mut out = Vec::new();
     if let Some(mut rx) = rx {
         while let Some(b) = rx.recv().await {
             out.extend_from_slice(&b);
         }
-    }
-    String::from_utf8(out).unwrap()
-}
-
-async fn logs(node: &Node, uid: &str, c: &str) -> String {
-    let mut s = node.logs(uid, c, LogOptions::default()).await.unwrap();
-    let mut out = Vec::new();
-    while let Some(b) = s.next().await {
-        out.extend_from_slice(&b.unwrap());
     }
     String::from_utf8(out).unwrap()
 }
@@ -247,29 +211,13 @@ const FETCH: &str = "import urllib.request as u, time\n\
                      \x20   except OSError: time.sleep(0.05)\n";
 
 async fn node_scenario(marker: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let (tx, rx) = watch::channel(BTreeMap::new());
-    let tx = Arc::new(Mutex::new(tx));
-    let node = Node::new(
-        NodeConfig {
-            data_dir: dir.path().join("node"),
-            images_dir: None,
-            unavailable_images: Vec::new(),
-            node_name: "unprivileged".into(),
-        },
-        Arc::new(move |uid: &str, st: PodStatus| {
-            tx.lock().unwrap().send_modify(|m| {
-                m.insert(uid.to_string(), st);
-            });
-        }),
-    )
-    .expect("the node starts for an ordinary user where user namespaces are allowed");
+    let mut f = common::fixture();
 
     // Two containers share loopback and (shareProcessNamespace) their processes; a third writes
     // into an emptyDir.
     let server =
         "import http.server as h; h.HTTPServer(('127.0.0.1', 18933), h.SimpleHTTPRequestHandler).serve_forever()";
-    node.run_pod(
+    f.node.run_pod(
         pod("net", marker, serde_json::json!({
             "restartPolicy": "Never",
             "shareProcessNamespace": true,
@@ -284,9 +232,9 @@ async fn node_scenario(marker: &str) {
         })),
         ResolvedVolumes::new(),
     );
-    let st = wait_for(&rx, "net", "client done", |s| terminated(s, "client").is_some()).await;
+    let st = f.wait_for("net", "client done", |s| terminated(s, "client").is_some()).await;
     assert_eq!(terminated(&st, "client"), Some(0));
-    let out = logs(&node, "net", "client").await;
+    let out = f.logs("net", "client", LogOptions::default()).await;
     assert!(out.starts_with("200\n"), "the client reaches the server on 127.0.0.1: {out}");
     assert!(out.contains("python3"), "shareProcessNamespace: the server's process is visible: {out}");
     assert!(
@@ -295,25 +243,29 @@ async fn node_scenario(marker: &str) {
     );
     assert!(std::net::TcpStream::connect(("127.0.0.1", 18933)).is_err(), "the pod's port leaked into the host network");
     // The file belongs to this user on the host, not to root.
-    let file = dir.path().join("node/pods/net/volumes/data/from-client");
-    assert_eq!(std::fs::metadata(&file).unwrap().uid(), rustix_uid());
+    let file = f.dir.path().join("node/pods/net/volumes/data/from-client");
+    assert_eq!(std::fs::metadata(&file).unwrap().uid(), rustix::process::geteuid().as_raw());
 
     // exec joins the container's namespaces: a network and user namespace that are not ours,
     // where the server answers on loopback; exit codes come back.
     let ns = |kind: &str| std::fs::read_link(format!("/proc/self/ns/{kind}")).unwrap().display().to_string();
-    let (out, err, code) =
-        exec(&node, "net", "server", &format!("readlink /proc/self/ns/net /proc/self/ns/user; python3 -c \"{FETCH}\""))
-            .await;
+    let (out, err, code) = exec(
+        &f.node,
+        "net",
+        "server",
+        &format!("readlink /proc/self/ns/net /proc/self/ns/user; python3 -c \"{FETCH}\""),
+    )
+    .await;
     assert_eq!(code, ExitStatus::Exited(0), "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}{err}");
     assert_ne!(lines[0], ns("net"), "the pod has its own network namespace");
     assert_ne!(lines[1], ns("user"), "the pod has its own user namespace");
     assert_eq!(lines[2], "200");
-    assert_eq!(exec(&node, "net", "server", "exit 3").await.2, ExitStatus::Exited(3));
+    assert_eq!(exec(&f.node, "net", "server", "exit 3").await.2, ExitStatus::Exited(3));
 
     // attach reaches a running container's stdin and output.
-    node.run_pod(
+    f.node.run_pod(
         pod(
             "att",
             marker,
@@ -324,19 +276,19 @@ async fn node_scenario(marker: &str) {
         ),
         ResolvedVolumes::new(),
     );
-    wait_for(&rx, "att", "Running", |s| s.phase.as_deref() == Some("Running")).await;
+    f.wait_for("att", "Running", |s| s.phase.as_deref() == Some("Running")).await;
     let mut s =
-        node.attach("att", "c", AttachRequest { stdin: true, stdout: true, stderr: true, tty: false }).await.unwrap();
+        f.node.attach("att", "c", AttachRequest { stdin: true, stdout: true, stderr: true, tty: false }).await.unwrap();
     let stdin = s.stdin.take().unwrap();
     stdin.send(Bytes::from_static(b"echo attached-$((6*7))\n")).await.unwrap();
     let mut out = s.stdout.take().unwrap();
     assert_eq!(&out.recv().await.unwrap()[..], b"attached-42\n");
     drop((stdin, out, s));
-    wait_for(&rx, "att", "Succeeded", |s| s.phase.as_deref() == Some("Succeeded")).await;
+    f.wait_for("att", "Succeeded", |s| s.phase.as_deref() == Some("Succeeded")).await;
 
     // Memory and CPU limits this user cannot enforce (no writable memory or cpu cgroup) are
     // reported by the node and do not keep the pod from running.
-    node.run_pod(
+    f.node.run_pod(
         pod(
             "mem",
             marker,
@@ -348,20 +300,21 @@ async fn node_scenario(marker: &str) {
         ),
         ResolvedVolumes::new(),
     );
-    wait_for(&rx, "mem", "Succeeded", |s| s.phase.as_deref() == Some("Succeeded")).await;
-    assert_eq!(logs(&node, "mem", "c").await, "ran\n");
+    f.wait_for("mem", "Succeeded", |s| s.phase.as_deref() == Some("Succeeded")).await;
+    assert_eq!(f.logs("mem", "c", LogOptions::default()).await, "ran\n");
     assert_eq!(
-        node.memory_limits_enforced(),
+        f.node.memory_limits_enforced(),
         cgroup_writable("memory"),
         "memory enforcement as reported matches what the cgroups allow"
     );
     assert_eq!(
-        node.cpu_limits_enforced(),
+        f.node.cpu_limits_enforced(),
         cgroup_writable("cpu"),
         "CPU enforcement as reported matches what the cgroups allow"
     );
 
-    node.shutdown().await;
+    f.node.shutdown().await;
+    let common::Fixture { node, dir, .. } = f;
     drop(node);
     dir.close().unwrap();
 }

@@ -2,9 +2,16 @@
 //! processes on the embedded node.
 #![allow(dead_code)]
 
-use k8s_openapi::api::core::v1::Pod;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use local_cluster::node::{LogOptions, Node, NodeConfig};
 use local_cluster::{ClusterOptions, LocalCluster};
 use serde_json::json;
+use tokio::sync::watch;
 
 pub async fn cluster() -> LocalCluster {
     cluster_with(ClusterOptions::default()).await
@@ -109,4 +116,69 @@ pub async fn until_throttled(dir: &std::path::Path) -> u64 {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     panic!("{} was never throttled: the quota does not hold", dir.display());
+}
+
+/// Whether the tests run as root (effective uid 0).
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A node on its own (no API server) whose status reports land in a watch channel, with its
+/// data dir; dropping it kills every container and removes the dir.
+pub struct Fixture {
+    pub node: Node,
+    pub statuses: watch::Receiver<BTreeMap<String, PodStatus>>,
+    pub dir: tempfile::TempDir,
+}
+
+/// A node that treats the `unavailable` images as unpullable.
+pub fn fixture_with(unavailable: Vec<String>) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, rx) = watch::channel(BTreeMap::new());
+    let tx = Arc::new(Mutex::new(tx));
+    let node = Node::new(
+        NodeConfig {
+            data_dir: dir.path().join("node"),
+            images_dir: None,
+            unavailable_images: unavailable,
+            node_name: "test-node".into(),
+        },
+        Arc::new(move |uid: &str, st: PodStatus| {
+            tx.lock().unwrap().send_modify(|m| {
+                m.insert(uid.to_string(), st);
+            });
+        }),
+    )
+    .expect("node starts (is bwrap installed, are user namespaces allowed?)");
+    Fixture { node, statuses: rx, dir }
+}
+
+pub fn fixture() -> Fixture {
+    fixture_with(Vec::new())
+}
+
+impl Fixture {
+    /// The pod's status once `f` holds for it (60 s bound only for a broken run).
+    pub async fn wait_for(&mut self, uid: &str, what: &str, f: impl Fn(&PodStatus) -> bool) -> PodStatus {
+        let mut rx = self.statuses.clone();
+        let r = tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|m| m.get(uid).is_some_and(&f))).await;
+        match r {
+            Ok(m) => m.unwrap()[uid].clone(),
+            Err(_) => panic!("pod {uid} never reached: {what}; last status {:#?}", self.statuses.borrow().get(uid)),
+        }
+    }
+
+    pub async fn wait_phase(&mut self, uid: &str, phase: &str) -> PodStatus {
+        self.wait_for(uid, phase, |s| s.phase.as_deref() == Some(phase)).await
+    }
+
+    /// The container's whole log (ends once it has exited).
+    pub async fn logs(&self, uid: &str, c: &str, opts: LogOptions) -> String {
+        let mut s = self.node.logs(uid, c, opts).await.unwrap();
+        let mut out = Vec::new();
+        while let Some(b) = s.next().await {
+            out.extend_from_slice(&b.unwrap());
+        }
+        String::from_utf8(out).unwrap()
+    }
 }
