@@ -243,6 +243,11 @@ pub struct Kubernetes {
     pub poll_interval: Option<u64>,
     /// Seconds to wait for the pod to start running (default 180).
     pub poll_timeout: Option<u64>,
+    /// Grace period (seconds) given to the pod when the job's objects are deleted at the end.
+    pub cleanup_grace_period_seconds: Option<i64>,
+    /// keel: the execution strategy (`exec`, a plugin name, or a `.wasm` path) when the
+    /// command line names none.
+    pub strategy: Option<String>,
     #[serde(default)]
     pub pod_labels: BTreeMap<String, String>,
     pub pod_labels_overwrite_allowed: Option<OverwriteRegex>,
@@ -730,6 +735,21 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 impl Config {
+    /// The configuration `host run`/`render` use without `--config`: one Kubernetes runner
+    /// with GitLab's defaults (namespace `default`, the job's own image, no overwrites, no
+    /// plugins).
+    pub fn builtin() -> Config {
+        Config {
+            runners: vec![Runner {
+                name: "default".into(),
+                executor: "kubernetes".into(),
+                kubernetes: Some(Kubernetes::default()),
+                ..Runner::default()
+            }],
+            ..Config::default()
+        }
+    }
+
     /// Read and check `path`; relative paths inside (plugins, patch files) resolve against
     /// the file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {

@@ -1,10 +1,17 @@
 //! The keel host: builds a job's pod, lets sandboxed plugins shape it, and runs it.
 //!
 //! Modules follow the job's data flow: `config` (config.toml) -> `job` (the job's YAML) ->
-//! `pod` (build the objects) -> `render` (print what would be created).
+//! `pod` (the base objects) -> `plugins` (mutate, decide, the strategy's host services) ->
+//! `prepare` (all of that as one step) -> `render` (print) or `cluster` (connect, create,
+//! watch, exec) -> `run` (the stages) -> `trace` (mask, stream) -> `cleanup`.
 
+pub mod cluster;
 pub mod config;
 pub mod job;
 pub mod plugins;
 pub mod pod;
+pub mod prepare;
 pub mod render;
+pub mod run;
+pub mod sources;
+pub mod trace;

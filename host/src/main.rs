@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use host::job::parse::JobSource;
 use host::plugins::Runtime;
 use host::render::{self, OutputFormat, RenderRequest};
+use host::run::RunOptions;
 
 #[derive(Parser)]
 #[command(name = "host", version, about = "Run GitLab CI jobs on Kubernetes, shaped by WebAssembly plugins")]
@@ -19,8 +20,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the objects (Secret, Pod, Services) a job would create, after all plugins ran.
+    /// Run a job on a cluster: create its pod, run its scripts through the execution strategy,
+    /// stream the masked trace to stdout, clean up. Exit status: 0 success, 1 the script
+    /// failed, 2 system failure (config, cluster, pod, plugin), 3 job timeout, 130 cancelled.
+    Run(RunArgs),
+    /// Print the objects (Secrets, Pod, Services) a job would create, after all plugins ran.
     Render(RenderArgs),
+    /// Delete what keel left behind (pods, secrets, services labelled
+    /// app.kubernetes.io/managed-by=keel), e.g. after a host was killed with -9.
+    Cleanup(CleanupArgs),
     /// Work with plugin components.
     Plugin {
         #[command(subcommand)]
@@ -82,10 +90,73 @@ enum Output {
 }
 
 #[derive(clap::Args)]
-struct RenderArgs {
-    /// Runner configuration (GitLab Runner's config.toml format).
+struct RunArgs {
+    /// Runner configuration (GitLab Runner's config.toml format); default: built-in defaults.
     #[arg(long, short, env = "KEEL_CONFIG")]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// Which `[[runners]]` entry, by name (default: the first with executor = "kubernetes").
+    #[arg(long, env = "KEEL_RUNNER")]
+    runner: Option<String>,
+    /// Extra plugin components, run after the config's plugins in the order given.
+    #[arg(long = "plugin", value_name = "P.wasm")]
+    plugins: Vec<PathBuf>,
+    /// The execution strategy: a plugin name (`exec`) or a `.wasm` file.
+    #[arg(long, env = "KEEL_STRATEGY", value_name = "NAME|P.wasm")]
+    strategy: Option<String>,
+    /// Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, env = "KEEL_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context (default: its current context).
+    #[arg(long)]
+    context: Option<String>,
+    /// The project's files, copied into $CI_PROJECT_DIR (default: the job file's directory).
+    #[arg(long)]
+    source: Option<PathBuf>,
+    /// Prefix every trace line with an RFC 3339 time.
+    #[arg(long)]
+    timestamps: bool,
+    /// Keep a copy of the trace in this file.
+    #[arg(long)]
+    trace_file: Option<PathBuf>,
+    /// The job's `CI_JOB_ID` (default: random, so concurrent runs never share labels).
+    #[arg(long, env = "KEEL_JOB_ID")]
+    job_id: Option<u64>,
+    /// The project's `CI_PROJECT_ID`.
+    #[arg(long, env = "KEEL_PROJECT_ID", default_value_t = 1)]
+    project_id: u64,
+    /// The project's `group/name` (default: `local/<source dir name>`).
+    #[arg(long, env = "KEEL_PROJECT_PATH")]
+    project_path: Option<String>,
+    /// Where compiled plugins are cached.
+    #[arg(long, env = "KEEL_PLUGIN_CACHE")]
+    plugin_cache: Option<PathBuf>,
+    /// A single job file, or `path/.gitlab-ci.yml#jobname` for one job of a pipeline file.
+    #[arg(value_name = "JOB")]
+    job: String,
+}
+
+#[derive(clap::Args)]
+struct CleanupArgs {
+    /// Only objects created longer ago than this (`90s`, `10m`, `2h`; default: all).
+    #[arg(long, value_name = "DURATION")]
+    older_than: Option<String>,
+    /// Runner configuration, for its `host` (default: the kubeconfig).
+    #[arg(long, short, env = "KEEL_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "KEEL_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long)]
+    context: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct RenderArgs {
+    /// Runner configuration (GitLab Runner's config.toml format); default: built-in defaults.
+    #[arg(long, short, env = "KEEL_CONFIG")]
+    config: Option<PathBuf>,
+    /// The execution strategy whose pod changes are shown, as for `run`.
+    #[arg(long, env = "KEEL_STRATEGY", value_name = "NAME|P.wasm")]
+    strategy: Option<String>,
     /// Which `[[runners]]` entry, by name (default: the first with executor = "kubernetes").
     #[arg(long, env = "KEEL_RUNNER")]
     runner: Option<String>,
@@ -115,16 +186,37 @@ struct RenderArgs {
     job: String,
 }
 
-fn init_tracing() {
-    // Logs go to stderr so rendered output on stdout stays machine-readable.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
+/// Logs go to stderr so the trace or rendered output on stdout stays clean. `KEEL_LOG` (an
+/// env-filter) wins over the config's `log_level`; `log_format = "json"` gives JSON lines.
+fn init_tracing(cli: &Cli) {
+    use host::config::{Config, LogFormat, LogLevel};
+    let config_path = match &cli.command {
+        Command::Run(a) => a.config.as_ref(),
+        Command::Render(a) => a.config.as_ref(),
+        _ => None,
+    };
+    // Read again (and checked with file:line) by the command itself; here only the two keys.
+    let config = config_path.and_then(|p| Config::load(p).ok());
+    let level = match config.as_ref().and_then(|c| c.log_level) {
+        Some(LogLevel::Debug) => "debug",
+        Some(LogLevel::Info) => "info",
+        Some(LogLevel::Warn) | None => "warn",
+        Some(LogLevel::Error | LogLevel::Fatal | LogLevel::Panic) => "error",
+    };
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if config.and_then(|c| c.log_format) == Some(LogFormat::Json) {
+        builder.json().try_init()
+    } else {
+        builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init()
+    };
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Run(args) => return run_job(args).await,
+        Command::Cleanup(args) => cleanup(args).await?,
         Command::Render(args) => {
             let rt = Runtime::new(args.plugin_cache.clone()).context("cannot start the plugin runtime")?;
             let req = RenderRequest {
@@ -132,6 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 runner: args.runner,
                 job: JobSource::from_arg(&args.job),
                 extra_plugins: args.plugins,
+                strategy: args.strategy,
                 job_id: args.job_id,
                 project_id: args.project_id,
                 project_path: args.project_path,
@@ -155,6 +248,153 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{inspection}");
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C and SIGTERM, counted: the first cancels the job, the second skips after_script.
+fn interrupts() -> anyhow::Result<tokio::sync::watch::Receiver<u32>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let (tx, rx) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            let n = *tx.borrow() + 1;
+            eprintln!(
+                "keel: {}",
+                if n == 1 { "interrupted: stopping the job (after_script still runs; interrupt again to skip it)" } else { "interrupted again: skipping after_script, cleaning up" }
+            );
+            let _ = tx.send(n);
+        }
+    });
+    Ok(rx)
+}
+
+async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // Signals first: no window where Ctrl-C kills the process without cleanup.
+    let interrupts = interrupts()?;
+    let rt = Runtime::new(args.plugin_cache.clone()).context("cannot start the plugin runtime")?;
+    let job = JobSource::from_arg(&args.job);
+    let source_dir = args.source.clone().unwrap_or_else(|| match job.path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    });
+    let project_path = args.project_path.clone().unwrap_or_else(|| {
+        let name = std::fs::canonicalize(&source_dir)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "project".into());
+        format!("local/{}", host::pod::dns_label(&name, 63).chars().take(40).collect::<String>())
+    });
+    let job_id = args.job_id.unwrap_or_else(|| fastrand::u64(1..1_000_000_000));
+    let mut predefined = vec![("CI_PIPELINE_ID".to_string(), job_id.to_string())];
+    if let Some(git) = host::sources::git_facts(&source_dir) {
+        predefined.push(("CI_COMMIT_SHA".into(), git.commit_sha.clone()));
+        predefined.push(("CI_COMMIT_SHORT_SHA".into(), git.commit_sha.chars().take(8).collect()));
+        predefined.push(("CI_COMMIT_REF_NAME".into(), git.ref_name));
+    }
+    let req = host::prepare::PrepareRequest {
+        config: args.config,
+        runner: args.runner,
+        job,
+        extra_plugins: args.plugins,
+        strategy: args.strategy,
+        job_id,
+        project_id: args.project_id,
+        project_path,
+        object_suffix: format!("{job_id}-{}", fastrand::u32(..) % 100_000),
+        predefined,
+        require_strategy: true,
+    };
+    let opts = RunOptions {
+        connect: host::cluster::ConnectOptions {
+            kubeconfig: args.kubeconfig,
+            context: args.context,
+            embedded: local_cluster::ClusterOptions { tls: true, ..local_cluster::ClusterOptions::default() },
+        },
+        source_dir: Some(source_dir),
+        timestamps: args.timestamps,
+        trace_file: args.trace_file,
+        color: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+    };
+    let outcome = host::run::run(&rt, req, opts, Box::new(std::io::stdout()), interrupts).await;
+    Ok(ExitCode::from(outcome.exit_status()))
+}
+
+async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+    let older_than = match &args.older_than {
+        Some(d) => Some(
+            host::config::parse_duration(d).with_context(|| format!("--older-than {d:?}: not a duration (90s, 10m, 2h)"))?,
+        ),
+        None => None,
+    };
+    let k8s = match &args.config {
+        Some(path) => {
+            let config = host::config::Config::load(path)?;
+            config.runner(None, path)?.kubernetes.clone().unwrap_or_default()
+        }
+        None => host::config::Kubernetes::default(),
+    };
+    let opts = host::cluster::ConnectOptions { kubeconfig: args.kubeconfig, context: args.context, ..Default::default() };
+    if k8s.host.is_none() && opts.kubeconfig.is_none() && std::env::var_os("KUBECONFIG").is_none() {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        if !home.join(".kube/config").is_file() && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+            anyhow::bail!("no cluster to clean: give --kubeconfig, KUBECONFIG or a config with `host`");
+        }
+    }
+    let connection = host::cluster::connect(&k8s, &opts).await?;
+    let client = connection.client.clone();
+    let cutoff = older_than.map(|d| jiff::Timestamp::now() - jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX));
+    let old_enough = |meta: &kube::api::ObjectMeta| match (cutoff, &meta.creation_timestamp) {
+        (None, _) => true,
+        (Some(cutoff), Some(t)) => t.0 < cutoff,
+        (Some(_), None) => false,
+    };
+    let mut removed = 0;
+    let mut created = Vec::new();
+    for pod in host::cluster::list_managed::<Pod>(&client).await? {
+        if old_enough(&pod.metadata) {
+            created.push(host::cluster::Created {
+                namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+                pod: Some((pod.metadata.name.clone().unwrap_or_default(), pod.metadata.uid.clone().unwrap_or_default())),
+                ..Default::default()
+            });
+        }
+    }
+    for s in host::cluster::list_managed::<Secret>(&client).await? {
+        if old_enough(&s.metadata) {
+            created.push(host::cluster::Created {
+                namespace: s.metadata.namespace.clone().unwrap_or_default(),
+                secrets: vec![s.metadata.name.clone().unwrap_or_default()],
+                ..Default::default()
+            });
+        }
+    }
+    for s in host::cluster::list_managed::<Service>(&client).await? {
+        if old_enough(&s.metadata) {
+            created.push(host::cluster::Created {
+                namespace: s.metadata.namespace.clone().unwrap_or_default(),
+                services: vec![s.metadata.name.clone().unwrap_or_default()],
+                ..Default::default()
+            });
+        }
+    }
+    for c in &created {
+        host::cluster::delete(&client, c, Some(0)).await?;
+        let what = c.pod.as_ref().map(|(n, _)| format!("pod/{n}"))
+            .or_else(|| c.secrets.first().map(|n| format!("secret/{n}")))
+            .or_else(|| c.services.first().map(|n| format!("service/{n}")))
+            .unwrap_or_default();
+        println!("deleted {}/{what}", c.namespace);
+        removed += 1;
+    }
+    eprintln!("keel cleanup: {removed} objects removed");
+    connection.close().await;
     Ok(())
 }
 
@@ -191,21 +431,22 @@ async fn cluster_up(args: ClusterUpArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(&cli);
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")
         .and_then(|rt| rt.block_on(run(cli)));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             // The whole chain: which file/plugin, then why.
             eprintln!("error: {error}");
             for cause in error.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            ExitCode::FAILURE
+            // Nothing ran: a configuration or invocation problem is a system failure too.
+            ExitCode::from(2)
         }
     }
 }

@@ -34,7 +34,7 @@ pub const SCRIPTS_VOLUME: &str = "scripts";
 /// The job's `output.log`, read back by the trace reader.
 pub const LOGS_VOLUME: &str = "logs";
 /// Volume names operators cannot use for their own volumes.
-pub const RESERVED_VOLUMES: &[&str] = &[REPO_VOLUME, SCRIPTS_VOLUME, LOGS_VOLUME];
+pub const RESERVED_VOLUMES: &[&str] = &[REPO_VOLUME, SCRIPTS_VOLUME, LOGS_VOLUME, VARS_VOLUME];
 /// Key of the registry credentials in a `kubernetes.io/dockerconfigjson` Secret.
 pub const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
 /// Default helper image (GitLab's), used when the config names none.
@@ -42,10 +42,19 @@ pub const DEFAULT_HELPER_IMAGE: &str =
     "registry.gitlab.com/gitlab-org/gitlab-runner/gitlab-runner-helper:x86_64-latest";
 pub const DEFAULT_NAMESPACE: &str = "default";
 
-/// PID 1 of build and helper: the first shell the image has, reading commands from stdin
-/// (the attach strategy writes one command line per stage to it).
-pub const DETECT_SHELL: &str = "for s in /usr/local/bin/bash /usr/bin/bash /bin/bash /usr/local/bin/sh /usr/bin/sh /bin/sh /busybox/sh; do \
-if [ -x \"$s\" ]; then exec \"$s\"; fi; done; echo 'keel: no shell (bash or sh) found in the image' >&2; exit 1";
+/// PID 1 of build and helper in the base pod: a shell that idles until the pod is deleted.
+/// Strategies that need something else (the attach strategy's shell reading stdin) replace it
+/// in their `prepare`. Only `sh` and `sleep` are needed, which every image that can run a job
+/// script has.
+pub const IDLE: &str = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done";
+
+/// Where the job's variables are mounted (from the variables Secret) in build and helper.
+/// Stage scripts source `VARS_DIR/env.sh`; file variables are files here.
+pub const VARS_DIR: &str = "/keel-vars";
+/// The volume holding the variables Secret.
+pub const VARS_VOLUME: &str = "keel-vars";
+/// The key of the sourced environment file in the variables Secret.
+pub const VARS_ENV_KEY: &str = "env.sh";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
@@ -62,13 +71,21 @@ pub enum PodError {
 pub struct PodContext {
     pub project_id: u64,
     pub concurrent_id: u32,
+    /// Makes the names of the job's Secrets unique (they are named before the pod exists, so
+    /// they cannot use generateName). `render` uses the job id (stable output); `run` adds a
+    /// random part so concurrent runs of the same job never collide.
+    pub object_suffix: String,
 }
 
 /// Everything the job would create, pod first.
 #[derive(Debug, Clone)]
 pub struct JobObjects {
     pub pod: Pod,
+    /// Registry credentials (from `DOCKER_AUTH_CONFIG`).
     pub secret: Option<Secret>,
+    /// The job's variables as files: `env.sh` (sourced by every stage script) and one file per
+    /// file-type variable. Values of non-public variables live only here, never in the Pod.
+    pub variables: Secret,
     pub services: Vec<Service>,
 }
 
@@ -248,20 +265,14 @@ pub fn build(
     tolerations.extend(accepted.node_tolerations.clone());
 
     let builds_dir = job.variable("CI_BUILDS_DIR").unwrap_or("/builds").to_string();
-    let scripts_dir = format!("/scripts-{}-{}", ctx.project_id, job.id);
-    let logs_dir = format!("/logs-{}-{}", ctx.project_id, job.id);
+    let suffix = if ctx.object_suffix.is_empty() { job_id.clone() } else { ctx.object_suffix.clone() };
+    let variables = variables_secret(job, &unique, &suffix, &namespace, &job_id);
+    let variables_name = variables.metadata.name.clone().unwrap_or_default();
 
-    // Volumes: the host's three, then the operator's in GitLab's order.
-    let mut volumes = vec![
-        empty_dir(REPO_VOLUME, None, None),
-        empty_dir(SCRIPTS_VOLUME, None, None),
-        empty_dir(LOGS_VOLUME, None, None),
-    ];
-    let mut mounts = vec![
-        mount(REPO_VOLUME, &builds_dir, false, None),
-        mount(SCRIPTS_VOLUME, &scripts_dir, false, None),
-        mount(LOGS_VOLUME, &logs_dir, false, None),
-    ];
+    // Volumes: the checkout, then the operator's in GitLab's order. The variables Secret is
+    // mounted into build and helper only (services get public variables as env, as in GitLab).
+    let mut volumes = vec![empty_dir(REPO_VOLUME, None, None)];
+    let mut mounts = vec![mount(REPO_VOLUME, &builds_dir, false, None)];
     let v = &k8s.volumes;
     for h in &v.host_path {
         let host_path = h.host_path.clone().unwrap_or_else(|| h.mount_path.clone());
@@ -316,12 +327,23 @@ pub fn build(
         mounts.push(mount(&e.name.0, &e.mount_path, false, e.sub_path.as_deref()));
     }
 
+    volumes.push(Volume {
+        name: VARS_VOLUME.to_string(),
+        secret: Some(SecretVolumeSource { secret_name: Some(variables_name), ..Default::default() }),
+        ..Default::default()
+    });
+    let mut job_mounts = mounts.clone();
+    job_mounts.push(mount(VARS_VOLUME, VARS_DIR, true, None));
+
     let env: Vec<EnvVar> = {
-        // One entry per key, the winning value, in first-definition order.
+        // Public variables only (GitLab's rule): anyone who may `get pods` reads the env. The
+        // rest reach the scripts through the variables Secret. One entry per key, the winning
+        // value, in first-definition order.
         let mut seen = std::collections::BTreeSet::new();
         job.variables
             .iter()
             .filter(|v| seen.insert(v.key.as_str()))
+            .filter(|v| job.variables.iter().rev().find(|w| w.key == v.key).is_some_and(|w| w.public && !w.file))
             .map(|v| EnvVar {
                 name: v.key.clone(),
                 value: Some(escape_env(job.variable(&v.key).unwrap_or_default())),
@@ -336,14 +358,14 @@ pub fn build(
         allow_privilege_escalation: k8s.allow_privilege_escalation,
         ..Default::default()
     });
-    let shell = vec!["sh".to_string(), "-c".to_string(), DETECT_SHELL.to_string()];
+    let idle = vec!["sh".to_string(), "-c".to_string(), IDLE.to_string()];
 
     let build_resources = overlay(k8s.build_resources(), &accepted.build);
     let (command, args) = if job.image.entrypoint.iter().any(|s| !s.is_empty()) {
-        // Docker semantics: a custom entrypoint receives the shell as its arguments.
-        (job.image.entrypoint.clone(), Some(shell.clone()))
+        // Docker semantics: a custom entrypoint receives the command as its arguments.
+        (job.image.entrypoint.clone(), Some(idle.clone()))
     } else {
-        (shell.clone(), None)
+        (idle.clone(), None)
     };
     let build = Container {
         name: BUILD_CONTAINER.into(),
@@ -353,9 +375,8 @@ pub fn build(
         args,
         env: Some(env.clone()),
         resources: requirements(&build_resources),
-        volume_mounts: Some(mounts.clone()),
+        volume_mounts: Some(job_mounts.clone()),
         security_context: security.clone(),
-        stdin: Some(true),
         working_dir: job.variable("CI_PROJECT_DIR").map(str::to_string),
         ..Default::default()
     };
@@ -365,28 +386,11 @@ pub fn build(
         name: HELPER_CONTAINER.into(),
         image: Some(helper_image.clone()),
         image_pull_policy: pull(&helper_image),
-        command: Some(shell.clone()),
+        command: Some(idle.clone()),
         env: Some(env.clone()),
         resources: requirements(&overlay(k8s.helper_resources(), &accepted.helper)),
-        volume_mounts: Some(mounts.clone()),
+        volume_mounts: Some(job_mounts.clone()),
         security_context: security.clone(),
-        stdin: Some(true),
-        ..Default::default()
-    };
-
-    // The log file must exist, writable by any user the build image runs as, before the
-    // strategy tees stage output into it.
-    let init = Container {
-        name: INIT_CONTAINER.into(),
-        image: Some(helper_image.clone()),
-        image_pull_policy: pull(&helper_image),
-        command: Some(vec![
-            "sh".into(),
-            "-c".into(),
-            format!("touch {logs_dir}/output.log && chmod 666 {logs_dir}/output.log"),
-        ]),
-        resources: requirements(&overlay(k8s.helper_resources(), &accepted.helper)),
-        volume_mounts: Some(vec![mount(LOGS_VOLUME, &logs_dir, false, None)]),
         ..Default::default()
     };
 
@@ -491,7 +495,7 @@ pub fn build(
 
     // Registry credentials from GitLab's DOCKER_AUTH_CONFIG, as a dockerconfigjson Secret.
     let secret = match job.variable("DOCKER_AUTH_CONFIG") {
-        Some(raw) if !raw.trim().is_empty() => Some(registry_secret(raw, &unique, &namespace, &job_id)?),
+        Some(raw) if !raw.trim().is_empty() => Some(registry_secret(raw, &unique, &suffix, &namespace, &job_id)?),
         _ => None,
     };
     let mut pull_secrets: Vec<LocalObjectReference> =
@@ -528,7 +532,6 @@ pub fn build(
             host_aliases: (!host_aliases.is_empty())
                 .then(|| vec![HostAlias { ip: "127.0.0.1".into(), hostnames: Some(host_aliases) }]),
             resources: requirements(&k8s.pod_resources()),
-            init_containers: Some(vec![init]),
             containers,
             volumes: Some(volumes),
             ..Default::default()
@@ -536,7 +539,7 @@ pub fn build(
         ..Default::default()
     };
 
-    let mut objects = JobObjects { pod, secret, services: k8s_services };
+    let mut objects = JobObjects { pod, secret, variables, services: k8s_services };
     // Dependants die with the pod. Until the pod exists its uid is unknown; `run` calls this
     // again with the created pod's name and uid.
     let pod_ref_name = objects.pod.metadata.generate_name.clone().unwrap_or_default();
@@ -558,6 +561,7 @@ impl JobObjects {
         if let Some(s) = self.secret.as_mut() {
             s.metadata.owner_references = Some(owner.clone());
         }
+        self.variables.metadata.owner_references = Some(owner.clone());
         for s in &mut self.services {
             s.metadata.owner_references = Some(owner.clone());
         }
@@ -571,14 +575,64 @@ fn host_labels(job_id: &str) -> BTreeMap<String, String> {
     ])
 }
 
-fn registry_secret(raw: &str, unique: &str, namespace: &str, job_id: &str) -> Result<Secret, PodError> {
+/// `'...'` for POSIX sh: nothing inside is special but `'` itself.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// A variable name the shell can export.
+fn shell_name_ok(key: &str) -> bool {
+    let mut chars = key.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The file of a file-type variable inside [`VARS_DIR`].
+pub fn variable_file_key(key: &str) -> String {
+    format!("file.{key}")
+}
+
+/// The variables Secret: `env.sh` exports every variable (its winning value; a file variable's
+/// value is the path of its file), and each file variable's content is a key of its own.
+fn variables_secret(job: &Job, unique: &str, suffix: &str, namespace: &str, job_id: &str) -> Secret {
+    let mut env = String::from("# keel: the job's variables, sourced by every stage script\n");
+    let mut data = BTreeMap::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for v in &job.variables {
+        if !seen.insert(v.key.as_str()) || !shell_name_ok(&v.key) {
+            continue;
+        }
+        let winner = job.variables.iter().rev().find(|w| w.key == v.key).unwrap_or(v);
+        let value = if winner.file {
+            let file_key = variable_file_key(&v.key);
+            data.insert(file_key.clone(), ByteString(winner.value.as_bytes().to_vec()));
+            format!("{VARS_DIR}/{file_key}")
+        } else {
+            winner.value.clone()
+        };
+        env.push_str(&format!("export {}={}\n", v.key, shell_quote(&value)));
+    }
+    data.insert(VARS_ENV_KEY.to_string(), ByteString(env.into_bytes()));
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(format!("{}-{}-vars", dns_label(unique, 40), dns_label(suffix, 12))),
+            namespace: Some(namespace.to_string()),
+            labels: Some(host_labels(job_id)),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+fn registry_secret(raw: &str, unique: &str, suffix: &str, namespace: &str, job_id: &str) -> Result<Secret, PodError> {
     let parsed: serde_json::Value =
         serde_json::from_str(raw).map_err(|e| PodError::DockerAuthConfig { reason: format!("invalid JSON: {e}") })?;
     if !parsed.get("auths").is_some_and(|a| a.is_object()) {
         return Err(PodError::DockerAuthConfig { reason: "no `auths` object at the top level".into() });
     }
     // A fixed name (not generateName) so the pod can reference it before either exists.
-    let name = format!("{}-{job_id}-registry", dns_label(unique, 40));
+    let name = format!("{}-{}-registry", dns_label(unique, 40), dns_label(suffix, 12));
     Ok(Secret {
         metadata: ObjectMeta {
             name: Some(name),

@@ -81,6 +81,9 @@ pub struct JobContext {
     pub environment: Vec<(String, String)>,
     /// The runner config's default `image`, used when the job names none.
     pub default_image: Option<String>,
+    /// More predefined variables the caller knows (`CI_PIPELINE_ID`, `CI_COMMIT_SHA`,
+    /// `CI_COMMIT_REF_NAME` from the source checkout); same precedence as the predefined ones.
+    pub predefined: Vec<(String, String)>,
 }
 
 impl Default for JobContext {
@@ -94,6 +97,7 @@ impl Default for JobContext {
             runner_token: String::new(),
             environment: Vec::new(),
             default_image: None,
+            predefined: Vec::new(),
         }
     }
 }
@@ -802,6 +806,9 @@ fn build_job(
     ];
     for (k, v) in predefined {
         vars.insert(k.to_string(), plain(v));
+    }
+    for (k, v) in &ctx.predefined {
+        vars.insert(k.clone(), plain(v.clone()));
     }
     if let Some(t) = def.timeout {
         vars.insert("CI_JOB_TIMEOUT".into(), plain(t.0.as_secs().to_string()));

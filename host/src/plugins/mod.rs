@@ -12,6 +12,7 @@
 
 mod cache;
 mod sandbox;
+pub mod strategy_host;
 mod validate;
 pub mod wit;
 
@@ -32,6 +33,7 @@ use wasmtime::{
 use crate::job::{Job, Overwrites, PullPolicy, Resources};
 pub use cache::Source as CompileSource;
 use sandbox::StoreState;
+pub use strategy_host::StrategyServices;
 pub use validate::HostOwned;
 use wit::latest;
 
@@ -158,6 +160,8 @@ pub enum PluginError {
     HostOwnedChanged { plugin: String, version: String, field: String, before: String, after: String },
     #[error("plugin `{plugin}` {version} was stopped earlier in this job ({reason}) and is not called again")]
     Stopped { plugin: String, version: String, reason: String },
+    #[error("no execution strategy is bound to the job")]
+    NoStrategy,
     #[error("cannot encode {what} for plugins: {source}")]
     Encode {
         what: &'static str,
@@ -451,7 +455,7 @@ impl Runtime {
         };
         // Ask the plugin who it is, in a throwaway instance, so errors from now on can name
         // its version and the host knows which of the exported roles are real.
-        let mut probe = Instance::new(&inner, self.inner.allocation, None).await?;
+        let mut probe = Instance::new(&inner, self.inner.allocation, None, None).await?;
         let meta = probe.metadata(&inner).await?;
         inner.version = meta.version;
         inner.self_name = meta.name.clone();
@@ -573,12 +577,24 @@ impl Instance {
         plugin: &PluginInner,
         allocation: Allocation,
         ctx: Option<Arc<latest::Context>>,
+        strategy: Option<Arc<StrategyServices>>,
     ) -> Result<Self, PluginError> {
         let mut store =
             Store::new(plugin.pre.engine(), StoreState::new(plugin.name.clone(), plugin.limits.memory_bytes));
         store.limiter(|state| &mut state.limiter);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(deadline_ticks(plugin.limits.call_timeout));
+        // The CPU budget of a call counts time inside wasm: a host call that returned (a
+        // strategy waited on the cluster) renews it; otherwise reaching the deadline traps.
+        let ticks = deadline_ticks(plugin.limits.call_timeout);
+        store.epoch_deadline_callback(move |mut ctx| {
+            let state = ctx.data_mut();
+            if std::mem::take(&mut state.renew_deadline) {
+                Ok(wasmtime::UpdateDeadline::Continue(ticks))
+            } else {
+                Err(wasmtime::Error::new(Trap::Interrupt))
+            }
+        });
+        store.set_epoch_deadline(ticks);
+        store.data_mut().strategy = strategy;
         let instantiate = plugin.pre.instantiate_async(&mut store);
         let instance = match tokio::time::timeout(plugin.limits.call_timeout + EPOCH_TICK * 10, instantiate).await {
             Ok(Ok(instance)) => instance,
@@ -627,6 +643,7 @@ impl Instance {
                 reason: reason.clone(),
             });
         }
+        self.store.data_mut().renew_deadline = false;
         self.store.set_epoch_deadline(deadline_ticks(plugin.limits.call_timeout));
         Ok(())
     }
@@ -694,6 +711,19 @@ fn host_timeout(limits: &Limits) -> Duration {
     limits.call_timeout + EPOCH_TICK * 10
 }
 
+fn no_context(plugin: &PluginInner) -> PluginError {
+    PluginError::Internal {
+        plugin: plugin.name.to_string(),
+        version: plugin.version.clone(),
+        call: "role call",
+        reason: "the instance was made without a job context".into(),
+    }
+}
+
+fn not_exported(plugin: &PluginInner, role: Role) -> PluginError {
+    PluginError::RoleNotExported { plugin: plugin.name.to_string(), role }
+}
+
 fn guest_error(plugin: &PluginInner, role: &'static str, call: &'static str, e: latest::PluginError) -> PluginError {
     let name = plugin.name.to_string();
     let version = plugin.version.clone();
@@ -729,6 +759,14 @@ impl OverwriteDecision {
 pub struct JobPlugins {
     job_id: u64,
     members: Vec<(Plugin, Instance)>,
+    /// Index in `members` of the job's execution strategy, if one was bound.
+    strategy: Option<usize>,
+}
+
+/// The execution strategy a job runs its stages with, and the pod access it gets.
+pub struct StrategyBinding {
+    pub plugin: Plugin,
+    pub services: Arc<StrategyServices>,
 }
 
 impl JobPlugins {
@@ -741,15 +779,40 @@ impl JobPlugins {
         job: &Job,
         runner_config: &serde_json::Value,
     ) -> Result<Self, PluginError> {
+        Self::with_strategy(rt, plugins, job, runner_config, None).await
+    }
+
+    /// Like [`JobPlugins::new`], binding `strategy` as the job's execution strategy (added to
+    /// the members if it is not one of `plugins`); only it gets pod access.
+    pub async fn with_strategy(
+        rt: &Runtime,
+        plugins: &[Plugin],
+        job: &Job,
+        runner_config: &serde_json::Value,
+        strategy: Option<StrategyBinding>,
+    ) -> Result<Self, PluginError> {
         let mut runner_config = runner_config.clone();
         resolve_patch_paths(&mut runner_config, Path::new("."))?;
         let runner_json = serde_json::to_string(&runner_config)
             .map_err(|source| PluginError::Encode { what: "runner config", source })?;
         let redacted = Arc::new(convert::context(job, &runner_json, false));
         let full = Arc::new(convert::context(job, &runner_json, true));
-        let mut members = Vec::with_capacity(plugins.len());
-        for plugin in plugins {
+        let mut members = Vec::with_capacity(plugins.len() + 1);
+        let mut all: Vec<Plugin> = plugins.to_vec();
+        let strategy_index = strategy.as_ref().map(|b| match all.iter().position(|p| Arc::ptr_eq(&p.inner, &b.plugin.inner)) {
+            Some(i) => i,
+            None => {
+                all.push(b.plugin.clone());
+                all.len() - 1
+            }
+        });
+        for (index, plugin) in all.iter().enumerate() {
             let ctx = if plugin.inner.grants.secrets { full.clone() } else { redacted.clone() };
+            // Only the job's strategy reaches the pod; other plugins' strategy-host calls are refused.
+            let services = match (&strategy, strategy_index) {
+                (Some(b), Some(i)) if i == index => Some(b.services.clone()),
+                _ => None,
+            };
             let span = tracing::info_span!(
                 "plugin.call",
                 plugin.name = plugin.name(),
@@ -757,11 +820,72 @@ impl JobPlugins {
                 job.id = job.id
             );
             let mut instance =
-                Instance::new(&plugin.inner, rt.inner.allocation, Some(ctx)).instrument(span.clone()).await?;
+                Instance::new(&plugin.inner, rt.inner.allocation, Some(ctx), services).instrument(span.clone()).await?;
             instance.configure(&plugin.inner).instrument(span).await?;
             members.push((plugin.clone(), instance));
         }
-        Ok(JobPlugins { job_id: job.id, members })
+        Ok(JobPlugins { job_id: job.id, members, strategy: strategy_index })
+    }
+
+    /// The bound strategy plugin.
+    pub fn strategy(&self) -> Option<&Plugin> {
+        self.strategy.map(|i| &self.members[i].0)
+    }
+
+    /// The strategy's `prepare`: its own pod changes, checked like a mutator's.
+    pub async fn strategy_prepare(&mut self, pod: Pod, rules: &HostOwned) -> Result<Pod, PluginError> {
+        let Some(index) = self.strategy else { return Ok(pod) };
+        let baseline = validate::Snapshot::of(&pod, rules);
+        let json = serde_json::to_string(&pod).map_err(|source| PluginError::Encode { what: "pod", source })?;
+        let (plugin, instance) = &mut self.members[index];
+        let p = &*plugin.inner;
+        let span = tracing::info_span!(
+            "plugin.call",
+            plugin.name = &*p.name,
+            plugin.role = "execution-strategy",
+            job.id = self.job_id
+        );
+        let output = async {
+            instance.arm(p)?;
+            let ctx = instance.ctx.clone().ok_or_else(|| no_context(p))?;
+            let guest = instance.exports.execution_strategy.as_ref().ok_or_else(|| not_exported(p, Role::ExecutionStrategy))?;
+            let call = guest.call_prepare(&mut instance.store, &ctx, &json);
+            let outcome = tokio::time::timeout(host_timeout(&p.limits), call).await;
+            let result = instance.settle(p, "execution-strategy.prepare", outcome)?;
+            result.map_err(|e| guest_error(p, "execution-strategy", "execution-strategy.prepare", e))
+        }
+        .instrument(span)
+        .await?;
+        baseline.check(&output).map_err(|violation| violation.into_error(p))
+    }
+
+    /// The strategy's `run-stage`: may last as long as `timeout` (the stage's own), waiting on
+    /// the cluster through host calls; the CPU budget inside wasm is still the plugin's.
+    pub async fn run_stage(&mut self, name: &str, script: &str, timeout: Duration) -> Result<i32, PluginError> {
+        let Some(index) = self.strategy else {
+            return Err(PluginError::NoStrategy);
+        };
+        let (plugin, instance) = &mut self.members[index];
+        let p = &*plugin.inner;
+        let span = tracing::info_span!(
+            "plugin.call",
+            plugin.name = &*p.name,
+            plugin.role = "execution-strategy",
+            job.id = self.job_id,
+            stage = name
+        );
+        async {
+            instance.arm(p)?;
+            let ctx = instance.ctx.clone().ok_or_else(|| no_context(p))?;
+            let guest = instance.exports.execution_strategy.as_ref().ok_or_else(|| not_exported(p, Role::ExecutionStrategy))?;
+            let stage = latest::Stage { name: name.to_string(), script: script.to_string() };
+            let call = guest.call_run_stage(&mut instance.store, &ctx, &stage);
+            let outcome = tokio::time::timeout(timeout + host_timeout(&p.limits), call).await;
+            let result = instance.settle(p, "execution-strategy.run-stage", outcome)?;
+            result.map_err(|e| guest_error(p, "execution-strategy", "execution-strategy.run-stage", e))
+        }
+        .instrument(span)
+        .await
     }
 
     pub fn has_role(&self, role: Role) -> bool {

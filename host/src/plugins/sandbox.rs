@@ -15,11 +15,16 @@ use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiVie
 /// next job because the next job gets a new one.
 pub struct StoreState {
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(crate) table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
     pub(crate) plugin: Arc<str>,
     /// The last lines the plugin wrote to stderr; a panic message ends up here.
     last_stderr: Tail,
+    /// Pod access for the job's execution strategy; `None` for every other plugin.
+    pub(crate) strategy: Option<Arc<crate::plugins::strategy_host::StrategyServices>>,
+    /// Set when a host call returns: the CPU deadline counts time inside wasm since then, not
+    /// the time a strategy spent waiting on the cluster (see `Instance::new`).
+    pub(crate) renew_deadline: bool,
 }
 
 impl StoreState {
@@ -37,7 +42,13 @@ impl StoreState {
             limiter: MemoryLimiter::new(memory_bytes),
             plugin,
             last_stderr,
+            strategy: None,
+            renew_deadline: false,
         }
+    }
+
+    pub(crate) fn host_call_returned(&mut self) {
+        self.renew_deadline = true;
     }
 
     /// What the plugin last said on stderr: a Rust panic's `panicked at ...` line and its

@@ -1,0 +1,513 @@
+//! `host run`: a job's whole life on a cluster. Prepare (as `render`), connect, create the
+//! objects, wait for the pod (failing fast on terminal states), copy the sources, run
+//! `step_script` and then `after_script` through the strategy plugin, and always clean up.
+
+pub mod script;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use tracing::Instrument;
+
+use crate::cluster::session::JobPod;
+use crate::cluster::watch::{self, PodFailure, PodWatch};
+use crate::cluster::{self, ConnectOptions, Connection, Created};
+use crate::job::{Job, PullPolicy};
+use crate::plugins::Runtime;
+use crate::prepare::{PrepareRequest, PreparedJob, prepare};
+use crate::trace::{Trace, TraceOptions};
+use script::{STEP_SCRIPT, StageScript};
+
+/// GitLab's default job timeout (a project setting there).
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(3600);
+/// GitLab's `RUNNER_AFTER_SCRIPT_TIMEOUT` default.
+pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
+/// GitLab's `poll_timeout` default.
+pub const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_secs(180);
+/// Deleting the job's objects (and seeing the pod gone) may take this long at most.
+pub const CLEANUP_TIMEOUT: Duration = Duration::from_secs(120);
+/// After a cancel or timeout, how long the strategy may take to notice its stage ended.
+const STAGE_STOP_GRACE: Duration = Duration::from_secs(15);
+
+/// How a job ended. The process exit status follows from it ([`Outcome::exit_status`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// The job's script failed with this exit code.
+    ScriptFailure { exit_code: i32 },
+    /// The job's timeout stopped it.
+    Timeout { after: Duration },
+    /// Ctrl-C or SIGTERM.
+    Cancelled,
+    /// Anything that is not the script's doing: the pod, a plugin, the API, a timeout waiting.
+    SystemFailure { reason: String },
+}
+
+impl Outcome {
+    /// 0 success, 1 script failure, 2 system failure, 3 timeout, 130 cancelled.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            Outcome::Success => 0,
+            Outcome::ScriptFailure { .. } => 1,
+            Outcome::SystemFailure { .. } => 2,
+            Outcome::Timeout { .. } => 3,
+            Outcome::Cancelled => 130,
+        }
+    }
+
+    /// The job's last trace line, in GitLab's words.
+    pub fn last_line(&self) -> String {
+        match self {
+            Outcome::Success => "Job succeeded".into(),
+            Outcome::ScriptFailure { exit_code } => format!("ERROR: Job failed: exit code {exit_code}"),
+            Outcome::Timeout { after } => {
+                format!("ERROR: Job failed: execution took longer than {} seconds", after.as_secs())
+            }
+            Outcome::Cancelled => "ERROR: Job failed: canceled".into(),
+            Outcome::SystemFailure { reason } => format!("ERROR: Job failed (system failure): {reason}"),
+        }
+    }
+}
+
+/// `host run` options besides the prepare request.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub connect: ConnectOptions,
+    /// Where the project's files come from (default: the job file's directory).
+    pub source_dir: Option<PathBuf>,
+    pub timestamps: bool,
+    pub trace_file: Option<PathBuf>,
+    /// ANSI colours in the trace (stdout is a terminal).
+    pub color: bool,
+}
+
+/// Ctrl-C/SIGTERM count: 1 cancels the job (after_script still runs), 2 skips after_script.
+pub type Interrupts = tokio::sync::watch::Receiver<u32>;
+
+async fn interrupted(rx: &mut Interrupts, at_least: u32) {
+    loop {
+        if *rx.borrow_and_update() >= at_least {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Values the trace must never show: masked variables and every non-public value.
+fn secret_values(job: &Job) -> Vec<String> {
+    job.variables.iter().filter(|v| v.masked || !v.public).map(|v| v.value.clone()).filter(|v| !v.is_empty()).collect()
+}
+
+/// Runs one job to its end. The trace goes to `sink` (stdout for the command line); the
+/// returned outcome's last line has been written to it.
+pub async fn run(
+    rt: &Runtime,
+    req: PrepareRequest,
+    opts: RunOptions,
+    sink: Box<dyn std::io::Write + Send>,
+    mut interrupts: Interrupts,
+) -> Outcome {
+    let started = Instant::now();
+    let prepared = prepare(rt, &req).await;
+    let mut prepared = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            // No trace yet (its masking needs the job): this line carries no job values.
+            let outcome = Outcome::SystemFailure { reason: chain(&e) };
+            let mut sink = sink;
+            let _ = std::io::Write::write_all(&mut sink, format!("{}\n", outcome.last_line()).as_bytes());
+            return outcome;
+        }
+    };
+    let trace_opts = TraceOptions {
+        timestamps: opts.timestamps,
+        output_limit: prepared.runner.output_limit.unwrap_or(4096).saturating_mul(1024),
+        trace_file: opts.trace_file.clone(),
+        color: opts.color,
+    };
+    let trace = match Trace::new(trace_opts, secret_values(&prepared.job), sink) {
+        Ok(t) => t,
+        Err(e) => return Outcome::SystemFailure { reason: chain(&e) },
+    };
+    let write = trace.clone();
+    prepared.services.set_trace(Arc::new(move |bytes: &[u8]| write.write(bytes)));
+    let span = tracing::info_span!("job", job.id = prepared.job.id, job.name = %prepared.job.name);
+    let outcome = async {
+        trace.info(&format!("Running with keel {} (host {})", env!("CARGO_PKG_VERSION"), hostname()));
+        trace.info("Preparing the \"kubernetes\" executor");
+        let connection = match cluster::connect(&prepared.k8s, &opts.connect).await {
+            Ok(c) => c,
+            Err(e) => return Outcome::SystemFailure { reason: format!("cannot connect to a cluster: {}", chain(&e)) },
+        };
+        if connection.embedded.is_some() {
+            eprintln!("keel: no cluster configured (runner host, kubeconfig, in-cluster); started an embedded one for this job");
+        }
+        trace.info(&format!("Using Kubernetes cluster {}", connection.via));
+        let mut created = Created::default();
+        let outcome = run_on(&mut prepared, &connection, &mut created, &opts, &req, &trace, &mut interrupts).await;
+        cleanup(&connection, &created, prepared.k8s.cleanup_grace_period_seconds, &trace).await;
+        connection.close().await;
+        outcome
+    }
+    .instrument(span)
+    .await;
+    tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "job finished");
+    match &outcome {
+        Outcome::Success => trace.success(&outcome.last_line()),
+        _ => trace.error(&outcome.last_line()),
+    }
+    outcome
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
+}
+
+/// Deletes what the job created, bounded by [`CLEANUP_TIMEOUT`]; the pod is waited for so no
+/// container outlives the job.
+async fn cleanup(connection: &Connection, created: &Created, grace: Option<i64>, trace: &Trace) {
+    if created.pod.is_none() && created.secrets.is_empty() && created.services.is_empty() {
+        return;
+    }
+    let work = async {
+        if let Err(e) = cluster::delete(&connection.client, created, grace).await {
+            trace.warning(&format!("WARNING: cleanup: {}", chain(&e)));
+        }
+        if let Some((name, uid)) = &created.pod
+            && let Err(e) = cluster::wait_deleted(&connection.client, &created.namespace, name, uid).await
+        {
+            trace.warning(&format!("WARNING: cleanup: {}", chain(&e)));
+        }
+    };
+    if tokio::time::timeout(CLEANUP_TIMEOUT, work).await.is_err() {
+        trace.warning(&format!(
+            "WARNING: cleanup did not finish within {}s; `host cleanup` removes what is left",
+            CLEANUP_TIMEOUT.as_secs()
+        ));
+    }
+}
+
+/// The next pull policy for `image` after `tried` failed, if the decided list has one.
+fn next_policy(prepared: &PreparedJob, image: &str, tried: &[PullPolicy]) -> Option<PullPolicy> {
+    prepared.policies.get(image)?.iter().copied().find(|p| !tried.contains(p))
+}
+
+fn set_pull_policy(pod: &mut Pod, image: &str, policy: PullPolicy) {
+    if let Some(spec) = pod.spec.as_mut() {
+        for c in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
+            if c.image.as_deref() == Some(image) {
+                c.image_pull_policy = Some(policy.as_k8s().to_string());
+            }
+        }
+    }
+}
+
+fn current_policy(pod: &Pod, image: &str) -> Option<PullPolicy> {
+    let spec = pod.spec.as_ref()?;
+    let c = spec.containers.iter().chain(spec.init_containers.iter().flatten()).find(|c| c.image.as_deref() == Some(image))?;
+    match c.image_pull_policy.as_deref()? {
+        "Always" => Some(PullPolicy::Always),
+        "IfNotPresent" => Some(PullPolicy::IfNotPresent),
+        "Never" => Some(PullPolicy::Never),
+        _ => None,
+    }
+}
+
+enum Wait {
+    Ready(PodWatch),
+    Failed(Outcome),
+    PullFailed { image: String, failure: PodFailure },
+}
+
+/// Waits for the pod to run: one trace line per status change, a terminal state at once.
+async fn wait_running(api: &Api<Pod>, name: &str, namespace: &str, timeout: Duration, trace: &Trace, interrupts: &mut Interrupts) -> Wait {
+    let pod_watch = PodWatch::start(api.clone(), name);
+    let mut rx = pod_watch.rx.clone();
+    let mut last = String::new();
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    loop {
+        let state = rx.borrow_and_update().clone();
+        if let Some(failure) = watch::failure(&state, false) {
+            if let PodFailure::ImagePull { image, .. } = &failure {
+                return Wait::PullFailed { image: image.clone(), failure };
+            }
+            return Wait::Failed(Outcome::SystemFailure { reason: format!("pod {namespace}/{name}: {failure}") });
+        }
+        if watch::is_ready(&state) {
+            return Wait::Ready(pod_watch);
+        }
+        let now = watch::describe(&state);
+        if now != last {
+            trace.line(&format!("Waiting for pod {namespace}/{name} to be running, status is {now}"));
+            last = now;
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() {
+                return Wait::Failed(Outcome::SystemFailure { reason: format!("pod {namespace}/{name}: the watch ended") });
+            },
+            _ = &mut deadline => {
+                return Wait::Failed(Outcome::SystemFailure {
+                    reason: format!("timed out after {}s waiting for pod {namespace}/{name} to be running (poll_timeout), status is {last}", timeout.as_secs()),
+                });
+            }
+            _ = interrupted(interrupts, 1) => return Wait::Failed(Outcome::Cancelled),
+        }
+    }
+}
+
+async fn run_on(
+    prepared: &mut PreparedJob,
+    connection: &Connection,
+    created: &mut Created,
+    opts: &RunOptions,
+    req: &PrepareRequest,
+    trace: &Trace,
+    interrupts: &mut Interrupts,
+) -> Outcome {
+    let client = &connection.client;
+    let namespace = prepared.objects.pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    trace.info(&format!("Using Kubernetes namespace: {namespace}"));
+    trace.info(&format!(
+        "Using Kubernetes executor with image {} and strategy {} ...",
+        prepared.job.image.name,
+        prepared.strategy_name().unwrap_or("-")
+    ));
+    let poll_timeout = prepared.k8s.poll_timeout.map(Duration::from_secs).unwrap_or(DEFAULT_POLL_TIMEOUT);
+    trace.info("Preparing environment");
+
+    // Create, wait; on a pull failure with another policy in the decided list, start over.
+    let mut tried: Vec<(String, PullPolicy)> = Vec::new();
+    let (pod_name, mut pod_watch) = loop {
+        let pod = match cluster::create(client, &mut prepared.objects, created).await {
+            Ok(p) => p,
+            Err(e) => return Outcome::SystemFailure { reason: chain(&e) },
+        };
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+        match wait_running(&api, &name, &namespace, poll_timeout, trace, interrupts).await {
+            Wait::Ready(w) => break (name, w),
+            Wait::Failed(outcome) => return outcome,
+            Wait::PullFailed { image, failure } => {
+                let policy = current_policy(&prepared.objects.pod, &image);
+                if let Some(p) = policy {
+                    tried.push((image.clone(), p));
+                }
+                let tried_here: Vec<PullPolicy> = tried.iter().filter(|(i, _)| *i == image).map(|(_, p)| *p).collect();
+                let Some(next) = policy.and_then(|_| next_policy(prepared, &image, &tried_here)) else {
+                    return Outcome::SystemFailure { reason: format!("pod {namespace}/{name}: {failure}") };
+                };
+                trace.warning(&format!(
+                    "WARNING: Failed to pull image {image:?} with policy {:?}: {failure}",
+                    policy.map(|p| p.as_k8s()).unwrap_or("")
+                ));
+                trace.info(&format!("Attempt to pull image {image:?} again with policy {:?}", next.as_k8s()));
+                // Everything goes (the Secrets are owned by the old pod), then is made anew.
+                cleanup(connection, created, Some(0), trace).await;
+                *created = Created::default();
+                prepared.objects.pod.metadata.name = None;
+                set_pull_policy(&mut prepared.objects.pod, &image, next);
+            }
+        }
+    };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let job_pod = JobPod::new(pods.clone(), pod_name.clone(), &prepared.objects.pod);
+    prepared.services.set_pod(job_pod.clone());
+    trace.info(&format!("Running on {pod_name} via {}...", hostname()));
+
+    // Sources.
+    let git_strategy = prepared.job.variable("GIT_STRATEGY").unwrap_or("fetch").to_string();
+    let project_dir = prepared.job.variable("CI_PROJECT_DIR").unwrap_or("/builds/project").to_string();
+    if git_strategy == "none" {
+        trace.info("Skipping Git repository setup (GIT_STRATEGY: none)");
+    } else {
+        let dir = opts.source_dir.clone().unwrap_or_else(|| {
+            req.job.path.parent().map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() }).unwrap_or_else(|| ".".into())
+        });
+        trace.info(&format!("Copying sources from {} to {project_dir}", dir.display()));
+        let copy = copy_sources(&job_pod, &dir, &project_dir);
+        tokio::pin!(copy);
+        let copied = tokio::select! {
+            r = &mut copy => r,
+            f = pod_watch.failed(true) => Err(format!("pod {namespace}/{pod_name}: {f}")),
+            _ = interrupted(interrupts, 1) => return Outcome::Cancelled,
+        };
+        match copied {
+            Ok(files) => trace.line(&format!("Copied {files} files")),
+            Err(reason) => return Outcome::SystemFailure { reason: format!("copying sources: {reason}") },
+        }
+    }
+
+    let (step, after) = script::job_scripts(&prepared.job.stages, opts.color);
+    let timeout = prepared.job.timeout.unwrap_or(DEFAULT_JOB_TIMEOUT);
+    let deadline = Instant::now() + timeout;
+
+    trace.info(&format!("Executing \"{STEP_SCRIPT}\" stage of the job script"));
+    let step_result = run_stage(prepared, &job_pod, &step, deadline, &mut pod_watch, trace, interrupts, 1).await;
+    let pod_dead = matches!(step_result, StageEnd::PodFailed(_));
+    let outcome = match step_result {
+        StageEnd::Exited(0) => Outcome::Success,
+        StageEnd::Exited(code) => Outcome::ScriptFailure { exit_code: code },
+        StageEnd::TimedOut => Outcome::Timeout { after: timeout },
+        StageEnd::Cancelled => Outcome::Cancelled,
+        StageEnd::Failed(reason) => Outcome::SystemFailure { reason },
+        StageEnd::PodFailed(f) => Outcome::SystemFailure { reason: format!("pod {namespace}/{pod_name}: {f}") },
+    };
+
+    if let Some(after) = after {
+        if *interrupts.borrow() >= 2 {
+            trace.warning("WARNING: after_script skipped: interrupted twice");
+        } else if pod_dead {
+            trace.warning("WARNING: after_script skipped: the pod cannot run it");
+        } else {
+            trace.info("Running after_script");
+            let deadline = Instant::now() + AFTER_SCRIPT_TIMEOUT;
+            match run_stage(prepared, &job_pod, &after, deadline, &mut pod_watch, trace, interrupts, 2).await {
+                StageEnd::Exited(0) => {}
+                StageEnd::Exited(code) => trace.warning(&format!("WARNING: after_script failed with exit code {code}")),
+                StageEnd::TimedOut => trace.warning(&format!(
+                    "WARNING: after_script timed out after {}s",
+                    AFTER_SCRIPT_TIMEOUT.as_secs()
+                )),
+                StageEnd::Cancelled => trace.warning("WARNING: after_script interrupted"),
+                StageEnd::Failed(reason) => trace.warning(&format!("WARNING: after_script failed: {reason}")),
+                StageEnd::PodFailed(f) => trace.warning(&format!("WARNING: after_script failed: {f}")),
+            }
+        }
+    }
+    trace.info("Cleaning up project directory and file based variables");
+    outcome
+}
+
+enum StageEnd {
+    Exited(i32),
+    TimedOut,
+    Cancelled,
+    /// The strategy failed (plugin error, lost connection).
+    Failed(String),
+    PodFailed(PodFailure),
+}
+
+/// Runs one stage through the strategy, racing it against the deadline, the pod watch and
+/// interrupts. When it is stopped from outside, the stage's processes in the pod are killed
+/// (and checked) before the strategy's call is awaited for a little longer.
+#[allow(clippy::too_many_arguments)]
+async fn run_stage(
+    prepared: &mut PreparedJob,
+    job_pod: &Arc<JobPod>,
+    stage: &StageScript,
+    deadline: Instant,
+    pod_watch: &mut PodWatch,
+    trace: &Trace,
+    interrupts: &mut Interrupts,
+    interrupt_level: u32,
+) -> StageEnd {
+    prepared.services.allow();
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let services = prepared.services.clone();
+    let span = tracing::info_span!("stage", stage = stage.name);
+    let call = prepared.plugins.run_stage(stage.name, &stage.script, remaining).instrument(span);
+    tokio::pin!(call);
+    let stopped = tokio::select! {
+        r = &mut call => {
+            trace.flush_stage();
+            return match r {
+                Ok(code) => StageEnd::Exited(code),
+                Err(e) => {
+                    // A pod failure often shows as a dropped session first: prefer its reason.
+                    let pod_failure = watch::failure(&pod_watch.current(), true);
+                    match pod_failure {
+                        Some(f) => StageEnd::PodFailed(f),
+                        None => StageEnd::Failed(chain(&e)),
+                    }
+                }
+            };
+        }
+        _ = tokio::time::sleep_until(deadline.into()) => StageEnd::TimedOut,
+        f = pod_watch.failed(true) => StageEnd::PodFailed(f),
+        _ = interrupted(interrupts, interrupt_level) => StageEnd::Cancelled,
+    };
+    services.refuse(match &stopped {
+        StageEnd::TimedOut => "the stage timed out",
+        StageEnd::PodFailed(_) => "the pod failed",
+        _ => "the job was cancelled",
+    });
+    if !matches!(stopped, StageEnd::PodFailed(_)) {
+        match kill_stage(job_pod, stage.name).await {
+            Ok(alive) if alive.is_empty() => {}
+            Ok(alive) => trace.warning(&format!("WARNING: stage processes still alive after KILL: {}", alive.join(", "))),
+            Err(e) => trace.warning(&format!("WARNING: cannot stop the stage's processes: {e}")),
+        }
+    }
+    if tokio::time::timeout(STAGE_STOP_GRACE, &mut call).await.is_err() {
+        tracing::warn!(stage = stage.name, "the strategy did not return after its stage was stopped");
+    }
+    trace.flush_stage();
+    stopped
+}
+
+/// Runs [`script::kill_script`] in the build container; returns the PIDs still alive.
+async fn kill_stage(job_pod: &JobPod, stage: &str) -> Result<Vec<String>, String> {
+    use crate::plugins::strategy_host::PodAccess;
+    let command = vec!["sh".to_string(), "-c".to_string(), script::kill_script(stage)];
+    let mut session = job_pod.exec(crate::pod::BUILD_CONTAINER, command, false).await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let mut pending = None;
+    while let Some((_, chunk)) = session.read_output(64 * 1024, &mut pending).await {
+        out.extend(chunk);
+    }
+    let _ = session.wait_exit().await;
+    Ok(String::from_utf8_lossy(&out).lines().filter_map(|l| l.strip_prefix("alive ")).map(str::to_string).collect())
+}
+
+/// Pipes a tar of `dir` into `tar -x` in the helper container; returns the number of files.
+async fn copy_sources(job_pod: &JobPod, dir: &std::path::Path, project_dir: &str) -> Result<u64, String> {
+    use crate::plugins::strategy_host::PodAccess;
+    let dir = dir.to_path_buf();
+    let (bytes, stats) = tokio::task::spawn_blocking(move || {
+        let mut bytes = Vec::new();
+        crate::sources::archive_to(&dir, &mut bytes).map(|stats| (bytes, stats))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| chain(&e))?;
+    let command = vec![
+        "sh".to_string(),
+        "-c".to_string(),
+        "mkdir -p \"$1\" && tar -x -m -C \"$1\" -f -".to_string(),
+        "sh".to_string(),
+        project_dir.to_string(),
+    ];
+    let mut session = job_pod
+        .exec(crate::pod::HELPER_CONTAINER, command, true)
+        .await
+        .map_err(|e| e.to_string())?;
+    session.write_stdin(&bytes).await.map_err(|e| e.to_string())?;
+    session.close_stdin().await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let mut pending = None;
+    while let Some((_, chunk)) = session.read_output(64 * 1024, &mut pending).await {
+        out.extend(chunk);
+    }
+    match session.wait_exit().await {
+        Ok(0) => Ok(stats.files),
+        Ok(code) => Err(format!("tar in the helper container exited with {code}: {}", String::from_utf8_lossy(&out).trim())),
+        Err(e) => Err(e.to_string()),
+    }
+}

@@ -1,0 +1,868 @@
+//! The job's trace: the byte stream a CI user sees, made of the script's output and the host's own
+//! GitLab-style lines.
+//!
+//! Everything that reaches the trace goes through one path: mask the job's secrets, apply the
+//! output limit, prefix line starts with timestamps, then write to the live sink (flushed at once,
+//! the trace is watched while the job runs) and to the optional trace file.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use aho_corasick::{AhoCorasick, MatchKind};
+
+/// What replaces every occurrence of a secret, as in GitLab's job log.
+const MASK: &[u8] = b"[MASKED]";
+
+// GitLab's job log colours (its `helpers/ansi.go`), so a trace looks the same in its log viewer.
+const ANSI_YELLOW: &str = "\x1b[0;33m";
+const ANSI_BOLD_RED: &str = "\x1b[31;1m";
+const ANSI_BOLD_GREEN: &str = "\x1b[32;1m";
+const ANSI_RESET: &str = "\x1b[0;m";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("cannot open trace file {path}")]
+    OpenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the trace to its sink")]
+    WriteSink {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write trace file {path}")]
+    WriteFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Streaming secret masker.
+///
+/// Replaces every occurrence of a secret with `[MASKED]`, also when the secret arrives split over
+/// several [`Masker::push`] calls. The output is the same as masking the whole stream at once with
+/// leftmost-longest matching, while bytes are held back only as long as the pending tail could
+/// still be the start of a secret: a trace must stay live, and a script printing a prompt without
+/// a newline must show it at once.
+#[derive(Debug, Clone)]
+pub struct Masker {
+    /// `None` when there is nothing to mask, so the common case costs one copy.
+    matcher: Option<AhoCorasick>,
+    /// Sorted and deduplicated, to answer "is this tail a prefix of a secret" by binary search.
+    secrets: Vec<Vec<u8>>,
+    longest: usize,
+    /// Bytes not yet emitted because a secret may start here.
+    pending: Vec<u8>,
+}
+
+impl Masker {
+    /// Empty values are ignored: masking the empty string would mask between every byte.
+    pub fn new(values: impl IntoIterator<Item = String>) -> Masker {
+        let secrets: Vec<Vec<u8>> = values
+            .into_iter()
+            .filter(|v| !v.is_empty())
+            .map(String::into_bytes)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let longest = secrets.iter().map(Vec::len).max().unwrap_or(0);
+        let matcher = (!secrets.is_empty()).then(|| {
+            AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostLongest)
+                .build(&secrets)
+                // Building only fails when the automaton outgrows u32 state ids, far beyond any
+                // set of CI variables; there is no safe way to go on without masking.
+                .expect("secret matcher is too large to build")
+        });
+        Masker { matcher, secrets, longest, pending: Vec::new() }
+    }
+
+    /// Masks `input` as the continuation of everything pushed before, appending what is decided to
+    /// `out`.
+    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        if self.matcher.is_none() {
+            out.extend_from_slice(input);
+            return;
+        }
+        if self.pending.is_empty() {
+            let done = self.settle(input, out);
+            self.pending.extend_from_slice(&input[done..]);
+        } else {
+            let mut buf = std::mem::take(&mut self.pending);
+            buf.extend_from_slice(input);
+            let done = self.settle(&buf, out);
+            buf.drain(..done);
+            self.pending = buf;
+        }
+    }
+
+    /// Ends the stream: the held-back tail is masked as it is and emitted.
+    pub fn flush(&mut self, out: &mut Vec<u8>) {
+        let pending = std::mem::take(&mut self.pending);
+        self.mask_into(&pending, out);
+    }
+
+    /// Masks a complete text in one go (host lines, rendered objects), independent of the stream.
+    pub fn mask(&self, input: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(input.len());
+        self.mask_into(input, &mut out);
+        out
+    }
+
+    /// Number of bytes held back, waiting for the next byte to decide whether a secret starts.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn mask_into(&self, input: &[u8], out: &mut Vec<u8>) {
+        match &self.matcher {
+            Some(m) => m.replace_all_with_bytes(input, out, |_, _, dst| {
+                dst.extend_from_slice(MASK);
+                true
+            }),
+            None => out.extend_from_slice(input),
+        }
+    }
+
+    /// Emits the decided part of `buf` and returns its length; `buf[returned..]` must be held.
+    ///
+    /// A position is undecided when the bytes from it to the end are a proper prefix of a longer
+    /// secret: more input could make a (longer) match start there. Those positions can only lie in
+    /// the last `longest - 1` bytes. Before the first undecided position, leftmost-longest search
+    /// on `buf` gives exactly the matches of the whole stream, since no match could start there and
+    /// reach past the end of `buf`.
+    fn settle(&self, buf: &[u8], out: &mut Vec<u8>) -> usize {
+        let Some(matcher) = &self.matcher else {
+            out.extend_from_slice(buf);
+            return buf.len();
+        };
+        let from = buf.len().saturating_sub(self.longest.saturating_sub(1));
+        let undecided: Vec<usize> = (from..buf.len()).filter(|&at| self.is_proper_prefix(&buf[at..])).collect();
+        let hold_from = |pos: usize| undecided.iter().copied().find(|&at| at >= pos).unwrap_or(buf.len());
+
+        let mut pos = 0;
+        for m in matcher.find_iter(buf) {
+            if m.start() >= hold_from(pos) {
+                break;
+            }
+            out.extend_from_slice(&buf[pos..m.start()]);
+            out.extend_from_slice(MASK);
+            pos = m.end();
+        }
+        let hold = hold_from(pos);
+        out.extend_from_slice(&buf[pos..hold]);
+        hold
+    }
+
+    /// Whether `tail` is the start of some secret longer than it.
+    fn is_proper_prefix(&self, tail: &[u8]) -> bool {
+        // Secrets starting with `tail` sort right after `tail` itself; `tail` may be a secret too.
+        let at = self.secrets.partition_point(|s| s.as_slice() < tail);
+        self.secrets[at..].iter().take(2).any(|s| s.len() > tail.len() && s.starts_with(tail))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceOptions {
+    /// Prefix every line with an RFC 3339 UTC timestamp (GitLab's `FF_TIMESTAMPS`).
+    pub timestamps: bool,
+    /// Bytes of output (after masking, before timestamps) after which script output is dropped.
+    /// `u64::MAX` for no limit; 0 really means nothing.
+    pub output_limit: u64,
+    /// A copy of the trace, created (truncated) when the trace starts.
+    pub trace_file: Option<PathBuf>,
+    /// ANSI colours on host lines.
+    pub color: bool,
+}
+
+/// The job's trace, shared by the stage loop and the plugin host calls.
+///
+/// Cloning is cheap; all clones write to the same stream. Writing never fails: a sink or file that
+/// stops accepting bytes is recorded (see [`Trace::take_errors`]) and left alone from then on, because
+/// a closed stdout must not stop a job.
+#[derive(Clone)]
+pub struct Trace {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl std::fmt::Debug for Trace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trace").field("bytes_written", &self.bytes_written()).finish_non_exhaustive()
+    }
+}
+
+/// Which rule of the output limit a piece of output follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Budget {
+    /// Cut at the limit, then dropped.
+    Limited,
+    /// Written even past the limit: the job's final result line must be seen.
+    Always,
+}
+
+struct Inner {
+    opts: TraceOptions,
+    masker: Masker,
+    sink: Option<Box<dyn Write + Send>>,
+    file: Option<File>,
+    /// Whether the emitted stream (not the masker's input) is at the start of a line.
+    at_line_start: bool,
+    written: u64,
+    limit_reached: bool,
+    errors: Vec<TraceError>,
+}
+
+impl Trace {
+    pub fn new(opts: TraceOptions, secrets: Vec<String>, sink: Box<dyn Write + Send>) -> Result<Trace, TraceError> {
+        let file = match &opts.trace_file {
+            Some(path) => {
+                Some(File::create(path).map_err(|source| TraceError::OpenFile { path: path.clone(), source })?)
+            }
+            None => None,
+        };
+        let inner = Inner {
+            opts,
+            masker: Masker::new(secrets),
+            sink: Some(sink),
+            file,
+            at_line_start: true,
+            written: 0,
+            limit_reached: false,
+            errors: Vec::new(),
+        };
+        Ok(Trace { inner: Arc::new(Mutex::new(inner)) })
+    }
+
+    /// Script output, as it arrives (any chunking).
+    pub fn write(&self, bytes: &[u8]) {
+        let mut inner = self.lock();
+        let mut masked = Vec::with_capacity(bytes.len());
+        inner.masker.push(bytes, &mut masked);
+        inner.emit(&masked, Budget::Limited);
+    }
+
+    /// Emits the masker's held-back tail; call at the end of each stage, when the script's output
+    /// has ended and a partial secret can no longer complete.
+    pub fn flush_stage(&self) {
+        let mut inner = self.lock();
+        let mut masked = Vec::new();
+        inner.masker.flush(&mut masked);
+        inner.emit(&masked, Budget::Limited);
+    }
+
+    /// A plain host line such as `Executing "step_script" stage`.
+    pub fn line(&self, text: &str) {
+        self.host_line(text, None, Budget::Limited);
+    }
+
+    /// A section or progress line, green when colours are on.
+    pub fn info(&self, text: &str) {
+        self.host_line(text, Some(ANSI_BOLD_GREEN), Budget::Limited);
+    }
+
+    /// Yellow when colours are on. The caller writes any `WARNING: ` prefix.
+    pub fn warning(&self, text: &str) {
+        self.host_line(text, Some(ANSI_YELLOW), Budget::Limited);
+    }
+
+    /// Red when colours are on, and shown even past the output limit, because the job's result is
+    /// its last line. The caller writes any `ERROR: ` prefix.
+    pub fn error(&self, text: &str) {
+        self.host_line(text, Some(ANSI_BOLD_RED), Budget::Always);
+    }
+
+    /// The job's final result line (`Job succeeded`), green, shown even past the output limit.
+    pub fn success(&self, text: &str) {
+        self.host_line(text, Some(ANSI_BOLD_GREEN), Budget::Always);
+    }
+
+    /// Bytes emitted so far, counted after masking and before timestamps (colour codes, the limit
+    /// notice and lines shown past the limit included).
+    pub fn bytes_written(&self) -> u64 {
+        self.lock().written
+    }
+
+    /// Write errors of the sink and the trace file so far; each one stopped writing to its target.
+    pub fn take_errors(&self) -> Vec<TraceError> {
+        std::mem::take(&mut self.lock().errors)
+    }
+
+    fn host_line(&self, text: &str, color: Option<&str>, budget: Budget) {
+        let mut inner = self.lock();
+        // Host lines are complete texts, masked on their own: the script's held-back tail stays
+        // held, so a secret split around a plugin's log line still cannot leak in pieces.
+        let masked = inner.masker.mask(text.as_bytes());
+        let mut line = Vec::with_capacity(masked.len() + 16);
+        if !inner.at_line_start {
+            line.push(b'\n');
+        }
+        match color.filter(|_| inner.opts.color) {
+            Some(c) => {
+                line.extend_from_slice(c.as_bytes());
+                line.extend_from_slice(&masked);
+                line.extend_from_slice(ANSI_RESET.as_bytes());
+            }
+            None => line.extend_from_slice(&masked),
+        }
+        line.push(b'\n');
+        inner.emit(&line, budget);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere while holding the lock leaves a consistent enough trace to go on
+        // writing; losing the rest of the job's log would be worse.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Inner {
+    /// Applies the output limit to masked bytes and writes what passes.
+    fn emit(&mut self, masked: &[u8], budget: Budget) {
+        if masked.is_empty() {
+            return;
+        }
+        if budget == Budget::Always {
+            self.out(masked);
+            return;
+        }
+        if self.limit_reached {
+            return;
+        }
+        let left = self.opts.output_limit.saturating_sub(self.written);
+        match usize::try_from(left) {
+            Ok(left) if left < masked.len() => {
+                self.out(&masked[..left]);
+                self.limit_reached = true;
+                let notice = self.limit_notice();
+                self.out(&notice);
+            }
+            _ => self.out(masked),
+        }
+    }
+
+    fn limit_notice(&self) -> Vec<u8> {
+        let (on, off) = if self.opts.color { (ANSI_YELLOW, ANSI_RESET) } else { ("", "") };
+        let text = format!(
+            "\n{on}Job's log exceeded limit of {} bytes.{off}\n\
+             {on}Job execution will continue but no more output will be collected.{off}\n",
+            self.opts.output_limit
+        );
+        self.masker.mask(text.as_bytes())
+    }
+
+    /// Counts, timestamps line starts, and writes to the sink and the trace file.
+    fn out(&mut self, bytes: &[u8]) {
+        self.written = self.written.saturating_add(bytes.len() as u64);
+        let stamped;
+        let bytes = if self.opts.timestamps {
+            stamped = self.stamp(bytes);
+            &stamped[..]
+        } else {
+            self.at_line_start = bytes.last() == Some(&b'\n');
+            bytes
+        };
+        if let Some(sink) = &mut self.sink
+            && let Err(source) = sink.write_all(bytes).and_then(|()| sink.flush())
+        {
+            tracing::warn!(error = %source, "trace sink failed; no more output goes to it");
+            self.sink = None;
+            self.errors.push(TraceError::WriteSink { source });
+        }
+        if let Some(file) = &mut self.file
+            && let Err(source) = file.write_all(bytes)
+        {
+            let path = self.opts.trace_file.clone().unwrap_or_default();
+            tracing::warn!(error = %source, path = %path.display(), "trace file failed; no more output goes to it");
+            self.file = None;
+            self.errors.push(TraceError::WriteFile { path, source });
+        }
+    }
+
+    /// Prefixes each line start with a timestamp. A line's stamp is written with its first byte,
+    /// not with the previous newline, so it tells when the line began.
+    fn stamp(&mut self, bytes: &[u8]) -> Vec<u8> {
+        let now = format!("{:.6} ", jiff::Timestamp::now());
+        let mut out = Vec::with_capacity(bytes.len() + now.len());
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            if self.at_line_start {
+                out.extend_from_slice(now.as_bytes());
+            }
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(nl) => {
+                    out.extend_from_slice(&rest[..=nl]);
+                    rest = &rest[nl + 1..];
+                    self.at_line_start = true;
+                }
+                None => {
+                    out.extend_from_slice(rest);
+                    rest = &[];
+                    self.at_line_start = false;
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Small deterministic PRNG (xorshift64*), so the property tests need no extra crate and
+    /// a failure reproduces from its seed.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Independent oracle: leftmost-longest replacement over the whole input, by brute force.
+    fn naive_mask(secrets: &[String], input: &[u8]) -> Vec<u8> {
+        let secrets: Vec<&[u8]> = secrets.iter().map(|s| s.as_bytes()).filter(|s| !s.is_empty()).collect();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < input.len() {
+            let longest = secrets.iter().filter(|s| input[i..].starts_with(s)).map(|s| s.len()).max();
+            match longest {
+                Some(len) => {
+                    out.extend_from_slice(MASK);
+                    i += len;
+                }
+                None => {
+                    out.push(input[i]);
+                    i += 1;
+                }
+            }
+        }
+        out
+    }
+
+    fn stream(masker: &mut Masker, chunks: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in chunks {
+            masker.push(c, &mut out);
+        }
+        masker.flush(&mut out);
+        out
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    fn secrets(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn masks_whole_and_split_values() {
+        let mut m = Masker::new(secrets(&["hunter2"]));
+        assert_eq!(stream(&mut m, &[b"pw=hunter2!"]), b"pw=[MASKED]!");
+        let bytes: Vec<&[u8]> = b"pw=hunter2!".chunks(1).collect();
+        assert_eq!(stream(&mut m, &bytes), b"pw=[MASKED]!");
+        assert_eq!(stream(&mut m, &[b"pw=hun", b"ter", b"2!"]), b"pw=[MASKED]!");
+    }
+
+    #[test]
+    fn output_is_live() {
+        let mut m = Masker::new(secrets(&["hunter2"]));
+        let mut out = Vec::new();
+        m.push(b".", &mut out);
+        assert_eq!(out, b".", "a byte that starts no secret is emitted at once");
+        m.push(b"hun", &mut out);
+        assert_eq!(out, b".", "a possible secret start is held");
+        assert_eq!(m.pending_len(), 3);
+        m.push(b"g", &mut out);
+        assert_eq!(out, b".hung", "held bytes go out as soon as the next byte decides");
+        m.push(b"xhunter2", &mut out);
+        assert_eq!(out, b".hungx[MASKED]", "a complete longest secret is emitted at once");
+        assert_eq!(m.pending_len(), 0);
+        // The tail "hu" of "xhu" is held, the "x" before it is not.
+        m.push(b"xhu", &mut out);
+        assert_eq!(out, b".hungx[MASKED]x");
+        m.flush(&mut out);
+        assert_eq!(out, b".hungx[MASKED]xhu");
+    }
+
+    #[test]
+    fn longest_match_wins_and_waits_for_it() {
+        let mut m = Masker::new(secrets(&["abc", "abcdef"]));
+        let mut out = Vec::new();
+        m.push(b"abc", &mut out);
+        assert_eq!(out, b"", "abc could still become abcdef");
+        m.push(b"de", &mut out);
+        m.push(b"f", &mut out);
+        assert_eq!(out, b"[MASKED]");
+        m.push(b"abcdx", &mut out);
+        assert_eq!(out, b"[MASKED][MASKED]dx");
+        // An earlier start beats a complete later match.
+        let mut m = Masker::new(secrets(&["xyz123", "yz"]));
+        assert_eq!(stream(&mut m, &[b"xyz", b"123"]), b"[MASKED]");
+        assert_eq!(stream(&mut m, &[b"xyz", b"12"]), b"x[MASKED]12");
+    }
+
+    #[test]
+    fn ignores_empty_and_duplicate_values() {
+        let mut m = Masker::new(secrets(&["", "s3", "s3"]));
+        assert_eq!(stream(&mut m, &[b"as3b"]), b"a[MASKED]b");
+        let mut none = Masker::new(secrets(&[""]));
+        assert_eq!(stream(&mut none, &[b"abc"]), b"abc");
+    }
+
+    #[test]
+    fn works_on_arbitrary_bytes() {
+        let mut m = Masker::new(vec!["é€".to_string()]);
+        let text = "x é€ y".as_bytes();
+        let bytes: Vec<&[u8]> = text.chunks(1).collect();
+        assert_eq!(stream(&mut m, &bytes), b"x [MASKED] y");
+        let raw: &[u8] = &[0xff, 0x00, 0xc3, 0xa9, 0xe2];
+        assert_eq!(stream(&mut m, &[raw]), raw);
+    }
+
+    #[test]
+    fn random_streams_equal_whole_masking() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        // A tiny alphabet makes overlaps, shared prefixes and near misses common.
+        let alphabet = b"ab\nc";
+        for case in 0..3000 {
+            let n_secrets = 1 + rng.below(4);
+            let secrets: Vec<String> = (0..n_secrets)
+                .map(|_| {
+                    let len = rng.below(6);
+                    (0..len).map(|_| alphabet[rng.below(alphabet.len())] as char).collect()
+                })
+                .collect();
+            let text: Vec<u8> = (0..rng.below(60)).map(|_| alphabet[rng.below(alphabet.len())]).collect();
+            let mut chunks = Vec::new();
+            let mut rest = &text[..];
+            while !rest.is_empty() {
+                let at = rng.below(rest.len().min(8) + 1);
+                let (c, r) = rest.split_at(at);
+                chunks.push(c);
+                rest = r;
+            }
+            let expected = naive_mask(&secrets, &text);
+            let mut m = Masker::new(secrets.clone());
+            let got = stream(&mut m, &chunks);
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(&expected),
+                "case {case}: secrets {secrets:?} chunks {chunks:?}"
+            );
+            let whole = Masker::new(secrets.clone()).mask(&text);
+            assert_eq!(got, whole, "case {case}: streaming differs from mask()");
+            for s in secrets.iter().filter(|s| !s.is_empty()) {
+                // "[MASKED]" shares no byte with the alphabet, so a secret seen is a secret leaked.
+                assert!(!contains(&got, s.as_bytes()), "case {case}: {s:?} leaked in {got:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn random_byte_streams_never_leak() {
+        let mut rng = Rng(42);
+        for case in 0..500 {
+            let secrets: Vec<String> = (0..1 + rng.below(3))
+                .map(|_| (0..1 + rng.below(10)).map(|_| (b'a' + rng.below(3) as u8) as char).collect())
+                .collect();
+            let text: Vec<u8> = (0..rng.below(400))
+                .map(|_| if rng.below(4) == 0 { rng.below(256) as u8 } else { b'a' + rng.below(3) as u8 })
+                .collect();
+            let mut m = Masker::new(secrets.clone());
+            let mut out = Vec::new();
+            for b in text.chunks(1) {
+                m.push(b, &mut out);
+            }
+            m.flush(&mut out);
+            assert_eq!(out, naive_mask(&secrets, &text), "case {case}");
+        }
+    }
+
+    // ---- Trace ----
+
+    /// A sink the test can read back, shared with the trace.
+    #[derive(Clone, Default)]
+    struct Sink {
+        bytes: Arc<Mutex<Vec<u8>>>,
+        flushes: Arc<Mutex<usize>>,
+    }
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.bytes.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            *self.flushes.lock().unwrap() += 1;
+            Ok(())
+        }
+    }
+    impl Sink {
+        fn text(&self) -> String {
+            String::from_utf8(self.bytes.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    fn opts() -> TraceOptions {
+        TraceOptions { timestamps: false, output_limit: u64::MAX, trace_file: None, color: false }
+    }
+
+    fn trace(opts: TraceOptions, secrets: &[&str]) -> (Trace, Sink) {
+        let sink = Sink::default();
+        let t = Trace::new(opts, self::secrets(secrets), Box::new(sink.clone())).unwrap();
+        (t, sink)
+    }
+
+    /// Checks every line's timestamp and returns the lines without it.
+    fn strip_stamps(text: &str) -> Vec<String> {
+        let mut lines: Vec<&str> = text.split('\n').collect();
+        if lines.last() == Some(&"") {
+            lines.pop();
+        }
+        lines
+            .into_iter()
+            .map(|line| {
+                let (stamp, rest) = line.split_once(' ').unwrap_or_else(|| panic!("line {line:?} has no timestamp"));
+                assert_eq!(stamp.len(), "2026-12-01T20:00:00.123456Z".len(), "{line:?}");
+                assert!(stamp.ends_with('Z'), "{line:?}");
+                stamp.parse::<jiff::Timestamp>().unwrap_or_else(|e| panic!("bad timestamp in {line:?}: {e}"));
+                rest.to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn trace_is_send_sync_clone() {
+        fn check<T: Send + Sync + Clone>() {}
+        check::<Trace>();
+    }
+
+    #[test]
+    fn trace_masks_across_chunk_borders_and_flushes_each_write() {
+        let (t, sink) = trace(opts(), &["hunter2", "s3cr3t"]);
+        t.write(b"pass: hun");
+        assert_eq!(sink.text(), "pass: ");
+        t.write(b"ter");
+        t.write(b"2 and s3");
+        assert_eq!(sink.text(), "pass: [MASKED] and ");
+        t.write(b"cr3");
+        t.flush_stage();
+        assert_eq!(sink.text(), "pass: [MASKED] and s3cr3");
+        assert!(*sink.flushes.lock().unwrap() >= 3, "every write is flushed to the sink");
+        t.line("value s3cr3t in a host line");
+        assert_eq!(sink.text(), "pass: [MASKED] and s3cr3\nvalue [MASKED] in a host line\n");
+    }
+
+    #[test]
+    fn host_line_does_not_release_a_held_secret_start() {
+        let (t, sink) = trace(opts(), &["hunter2"]);
+        t.write(b"x hun");
+        t.line("plugin says hi");
+        t.write(b"ter2\n");
+        let text = sink.text();
+        assert_eq!(text, "x \nplugin says hi\n[MASKED]\n");
+    }
+
+    #[test]
+    fn timestamps_at_every_line_start() {
+        let (t, sink) = trace(TraceOptions { timestamps: true, ..opts() }, &[]);
+        t.write(b"one\ntw");
+        t.write(b"o\n");
+        t.write(b"\nthr");
+        t.write(b"ee");
+        t.line("host");
+        t.write(b"four\nfive\n");
+        let text = sink.text();
+        assert_eq!(strip_stamps(&text), ["one", "two", "", "three", "host", "four", "five"], "{text}");
+        assert!(text.ends_with("five\n"), "no stamp before a line has started: {text:?}");
+        // Partial writes of one line carry one stamp.
+        assert_eq!(text.matches('Z').count(), 7, "{text}");
+    }
+
+    #[test]
+    fn timestamps_count_nothing_towards_the_limit() {
+        let (t, _sink) = trace(TraceOptions { timestamps: true, ..opts() }, &[]);
+        t.write(b"ab\ncd\n");
+        assert_eq!(t.bytes_written(), 6);
+    }
+
+    #[test]
+    fn host_lines_end_a_partial_line_first() {
+        let (t, sink) = trace(opts(), &[]);
+        t.write(b"partial");
+        t.line(r#"Executing "after_script" stage"#);
+        t.write(b"full\n");
+        t.line("next");
+        assert_eq!(sink.text(), "partial\nExecuting \"after_script\" stage\nfull\nnext\n");
+    }
+
+    #[test]
+    fn output_limit_notice_once_and_error_lines_still_shown() {
+        let (t, sink) = trace(TraceOptions { output_limit: 10, ..opts() }, &[]);
+        t.write(b"12345");
+        t.write(b"6789abcdef");
+        t.write(b"more\n");
+        t.line("Executing stage");
+        t.warning("dropped too");
+        t.flush_stage();
+        t.error("ERROR: Job failed: exit code 1");
+        let text = sink.text();
+        assert_eq!(
+            text,
+            "123456789a\nJob's log exceeded limit of 10 bytes.\n\
+             Job execution will continue but no more output will be collected.\n\
+             ERROR: Job failed: exit code 1\n"
+        );
+        assert_eq!(text.matches("exceeded limit").count(), 1);
+    }
+
+    #[test]
+    fn output_limit_counts_masked_bytes() {
+        // "hunter2" becomes 8 bytes; the limit is on what the user sees.
+        let (t, sink) = trace(TraceOptions { output_limit: 9, ..opts() }, &["hunter2"]);
+        t.write(b"hunter2!");
+        assert_eq!(t.bytes_written(), 9);
+        t.write(b"x");
+        assert!(sink.text().starts_with("[MASKED]!\nJob's log exceeded limit of 9 bytes."));
+    }
+
+    #[test]
+    fn limit_notice_in_warning_colour_with_timestamps() {
+        let o = TraceOptions { output_limit: 3, color: true, timestamps: true, ..opts() };
+        let (t, sink) = trace(o, &[]);
+        t.write(b"abcdef");
+        t.error("bad");
+        let lines = strip_stamps(&sink.text());
+        assert_eq!(
+            lines,
+            [
+                "abc",
+                "\x1b[0;33mJob's log exceeded limit of 3 bytes.\x1b[0;m",
+                "\x1b[0;33mJob execution will continue but no more output will be collected.\x1b[0;m",
+                "\x1b[31;1mbad\x1b[0;m",
+            ]
+        );
+    }
+
+    #[test]
+    fn colours_on_and_off() {
+        let (t, sink) = trace(TraceOptions { color: true, ..opts() }, &["pw"]);
+        t.line("plain");
+        t.info("Executing \"step_script\" stage");
+        t.warning("WARNING: careful pw");
+        t.error("ERROR: Job failed");
+        assert_eq!(
+            sink.text(),
+            "plain\n\
+             \x1b[32;1mExecuting \"step_script\" stage\x1b[0;m\n\
+             \x1b[0;33mWARNING: careful [MASKED]\x1b[0;m\n\
+             \x1b[31;1mERROR: Job failed\x1b[0;m\n"
+        );
+        let (t, sink) = trace(opts(), &[]);
+        t.info("i");
+        t.warning("w");
+        t.error("e");
+        assert_eq!(sink.text(), "i\nw\ne\n");
+    }
+
+    #[test]
+    fn trace_file_gets_what_the_sink_got() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.log");
+        std::fs::write(&path, "stale content from an earlier job").unwrap();
+        let o = TraceOptions { timestamps: true, output_limit: 80, trace_file: Some(path.clone()), color: true };
+        let (t, sink) = trace(o, &["hunter2"]);
+        let other = t.clone();
+        t.info("Executing \"step_script\" stage");
+        t.write(b"echo hun");
+        other.write(b"ter2\npartial");
+        t.warning("WARNING: x");
+        t.write(b"a lot of output that goes past the limit\n");
+        t.error("ERROR: Job failed");
+        drop(t);
+        drop(other);
+        let file = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(file, sink.text());
+        assert!(file.contains("echo [MASKED]\n"));
+        assert!(!file.contains("hunter2"));
+    }
+
+    #[test]
+    fn trace_file_error_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing").join("job.log");
+        let err =
+            Trace::new(TraceOptions { trace_file: Some(path.clone()), ..opts() }, vec![], Box::new(std::io::sink()))
+                .unwrap_err();
+        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+    }
+
+    struct Broken {
+        writes: Arc<Mutex<usize>>,
+    }
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            *self.writes.lock().unwrap() += 1;
+            Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn sink_failure_is_recorded_and_the_trace_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.log");
+        let writes = Arc::new(Mutex::new(0));
+        let t = Trace::new(
+            TraceOptions { trace_file: Some(path.clone()), ..opts() },
+            vec![],
+            Box::new(Broken { writes: writes.clone() }),
+        )
+        .unwrap();
+        t.write(b"one\n");
+        t.write(b"two\n");
+        t.error("done");
+        assert_eq!(*writes.lock().unwrap(), 1, "a failed sink is not written again");
+        let errors = t.take_errors();
+        assert_eq!(errors.len(), 1);
+        assert!(matches!(errors[0], TraceError::WriteSink { .. }));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "one\ntwo\ndone\n");
+        assert_eq!(t.bytes_written(), 13);
+    }
+
+    #[test]
+    fn concurrent_writers_share_one_stream() {
+        let (t, sink) = trace(opts(), &["hunter2"]);
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        t.line(&format!("thread {i} hunter2"));
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let text = sink.text();
+        assert_eq!(text.lines().count(), 200);
+        assert!(text.lines().all(|l| l.starts_with("thread ") && l.ends_with(" [MASKED]")));
+    }
+}
