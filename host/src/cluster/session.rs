@@ -10,7 +10,8 @@ use kube::api::{AttachParams, AttachedProcess};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Status;
 use kube::Api;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::mpsc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
 
 use crate::plugins::strategy_host::{Channel, HostError, PodAccess, Session};
 
@@ -52,18 +53,38 @@ pub fn exit_code(status: &Status) -> Result<i32, HostError> {
     Err(HostError::Other(format!("{} ({reason})", status.message.as_deref().unwrap_or("exec failed"))))
 }
 
-fn pump(reader: Option<impl AsyncRead + Unpin + Send + 'static>, channel: Channel, tx: mpsc::Sender<(Channel, Vec<u8>)>) {
+/// After the session's status arrived (or the stream failed), output still in flight is read
+/// until this long passes without any: kube-rs closes the output pipes only on a clean end,
+/// so after a dropped connection they would otherwise never report EOF.
+const DRAIN_IDLE: Duration = Duration::from_millis(250);
+
+async fn ended_signal(rx: &mut watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn pump(
+    reader: Option<impl AsyncRead + Unpin + Send + 'static>,
+    channel: Channel,
+    tx: mpsc::Sender<(Channel, Vec<u8>)>,
+    mut ended: watch::Receiver<bool>,
+) {
     let Some(mut reader) = reader else { return };
     tokio::spawn(async move {
         let mut buf = vec![0u8; CHUNK];
         loop {
-            match reader.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if tx.send((channel, buf[..n].to_vec())).await.is_err() {
-                        break;
-                    }
-                }
+            let n = tokio::select! {
+                r = reader.read(&mut buf) => r.unwrap_or(0),
+                _ = ended_signal(&mut ended) => match tokio::time::timeout(DRAIN_IDLE, reader.read(&mut buf)).await {
+                    Ok(Ok(n)) => n,
+                    _ => 0,
+                },
+            };
+            if n == 0 || tx.send((channel, buf[..n].to_vec())).await.is_err() {
+                break;
             }
         }
     });
@@ -71,20 +92,28 @@ fn pump(reader: Option<impl AsyncRead + Unpin + Send + 'static>, channel: Channe
 
 fn into_session(mut process: AttachedProcess, what: String) -> Session {
     let (tx, rx) = mpsc::channel(64);
-    pump(process.stdout(), Channel::Stdout, tx.clone());
-    pump(process.stderr(), Channel::Stderr, tx);
+    let (ended_tx, ended_rx) = watch::channel(false);
+    pump(process.stdout(), Channel::Stdout, tx.clone(), ended_rx.clone());
+    pump(process.stderr(), Channel::Stderr, tx, ended_rx);
     let stdin = process.stdin().map(|w| Box::pin(w) as _);
     let status = process.take_status();
-    let exit = async move {
-        // Keep the process (its message loop) alive until the status arrives.
+    // The status is awaited at once (not when the strategy asks), so the output pumps learn
+    // that the stream ended even while nobody waits for the exit code.
+    let status_task = tokio::spawn(async move {
+        // Keeps the process (its message loop) alive until the status arrives.
         let _process = process;
-        match status {
+        let result = match status {
             Some(status) => match status.await {
                 Some(s) => exit_code(&s),
                 None => Err(HostError::Disconnected(format!("{what}: the stream ended without an exit status"))),
             },
             None => Err(HostError::Other(format!("{what}: no status channel"))),
-        }
+        };
+        let _ = ended_tx.send(true);
+        result
+    });
+    let exit = async move {
+        status_task.await.unwrap_or_else(|e| Err(HostError::Other(format!("session task failed: {e}"))))
     }
     .boxed();
     Session { stdin, output: rx, exit: Some(exit), exit_code: None }

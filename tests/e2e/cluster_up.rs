@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e_tests::{host_bin, kubectl, succeeded};
+#[path = "../support/mod.rs"]
+mod support;
+use support::{host_bin, kubectl, succeeded};
 
 /// Processes whose command line carries `marker` (our container's unique argument).
 fn processes_with(marker: &str) -> Vec<u32> {

@@ -2,7 +2,9 @@
 //! first-party plugins compiled to wasm32-wasip2 (`target/plugins/*.wasm`), and the Python
 //! `kubernetes` client as an independent reader of the output.
 
-use e2e_tests::{host_bin, workspace_root};
+#[path = "../support/mod.rs"]
+mod support;
+use support::{host_bin, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

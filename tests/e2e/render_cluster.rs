@@ -4,7 +4,9 @@
 
 use std::process::Command;
 
-use e2e_tests::{host_bin, kubectl, succeeded};
+#[path = "../support/mod.rs"]
+mod support;
+use support::{host_bin, kubectl, succeeded};
 use local_cluster::{ClusterOptions, LocalCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,501 @@
+//! `host run` end to end: the real `host` binary with the real first-party plugins
+//! (`target/plugins/*.wasm`) against the embedded cluster. Every test ends by checking that no
+//! pod, secret, service or container process of the job is left.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use kube::Api;
+use kube::api::ListParams;
+use local_cluster::{ClusterOptions, LocalCluster};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+#[path = "../support/mod.rs"]
+mod support;
+use support::{host_bin, workspace_root};
+
+/// A job directory (job file, sources, config) and a cluster of its own.
+struct Fixture {
+    dir: tempfile::TempDir,
+    cluster: LocalCluster,
+}
+
+impl Fixture {
+    async fn new(opts: ClusterOptions) -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cluster = LocalCluster::start(ClusterOptions { tls: true, ..opts }).await.expect("start the embedded cluster");
+        Fixture { dir, cluster }
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    fn command(&self, job: &Path, extra: &[&str]) -> tokio::process::Command {
+        self.command_via(self.cluster.kubeconfig_path(), job, extra)
+    }
+
+    fn command_via(&self, kubeconfig: &Path, job: &Path, extra: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(host_bin());
+        cmd.arg("run")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--plugin-cache")
+            .arg(self.dir.path().join(".cache"))
+            .args(extra)
+            .arg(job)
+            .env_remove("KUBECONFIG")
+            .env("KEEL_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    async fn run(&self, job: &Path, extra: &[&str]) -> Output {
+        let out = self.command(job, extra).output().await.expect("run host");
+        eprintln!(
+            "--- host run {extra:?} exited {:?}\n{}\n--- stderr\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Nothing of any job is left: no object labelled by keel, no container process.
+    async fn assert_clean(&self) {
+        let client = self.cluster.client().expect("client");
+        let lp = ListParams::default().labels("app.kubernetes.io/managed-by=keel");
+        let pods = Api::<Pod>::all(client.clone()).list(&lp).await.expect("list pods");
+        let secrets = Api::<Secret>::all(client.clone()).list(&lp).await.expect("list secrets");
+        let services = Api::<Service>::all(client).list(&lp).await.expect("list services");
+        let names = |v: Vec<Option<String>>| v.into_iter().flatten().collect::<Vec<_>>();
+        assert!(pods.items.is_empty(), "pods left: {:?}", names(pods.items.iter().map(|p| p.metadata.name.clone()).collect()));
+        assert!(secrets.items.is_empty(), "secrets left: {:?}", names(secrets.items.iter().map(|p| p.metadata.name.clone()).collect()));
+        assert!(services.items.is_empty(), "services left: {:?}", names(services.items.iter().map(|p| p.metadata.name.clone()).collect()));
+        let left = processes_mentioning(&self.cluster.data_dir().display().to_string());
+        assert!(left.is_empty(), "container processes left: {left:?}");
+    }
+}
+
+/// Processes whose command line mentions `needle` (the cluster's data dir is in every sandbox's).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                out.push(format!("{}: {cmd}", name.to_string_lossy()));
+            }
+        }
+    }
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn last_line(o: &Output) -> String {
+    stdout(o).lines().last().unwrap_or_default().to_string()
+}
+
+const CONFIG_HELPER: &str = "[[runners]]\nname = \"t\"\nexecutor = \"kubernetes\"\ntoken = \"glrt-e2e\"\n[runners.kubernetes]\nhelper_image = \"alpine:3.20\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_failure_and_after_script() {
+    let f = Fixture::new(ClusterOptions::default()).await;
+    let ok = f.write("ok/job.yml", "image: alpine:3.20\nscript:\n  - echo hi\n");
+    let out = f.run(&ok, &[]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let text = stdout(&out);
+    assert!(text.contains("$ echo hi\nhi\n"), "{text}");
+    assert!(text.contains("Waiting for pod default/"), "{text}");
+    assert_eq!(last_line(&out), "Job succeeded");
+
+    let failing = f.write(
+        "fail/job.yml",
+        "image: alpine:3.20\nscript:\n  - echo before\n  - exit 3\n  - echo never\nafter_script:\n  - echo \"after ran\"\n",
+    );
+    let out = f.run(&failing, &[]).await;
+    assert_eq!(out.status.code(), Some(1), "a script failure exits 1");
+    let text = stdout(&out);
+    assert!(text.contains("$ exit 3") && !text.contains("never"), "{text}");
+    assert!(text.contains("after ran"), "after_script ran: {text}");
+    assert_eq!(last_line(&out), "ERROR: Job failed: exit code 3");
+
+    let before = f.write(
+        "before/job.yml",
+        "image: alpine:3.20\nbefore_script:\n  - sh -c 'exit 4'\nscript:\n  - echo script-ran\nafter_script: echo after-ran\n",
+    );
+    let out = f.run(&before, &[]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(!text.contains("script-ran") && text.contains("after-ran"), "{text}");
+    assert_eq!(last_line(&out), "ERROR: Job failed: exit code 4");
+    f.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_masked_and_never_in_the_pod_and_sources_are_copied() {
+    let f = Fixture::new(ClusterOptions::default()).await;
+    f.write("src/.gitignore", "ignored.txt\n");
+    f.write("src/ignored.txt", "must not be copied\n");
+    f.write("src/data/hello.txt", "hello from the sources\n");
+    let job = f.write(
+        "src/job.yml",
+        "image: alpine:3.20\nvariables:\n  TOKEN: {value: \"tok-abcdef-123456\", masked: true}\n  PLAIN: visible\n\
+         script:\n  - cat data/hello.txt\n  - test ! -e ignored.txt\n\
+         \x20 - printf 'tok-abc'; sleep 1; printf 'def-123456\\n'\n  - echo \"$TOKEN\" | cut -c1-3\n  - echo \"plain is $PLAIN\"\n\
+         \x20 - cat /proc/1/environ | tr '\\0' '\\n' | grep -c '^TOKEN=' || true\n",
+    );
+    let out = f.run(&job, &[]).await;
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("hello from the sources"), "{text}");
+    assert!(!text.contains("tok-abcdef-123456") && !text.contains("abcdef"), "secret leaked: {text}");
+    assert!(text.contains("[MASKED]"), "{text}");
+    assert!(text.contains("plain is visible"), "{text}");
+    // The secret is not in the container's env either (only public variables are).
+    assert!(text.contains("\n0\n"), "TOKEN in PID 1's environment: {text}");
+    f.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_timeout_stops_the_stage_and_runs_after_script() {
+    let f = Fixture::new(ClusterOptions::default()).await;
+    let job = f.write(
+        "job.yml",
+        "image: alpine:3.20\ntimeout: 3s\nscript:\n  - echo started\n  - sleep 300\nafter_script:\n  - echo after-timeout\n",
+    );
+    let out = f.run(&job, &[]).await;
+    assert_eq!(out.status.code(), Some(3), "a timeout exits 3");
+    let text = stdout(&out);
+    assert!(text.contains("started") && text.contains("after-timeout"), "{text}");
+    assert_eq!(last_line(&out), "ERROR: Job failed: execution took longer than 3 seconds");
+    f.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_mid_stage_stops_it_runs_after_script_and_cleans_up() {
+    let f = Fixture::new(ClusterOptions::default()).await;
+    let job = f.write(
+        "job.yml",
+        "image: alpine:3.20\nscript:\n  - echo stage-started\n  - sleep 300\nafter_script:\n  - echo after-cancel\n  - ps -o pid,args 2>/dev/null || ls /proc\n",
+    );
+    let mut child = f.command(&job, &[]).spawn().expect("spawn host");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut seen = String::new();
+    while let Some(line) = reader.next_line().await.expect("read") {
+        seen.push_str(&line);
+        seen.push('\n');
+        if line == "stage-started" {
+            break;
+        }
+    }
+    assert!(seen.contains("stage-started"), "{seen}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = child.id().expect("pid") as i32;
+    std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status().expect("kill -INT");
+    while let Some(line) = reader.next_line().await.expect("read") {
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    let status = child.wait().await.expect("wait");
+    eprintln!("{seen}");
+    assert_eq!(status.code(), Some(130), "cancelled exits 130");
+    assert!(seen.contains("after-cancel"), "{seen}");
+    // The stage's `sleep 300` was stopped before after_script listed the processes.
+    let after = seen.split("after-cancel").nth(1).unwrap_or_default();
+    assert!(!after.contains("sleep 300"), "the stage still runs: {after}");
+    assert!(seen.trim_end().ends_with("ERROR: Job failed: canceled"), "{seen}");
+    f.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_failures_fall_back_to_the_next_policy_or_fail_fast() {
+    let f = Fixture::new(ClusterOptions { unavailable_images: vec!["registry.example.com/missing:1".into()], ..Default::default() })
+        .await;
+    let job = f.write(
+        "job.yml",
+        "image:\n  name: registry.example.com/missing:1\n  pull_policy: [always]\nscript: [echo never]\n",
+    );
+    let started = Instant::now();
+    let out = f.run(&job, &[]).await;
+    assert_eq!(out.status.code(), Some(2), "a pull failure is a system failure");
+    let last = last_line(&out);
+    assert!(last.starts_with("ERROR: Job failed (system failure): pod default/"), "{last}");
+    assert!(last.contains("registry.example.com/missing:1") && last.contains("ErrImagePull"), "{last}");
+    // Fails fast instead of waiting out poll_timeout (180 s); no tight bound (noisy machines).
+    assert!(started.elapsed() < Duration::from_secs(120), "took {:?}", started.elapsed());
+    f.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_container_config_error_and_a_pod_deleted_from_outside() {
+    let f = Fixture::new(ClusterOptions::default()).await;
+    let config = f.write(
+        "config.toml",
+        &format!(
+            "{CONFIG_HELPER}[[runners.kubernetes.pod_spec]]\nname = \"missing-secret\"\npatch_type = \"strategic\"\n\
+             patch = '''\ncontainers:\n  - name: build\n    env:\n      - name: FROM_SECRET\n        valueFrom:\n          secretKeyRef: {{name: nope, key: k}}\n'''\n\
+             [[runners.kubernetes.plugins]]\npath = \"{}\"\n",
+            workspace_root().join("target/plugins/pod-spec.wasm").display()
+        ),
+    );
+    let job = f.write("job.yml", "image: alpine:3.20\nscript: [echo never]\n");
+    let out = f.run(&job, &["--config", config.to_str().expect("utf-8")]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(last_line(&out).contains("CreateContainerConfigError"), "{}", last_line(&out));
+
+    // Deleted from outside mid-stage: the job fails at once with the reason.
+    let job = f.write("job2.yml", "image: alpine:3.20\nscript:\n  - echo running\n  - sleep 300\n");
+    let mut child = f.command(&job, &[]).spawn().expect("spawn host");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut seen = String::new();
+    while let Some(line) = reader.next_line().await.expect("read") {
+        seen.push_str(&line);
+        seen.push('\n');
+        if line == "running" {
+            break;
+        }
+    }
+    let pods: Api<Pod> = Api::namespaced(f.cluster.client().expect("client"), "default");
+    let list = pods.list(&ListParams::default().labels("app.kubernetes.io/managed-by=keel")).await.expect("list");
+    let name = list.items[0].metadata.name.clone().expect("name");
+    pods.delete(&name, &Default::default()).await.expect("delete the pod");
+    while let Some(line) = reader.next_line().await.expect("read") {
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    let status = tokio::time::timeout(Duration::from_secs(120), child.wait()).await.expect("host ends").expect("wait");
+    eprintln!("{seen}");
+    assert_eq!(status.code(), Some(2), "{seen}");
+    assert!(seen.contains("(system failure)") && seen.contains(&name), "{seen}");
+    f.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oom_killed_mid_stage_keeps_the_reason() {
+    let f = Fixture::new(ClusterOptions::default()).await;
+    if !f.cluster.node().memory_limits_enforced() {
+        eprintln!("memory limits cannot be enforced on this node: OOM test not meaningful here");
+        return;
+    }
+    let config = f.write("config.toml", &format!("{CONFIG_HELPER}memory_limit = \"64Mi\"\n"));
+    let job = f.write(
+        "job.yml",
+        "image: alpine:3.20\nscript:\n  - echo filling\n  - head -c 400000000 /dev/zero | tail > /dev/null\n",
+    );
+    let out = f.run(&job, &["--config", config.to_str().expect("utf-8")]).await;
+    assert_ne!(out.status.code(), Some(0));
+    let text = stdout(&out);
+    assert!(text.contains("OOMKilled") || text.contains("exit code 137"), "{text}");
+    f.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_plugins_fail_the_job_as_system_failures() {
+    let f = Fixture::new(ClusterOptions::default()).await;
+    let plugins = workspace_root().join("target/plugins");
+    let job = f.write("job.yml", "image: alpine:3.20\nscript: [echo hi]\n");
+    // A pod mutator that traps: nothing is created.
+    let config = f.write(
+        "trap.toml",
+        &format!(
+            "{CONFIG_HELPER}[[runners.kubernetes.plugins]]\npath = \"{}\"\n[runners.kubernetes.plugins.config]\nmode = \"panic\"\n",
+            plugins.join("fixture-fault.wasm").display()
+        ),
+    );
+    let out = f.run(&job, &["--config", config.to_str().expect("utf-8")]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let last = last_line(&out);
+    assert!(last.contains("(system failure)") && last.contains("fixture-fault") && last.contains("panics"), "{last}");
+
+    // A strategy that loops forever inside wasm: its CPU budget ends it, cleanup still runs.
+    let config = f.write(
+        "loop.toml",
+        &format!(
+            "{CONFIG_HELPER}[[runners.kubernetes.plugins]]\npath = \"{}\"\ntimeout = \"1s\"\n[runners.kubernetes.plugins.config]\nmode = \"endless-loop\"\n",
+            plugins.join("fixture-fault-strategy.wasm").display()
+        ),
+    );
+    let out = f.run(&job, &["--config", config.to_str().expect("utf-8")]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let last = last_line(&out);
+    assert!(last.contains("fixture-fault-strategy") && last.contains("time limit"), "{last}");
+
+    // A strategy reaching outside the job's pod is refused.
+    let config = f.write(
+        "foreign.toml",
+        &format!(
+            "{CONFIG_HELPER}[[runners.kubernetes.plugins]]\npath = \"{}\"\n[runners.kubernetes.plugins.config]\nmode = \"foreign-container\"\n",
+            plugins.join("fixture-fault-strategy.wasm").display()
+        ),
+    );
+    let out = f.run(&job, &["--config", config.to_str().expect("utf-8")]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(last_line(&out).contains("refused as expected") && last_line(&out).contains("NoSuchContainer"), "{}", last_line(&out));
+    f.assert_clean().await;
+}
+
+/// A TCP proxy that forwards to `target` until `cut` is called, which closes every
+/// connection open at that moment (new ones still go through).
+struct CuttingProxy {
+    addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<u32>,
+}
+
+impl CuttingProxy {
+    async fn start(target: std::net::SocketAddr) -> CuttingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let (cut, rx) = tokio::sync::watch::channel(0u32);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut rx = rx.clone();
+                rx.borrow_and_update();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = rx.changed() => {}
+                    }
+                });
+            }
+        });
+        CuttingProxy { addr, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_strategy_connection_cut_mid_stage_fails_never_succeeds() {
+    let f = Fixture::new(ClusterOptions::default()).await;
+    let proxy = CuttingProxy::start(f.cluster.addr()).await;
+    // The same kubeconfig, pointed at the proxy.
+    let kubeconfig = std::fs::read_to_string(f.cluster.kubeconfig_path()).expect("kubeconfig");
+    let via_proxy = f.write("proxied-kubeconfig", &kubeconfig.replace(&f.cluster.addr().to_string(), &proxy.addr.to_string()));
+    let job = f.write("job.yml", "image: alpine:3.20\nscript:\n  - echo ticking\n  - for i in $(seq 600); do sleep 0.1; done\n  - echo finished\n");
+    let mut child = f.command_via(&via_proxy, &job, &[]).spawn().expect("spawn host");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("ticking\n") {
+        let n = out.read(&mut buf).await.expect("read");
+        assert!(n > 0, "host ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cut_at = Instant::now();
+    proxy.cut();
+    out.read_to_end(&mut seen).await.expect("read");
+    let status = child.wait().await.expect("wait");
+    let failed_after = cut_at.elapsed();
+    let text = String::from_utf8_lossy(&seen);
+    eprintln!("{text}\nconnection cut -> job failed in {failed_after:?} (aim: < 5 s)");
+    assert_eq!(status.code(), Some(2), "{text}");
+    assert!(!text.contains("finished") && !text.contains("Job succeeded"), "{text}");
+    assert!(text.contains("lost the connection"), "{text}");
+    f.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_is_reachable_from_the_build_container() {
+    let f = Fixture::new(ClusterOptions::default()).await;
+    let job = f.write(
+        "job.yml",
+        // The embedded node runs every image on the host's root filesystem, so python3 serves
+        // and fetches here; the alias resolves through the pod's hostAliases as in GitLab.
+        "image: alpine:3.20\nservices:\n  - name: python:3\n    alias: web\n    command: [\"sh\", \"-c\", \"mkdir -p /tmp/w && echo from-service > /tmp/w/index.html && exec python3 -m http.server 8080 -d /tmp/w\"]\n\
+         script:\n  - cat /etc/hosts\n  - for i in $(seq 100); do python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080/').read().decode())\" 2>/dev/null && exit 0; sleep 0.2; done; exit 1\n",
+    );
+    let out = f.run(&job, &[]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).contains("from-service"), "{}", stdout(&out));
+    f.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_runs_at_once_against_one_cluster() {
+    let f = Fixture::new(ClusterOptions::default()).await;
+    let job = f.write("job.yml", "image: alpine:3.20\nscript:\n  - echo \"job $CI_JOB_ID\"\n");
+    let runs: Vec<_> = (0..10).map(|_| f.command(&job, &[]).output()).collect();
+    let outs = futures::future::join_all(runs).await;
+    for out in outs {
+        let out = out.expect("host");
+        assert_eq!(out.status.code(), Some(0), "{}\n{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(last_line(&out), "Job succeeded");
+    }
+    f.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_cleanup_removes_what_a_killed_host_left() {
+    let f = Fixture::new(ClusterOptions::default()).await;
+    let job = f.write("job.yml", "image: alpine:3.20\nscript:\n  - echo running\n  - sleep 300\n");
+    let mut child = f.command(&job, &[]).spawn().expect("spawn host");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    while let Some(line) = reader.next_line().await.expect("read") {
+        if line == "running" {
+            break;
+        }
+    }
+    child.kill().await.expect("kill -9");
+    let out = tokio::process::Command::new(host_bin())
+        .arg("cleanup")
+        .arg("--kubeconfig")
+        .arg(f.cluster.kubeconfig_path())
+        .output()
+        .await
+        .expect("host cleanup");
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("pod/") && text.contains("secret/"), "{text}");
+    // The pod's processes end with it; give the node a moment to finish the deletion.
+    let client = f.cluster.client().expect("client");
+    let pods: Api<Pod> = Api::all(client);
+    for _ in 0..100 {
+        if pods.list(&ListParams::default()).await.expect("list").items.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    f.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_cluster_configured_an_embedded_one_is_started_and_removed() {
+    let home = tempfile::tempdir().expect("home");
+    let dir = tempfile::tempdir().expect("dir");
+    let job = dir.path().join("job.yml");
+    std::fs::write(&job, "image: alpine:3.20\nscript: [echo embedded-ok]\n").expect("write");
+    let out = tokio::process::Command::new(host_bin())
+        .arg("run")
+        .arg(&job)
+        .env("HOME", home.path())
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .await
+        .expect("host run");
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("embedded-ok") && text.contains("the embedded cluster"), "{text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("started an embedded one"), "said so on stderr");
+    let left = processes_mentioning("keel-cluster-");
+    assert!(left.iter().all(|p| !p.contains(&dir.path().display().to_string())), "{left:?}");
+}
