@@ -101,10 +101,12 @@ fn job_errors() {
 
 fn request(config: &str, job: &str) -> RenderRequest {
     RenderRequest {
-        config: PathBuf::from(config),
+        config: Some(PathBuf::from(config)),
         runner: None,
         job: JobSource::from_arg(job),
         extra_plugins: Vec::new(),
+        // No strategy: the goldens show the host's base objects.
+        strategy: None,
         job_id: 42,
         project_id: 7,
         project_path: "group/project".into(),

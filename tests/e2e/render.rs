@@ -109,7 +109,12 @@ fn renders_the_sample_job_with_the_shipped_plugins() {
     let env = build["env"].as_array().expect("env");
     let var = |k: &str| env.iter().find(|e| e["name"] == k).map(|e| e["value"].clone());
     assert_eq!(var("GREETING"), Some("hello from job".into()));
-    assert_eq!(var("POSTGRES_PASSWORD"), Some("[MASKED]".into()), "masked values are not printed");
+    // Masked values never sit in the Pod (anyone who may `get pods` would read them): they
+    // reach the scripts through the variables Secret, which render prints redacted.
+    assert_eq!(var("POSTGRES_PASSWORD"), None, "masked values are not in the pod's env");
+    let secrets = kind(&objects, "Secret");
+    let vars = secrets.iter().find(|s| s["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-vars"))).expect("variables secret");
+    assert_eq!(vars["stringData"]["env.sh"], "[MASKED]");
     assert!(!out.contains("example-only"), "a masked value leaked:\n{out}");
 
     // The service port becomes a Service selecting the pod by the host's label.
@@ -160,7 +165,7 @@ print(len(items))
         "python kubernetes client rejected the output:\n{}",
         String::from_utf8_lossy(&py.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), "2");
+    assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), "3", "variables Secret, Pod, Service");
 }
 
 #[test]
@@ -301,5 +306,5 @@ print(len(docs))
 "#;
     let py = Command::new("python3").arg("-c").arg(script).arg(&y).arg(&j).output().expect("run python3");
     assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
-    assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), "2");
+    assert_eq!(String::from_utf8_lossy(&py.stdout).trim(), "3");
 }

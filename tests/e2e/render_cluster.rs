@@ -1,6 +1,6 @@
 //! What `host render` prints is what a cluster accepts and runs: the rendered Secret, Pod and
 //! Service are created with kubectl in the embedded cluster, and the pod's host-side plumbing
-//! (init container, log file, env, shell as PID 1) is checked from inside the build container.
+//! (env, the mounted variables Secret, a shell as PID 1) is checked from inside the build container.
 
 use std::process::Command;
 
@@ -68,14 +68,14 @@ async fn rendered_objects_are_created_and_the_pod_runs() {
                     "--",
                     "sh",
                     "-c",
-                    "echo $CI_JOB_ID; stat -c %a /logs-1-5/output.log; cat /proc/1/comm",
+                    "echo $CI_JOB_ID; test -r /keel-vars/env.sh && echo vars-mounted; cat /proc/1/comm",
                 ],
             ),
             "exec into build",
         );
         let lines: Vec<&str> = inside.lines().collect();
         assert_eq!(lines.first(), Some(&"5"), "{inside}");
-        assert_eq!(lines.get(1), Some(&"666"), "the init container creates a world-writable log: {inside}");
+        assert_eq!(lines.get(1), Some(&"vars-mounted"), "the variables Secret is mounted for the scripts: {inside}");
         assert!(lines.get(2).is_some_and(|c| c.ends_with("sh")), "PID 1 of build is a shell: {inside}");
         let svc = succeeded(
             kubectl(&kc, &["get", "services", "-l", "keel.dev/job-id=5", "-o", "jsonpath={.items[0].spec.selector}"]),
