@@ -72,6 +72,35 @@ impl Outcome {
     }
 }
 
+/// Where a run's time went, logged at the end (target `keel::timings`, level info) with the
+/// process's peak RSS: what the benchmark reads to break a job's time down.
+#[derive(Debug)]
+pub struct Phases {
+    last: Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new(start: Instant) -> Self {
+        Phases { last: start, done: Vec::new() }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.done.push((phase, now - self.last));
+        self.last = now;
+    }
+
+    fn log(&self) {
+        let phases: Vec<String> = self.done.iter().map(|(p, d)| format!("{p}={:.1}ms", d.as_secs_f64() * 1000.0)).collect();
+        let peak_rss_kib = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").to_string())))
+            .unwrap_or_default();
+        tracing::info!(target: "keel::timings", phases = %phases.join(" "), peak_rss_kib = %peak_rss_kib, "job timings");
+    }
+}
+
 /// `host run` options besides the prepare request.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -124,7 +153,9 @@ pub async fn run(
     mut interrupts: Interrupts,
 ) -> Outcome {
     let started = Instant::now();
+    let mut phases = Phases::new(started);
     let prepared = prepare(rt, &req).await;
+    phases.mark("prepare");
     let mut prepared = match prepared {
         Ok(p) => p,
         Err(e) => {
@@ -159,15 +190,19 @@ pub async fn run(
             eprintln!("keel: no cluster configured (runner host, kubeconfig, in-cluster); started an embedded one for this job");
         }
         trace.info(&format!("Using Kubernetes cluster {}", connection.via));
+        phases.mark("connect");
         let mut created = Created::default();
-        let outcome = run_on(&mut prepared, &connection, &mut created, &opts, &req, &trace, &mut interrupts).await;
+        let outcome =
+            run_on(&mut prepared, &connection, &mut created, &opts, &req, &trace, &mut interrupts, &mut phases).await;
         cleanup(&connection, &created, prepared.k8s.cleanup_grace_period_seconds, &trace).await;
+        phases.mark("cleanup");
         connection.close().await;
+        phases.mark("close");
         outcome
     }
     .instrument(span)
     .await;
-    tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "job finished");
+    phases.log();
     match &outcome {
         Outcome::Success => trace.success(&outcome.last_line()),
         _ => trace.error(&outcome.last_line()),
@@ -254,7 +289,7 @@ async fn wait_running(api: &Api<Pod>, name: &str, namespace: &str, timeout: Dura
             return Wait::Ready(pod_watch);
         }
         let now = watch::describe(&state);
-        if now != last {
+        if now != last && !matches!(state, watch::PodState::Unknown) {
             trace.line(&format!("Waiting for pod {namespace}/{name} to be running, status is {now}"));
             last = now;
         }
@@ -272,6 +307,7 @@ async fn wait_running(api: &Api<Pod>, name: &str, namespace: &str, timeout: Dura
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_on(
     prepared: &mut PreparedJob,
     connection: &Connection,
@@ -280,6 +316,7 @@ async fn run_on(
     req: &PrepareRequest,
     trace: &Trace,
     interrupts: &mut Interrupts,
+    phases: &mut Phases,
 ) -> Outcome {
     let client = &connection.client;
     let namespace = prepared.objects.pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
@@ -330,6 +367,7 @@ async fn run_on(
     let job_pod = JobPod::new(pods.clone(), pod_name.clone(), &prepared.objects.pod);
     prepared.services.set_pod(job_pod.clone());
     trace.info(&format!("Running on {pod_name} via {}...", hostname()));
+    phases.mark("create->running");
 
     // Sources.
     let git_strategy = prepared.job.variable("GIT_STRATEGY").unwrap_or("fetch").to_string();
@@ -354,12 +392,14 @@ async fn run_on(
         }
     }
 
+    phases.mark("sources");
     let (step, after) = script::job_scripts(&prepared.job.stages, opts.color);
     let timeout = prepared.job.timeout.unwrap_or(DEFAULT_JOB_TIMEOUT);
     let deadline = Instant::now() + timeout;
 
     trace.info(&format!("Executing \"{STEP_SCRIPT}\" stage of the job script"));
     let step_result = run_stage(prepared, &job_pod, &step, deadline, &mut pod_watch, trace, interrupts, 1).await;
+    phases.mark("step_script");
     let pod_dead = matches!(step_result, StageEnd::PodFailed(_));
     let outcome = match step_result {
         StageEnd::Exited(0) => Outcome::Success,
@@ -391,6 +431,7 @@ async fn run_on(
             }
         }
     }
+    phases.mark("after_script");
     trace.info("Cleaning up project directory and file based variables");
     outcome
 }
