@@ -1187,7 +1187,7 @@ impl Kubernetes {
 
 fn toml_error(text: &str, path: &Path, key: &str, e: &toml::de::Error) -> ConfigError {
     let message = cut_message(e.message().trim().to_string());
-    let key = if key.is_empty() || key == "." { "(document)".to_string() } else { key.to_string() };
+    let key = if key.is_empty() || key == "." { "(document)".to_string() } else { cut_message(key.to_string()) };
     match e.span() {
         Some(span) => {
             let (line, column) = line_col(text, span.start);

@@ -579,7 +579,12 @@ fn typed<T>(
 }
 
 fn key_or_document(key: &str) -> String {
-    if key.is_empty() || key == "." { "(document)".into() } else { key.to_string() }
+    if key.is_empty() || key == "." { "(document)".into() } else { cut_message(key.to_string()) }
+}
+
+/// A job name or key from the file, as quoted in a message: at most 256 bytes of it.
+fn short(name: &str) -> String {
+    crate::config::cut(name.to_string(), 256)
 }
 
 /// serde_yaml_ng appends " at line L column C" and prefixes its own key path; we print both
@@ -645,10 +650,14 @@ fn extends_chain(tree: &serde_yaml_ng::Value, name: &str, path: &Path) -> Result
             .join(", ")
     };
     if RESERVED.contains(&name) || !jobs.contains_key(name) {
-        return Err(JobError::NoSuchJob { path: path.to_path_buf(), name: name.to_string(), available: available() });
+        return Err(JobError::NoSuchJob {
+            path: path.to_path_buf(),
+            name: short(name),
+            available: cut_message(available()),
+        });
     }
     if name.starts_with('.') {
-        return Err(JobError::HiddenJob { path: path.to_path_buf(), name: name.to_string() });
+        return Err(JobError::HiddenJob { path: path.to_path_buf(), name: short(name) });
     }
     let mut order = Vec::new();
     let mut seen = HashSet::new();
@@ -668,17 +677,14 @@ fn visit_extends(
     stack: &mut Vec<String>,
 ) -> Result<(), JobError> {
     if stack.iter().any(|s| s == name) {
-        return Err(JobError::ExtendsLoop {
-            path: path.to_path_buf(),
-            job: stack[0].clone(),
-            target: name.to_string(),
-        });
+        return Err(JobError::ExtendsLoop { path: path.to_path_buf(), job: short(&stack[0]), target: short(name) });
     }
     if stack.len() > limits::EXTENDS_DEPTH {
-        let chain = stack.iter().chain([&name.to_string()]).map(|s| format!("{s:?}")).collect::<Vec<_>>().join(" -> ");
+        let chain = stack.iter().chain([&name.to_string()]).map(|s| format!("{:?}", short(s))).collect::<Vec<_>>();
+        let chain = chain.join(" -> ");
         return Err(JobError::ExtendsTooDeep {
             path: path.to_path_buf(),
-            job: stack[0].clone(),
+            job: short(&stack[0]),
             chain: cut_message(chain),
             limit: limits::EXTENDS_DEPTH,
         });
@@ -698,7 +704,11 @@ fn visit_extends(
     };
     for parent in parents {
         if !jobs.contains_key(parent.as_str()) || RESERVED.contains(&parent.as_str()) {
-            return Err(JobError::UnknownExtends { path: path.to_path_buf(), job: name.to_string(), target: parent });
+            return Err(JobError::UnknownExtends {
+                path: path.to_path_buf(),
+                job: short(name),
+                target: short(&parent),
+            });
         }
         visit_extends(jobs, &parent, path, order, seen, stack)?;
     }
@@ -840,13 +850,13 @@ fn build_job(
 ) -> Result<Job, JobError> {
     let script = def.script.clone().map(|s| s.0).unwrap_or_default();
     if script.is_empty() {
-        return Err(JobError::NoScript { path: path.to_path_buf(), job: name });
+        return Err(JobError::NoScript { path: path.to_path_buf(), job: short(&name) });
     }
     let image = match def.image.clone() {
         Some(i) => i,
         None => match &ctx.default_image {
             Some(n) => ImageDef { name: n.clone(), ..Default::default() },
-            None => return Err(JobError::NoImage { path: path.to_path_buf(), job: name }),
+            None => return Err(JobError::NoImage { path: path.to_path_buf(), job: short(&name) }),
         },
     };
 

@@ -33,6 +33,7 @@ use wasmtime::{
 use crate::job::{Job, Overwrites, PullPolicy, Resources};
 pub use cache::Source as CompileSource;
 use sandbox::StoreState;
+pub use sandbox::plugin_text;
 pub use validate::{HostOwned, check_pod_output};
 use wit::latest;
 
