@@ -765,7 +765,10 @@ fn fill_defaults(job: &mut JobDef, default: &JobDef) {
 pub fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
     match expand_limited(s, lookup, limits::OBJECT_BYTES) {
         Ok(out) => out,
-        Err(TooLong(out)) => crate::config::cut(out, limits::OBJECT_BYTES),
+        Err(TooLong(mut out)) => {
+            out.push_str(&format!("... [cut: the expansion exceeds {}]", show_bytes(limits::OBJECT_BYTES)));
+            out
+        }
     }
 }
 

@@ -26,8 +26,7 @@ use k8s_openapi::api::core::v1::Pod;
 use tracing::Instrument;
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{
-    Config, Enabled, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig, Store,
-    Trap,
+    Config, Enabled, Engine, PoolConcurrencyLimitError, PoolingAllocationConfig, Store, Trap,
 };
 
 use crate::job::{Job, Overwrites, PullPolicy, Resources};
@@ -799,6 +798,7 @@ impl JobPlugins {
                 let outcome = tokio::time::timeout(host_timeout(&p.limits), call).await;
                 let result = instance.settle(p, "overwrites.review", outcome)?;
                 current = result.map_err(|e| guest_error(p, "overwrites", "overwrites.review", e))?;
+                validate::check_overwrites(&current, p)?;
                 Ok::<_, PluginError>(())
             }
             .instrument(span)

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Pod;
 
 use super::sandbox::{MAX_PLUGIN_TEXT, plugin_text};
+use super::wit::latest;
 use super::{PluginError, PluginInner};
 use crate::config::{limits, show_bytes};
 
@@ -141,5 +142,42 @@ pub fn check_pod_output(before: &Pod, rules: &HostOwned, output: &str) -> Result
         Violation::NotAPod(reason) => format!("not a pod: {reason}"),
         Violation::NoBuildContainer => "no build container".to_string(),
         Violation::Changed { field, before, after } => format!("changed {field} from {before} to {after}"),
+    })
+}
+
+/// Bounds what an overwrite-rule plugin returns: the accepted overwrites become the pod's
+/// labels, annotations and resources, so together they get the same bound as a pod.
+pub(crate) fn check_overwrites(o: &latest::Overwrites, plugin: &PluginInner) -> Result<(), PluginError> {
+    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    let pairs = |l: &[latest::KeyValue]| l.iter().map(|kv| kv.key.len() + kv.value.len()).sum::<usize>();
+    let resources = |r: &latest::Resources| {
+        opt(&r.cpu_request)
+            + opt(&r.cpu_limit)
+            + opt(&r.memory_request)
+            + opt(&r.memory_limit)
+            + opt(&r.ephemeral_storage_request)
+            + opt(&r.ephemeral_storage_limit)
+    };
+    let size = opt(&o.namespace)
+        + opt(&o.service_account)
+        + opt(&o.bearer_token)
+        + pairs(&o.pod_labels)
+        + pairs(&o.pod_annotations)
+        + pairs(&o.node_selector)
+        + pairs(&o.node_tolerations)
+        + resources(&o.build)
+        + resources(&o.helper)
+        + resources(&o.service);
+    if size <= limits::OBJECT_BYTES {
+        return Ok(());
+    }
+    Err(PluginError::Malformed {
+        plugin: plugin.name.to_string(),
+        version: plugin.version.clone(),
+        call: "overwrites.review",
+        reason: format!(
+            "the overwrites hold {size} bytes of text, over the limit of {} (the largest object the API server stores)",
+            show_bytes(limits::OBJECT_BYTES)
+        ),
     })
 }
