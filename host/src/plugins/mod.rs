@@ -650,7 +650,9 @@ impl Instance {
                 if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
                     PluginError::Deadline { plugin: name, version, call, timeout: plugin.limits.call_timeout }
                 } else if self.store.data().limiter.was_exceeded() {
-                    PluginError::MemoryLimit { plugin: name, version, call, limit_bytes: plugin.limits.memory_bytes }
+                    // The limiter's limit: the configured one, or less under an address space limit.
+                    let limit_bytes = self.store.data().limiter.limit;
+                    PluginError::MemoryLimit { plugin: name, version, call, limit_bytes }
                 } else {
                     let mut reason = sandbox::describe_trap(&e);
                     // A Rust panic prints its message to stderr just before the abort trap;
