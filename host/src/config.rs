@@ -796,12 +796,13 @@ impl Config {
                     }
                     (None, Some(p)) => {
                         let full = base.join(p);
-                        let text = read_text_file(&full, limits::YAML_BYTES).map_err(|source| ConfigError::PatchRead {
-                            path: path.to_path_buf(),
-                            key: format!("{key}.patch_path"),
-                            patch_path: full.clone(),
-                            source,
-                        })?;
+                        let text =
+                            read_text_file(&full, limits::YAML_BYTES).map_err(|source| ConfigError::PatchRead {
+                                path: path.to_path_buf(),
+                                key: format!("{key}.patch_path"),
+                                patch_path: full.clone(),
+                                source,
+                            })?;
                         patch.patch = Some(text);
                     }
                     (Some(_), None) => {}
@@ -874,7 +875,12 @@ pub fn parse_patch(text: &str, patch_type: PatchType) -> Result<serde_json::Valu
         return Err(format!("the patch is {} bytes, over the limit of {}", text.len(), show_bytes(limits::YAML_BYTES)));
     }
     if let Err(at) = check_yaml_depth(text, limits::NESTING) {
-        return Err(format!("it nests deeper than {} levels (the limit) at line {} column {}", limits::NESTING, at.line, at.column));
+        return Err(format!(
+            "it nests deeper than {} levels (the limit) at line {} column {}",
+            limits::NESTING,
+            at.line,
+            at.column
+        ));
     }
     let value: serde_json::Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
     match patch_type {
@@ -932,10 +938,10 @@ pub mod limits {
 /// `n` bytes the way the README states limits (`4 MiB`, `1.5 MiB`, `256 KiB`).
 pub fn show_bytes(n: usize) -> String {
     const MIB: usize = 1 << 20;
-    if n >= MIB && n % (MIB / 2) == 0 {
+    if n >= MIB && n.is_multiple_of(MIB / 2) {
         let whole = n / MIB;
-        if n % MIB == 0 { format!("{whole} MiB") } else { format!("{whole}.5 MiB") }
-    } else if n >= 1024 && n % 1024 == 0 {
+        if n.is_multiple_of(MIB) { format!("{whole} MiB") } else { format!("{whole}.5 MiB") }
+    } else if n >= 1024 && n.is_multiple_of(1024) {
         format!("{} KiB", n / 1024)
     } else {
         format!("{n} bytes")

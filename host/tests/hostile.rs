@@ -15,7 +15,8 @@ const ADDRESS_SPACE: u64 = 2 << 30;
 /// Far longer than any case takes on a loaded 2-core machine; only a hang gets here.
 const HANG_GUARD: Duration = Duration::from_secs(120);
 
-const CONFIG: &str = "[[runners]]\n  name = \"t\"\n  executor = \"kubernetes\"\n  [runners.kubernetes]\n    namespace = \"ci\"\n";
+const CONFIG: &str =
+    "[[runners]]\n  name = \"t\"\n  executor = \"kubernetes\"\n  [runners.kubernetes]\n    namespace = \"ci\"\n";
 const JOB: &str = "image: alpine\nscript: [echo hi]\n";
 
 struct Outcome {
@@ -191,7 +192,9 @@ fn extends_diamonds_merge_once() {
     let mut text = String::from(".l0:\n  image: alpine\n  script: [echo]\n");
     for level in 1..=10 {
         for k in 0..8 {
-            let parents: Vec<String> = (0..8).map(|p| format!("\".l{}{}\"", level - 1, if level == 1 { String::new() } else { format!("-{p}") })).collect();
+            let parents: Vec<String> = (0..8)
+                .map(|p| format!("\".l{}{}\"", level - 1, if level == 1 { String::new() } else { format!("-{p}") }))
+                .collect();
             text.push_str(&format!(".l{level}-{k}:\n  extends: [{}]\n", parents.join(", ")));
         }
     }
@@ -206,8 +209,11 @@ fn extends_diamonds_merge_once() {
 fn variable_expansion_bomb_is_refused() {
     let v0 = "x".repeat(20_000);
     let v1 = "${V0}".repeat(100_000);
-    job(&format!("image: alpine\nscript: [echo]\nvariables:\n  V0: {v0}\n  V1: \"{v1}\"\n"))
-        .clean_error(&["job.yml", "variables.V1", "1.5 MiB"]);
+    job(&format!("image: alpine\nscript: [echo]\nvariables:\n  V0: {v0}\n  V1: \"{v1}\"\n")).clean_error(&[
+        "job.yml",
+        "variables.V1",
+        "1.5 MiB",
+    ]);
 }
 
 // --- regexes ----------------------------------------------------------------------------------
@@ -215,14 +221,20 @@ fn variable_expansion_bomb_is_refused() {
 #[test]
 fn a_huge_overwrite_regex_is_refused() {
     let pattern = "a".repeat(3 << 20);
-    config(&format!("{CONFIG}    namespace_overwrite_allowed = \"{pattern}\"\n"))
-        .clean_error(&["config.toml", "namespace_overwrite_allowed", "4 KiB"]);
+    config(&format!("{CONFIG}    namespace_overwrite_allowed = \"{pattern}\"\n")).clean_error(&[
+        "config.toml",
+        "namespace_overwrite_allowed",
+        "4 KiB",
+    ]);
 }
 
 #[test]
 fn a_regex_that_compiles_huge_is_refused() {
-    config(&format!("{CONFIG}    namespace_overwrite_allowed = '(\\w{{100}}){{100}}'\n"))
-        .clean_error(&["config.toml", "namespace_overwrite_allowed", "size limit"]);
+    config(&format!("{CONFIG}    namespace_overwrite_allowed = '(\\w{{100}}){{100}}'\n")).clean_error(&[
+        "config.toml",
+        "namespace_overwrite_allowed",
+        "size limit",
+    ]);
 }
 
 // --- nesting ----------------------------------------------------------------------------------
@@ -231,8 +243,11 @@ const DEEP: usize = 100_000;
 
 #[test]
 fn deep_flow_lists_are_refused_quickly() {
-    job(&format!("image: alpine\nscript: {}{}\n", "[".repeat(DEEP), "]".repeat(DEEP)))
-        .clean_error(&["job.yml:2:", "(document)", "100 levels"]);
+    job(&format!("image: alpine\nscript: {}{}\n", "[".repeat(DEEP), "]".repeat(DEEP))).clean_error(&[
+        "job.yml:2:",
+        "(document)",
+        "100 levels",
+    ]);
 }
 
 #[test]
@@ -243,8 +258,11 @@ fn deep_flow_maps_are_refused_quickly() {
 
 #[test]
 fn deep_extends_list_is_refused_quickly() {
-    pipeline(&format!("job:\n  image: alpine\n  script: [x]\n  extends: {}.a{}\n", "[".repeat(DEEP), "]".repeat(DEEP)), "job")
-        .clean_error(&[".gitlab-ci.yml:4:", "100 levels"]);
+    pipeline(
+        &format!("job:\n  image: alpine\n  script: [x]\n  extends: {}.a{}\n", "[".repeat(DEEP), "]".repeat(DEEP)),
+        "job",
+    )
+    .clean_error(&[".gitlab-ci.yml:4:", "100 levels"]);
 }
 
 #[test]
@@ -270,7 +288,8 @@ fn deep_toml_arrays_are_refused_quickly() {
 
 #[test]
 fn deep_toml_inline_tables_are_refused_quickly() {
-    config(&format!("x = {}1{}\n{CONFIG}", "{a = ".repeat(DEEP), "}".repeat(DEEP))).clean_error(&["config.toml:1:", "100 levels"]);
+    config(&format!("x = {}1{}\n{CONFIG}", "{a = ".repeat(DEEP), "}".repeat(DEEP)))
+        .clean_error(&["config.toml:1:", "100 levels"]);
 }
 
 #[test]
@@ -291,12 +310,17 @@ fn alias_expansion_is_bounded() {
 #[test]
 fn five_thousand_services_are_refused() {
     let services: String = (0..5000).map(|i| format!("  - name: svc{i}:1\n")).collect();
-    job(&format!("image: alpine\nscript: [x]\nservices:\n{services}")).clean_error(&["job.yml", "key `services`", "64"]);
+    job(&format!("image: alpine\nscript: [x]\nservices:\n{services}")).clean_error(&[
+        "job.yml",
+        "key `services`",
+        "64",
+    ]);
 }
 
 #[test]
 fn five_thousand_config_services_are_refused() {
-    let services: String = (0..5000).map(|i| format!("    [[runners.kubernetes.services]]\n      name = \"s{i}\"\n")).collect();
+    let services: String =
+        (0..5000).map(|i| format!("    [[runners.kubernetes.services]]\n      name = \"s{i}\"\n")).collect();
     config(&format!("{CONFIG}{services}")).clean_error(&["config.toml", "runners[0].kubernetes.services", "64"]);
 }
 
@@ -309,7 +333,11 @@ fn many_services_within_the_limit_render() {
 #[test]
 fn many_variables_are_refused_without_quadratic_time() {
     let vars: String = (0..150_000).map(|i| format!("  V{i}: x\n")).collect();
-    job(&format!("image: alpine\nscript: [x]\nvariables:\n{vars}")).clean_error(&["job.yml", "key `variables`", "5000"]);
+    job(&format!("image: alpine\nscript: [x]\nvariables:\n{vars}")).clean_error(&[
+        "job.yml",
+        "key `variables`",
+        "5000",
+    ]);
 }
 
 #[test]
@@ -471,5 +499,6 @@ fn deep_recursion_in_a_plugin_is_a_stack_overflow() {
 #[test]
 fn a_plugin_asking_for_more_memory_than_the_address_space_allows_is_capped() {
     // 3 GiB cannot exist under a 2 GiB limit; the memory bomb hits the cap, not the host.
-    fault("memory-bomb", "      memory_limit = \"3Gi\"\n").clean_error(&["plugin `fault`", "memory limit of 134217728 bytes"]);
+    fault("memory-bomb", "      memory_limit = \"3Gi\"\n")
+        .clean_error(&["plugin `fault`", "memory limit of 134217728 bytes"]);
 }

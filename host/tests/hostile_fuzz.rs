@@ -53,10 +53,52 @@ impl Rng {
 
 /// Tokens that matter to the parsers under test.
 const TOKENS: &[&str] = &[
-    "[", "]", "{", "}", "[[", "]]", ",", ":", ": ", "- ", "\n", "\n  ", "'", "\"", "'''", "\"\"\"", "#", "&a ", "*a",
-    "<<: *a", "!!str ", "extends: ", "variables:", "$", "${", "$$", "}", "=", "\\", "\u{1b}", "\u{2028}", "\r\n",
-    "---\n", "...\n", "patch = ", "[[runners]]", "[runners.kubernetes]", "executor = \"kubernetes\"", "script: [x]",
-    "image: alpine", "\"apiVersion\":\"v1\"", "\"kind\":\"Pod\"", "null", "1e999", "-0", "18446744073709551616",
+    "[",
+    "]",
+    "{",
+    "}",
+    "[[",
+    "]]",
+    ",",
+    ":",
+    ": ",
+    "- ",
+    "\n",
+    "\n  ",
+    "'",
+    "\"",
+    "'''",
+    "\"\"\"",
+    "#",
+    "&a ",
+    "*a",
+    "<<: *a",
+    "!!str ",
+    "extends: ",
+    "variables:",
+    "$",
+    "${",
+    "$$",
+    "}",
+    "=",
+    "\\",
+    "\u{1b}",
+    "\u{2028}",
+    "\r\n",
+    "---\n",
+    "...\n",
+    "patch = ",
+    "[[runners]]",
+    "[runners.kubernetes]",
+    "executor = \"kubernetes\"",
+    "script: [x]",
+    "image: alpine",
+    "\"apiVersion\":\"v1\"",
+    "\"kind\":\"Pod\"",
+    "null",
+    "1e999",
+    "-0",
+    "18446744073709551616",
 ];
 
 fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
@@ -127,10 +169,8 @@ fn replay(name: &str, target: fn(&[u8]), seeds: Vec<(PathBuf, Vec<u8>)>) {
 
 #[test]
 fn config_target() {
-    let seeds = seeds(
-        &["examples", "host/tests/fixtures", "host/tests/config_errors", "host/fuzz/seeds/config"],
-        &[".toml"],
-    );
+    let seeds =
+        seeds(&["examples", "host/tests/fixtures", "host/tests/config_errors", "host/fuzz/seeds/config"], &[".toml"]);
     replay("config", targets::config, seeds);
 }
 

@@ -914,12 +914,19 @@ fn build_job(
     if vars.len() > limits::VARIABLES {
         return Err(invalid(
             "variables",
-            format!("{} variables (with predefined and runner ones), over the limit of {}", vars.len(), limits::VARIABLES),
+            format!(
+                "{} variables (with predefined and runner ones), over the limit of {}",
+                vars.len(),
+                limits::VARIABLES
+            ),
         ));
     }
     let services = def.services.clone().unwrap_or_default();
     if services.len() > limits::SERVICES {
-        return Err(invalid("services", format!("{} services, over the limit of {}", services.len(), limits::SERVICES)));
+        return Err(invalid(
+            "services",
+            format!("{} services, over the limit of {}", services.len(), limits::SERVICES),
+        ));
     }
 
     // GitLab's runner expands variable references in values once, against the raw values.

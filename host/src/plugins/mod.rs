@@ -25,9 +25,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use tracing::Instrument;
 use wasmtime::component::{Component, InstancePre, Linker};
-use wasmtime::{
-    Config, Enabled, Engine, PoolConcurrencyLimitError, PoolingAllocationConfig, Store, Trap,
-};
+use wasmtime::{Config, Enabled, Engine, PoolConcurrencyLimitError, PoolingAllocationConfig, Store, Trap};
 
 use crate::job::{Job, Overwrites, PullPolicy, Resources};
 pub use cache::Source as CompileSource;
@@ -371,11 +369,8 @@ impl Runtime {
 
     /// Compile (or fetch from the cache) the component at `path`.
     fn component(&self, plugin: &str, path: &Path) -> Result<(Component, CompileSource, u64), PluginError> {
-        let bytes = crate::config::read_regular_file(path, MAX_COMPONENT_BYTES).map_err(|source| PluginError::Read {
-            plugin: plugin.to_string(),
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = crate::config::read_regular_file(path, MAX_COMPONENT_BYTES)
+            .map_err(|source| PluginError::Read { plugin: plugin.to_string(), path: path.to_path_buf(), source })?;
         let engine = &self.inner.engine;
         let compile_err =
             |reason: String| PluginError::Compile { plugin: plugin.to_string(), path: path.to_path_buf(), reason };

@@ -129,7 +129,7 @@ fn on_demand(limited: &str, budget: u64, why: &str) -> Plan {
 }
 
 fn mib(bytes: u64) -> String {
-    if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
         format!("{} GiB", bytes >> 30)
     } else {
         format!("{} MiB", bytes >> 20)
