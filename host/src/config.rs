@@ -874,13 +874,8 @@ pub fn parse_patch(text: &str, patch_type: PatchType) -> Result<serde_json::Valu
     if text.len() > limits::YAML_BYTES {
         return Err(format!("the patch is {} bytes, over the limit of {}", text.len(), show_bytes(limits::YAML_BYTES)));
     }
-    if let Err(at) = check_yaml_depth(text, limits::NESTING) {
-        return Err(format!(
-            "it nests deeper than {} levels (the limit) at line {} column {}",
-            limits::NESTING,
-            at.line,
-            at.column
-        ));
+    if let Err(limit) = check_yaml(text) {
+        return Err(format!("{} (line {} column {})", limit.message, limit.line, limit.column));
     }
     let value: serde_json::Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
     match patch_type {
@@ -913,6 +908,8 @@ pub mod limits {
     /// inline tables. The YAML parser slows down quadratically with depth, so this is checked
     /// before it runs.
     pub const NESTING: usize = 100;
+    /// Nodes of a YAML document with its aliases expanded (`*a` counts what `&a` holds).
+    pub const YAML_NODES: usize = 1_000_000;
     /// Levels of `extends` below a job (GitLab's limit).
     pub const EXTENDS_DEPTH: usize = 11;
     /// `*_overwrite_allowed` pattern length.
@@ -1071,42 +1068,79 @@ pub(crate) fn check_toml_depth(text: &str, max: usize) -> Result<(), usize> {
     Ok(())
 }
 
-/// Where YAML collections nest deeper than the limit (1-based line and column).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TooDeep {
+/// A YAML document over one of the shape limits, and where (1-based line and column).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct YamlLimit {
     pub line: usize,
     pub column: usize,
+    pub message: String,
 }
 
-/// Whether YAML `text` nests collections deeper than `max`, found before the real parser runs:
-/// libyaml (under serde_yaml_ng) takes time quadratic in the depth, over a minute for 100,000
-/// levels, before its own recursion limit applies. yaml-rust2's pull parser stops at the first
-/// event past the limit, so the check costs a fraction of a parse. Syntax errors are left to the
-/// real parser, which words them as users know; for the text after such an error a cruder scan
-/// of flow brackets stands in.
-pub fn check_yaml_depth(text: &str, max: usize) -> Result<(), TooDeep> {
+/// Whether YAML `text` stays within [`limits::NESTING`] and [`limits::YAML_NODES`], found before
+/// the real parser runs. libyaml (under serde_yaml_ng) takes time quadratic in the depth (over a
+/// minute for 100,000 levels) before its own recursion limit applies, and serde_yaml_ng's alias
+/// limit counts alias uses, not what they expand to (100,000 aliases of a 1,000-entry mapping
+/// would be 100 million nodes). yaml-rust2's pull parser stops at the first event past either
+/// limit, so the check costs a fraction of a parse. Syntax errors are left to the real parser,
+/// which words them as users know; after such an error a cruder scan of flow brackets stands in.
+pub fn check_yaml(text: &str) -> Result<(), YamlLimit> {
     use yaml_rust2::parser::{Event, Parser};
     let mut parser = Parser::new_from_str(text);
     let mut depth = 0usize;
+    let mut nodes = 0usize;
+    // Expanded size of each anchored node, and of each collection still open (its anchor, the
+    // node count when it began).
+    let mut anchored: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+    let mut open: Vec<(usize, usize)> = Vec::new();
     loop {
-        match parser.next_token() {
-            Ok((Event::SequenceStart(..) | Event::MappingStart(..), mark)) => {
-                depth += 1;
-                if depth > max {
-                    return Err(TooDeep { line: mark.line(), column: mark.col() + 1 });
-                }
-            }
-            Ok((Event::SequenceEnd | Event::MappingEnd, _)) => depth = depth.saturating_sub(1),
-            Ok((Event::StreamEnd, _)) => return Ok(()),
-            Ok(_) => {}
+        let (event, mark) = match parser.next_token() {
+            Ok(next) => next,
             Err(_) => {
-                return crude_flow_depth(text, max).map_err(|offset| {
+                return crude_flow_depth(text, limits::NESTING).map_err(|offset| {
                     let (line, column) = line_col(text, offset);
-                    TooDeep { line, column }
+                    YamlLimit { line, column, message: too_deep() }
                 });
             }
+        };
+        let at = |message: String| YamlLimit { line: mark.line(), column: mark.col() + 1, message };
+        match event {
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                depth += 1;
+                if depth > limits::NESTING {
+                    return Err(at(too_deep()));
+                }
+                open.push((anchor, nodes));
+                nodes += 1;
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                depth = depth.saturating_sub(1);
+                if let Some((anchor, start)) = open.pop()
+                    && anchor > 0
+                {
+                    anchored.insert(anchor, nodes - start);
+                }
+            }
+            Event::Scalar(_, _, anchor, _) => {
+                nodes += 1;
+                if anchor > 0 {
+                    anchored.insert(anchor, 1);
+                }
+            }
+            Event::Alias(anchor) => nodes = nodes.saturating_add(anchored.get(&anchor).copied().unwrap_or(1)),
+            Event::StreamEnd => return Ok(()),
+            _ => {}
+        }
+        if nodes > limits::YAML_NODES {
+            return Err(at(format!(
+                "the document has more than {} nodes once aliases are expanded (the limit)",
+                limits::YAML_NODES
+            )));
         }
     }
+}
+
+fn too_deep() -> String {
+    format!("collections nest deeper than {} levels (GitLab's max_yaml_depth)", limits::NESTING)
 }
 
 /// Flow-collection nesting of YAML `text`, skipping quoted scalars and comments (roughly).

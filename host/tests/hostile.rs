@@ -305,6 +305,18 @@ fn alias_expansion_is_bounded() {
     out.no_crash();
 }
 
+#[test]
+fn aliases_of_a_big_mapping_are_refused() {
+    // Few alias uses (serde_yaml_ng's repetition limit allows them), each 1,000 nodes.
+    let mut text = String::from("job:\n  image: alpine\n  script: [x]\n  variables:\n");
+    let map: Vec<String> = (0..1000).map(|i| format!("k{i}: v")).collect();
+    text.push_str(&format!("    A: &a {{{}}}\n", map.join(", ")));
+    for i in 0..20_000 {
+        text.push_str(&format!("    B{i}: *a\n"));
+    }
+    pipeline(&text, "job").clean_error(&[".gitlab-ci.yml:", "1000000 nodes"]);
+}
+
 // --- counts -----------------------------------------------------------------------------------
 
 #[test]

@@ -20,7 +20,7 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor
 use serde::{Deserialize, Deserializer};
 
 use super::{Image, Job, PullPolicy, Service, ServicePort, Stage, Variable};
-use crate::config::{GitlabDuration, check_yaml_depth, cut_message, limits, one_or_many_pull_policies, show_bytes};
+use crate::config::{GitlabDuration, check_yaml, cut_message, limits, one_or_many_pull_policies, show_bytes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -493,13 +493,13 @@ pub fn parse(text: &str, source: &JobSource, ctx: &JobContext) -> Result<Job, Jo
             message: format!("the file is {} bytes, over the limit of {}", text.len(), show_bytes(limits::YAML_BYTES)),
         });
     }
-    if let Err(at) = check_yaml_depth(text, limits::NESTING) {
+    if let Err(limit) = check_yaml(text) {
         return Err(JobError::Invalid {
             path: path.clone(),
-            line: at.line,
-            column: at.column,
+            line: limit.line,
+            column: limit.column,
             key: "(document)".into(),
-            message: format!("collections nest deeper than {} levels (GitLab's max_yaml_depth)", limits::NESTING),
+            message: limit.message,
         });
     }
     // A first, untyped pass: finds merge keys and, for `.gitlab-ci.yml`, the job names and the
