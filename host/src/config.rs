@@ -772,11 +772,14 @@ impl Config {
     }
 
     fn resolve(&mut self, path: &Path, base: &Path) -> Result<(), ConfigError> {
+        let global_plugins = self.plugins.len();
         for plugin in &mut self.plugins {
             plugin.path = base.join(&plugin.path);
         }
         for (ri, runner) in self.runners.iter_mut().enumerate() {
             let Some(k8s) = runner.kubernetes.as_mut() else { continue };
+            // Before the per-entry work below, so a config with 100,000 patches fails at once.
+            k8s.check_counts(path, ri, global_plugins)?;
             for (pi, patch) in k8s.pod_spec.iter_mut().enumerate() {
                 let key = format!("runners[{ri}].kubernetes.pod_spec[{pi}]");
                 match (&patch.patch, &patch.patch_path) {
@@ -844,7 +847,6 @@ impl Config {
                     });
                 }
             }
-            k8s.check_counts(path, ri)?;
             for plugin in &mut k8s.plugins {
                 plugin.path = base.join(&plugin.path);
             }
@@ -918,6 +920,11 @@ pub mod limits {
     pub const REGEX_COMPILED_BYTES: usize = 1 << 20;
     /// Sidecar services of a job, and `[[runners.kubernetes.services]]` of a runner.
     pub const SERVICES: usize = 64;
+    /// Plugins of a runner, top-level `[[plugins]]` included: each is an instance per job, and the
+    /// pool holds 64.
+    pub const PLUGINS: usize = 32;
+    /// `[[runners.kubernetes.pod_spec]]` patches of a runner.
+    pub const PATCHES: usize = 100;
     /// Volumes of a runner, all five kinds together.
     pub const VOLUMES: usize = 256;
     /// Variables of a job: predefined, runner `environment`, top-level and the job's own.
@@ -1194,7 +1201,7 @@ pub fn compile_overwrite_regex(s: &str) -> Result<regex::Regex, String> {
 
 impl Kubernetes {
     /// Counts the pod is built from: each service and volume multiplies the pod's size.
-    fn check_counts(&self, path: &Path, runner: usize) -> Result<(), ConfigError> {
+    fn check_counts(&self, path: &Path, runner: usize, global_plugins: usize) -> Result<(), ConfigError> {
         let over = |key: &str, message: String| ConfigError::InvalidNoSpan {
             path: path.to_path_buf(),
             key: format!("runners[{runner}].kubernetes.{key}"),
@@ -1204,6 +1211,19 @@ impl Kubernetes {
             return Err(over(
                 "services",
                 format!("{} services, over the limit of {}", self.services.len(), limits::SERVICES),
+            ));
+        }
+        let plugins = global_plugins + self.plugins.len();
+        if plugins > limits::PLUGINS {
+            return Err(over(
+                "plugins",
+                format!("{plugins} plugins (with the top-level [[plugins]]), over the limit of {}", limits::PLUGINS),
+            ));
+        }
+        if self.pod_spec.len() > limits::PATCHES {
+            return Err(over(
+                "pod_spec",
+                format!("{} patches, over the limit of {}", self.pod_spec.len(), limits::PATCHES),
             ));
         }
         let v = &self.volumes;

@@ -337,6 +337,14 @@ fn five_thousand_config_services_are_refused() {
 }
 
 #[test]
+fn many_plugins_and_patches_are_refused() {
+    let plugins: String = (0..1000).map(|_| "    [[runners.kubernetes.plugins]]\n      path = \"p.wasm\"\n").collect();
+    config(&format!("{CONFIG}{plugins}")).clean_error(&["config.toml", "runners[0].kubernetes.plugins", "32"]);
+    let patches: String = (0..50_000).map(|_| "    [[runners.kubernetes.pod_spec]]\n      patch = \"{}\"\n").collect();
+    config(&format!("{CONFIG}{patches}")).clean_error(&["config.toml", "runners[0].kubernetes.pod_spec", "100"]);
+}
+
+#[test]
 fn many_services_within_the_limit_render() {
     let services: String = (0..60).map(|i| format!("  - name: svc{i}:1\n    alias: s{i}\n")).collect();
     job(&format!("image: alpine\nscript: [x]\nservices:\n{services}")).success();
