@@ -243,7 +243,7 @@ impl Drop for LineForwarder {
 /// wasm32 keeps its stack in linear memory below the data, so running out of it walks below
 /// address 0 and traps as `out of bounds memory access`. That trap with one function many
 /// times on the call stack is reported as the stack overflow it almost certainly is.
-const RECURSION_FRAMES: usize = 16;
+const RECURSION_FRAMES: usize = 8;
 
 /// Why a guest call trapped, in the operator's words.
 pub(crate) fn describe_trap(e: &wasmtime::Error) -> String {
