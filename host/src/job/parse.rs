@@ -11,7 +11,7 @@
 //! column plus the key path. Files that use YAML merge keys (`<<: *anchor`) are first resolved
 //! into a value tree; their errors still name the key but cannot name the line.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -20,7 +20,7 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor
 use serde::{Deserialize, Deserializer};
 
 use super::{Image, Job, PullPolicy, Service, ServicePort, Stage, Variable};
-use crate::config::{GitlabDuration, one_or_many_pull_policies};
+use crate::config::{GitlabDuration, check_yaml, cut_message, limits, one_or_many_pull_policies, show_bytes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -42,6 +42,8 @@ pub enum JobError {
     UnknownExtends { path: PathBuf, job: String, target: String },
     #[error("{path}: `extends` of job {job:?} loops back to {target:?}")]
     ExtendsLoop { path: PathBuf, job: String, target: String },
+    #[error("{path}: key `{job}.extends`: nests deeper than {limit} levels (GitLab's limit): {chain}")]
+    ExtendsTooDeep { path: PathBuf, job: String, chain: String, limit: usize },
     #[error("{path}: job {job:?} has no `script`")]
     NoScript { path: PathBuf, job: String },
     #[error("{path}: job {job:?} has no `image` and the runner config sets no default `image`")]
@@ -480,14 +482,30 @@ impl<'de> Deserialize<'de> for Unsupported {
 
 /// Read the job `source` and build the [`Job`] with predefined variables from `ctx`.
 pub fn load(source: &JobSource, ctx: &JobContext) -> Result<Job, JobError> {
-    let text =
-        std::fs::read_to_string(&source.path).map_err(|e| JobError::Read { path: source.path.clone(), source: e })?;
+    let text = crate::config::read_text_file(&source.path, limits::YAML_BYTES)
+        .map_err(|e| JobError::Read { path: source.path.clone(), source: e })?;
     parse(&text, source, ctx)
 }
 
 /// Parse job `text`; `source.path` is used in messages only.
 pub fn parse(text: &str, source: &JobSource, ctx: &JobContext) -> Result<Job, JobError> {
     let path = &source.path;
+    if text.len() > limits::YAML_BYTES {
+        return Err(JobError::InvalidNoSpan {
+            path: path.clone(),
+            key: "(document)".into(),
+            message: format!("the file is {} bytes, over the limit of {}", text.len(), show_bytes(limits::YAML_BYTES)),
+        });
+    }
+    if let Err(limit) = check_yaml(text) {
+        return Err(JobError::Invalid {
+            path: path.clone(),
+            line: limit.line,
+            column: limit.column,
+            key: "(document)".into(),
+            message: limit.message,
+        });
+    }
     // A first, untyped pass: finds merge keys and, for `.gitlab-ci.yml`, the job names and the
     // `extends` chain, so the typed pass only reads what this job needs.
     let tree: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| yaml_error(path, "(document)", &e))?;
@@ -527,8 +545,7 @@ pub fn parse(text: &str, source: &JobSource, ctx: &JobContext) -> Result<Job, Jo
                     .deserialize(serde_path_to_error::Deserializer::new(d, &mut track))
                     .map_err(|e| (track.path(), e))
             })?;
-            let merged = merge_extends(&mut doc, name);
-            let mut merged = merged;
+            let mut merged = merge_extends(&doc, name, &mut HashMap::new(), 0);
             // `default:` then the legacy globals fill in what the job (and its parents) left unset.
             if let Some(default) = &doc.default {
                 fill_defaults(&mut merged, default);
@@ -559,14 +576,19 @@ fn typed<T>(
             f(serde_yaml_ng::Deserializer::from_str(&resolved_text)).map_err(|(key, e)| JobError::InvalidNoSpan {
                 path: path.to_path_buf(),
                 key: key_or_document(&key.to_string()),
-                message: strip_location(&e.to_string()),
+                message: cut_message(strip_location(&e.to_string())),
             })
         }
     }
 }
 
 fn key_or_document(key: &str) -> String {
-    if key.is_empty() || key == "." { "(document)".into() } else { key.to_string() }
+    if key.is_empty() || key == "." { "(document)".into() } else { cut_message(key.to_string()) }
+}
+
+/// A job name or key from the file, as quoted in a message: at most 256 bytes of it.
+fn short(name: &str) -> String {
+    crate::config::cut(name.to_string(), 256)
 }
 
 /// serde_yaml_ng appends " at line L column C" and prefixes its own key path; we print both
@@ -584,7 +606,7 @@ fn strip_location(msg: &str) -> String {
 
 fn yaml_error(path: &Path, key: &str, e: &serde_yaml_ng::Error) -> JobError {
     let key = key_or_document(key);
-    let message = strip_location(&e.to_string());
+    let message = cut_message(strip_location(&e.to_string()));
     match e.location() {
         Some(loc) => {
             JobError::Invalid { path: path.to_path_buf(), line: loc.line(), column: loc.column(), key, message }
@@ -632,32 +654,46 @@ fn extends_chain(tree: &serde_yaml_ng::Value, name: &str, path: &Path) -> Result
             .join(", ")
     };
     if RESERVED.contains(&name) || !jobs.contains_key(name) {
-        return Err(JobError::NoSuchJob { path: path.to_path_buf(), name: name.to_string(), available: available() });
+        return Err(JobError::NoSuchJob {
+            path: path.to_path_buf(),
+            name: short(name),
+            available: cut_message(available()),
+        });
     }
     if name.starts_with('.') {
-        return Err(JobError::HiddenJob { path: path.to_path_buf(), name: name.to_string() });
+        return Err(JobError::HiddenJob { path: path.to_path_buf(), name: short(name) });
     }
     let mut order = Vec::new();
+    let mut seen = HashSet::new();
     let mut stack = Vec::new();
-    visit_extends(jobs, name, path, &mut order, &mut stack)?;
+    visit_extends(jobs, name, path, &mut order, &mut seen, &mut stack)?;
     Ok(order)
 }
 
+/// Depth-first over `extends`, recursing at most [`limits::EXTENDS_DEPTH`] levels: a chain of
+/// 5,000 jobs once overflowed the host's stack.
 fn visit_extends(
     jobs: &serde_yaml_ng::Mapping,
     name: &str,
     path: &Path,
     order: &mut Vec<String>,
+    seen: &mut HashSet<String>,
     stack: &mut Vec<String>,
 ) -> Result<(), JobError> {
     if stack.iter().any(|s| s == name) {
-        return Err(JobError::ExtendsLoop {
+        return Err(JobError::ExtendsLoop { path: path.to_path_buf(), job: short(&stack[0]), target: short(name) });
+    }
+    if stack.len() > limits::EXTENDS_DEPTH {
+        let chain = stack.iter().chain([&name.to_string()]).map(|s| format!("{:?}", short(s))).collect::<Vec<_>>();
+        let chain = chain.join(" -> ");
+        return Err(JobError::ExtendsTooDeep {
             path: path.to_path_buf(),
-            job: stack[0].clone(),
-            target: name.to_string(),
+            job: short(&stack[0]),
+            chain: cut_message(chain),
+            limit: limits::EXTENDS_DEPTH,
         });
     }
-    if order.iter().any(|s| s == name) {
+    if !seen.insert(name.to_string()) {
         return Ok(());
     }
     order.push(name.to_string());
@@ -672,9 +708,13 @@ fn visit_extends(
     };
     for parent in parents {
         if !jobs.contains_key(parent.as_str()) || RESERVED.contains(&parent.as_str()) {
-            return Err(JobError::UnknownExtends { path: path.to_path_buf(), job: name.to_string(), target: parent });
+            return Err(JobError::UnknownExtends {
+                path: path.to_path_buf(),
+                job: short(name),
+                target: short(&parent),
+            });
         }
-        visit_extends(jobs, &parent, path, order, stack)?;
+        visit_extends(jobs, &parent, path, order, seen, stack)?;
     }
     stack.pop();
     Ok(())
@@ -682,14 +722,23 @@ fn visit_extends(
 
 /// GitLab's `extends`: parents first (in list order), the job itself last; mappings
 /// (`variables`) merge key by key, other keys are replaced.
-fn merge_extends(doc: &mut Document, name: &str) -> JobDef {
+/// Each job is merged once (`memo`): a job reached through many paths (diamonds of `extends`
+/// lists) would otherwise be merged once per path, exponentially many times. `depth` only
+/// guards the recursion; [`visit_extends`] has already refused chains deeper than the limit.
+fn merge_extends(doc: &Document, name: &str, memo: &mut HashMap<String, JobDef>, depth: usize) -> JobDef {
+    if let Some(done) = memo.get(name) {
+        return done.clone();
+    }
     let Some(job) = doc.jobs.get(name).cloned() else { return JobDef::default() };
     let mut merged = JobDef::default();
-    for parent in &job.extends {
-        let base = merge_extends(doc, parent);
-        overlay(&mut merged, base);
+    if depth <= limits::EXTENDS_DEPTH {
+        for parent in &job.extends {
+            let base = merge_extends(doc, parent, memo, depth + 1);
+            overlay(&mut merged, base);
+        }
     }
     overlay(&mut merged, job);
+    memo.insert(name.to_string(), merged.clone());
     merged
 }
 
@@ -714,47 +763,89 @@ fn fill_defaults(job: &mut JobDef, default: &JobDef) {
 }
 
 /// Expand `$VAR` and `${VAR}` from `lookup`, GitLab style: unknown variables become empty,
-/// `$$` is a literal `$`.
+/// `$$` is a literal `$`. The result is cut at [`limits::OBJECT_BYTES`] with a note: nothing
+/// larger fits in a Kubernetes object, and `${A}` repeated 100,000 times once made the host
+/// allocate 2 GB. Where an oversized value must be an error, use [`expand_limited`].
 pub fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
-    let mut out = String::with_capacity(s.len());
-    let bytes = s.as_bytes();
-    let mut i = 0;
-    while i < s.len() {
-        let c = bytes[i];
-        if c != b'$' {
-            let ch = s[i..].chars().next().expect("in bounds");
-            out.push(ch);
-            i += ch.len_utf8();
-            continue;
-        }
-        let rest = &s[i + 1..];
-        if let Some(r) = rest.strip_prefix('$') {
-            let _ = r;
-            out.push('$');
-            i += 2;
-        } else if let Some(r) = rest.strip_prefix('{') {
-            match r.find('}') {
-                Some(end) => {
-                    out.push_str(&lookup(&r[..end]).unwrap_or_default());
-                    i += 2 + end + 1;
-                }
-                None => {
-                    out.push_str(&s[i..]);
-                    break;
-                }
-            }
-        } else {
-            let len = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
-            if len == 0 {
-                out.push('$');
-                i += 1;
-            } else {
-                out.push_str(&lookup(&rest[..len]).unwrap_or_default());
-                i += 1 + len;
-            }
+    match expand_limited(s, lookup, limits::OBJECT_BYTES) {
+        Ok(out) => out,
+        Err(TooLong(mut out)) => {
+            out.push_str(&format!("... [cut: the expansion exceeds {}]", show_bytes(limits::OBJECT_BYTES)));
+            out
         }
     }
-    out
+}
+
+/// An expansion that grew past its limit, with what it had produced by then.
+#[derive(Debug)]
+pub struct TooLong(pub String);
+
+/// [`expand`], failing as soon as the result would exceed `max` bytes. Each variable is looked
+/// up once per call, however often the text refers to it.
+pub fn expand_limited(s: &str, lookup: &dyn Fn(&str) -> Option<String>, max: usize) -> Result<String, TooLong> {
+    let mut out = String::with_capacity(s.len().min(max));
+    let mut seen: HashMap<&str, Option<String>> = HashMap::new();
+    let push = |out: &mut String, text: &str| {
+        if out.len() + text.len() > max {
+            let mut end = max.saturating_sub(out.len()).min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            out.push_str(&text[..end]);
+            return Err(());
+        }
+        out.push_str(text);
+        Ok(())
+    };
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    let result = (|| {
+        while i < s.len() {
+            // Copy the run up to the next `$` at once.
+            let run = s[i..].find('$').unwrap_or(s.len() - i);
+            if run > 0 {
+                push(&mut out, &s[i..i + run])?;
+                i += run;
+                continue;
+            }
+            debug_assert_eq!(bytes[i], b'$');
+            let rest = &s[i + 1..];
+            let name = if rest.starts_with('$') {
+                push(&mut out, "$")?;
+                i += 2;
+                continue;
+            } else if let Some(r) = rest.strip_prefix('{') {
+                match r.find('}') {
+                    Some(end) => {
+                        i += 2 + end + 1;
+                        &r[..end]
+                    }
+                    None => {
+                        push(&mut out, &s[i..])?;
+                        break;
+                    }
+                }
+            } else {
+                let len = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
+                if len == 0 {
+                    push(&mut out, "$")?;
+                    i += 1;
+                    continue;
+                }
+                i += 1 + len;
+                &rest[..len]
+            };
+            let value = seen.entry(name).or_insert_with(|| lookup(name));
+            if let Some(v) = value {
+                push(&mut out, v)?;
+            }
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Ok(out),
+        Err(()) => Err(TooLong(out)),
+    }
 }
 
 fn build_job(
@@ -766,13 +857,13 @@ fn build_job(
 ) -> Result<Job, JobError> {
     let script = def.script.clone().map(|s| s.0).unwrap_or_default();
     if script.is_empty() {
-        return Err(JobError::NoScript { path: path.to_path_buf(), job: name });
+        return Err(JobError::NoScript { path: path.to_path_buf(), job: short(&name) });
     }
     let image = match def.image.clone() {
         Some(i) => i,
         None => match &ctx.default_image {
             Some(n) => ImageDef { name: n.clone(), ..Default::default() },
-            None => return Err(JobError::NoImage { path: path.to_path_buf(), job: name }),
+            None => return Err(JobError::NoImage { path: path.to_path_buf(), job: short(&name) }),
         },
     };
 
@@ -821,35 +912,81 @@ fn build_job(
             vars.insert(k, v);
         }
     }
+    let invalid = |key: &str, message: String| JobError::InvalidNoSpan {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        message,
+    };
+    // Every variable reaches every container's env: counts multiply, so they are capped.
+    if vars.len() > limits::VARIABLES {
+        return Err(invalid(
+            "variables",
+            format!(
+                "{} variables (with predefined and runner ones), over the limit of {}",
+                vars.len(),
+                limits::VARIABLES
+            ),
+        ));
+    }
+    let services = def.services.clone().unwrap_or_default();
+    if services.len() > limits::SERVICES {
+        return Err(invalid(
+            "services",
+            format!("{} services, over the limit of {}", services.len(), limits::SERVICES),
+        ));
+    }
 
     // GitLab's runner expands variable references in values once, against the raw values.
-    let raw: IndexMap<String, String> = vars.iter().map(|(k, v)| (k.clone(), v.value.clone())).collect();
-    let lookup = |k: &str| raw.get(k).cloned();
-    let variables: Vec<Variable> = vars
-        .iter()
-        .map(|(k, v)| Variable {
+    let raw: HashMap<&str, &str> = vars.iter().map(|(k, v)| (k.as_str(), v.value.as_str())).collect();
+    let lookup = |k: &str| raw.get(k).map(|v| v.to_string());
+    // All expanded values together must fit in one Kubernetes object: they all land in the pod.
+    let mut budget = limits::OBJECT_BYTES;
+    let mut variables: Vec<Variable> = Vec::with_capacity(vars.len());
+    for (k, v) in &vars {
+        let value = if v.expand {
+            expand_limited(&v.value, &lookup, budget).map_err(|_| {
+                invalid(
+                    &format!("variables.{k}"),
+                    format!(
+                        "the job's variables expand to more than {} together (the largest object Kubernetes stores)",
+                        show_bytes(limits::OBJECT_BYTES)
+                    ),
+                )
+            })?
+        } else {
+            v.value.clone()
+        };
+        budget = budget.saturating_sub(value.len());
+        variables.push(Variable {
             key: k.clone(),
-            value: if v.expand { expand(&v.value, &lookup) } else { v.value.clone() },
+            value,
             masked: v.masked,
             // Masked values and credentials are secrets: never printed in clear.
             public: !v.masked && !CREDENTIAL_VARIABLES.contains(&k.as_str()),
             file: false,
-        })
-        .collect();
-    let final_lookup = |k: &str| variables.iter().rev().find(|v| v.key == k).map(|v| v.value.clone());
+        });
+    }
+    let finals: HashMap<&str, &str> = variables.iter().map(|v| (v.key.as_str(), v.value.as_str())).collect();
+    let final_lookup = |k: &str| finals.get(k).map(|v| v.to_string());
 
-    let to_image = |i: ImageDef| Image {
-        name: expand(&i.name, &final_lookup),
-        entrypoint: i.entrypoint,
-        pull_policy: i.pull_policy,
+    let to_image = |key: &str, i: ImageDef| -> Result<Image, JobError> {
+        let name = expand_limited(&i.name, &final_lookup, limits::OBJECT_BYTES).map_err(|_| {
+            invalid(key, format!("the image name expands to more than {}", show_bytes(limits::OBJECT_BYTES)))
+        })?;
+        Ok(Image { name, entrypoint: i.entrypoint, pull_policy: i.pull_policy })
     };
-    let services = def
-        .services
-        .clone()
-        .unwrap_or_default()
+    let services = services
         .into_iter()
-        .map(|s| Service { image: to_image(s.image), alias: s.alias, command: s.command, ports: s.ports })
-        .collect();
+        .enumerate()
+        .map(|(n, s)| {
+            Ok(Service {
+                image: to_image(&format!("services[{n}]"), s.image)?,
+                alias: s.alias,
+                command: s.command,
+                ports: s.ports,
+            })
+        })
+        .collect::<Result<Vec<_>, JobError>>()?;
 
     let mut stages = Vec::new();
     for (stage_name, lines) in
@@ -865,7 +1002,7 @@ fn build_job(
     Ok(Job {
         id: ctx.job_id,
         name,
-        image: to_image(image),
+        image: to_image("image", image)?,
         services,
         variables,
         stages,

@@ -11,6 +11,7 @@
 //! a fresh one, so a misbehaving plugin never takes the host down.
 
 mod cache;
+pub mod pool;
 mod sandbox;
 pub mod strategy_host;
 mod validate;
@@ -25,17 +26,18 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use tracing::Instrument;
 use wasmtime::component::{Component, InstancePre, Linker};
-use wasmtime::{
-    Config, Enabled, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig, Store,
-    Trap,
-};
+use wasmtime::{Config, Enabled, Engine, PoolConcurrencyLimitError, PoolingAllocationConfig, Store, Trap};
 
 use crate::job::{Job, Overwrites, PullPolicy, Resources};
 pub use cache::Source as CompileSource;
 use sandbox::StoreState;
+pub use sandbox::plugin_text;
 pub use strategy_host::StrategyServices;
-pub use validate::HostOwned;
+pub use validate::{HostOwned, check_pod_output};
 use wit::latest;
+
+/// The largest component file the host reads (first-party plugins are a few hundred KiB).
+const MAX_COMPONENT_BYTES: usize = 256 << 20;
 
 /// How often the epoch advances; per-call CPU deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -344,21 +346,18 @@ impl Runtime {
     /// `cache_dir`: where compiled plugins are kept (default `$XDG_CACHE_HOME/keel`,
     /// `~/.cache/keel`).
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self, PluginError> {
-        Self::with_allocation(cache_dir, Allocation::default())
+        Self::with_allocation(cache_dir, pool::from_env(Allocation::default())?)
     }
 
     /// Like [`Runtime::new`], choosing how plugin instances get their memory.
     pub fn with_allocation(cache_dir: Option<PathBuf>, allocation: Allocation) -> Result<Self, PluginError> {
-        let mut config = Config::new();
-        config.epoch_interruption(true);
-        config.wasm_component_model(true);
-        if let Allocation::Pooling { plugin_instances, keep_resident_bytes } = allocation {
-            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling_config(
-                plugin_instances,
-                keep_resident_bytes,
-            )));
-        }
-        let engine = Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        // Sized to the address space limit, if any (see `pool`).
+        let (engine, allocation) = pool::engine(allocation, || {
+            let mut config = Config::new();
+            config.epoch_interruption(true);
+            config.wasm_component_model(true);
+            config
+        })?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|()| wit::since_v0_1_0::add_host_to_linker(&mut linker))
@@ -374,11 +373,8 @@ impl Runtime {
 
     /// Compile (or fetch from the cache) the component at `path`.
     fn component(&self, plugin: &str, path: &Path) -> Result<(Component, CompileSource, u64), PluginError> {
-        let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
-            plugin: plugin.to_string(),
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = crate::config::read_regular_file(path, MAX_COMPONENT_BYTES)
+            .map_err(|source| PluginError::Read { plugin: plugin.to_string(), path: path.to_path_buf(), source })?;
         let engine = &self.inner.engine;
         let compile_err =
             |reason: String| PluginError::Compile { plugin: plugin.to_string(), path: path.to_path_buf(), reason };
@@ -457,8 +453,9 @@ impl Runtime {
         // its version and the host knows which of the exported roles are real.
         let mut probe = Instance::new(&inner, self.inner.allocation, None, None).await?;
         let meta = probe.metadata(&inner).await?;
-        inner.version = meta.version;
-        inner.self_name = meta.name.clone();
+        // Both appear in every error and log line about the plugin.
+        inner.version = sandbox::plugin_text(&meta.version, 128);
+        inner.self_name = sandbox::plugin_text(&meta.name, 128);
         let exported = inner.indices.exported_roles();
         for role in meta.roles {
             if !exported.contains(&role) {
@@ -472,8 +469,8 @@ impl Runtime {
                 inner.roles.push(role);
             }
         }
-        if meta.name != *inner.name {
-            tracing::debug!(plugin.name = &*inner.name, plugin.self_name = %meta.name, "plugin calls itself differently");
+        if inner.self_name != *inner.name {
+            tracing::debug!(plugin.name = &*inner.name, plugin.self_name = %inner.self_name, "plugin calls itself differently");
         }
         Ok(Plugin { inner: Arc::new(inner) })
     }
@@ -665,12 +662,11 @@ impl Instance {
                 if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
                     PluginError::Deadline { plugin: name, version, call, timeout: plugin.limits.call_timeout }
                 } else if self.store.data().limiter.was_exceeded() {
-                    PluginError::MemoryLimit { plugin: name, version, call, limit_bytes: plugin.limits.memory_bytes }
+                    // The limiter's limit: the configured one, or less under an address space limit.
+                    let limit_bytes = self.store.data().limiter.limit;
+                    PluginError::MemoryLimit { plugin: name, version, call, limit_bytes }
                 } else {
-                    let mut reason = match e.downcast_ref::<Trap>() {
-                        Some(trap) => trap.to_string(),
-                        None => format!("{e:#}"),
-                    };
+                    let mut reason = sandbox::describe_trap(&e);
                     // A Rust panic prints its message to stderr just before the abort trap;
                     // that message is what the author needs to see.
                     if let Some(last) = self.store.data().stderr_tail() {
@@ -727,6 +723,13 @@ fn not_exported(plugin: &PluginInner, role: Role) -> PluginError {
 fn guest_error(plugin: &PluginInner, role: &'static str, call: &'static str, e: latest::PluginError) -> PluginError {
     let name = plugin.name.to_string();
     let version = plugin.version.clone();
+    // The plugin's own words, escaped and cut: they end up in host log lines.
+    let text = |reason: String| sandbox::plugin_text(&reason, sandbox::MAX_PLUGIN_TEXT);
+    let e = match e {
+        latest::PluginError::Denied(r) => latest::PluginError::Denied(text(r)),
+        latest::PluginError::InvalidConfig(r) => latest::PluginError::InvalidConfig(text(r)),
+        latest::PluginError::Internal(r) => latest::PluginError::Internal(text(r)),
+    };
     match e {
         latest::PluginError::Denied(reason) => PluginError::Denied { plugin: name, version, role, reason },
         latest::PluginError::InvalidConfig(reason) => PluginError::InvalidConfig { plugin: name, version, reason },
@@ -916,6 +919,7 @@ impl JobPlugins {
                 let outcome = tokio::time::timeout(host_timeout(&p.limits), call).await;
                 let result = instance.settle(p, "overwrites.review", outcome)?;
                 current = result.map_err(|e| guest_error(p, "overwrites", "overwrites.review", e))?;
+                validate::check_overwrites(&current, p)?;
                 Ok::<_, PluginError>(())
             }
             .instrument(span)

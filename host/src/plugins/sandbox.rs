@@ -1,13 +1,14 @@
 //! What a plugin instance may touch: nothing but its own memory, a clock, randomness and a log.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::io::AsyncWrite;
-use wasmtime::ResourceLimiter;
+use wasmtime::{ResourceLimiter, Trap, WasmBacktrace};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
@@ -35,6 +36,8 @@ impl StoreState {
         let last_stderr: Tail = Arc::new(Mutex::new(VecDeque::new()));
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(LogStream { plugin: plugin.clone(), stream: "stdout", last: None });
+        // Under a limited address space (see `pool`) every plugin gets at most what is left.
+        let memory_bytes = memory_bytes.min(super::pool::plugin_memory_cap());
         wasi.stderr(LogStream { plugin: plugin.clone(), stream: "stderr", last: Some(last_stderr.clone()) });
         StoreState {
             wasi: wasi.build(),
@@ -127,6 +130,7 @@ impl StdoutStream for LogStream {
             stream: self.stream,
             last: self.last.clone(),
             pending: Vec::new(),
+            dropped: 0,
         })
     }
 }
@@ -136,18 +140,71 @@ struct LineForwarder {
     plugin: Arc<str>,
     stream: &'static str,
     last: Option<Tail>,
+    /// The line so far, at most [`MAX_PLUGIN_TEXT`] bytes of it.
     pending: Vec<u8>,
+    /// Bytes of the current line beyond what is kept: counted, not stored, so a plugin that
+    /// writes a gigabyte without a newline costs the host nothing.
+    dropped: usize,
 }
 
-/// A plugin that never writes a newline must not make the host buffer without bound.
-const MAX_LINE: usize = 16 * 1024;
+/// The longest plugin log line or message the host prints; the rest is replaced by a note.
+pub(crate) const MAX_PLUGIN_TEXT: usize = 4096;
+
+/// Plugin text made fit for one host log line or error message: control characters (newlines,
+/// carriage returns, terminal escape sequences), Unicode line separators and bidi overrides are
+/// escaped (`\n`, `\u{1b}`), so a plugin cannot print a line that looks like the host's or
+/// restyle the terminal; beyond `max` bytes it is cut with a note of how much was left out.
+pub fn plugin_text(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 32);
+    for (i, c) in text.char_indices() {
+        if out.len() >= max {
+            let _ = write!(out, "... [{} more bytes not shown]", text.len() - i);
+            return out;
+        }
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            // A tab cannot start a line; it stays readable as it is.
+            '\t' => out.push(c),
+            c if needs_escape(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}')
+        || ('\u{202a}'..='\u{202e}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
+}
 
 impl LineForwarder {
-    fn emit(&self, line: &[u8]) {
-        let text = String::from_utf8_lossy(line);
-        let text = text.trim_end();
-        if text.is_empty() {
+    /// Keeps what fits of `bytes` in the current line and counts the rest.
+    fn take(&mut self, bytes: &[u8]) {
+        let keep = MAX_PLUGIN_TEXT.saturating_sub(self.pending.len()).min(bytes.len());
+        self.pending.extend_from_slice(&bytes[..keep]);
+        self.dropped = self.dropped.saturating_add(bytes.len() - keep);
+    }
+
+    fn finish_line(&mut self) {
+        let line = std::mem::take(&mut self.pending);
+        let dropped = std::mem::take(&mut self.dropped);
+        self.emit(&line, dropped);
+    }
+
+    fn emit(&self, line: &[u8], dropped: usize) {
+        let raw = String::from_utf8_lossy(line);
+        let raw = raw.trim_end();
+        if raw.is_empty() && dropped == 0 {
             return;
+        }
+        let mut text = plugin_text(raw, MAX_PLUGIN_TEXT);
+        if dropped > 0 {
+            let _ = write!(text, "... [{dropped} more bytes not shown]");
         }
         tracing::info!(plugin.name = &*self.plugin, plugin.stream = self.stream, "{text}");
         if let Some(last) = &self.last
@@ -156,26 +213,20 @@ impl LineForwarder {
             if slot.len() == TAIL_LINES {
                 slot.pop_front();
             }
-            slot.push_back(text.to_string());
-        }
-    }
-
-    fn drain_lines(&mut self) {
-        while let Some(pos) = self.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=pos).collect();
-            self.emit(&line);
-        }
-        if self.pending.len() >= MAX_LINE {
-            let line = std::mem::take(&mut self.pending);
-            self.emit(&line);
+            slot.push_back(text);
         }
     }
 }
 
 impl AsyncWrite for LineForwarder {
     fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        self.pending.extend_from_slice(buf);
-        self.drain_lines();
+        let mut rest = buf;
+        while let Some(pos) = rest.iter().position(|b| *b == b'\n') {
+            self.take(&rest[..pos]);
+            self.finish_line();
+            rest = &rest[pos + 1..];
+        }
+        self.take(rest);
         Poll::Ready(Ok(buf.len()))
     }
 
@@ -184,9 +235,8 @@ impl AsyncWrite for LineForwarder {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let rest = std::mem::take(&mut self.pending);
-        if !rest.is_empty() {
-            self.emit(&rest);
+        if !self.pending.is_empty() || self.dropped > 0 {
+            self.finish_line();
         }
         Poll::Ready(Ok(()))
     }
@@ -194,9 +244,48 @@ impl AsyncWrite for LineForwarder {
 
 impl Drop for LineForwarder {
     fn drop(&mut self) {
-        if !self.pending.is_empty() {
-            let rest = std::mem::take(&mut self.pending);
-            self.emit(&rest);
+        if !self.pending.is_empty() || self.dropped > 0 {
+            self.finish_line();
         }
     }
+}
+
+/// A runaway recursion in a plugin, told apart from other out-of-bounds accesses: Rust on
+/// wasm32 keeps its stack in linear memory below the data, so running out of it walks below
+/// address 0 and traps as `out of bounds memory access`. That trap with one function many
+/// times on the call stack is reported as the stack overflow it almost certainly is.
+const RECURSION_FRAMES: usize = 8;
+
+/// Why a guest call trapped, in the operator's words.
+pub(crate) fn describe_trap(e: &wasmtime::Error) -> String {
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::StackOverflow) => "stack overflow (the wasm call stack is exhausted: runaway recursion?)".into(),
+        Some(trap @ Trap::MemoryOutOfBounds) => match e.downcast_ref::<WasmBacktrace>().and_then(recursion) {
+            Some((frames, repeats, function)) => format!(
+                "stack overflow: {trap} with {function} {repeats} times among {frames} calls on the stack (runaway recursion exhausted the plugin's stack)"
+            ),
+            None => trap.to_string(),
+        },
+        Some(trap) => trap.to_string(),
+        None => format!("{e:#}"),
+    }
+}
+
+/// (frames, how often the most frequent function appears, its name) when that suggests recursion.
+fn recursion(backtrace: &WasmBacktrace) -> Option<(usize, usize, String)> {
+    let frames = backtrace.frames();
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    for f in frames {
+        *counts.entry(f.func_index()).or_default() += 1;
+    }
+    let (index, repeats) = counts.into_iter().max_by_key(|(_, n)| *n)?;
+    if repeats < RECURSION_FRAMES {
+        return None;
+    }
+    let name = frames
+        .iter()
+        .find(|f| f.func_index() == index)
+        .and_then(|f| f.func_name().map(|n| format!("`{}`", plugin_text(n, 200))))
+        .unwrap_or_else(|| format!("function #{index}"));
+    Some((frames.len(), repeats, name))
 }

@@ -4,7 +4,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 
+use super::sandbox::{MAX_PLUGIN_TEXT, plugin_text};
+use super::wit::latest;
 use super::{PluginError, PluginInner};
+use crate::config::{limits, show_bytes};
 
 /// Labels the host relies on to find its pods; mutators may not change or remove them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,6 +33,7 @@ pub(crate) struct Snapshot {
 }
 
 pub(crate) enum Violation {
+    TooLarge(usize),
     NotJson(String),
     NotAPod(String),
     NoBuildContainer,
@@ -40,6 +44,15 @@ impl Violation {
     pub(crate) fn into_error(self, plugin: &PluginInner) -> PluginError {
         let (name, version, call) = (plugin.name.to_string(), plugin.version.clone(), "pod-mutator.mutate");
         match self {
+            Violation::TooLarge(size) => PluginError::Malformed {
+                plugin: name,
+                version,
+                call,
+                reason: format!(
+                    "the pod is {size} bytes of JSON, over the limit of {} (the largest object the API server stores)",
+                    show_bytes(limits::OBJECT_BYTES)
+                ),
+            },
             Violation::NotJson(reason) => {
                 PluginError::Malformed { plugin: name, version, call, reason: format!("output is not JSON: {reason}") }
             }
@@ -64,7 +77,7 @@ impl Violation {
 
 fn show(v: &Option<String>) -> String {
     match v {
-        Some(s) => format!("{s:?}"),
+        Some(s) => plugin_text(&format!("{s:?}"), 256),
         None => "unset".to_string(),
     }
 }
@@ -81,7 +94,13 @@ impl Snapshot {
     }
 
     pub(crate) fn check(&self, output: &str) -> Result<Pod, Violation> {
-        let value: serde_json::Value = serde_json::from_str(output).map_err(|e| Violation::NotJson(e.to_string()))?;
+        // Checked before parsing: a 100 MB annotation once passed and rendered 104 MB of YAML.
+        if output.len() > limits::OBJECT_BYTES {
+            return Err(Violation::TooLarge(output.len()));
+        }
+        // serde's messages quote the plugin's text (unknown enum variants, field names).
+        let quoted = |e: serde_json::Error| plugin_text(&e.to_string(), MAX_PLUGIN_TEXT);
+        let value: serde_json::Value = serde_json::from_str(output).map_err(|e| Violation::NotJson(quoted(e)))?;
         let field = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_string);
         if field("apiVersion").as_deref() != Some("v1") || field("kind").as_deref() != Some("Pod") {
             return Err(Violation::NotAPod(format!(
@@ -90,7 +109,7 @@ impl Snapshot {
                 show(&field("kind"))
             )));
         }
-        let pod: Pod = serde_json::from_value(value).map_err(|e| Violation::NotAPod(e.to_string()))?;
+        let pod: Pod = serde_json::from_value(value).map_err(|e| Violation::NotAPod(quoted(e)))?;
         let same = |field: &str, before: &Option<String>, after: &Option<String>| {
             if before == after {
                 Ok(())
@@ -111,4 +130,54 @@ impl Snapshot {
         }
         Ok(pod)
     }
+}
+
+/// What the host makes of a pod mutator's output `output` given the pod `before` it: the
+/// checked Pod, or why it is refused. The same checks as a plugin call, for fuzzing and tests.
+pub fn check_pod_output(before: &Pod, rules: &HostOwned, output: &str) -> Result<Pod, String> {
+    let snapshot = Snapshot::of(before, rules);
+    snapshot.check(output).map_err(|violation| match violation {
+        Violation::TooLarge(size) => format!("too large: {size} bytes"),
+        Violation::NotJson(reason) => format!("not JSON: {reason}"),
+        Violation::NotAPod(reason) => format!("not a pod: {reason}"),
+        Violation::NoBuildContainer => "no build container".to_string(),
+        Violation::Changed { field, before, after } => format!("changed {field} from {before} to {after}"),
+    })
+}
+
+/// Bounds what an overwrite-rule plugin returns: the accepted overwrites become the pod's
+/// labels, annotations and resources, so together they get the same bound as a pod.
+pub(crate) fn check_overwrites(o: &latest::Overwrites, plugin: &PluginInner) -> Result<(), PluginError> {
+    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    let pairs = |l: &[latest::KeyValue]| l.iter().map(|kv| kv.key.len() + kv.value.len()).sum::<usize>();
+    let resources = |r: &latest::Resources| {
+        opt(&r.cpu_request)
+            + opt(&r.cpu_limit)
+            + opt(&r.memory_request)
+            + opt(&r.memory_limit)
+            + opt(&r.ephemeral_storage_request)
+            + opt(&r.ephemeral_storage_limit)
+    };
+    let size = opt(&o.namespace)
+        + opt(&o.service_account)
+        + opt(&o.bearer_token)
+        + pairs(&o.pod_labels)
+        + pairs(&o.pod_annotations)
+        + pairs(&o.node_selector)
+        + pairs(&o.node_tolerations)
+        + resources(&o.build)
+        + resources(&o.helper)
+        + resources(&o.service);
+    if size <= limits::OBJECT_BYTES {
+        return Ok(());
+    }
+    Err(PluginError::Malformed {
+        plugin: plugin.name.to_string(),
+        version: plugin.version.clone(),
+        call: "overwrites.review",
+        reason: format!(
+            "the overwrites hold {size} bytes of text, over the limit of {} (the largest object the API server stores)",
+            show_bytes(limits::OBJECT_BYTES)
+        ),
+    })
 }

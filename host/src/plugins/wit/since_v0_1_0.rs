@@ -93,6 +93,8 @@ pub struct Exports {
 /// `plugin.name`, `plugin.role` and `job.id`).
 impl keel::plugin::host::Host for super::super::sandbox::StoreState {
     fn log(&mut self, level: LogLevel, message: String) {
+        // Escaped and cut (see `plugin_text`): a plugin must not print lines that pass for the host's.
+        let message = super::super::sandbox::plugin_text(&message, super::super::sandbox::MAX_PLUGIN_TEXT);
         let plugin = &*self.plugin;
         match level {
             LogLevel::Trace => tracing::trace!(plugin.name = plugin, "{message}"),
