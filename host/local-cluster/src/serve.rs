@@ -4,6 +4,7 @@
 //! never holds up the next `accept`. Connections are served by hyper-util's auto builder (HTTP/1.1
 //! and HTTP/2) with upgrades, which exec/attach need for their WebSockets.
 
+use crate::api::VerifiedClientCert;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -27,10 +28,24 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// by mistake says what is wrong instead of failing with a reset.
 const PLAIN_HTTP_ON_TLS: &[u8] = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n";
 
-/// Serve `app` on `listener` until `cancel`; then stop accepting and let open connections
+/// The API, once for connections without a client certificate and once marking each request
+/// with [`VerifiedClientCert`]; both made at start, so a connection only picks one.
+#[derive(Clone)]
+pub(crate) struct Apps {
+    anonymous: Router,
+    certified: Router,
+}
+
+impl Apps {
+    pub(crate) fn new(app: Router) -> Apps {
+        Apps { certified: app.clone().layer(axum::Extension(VerifiedClientCert)), anonymous: app }
+    }
+}
+
+/// Serve `apps` on `listener` until `cancel`; then stop accepting and let open connections
 /// finish their requests. The caller bounds that wait and aborts this task after it, which
 /// drops (and so cuts) whatever connection is still open.
-pub(crate) async fn serve(listener: TcpListener, app: Router, tls: Option<TlsAcceptor>, cancel: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, apps: Apps, tls: Option<TlsAcceptor>, cancel: CancellationToken) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -39,7 +54,7 @@ pub(crate) async fn serve(listener: TcpListener, app: Router, tls: Option<TlsAcc
             Some(done) = connections.join_next(), if !connections.is_empty() => log_panic(done),
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    connections.spawn(connection(tcp, peer, app.clone(), tls.clone(), cancel.clone()));
+                    connections.spawn(connection(tcp, peer, apps.clone(), tls.clone(), cancel.clone()));
                 }
                 Err(e) if is_connection_error(&e) => {}
                 Err(e) => {
@@ -75,7 +90,7 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
-    app: Router,
+    apps: Apps,
     tls: Option<TlsAcceptor>,
     cancel: CancellationToken,
 ) {
@@ -84,7 +99,7 @@ async fn connection(
         tracing::debug!(client.address = %peer, error = %e, "cannot set TCP_NODELAY");
     }
     let Some(acceptor) = tls else {
-        return http(tcp, peer, app, cancel).await;
+        return http(tcp, peer, apps.anonymous, cancel).await;
     };
     let handshake = async move {
         let mut first = [0u8; 1];
@@ -114,6 +129,8 @@ async fn connection(
             }
         },
     };
+    let certified = stream.get_ref().1.peer_certificates().is_some_and(|chain| !chain.is_empty());
+    let app = if certified { apps.certified } else { apps.anonymous };
     http(stream, peer, app, cancel).await
 }
 

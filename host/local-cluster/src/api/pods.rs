@@ -145,8 +145,19 @@ pub async fn stream(state: &Shared, t: &Target, query: &Query, req: Request) -> 
             tty: flags("tty")?,
         };
         state.node.attach(&uid, &container, req).await
-    }
-    .map_err(|e| waiting(&pod, &container, e))?;
+    };
+    let session = match session {
+        Ok(s) => s,
+        // A real API server upgrades first and the kubelet then finds no running container; the
+        // client reads that from the error channel (kubectl: "unable to upgrade connection:
+        // container not found"). Refusing before the upgrade would make kubectl retry over SPDY
+        // and report a misleading protocol error instead.
+        Err(NodeError::NotRunning { .. } | NodeError::NoSuchPod(_)) => crate::node::Session::failed(
+            Vec::new(),
+            format!("unable to upgrade connection: container not found ({container:?})"),
+        ),
+        Err(e) => return Err(waiting(&pod, &container, e)),
+    };
     let protocol = *protocol;
     let cancel = state.cancel.clone();
     Ok(ws.protocols([*name]).on_upgrade(move |socket| async move {

@@ -17,12 +17,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 
+use super::caps::Capabilities;
 use super::cgroup::{ContainerCgroup, Controller, CpuSettings, parse_cpu_millis, parse_memory};
+use super::image::ImageCheck;
 use super::logs::{LogFile, Pipe};
 use super::sandbox::{self, Bind, ContainerSandbox, PodNamespaces, Stdios};
 use super::session::exit_code;
 use super::volumes::{self, PodVolumes};
-use super::{NodeError, NodeInner, ResolvedVolumes};
+use super::{MAX_BACKOFF_FACTOR, NodeError, NodeInner, ResolvedVolumes};
 
 const POD_IP: &str = "127.0.0.1";
 
@@ -44,6 +46,8 @@ pub(crate) struct Instance {
     /// The stdin the node holds open for `stdin: true` containers; `None` inside once closed.
     pub stdin: Option<Arc<tokio::sync::Mutex<Option<StdinWriter>>>>,
     pub stdin_once: bool,
+    /// The container's capabilities, which its execs get too.
+    pub caps: Capabilities,
     pub pty_master: Option<Arc<OwnedFd>>,
     pub exited: watch::Receiver<bool>,
     attachers: Mutex<Vec<Attacher>>,
@@ -250,31 +254,7 @@ impl PodRuntime {
 
     async fn lifecycle(self: Arc<Self>, node: Arc<NodeInner>, data: ResolvedVolumes) {
         self.update(|_| {});
-        let unavailable: Vec<(String, String)> = self
-            .containers
-            .values()
-            .filter_map(|c| {
-                let image = c.spec.image.clone().unwrap_or_default();
-                node.cfg.unavailable_images.contains(&image).then(|| (c.spec.name.clone(), image))
-            })
-            .collect();
         let mut stop = self.stop.subscribe();
-        if !unavailable.is_empty() {
-            for (name, image) in &unavailable {
-                let msg = format!("failed to pull and unpack image \"{image}\": not found");
-                self.set_container(name, |cs| cs.state = Some(waiting("ErrImagePull", Some(msg))));
-            }
-            drop(node);
-            if tokio::time::timeout(Duration::from_secs(1), stop.wait_for(Option::is_some)).await.is_err() {
-                for (name, image) in &unavailable {
-                    let msg = format!("Back-off pulling image \"{image}\"");
-                    self.set_container(name, |cs| cs.state = Some(waiting("ImagePullBackOff", Some(msg))));
-                }
-                let _ = stop.wait_for(Option::is_some).await;
-            }
-            return;
-        }
-
         let (pod, dir, data_dir, root) =
             (self.pod.clone(), self.dir.clone(), node.cfg.data_dir.clone(), node.isolation.root);
         let prepared = tokio::task::spawn_blocking(move || {
@@ -376,10 +356,18 @@ impl PodRuntime {
         stop: &mut watch::Receiver<Option<Duration>>,
     ) -> bool {
         let name = rt.spec.name.clone();
+        let Some((base, max)) = self.node().map(|n| (n.cfg.backoff_base, n.cfg.backoff_base * MAX_BACKOFF_FACTOR))
+        else {
+            return false;
+        };
         let mut restarts: i32 = 0;
-        let mut backoff = Duration::from_secs(10);
+        let mut backoff = base;
         loop {
             if stop.borrow().is_some() {
+                return false;
+            }
+            // As a kubelet: the image is ensured before every start, restarts included.
+            if !self.ensure_image(rt, stop).await {
                 return false;
             }
             let code = match self.run_instance(rt, restarts, ns.clone(), &data, stop).await {
@@ -399,10 +387,16 @@ impl PodRuntime {
             if !restart || stop.borrow().is_some() {
                 return code == 0;
             }
-            // The first restart is immediate, then CrashLoopBackOff doubling to 5 minutes.
+            // The kubelet's `doBackOff`: the first restart is immediate, then CrashLoopBackOff
+            // doubling up to the cap.
             if restarts > 0 {
-                let msg =
-                    format!("back-off {}s restarting failed container={name} pod={}", backoff.as_secs(), self.name);
+                let msg = format!(
+                    "back-off {} restarting failed container={name} pod={}_{}({})",
+                    go_duration(backoff),
+                    self.name,
+                    self.namespace,
+                    self.uid
+                );
                 self.set_container(&name, |cs| {
                     cs.last_state = cs.state.take();
                     cs.state = Some(waiting("CrashLoopBackOff", Some(msg)));
@@ -410,9 +404,45 @@ impl PodRuntime {
                 if tokio::time::timeout(backoff, stop.wait_for(Option::is_some)).await.is_ok() {
                     return false;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(300));
+                backoff = (backoff * 2).min(max);
             }
             restarts += 1;
+        }
+    }
+
+    /// The kubelet's `EnsureImageExists` for one start: returns once the image is there, or
+    /// `false` when the pod stops first. A failed pull shows ErrImagePull for one back-off base
+    /// (the kubelet's next sync), then ImagePullBackOff for the current back-off, then pulls
+    /// again; the back-off doubles up to its cap.
+    async fn ensure_image(&self, rt: &Arc<ContainerRt>, stop: &mut watch::Receiver<Option<Duration>>) -> bool {
+        let name = rt.spec.name.as_str();
+        let image = rt.spec.image.clone().unwrap_or_default();
+        let Some((images, base)) = self.node().map(|n| (n.images.clone(), n.cfg.backoff_base)) else { return false };
+        let max = base * MAX_BACKOFF_FACTOR;
+        let mut backoff = base;
+        loop {
+            let (reason, msg) = match images.check(&image, rt.spec.image_pull_policy.as_deref()) {
+                ImageCheck::Ready => return true,
+                ImageCheck::InvalidName(msg) => ("InvalidImageName", msg),
+                ImageCheck::NeverPull(msg) => ("ErrImageNeverPull", msg),
+                ImageCheck::PullFailed(msg) => {
+                    self.set_container(name, |cs| cs.state = Some(waiting("ErrImagePull", Some(msg))));
+                    if tokio::time::timeout(base, stop.wait_for(Option::is_some)).await.is_ok() {
+                        return false;
+                    }
+                    let msg = format!("Back-off pulling image {image:?}");
+                    self.set_container(name, |cs| cs.state = Some(waiting("ImagePullBackOff", Some(msg))));
+                    if tokio::time::timeout(backoff, stop.wait_for(Option::is_some)).await.is_ok() {
+                        return false;
+                    }
+                    backoff = (backoff * 2).min(max);
+                    continue;
+                }
+            };
+            // Neither goes away by retrying: the kubelet reports the same on every sync.
+            self.set_container(name, |cs| cs.state = Some(waiting(reason, Some(msg))));
+            let _ = stop.wait_for(Option::is_some).await;
+            return false;
         }
     }
 
@@ -437,6 +467,7 @@ impl PodRuntime {
         let log_path = self.dir.join("logs").join(&c.name).join(format!("{restarts}.log"));
         let log = LogFile::create(&log_path).map_err(|e| format!("cannot create log {}: {e}", log_path.display()))?;
         let (memory, cpu) = resource_limits(c)?;
+        let caps = super::caps::for_container(c)?;
         // Said per container, not only once at node start, so the warning names the pod whose
         // limit is ignored (the span carries the pod).
         if memory.is_some() && !node.cgroups.enforces(Controller::Memory) {
@@ -474,6 +505,7 @@ impl PodRuntime {
                 None => Vec::new(),
             },
             tty: None,
+            caps,
         };
         let started = sandbox::start_container(&node.spawner, sb, stdio).await;
         drop(node);
@@ -531,6 +563,7 @@ impl PodRuntime {
             tty,
             stdin,
             stdin_once: c.stdin_once.unwrap_or(false),
+            caps,
             pty_master,
             exited: exited_rx,
             attachers: Mutex::new(Vec::new()),
@@ -737,9 +770,16 @@ impl PodRuntime {
     }
 }
 
-/// Copies one pipe of the container into its log and to the attached sessions.
+/// containerd's `max_container_log_line_size`: a longer line goes to the log in pieces of this.
+const MAX_LOG_LINE: usize = 16 * 1024;
+
+/// Copies one pipe of the container into its log and to the attached sessions. Like
+/// containerd's log redirection, the log gets whole lines only: a partial line waits for its
+/// newline (or `MAX_LOG_LINE` bytes, or the end of the output), so `logs -f` never shows half a
+/// line, while attached sessions get the bytes at once.
 async fn pump(mut r: Box<dyn AsyncRead + Send + Unpin>, pipe: Pipe, inst: Arc<Instance>) {
     let mut buf = vec![0u8; 128 * 1024];
+    let mut partial: Vec<u8> = Vec::new();
     loop {
         let n = match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
@@ -748,7 +788,23 @@ async fn pump(mut r: Box<dyn AsyncRead + Send + Unpin>, pipe: Pipe, inst: Arc<In
         let chunk = Bytes::copy_from_slice(&buf[..n]);
         // One buffered write per chunk into the page cache: cheaper inline than a hand-off to
         // the blocking pool per chunk (measured: `logs -f` went from 0.38 to 0.51 of a pipe's throughput).
-        inst.log.append(pipe, &chunk);
+        match memchr::memrchr(b'\n', &chunk) {
+            Some(last) if partial.is_empty() => {
+                inst.log.append(pipe, &chunk[..=last]);
+                partial.extend_from_slice(&chunk[last + 1..]);
+            }
+            Some(last) => {
+                partial.extend_from_slice(&chunk[..=last]);
+                inst.log.append(pipe, &partial);
+                partial.clear();
+                partial.extend_from_slice(&chunk[last + 1..]);
+            }
+            None => partial.extend_from_slice(&chunk),
+        }
+        while partial.len() >= MAX_LOG_LINE {
+            inst.log.append(pipe, &partial[..MAX_LOG_LINE]);
+            partial.drain(..MAX_LOG_LINE);
+        }
         let targets: Vec<mpsc::Sender<Bytes>> = {
             let mut a = inst.attachers.lock().expect("attachers lock");
             a.retain(|(o, e)| o.as_ref().is_some_and(|s| !s.is_closed()) || e.as_ref().is_some_and(|s| !s.is_closed()));
@@ -764,6 +820,8 @@ async fn pump(mut r: Box<dyn AsyncRead + Send + Unpin>, pipe: Pipe, inst: Arc<In
             let _ = t.send(chunk.clone()).await;
         }
     }
+    // The output ended mid-line: containerd writes the rest as a partial entry.
+    inst.log.append(pipe, &partial);
 }
 
 /// TERM, then KILL after `grace`.
@@ -784,6 +842,18 @@ async fn terminate(
     let _ = if share_pid { kill_process_group(pid, Signal::KILL) } else { kill_process(pid, Signal::KILL) };
     let _ = child.start_kill();
     child.wait().await
+}
+
+/// A duration as Go's `time.Duration.String` writes it (`10s`, `2m40s`, `5m0s`, `100ms`), the
+/// form of the kubelet's back-off messages.
+pub(crate) fn go_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (m, s, frac) = (ms / 60_000, (ms / 1000) % 60, ms % 1000);
+    let secs = if frac == 0 { format!("{s}s") } else { format!("{s}.{}s", format!("{frac:03}").trim_end_matches('0')) };
+    if m == 0 { secs } else { format!("{m}m{secs}") }
 }
 
 /// Expands `$(VAR)` references like the kubelet; `$$` escapes, unknown references stay as is.
@@ -849,10 +919,20 @@ fn resource_limits(c: &Container) -> Result<(Option<u64>, Option<CpuSettings>), 
     Ok((memory, cpu))
 }
 
+/// The process a container runs. There is no image config to read, so every image is taken to
+/// have an empty entrypoint and `sh` as its cmd, as busybox and alpine have: `command` replaces
+/// the entrypoint (args follow it), `args` alone are the whole command line, and neither runs `sh`.
 fn argv(c: &Container, env: &[(String, String)]) -> Vec<String> {
-    // No image metadata here: `sh` stands in for every image's entrypoint.
-    let mut argv = c.command.clone().unwrap_or_else(|| vec!["sh".into()]);
-    argv.extend(c.args.iter().flatten().cloned());
+    let command = c.command.clone().filter(|c| !c.is_empty());
+    let args = c.args.clone().filter(|a| !a.is_empty());
+    let argv = match (command, args) {
+        (Some(mut cmd), args) => {
+            cmd.extend(args.into_iter().flatten());
+            cmd
+        }
+        (None, Some(args)) => args,
+        (None, None) => vec!["sh".into()],
+    };
     argv.iter().map(|a| expand(a, env)).collect()
 }
 
@@ -962,6 +1042,12 @@ pub(crate) fn build_env(pod: &Pod, c: &Container, data: &ResolvedVolumes) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_print_as_go_prints_them() {
+        let s = |ms| go_duration(Duration::from_millis(ms));
+        assert_eq!([s(100), s(10_000), s(160_000), s(300_000), s(1_500)], ["100ms", "10s", "2m40s", "5m0s", "1.5s"]);
+    }
 
     #[test]
     fn dollar_paren_expansion_follows_kubelet_rules() {
