@@ -6,10 +6,12 @@
 
 pub mod api;
 pub mod discovery;
+pub mod endpoints;
 pub mod errors;
 pub mod kubeconfig;
 pub mod kubelet;
 pub mod lifecycle;
+pub mod limits;
 pub mod node;
 pub mod openapi;
 pub mod patch;
@@ -187,6 +189,8 @@ impl LocalCluster {
         kubeconfig::write(&kubeconfig, &url, opts.token.as_deref(), kubeconfig_tls)
             .map_err(|source| ClusterError::Kubeconfig { path: kubeconfig.clone(), source })?;
 
+        lifecycle::run_garbage_collector(&state);
+        endpoints::run(&state);
         let app = api::router(state.clone());
         let server = tokio::spawn(serve::serve(
             listener,

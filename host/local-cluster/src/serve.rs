@@ -6,7 +6,7 @@
 
 use crate::api::VerifiedClientCert;
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
@@ -20,6 +20,15 @@ use tokio_util::sync::CancellationToken;
 /// A client that connects and then says nothing (or stalls mid-handshake) is dropped after this,
 /// so idle sockets cannot pile up as tasks.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// kube-apiserver's `ReadHeaderTimeout`: an HTTP/1 client must finish each request's headers
+/// within this, and an idle keep-alive connection is closed after it.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(32);
+
+/// HTTP/2 pings on quiet connections; a peer that does not answer within the timeout is gone
+/// (a half-open connection), and the connection is closed.
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The first byte of every TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -99,6 +108,15 @@ async fn connection(
         tracing::debug!(client.address = %peer, error = %e, "cannot set TCP_NODELAY");
     }
     let Some(acceptor) = tls else {
+        // The version sniffing of the auto builder waits for a first byte without a deadline.
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => {
+                tracing::debug!(client.address = %peer, "connection closed or silent before its first request");
+                return;
+            }
+        }
         return http(tcp, peer, apps.anonymous, cancel).await;
     };
     let handshake = async move {
@@ -139,8 +157,14 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     // RFC 8441 (WebSockets over HTTP/2), as axum::serve enables it.
-    builder.http2().enable_connect_protocol();
+    builder
+        .http2()
+        .enable_connect_protocol()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app));
     let mut conn = std::pin::pin!(conn);
     let served = tokio::select! {

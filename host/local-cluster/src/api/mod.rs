@@ -184,11 +184,21 @@ async fn route(state: Shared, req: Request) -> Result<Response, ApiError> {
     }
 }
 
-/// Read a request body (bounded, so a hostile client cannot exhaust memory).
+/// Read a request body, at most `limits::MAX_REQUEST_BODY` bytes (413 beyond, as the real
+/// server answers), so a hostile client cannot exhaust memory.
 pub async fn body_bytes(body: Body) -> Result<bytes::Bytes, ApiError> {
-    axum::body::to_bytes(body, 32 * 1024 * 1024)
-        .await
-        .map_err(|e| ApiError::BadRequest(format!("cannot read request body: {e}")))
+    let too_large = || ApiError::RequestEntityTooLarge(format!("limit is {}", crate::limits::MAX_REQUEST_BODY));
+    axum::body::to_bytes(body, crate::limits::MAX_REQUEST_BODY).await.map_err(|e| {
+        // axum reports the limit only through the error's source chain.
+        let mut source: Option<&dyn std::error::Error> = Some(&e);
+        while let Some(s) = source {
+            if s.to_string().contains("length limit exceeded") {
+                return too_large();
+            }
+            source = s.source();
+        }
+        ApiError::BadRequest(format!("cannot read request body: {e}"))
+    })
 }
 
 #[cfg(test)]

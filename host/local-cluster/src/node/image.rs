@@ -178,9 +178,12 @@ mod tests {
         );
         // No policy: `:1` defaults to IfNotPresent, so the cached image runs.
         assert_eq!(images.check("cached:1", None), ImageCheck::Ready);
-        assert!(matches!(images.check("bad name", None), ImageCheck::InvalidName(m) if m ==
-            "Failed to apply default image tag \"bad name\": couldn't parse image name \"bad name\": invalid reference format"
-        )));
+        assert_eq!(
+            images.check("bad name", None),
+            ImageCheck::InvalidName(
+                "Failed to apply default image tag \"bad name\": couldn't parse image name \"bad name\": invalid reference format".into()
+            )
+        );
         assert_eq!(
             Images { unavailable: vec!["nope".into()], ..Images::default() }.check("nope", None),
             ImageCheck::PullFailed(
