@@ -28,6 +28,10 @@ impl Cause {
             message: format!("Invalid value: {value:?}: {detail}"),
         }
     }
+    /// A number out of range (Go prints it unquoted: `Invalid value: -1: ...`).
+    pub fn invalid_number(field: impl Into<String>, value: i64, detail: &str) -> Self {
+        Cause { reason: "FieldValueInvalid", field: field.into(), message: format!("Invalid value: {value}: {detail}") }
+    }
     /// A value outside an enum; `supported` listed sorted, as the real server's `sets.List`.
     pub fn not_supported(field: impl Into<String>, value: &str, supported: &[&str]) -> Self {
         let mut supported = supported.to_vec();

@@ -80,6 +80,8 @@ struct PodState {
     start_time: Time,
     /// Set once the pod is over (or can never start): Succeeded / Failed.
     terminal: Option<&'static str>,
+    /// The pod's sandbox (its holder and namespaces) is up.
+    sandbox_ready: bool,
     statuses: BTreeMap<String, ContainerStatus>,
     conditions: BTreeMap<&'static str, PodCondition>,
 }
@@ -149,7 +151,13 @@ impl PodRuntime {
             namespace,
             pod,
             node: Arc::downgrade(node),
-            state: Mutex::new(PodState { start_time: now(), terminal: None, statuses, conditions: BTreeMap::new() }),
+            state: Mutex::new(PodState {
+                start_time: now(),
+                terminal: None,
+                sandbox_ready: false,
+                statuses,
+                conditions: BTreeMap::new(),
+            }),
             containers,
             stop: watch::Sender::new(None),
             done: watch::Sender::new(false),
@@ -195,24 +203,42 @@ impl PodRuntime {
         let ready = !names.is_empty() && names.iter().all(|n| st.statuses.get(*n).is_some_and(|c| c.ready));
         let mut set = |kind: &'static str, value: bool, reason: Option<&str>| {
             let status = if value { "True" } else { "False" };
-            let changed = st.conditions.get(kind).is_none_or(|c| c.status != status);
-            if changed {
-                st.conditions.insert(
-                    kind,
-                    PodCondition {
-                        type_: kind.into(),
-                        status: status.into(),
-                        last_transition_time: Some(now()),
-                        reason: (!value).then(|| reason.map(str::to_string)).flatten(),
-                        ..Default::default()
-                    },
-                );
+            match st.conditions.get_mut(kind) {
+                // Same status: only the reason may move on (ContainersNotReady -> PodCompleted).
+                Some(c) if c.status == status => c.reason = reason.map(str::to_string),
+                _ => {
+                    st.conditions.insert(
+                        kind,
+                        PodCondition {
+                            type_: kind.into(),
+                            status: status.into(),
+                            last_transition_time: Some(now()),
+                            reason: reason.map(str::to_string),
+                            ..Default::default()
+                        },
+                    );
+                }
             }
         };
+        // A finished pod's containers are not ready because the pod is over, and its sandbox is
+        // gone, as a kubelet reports them.
+        let not_ready = match st.terminal {
+            Some("Succeeded") => "PodCompleted",
+            Some(_) => "PodFailed",
+            None => "ContainersNotReady",
+        };
+        set("PodReadyToStartContainers", st.sandbox_ready && st.terminal.is_none(), None);
         set("PodScheduled", true, None);
-        set("Initialized", initialized, Some("ContainersNotInitialized"));
-        set("ContainersReady", ready, Some("ContainersNotReady"));
-        set("Ready", ready, Some("ContainersNotReady"));
+        let init_reason = if !initialized {
+            Some("ContainersNotInitialized")
+        } else if !init_names.is_empty() && st.terminal == Some("Succeeded") {
+            Some("PodCompleted")
+        } else {
+            None
+        };
+        set("Initialized", initialized, init_reason);
+        set("ContainersReady", ready, (!ready).then_some(not_ready));
+        set("Ready", ready, (!ready).then_some(not_ready));
         let running_or_restarted = names.iter().any(|n| {
             st.statuses.get(*n).is_some_and(|c| {
                 c.state.as_ref().is_some_and(|s| s.running.is_some() || s.terminated.is_some()) || c.restart_count > 0
@@ -223,7 +249,8 @@ impl PodRuntime {
             None if initialized && running_or_restarted => "Running",
             None => "Pending",
         };
-        let order = ["PodScheduled", "Initialized", "ContainersReady", "Ready"];
+        // The order a v1.34 kubelet lists them in.
+        let order = ["PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady", "PodScheduled"];
         PodStatus {
             phase: Some(phase.into()),
             conditions: Some(order.iter().filter_map(|k| st.conditions.get(k).cloned()).collect()),
@@ -285,6 +312,7 @@ impl PodRuntime {
         let pod_ns = match sandbox::start_holder(&node.spawner, node.isolation, &self.dir, &self.name).await {
             Ok((started, ns)) => {
                 *self.holder.lock().expect("holder lock") = Some((started.child.id().unwrap_or(0), started.inner_pid));
+                self.update(|st| st.sandbox_ready = true);
                 // The holder lives as long as this task; kill_on_drop ends it.
                 (Arc::new(ns), started.child)
             }
@@ -987,7 +1015,7 @@ pub(crate) fn build_env(pod: &Pod, c: &Container, data: &ResolvedVolumes) -> Res
                 }
             }
             None if optional => {}
-            None => return Err(format!("{kind} \"{name}\" not found")),
+            None => return Err(format!("{} \"{name}\" not found", kind.to_lowercase())),
         }
     }
     for e in c.env.iter().flatten() {
@@ -995,10 +1023,11 @@ pub(crate) fn build_env(pod: &Pod, c: &Container, data: &ResolvedVolumes) -> Res
             if let Some(f) = &vf.field_ref {
                 field_ref(pod, &f.field_path)?
             } else if let Some(r) = &vf.config_map_key_ref {
-                match source_data(data, "configMap", &r.name).and_then(|d| d.get(&r.key)) {
-                    Some(v) => String::from_utf8_lossy(v).into_owned(),
-                    None if r.optional.unwrap_or(false) => continue,
-                    None => {
+                match source_data(data, "configMap", &r.name).map(|d| d.get(&r.key)) {
+                    Some(Some(v)) => String::from_utf8_lossy(v).into_owned(),
+                    _ if r.optional.unwrap_or(false) => continue,
+                    None => return Err(format!("configmap {:?} not found", r.name)),
+                    Some(None) => {
                         return Err(format!(
                             "couldn't find key {} in ConfigMap {}/{}",
                             r.key,
@@ -1008,10 +1037,11 @@ pub(crate) fn build_env(pod: &Pod, c: &Container, data: &ResolvedVolumes) -> Res
                     }
                 }
             } else if let Some(r) = &vf.secret_key_ref {
-                match source_data(data, "secret", &r.name).and_then(|d| d.get(&r.key)) {
-                    Some(v) => String::from_utf8_lossy(v).into_owned(),
-                    None if r.optional.unwrap_or(false) => continue,
-                    None => {
+                match source_data(data, "secret", &r.name).map(|d| d.get(&r.key)) {
+                    Some(Some(v)) => String::from_utf8_lossy(v).into_owned(),
+                    _ if r.optional.unwrap_or(false) => continue,
+                    None => return Err(format!("secret {:?} not found", r.name)),
+                    Some(None) => {
                         return Err(format!(
                             "couldn't find key {} in Secret {}/{}",
                             r.key,
@@ -1080,6 +1110,9 @@ mod tests {
         assert_eq!(env["PW"], "hunter2");
         assert_eq!(env["BOTH"], "p/web");
         let e = build_env(&pod, &c, &ResolvedVolumes::new()).unwrap_err();
-        assert_eq!(e, "couldn't find key pw in Secret ns/s");
+        assert_eq!(e, "secret \"s\" not found");
+        let mut no_key = ResolvedVolumes::new();
+        no_key.insert("secret/s".into(), BTreeMap::new());
+        assert_eq!(build_env(&pod, &c, &no_key).unwrap_err(), "couldn't find key pw in Secret ns/s");
     }
 }
