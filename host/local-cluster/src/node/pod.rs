@@ -629,6 +629,10 @@ impl PodRuntime {
                 terminate(&mut child, inst.inner_pid, share_pid, grace).await
             }
         };
+        // Not running from now on: a new exec or attach is refused at once (the node answers
+        // "container not found", and kubectl falls back to the log) instead of attaching to output
+        // that has ended.
+        exited_tx.send_replace(true);
         for t in pump_tasks {
             // With a shared PID namespace a background process may keep the pipe open after
             // the container's process exited; do not wait for it forever.
@@ -639,7 +643,6 @@ impl PodRuntime {
         }
         log.close();
         inst.attachers.lock().expect("attachers lock").clear();
-        exited_tx.send_replace(true);
         let code = status.as_ref().map(|s| exit_code(*s)).unwrap_or(137);
         let oom = cgroup.as_ref().is_some_and(ContainerCgroup::oom_killed);
         if let Some(g) = cgroup {
