@@ -175,7 +175,10 @@ fn cluster_up_open_mode_needs_its_flag_and_warns() {
         let server = server_of(&kubeconfig);
         assert!(server.starts_with("http://127.0.0.1:"), "{server}");
         assert_eq!(anonymous_status(&format!("{server}/api/v1/namespaces/default/pods")), "200");
-        assert_eq!(succeeded(kubectl(&kubeconfig, &["get", "ns", "default", "-o", "name"]), "kubectl").trim(), "namespace/default");
+        assert_eq!(
+            succeeded(kubectl(&kubeconfig, &["get", "ns", "default", "-o", "name"]), "kubectl").trim(),
+            "namespace/default"
+        );
     });
     let status = stop(&mut child, "-INT");
     if let Err(panic) = outcome {
@@ -191,7 +194,11 @@ fn cluster_up_open_mode_needs_its_flag_and_warns() {
         .output()
         .expect("run host cluster up");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be used with"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -203,7 +210,11 @@ fn cluster_up_stops_promptly_after_hostile_requests() {
         let deep = dir.path().join("deep.yaml");
         std::fs::write(
             &deep,
-            format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: deep}}\ndata: {}{}\n", "[".repeat(100_000), "]".repeat(100_000)),
+            format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: deep}}\ndata: {}{}\n",
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            ),
         )
         .expect("write probe");
         // The probe, as a server-side apply with the kubeconfig's certificate: refused
@@ -213,11 +224,13 @@ fn cluster_up_stops_promptly_after_hostile_requests() {
         let user = &doc["users"][0]["user"];
         let decode = |k: &str| {
             let b64 = user[k].as_str().expect("credential in the kubeconfig");
-            let out = Command::new("base64").arg("-d").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().and_then(|mut c| {
-                use std::io::Write;
-                c.stdin.take().expect("stdin").write_all(b64.as_bytes())?;
-                c.wait_with_output()
-            });
+            let out = Command::new("base64").arg("-d").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().and_then(
+                |mut c| {
+                    use std::io::Write;
+                    c.stdin.take().expect("stdin").write_all(b64.as_bytes())?;
+                    c.wait_with_output()
+                },
+            );
             out.expect("base64 runs").stdout
         };
         let (cert, key) = (dir.path().join("c.crt"), dir.path().join("c.key"));
@@ -236,7 +249,10 @@ fn cluster_up_stops_promptly_after_hostile_requests() {
             .output()
             .expect("curl runs");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "400");
-        assert_eq!(succeeded(kubectl(&kubeconfig, &["get", "ns", "default", "-o", "name"]), "kubectl").trim(), "namespace/default");
+        assert_eq!(
+            succeeded(kubectl(&kubeconfig, &["get", "ns", "default", "-o", "name"]), "kubectl").trim(),
+            "namespace/default"
+        );
     });
     let status = stop(&mut child, "-TERM");
     if let Err(panic) = outcome {

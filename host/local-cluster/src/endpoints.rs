@@ -46,10 +46,18 @@ pub fn run(state: &Shared) {
     });
 }
 
+/// One subset being built: its addresses by readiness, and the ports they share.
+#[derive(Default)]
+struct Subset {
+    ready: Vec<Value>,
+    not_ready: Vec<Value>,
+    ports: Vec<Value>,
+}
+
 /// The `subsets` for a service's selected pods: pods with the same resolved ports share one.
 fn subsets(service: &Value, pods: &[Value], node: &str) -> Vec<Value> {
     let ports = service.pointer("/spec/ports").and_then(Value::as_array).cloned().unwrap_or_default();
-    let mut groups: BTreeMap<String, (Vec<Value>, Vec<Value>, Vec<Value>)> = BTreeMap::new();
+    let mut groups: BTreeMap<String, Subset> = BTreeMap::new();
     for pod in pods {
         let resolved: Vec<Value> = ports
             .iter()
@@ -84,20 +92,18 @@ fn subsets(service: &Value, pods: &[Value], node: &str) -> Vec<Value> {
                 "uid": meta::uid(pod),
             },
         });
-        let ready = pod
-            .pointer("/status/conditions")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .any(|c| c.get("type").and_then(Value::as_str) == Some("Ready") && c.get("status").and_then(Value::as_str) == Some("True"));
+        let ready = pod.pointer("/status/conditions").and_then(Value::as_array).into_iter().flatten().any(|c| {
+            c.get("type").and_then(Value::as_str) == Some("Ready")
+                && c.get("status").and_then(Value::as_str) == Some("True")
+        });
         let publish = service.pointer("/spec/publishNotReadyAddresses").and_then(Value::as_bool).unwrap_or(false);
         let key = serde_json::to_string(&resolved).unwrap_or_default();
-        let entry = groups.entry(key).or_insert_with(|| (Vec::new(), Vec::new(), resolved));
-        if ready || publish { entry.0.push(address) } else { entry.1.push(address) }
+        let entry = groups.entry(key).or_insert_with(|| Subset { ports: resolved, ..Subset::default() });
+        if ready || publish { entry.ready.push(address) } else { entry.not_ready.push(address) }
     }
     groups
         .into_values()
-        .map(|(ready, not_ready, ports)| {
+        .map(|Subset { ready, not_ready, ports }| {
             let mut subset = json!({});
             if !ready.is_empty() {
                 subset["addresses"] = json!(ready);
@@ -125,7 +131,8 @@ fn container_port(pod: &Value, name: &str) -> Option<i64> {
 fn reconcile(state: &Shared, ns: &str, name: &str) {
     let store = &state.store;
     let eps = res("endpoints");
-    let service = store.get(res("services"), Some(ns), name).ok().filter(|s| s.pointer("/metadata/deletionTimestamp").is_none());
+    let service =
+        store.get(res("services"), Some(ns), name).ok().filter(|s| s.pointer("/metadata/deletionTimestamp").is_none());
     let selector = service
         .as_ref()
         .and_then(|s| s.pointer("/spec/selector"))
@@ -134,28 +141,37 @@ fn reconcile(state: &Shared, ns: &str, name: &str) {
         .cloned();
     let (Some(service), Some(selector)) = (service, selector) else {
         // Only Endpoints this controller made go with their service.
-        if store.get(eps, Some(ns), name).is_ok_and(|e| managed(&e)) && store.get(res("services"), Some(ns), name).is_err() {
+        if store.get(eps, Some(ns), name).is_ok_and(|e| managed(&e))
+            && store.get(res("services"), Some(ns), name).is_err()
+        {
             let _ = store.remove(eps, Some(ns), name);
         }
         return;
     };
     let wanted: BTreeMap<String, String> =
         selector.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect();
-    let mut pods = store.list(res("pods"), Some(ns), |p| {
-        let labels = p.pointer("/metadata/labels").and_then(Value::as_object);
-        let matches = wanted.iter().all(|(k, v)| labels.and_then(|l| l.get(k)).and_then(Value::as_str) == Some(v));
-        let phase = p.pointer("/status/phase").and_then(Value::as_str).unwrap_or_default();
-        let ip = p.pointer("/status/podIP").and_then(Value::as_str).is_some_and(|ip| !ip.is_empty());
-        matches && ip && phase != "Succeeded" && phase != "Failed" && p.pointer("/metadata/deletionTimestamp").is_none()
-    })
-    .0;
+    let mut pods = store
+        .list(res("pods"), Some(ns), |p| {
+            let labels = p.pointer("/metadata/labels").and_then(Value::as_object);
+            let matches = wanted.iter().all(|(k, v)| labels.and_then(|l| l.get(k)).and_then(Value::as_str) == Some(v));
+            let phase = p.pointer("/status/phase").and_then(Value::as_str).unwrap_or_default();
+            let ip = p.pointer("/status/podIP").and_then(Value::as_str).is_some_and(|ip| !ip.is_empty());
+            matches
+                && ip
+                && phase != "Succeeded"
+                && phase != "Failed"
+                && p.pointer("/metadata/deletionTimestamp").is_none()
+        })
+        .0;
     pods.sort_by(|a, b| meta::name(a).cmp(meta::name(b)));
     let subsets = subsets(&service, &pods, store.node_name());
     let labels = service.pointer("/metadata/labels").cloned().unwrap_or(json!({}));
     match store.get(eps, Some(ns), name) {
         Ok(current) => {
             let current_subsets = current.get("subsets").cloned().unwrap_or(json!([]));
-            if current_subsets == json!(subsets) && current.pointer("/metadata/labels").cloned().unwrap_or(json!({})) == labels {
+            if current_subsets == json!(subsets)
+                && current.pointer("/metadata/labels").cloned().unwrap_or(json!({})) == labels
+            {
                 return;
             }
             let _ = store.update_with(eps, Some(ns), name, Part::Whole, |o| {
@@ -164,8 +180,10 @@ fn reconcile(state: &Shared, ns: &str, name: &str) {
                     o.as_object_mut().map(|m| m.remove("subsets"));
                 }
                 meta::metadata_mut(o).insert("labels".into(), labels.clone());
-                meta::metadata_mut(o)
-                    .insert("annotations".into(), json!({"endpoints.kubernetes.io/last-change-trigger-time": meta::now_rfc3339()}));
+                meta::metadata_mut(o).insert(
+                    "annotations".into(),
+                    json!({"endpoints.kubernetes.io/last-change-trigger-time": meta::now_rfc3339()}),
+                );
                 Ok(())
             });
         }

@@ -314,8 +314,7 @@ pub fn run_garbage_collector(state: &Shared) {
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             };
-            if ev.kind == crate::store::EventType::Deleted
-                || ev.object.pointer("/metadata/deletionTimestamp").is_some()
+            if ev.kind == crate::store::EventType::Deleted || ev.object.pointer("/metadata/deletionTimestamp").is_some()
             {
                 continue;
             }
@@ -324,8 +323,7 @@ pub fn run_garbage_collector(state: &Shared) {
             };
             let Some(r) = crate::resources::by_plural(ev.resource) else { continue };
             let ns = r.namespaced.then(|| meta::namespace(&ev.object).to_owned());
-            let verdicts: Vec<Option<bool>> =
-                owners.iter().map(|o| owner_exists(&state2, ns.as_deref(), o)).collect();
+            let verdicts: Vec<Option<bool>> = owners.iter().map(|o| owner_exists(&state2, ns.as_deref(), o)).collect();
             if verdicts.is_empty() || !verdicts.iter().all(|v| *v == Some(false)) {
                 continue;
             }

@@ -96,13 +96,7 @@ fn is_connection_error(e: &std::io::Error) -> bool {
     matches!(e.kind(), ConnectionRefused | ConnectionAborted | ConnectionReset)
 }
 
-async fn connection(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    apps: Apps,
-    tls: Option<TlsAcceptor>,
-    cancel: CancellationToken,
-) {
+async fn connection(tcp: TcpStream, peer: SocketAddr, apps: Apps, tls: Option<TlsAcceptor>, cancel: CancellationToken) {
     // Exec/attach frames and watch events are small writes that should leave at once.
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(client.address = %peer, error = %e, "cannot set TCP_NODELAY");

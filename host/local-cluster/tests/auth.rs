@@ -198,9 +198,8 @@ async fn only_certificates_from_the_clusters_ca_are_accepted() {
 async fn kube_rs_loads_the_kubeconfig_as_any_client_does() {
     let c = cluster_with(ClusterOptions::default()).await;
     let kc = kube::config::Kubeconfig::read_from(c.kubeconfig_path()).unwrap();
-    let cfg = kube::Config::from_custom_kubeconfig(kc.clone(), &kube::config::KubeConfigOptions::default())
-        .await
-        .unwrap();
+    let cfg =
+        kube::Config::from_custom_kubeconfig(kc.clone(), &kube::config::KubeConfigOptions::default()).await.unwrap();
     assert_eq!(cfg.default_namespace, "default");
     let client = kube::Client::try_from(cfg).unwrap();
     let cms: Api<ConfigMap> = Api::default_namespaced(client);
@@ -232,7 +231,10 @@ async fn a_token_over_tls_replaces_the_certificate() {
         let (code, body) = curl(as_other_user("curl"), &pods, &["-H", "Authorization: Bearer s3cret-t0ken"]);
         assert_eq!(code, 200, "{body}");
         assert_unauthorized("no token", curl(as_other_user("curl"), &pods, &[]));
-        assert_unauthorized("a prefix of the token", curl(as_other_user("curl"), &pods, &["-H", "Authorization: Bearer s3cret"]));
+        assert_unauthorized(
+            "a prefix of the token",
+            curl(as_other_user("curl"), &pods, &["-H", "Authorization: Bearer s3cret"]),
+        );
         assert_unauthorized(
             "the token as basic auth",
             curl(as_other_user("curl"), &pods, &["-u", "admin:s3cret-t0ken"]),
@@ -253,7 +255,6 @@ async fn the_open_mode_is_explicit_and_plain_http() {
     c.stop().await;
 
     // A token that kubectl would never send over plain HTTP is refused up front.
-    let opts =
-        ClusterOptions { insecure_unauthenticated: true, token: Some("t".into()), ..ClusterOptions::default() };
+    let opts = ClusterOptions { insecure_unauthenticated: true, token: Some("t".into()), ..ClusterOptions::default() };
     assert!(matches!(LocalCluster::start(opts).await, Err(ClusterError::TokenWithoutTls)));
 }

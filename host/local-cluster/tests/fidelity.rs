@@ -127,11 +127,8 @@ async fn pull_policy_decides_between_the_cache_and_the_registry() {
         "{events:#?}"
     );
     // Repeated pulls are one event with a count, not a row each.
-    let pulls: Vec<_> = events_of(&c, "cached-always")
-        .await
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some("Pulling"))
-        .collect();
+    let pulls: Vec<_> =
+        events_of(&c, "cached-always").await.into_iter().filter(|e| e.reason.as_deref() == Some("Pulling")).collect();
     assert_eq!(pulls.len(), 1, "{pulls:#?}");
     assert!(pulls[0].count.unwrap_or(0) >= 2, "{pulls:#?}");
     c.stop().await;
@@ -265,7 +262,8 @@ async fn exec_and_attach_into_a_stopped_container_upgrade_then_fail() {
     let pods: Api<Pod> = Api::default_namespaced(c.client().unwrap());
     // Container `c` is done while the pod runs on (kubectl refuses completed pods itself).
     let mut p = pod("done", json!({"command": ["true"]}));
-    let sidecar = serde_json::from_value(json!({"name": "s", "image": "busybox", "command": ["sleep", "3600"]})).unwrap();
+    let sidecar =
+        serde_json::from_value(json!({"name": "s", "image": "busybox", "command": ["sleep", "3600"]})).unwrap();
     p.spec.as_mut().unwrap().containers.push(sidecar);
     pods.create(&PostParams::default(), &p).await.unwrap();
     until(&pods, "done", "c terminated", |p| {
@@ -297,7 +295,8 @@ async fn exec_and_attach_into_a_stopped_container_upgrade_then_fail() {
 async fn logs_follow_holds_a_partial_line_until_its_newline_or_the_end() {
     let c = cluster().await;
     let pods: Api<Pod> = Api::default_namespaced(c.client().unwrap());
-    let p = pod("partial", json!({"stdin": true, "command": ["sh", "-c", "printf part; read x; echo ial; printf tail"]}));
+    let p =
+        pod("partial", json!({"stdin": true, "command": ["sh", "-c", "printf part; read x; echo ial; printf tail"]}));
     pods.create(&PostParams::default(), &p).await.unwrap();
     until(&pods, "partial", "Running", phase_is("Running")).await;
 
@@ -329,7 +328,8 @@ fn cap_eff(out: &str) -> u64 {
 async fn capabilities_are_granted_as_a_container_runtime_grants_them() {
     let c = cluster().await;
     let pods: Api<Pod> = Api::default_namespaced(c.client().unwrap());
-    let show = json!(["sh", "-c", "grep CapEff /proc/self/status; mount -t tmpfs none /mnt 2>&1 && echo mounted; sleep 3600"]);
+    let show =
+        json!(["sh", "-c", "grep CapEff /proc/self/status; mount -t tmpfs none /mnt 2>&1 && echo mounted; sleep 3600"]);
     for (name, sc) in [
         ("default", json!({})),
         ("tuned", json!({"capabilities": {"add": ["NET_ADMIN"], "drop": ["KILL"]}})),
@@ -413,11 +413,14 @@ async fn services_get_endpoints_of_their_pods() {
     .unwrap();
     svcs.create(&PostParams::default(), &svc).await.unwrap();
     // At once, and empty while no pod matches.
-    let empty = tokio::time::timeout(Duration::from_secs(30), await_condition(eps.clone(), "web", |e: Option<&Endpoints>| e.is_some()))
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let empty = tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(eps.clone(), "web", |e: Option<&Endpoints>| e.is_some()),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .unwrap();
     assert!(empty.subsets.unwrap_or_default().is_empty());
     assert_eq!(empty.metadata.labels.unwrap()["tier"], "front");
 
@@ -425,7 +428,8 @@ async fn services_get_endpoints_of_their_pods() {
     p.spec.as_mut().unwrap().restart_policy = Some("Always".into());
     let uid = pods.create(&PostParams::default(), &p).await.unwrap().metadata.uid.unwrap();
     let ready = |e: Option<&Endpoints>| {
-        e.and_then(|e| e.subsets.as_ref()).is_some_and(|s| s.iter().any(|s| s.addresses.as_ref().is_some_and(|a| !a.is_empty())))
+        e.and_then(|e| e.subsets.as_ref())
+            .is_some_and(|s| s.iter().any(|s| s.addresses.as_ref().is_some_and(|a| !a.is_empty())))
     };
     let e = tokio::time::timeout(Duration::from_secs(60), await_condition(eps.clone(), "web", ready))
         .await
@@ -438,14 +442,22 @@ async fn services_get_endpoints_of_their_pods() {
     let port = &subset.ports.as_ref().unwrap()[0];
     assert_eq!((port.name.as_deref(), port.port, port.protocol.as_deref()), (Some("http"), 8080, Some("TCP")));
     let out = tokio::task::block_in_place(|| kubectl(&c, &["get", "endpoints", "web", "-o", "name"]));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "endpoints/web", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "endpoints/web",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The pod goes: so does its address; the service goes: so do its endpoints.
     pods.delete("web", &DeleteParams::default().grace_period(0)).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(60), await_condition(eps.clone(), "web", |e: Option<&Endpoints>| e.is_some_and(|e| !ready(Some(e)))))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        await_condition(eps.clone(), "web", |e: Option<&Endpoints>| e.is_some_and(|e| !ready(Some(e)))),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     svcs.delete("web", &DeleteParams::default()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(30), await_condition(eps, "web", |e: Option<&Endpoints>| e.is_none()))
         .await
@@ -465,7 +477,10 @@ async fn dependants_of_an_owner_that_does_not_exist_are_collected() {
         }))
         .unwrap()
     };
-    let orphan = secrets.create(&PostParams::default(), &owned_by("orphan", "ghost", "1b4a7d84-0000-4000-8000-000000000000")).await.unwrap();
+    let orphan = secrets
+        .create(&PostParams::default(), &owned_by("orphan", "ghost", "1b4a7d84-0000-4000-8000-000000000000"))
+        .await
+        .unwrap();
     // An owner of a kind this server does not serve cannot be judged: left alone, as a real
     // collector leaves what it cannot resolve.
     let mut foreign = owned_by("foreign", "deploy", "2b4a7d84-0000-4000-8000-000000000000");
@@ -512,7 +527,10 @@ async fn terminal_pods_report_conditions_as_a_kubelet() {
     match pods.logs("ok", &LogParams { tail_lines: Some(-1), ..LogParams::default() }).await.unwrap_err() {
         kube::Error::Api(s) => {
             assert_eq!(s.code, 422);
-            assert_eq!(s.message, "PodLogOptions \"ok\" is invalid: tailLines: Invalid value: -1: must be greater than or equal to 0");
+            assert_eq!(
+                s.message,
+                "PodLogOptions \"ok\" is invalid: tailLines: Invalid value: -1: must be greater than or equal to 0"
+            );
         }
         other => panic!("{other:?}"),
     }

@@ -15,12 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Sends a raw request with the cluster's own credentials; returns the status code and body.
 async fn send(c: &LocalCluster, method: Method, path: &str, content_type: &str, body: Vec<u8>) -> (u16, String) {
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("Content-Type", content_type)
-        .body(body)
-        .unwrap();
+    let req = Request::builder().method(method).uri(path).header("Content-Type", content_type).body(body).unwrap();
     match c.client().unwrap().request_text(req).await {
         Ok(text) => (200, text),
         Err(kube::Error::Api(s)) => (s.code, s.message),
@@ -36,7 +31,12 @@ fn kubectl_still_works(c: &LocalCluster) {
         .env("KUBECACHEDIR", c.data_dir().join("kubectl-cache"))
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "namespace/default", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "namespace/default",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `stop` ends, bounded: the guard only catches a hang.
@@ -53,7 +53,11 @@ async fn deep_bodies_are_refused_before_parsing() {
         .unwrap();
     let path = "/api/v1/namespaces/default/configmaps/cm?fieldManager=probe";
     // The probe from the issue: 100k nested flow sequences as a server-side apply (about 200 KB).
-    let deep = format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm}}\ndata: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    let deep = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm}}\ndata: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
     let (code, msg) = send(&c, Method::PATCH, path, "application/apply-patch+yaml", deep.into_bytes()).await;
     assert_eq!(code, 400, "{msg}");
     assert!(msg.contains("nests 100001 levels deep; at most 128"), "{msg}");
@@ -67,9 +71,11 @@ async fn deep_bodies_are_refused_before_parsing() {
         send(&c, Method::POST, "/api/v1/namespaces/default/configmaps", "application/yaml", block.into_bytes()).await;
     assert_eq!(code, 400, "{msg}");
     // And deep JSON: the decoder's own limit.
-    let json_deep = format!("{{\"metadata\":{{\"name\":\"j\"}},\"data\":{}1{}}}", "[".repeat(100_000), "]".repeat(100_000));
+    let json_deep =
+        format!("{{\"metadata\":{{\"name\":\"j\"}},\"data\":{}1{}}}", "[".repeat(100_000), "]".repeat(100_000));
     let (code, msg) =
-        send(&c, Method::POST, "/api/v1/namespaces/default/configmaps", "application/json", json_deep.into_bytes()).await;
+        send(&c, Method::POST, "/api/v1/namespaces/default/configmaps", "application/json", json_deep.into_bytes())
+            .await;
     assert_eq!(code, 400, "{msg}");
     tokio::task::block_in_place(|| kubectl_still_works(&c));
     stops_promptly(c).await;
@@ -119,8 +125,12 @@ async fn bodies_objects_and_patch_results_are_bounded() {
 
     // More JSON patch operations than the real server allows.
     let many: Vec<_> = (0..10_001).map(|_| json!({"op": "test", "path": "/metadata/name", "value": "seed"})).collect();
-    let (code, msg) = send(&c, Method::PATCH, seed, "application/json-patch+json", serde_json::to_vec(&many).unwrap()).await;
-    assert_eq!((code, msg.as_str()), (413, "Request entity too large: The allowed maximum operations in a JSON patch is 10000, got 10001"));
+    let (code, msg) =
+        send(&c, Method::PATCH, seed, "application/json-patch+json", serde_json::to_vec(&many).unwrap()).await;
+    assert_eq!(
+        (code, msg.as_str()),
+        (413, "Request entity too large: The allowed maximum operations in a JSON patch is 10000, got 10001")
+    );
 
     tokio::task::block_in_place(|| kubectl_still_works(&c));
     stops_promptly(c).await;
@@ -144,7 +154,8 @@ async fn closed_by_server(mut s: tokio::net::TcpStream) {
 #[tokio::test(flavor = "multi_thread")]
 async fn silent_and_slow_connections_are_dropped() {
     let tls = common::cluster_with(ClusterOptions::default()).await;
-    let plain = common::cluster_with(ClusterOptions { insecure_unauthenticated: true, ..ClusterOptions::default() }).await;
+    let plain =
+        common::cluster_with(ClusterOptions { insecure_unauthenticated: true, ..ClusterOptions::default() }).await;
     let mut idle = Vec::new();
     for c in [&tls, &plain] {
         for _ in 0..100 {

@@ -118,7 +118,9 @@ pub(crate) fn for_container(c: &Container) -> Result<Capabilities, String> {
 fn own_bounding_set() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("CapBnd:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok()))
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("CapBnd:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
         .unwrap_or(u64::MAX)
 }
 
@@ -162,7 +164,8 @@ mod tests {
     #[test]
     fn the_default_set_is_containerds_and_add_drop_change_it() {
         assert_eq!(for_container(&container(serde_json::json!({}))), Ok(Capabilities::Set(0xa80425fb)));
-        let c = container(serde_json::json!({"capabilities": {"add": ["NET_ADMIN", "CAP_SYS_PTRACE"], "drop": ["KILL"]}}));
+        let c =
+            container(serde_json::json!({"capabilities": {"add": ["NET_ADMIN", "CAP_SYS_PTRACE"], "drop": ["KILL"]}}));
         assert_eq!(for_container(&c), Ok(Capabilities::Set((0xa80425fb | 1 << 12 | 1 << 19) & !(1 << 5))));
         let c = container(serde_json::json!({"capabilities": {"drop": ["ALL"], "add": ["CHOWN"]}}));
         assert_eq!(for_container(&c), Ok(Capabilities::Set(1)));

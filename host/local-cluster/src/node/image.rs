@@ -84,9 +84,7 @@ fn normalized(image: &str) -> String {
 /// looks like a host (a dot or port, `localhost`, or upper case).
 fn split_domain(image: &str) -> (String, String) {
     let (mut domain, mut rest) = match image.split_once('/') {
-        Some((first, rest))
-            if first.contains(['.', ':']) || first == "localhost" || first.to_lowercase() != first =>
-        {
+        Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" || first.to_lowercase() != first => {
             (first.to_owned(), rest.to_owned())
         }
         _ => (DEFAULT_DOMAIN.to_owned(), image.to_owned()),

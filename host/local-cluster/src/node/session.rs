@@ -57,7 +57,16 @@ impl Session {
     pub fn failed(command: Vec<String>, message: String) -> Session {
         let (exit_tx, exit) = oneshot::channel();
         let _ = exit_tx.send(ExitStatus::Failed(message));
-        Session { command, tty: false, stdin: None, stdout: None, stderr: None, resize: None, exit, _kill_on_drop: None }
+        Session {
+            command,
+            tty: false,
+            stdin: None,
+            stdout: None,
+            stderr: None,
+            resize: None,
+            exit,
+            _kill_on_drop: None,
+        }
     }
 }
 

@@ -649,7 +649,6 @@ fn node_object(name: &str) -> Value {
     })
 }
 
-
 /// An object must fit in one etcd request (`limits::MAX_OBJECT`), as on a real cluster.
 fn check_size(obj: &Value) -> Result<(), ApiError> {
     let size = serde_json::to_vec(obj).map_or(0, |v| v.len());

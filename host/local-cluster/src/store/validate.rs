@@ -137,7 +137,13 @@ fn pod(obj: &Value, causes: &mut Vec<Cause>) {
         }
     }
     one_of(obj, "/spec/restartPolicy", "spec.restartPolicy", &["Always", "Never", "OnFailure"], causes);
-    one_of(obj, "/spec/dnsPolicy", "spec.dnsPolicy", &["ClusterFirst", "ClusterFirstWithHostNet", "Default", "None"], causes);
+    one_of(
+        obj,
+        "/spec/dnsPolicy",
+        "spec.dnsPolicy",
+        &["ClusterFirst", "ClusterFirstWithHostNet", "Default", "None"],
+        causes,
+    );
     one_of(obj, "/spec/preemptionPolicy", "spec.preemptionPolicy", &["Never", "PreemptLowerPriority"], causes);
     let mut vols = HashSet::new();
     if let Some(list) = obj.pointer("/spec/volumes").and_then(Value::as_array) {
@@ -229,9 +235,23 @@ mod tests {
         assert_eq!(
             found,
             vec![
-                ("spec.containers[0].imagePullPolicy".to_owned(), "FieldValueNotSupported", "Unsupported value: \"Maybe\": supported values: \"Always\", \"IfNotPresent\", \"Never\"".to_owned()),
-                ("spec.containers[0].ports[0].protocol".to_owned(), "FieldValueNotSupported", "Unsupported value: \"ICMP\": supported values: \"SCTP\", \"TCP\", \"UDP\"".to_owned()),
-                ("spec.restartPolicy".to_owned(), "FieldValueNotSupported", "Unsupported value: \"Sometimes\": supported values: \"Always\", \"Never\", \"OnFailure\"".to_owned()),
+                (
+                    "spec.containers[0].imagePullPolicy".to_owned(),
+                    "FieldValueNotSupported",
+                    "Unsupported value: \"Maybe\": supported values: \"Always\", \"IfNotPresent\", \"Never\""
+                        .to_owned()
+                ),
+                (
+                    "spec.containers[0].ports[0].protocol".to_owned(),
+                    "FieldValueNotSupported",
+                    "Unsupported value: \"ICMP\": supported values: \"SCTP\", \"TCP\", \"UDP\"".to_owned()
+                ),
+                (
+                    "spec.restartPolicy".to_owned(),
+                    "FieldValueNotSupported",
+                    "Unsupported value: \"Sometimes\": supported values: \"Always\", \"Never\", \"OnFailure\""
+                        .to_owned()
+                ),
             ]
         );
         let empty = json!({"metadata": {"name": "ok"}, "spec": {"containers": []}});
