@@ -62,13 +62,22 @@ struct ClusterUpArgs {
     /// Images the node treats as unpullable (ErrImagePull, then ImagePullBackOff). Repeatable.
     #[arg(long = "unavailable-image", value_name = "IMAGE")]
     unavailable_images: Vec<String>,
-    /// Require this bearer token on every request (it is written into the kubeconfig).
-    #[arg(long, env = "KEEL_CLUSTER_TOKEN")]
+    /// Images cached on the node that no registry serves: pulls fail (imagePullPolicy Always),
+    /// IfNotPresent and Never run them. Repeatable.
+    #[arg(long = "cached-unpullable-image", value_name = "IMAGE")]
+    cached_unpullable_images: Vec<String>,
+    /// Accept this bearer token instead of the client certificate (it replaces the certificate
+    /// in the kubeconfig). HTTPS only.
+    #[arg(long, env = "KEEL_CLUSTER_TOKEN", conflicts_with = "insecure_no_auth")]
     token: Option<String>,
-    /// Serve HTTPS with a CA made at start: `ca.crt`, `server.crt` and `server.key` go into the
-    /// data dir and the kubeconfig carries the CA, so clients verify the server.
-    #[arg(long, env = "KEEL_CLUSTER_TLS")]
+    /// HTTPS is the default (a CA made at start; the kubeconfig carries it and a client
+    /// certificate); kept so older scripts that pass it still work.
+    #[arg(long, hide = true, conflicts_with = "insecure_no_auth")]
     tls: bool,
+    /// DANGEROUS: serve plain HTTP and accept every request without credentials, so any local
+    /// user can run processes as this user and read the cluster's secrets.
+    #[arg(long, env = "KEEL_CLUSTER_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
 }
 
 #[derive(Subcommand)]
@@ -411,10 +420,19 @@ async fn cluster_up(args: ClusterUpArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         images_dir: args.images_dir,
         unavailable_images: args.unavailable_images,
+        cached_unpullable_images: args.cached_unpullable_images,
         token: args.token,
-        tls: args.tls,
+        insecure_unauthenticated: args.insecure_no_auth,
         ..ClusterOptions::default()
     };
+    // `--tls` asks for what is the default now.
+    let _ = args.tls;
+    if args.insecure_no_auth {
+        eprintln!(
+            "WARNING: --insecure-no-auth: the cluster serves plain HTTP without authentication; \
+             every local user can create pods (running as this user) and read its secrets"
+        );
+    }
     let cluster = LocalCluster::start(opts).await.context("cannot start the local cluster")?;
     // stdout carries only the kubeconfig path, so `export KUBECONFIG=$(host cluster up &)`-style
     // scripting works; the human-facing line goes to stderr.

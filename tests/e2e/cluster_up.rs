@@ -1,6 +1,7 @@
-//! `host cluster up` end to end: the real binary serves the embedded cluster, kubectl runs a pod
-//! through the kubeconfig it printed, and SIGINT (Ctrl-C) stops it with nothing left behind:
-//! no container process and no data directory.
+//! `host cluster up` end to end: the real binary serves the embedded cluster over HTTPS with a
+//! required client certificate, kubectl runs a pod through the kubeconfig it printed, anonymous
+//! requests get 401, and SIGINT (Ctrl-C) or SIGTERM stops it with nothing left behind: no
+//! container process and no data directory. The open mode needs its loud flag.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -37,24 +38,67 @@ fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
-/// `host cluster up` with `extra` arguments; returns it and the kubeconfig path it printed.
-fn cluster_up(extra: &[&str]) -> (std::process::Child, PathBuf) {
+/// `host cluster up` with `extra` arguments; returns it, the kubeconfig path it printed and its
+/// stderr so far, read on by a thread (into the returned buffer).
+fn cluster_up(extra: &[&str]) -> (std::process::Child, PathBuf, std::sync::Arc<std::sync::Mutex<String>>) {
     let mut child = Command::new(host_bin())
         .args(["cluster", "up"])
         .args(extra)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("start host cluster up");
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut pipe = BufReader::new(child.stderr.take().expect("stderr"));
+    let sink = stderr.clone();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while pipe.read_line(&mut line).is_ok_and(|n| n > 0) {
+            eprint!("{line}");
+            sink.lock().expect("stderr buffer").push_str(&line);
+            line.clear();
+        }
+    });
     let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
     let mut line = String::new();
     stdout.read_line(&mut line).expect("read kubeconfig path");
-    (child, PathBuf::from(line.trim()))
+    (child, PathBuf::from(line.trim()), stderr)
+}
+
+/// HTTP status of an anonymous GET (curl, no client certificate, server not verified).
+fn anonymous_status(url: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "30", url])
+        .output()
+        .expect("curl runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn server_of(kubeconfig: &std::path::Path) -> String {
+    let doc: serde_json::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(kubeconfig).expect("read kubeconfig")).unwrap();
+    doc["clusters"][0]["cluster"]["server"].as_str().expect("a server URL").to_owned()
+}
+
+/// Sends `signal` and waits for the process; the guard only catches a hang.
+fn stop(child: &mut std::process::Child, signal: &str) -> std::process::ExitStatus {
+    let _ = Command::new("kill").args([signal, &child.id().to_string()]).status();
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for host cluster up") {
+            return status;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("host cluster up did not stop after {signal}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
 fn cluster_up_serves_kubectl_and_ctrl_c_leaves_nothing_behind() {
-    let (mut child, kubeconfig) = cluster_up(&[]);
+    let (mut child, kubeconfig, _) = cluster_up(&[]);
     let data_dir = kubeconfig.parent().expect("kubeconfig lives in the data dir").to_path_buf();
 
     // Run the body so a failed assertion still stops the cluster below.
@@ -79,8 +123,7 @@ fn cluster_up_serves_kubectl_and_ctrl_c_leaves_nothing_behind() {
     });
 
     // Ctrl-C, as a person would stop it.
-    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
-    let status = child.wait().expect("wait for host cluster up");
+    let status = stop(&mut child, "-INT");
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
@@ -94,8 +137,8 @@ fn cluster_up_serves_kubectl_and_ctrl_c_leaves_nothing_behind() {
 }
 
 #[test]
-fn cluster_up_tls_serves_verified_https() {
-    let (mut child, kubeconfig) = cluster_up(&["--tls"]);
+fn cluster_up_requires_a_client_certificate_by_default() {
+    let (mut child, kubeconfig, _) = cluster_up(&[]);
     let data_dir = kubeconfig.parent().expect("kubeconfig lives in the data dir").to_path_buf();
     let outcome = std::panic::catch_unwind(|| {
         let doc: serde_json::Value =
@@ -106,16 +149,117 @@ fn cluster_up_tls_serves_verified_https() {
             cluster["certificate-authority-data"].is_string() && cluster.get("insecure-skip-tls-verify").is_none(),
             "{cluster}"
         );
+        let user = &doc["users"][0]["user"];
+        assert!(user["client-certificate-data"].is_string() && user["client-key-data"].is_string(), "{user}");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&kubeconfig).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
         assert!(data_dir.join("ca.crt").is_file());
         let out = kubectl(&kubeconfig, &["get", "ns", "default", "-o", "name"]);
         assert!(out.stderr.is_empty(), "kubectl warned: {}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(succeeded(out, "kubectl get ns over TLS").trim(), "namespace/default");
+        let server = server_of(&kubeconfig);
+        for path in ["/version", "/api/v1/namespaces/default/pods", "/openapi/v3"] {
+            assert_eq!(anonymous_status(&format!("{server}{path}")), "401", "{path}");
+        }
     });
-    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
-    let status = child.wait().expect("wait for host cluster up --tls");
+    let status = stop(&mut child, "-TERM");
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
-    assert!(status.success(), "host cluster up --tls exited with {status:?} after SIGINT");
+    assert!(status.success(), "host cluster up exited with {status:?} after SIGTERM");
     assert!(!data_dir.exists(), "the cluster's data dir {} (with its key) was not removed", data_dir.display());
+}
+
+#[test]
+fn cluster_up_open_mode_needs_its_flag_and_warns() {
+    let (mut child, kubeconfig, stderr) = cluster_up(&["--insecure-no-auth"]);
+    let outcome = std::panic::catch_unwind(|| {
+        let server = server_of(&kubeconfig);
+        assert!(server.starts_with("http://127.0.0.1:"), "{server}");
+        assert_eq!(anonymous_status(&format!("{server}/api/v1/namespaces/default/pods")), "200");
+        assert_eq!(
+            succeeded(kubectl(&kubeconfig, &["get", "ns", "default", "-o", "name"]), "kubectl").trim(),
+            "namespace/default"
+        );
+    });
+    let status = stop(&mut child, "-INT");
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+    assert!(status.success());
+    let said = stderr.lock().unwrap().clone();
+    assert!(said.contains("WARNING") && said.contains("without authentication"), "{said}");
+
+    // A token over plain HTTP (which kubectl would not send) is refused before anything starts.
+    let out = Command::new(host_bin())
+        .args(["cluster", "up", "--insecure-no-auth", "--token", "t"])
+        .output()
+        .expect("run host cluster up");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be used with"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn cluster_up_stops_promptly_after_hostile_requests() {
+    let (mut child, kubeconfig, _) = cluster_up(&["--tls"]);
+    let data_dir = kubeconfig.parent().expect("kubeconfig lives in the data dir").to_path_buf();
+    let outcome = std::panic::catch_unwind(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let deep = dir.path().join("deep.yaml");
+        std::fs::write(
+            &deep,
+            format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: deep}}\ndata: {}{}\n",
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            ),
+        )
+        .expect("write probe");
+        // The probe, as a server-side apply with the kubeconfig's certificate: refused
+        // before any parser sees it. (kubectl itself would parse the file first.)
+        let doc: serde_json::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(&kubeconfig).expect("read kubeconfig")).unwrap();
+        let user = &doc["users"][0]["user"];
+        let decode = |k: &str| {
+            let b64 = user[k].as_str().expect("credential in the kubeconfig");
+            let out = Command::new("base64").arg("-d").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().and_then(
+                |mut c| {
+                    use std::io::Write;
+                    c.stdin.take().expect("stdin").write_all(b64.as_bytes())?;
+                    c.wait_with_output()
+                },
+            );
+            out.expect("base64 runs").stdout
+        };
+        let (cert, key) = (dir.path().join("c.crt"), dir.path().join("c.key"));
+        std::fs::write(&cert, decode("client-certificate-data")).expect("write cert");
+        std::fs::write(&key, decode("client-key-data")).expect("write key");
+        let url = format!("{}/api/v1/namespaces/default/configmaps/deep?fieldManager=probe", server_of(&kubeconfig));
+        let out = Command::new("curl")
+            .args(["-sk", "--max-time", "60", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PATCH"])
+            .args(["-H", "Content-Type: application/apply-patch+yaml", "--data-binary"])
+            .arg(format!("@{}", deep.display()))
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .arg(&url)
+            .output()
+            .expect("curl runs");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "400");
+        assert_eq!(
+            succeeded(kubectl(&kubeconfig, &["get", "ns", "default", "-o", "name"]), "kubectl").trim(),
+            "namespace/default"
+        );
+    });
+    let status = stop(&mut child, "-TERM");
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+    assert!(status.success(), "{status:?}");
+    assert!(!data_dir.exists());
 }

@@ -169,6 +169,8 @@ async fn node_level(rows: &mut Vec<Row>) -> NodeFigures {
             data_dir: dir.path().join("node"),
             images_dir: None,
             unavailable_images: vec![],
+            cached_unpullable_images: Vec::new(),
+            backoff_base: local_cluster::node::DEFAULT_BACKOFF_BASE,
             node_name: "bench".into(),
         },
         Arc::new(move |uid: &str, st: PodStatus| {

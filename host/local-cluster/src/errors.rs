@@ -28,6 +28,21 @@ impl Cause {
             message: format!("Invalid value: {value:?}: {detail}"),
         }
     }
+    /// A number out of range (Go prints it unquoted: `Invalid value: -1: ...`).
+    pub fn invalid_number(field: impl Into<String>, value: i64, detail: &str) -> Self {
+        Cause { reason: "FieldValueInvalid", field: field.into(), message: format!("Invalid value: {value}: {detail}") }
+    }
+    /// A value outside an enum; `supported` listed sorted, as the real server's `sets.List`.
+    pub fn not_supported(field: impl Into<String>, value: &str, supported: &[&str]) -> Self {
+        let mut supported = supported.to_vec();
+        supported.sort_unstable();
+        let list: Vec<String> = supported.iter().map(|s| format!("{s:?}")).collect();
+        Cause {
+            reason: "FieldValueNotSupported",
+            field: field.into(),
+            message: format!("Unsupported value: {value:?}: supported values: {}", list.join(", ")),
+        }
+    }
     pub fn duplicate(field: impl Into<String>, value: &str) -> Self {
         Cause { reason: "FieldValueDuplicate", field: field.into(), message: format!("Duplicate value: {value:?}") }
     }
@@ -70,6 +85,9 @@ pub enum ApiError {
     TooLargeResourceVersion { requested: u64, current: u64 },
     #[error("the body of the request was in an unknown format - accepted media types include: {accepted}; got {got}")]
     UnsupportedMediaType { got: String, accepted: String },
+    /// A body or stored object over a limit (see `crate::limits`), as `errors.NewRequestEntityTooLargeError`.
+    #[error("Request entity too large: {0}")]
+    RequestEntityTooLarge(String),
     #[error("the server could not find the requested resource: {0}")]
     UnknownPath(String),
     #[error("{0}")]
@@ -105,6 +123,7 @@ impl ApiError {
             ApiError::Gone { .. } | ApiError::ContinueExpired { .. } => 410,
             ApiError::TooLargeResourceVersion { .. } => 504,
             ApiError::UnsupportedMediaType { .. } => 415,
+            ApiError::RequestEntityTooLarge(_) => 413,
             ApiError::Internal(_) => 500,
         }
     }
@@ -122,6 +141,7 @@ impl ApiError {
             ApiError::Gone { .. } | ApiError::ContinueExpired { .. } => "Expired",
             ApiError::TooLargeResourceVersion { .. } => "Timeout",
             ApiError::UnsupportedMediaType { .. } => "UnsupportedMediaType",
+            ApiError::RequestEntityTooLarge(_) => "RequestEntityTooLarge",
             ApiError::Internal(_) => "InternalError",
         }
     }

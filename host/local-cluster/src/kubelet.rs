@@ -300,11 +300,24 @@ fn transition_events(store: &Store, old: &Value, new: &Value) {
                         new,
                         "Warning",
                         "BackOff",
-                        &format!("Back-off restarting failed container {name} in pod {}", meta::name(new)),
+                        &format!(
+                            "Back-off restarting failed container {name} in pod {}_{}({})",
+                            meta::name(new),
+                            meta::namespace(new),
+                            meta::uid(new)
+                        ),
                         field.clone(),
                     );
                 }
-                Some("CreateContainerConfigError") | Some("InvalidImageName") | Some("CreateContainerError") => {
+                Some("InvalidImageName") => {
+                    record(store, new, "Warning", "InspectFailed", message, field.clone());
+                    record(store, new, "Warning", "Failed", "Error: InvalidImageName", field.clone());
+                }
+                Some("ErrImageNeverPull") => {
+                    record(store, new, "Warning", "ErrImageNeverPull", message, field.clone());
+                    record(store, new, "Warning", "Failed", "Error: ErrImageNeverPull", field.clone());
+                }
+                Some("CreateContainerConfigError") | Some("CreateContainerError") => {
                     record(store, new, "Warning", "Failed", &format!("Error: {message}"), field.clone());
                 }
                 _ => {}
@@ -334,8 +347,29 @@ pub fn record(store: &Store, pod: &Value, kind: &str, reason: &str, message: &st
         "uid": meta::uid(pod),
         "resourceVersion": meta::resource_version(pod),
     });
-    if let Some(f) = field_path {
+    if let Some(f) = &field_path {
         involved["fieldPath"] = json!(f);
+    }
+    // client-go's event correlator: a repeat of the same event (same object, field, type, reason
+    // and message) bumps the existing event's count and lastTimestamp instead of adding a row.
+    let ns = meta::namespace(pod);
+    let same = |e: &Value| {
+        e.pointer("/involvedObject/uid").and_then(Value::as_str) == Some(meta::uid(pod))
+            && e.pointer("/involvedObject/fieldPath").and_then(Value::as_str) == field_path.as_deref()
+            && e.get("reason").and_then(Value::as_str) == Some(reason)
+            && e.get("message").and_then(Value::as_str) == Some(message)
+            && e.get("type").and_then(Value::as_str) == Some(kind)
+    };
+    if let Some(existing) = store.list(res("events"), Some(ns), same).0.into_iter().next() {
+        let bumped = store.update_with(res("events"), Some(ns), meta::name(&existing), Part::Main, |e| {
+            let count = e.get("count").and_then(Value::as_i64).unwrap_or(1);
+            e["count"] = json!(count + 1);
+            e["lastTimestamp"] = json!(now);
+            Ok(())
+        });
+        if bumped.is_ok() {
+            return;
+        }
     }
     let component = if reason == "Scheduled" { "default-scheduler" } else { "kubelet" };
     let event = json!({

@@ -6,10 +6,12 @@
 
 pub mod api;
 pub mod discovery;
+pub mod endpoints;
 pub mod errors;
 pub mod kubeconfig;
 pub mod kubelet;
 pub mod lifecycle;
+pub mod limits;
 pub mod node;
 pub mod openapi;
 pub mod patch;
@@ -25,7 +27,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// How to start a cluster. `Default` gives a random port and a temporary data dir.
+/// How to start a cluster. `Default` gives a random port, a temporary data dir and HTTPS that
+/// requires the client certificate written into the kubeconfig (see [`LocalCluster::client`]).
 #[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
     /// Port on 127.0.0.1; `None` picks a free one.
@@ -34,16 +37,28 @@ pub struct ClusterOptions {
     pub data_dir: Option<PathBuf>,
     /// Root filesystems by image name (see `node::NodeConfig::images_dir`).
     pub images_dir: Option<PathBuf>,
-    /// Images whose pull fails (ErrImagePull, then ImagePullBackOff).
+    /// Images neither on the node nor pullable: ErrImagePull, then ImagePullBackOff, retried
+    /// with the kubelet's back-off (ErrImageNeverPull with `imagePullPolicy: Never`).
     pub unavailable_images: Vec<String>,
-    /// Bearer token every request must carry; `None` disables authentication.
+    /// Images cached on the node that no registry serves: with `imagePullPolicy: Always` the
+    /// pull fails as for `unavailable_images`; with IfNotPresent or Never the container runs.
+    pub cached_unpullable_images: Vec<String>,
+    /// Where the kubelet's back-off (image pulls, CrashLoopBackOff) starts; it doubles up to 30
+    /// times this. `None`: 10 s (to 5 min), as a kubelet's. Tests shorten it.
+    pub backoff_base: Option<std::time::Duration>,
+    /// A bearer token accepted instead of the client certificate; the kubeconfig then carries it
+    /// in place of the certificate. HTTPS only: kubectl does not send a token to an `http://`
+    /// server.
     pub token: Option<String>,
     /// Watch events kept for replay from an old resourceVersion (default 10 000); older
     /// versions answer 410 Gone.
     pub watch_history: Option<usize>,
-    /// Serve HTTPS with a CA and server certificate made at start (`ca.crt`, `server.crt`,
-    /// `server.key` in the data dir); the kubeconfig then carries the CA. Plain HTTP otherwise.
-    pub tls: bool,
+    /// Serve plain HTTP and answer every request, from anyone who can reach the port: any local
+    /// user could then run processes as the cluster's user (as root, as root) and read its
+    /// secrets. Off by default; the cluster logs a warning when it is on. Otherwise the cluster
+    /// serves HTTPS with a CA and server certificate made at start (`ca.crt`, `server.crt`,
+    /// `server.key` in the data dir) and requires a client certificate from that CA or the token.
+    pub insecure_unauthenticated: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +85,10 @@ pub enum ClusterError {
     Node(#[source] node::NodeError),
     #[error("cannot set up TLS for the API server")]
     Tls(#[source] tls::TlsError),
+    #[error(
+        "a bearer token needs HTTPS (kubectl does not send one to an http:// server); drop the token or the insecure unauthenticated mode"
+    )]
+    TokenWithoutTls,
     #[error("cannot build a client for {url}: {source}")]
     Client {
         url: String,
@@ -78,11 +97,12 @@ pub enum ClusterError {
     },
 }
 
-/// What clients need to trust a TLS cluster.
+/// What clients need to trust a TLS cluster, and to be trusted by it.
 struct TlsInfo {
     ca_pem: String,
     ca_der: Vec<u8>,
     ca_path: PathBuf,
+    client: tls::ClientIdentity,
 }
 
 pub const NODE_NAME: &str = "keel-local";
@@ -104,6 +124,9 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     pub async fn start(opts: ClusterOptions) -> Result<LocalCluster, ClusterError> {
+        if opts.insecure_unauthenticated && opts.token.is_some() {
+            return Err(ClusterError::TokenWithoutTls);
+        }
         let (data_dir, temp_dir) = match &opts.data_dir {
             Some(d) => {
                 std::fs::create_dir_all(d).map_err(|source| ClusterError::DataDir { path: d.clone(), source })?;
@@ -122,7 +145,11 @@ impl LocalCluster {
             .await
             .map_err(|source| ClusterError::Bind { port, source })?;
         let addr = listener.local_addr().map_err(|source| ClusterError::Bind { port, source })?;
-        let server_tls = if opts.tls { Some(tls::ServerTls::generate().map_err(ClusterError::Tls)?) } else { None };
+        let server_tls = if opts.insecure_unauthenticated {
+            None
+        } else {
+            Some(tls::ServerTls::generate().map_err(ClusterError::Tls)?)
+        };
         let url = format!("{}://{addr}", if server_tls.is_some() { "https" } else { "http" });
 
         let store = store::Store::new(NODE_NAME, opts.watch_history.unwrap_or(DEFAULT_WATCH_HISTORY));
@@ -130,6 +157,8 @@ impl LocalCluster {
             data_dir: data_dir.join("node"),
             images_dir: opts.images_dir.clone(),
             unavailable_images: opts.unavailable_images.clone(),
+            cached_unpullable_images: opts.cached_unpullable_images.clone(),
+            backoff_base: opts.backoff_base.unwrap_or(node::DEFAULT_BACKOFF_BASE),
             node_name: NODE_NAME.to_owned(),
         };
         let node =
@@ -137,7 +166,11 @@ impl LocalCluster {
         let state = Arc::new(api::ApiState {
             store,
             node,
-            token: opts.token.clone(),
+            auth: if opts.insecure_unauthenticated {
+                api::Authentication::Disabled
+            } else {
+                api::Authentication::Required { token: opts.token.clone() }
+            },
             server_address: addr.to_string(),
             cancel: CancellationToken::new(),
         });
@@ -147,6 +180,7 @@ impl LocalCluster {
                 ca_path: t.write_to(&data_dir).map_err(ClusterError::Tls)?,
                 ca_pem: t.ca_pem().to_owned(),
                 ca_der: t.ca_der().to_vec(),
+                client: t.client_identity().clone(),
             }),
             None => None,
         };
@@ -155,8 +189,21 @@ impl LocalCluster {
         kubeconfig::write(&kubeconfig, &url, opts.token.as_deref(), kubeconfig_tls)
             .map_err(|source| ClusterError::Kubeconfig { path: kubeconfig.clone(), source })?;
 
+        lifecycle::run_garbage_collector(&state);
+        endpoints::run(&state);
         let app = api::router(state.clone());
-        let server = tokio::spawn(serve::serve(listener, app, server_tls.map(|t| t.acceptor()), state.cancel.clone()));
+        let server = tokio::spawn(serve::serve(
+            listener,
+            serve::Apps::new(app),
+            server_tls.map(|t| t.acceptor()),
+            state.cancel.clone(),
+        ));
+        if opts.insecure_unauthenticated {
+            tracing::warn!(
+                cluster.url = %url,
+                "the local cluster serves plain HTTP WITHOUT AUTHENTICATION: every local user can create pods and read secrets"
+            );
+        }
         tracing::info!(cluster.url = %url, cluster.data_dir = %data_dir.display(), "local cluster started");
         Ok(LocalCluster {
             url,
@@ -181,6 +228,11 @@ impl LocalCluster {
         self.tls.as_ref().map(|t| t.ca_pem.as_str())
     }
 
+    /// The same CA certificate as DER (what `kube::Config::root_cert` holds).
+    pub fn ca_der(&self) -> Option<&[u8]> {
+        self.tls.as_ref().map(|t| t.ca_der.as_slice())
+    }
+
     /// Where that CA certificate is written (`ca.crt` in the data dir).
     pub fn ca_path(&self) -> Option<&Path> {
         self.tls.as_ref().map(|t| t.ca_path.as_path())
@@ -203,8 +255,8 @@ impl LocalCluster {
         &self.state.node
     }
 
-    /// A kube-rs client for this cluster (bearer token included when set; trusting the
-    /// cluster's CA, and only it, with TLS).
+    /// A kube-rs client for this cluster, with the kubeconfig's credential (the client
+    /// certificate, or the bearer token when one is set), trusting the cluster's CA and only it.
     pub fn client(&self) -> Result<kube::Client, ClusterError> {
         let url: axum::http::Uri = self.url.parse().expect("http(s)://<socket address> is a valid URI");
         let mut cfg = kube::Config::new(url);
@@ -212,8 +264,15 @@ impl LocalCluster {
         if let Some(t) = &self.tls {
             cfg.root_cert = Some(vec![t.ca_der.clone()]);
         }
-        if let Some(t) = &self.token {
-            cfg.auth_info.token = Some(t.clone().into());
+        match (&self.token, &self.tls) {
+            (Some(token), _) => cfg.auth_info.token = Some(token.clone().into()),
+            (None, Some(t)) => {
+                use base64::Engine;
+                let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem);
+                cfg.auth_info.client_certificate_data = Some(b64(&t.client.cert_pem));
+                cfg.auth_info.client_key_data = Some(b64(&t.client.key_pem).into());
+            }
+            (None, None) => {}
         }
         kube::Client::try_from(cfg).map_err(|source| ClusterError::Client { url: self.url.clone(), source })
     }

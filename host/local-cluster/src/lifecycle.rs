@@ -287,6 +287,57 @@ async fn delete_namespace(state: &Shared, name: &str) -> Result<Value, ApiError>
     Ok(marked)
 }
 
+/// Whether the owner an ownerReference names exists: an object of that kind (one this server
+/// serves) with that name and uid, in the dependant's namespace unless the kind is cluster-wide.
+/// `None` for kinds the server does not serve, which the garbage collector cannot judge.
+fn owner_exists(state: &Shared, dependant_ns: Option<&str>, owner: &Value) -> Option<bool> {
+    let api_version = owner.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
+    let kind = owner.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let r = crate::resources::RESOURCES.iter().find(|r| r.kind == kind).filter(|_| api_version == "v1")?;
+    let name = owner.get("name").and_then(Value::as_str).unwrap_or_default();
+    let uid = owner.get("uid").and_then(Value::as_str).unwrap_or_default();
+    let ns = if r.namespaced { dependant_ns } else { None };
+    Some(state.store.get(r, ns, name).is_ok_and(|o| meta::uid(&o) == uid))
+}
+
+/// The garbage collector's watch on every object: a dependant all of whose owners are absent
+/// (a uid that never existed, or an owner deleted before the dependant was stored) is deleted in
+/// the background, as the real collector does; owners of kinds this server does not serve are
+/// left alone. Owners deleted later are handled by their deletion (`collect_garbage`).
+pub fn run_garbage_collector(state: &Shared) {
+    let mut rx = state.store.subscribe();
+    let state2 = state.clone();
+    spawn(state, async move {
+        loop {
+            let ev = match rx.recv().await {
+                Ok(ev) => ev,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            if ev.kind == crate::store::EventType::Deleted || ev.object.pointer("/metadata/deletionTimestamp").is_some()
+            {
+                continue;
+            }
+            let Some(owners) = ev.object.pointer("/metadata/ownerReferences").and_then(Value::as_array) else {
+                continue;
+            };
+            let Some(r) = crate::resources::by_plural(ev.resource) else { continue };
+            let ns = r.namespaced.then(|| meta::namespace(&ev.object).to_owned());
+            let verdicts: Vec<Option<bool>> = owners.iter().map(|o| owner_exists(&state2, ns.as_deref(), o)).collect();
+            if verdicts.is_empty() || !verdicts.iter().all(|v| *v == Some(false)) {
+                continue;
+            }
+            let name = meta::name(&ev.object).to_owned();
+            tracing::debug!(k8s.kind = r.kind, k8s.name = %name, "deleting a dependant whose owners do not exist");
+            if let Err(e) = delete(&state2, r, ns.as_deref(), &name, DeleteOptions::default()).await
+                && !matches!(e, ApiError::NotFound { .. })
+            {
+                tracing::warn!(k8s.name = %name, error = %e, "garbage collection of a dangling dependant failed");
+            }
+        }
+    });
+}
+
 /// Run deletion work in the background, ending it when the cluster stops.
 fn spawn(state: &Shared, work: impl Future<Output = ()> + Send + 'static) {
     let cancel = state.cancel.clone();

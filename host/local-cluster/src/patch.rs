@@ -18,6 +18,13 @@ pub enum PatchError {
     BadJsonPatch(#[source] serde_json::Error),
     #[error("json patch could not be applied: {0}")]
     JsonPatch(#[source] json_patch::PatchError),
+    #[error("The allowed maximum operations in a JSON patch is {max}, got {0}", max = crate::limits::MAX_JSON_PATCH_OPERATIONS)]
+    TooManyOperations(usize),
+    #[error(
+        "Unable to complete the copy, the accumulated size increase of copy is {copied}, exceeding the limit {}",
+        crate::limits::MAX_JSON_PATCH_COPIED
+    )]
+    CopyLimit { copied: usize },
     #[error("{kind} patch must be a JSON object, got {got}")]
     NotAnObject { kind: &'static str, got: &'static str },
     #[error("unknown strategic merge directive {directive:?} at {field:?}")]
@@ -62,7 +69,25 @@ pub fn apply(kind: PatchKind, target: &mut Value, body: &[u8]) -> Result<(), Pat
     match kind {
         PatchKind::Json => {
             let ops: json_patch::Patch = serde_json::from_slice(body).map_err(PatchError::BadJsonPatch)?;
-            json_patch::patch(target, &ops).map_err(PatchError::JsonPatch)
+            if ops.0.len() > crate::limits::MAX_JSON_PATCH_OPERATIONS {
+                return Err(PatchError::TooManyOperations(ops.0.len()));
+            }
+            // One operation at a time, so the sum of what `copy` adds is checked before each copy
+            // (16 copies of a doubling value would be 64 MiB). The caller works on a copy of
+            // the object, so a failure halfway leaves nothing behind.
+            let mut copied = 0usize;
+            for op in &ops.0 {
+                if let json_patch::PatchOperation::Copy(c) = op
+                    && let Some(from) = target.pointer(c.from.as_str())
+                {
+                    copied += serde_json::to_vec(from).map_or(0, |v| v.len());
+                    if copied > crate::limits::MAX_JSON_PATCH_COPIED {
+                        return Err(PatchError::CopyLimit { copied });
+                    }
+                }
+                json_patch::patch(target, std::slice::from_ref(op)).map_err(PatchError::JsonPatch)?;
+            }
+            Ok(())
         }
         PatchKind::Merge => {
             let p: Value = serde_json::from_slice(body).map_err(PatchError::BadJson)?;

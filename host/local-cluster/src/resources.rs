@@ -81,6 +81,16 @@ pub static RESOURCES: &[Resource] = &[
         returns_deleted_object: true,
     },
     Resource {
+        plural: "endpoints",
+        singular: "endpoints",
+        kind: "Endpoints",
+        namespaced: true,
+        short_names: &["ep"],
+        label_names: false,
+        subresources: &[],
+        returns_deleted_object: false,
+    },
+    Resource {
         plural: "serviceaccounts",
         singular: "serviceaccount",
         kind: "ServiceAccount",

@@ -4,8 +4,9 @@
 //! never holds up the next `accept`. Connections are served by hyper-util's auto builder (HTTP/1.1
 //! and HTTP/2) with upgrades, which exec/attach need for their WebSockets.
 
+use crate::api::VerifiedClientCert;
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
@@ -20,6 +21,15 @@ use tokio_util::sync::CancellationToken;
 /// so idle sockets cannot pile up as tasks.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// kube-apiserver's `ReadHeaderTimeout`: an HTTP/1 client must finish each request's headers
+/// within this, and an idle keep-alive connection is closed after it.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(32);
+
+/// HTTP/2 pings on quiet connections; a peer that does not answer within the timeout is gone
+/// (a half-open connection), and the connection is closed.
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The first byte of every TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
@@ -27,10 +37,24 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// by mistake says what is wrong instead of failing with a reset.
 const PLAIN_HTTP_ON_TLS: &[u8] = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n";
 
-/// Serve `app` on `listener` until `cancel`; then stop accepting and let open connections
+/// The API, once for connections without a client certificate and once marking each request
+/// with [`VerifiedClientCert`]; both made at start, so a connection only picks one.
+#[derive(Clone)]
+pub(crate) struct Apps {
+    anonymous: Router,
+    certified: Router,
+}
+
+impl Apps {
+    pub(crate) fn new(app: Router) -> Apps {
+        Apps { certified: app.clone().layer(axum::Extension(VerifiedClientCert)), anonymous: app }
+    }
+}
+
+/// Serve `apps` on `listener` until `cancel`; then stop accepting and let open connections
 /// finish their requests. The caller bounds that wait and aborts this task after it, which
 /// drops (and so cuts) whatever connection is still open.
-pub(crate) async fn serve(listener: TcpListener, app: Router, tls: Option<TlsAcceptor>, cancel: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, apps: Apps, tls: Option<TlsAcceptor>, cancel: CancellationToken) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -39,7 +63,7 @@ pub(crate) async fn serve(listener: TcpListener, app: Router, tls: Option<TlsAcc
             Some(done) = connections.join_next(), if !connections.is_empty() => log_panic(done),
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    connections.spawn(connection(tcp, peer, app.clone(), tls.clone(), cancel.clone()));
+                    connections.spawn(connection(tcp, peer, apps.clone(), tls.clone(), cancel.clone()));
                 }
                 Err(e) if is_connection_error(&e) => {}
                 Err(e) => {
@@ -72,19 +96,22 @@ fn is_connection_error(e: &std::io::Error) -> bool {
     matches!(e.kind(), ConnectionRefused | ConnectionAborted | ConnectionReset)
 }
 
-async fn connection(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    app: Router,
-    tls: Option<TlsAcceptor>,
-    cancel: CancellationToken,
-) {
+async fn connection(tcp: TcpStream, peer: SocketAddr, apps: Apps, tls: Option<TlsAcceptor>, cancel: CancellationToken) {
     // Exec/attach frames and watch events are small writes that should leave at once.
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(client.address = %peer, error = %e, "cannot set TCP_NODELAY");
     }
     let Some(acceptor) = tls else {
-        return http(tcp, peer, app, cancel).await;
+        // The version sniffing of the auto builder waits for a first byte without a deadline.
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => {
+                tracing::debug!(client.address = %peer, "connection closed or silent before its first request");
+                return;
+            }
+        }
+        return http(tcp, peer, apps.anonymous, cancel).await;
     };
     let handshake = async move {
         let mut first = [0u8; 1];
@@ -114,6 +141,8 @@ async fn connection(
             }
         },
     };
+    let certified = stream.get_ref().1.peer_certificates().is_some_and(|chain| !chain.is_empty());
+    let app = if certified { apps.certified } else { apps.anonymous };
     http(stream, peer, app, cancel).await
 }
 
@@ -122,8 +151,14 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     // RFC 8441 (WebSockets over HTTP/2), as axum::serve enables it.
-    builder.http2().enable_connect_protocol();
+    builder
+        .http2()
+        .enable_connect_protocol()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app));
     let mut conn = std::pin::pin!(conn);
     let served = tokio::select! {

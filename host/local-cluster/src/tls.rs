@@ -1,14 +1,15 @@
-//! Optional HTTPS for the API server: a self-signed CA and a server certificate for
-//! `127.0.0.1`/`localhost`, made fresh at every start.
+//! HTTPS for the API server (the default): a self-signed CA, a server certificate for
+//! `127.0.0.1`/`localhost` and a client certificate, made fresh at every start.
 //!
 //! The CA's key never leaves memory: nothing needs to sign with it after start, so it is not
 //! written anywhere and dies with the process. Clients trust the cluster through `ca.crt`
 //! (or the kubeconfig's `certificate-authority-data`), never by skipping verification.
 //!
-//! The CA also issues one client certificate, for the kubeconfig of a cluster without a token:
-//! kubectl (client-go) prompts for a username on an HTTPS server unless the kubeconfig names
-//! some credential, as kind's and minikube's kubeconfigs do with theirs. The server asks for
-//! client certificates without requiring one, and refuses any the CA did not issue.
+//! The client certificate is the kubeconfig's credential (as in kind's and minikube's). The
+//! handshake asks for a client certificate without requiring one, as kube-apiserver's does, so
+//! that bearer-token clients can connect; a certificate the CA did not issue ends the handshake,
+//! and a request on a connection without one is answered 401 unless it carries the token
+//! (`api::authenticate`).
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,

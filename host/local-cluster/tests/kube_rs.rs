@@ -528,7 +528,10 @@ async fn bearer_token_is_enforced() {
     let c = cluster_with(ClusterOptions { token: Some("t0ken".into()), ..ClusterOptions::default() }).await;
     let ok: Api<Pod> = Api::default_namespaced(c.client().unwrap());
     ok.list(&ListParams::default()).await.unwrap();
-    let anonymous = kube::Client::try_from(kube::Config::new(c.url().parse().unwrap())).unwrap();
+    // Trusting the cluster's CA, but with no credential at all.
+    let mut cfg = kube::Config::new(c.url().parse().unwrap());
+    cfg.root_cert = Some(vec![c.ca_der().unwrap().to_vec()]);
+    let anonymous = kube::Client::try_from(cfg).unwrap();
     let err = api_error(Api::<Pod>::default_namespaced(anonymous).list(&ListParams::default()).await.unwrap_err());
     assert_eq!((err.code, err.reason.as_str()), (401, "Unauthorized"));
     let kubeconfig = std::fs::read_to_string(c.kubeconfig_path()).unwrap();

@@ -68,6 +68,8 @@ fn start_without_user_namespaces() {
         data_dir: dir.path().join("node"),
         images_dir: None,
         unavailable_images: Vec::new(),
+        cached_unpullable_images: Vec::new(),
+        backoff_base: local_cluster::node::DEFAULT_BACKOFF_BASE,
         node_name: "no-userns".into(),
     };
     let err = Node::new(cfg, Arc::new(|_: &str, _: PodStatus| {})).err().expect("the node must not start");

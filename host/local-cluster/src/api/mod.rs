@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 pub struct ApiState {
     pub store: Arc<Store>,
     pub node: Node,
-    pub token: Option<String>,
+    pub auth: Authentication,
     /// `host:port` we listen on, for discovery's serverAddressByClientCIDRs.
     pub server_address: String,
     /// Cancelled when the cluster stops: ends watches, log streams and background deletions.
@@ -36,6 +36,22 @@ pub struct ApiState {
 }
 
 pub type Shared = Arc<ApiState>;
+
+/// Who may call the API.
+#[derive(Debug, Clone)]
+pub enum Authentication {
+    /// Anyone who can reach the port (`ClusterOptions::insecure_unauthenticated`).
+    Disabled,
+    /// A client certificate the cluster's CA issued, or this bearer token; anything else is 401,
+    /// on every path, as kube-apiserver answers with anonymous auth turned off.
+    Required { token: Option<String> },
+}
+
+/// Put on requests of a TLS connection whose client presented a certificate. rustls verified it
+/// against the cluster's CA during the handshake (a certificate from another CA ends the
+/// handshake), so its presence is the whole proof.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifiedClientCert;
 
 pub fn router(state: Shared) -> Router {
     Router::new()
@@ -60,18 +76,26 @@ pub fn router(state: Shared) -> Router {
 }
 
 async fn authenticate(AxState(state): AxState<Shared>, req: Request, next: Next) -> Response {
-    if let Some(token) = &state.token {
+    if let Authentication::Required { token } = &state.auth {
+        let certified = req.extensions().get::<VerifiedClientCert>().is_some();
         let presented = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
-        if presented != Some(token.as_str()) {
+        let token_ok = token.as_deref().is_some_and(|t| presented.is_some_and(|p| constant_time_eq(p, t)));
+        if !certified && !token_ok {
             return ApiError::Unauthorized.into_response();
         }
     }
     next.run(req).await
+}
+
+/// Compares without stopping at the first differing byte, so response times do not reveal how
+/// much of a guessed token was right.
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub fn json_response(code: StatusCode, body: &Value) -> Response {
@@ -160,11 +184,21 @@ async fn route(state: Shared, req: Request) -> Result<Response, ApiError> {
     }
 }
 
-/// Read a request body (bounded, so a hostile client cannot exhaust memory).
+/// Read a request body, at most `limits::MAX_REQUEST_BODY` bytes (413 beyond, as the real
+/// server answers), so a hostile client cannot exhaust memory.
 pub async fn body_bytes(body: Body) -> Result<bytes::Bytes, ApiError> {
-    axum::body::to_bytes(body, 32 * 1024 * 1024)
-        .await
-        .map_err(|e| ApiError::BadRequest(format!("cannot read request body: {e}")))
+    let too_large = || ApiError::RequestEntityTooLarge(format!("limit is {}", crate::limits::MAX_REQUEST_BODY));
+    axum::body::to_bytes(body, crate::limits::MAX_REQUEST_BODY).await.map_err(|e| {
+        // axum reports the limit only through the error's source chain.
+        let mut source: Option<&dyn std::error::Error> = Some(&e);
+        while let Some(s) = source {
+            if s.to_string().contains("length limit exceeded") {
+                return too_large();
+            }
+            source = s.source();
+        }
+        ApiError::BadRequest(format!("cannot read request body: {e}"))
+    })
 }
 
 #[cfg(test)]

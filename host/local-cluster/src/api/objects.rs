@@ -34,6 +34,7 @@ async fn object_body(req: Request) -> Result<Value, ApiError> {
             other => ApiError::BadRequest(other.to_string()),
         })?
     } else if ct.contains("yaml") {
+        check_depth(&bytes)?;
         serde_yaml_ng::from_slice(&bytes)
             .map_err(|e| ApiError::BadRequest(format!("the request body is not valid YAML: {e}")))?
     } else {
@@ -44,6 +45,18 @@ async fn object_body(req: Request) -> Result<Value, ApiError> {
         return Err(ApiError::BadRequest("the request body must be a JSON object".into()));
     }
     Ok(value)
+}
+
+/// Refuses a YAML body that nests deeper than `limits::MAX_DEPTH`, before any parser sees it.
+pub fn check_depth(body: &[u8]) -> Result<(), ApiError> {
+    let depth = crate::limits::yaml_depth(body);
+    if depth > crate::limits::MAX_DEPTH {
+        return Err(ApiError::BadRequest(format!(
+            "the request body nests {depth} levels deep; at most {} are allowed",
+            crate::limits::MAX_DEPTH
+        )));
+    }
+    Ok(())
 }
 
 pub fn selectors(query: &Query) -> Result<(LabelSelector, FieldSelector), ApiError> {
@@ -240,13 +253,15 @@ pub async fn patch(state: &Shared, t: &Target, req: Request) -> Result<Response,
             .ok_or_else(|| options_invalid("fieldManager", Cause::required("", "is required for apply patch")))?;
         let force = query.flag("force")?;
         let body = body_bytes(req.into_body()).await?;
+        check_depth(&body)?;
         return server_side_apply(state, t, dry, &manager, force, &body);
     }
     let body = body_bytes(req.into_body()).await?;
     let name = t.name.as_deref().unwrap_or_default();
     let updated = write(state, t, dry, |obj| {
         patch::apply(kind, obj, &body).map_err(|e| match e {
-            patch::PatchError::JsonPatch(_) => ApiError::Invalid {
+            patch::PatchError::TooManyOperations(_) => ApiError::RequestEntityTooLarge(e.to_string()),
+            patch::PatchError::JsonPatch(_) | patch::PatchError::CopyLimit { .. } => ApiError::Invalid {
                 kind: t.res.kind.into(),
                 name: name.into(),
                 causes: vec![crate::errors::Cause::invalid("", "json patch", &e.to_string())],

@@ -2,7 +2,7 @@
 
 use super::query::Query;
 use super::{Shared, Target};
-use crate::errors::ApiError;
+use crate::errors::{ApiError, Cause};
 use crate::node::stream::{self, Protocol};
 use crate::node::{AttachRequest, ExecRequest, LogOptions, NodeError};
 use crate::store::meta;
@@ -82,16 +82,21 @@ pub async fn logs(state: &Shared, t: &Target, query: &Query) -> Result<Response,
         limit_bytes: query.int("limitBytes")?,
         previous: query.flag("previous")?,
     };
+    // Validated as the real server validates PodLogOptions: 422 with a cause per field.
+    let mut causes = Vec::new();
     for (key, value) in [("sinceSeconds", opts.since_seconds), ("limitBytes", opts.limit_bytes)] {
-        if value.is_some_and(|v| v < 1) {
-            return Err(ApiError::BadRequest(format!("{key} must be greater than 0")));
+        if let Some(v) = value.filter(|v| *v < 1) {
+            causes.push(Cause::invalid_number(key, v, "must be greater than 0"));
         }
     }
-    if opts.tail_lines.is_some_and(|v| v < 0) {
-        return Err(ApiError::BadRequest("tailLines must be greater than or equal to 0".into()));
+    if let Some(v) = opts.tail_lines.filter(|v| *v < 0) {
+        causes.push(Cause::invalid_number("tailLines", v, "must be greater than or equal to 0"));
     }
     if opts.since_seconds.is_some() && opts.since_time.is_some() {
-        return Err(ApiError::BadRequest("at most one of sinceTime or sinceSeconds may be specified".into()));
+        causes.push(Cause::forbidden("", "at most one of `sinceTime` or `sinceSeconds` may be specified"));
+    }
+    if !causes.is_empty() {
+        return Err(ApiError::Invalid { kind: "PodLogOptions".into(), name: meta::name(&pod).into(), causes });
     }
     let stream = state.node.logs(meta::uid(&pod), &container, opts).await.map_err(|e| waiting(&pod, &container, e))?;
     let cancel = state.cancel.clone();
@@ -145,8 +150,19 @@ pub async fn stream(state: &Shared, t: &Target, query: &Query, req: Request) -> 
             tty: flags("tty")?,
         };
         state.node.attach(&uid, &container, req).await
-    }
-    .map_err(|e| waiting(&pod, &container, e))?;
+    };
+    let session = match session {
+        Ok(s) => s,
+        // A real API server upgrades first and the kubelet then finds no running container; the
+        // client reads that from the error channel (kubectl: "unable to upgrade connection:
+        // container not found"). Refusing before the upgrade would make kubectl retry over SPDY
+        // and report a misleading protocol error instead.
+        Err(NodeError::NotRunning { .. } | NodeError::NoSuchPod(_)) => crate::node::Session::failed(
+            Vec::new(),
+            format!("unable to upgrade connection: container not found ({container:?})"),
+        ),
+        Err(e) => return Err(waiting(&pod, &container, e)),
+    };
     let protocol = *protocol;
     let cancel = state.cancel.clone();
     Ok(ws.protocols([*name]).on_upgrade(move |socket| async move {

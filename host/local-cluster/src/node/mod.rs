@@ -9,6 +9,8 @@
 //!     pub data_dir: PathBuf,               // per-pod directories live under data_dir/pods/<uid>
 //!     pub images_dir: Option<PathBuf>,     // images_dir/<image name with / and : mapped> = rootfs
 //!     pub unavailable_images: Vec<String>, // image names that fail with ErrImagePull -> ImagePullBackOff
+//!     pub cached_unpullable_images: Vec<String>, // present but not pullable (fail only with Always)
+//!     pub backoff_base: Duration,          // kubelet back-off start (10 s), capped at 30x
 //!     pub node_name: String,
 //! }
 //! /// Called (from any thread) whenever a pod's status changes; the API layer stores it
@@ -122,7 +124,9 @@
 //   test `fifty_pods_created_and_watched_concurrently`): ~15 of them end Waiting with
 //   CreateContainerConfigError "cannot start the pod sandbox: No such file or directory (os error 2)".
 //   Looks like a race in pod-holder/sandbox start-up under concurrency.
+mod caps;
 mod cgroup;
+mod image;
 mod logs;
 mod pod;
 mod sandbox;
@@ -149,10 +153,21 @@ pub struct NodeConfig {
     /// `images_dir/<image name with '/' and ':' replaced by '_'>` is used as the rootfs of
     /// containers of that image; any other image runs on the host's root, read-only.
     pub images_dir: Option<PathBuf>,
-    /// Images whose "pull" fails: ErrImagePull, then ImagePullBackOff.
+    /// Images that are neither on the node nor pullable: ErrImagePull, then ImagePullBackOff
+    /// (ErrImageNeverPull with `imagePullPolicy: Never`).
     pub unavailable_images: Vec<String>,
+    /// Images on the node that no registry serves: with `imagePullPolicy: Always` the pull fails
+    /// as for `unavailable_images`; IfNotPresent and Never run them.
+    pub cached_unpullable_images: Vec<String>,
+    /// The kubelet's back-off for image pulls and container restarts starts here and doubles up
+    /// to 30 times it (10 s to 5 min, as a kubelet's); tests shorten it.
+    pub backoff_base: Duration,
     pub node_name: String,
 }
+
+/// The kubelet's initial back-off (`backOffPeriod`); the cap is `MAX_BACKOFF_FACTOR` times it.
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(10);
+pub(crate) const MAX_BACKOFF_FACTOR: u32 = 30;
 
 /// Called whenever a pod's status changes, with the pod's uid and the full new status.
 pub type StatusSink = Arc<dyn Fn(&str, PodStatus) + Send + Sync>;
@@ -271,6 +286,7 @@ pub(crate) struct NodeInner {
     spawner: sandbox::Spawner,
     isolation: sandbox::Isolation,
     cgroups: cgroup::NodeCgroups,
+    images: image::Images,
     pods: Mutex<HashMap<String, Arc<pod::PodRuntime>>>,
     shut_down: std::sync::atomic::AtomicBool,
 }
@@ -285,8 +301,13 @@ impl Node {
         let isolation = sandbox::Isolation::probe()?;
         let cgroups = cgroup::NodeCgroups::create(&isolation);
         let spawner = sandbox::Spawner::start(rt.clone());
+        let images = image::Images {
+            unavailable: cfg.unavailable_images.clone(),
+            cached_unpullable: cfg.cached_unpullable_images.clone(),
+        };
         Ok(Node {
             inner: Arc::new(NodeInner {
+                images,
                 cfg,
                 sink: on_status,
                 rt,

@@ -17,12 +17,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 
+use super::caps::Capabilities;
 use super::cgroup::{ContainerCgroup, Controller, CpuSettings, parse_cpu_millis, parse_memory};
+use super::image::ImageCheck;
 use super::logs::{LogFile, Pipe};
 use super::sandbox::{self, Bind, ContainerSandbox, PodNamespaces, Stdios};
 use super::session::exit_code;
 use super::volumes::{self, PodVolumes};
-use super::{NodeError, NodeInner, ResolvedVolumes};
+use super::{MAX_BACKOFF_FACTOR, NodeError, NodeInner, ResolvedVolumes};
 
 const POD_IP: &str = "127.0.0.1";
 
@@ -44,6 +46,8 @@ pub(crate) struct Instance {
     /// The stdin the node holds open for `stdin: true` containers; `None` inside once closed.
     pub stdin: Option<Arc<tokio::sync::Mutex<Option<StdinWriter>>>>,
     pub stdin_once: bool,
+    /// The container's capabilities, which its execs get too.
+    pub caps: Capabilities,
     pub pty_master: Option<Arc<OwnedFd>>,
     pub exited: watch::Receiver<bool>,
     attachers: Mutex<Vec<Attacher>>,
@@ -76,6 +80,8 @@ struct PodState {
     start_time: Time,
     /// Set once the pod is over (or can never start): Succeeded / Failed.
     terminal: Option<&'static str>,
+    /// The pod's sandbox (its holder and namespaces) is up.
+    sandbox_ready: bool,
     statuses: BTreeMap<String, ContainerStatus>,
     conditions: BTreeMap<&'static str, PodCondition>,
 }
@@ -145,7 +151,13 @@ impl PodRuntime {
             namespace,
             pod,
             node: Arc::downgrade(node),
-            state: Mutex::new(PodState { start_time: now(), terminal: None, statuses, conditions: BTreeMap::new() }),
+            state: Mutex::new(PodState {
+                start_time: now(),
+                terminal: None,
+                sandbox_ready: false,
+                statuses,
+                conditions: BTreeMap::new(),
+            }),
             containers,
             stop: watch::Sender::new(None),
             done: watch::Sender::new(false),
@@ -191,24 +203,42 @@ impl PodRuntime {
         let ready = !names.is_empty() && names.iter().all(|n| st.statuses.get(*n).is_some_and(|c| c.ready));
         let mut set = |kind: &'static str, value: bool, reason: Option<&str>| {
             let status = if value { "True" } else { "False" };
-            let changed = st.conditions.get(kind).is_none_or(|c| c.status != status);
-            if changed {
-                st.conditions.insert(
-                    kind,
-                    PodCondition {
-                        type_: kind.into(),
-                        status: status.into(),
-                        last_transition_time: Some(now()),
-                        reason: (!value).then(|| reason.map(str::to_string)).flatten(),
-                        ..Default::default()
-                    },
-                );
+            match st.conditions.get_mut(kind) {
+                // Same status: only the reason may move on (ContainersNotReady -> PodCompleted).
+                Some(c) if c.status == status => c.reason = reason.map(str::to_string),
+                _ => {
+                    st.conditions.insert(
+                        kind,
+                        PodCondition {
+                            type_: kind.into(),
+                            status: status.into(),
+                            last_transition_time: Some(now()),
+                            reason: reason.map(str::to_string),
+                            ..Default::default()
+                        },
+                    );
+                }
             }
         };
+        // A finished pod's containers are not ready because the pod is over, and its sandbox is
+        // gone, as a kubelet reports them.
+        let not_ready = match st.terminal {
+            Some("Succeeded") => "PodCompleted",
+            Some(_) => "PodFailed",
+            None => "ContainersNotReady",
+        };
+        set("PodReadyToStartContainers", st.sandbox_ready && st.terminal.is_none(), None);
         set("PodScheduled", true, None);
-        set("Initialized", initialized, Some("ContainersNotInitialized"));
-        set("ContainersReady", ready, Some("ContainersNotReady"));
-        set("Ready", ready, Some("ContainersNotReady"));
+        let init_reason = if !initialized {
+            Some("ContainersNotInitialized")
+        } else if !init_names.is_empty() && st.terminal == Some("Succeeded") {
+            Some("PodCompleted")
+        } else {
+            None
+        };
+        set("Initialized", initialized, init_reason);
+        set("ContainersReady", ready, (!ready).then_some(not_ready));
+        set("Ready", ready, (!ready).then_some(not_ready));
         let running_or_restarted = names.iter().any(|n| {
             st.statuses.get(*n).is_some_and(|c| {
                 c.state.as_ref().is_some_and(|s| s.running.is_some() || s.terminated.is_some()) || c.restart_count > 0
@@ -219,7 +249,8 @@ impl PodRuntime {
             None if initialized && running_or_restarted => "Running",
             None => "Pending",
         };
-        let order = ["PodScheduled", "Initialized", "ContainersReady", "Ready"];
+        // The order a v1.34 kubelet lists them in.
+        let order = ["PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady", "PodScheduled"];
         PodStatus {
             phase: Some(phase.into()),
             conditions: Some(order.iter().filter_map(|k| st.conditions.get(k).cloned()).collect()),
@@ -250,31 +281,7 @@ impl PodRuntime {
 
     async fn lifecycle(self: Arc<Self>, node: Arc<NodeInner>, data: ResolvedVolumes) {
         self.update(|_| {});
-        let unavailable: Vec<(String, String)> = self
-            .containers
-            .values()
-            .filter_map(|c| {
-                let image = c.spec.image.clone().unwrap_or_default();
-                node.cfg.unavailable_images.contains(&image).then(|| (c.spec.name.clone(), image))
-            })
-            .collect();
         let mut stop = self.stop.subscribe();
-        if !unavailable.is_empty() {
-            for (name, image) in &unavailable {
-                let msg = format!("failed to pull and unpack image \"{image}\": not found");
-                self.set_container(name, |cs| cs.state = Some(waiting("ErrImagePull", Some(msg))));
-            }
-            drop(node);
-            if tokio::time::timeout(Duration::from_secs(1), stop.wait_for(Option::is_some)).await.is_err() {
-                for (name, image) in &unavailable {
-                    let msg = format!("Back-off pulling image \"{image}\"");
-                    self.set_container(name, |cs| cs.state = Some(waiting("ImagePullBackOff", Some(msg))));
-                }
-                let _ = stop.wait_for(Option::is_some).await;
-            }
-            return;
-        }
-
         let (pod, dir, data_dir, root) =
             (self.pod.clone(), self.dir.clone(), node.cfg.data_dir.clone(), node.isolation.root);
         let prepared = tokio::task::spawn_blocking(move || {
@@ -305,6 +312,7 @@ impl PodRuntime {
         let pod_ns = match sandbox::start_holder(&node.spawner, node.isolation, &self.dir, &self.name).await {
             Ok((started, ns)) => {
                 *self.holder.lock().expect("holder lock") = Some((started.child.id().unwrap_or(0), started.inner_pid));
+                self.update(|st| st.sandbox_ready = true);
                 // The holder lives as long as this task; kill_on_drop ends it.
                 (Arc::new(ns), started.child)
             }
@@ -376,10 +384,18 @@ impl PodRuntime {
         stop: &mut watch::Receiver<Option<Duration>>,
     ) -> bool {
         let name = rt.spec.name.clone();
+        let Some((base, max)) = self.node().map(|n| (n.cfg.backoff_base, n.cfg.backoff_base * MAX_BACKOFF_FACTOR))
+        else {
+            return false;
+        };
         let mut restarts: i32 = 0;
-        let mut backoff = Duration::from_secs(10);
+        let mut backoff = base;
         loop {
             if stop.borrow().is_some() {
+                return false;
+            }
+            // As a kubelet: the image is ensured before every start, restarts included.
+            if !self.ensure_image(rt, stop).await {
                 return false;
             }
             let code = match self.run_instance(rt, restarts, ns.clone(), &data, stop).await {
@@ -399,10 +415,16 @@ impl PodRuntime {
             if !restart || stop.borrow().is_some() {
                 return code == 0;
             }
-            // The first restart is immediate, then CrashLoopBackOff doubling to 5 minutes.
+            // The kubelet's `doBackOff`: the first restart is immediate, then CrashLoopBackOff
+            // doubling up to the cap.
             if restarts > 0 {
-                let msg =
-                    format!("back-off {}s restarting failed container={name} pod={}", backoff.as_secs(), self.name);
+                let msg = format!(
+                    "back-off {} restarting failed container={name} pod={}_{}({})",
+                    go_duration(backoff),
+                    self.name,
+                    self.namespace,
+                    self.uid
+                );
                 self.set_container(&name, |cs| {
                     cs.last_state = cs.state.take();
                     cs.state = Some(waiting("CrashLoopBackOff", Some(msg)));
@@ -410,9 +432,45 @@ impl PodRuntime {
                 if tokio::time::timeout(backoff, stop.wait_for(Option::is_some)).await.is_ok() {
                     return false;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(300));
+                backoff = (backoff * 2).min(max);
             }
             restarts += 1;
+        }
+    }
+
+    /// The kubelet's `EnsureImageExists` for one start: returns once the image is there, or
+    /// `false` when the pod stops first. A failed pull shows ErrImagePull for one back-off base
+    /// (the kubelet's next sync), then ImagePullBackOff for the current back-off, then pulls
+    /// again; the back-off doubles up to its cap.
+    async fn ensure_image(&self, rt: &Arc<ContainerRt>, stop: &mut watch::Receiver<Option<Duration>>) -> bool {
+        let name = rt.spec.name.as_str();
+        let image = rt.spec.image.clone().unwrap_or_default();
+        let Some((images, base)) = self.node().map(|n| (n.images.clone(), n.cfg.backoff_base)) else { return false };
+        let max = base * MAX_BACKOFF_FACTOR;
+        let mut backoff = base;
+        loop {
+            let (reason, msg) = match images.check(&image, rt.spec.image_pull_policy.as_deref()) {
+                ImageCheck::Ready => return true,
+                ImageCheck::InvalidName(msg) => ("InvalidImageName", msg),
+                ImageCheck::NeverPull(msg) => ("ErrImageNeverPull", msg),
+                ImageCheck::PullFailed(msg) => {
+                    self.set_container(name, |cs| cs.state = Some(waiting("ErrImagePull", Some(msg))));
+                    if tokio::time::timeout(base, stop.wait_for(Option::is_some)).await.is_ok() {
+                        return false;
+                    }
+                    let msg = format!("Back-off pulling image {image:?}");
+                    self.set_container(name, |cs| cs.state = Some(waiting("ImagePullBackOff", Some(msg))));
+                    if tokio::time::timeout(backoff, stop.wait_for(Option::is_some)).await.is_ok() {
+                        return false;
+                    }
+                    backoff = (backoff * 2).min(max);
+                    continue;
+                }
+            };
+            // Neither goes away by retrying: the kubelet reports the same on every sync.
+            self.set_container(name, |cs| cs.state = Some(waiting(reason, Some(msg))));
+            let _ = stop.wait_for(Option::is_some).await;
+            return false;
         }
     }
 
@@ -437,6 +495,7 @@ impl PodRuntime {
         let log_path = self.dir.join("logs").join(&c.name).join(format!("{restarts}.log"));
         let log = LogFile::create(&log_path).map_err(|e| format!("cannot create log {}: {e}", log_path.display()))?;
         let (memory, cpu) = resource_limits(c)?;
+        let caps = super::caps::for_container(c)?;
         // Said per container, not only once at node start, so the warning names the pod whose
         // limit is ignored (the span carries the pod).
         if memory.is_some() && !node.cgroups.enforces(Controller::Memory) {
@@ -474,6 +533,7 @@ impl PodRuntime {
                 None => Vec::new(),
             },
             tty: None,
+            caps,
         };
         let started = sandbox::start_container(&node.spawner, sb, stdio).await;
         drop(node);
@@ -531,6 +591,7 @@ impl PodRuntime {
             tty,
             stdin,
             stdin_once: c.stdin_once.unwrap_or(false),
+            caps,
             pty_master,
             exited: exited_rx,
             attachers: Mutex::new(Vec::new()),
@@ -568,6 +629,10 @@ impl PodRuntime {
                 terminate(&mut child, inst.inner_pid, share_pid, grace).await
             }
         };
+        // Not running from now on: a new exec or attach is refused at once (the node answers
+        // "container not found", and kubectl falls back to the log) instead of attaching to output
+        // that has ended.
+        exited_tx.send_replace(true);
         for t in pump_tasks {
             // With a shared PID namespace a background process may keep the pipe open after
             // the container's process exited; do not wait for it forever.
@@ -578,7 +643,6 @@ impl PodRuntime {
         }
         log.close();
         inst.attachers.lock().expect("attachers lock").clear();
-        exited_tx.send_replace(true);
         let code = status.as_ref().map(|s| exit_code(*s)).unwrap_or(137);
         let oom = cgroup.as_ref().is_some_and(ContainerCgroup::oom_killed);
         if let Some(g) = cgroup {
@@ -737,9 +801,16 @@ impl PodRuntime {
     }
 }
 
-/// Copies one pipe of the container into its log and to the attached sessions.
+/// containerd's `max_container_log_line_size`: a longer line goes to the log in pieces of this.
+const MAX_LOG_LINE: usize = 16 * 1024;
+
+/// Copies one pipe of the container into its log and to the attached sessions. Like
+/// containerd's log redirection, the log gets whole lines only: a partial line waits for its
+/// newline (or `MAX_LOG_LINE` bytes, or the end of the output), so `logs -f` never shows half a
+/// line, while attached sessions get the bytes at once.
 async fn pump(mut r: Box<dyn AsyncRead + Send + Unpin>, pipe: Pipe, inst: Arc<Instance>) {
     let mut buf = vec![0u8; 128 * 1024];
+    let mut partial: Vec<u8> = Vec::new();
     loop {
         let n = match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
@@ -748,7 +819,23 @@ async fn pump(mut r: Box<dyn AsyncRead + Send + Unpin>, pipe: Pipe, inst: Arc<In
         let chunk = Bytes::copy_from_slice(&buf[..n]);
         // One buffered write per chunk into the page cache: cheaper inline than a hand-off to
         // the blocking pool per chunk (measured: `logs -f` went from 0.38 to 0.51 of a pipe's throughput).
-        inst.log.append(pipe, &chunk);
+        match memchr::memrchr(b'\n', &chunk) {
+            Some(last) if partial.is_empty() => {
+                inst.log.append(pipe, &chunk[..=last]);
+                partial.extend_from_slice(&chunk[last + 1..]);
+            }
+            Some(last) => {
+                partial.extend_from_slice(&chunk[..=last]);
+                inst.log.append(pipe, &partial);
+                partial.clear();
+                partial.extend_from_slice(&chunk[last + 1..]);
+            }
+            None => partial.extend_from_slice(&chunk),
+        }
+        while partial.len() >= MAX_LOG_LINE {
+            inst.log.append(pipe, &partial[..MAX_LOG_LINE]);
+            partial.drain(..MAX_LOG_LINE);
+        }
         let targets: Vec<mpsc::Sender<Bytes>> = {
             let mut a = inst.attachers.lock().expect("attachers lock");
             a.retain(|(o, e)| o.as_ref().is_some_and(|s| !s.is_closed()) || e.as_ref().is_some_and(|s| !s.is_closed()));
@@ -764,6 +851,8 @@ async fn pump(mut r: Box<dyn AsyncRead + Send + Unpin>, pipe: Pipe, inst: Arc<In
             let _ = t.send(chunk.clone()).await;
         }
     }
+    // The output ended mid-line: containerd writes the rest as a partial entry.
+    inst.log.append(pipe, &partial);
 }
 
 /// TERM, then KILL after `grace`.
@@ -784,6 +873,18 @@ async fn terminate(
     let _ = if share_pid { kill_process_group(pid, Signal::KILL) } else { kill_process(pid, Signal::KILL) };
     let _ = child.start_kill();
     child.wait().await
+}
+
+/// A duration as Go's `time.Duration.String` writes it (`10s`, `2m40s`, `5m0s`, `100ms`), the
+/// form of the kubelet's back-off messages.
+pub(crate) fn go_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (m, s, frac) = (ms / 60_000, (ms / 1000) % 60, ms % 1000);
+    let secs = if frac == 0 { format!("{s}s") } else { format!("{s}.{}s", format!("{frac:03}").trim_end_matches('0')) };
+    if m == 0 { secs } else { format!("{m}m{secs}") }
 }
 
 /// Expands `$(VAR)` references like the kubelet; `$$` escapes, unknown references stay as is.
@@ -849,10 +950,20 @@ fn resource_limits(c: &Container) -> Result<(Option<u64>, Option<CpuSettings>), 
     Ok((memory, cpu))
 }
 
+/// The process a container runs. There is no image config to read, so every image is taken to
+/// have an empty entrypoint and `sh` as its cmd, as busybox and alpine have: `command` replaces
+/// the entrypoint (args follow it), `args` alone are the whole command line, and neither runs `sh`.
 fn argv(c: &Container, env: &[(String, String)]) -> Vec<String> {
-    // No image metadata here: `sh` stands in for every image's entrypoint.
-    let mut argv = c.command.clone().unwrap_or_else(|| vec!["sh".into()]);
-    argv.extend(c.args.iter().flatten().cloned());
+    let command = c.command.clone().filter(|c| !c.is_empty());
+    let args = c.args.clone().filter(|a| !a.is_empty());
+    let argv = match (command, args) {
+        (Some(mut cmd), args) => {
+            cmd.extend(args.into_iter().flatten());
+            cmd
+        }
+        (None, Some(args)) => args,
+        (None, None) => vec!["sh".into()],
+    };
     argv.iter().map(|a| expand(a, env)).collect()
 }
 
@@ -907,7 +1018,7 @@ pub(crate) fn build_env(pod: &Pod, c: &Container, data: &ResolvedVolumes) -> Res
                 }
             }
             None if optional => {}
-            None => return Err(format!("{kind} \"{name}\" not found")),
+            None => return Err(format!("{} \"{name}\" not found", kind.to_lowercase())),
         }
     }
     for e in c.env.iter().flatten() {
@@ -915,10 +1026,11 @@ pub(crate) fn build_env(pod: &Pod, c: &Container, data: &ResolvedVolumes) -> Res
             if let Some(f) = &vf.field_ref {
                 field_ref(pod, &f.field_path)?
             } else if let Some(r) = &vf.config_map_key_ref {
-                match source_data(data, "configMap", &r.name).and_then(|d| d.get(&r.key)) {
-                    Some(v) => String::from_utf8_lossy(v).into_owned(),
-                    None if r.optional.unwrap_or(false) => continue,
-                    None => {
+                match source_data(data, "configMap", &r.name).map(|d| d.get(&r.key)) {
+                    Some(Some(v)) => String::from_utf8_lossy(v).into_owned(),
+                    _ if r.optional.unwrap_or(false) => continue,
+                    None => return Err(format!("configmap {:?} not found", r.name)),
+                    Some(None) => {
                         return Err(format!(
                             "couldn't find key {} in ConfigMap {}/{}",
                             r.key,
@@ -928,10 +1040,11 @@ pub(crate) fn build_env(pod: &Pod, c: &Container, data: &ResolvedVolumes) -> Res
                     }
                 }
             } else if let Some(r) = &vf.secret_key_ref {
-                match source_data(data, "secret", &r.name).and_then(|d| d.get(&r.key)) {
-                    Some(v) => String::from_utf8_lossy(v).into_owned(),
-                    None if r.optional.unwrap_or(false) => continue,
-                    None => {
+                match source_data(data, "secret", &r.name).map(|d| d.get(&r.key)) {
+                    Some(Some(v)) => String::from_utf8_lossy(v).into_owned(),
+                    _ if r.optional.unwrap_or(false) => continue,
+                    None => return Err(format!("secret {:?} not found", r.name)),
+                    Some(None) => {
                         return Err(format!(
                             "couldn't find key {} in Secret {}/{}",
                             r.key,
@@ -964,6 +1077,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn durations_print_as_go_prints_them() {
+        let s = |ms| go_duration(Duration::from_millis(ms));
+        assert_eq!([s(100), s(10_000), s(160_000), s(300_000), s(1_500)], ["100ms", "10s", "2m40s", "5m0s", "1.5s"]);
+    }
+
+    #[test]
     fn dollar_paren_expansion_follows_kubelet_rules() {
         let env = vec![("A".to_string(), "x".to_string())];
         assert_eq!(expand("$(A)-$(B)-$$(A)-$", &env), "x-$(B)-$(A)-$");
@@ -994,6 +1113,9 @@ mod tests {
         assert_eq!(env["PW"], "hunter2");
         assert_eq!(env["BOTH"], "p/web");
         let e = build_env(&pod, &c, &ResolvedVolumes::new()).unwrap_err();
-        assert_eq!(e, "couldn't find key pw in Secret ns/s");
+        assert_eq!(e, "secret \"s\" not found");
+        let mut no_key = ResolvedVolumes::new();
+        no_key.insert("secret/s".into(), BTreeMap::new());
+        assert_eq!(build_env(&pod, &c, &no_key).unwrap_err(), "couldn't find key pw in Secret ns/s");
     }
 }

@@ -208,6 +208,9 @@ pub(crate) struct ContainerSandbox {
     /// separate hierarchies on cgroup v1), opened for writing.
     pub cgroup_procs: Vec<File>,
     pub tty: Option<OwnedFd>,
+    /// What the container's process may hold (a container runtime's default set unless the pod
+    /// says otherwise).
+    pub caps: super::caps::Capabilities,
 }
 
 /// A started sandbox: the outer bwrap (our child) and the pid of the process inside whose
@@ -545,6 +548,7 @@ pub(crate) async fn start_container(
     // Its own session, so a shared-PID container can be killed as a process group.
     args.push("--new-session".into());
     args.extend(filesystem_args(sb.rootfs.as_deref(), &sb.binds, &sb.working_dir));
+    args.extend(super::caps::bwrap_args(sb.caps));
     args.push("--".into());
     args.extend(sb.argv.iter().cloned());
     let join = Join {
@@ -575,6 +579,48 @@ pub(crate) async fn start_container(
         tokio::time::sleep(std::time::Duration::from_micros(500)).await;
     }
     Ok(started)
+}
+
+/// Whether `name` names an executable in the container whose first process is `inner_pid`,
+/// looked up as runc's exec does (`PATH` for a bare name, else relative to `working_dir`);
+/// `Err` carries runc's words for why not. Paths resolve inside the container's root
+/// (`RESOLVE_IN_ROOT`, so its absolute symlinks stay in it). Where that cannot be checked (an old
+/// kernel, no access) the command is given the benefit of the doubt.
+pub(crate) fn find_executable(inner_pid: i32, name: &str, path_env: &str, working_dir: &str) -> Result<(), String> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let Ok(root) = rustix::fs::open(format!("/proc/{inner_pid}/root"), OFlags::PATH | OFlags::DIRECTORY, Mode::empty())
+    else {
+        return Ok(());
+    };
+    // Some(true): an executable file; Some(false): exists but is not one; None: absent.
+    let probe = |path: &str| -> Result<Option<bool>, ()> {
+        match rustix::fs::openat2(&root, path, OFlags::PATH, Mode::empty(), ResolveFlags::IN_ROOT) {
+            Ok(fd) => {
+                let st = rustix::fs::fstat(&fd).map_err(|_| ())?;
+                let file = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile;
+                Ok(Some(file && st.st_mode & 0o111 != 0))
+            }
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => Ok(None),
+            Err(_) => Err(()),
+        }
+    };
+    if name.contains('/') {
+        let path = if name.starts_with('/') { name.to_owned() } else { format!("{working_dir}/{name}") };
+        return match probe(&path) {
+            Ok(Some(true)) | Err(()) => Ok(()),
+            Ok(Some(false)) => Err(format!("exec: {name:?}: permission denied")),
+            Ok(None) => Err(format!("exec: {name:?}: stat {name}: no such file or directory")),
+        };
+    }
+    for dir in path_env.split(':') {
+        let dir = if dir.is_empty() { "." } else { dir };
+        let path = if dir.starts_with('/') { format!("{dir}/{name}") } else { format!("{working_dir}/{dir}/{name}") };
+        match probe(&path) {
+            Ok(Some(true)) | Err(()) => return Ok(()),
+            Ok(_) => {}
+        }
+    }
+    Err(format!("exec: {name:?}: executable file not found in $PATH"))
 }
 
 /// Builds the `nsenter` command for an exec into a running container.

@@ -51,6 +51,25 @@ pub struct Session {
     pub(crate) _kill_on_drop: Option<oneshot::Sender<()>>,
 }
 
+impl Session {
+    /// A session that ends at once with `ExitStatus::Failed(message)` and no output: what a
+    /// client sees after the upgrade when the node cannot run it.
+    pub fn failed(command: Vec<String>, message: String) -> Session {
+        let (exit_tx, exit) = oneshot::channel();
+        let _ = exit_tx.send(ExitStatus::Failed(message));
+        Session {
+            command,
+            tty: false,
+            stdin: None,
+            stdout: None,
+            stderr: None,
+            resize: None,
+            exit,
+            _kill_on_drop: None,
+        }
+    }
+}
+
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session").field("command", &self.command).field("tty", &self.tty).finish()
@@ -100,7 +119,36 @@ pub(crate) async fn exec(
         return Err(NodeError::EmptyCommand { pod: pod.name.clone() });
     }
     let inst = pod.running_instance(container)?;
-    let mut cmd = sandbox::exec_command(inst.inner_pid, node.isolation, &inst.working_dir, &inst.env, &req.command);
+    // A command that cannot be started is the runtime's failure, not the command's: a real
+    // node answers InternalError without an exit code (a runner reads that as a system failure,
+    // an exit code as a script failure).
+    let path_env = inst.env.iter().rev().find(|(k, _)| k == "PATH").map_or(sandbox::DEFAULT_PATH, |(_, v)| v.as_str());
+    if let Err(why) = sandbox::find_executable(inst.inner_pid, &req.command[0], path_env, &inst.working_dir) {
+        return Ok(Session::failed(
+            req.command,
+            format!(
+                "error executing command in container: failed to exec in container: failed to start exec: OCI runtime exec failed: exec failed: unable to start container process: {why}: unknown"
+            ),
+        ));
+    }
+    // The exec gets the container's capabilities, as runc gives an exec its container's. nsenter
+    // needs its own to join the namespaces, so the drop happens after it, by the container's
+    // `setpriv` (util-linux; a root process gets its bounding set on exec). A rootfs without
+    // setpriv leaves the exec with the node's capabilities.
+    let mut argv = req.command.clone();
+    if let super::caps::Capabilities::Set(set) = inst.caps {
+        const SETPRIV: &str = "/usr/bin/setpriv";
+        if sandbox::find_executable(inst.inner_pid, SETPRIV, "", "/").is_ok() {
+            let mut wrapped = vec![SETPRIV.to_owned()];
+            wrapped.extend(super::caps::setpriv_args(set));
+            wrapped.push("--".into());
+            wrapped.append(&mut argv);
+            argv = wrapped;
+        } else {
+            tracing::debug!(k8s.pod = %pod.name, k8s.container = container, "no setpriv in the container: the exec keeps the node's capabilities");
+        }
+    }
+    let mut cmd = sandbox::exec_command(inst.inner_pid, node.isolation, &inst.working_dir, &inst.env, &argv);
     let spawn_err = |source| NodeError::ExecSpawn { container: container.into(), command: req.command.clone(), source };
     let pty = if req.tty {
         let p = sandbox::open_pty().map_err(|source| NodeError::Pty { container: container.into(), source })?;

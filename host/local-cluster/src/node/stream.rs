@@ -69,11 +69,13 @@ pub fn status_json(command: &[String], exit: &ExitStatus) -> serde_json::Value {
             "reason": "NonZeroExitCode",
             "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}
         }),
+        // apierrors.NewInternalError, as the kubelet's streaming server and the API server send it.
         ExitStatus::Failed(msg) => serde_json::json!({
             "metadata": {},
             "status": "Failure",
-            "message": msg,
+            "message": format!("Internal error occurred: {msg}"),
             "reason": "InternalError",
+            "details": {"causes": [{"message": msg}]},
             "code": 500
         }),
     }

@@ -284,6 +284,7 @@ impl Store {
         if !causes.is_empty() {
             return Err(invalid(res, meta::name(&obj), causes));
         }
+        check_size(&obj)?;
         let key = Self::key(res, ns.as_deref(), meta::name(&obj));
         if inner.objects.get(res.plural).is_some_and(|m| m.contains_key(&key)) {
             return Err(ApiError::AlreadyExists { resource: res.plural.into(), name: key.1 });
@@ -538,6 +539,7 @@ impl Store {
         if !causes.is_empty() {
             return Err(invalid(res, name, causes));
         }
+        check_size(&new)?;
         meta::metadata_mut(&mut new).insert("resourceVersion".into(), old["metadata"]["resourceVersion"].clone());
         if new == old || dry_run {
             return Ok(new);
@@ -645,6 +647,18 @@ fn node_object(name: &str) -> Value {
             }
         }
     })
+}
+
+/// An object must fit in one etcd request (`limits::MAX_OBJECT`), as on a real cluster.
+fn check_size(obj: &Value) -> Result<(), ApiError> {
+    let size = serde_json::to_vec(obj).map_or(0, |v| v.len());
+    if size > crate::limits::MAX_OBJECT {
+        return Err(ApiError::RequestEntityTooLarge(format!(
+            "the object would be {size} bytes; limit is {}",
+            crate::limits::MAX_OBJECT
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -57,7 +57,38 @@ pub fn object(res: &Resource, obj: &Value) -> Vec<Cause> {
     if res.is("pods") {
         pod(obj, &mut causes);
     }
+    if res.is("services") {
+        service(obj, &mut causes);
+    }
     causes
+}
+
+/// A string field that must be one of `supported` when present (the real server's enum checks).
+fn one_of(obj: &Value, pointer: &str, field: &str, supported: &[&str], causes: &mut Vec<Cause>) {
+    if let Some(v) = obj.pointer(pointer).and_then(Value::as_str)
+        && !supported.contains(&v)
+    {
+        causes.push(Cause::not_supported(field, v, supported));
+    }
+}
+
+const PROTOCOLS: &[&str] = &["SCTP", "TCP", "UDP"];
+
+fn service(obj: &Value, causes: &mut Vec<Cause>) {
+    one_of(obj, "/spec/type", "spec.type", &["ClusterIP", "ExternalName", "LoadBalancer", "NodePort"], causes);
+    one_of(obj, "/spec/sessionAffinity", "spec.sessionAffinity", &["ClientIP", "None"], causes);
+    one_of(obj, "/spec/externalTrafficPolicy", "spec.externalTrafficPolicy", &["Cluster", "Local"], causes);
+    one_of(obj, "/spec/internalTrafficPolicy", "spec.internalTrafficPolicy", &["Cluster", "Local"], causes);
+    one_of(
+        obj,
+        "/spec/ipFamilyPolicy",
+        "spec.ipFamilyPolicy",
+        &["PreferDualStack", "RequireDualStack", "SingleStack"],
+        causes,
+    );
+    for (i, _) in obj.pointer("/spec/ports").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        one_of(obj, &format!("/spec/ports/{i}/protocol"), &format!("spec.ports[{i}].protocol"), PROTOCOLS, causes);
+    }
 }
 
 fn pod(obj: &Value, causes: &mut Vec<Cause>) {
@@ -84,8 +115,36 @@ fn pod(obj: &Value, causes: &mut Vec<Cause>) {
             if c.get("image").and_then(Value::as_str).is_none_or(str::is_empty) {
                 causes.push(Cause::required(format!("{base}.image"), ""));
             }
+            let at = |f: &str| (format!("/spec/{key}/{i}/{f}"), format!("{base}.{f}"));
+            let (p, f) = at("imagePullPolicy");
+            one_of(obj, &p, &f, &["Always", "IfNotPresent", "Never"], causes);
+            let (p, f) = at("terminationMessagePolicy");
+            one_of(obj, &p, &f, &["FallbackToLogsOnError", "File"], causes);
+            if key == "initContainers" {
+                // Only sidecars (`restartPolicy: Always`) may set it on an init container.
+                let (p, f) = at("restartPolicy");
+                one_of(obj, &p, &f, &["Always"], causes);
+            } else if let Some(v) = c.get("restartPolicy").and_then(Value::as_str) {
+                causes.push(Cause::forbidden(
+                    format!("{base}.restartPolicy"),
+                    &format!("may not be set for non-init containers (value {v:?})"),
+                ));
+            }
+            for (j, _) in c.get("ports").and_then(Value::as_array).into_iter().flatten().enumerate() {
+                let (p, f) = (format!("/spec/{key}/{i}/ports/{j}/protocol"), format!("{base}.ports[{j}].protocol"));
+                one_of(obj, &p, &f, PROTOCOLS, causes);
+            }
         }
     }
+    one_of(obj, "/spec/restartPolicy", "spec.restartPolicy", &["Always", "Never", "OnFailure"], causes);
+    one_of(
+        obj,
+        "/spec/dnsPolicy",
+        "spec.dnsPolicy",
+        &["ClusterFirst", "ClusterFirstWithHostNet", "Default", "None"],
+        causes,
+    );
+    one_of(obj, "/spec/preemptionPolicy", "spec.preemptionPolicy", &["Never", "PreemptLowerPriority"], causes);
     let mut vols = HashSet::new();
     if let Some(list) = obj.pointer("/spec/volumes").and_then(Value::as_array) {
         for (i, v) in list.iter().enumerate() {
@@ -168,6 +227,31 @@ mod tests {
                 ("metadata.name".to_owned(), "FieldValueInvalid"),
                 ("spec.containers[1].name".to_owned(), "FieldValueDuplicate"),
                 ("spec.containers[1].image".to_owned(), "FieldValueRequired"),
+            ]
+        );
+        let odd = json!({"metadata": {"name": "ok"}, "spec": {"restartPolicy": "Sometimes",
+            "containers": [{"name": "a", "image": "x", "imagePullPolicy": "Maybe", "ports": [{"containerPort": 1, "protocol": "ICMP"}]}]}});
+        let found: Vec<_> = object(pods, &odd).into_iter().map(|c| (c.field, c.reason, c.message)).collect();
+        assert_eq!(
+            found,
+            vec![
+                (
+                    "spec.containers[0].imagePullPolicy".to_owned(),
+                    "FieldValueNotSupported",
+                    "Unsupported value: \"Maybe\": supported values: \"Always\", \"IfNotPresent\", \"Never\""
+                        .to_owned()
+                ),
+                (
+                    "spec.containers[0].ports[0].protocol".to_owned(),
+                    "FieldValueNotSupported",
+                    "Unsupported value: \"ICMP\": supported values: \"SCTP\", \"TCP\", \"UDP\"".to_owned()
+                ),
+                (
+                    "spec.restartPolicy".to_owned(),
+                    "FieldValueNotSupported",
+                    "Unsupported value: \"Sometimes\": supported values: \"Always\", \"Never\", \"OnFailure\""
+                        .to_owned()
+                ),
             ]
         );
         let empty = json!({"metadata": {"name": "ok"}, "spec": {"containers": []}});

@@ -13,6 +13,9 @@ use local_cluster::{ClusterOptions, LocalCluster};
 use serde_json::json;
 use tokio::sync::watch;
 
+/// The kubelet back-off the fixtures use: the sequence a real node shows, in a fraction of the time.
+pub const TEST_BACKOFF: Duration = Duration::from_millis(300);
+
 pub async fn cluster() -> LocalCluster {
     cluster_with(ClusterOptions::default()).await
 }
@@ -141,6 +144,8 @@ pub fn fixture_with(unavailable: Vec<String>) -> Fixture {
             data_dir: dir.path().join("node"),
             images_dir: None,
             unavailable_images: unavailable,
+            cached_unpullable_images: Vec::new(),
+            backoff_base: TEST_BACKOFF,
             node_name: "test-node".into(),
         },
         Arc::new(move |uid: &str, st: PodStatus| {

@@ -1,0 +1,214 @@
+//! The endpoints controller: every Service with a selector has an Endpoints object of the same
+//! name listing the pods it selects (ready ones under `addresses`, the others under
+//! `notReadyAddresses`), kept current as pods and services change, as kube-controller-manager's
+//! does. Services without a selector are left to their users, as on a real cluster.
+
+use crate::api::Shared;
+use crate::store::{EventType, Part, meta, res};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+/// Watches the store and reconciles Endpoints until the cluster stops.
+pub fn run(state: &Shared) {
+    let mut rx = state.store.subscribe();
+    let state = state.clone();
+    let cancel = state.cancel.clone();
+    tokio::spawn(async move {
+        loop {
+            let ev = tokio::select! {
+                () = cancel.cancelled() => return,
+                ev = rx.recv() => ev,
+            };
+            let ev = match ev {
+                Ok(ev) => ev,
+                // Missed changes: reconcile everything.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    for svc in state.store.list(res("services"), None, |_| true).0 {
+                        reconcile(&state, meta::namespace(&svc), meta::name(&svc));
+                    }
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let ns = meta::namespace(&ev.object).to_owned();
+            match ev.resource {
+                "services" => reconcile(&state, &ns, meta::name(&ev.object)),
+                "pods" => {
+                    for svc in state.store.list(res("services"), Some(&ns), |_| true).0 {
+                        reconcile(&state, &ns, meta::name(&svc));
+                    }
+                }
+                // Someone deleted or changed ours: put it back.
+                "endpoints" if ev.kind == EventType::Deleted => reconcile(&state, &ns, meta::name(&ev.object)),
+                _ => {}
+            }
+        }
+    });
+}
+
+/// One subset being built: its addresses by readiness, and the ports they share.
+#[derive(Default)]
+struct Subset {
+    ready: Vec<Value>,
+    not_ready: Vec<Value>,
+    ports: Vec<Value>,
+}
+
+/// The `subsets` for a service's selected pods: pods with the same resolved ports share one.
+fn subsets(service: &Value, pods: &[Value], node: &str) -> Vec<Value> {
+    let ports = service.pointer("/spec/ports").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut groups: BTreeMap<String, Subset> = BTreeMap::new();
+    for pod in pods {
+        let resolved: Vec<Value> = ports
+            .iter()
+            .filter_map(|p| {
+                let target = p.get("targetPort").or_else(|| p.get("port"))?;
+                let number = match target {
+                    Value::Number(n) => n.as_i64()?,
+                    Value::String(name) => container_port(pod, name)?,
+                    _ => return None,
+                };
+                let mut port = json!({"port": number, "protocol": p.get("protocol").cloned().unwrap_or(json!("TCP"))});
+                if let Some(n) = p.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()) {
+                    port["name"] = json!(n);
+                }
+                if let Some(a) = p.get("appProtocol") {
+                    port["appProtocol"] = a.clone();
+                }
+                Some(port)
+            })
+            .collect();
+        if resolved.is_empty() && !ports.is_empty() {
+            continue;
+        }
+        let ip = pod.pointer("/status/podIP").and_then(Value::as_str).unwrap_or_default();
+        let address = json!({
+            "ip": ip,
+            "nodeName": node,
+            "targetRef": {
+                "kind": "Pod",
+                "namespace": meta::namespace(pod),
+                "name": meta::name(pod),
+                "uid": meta::uid(pod),
+            },
+        });
+        let ready = pod.pointer("/status/conditions").and_then(Value::as_array).into_iter().flatten().any(|c| {
+            c.get("type").and_then(Value::as_str) == Some("Ready")
+                && c.get("status").and_then(Value::as_str) == Some("True")
+        });
+        let publish = service.pointer("/spec/publishNotReadyAddresses").and_then(Value::as_bool).unwrap_or(false);
+        let key = serde_json::to_string(&resolved).unwrap_or_default();
+        let entry = groups.entry(key).or_insert_with(|| Subset { ports: resolved, ..Subset::default() });
+        if ready || publish { entry.ready.push(address) } else { entry.not_ready.push(address) }
+    }
+    groups
+        .into_values()
+        .map(|Subset { ready, not_ready, ports }| {
+            let mut subset = json!({});
+            if !ready.is_empty() {
+                subset["addresses"] = json!(ready);
+            }
+            if !not_ready.is_empty() {
+                subset["notReadyAddresses"] = json!(not_ready);
+            }
+            if !ports.is_empty() {
+                subset["ports"] = json!(ports);
+            }
+            subset
+        })
+        .collect()
+}
+
+fn container_port(pod: &Value, name: &str) -> Option<i64> {
+    pod.pointer("/spec/containers")?.as_array()?.iter().find_map(|c| {
+        c.get("ports")?.as_array()?.iter().find_map(|p| {
+            (p.get("name").and_then(Value::as_str) == Some(name)).then(|| p.get("containerPort")?.as_i64()).flatten()
+        })
+    })
+}
+
+/// Makes the service's Endpoints match its pods (or removes them when the service is gone).
+fn reconcile(state: &Shared, ns: &str, name: &str) {
+    let store = &state.store;
+    let eps = res("endpoints");
+    let service =
+        store.get(res("services"), Some(ns), name).ok().filter(|s| s.pointer("/metadata/deletionTimestamp").is_none());
+    let selector = service
+        .as_ref()
+        .and_then(|s| s.pointer("/spec/selector"))
+        .and_then(Value::as_object)
+        .filter(|m| !m.is_empty())
+        .cloned();
+    let (Some(service), Some(selector)) = (service, selector) else {
+        // Only Endpoints this controller made go with their service.
+        if store.get(eps, Some(ns), name).is_ok_and(|e| managed(&e))
+            && store.get(res("services"), Some(ns), name).is_err()
+        {
+            let _ = store.remove(eps, Some(ns), name);
+        }
+        return;
+    };
+    let wanted: BTreeMap<String, String> =
+        selector.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect();
+    let mut pods = store
+        .list(res("pods"), Some(ns), |p| {
+            let labels = p.pointer("/metadata/labels").and_then(Value::as_object);
+            let matches = wanted.iter().all(|(k, v)| labels.and_then(|l| l.get(k)).and_then(Value::as_str) == Some(v));
+            let phase = p.pointer("/status/phase").and_then(Value::as_str).unwrap_or_default();
+            let ip = p.pointer("/status/podIP").and_then(Value::as_str).is_some_and(|ip| !ip.is_empty());
+            matches
+                && ip
+                && phase != "Succeeded"
+                && phase != "Failed"
+                && p.pointer("/metadata/deletionTimestamp").is_none()
+        })
+        .0;
+    pods.sort_by(|a, b| meta::name(a).cmp(meta::name(b)));
+    let subsets = subsets(&service, &pods, store.node_name());
+    let labels = service.pointer("/metadata/labels").cloned().unwrap_or(json!({}));
+    match store.get(eps, Some(ns), name) {
+        Ok(current) => {
+            let current_subsets = current.get("subsets").cloned().unwrap_or(json!([]));
+            if current_subsets == json!(subsets)
+                && current.pointer("/metadata/labels").cloned().unwrap_or(json!({})) == labels
+            {
+                return;
+            }
+            let _ = store.update_with(eps, Some(ns), name, Part::Whole, |o| {
+                o["subsets"] = json!(subsets);
+                if subsets.is_empty() {
+                    o.as_object_mut().map(|m| m.remove("subsets"));
+                }
+                meta::metadata_mut(o).insert("labels".into(), labels.clone());
+                meta::metadata_mut(o).insert(
+                    "annotations".into(),
+                    json!({"endpoints.kubernetes.io/last-change-trigger-time": meta::now_rfc3339()}),
+                );
+                Ok(())
+            });
+        }
+        Err(_) => {
+            let mut obj = json!({
+                "apiVersion": "v1",
+                "kind": "Endpoints",
+                "metadata": {
+                    "name": name,
+                    "namespace": ns,
+                    "labels": labels,
+                    "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": meta::now_rfc3339()},
+                },
+            });
+            if !subsets.is_empty() {
+                obj["subsets"] = json!(subsets);
+            }
+            if let Err(e) = store.create(eps, Some(ns), obj) {
+                tracing::debug!(k8s.namespace = ns, k8s.service = name, error = %e, "endpoints not created");
+            }
+        }
+    }
+}
+
+/// Endpoints this controller wrote (it always sets the trigger-time annotation).
+fn managed(e: &Value) -> bool {
+    e.pointer("/metadata/annotations/endpoints.kubernetes.io~1last-change-trigger-time").is_some()
+}
