@@ -323,7 +323,8 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
         connect: host::cluster::ConnectOptions {
             kubeconfig: args.kubeconfig,
             context: args.context,
-            embedded: local_cluster::ClusterOptions { tls: true, ..local_cluster::ClusterOptions::default() },
+            // Authenticated HTTPS with a client certificate: the embedded cluster's default.
+            embedded: local_cluster::ClusterOptions::default(),
         },
         source_dir: Some(source_dir),
         timestamps: args.timestamps,

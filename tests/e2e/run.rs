@@ -25,7 +25,7 @@ struct Fixture {
 impl Fixture {
     async fn new(opts: ClusterOptions) -> Fixture {
         let dir = tempfile::tempdir().expect("temp dir");
-        let cluster = LocalCluster::start(ClusterOptions { tls: true, ..opts }).await.expect("start the embedded cluster");
+        let cluster = LocalCluster::start(opts).await.expect("start the embedded cluster");
         Fixture { dir, cluster }
     }
 
@@ -223,7 +223,7 @@ async fn sigint_mid_stage_stops_it_runs_after_script_and_cleans_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pull_failures_fall_back_to_the_next_policy_or_fail_fast() {
+async fn a_pull_failure_with_no_other_policy_fails_fast() {
     let f = Fixture::new(ClusterOptions { unavailable_images: vec!["registry.example.com/missing:1".into()], ..Default::default() })
         .await;
     let job = f.write(
@@ -498,4 +498,60 @@ async fn with_no_cluster_configured_an_embedded_one_is_started_and_removed() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("started an embedded one"), "said so on stderr");
     let left = processes_mentioning("keel-cluster-");
     assert!(left.iter().all(|p| !p.contains(&dir.path().display().to_string())), "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pull_falls_back_to_the_next_policy() {
+    let image = "registry.example.com/cached-only:1";
+    let f = Fixture::new(ClusterOptions { cached_unpullable_images: vec![image.into()], ..Default::default() }).await;
+    let job = f.write(
+        "job.yml",
+        &format!("image:\n  name: {image}\n  pull_policy: [always, if-not-present]\nscript: [echo ran-from-cache]\n"),
+    );
+    let out = f.run(&job, &[]).await;
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("WARNING: Failed to pull image") && text.contains("\"Always\""), "{text}");
+    assert!(text.contains("again with policy \"IfNotPresent\""), "{text}");
+    assert!(text.contains("ran-from-cache"), "{text}");
+    f.assert_clean().await;
+}
+
+/// A `host cluster up` in its own process (TLS, bearer token), reached only through the
+/// kubeconfig it prints: the path a user with a real cluster takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_through_a_kubeconfig_against_a_tls_and_token_cluster() {
+    let data = tempfile::tempdir().expect("data dir");
+    let mut up = tokio::process::Command::new(host_bin())
+        .args(["cluster", "up", "--token", "e2e-secret-token", "--data-dir"])
+        .arg(data.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("host cluster up");
+    let mut lines = BufReader::new(up.stdout.take().expect("stdout")).lines();
+    let kubeconfig = PathBuf::from(lines.next_line().await.expect("read").expect("kubeconfig path"));
+    let text = std::fs::read_to_string(&kubeconfig).expect("kubeconfig");
+    assert!(text.contains("https://") && text.contains("e2e-secret-token"), "{text}");
+    let dir = tempfile::tempdir().expect("dir");
+    let job = dir.path().join("job.yml");
+    std::fs::write(&job, "image: alpine:3.20\nscript: [echo over-tls]\n").expect("write");
+    let out = tokio::process::Command::new(host_bin())
+        .arg("run")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg(&job)
+        .output()
+        .await
+        .expect("host run");
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("over-tls") && text.contains(&format!("from kubeconfig {}", kubeconfig.display())), "{text}");
+    // Nothing of the job is left in that cluster either.
+    let pods = support::kubectl(&kubeconfig, &["get", "pods,secrets,services", "-A", "-l", "app.kubernetes.io/managed-by=keel", "-o", "name"]);
+    assert_eq!(support::succeeded(pods, "kubectl get").trim(), "");
+    let pid = up.id().expect("pid");
+    std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status().expect("kill");
+    let _ = tokio::time::timeout(Duration::from_secs(30), up.wait()).await;
 }
