@@ -372,6 +372,11 @@ impl ContainerCgroup {
         Ok(dir)
     }
 
+    /// Paths of the `cgroup.procs` files (execs open them when they start).
+    pub fn procs_paths(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
     /// `cgroup.procs` of each directory, opened for writing: the container's first process
     /// writes to each before exec to join them all.
     pub fn procs_files(&self) -> Result<Vec<File>, CgroupError> {

@@ -48,6 +48,8 @@ pub(crate) struct Instance {
     pub stdin_once: bool,
     /// The container's capabilities, which its execs get too.
     pub caps: Capabilities,
+    /// `cgroup.procs` files of the container's cgroups, which its execs join too.
+    pub cgroup_procs: Vec<std::path::PathBuf>,
     pub pty_master: Option<Arc<OwnedFd>>,
     pub exited: watch::Receiver<bool>,
     attachers: Mutex<Vec<Attacher>>,
@@ -592,6 +594,7 @@ impl PodRuntime {
             stdin,
             stdin_once: c.stdin_once.unwrap_or(false),
             caps,
+            cgroup_procs: cgroup.as_ref().map(ContainerCgroup::procs_paths).unwrap_or_default(),
             pty_master,
             exited: exited_rx,
             attachers: Mutex::new(Vec::new()),

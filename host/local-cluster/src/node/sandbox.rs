@@ -647,13 +647,17 @@ pub(crate) fn exec_command(
     cmd
 }
 
-/// Prepares an exec command's pre_exec hook (death signal, optional controlling terminal).
-pub(crate) fn prepare_exec(cmd: &mut Command, tty: bool) {
+/// Prepares an exec command's pre_exec hook (death signal, the container's cgroups, optional
+/// controlling terminal). An exec runs inside its container's cgroups, as runc puts it there:
+/// its memory counts against the container's limit and an OOM kill is the container's.
+/// `cgroup_procs` must stay open until the command is spawned.
+pub(crate) fn prepare_exec(cmd: &mut Command, tty: bool, cgroup_procs: &[File]) {
     if !tty {
         // A process group of its own, so the whole exec (nsenter and its child) can be killed.
         cmd.process_group(0);
     }
-    install_pre_exec(cmd, Join::default(), CgroupProcs::default(), [None, None], tty);
+    let cg: CgroupProcs = std::array::from_fn(|i| cgroup_procs.get(i).map(|f| f.as_raw_fd()));
+    install_pre_exec(cmd, Join::default(), cg, [None, None], tty);
 }
 
 /// A terminal pair: the master stays with the node, the slave becomes the process's stdio.
