@@ -286,7 +286,7 @@ async fn create_container_config_error_and_a_pod_deleted_from_outside() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oom_killed_mid_stage_keeps_the_reason() {
+async fn a_stage_killed_by_the_memory_limit_fails_the_job() {
     let f = Fixture::new(ClusterOptions::default()).await;
     if !f.cluster.node().memory_limits_enforced() {
         eprintln!("memory limits cannot be enforced on this node: OOM test not meaningful here");
