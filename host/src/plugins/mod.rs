@@ -517,7 +517,7 @@ struct PluginInner {
     grants: Grants,
     pre: InstancePre<StoreState>,
     indices: latest::Indices,
-    #[allow(dead_code)] // read when a second WIT version exists and calls need adapting
+    /// Which bindings its instances' exports are loaded with (see `wit::Exports`).
     wit_version: wit::WitVersion,
     roles: Vec<Role>,
 }
@@ -562,7 +562,7 @@ impl Plugin {
 /// One plugin's instance within one job.
 struct Instance {
     store: Store<StoreState>,
-    exports: latest::Exports,
+    exports: wit::Exports,
     /// Set after a trap or deadline: the instance's state is unknown, so it is never called again.
     stopped: Option<String>,
     /// The context this plugin may see (secrets redacted unless granted).
@@ -623,7 +623,10 @@ impl Instance {
                 });
             }
         };
-        let exports = plugin.indices.load(&mut store, &instance).map_err(|e| PluginError::Instantiate {
+        let exports = match plugin.wit_version {
+            wit::WitVersion::V0_1_0 => plugin.indices.load(&mut store, &instance).map(wit::Exports::V0_1_0),
+        }
+        .map_err(|e| PluginError::Instantiate {
             plugin: plugin.name.to_string(),
             version: plugin.version.clone(),
             reason: format!("{e:#}"),
@@ -682,14 +685,16 @@ impl Instance {
 
     async fn metadata(&mut self, plugin: &PluginInner) -> Result<latest::PluginInfo, PluginError> {
         self.arm(plugin)?;
-        let call = self.exports.plugin.call_metadata(&mut self.store);
+        let wit::Exports::V0_1_0(exports) = &self.exports;
+        let call = exports.plugin.call_metadata(&mut self.store);
         let outcome = tokio::time::timeout(host_timeout(&plugin.limits), call).await;
         self.settle(plugin, "plugin.metadata", outcome)
     }
 
     async fn configure(&mut self, plugin: &PluginInner) -> Result<(), PluginError> {
         self.arm(plugin)?;
-        let call = self.exports.plugin.call_configure(&mut self.store, &plugin.config_json);
+        let wit::Exports::V0_1_0(exports) = &self.exports;
+        let call = exports.plugin.call_configure(&mut self.store, &plugin.config_json);
         let outcome = tokio::time::timeout(host_timeout(&plugin.limits), call).await;
         let result = self.settle(plugin, "plugin.configure", outcome)?;
         result.map_err(|e| guest_error(plugin, "plugin", "plugin.configure", e))
@@ -840,26 +845,16 @@ impl JobPlugins {
         let Some(index) = self.strategy else { return Ok(pod) };
         let baseline = validate::Snapshot::of(&pod, rules);
         let json = serde_json::to_string(&pod).map_err(|source| PluginError::Encode { what: "pod", source })?;
-        let (plugin, instance) = &mut self.members[index];
-        let p = &*plugin.inner;
-        let span = tracing::info_span!(
-            "plugin.call",
-            plugin.name = &*p.name,
-            plugin.role = "execution-strategy",
-            job.id = self.job_id
-        );
-        let output = async {
-            instance.arm(p)?;
-            let ctx = instance.ctx.clone().ok_or_else(|| no_context(p))?;
-            let guest = instance.exports.execution_strategy.as_ref().ok_or_else(|| not_exported(p, Role::ExecutionStrategy))?;
-            let call = guest.call_prepare(&mut instance.store, &ctx, &json);
-            let outcome = tokio::time::timeout(host_timeout(&p.limits), call).await;
-            let result = instance.settle(p, "execution-strategy.prepare", outcome)?;
-            result.map_err(|e| guest_error(p, "execution-strategy", "execution-strategy.prepare", e))
-        }
-        .instrument(span)
-        .await?;
-        baseline.check(&output).map_err(|violation| violation.into_error(p))
+        let output = self
+            .call_role(index, Role::ExecutionStrategy, "execution-strategy.prepare", None, json.as_str(), |ex, store, ctx, pod| {
+                Box::pin(async move {
+                    match ex {
+                        wit::Exports::V0_1_0(e) => Some(e.execution_strategy.as_ref()?.call_prepare(store, ctx, pod).await),
+                    }
+                })
+            })
+            .await?;
+        baseline.check(&output).map_err(|violation| violation.into_error(&self.members[index].0.inner))
     }
 
     /// The strategy's `run-stage`: may last as long as `timeout` (the stage's own), waiting on
@@ -868,27 +863,62 @@ impl JobPlugins {
         let Some(index) = self.strategy else {
             return Err(PluginError::NoStrategy);
         };
+        let stage = latest::Stage { name: name.to_string(), script: script.to_string() };
+        self.call_role(index, Role::ExecutionStrategy, "execution-strategy.run-stage", Some(timeout), &stage, |ex, store, ctx, stage| {
+            Box::pin(async move {
+                match ex {
+                    wit::Exports::V0_1_0(e) => Some(e.execution_strategy.as_ref()?.call_run_stage(store, ctx, stage).await),
+                }
+            })
+        })
+        .instrument(tracing::info_span!("stage", stage = name))
+        .await
+    }
+
+    /// One role call on member `index`, the same for every role: a span with the plugin's
+    /// name, a fresh CPU budget, the host-side timeout (the call's own limit, plus `extra` for
+    /// calls that wait on the cluster), traps classified, and the plugin's own errors wrapped
+    /// with its name and version. `f` makes the call on the instance's exports — the one place
+    /// that matches on the WIT version the plugin was built for — and returns `None` when the
+    /// component does not export the role's interface.
+    async fn call_role<A: Sync + ?Sized, R>(
+        &mut self,
+        index: usize,
+        role: Role,
+        call: &'static str,
+        extra: Option<Duration>,
+        arg: &A,
+        f: impl for<'a> FnOnce(
+            &'a wit::Exports,
+            &'a mut Store<StoreState>,
+            &'a latest::Context,
+            &'a A,
+        ) -> futures::future::BoxFuture<'a, Option<wasmtime::Result<Result<R, latest::PluginError>>>>,
+    ) -> Result<R, PluginError> {
+        let job_id = self.job_id;
         let (plugin, instance) = &mut self.members[index];
         let p = &*plugin.inner;
-        let span = tracing::info_span!(
-            "plugin.call",
-            plugin.name = &*p.name,
-            plugin.role = "execution-strategy",
-            job.id = self.job_id,
-            stage = name
-        );
+        let span = tracing::info_span!("plugin.call", plugin.name = &*p.name, plugin.role = role.as_str(), job.id = job_id);
         async {
             instance.arm(p)?;
             let ctx = instance.ctx.clone().ok_or_else(|| no_context(p))?;
-            let guest = instance.exports.execution_strategy.as_ref().ok_or_else(|| not_exported(p, Role::ExecutionStrategy))?;
-            let stage = latest::Stage { name: name.to_string(), script: script.to_string() };
-            let call = guest.call_run_stage(&mut instance.store, &ctx, &stage);
-            let outcome = tokio::time::timeout(timeout + host_timeout(&p.limits), call).await;
-            let result = instance.settle(p, "execution-strategy.run-stage", outcome)?;
-            result.map_err(|e| guest_error(p, "execution-strategy", "execution-strategy.run-stage", e))
+            let limit = host_timeout(&p.limits) + extra.unwrap_or_default();
+            let Instance { exports, store, .. } = instance;
+            let outcome = match tokio::time::timeout(limit, f(&*exports, store, &ctx, arg)).await {
+                Ok(Some(result)) => Ok(result),
+                Ok(None) => return Err(not_exported(p, role)),
+                Err(elapsed) => Err(elapsed),
+            };
+            let result = instance.settle(p, call, outcome)?;
+            result.map_err(|e| guest_error(p, role.as_str(), call, e))
         }
         .instrument(span)
         .await
+    }
+
+    /// Members having `role`, in configuration order.
+    fn with_role(&self, role: Role) -> Vec<usize> {
+        (0..self.members.len()).filter(|&i| self.members[i].0.has_role(role)).collect()
     }
 
     pub fn has_role(&self, role: Role) -> bool {
@@ -897,33 +927,22 @@ impl JobPlugins {
 
     /// Runs the overwrite rules in configuration order; each sees what the previous accepted.
     pub async fn overwrites(&mut self, requested: Overwrites) -> Result<OverwriteDecision, PluginError> {
-        if !self.has_role(Role::Overwrites) {
+        let rules = self.with_role(Role::Overwrites);
+        if rules.is_empty() {
             return Ok(OverwriteDecision::NoRulesLoaded);
         }
         let mut current = convert::overwrites_to_wit(&requested);
-        for (plugin, instance) in self.members.iter_mut().filter(|(p, _)| p.has_role(Role::Overwrites)) {
-            let p = &*plugin.inner;
-            let span = tracing::info_span!(
-                "plugin.call",
-                plugin.name = &*p.name,
-                plugin.role = "overwrites",
-                job.id = self.job_id
-            );
-            async {
-                instance.arm(p)?;
-                let ctx = instance.ctx.clone().expect("job instances carry a context");
-                let Some(guest) = instance.exports.overwrites.as_ref() else {
-                    unreachable!("roles are only recorded for exported interfaces")
-                };
-                let call = guest.call_review(&mut instance.store, &ctx, &current);
-                let outcome = tokio::time::timeout(host_timeout(&p.limits), call).await;
-                let result = instance.settle(p, "overwrites.review", outcome)?;
-                current = result.map_err(|e| guest_error(p, "overwrites", "overwrites.review", e))?;
-                validate::check_overwrites(&current, p)?;
-                Ok::<_, PluginError>(())
-            }
-            .instrument(span)
-            .await?;
+        for index in rules {
+            current = self
+                .call_role(index, Role::Overwrites, "overwrites.review", None, &current, |ex, store, ctx, current| {
+                    Box::pin(async move {
+                        match ex {
+                            wit::Exports::V0_1_0(e) => Some(e.overwrites.as_ref()?.call_review(store, ctx, current).await),
+                        }
+                    })
+                })
+                .await?;
+            validate::check_overwrites(&current, &self.members[index].0.inner)?;
         }
         Ok(OverwriteDecision::Accepted(convert::overwrites_from_wit(current)))
     }
@@ -938,7 +957,8 @@ impl JobPlugins {
         config: &[PullPolicy],
         allowed: &[PullPolicy],
     ) -> Result<Option<Vec<PullPolicy>>, PluginError> {
-        if !self.has_role(Role::PullPolicy) {
+        let deciders = self.with_role(Role::PullPolicy);
+        if deciders.is_empty() {
             return Ok(None);
         }
         let mut request = latest::PullPolicyRequest {
@@ -947,28 +967,16 @@ impl JobPlugins {
             config: config.iter().copied().map(convert::pull_policy_to_wit).collect(),
             allowed: allowed.iter().copied().map(convert::pull_policy_to_wit).collect(),
         };
-        for (plugin, instance) in self.members.iter_mut().filter(|(p, _)| p.has_role(Role::PullPolicy)) {
-            let p = &*plugin.inner;
-            let span = tracing::info_span!(
-                "plugin.call",
-                plugin.name = &*p.name,
-                plugin.role = "pull-policy",
-                job.id = self.job_id
-            );
-            let decided = async {
-                instance.arm(p)?;
-                let ctx = instance.ctx.clone().expect("job instances carry a context");
-                let Some(guest) = instance.exports.pull_policy.as_ref() else {
-                    unreachable!("roles are only recorded for exported interfaces")
-                };
-                let call = guest.call_decide(&mut instance.store, &ctx, &request);
-                let outcome = tokio::time::timeout(host_timeout(&p.limits), call).await;
-                let result = instance.settle(p, "pull-policy.decide", outcome)?;
-                result.map_err(|e| guest_error(p, "pull-policy", "pull-policy.decide", e))
-            }
-            .instrument(span)
-            .await?;
-            request.job = decided;
+        for index in deciders {
+            request.job = self
+                .call_role(index, Role::PullPolicy, "pull-policy.decide", None, &request, |ex, store, ctx, request| {
+                    Box::pin(async move {
+                        match ex {
+                            wit::Exports::V0_1_0(e) => Some(e.pull_policy.as_ref()?.call_decide(store, ctx, request).await),
+                        }
+                    })
+                })
+                .await?;
         }
         Ok(Some(request.job.into_iter().map(convert::pull_policy_from_wit).collect()))
     }
@@ -976,34 +984,24 @@ impl JobPlugins {
     /// Runs the pod mutators in configuration order, each on the previous one's output, and
     /// checks every result (still a Pod, `build` container kept, host-owned fields unchanged).
     pub async fn mutate_pod(&mut self, pod: Pod, rules: &HostOwned) -> Result<Pod, PluginError> {
-        if !self.has_role(Role::PodMutator) {
+        let mutators = self.with_role(Role::PodMutator);
+        if mutators.is_empty() {
             return Ok(pod);
         }
         let baseline = validate::Snapshot::of(&pod, rules);
         let mut current = pod;
         let mut json = serde_json::to_string(&current).map_err(|source| PluginError::Encode { what: "pod", source })?;
-        for (plugin, instance) in self.members.iter_mut().filter(|(p, _)| p.has_role(Role::PodMutator)) {
-            let p = &*plugin.inner;
-            let span = tracing::info_span!(
-                "plugin.call",
-                plugin.name = &*p.name,
-                plugin.role = "pod-mutator",
-                job.id = self.job_id
-            );
-            let output = async {
-                instance.arm(p)?;
-                let ctx = instance.ctx.clone().expect("job instances carry a context");
-                let Some(guest) = instance.exports.pod_mutator.as_ref() else {
-                    unreachable!("roles are only recorded for exported interfaces")
-                };
-                let call = guest.call_mutate(&mut instance.store, &ctx, &json);
-                let outcome = tokio::time::timeout(host_timeout(&p.limits), call).await;
-                let result = instance.settle(p, "pod-mutator.mutate", outcome)?;
-                result.map_err(|e| guest_error(p, "pod-mutator", "pod-mutator.mutate", e))
-            }
-            .instrument(span)
-            .await?;
-            current = baseline.check(&output).map_err(|violation| violation.into_error(p))?;
+        for index in mutators {
+            let output = self
+                .call_role(index, Role::PodMutator, "pod-mutator.mutate", None, json.as_str(), |ex, store, ctx, pod| {
+                    Box::pin(async move {
+                        match ex {
+                            wit::Exports::V0_1_0(e) => Some(e.pod_mutator.as_ref()?.call_mutate(store, ctx, pod).await),
+                        }
+                    })
+                })
+                .await?;
+            current = baseline.check(&output).map_err(|violation| violation.into_error(&self.members[index].0.inner))?;
             json = output;
         }
         Ok(current)
