@@ -293,7 +293,7 @@ async fn delete_namespace(state: &Shared, name: &str) -> Result<Value, ApiError>
 fn owner_exists(state: &Shared, dependant_ns: Option<&str>, owner: &Value) -> Option<bool> {
     let api_version = owner.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
     let kind = owner.get("kind").and_then(Value::as_str).unwrap_or_default();
-    let r = crate::resources::RESOURCES.iter().find(|r| r.kind == kind).filter(|_| api_version == "v1")?;
+    let r = crate::resources::RESOURCES.iter().find(|r| r.kind == kind && r.group_version == api_version)?;
     let name = owner.get("name").and_then(Value::as_str).unwrap_or_default();
     let uid = owner.get("uid").and_then(Value::as_str).unwrap_or_default();
     let ns = if r.namespaced { dependant_ns } else { None };

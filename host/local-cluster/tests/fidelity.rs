@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures::AsyncReadExt as _;
 use k8s_openapi::api::core::v1::{Endpoints, Event, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, AttachParams, DeleteParams, ListParams, LogParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use local_cluster::{ClusterOptions, LocalCluster};
@@ -448,6 +449,25 @@ async fn services_get_endpoints_of_their_pods() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // And a discovery.k8s.io/v1 EndpointSlice with the same pod, found by the service-name label.
+    let slices: Api<EndpointSlice> = Api::default_namespaced(c.client().unwrap());
+    let by_service = ListParams::default().labels("kubernetes.io/service-name=web");
+    let slice = slices.list(&by_service).await.unwrap().items.into_iter().next().expect("a slice for the service");
+    assert!(slice.metadata.name.as_deref().is_some_and(|n| n.starts_with("web-")), "{slice:?}");
+    assert_eq!(slice.address_type, "IPv4");
+    let ep = &slice.endpoints[0];
+    assert_eq!(ep.target_ref.as_ref().unwrap().uid.as_deref(), Some(uid.as_str()));
+    assert_eq!(ep.conditions.as_ref().unwrap().ready, Some(true));
+    assert_eq!(slice.ports.as_ref().unwrap()[0].port, Some(8080));
+    let out = tokio::task::block_in_place(|| {
+        kubectl(&c, &["get", "endpointslices", "-l", "kubernetes.io/service-name=web", "-o", "name"])
+    });
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.trim().starts_with("endpointslice.discovery.k8s.io/web-"),
+        "{listed} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The pod goes: so does its address; the service goes: so do its endpoints.
     pods.delete("web", &DeleteParams::default().grace_period(0)).await.unwrap();
@@ -463,6 +483,12 @@ async fn services_get_endpoints_of_their_pods() {
         .await
         .unwrap()
         .unwrap();
+    let gone = async {
+        while !slices.list(&by_service).await.unwrap().items.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), gone).await.expect("the slices go with their service");
     c.stop().await;
 }
 
