@@ -513,6 +513,8 @@ async fn dependants_of_an_owner_that_does_not_exist_are_collected() {
     foreign.metadata.owner_references.as_mut().unwrap()[0].api_version = "apps/v1".into();
     foreign.metadata.owner_references.as_mut().unwrap()[0].kind = "Deployment".into();
     secrets.create(&PostParams::default(), &foreign).await.unwrap();
+    // Nor a reference without a uid (what `host render` writes for a pod not created yet).
+    secrets.create(&PostParams::default(), &owned_by("unnamed", "runner-", "")).await.unwrap();
     tokio::time::timeout(
         Duration::from_secs(30),
         await_condition(secrets.clone(), "orphan", conditions::is_deleted(orphan.metadata.uid.as_ref().unwrap())),
@@ -520,7 +522,7 @@ async fn dependants_of_an_owner_that_does_not_exist_are_collected() {
     .await
     .expect("the dangling dependant is collected")
     .unwrap();
-    assert!(secrets.get("foreign").await.is_ok());
+    assert!(secrets.get("foreign").await.is_ok() && secrets.get("unnamed").await.is_ok());
     c.stop().await;
 }
 
