@@ -37,13 +37,29 @@ pub fn api_versions(server_address: &str) -> Value {
     })
 }
 
+fn api_group(group: &str, version: &str) -> Value {
+    let gv = json!({"groupVersion": format!("{group}/{version}"), "version": version});
+    json!({"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": [gv], "preferredVersion": gv})
+}
+
 pub fn api_groups() -> Value {
-    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+    let groups: Vec<Value> = crate::resources::GROUPS.iter().map(|(g, v)| api_group(g, v)).collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+/// `/apis/<group>`, for a group we serve.
+pub fn group(name: &str) -> Option<Value> {
+    crate::resources::GROUPS.iter().find(|(g, _)| *g == name).map(|(g, v)| api_group(g, v))
 }
 
 pub fn core_v1_resources() -> Value {
+    resources_of("v1")
+}
+
+/// The APIResourceList of one group version.
+pub fn resources_of(group_version: &str) -> Value {
     let mut resources = Vec::new();
-    for r in RESOURCES {
+    for r in RESOURCES.iter().filter(|r| r.group_version == group_version) {
         let mut entry = json!({
             "name": r.plural,
             "singularName": r.singular,
@@ -79,5 +95,5 @@ pub fn core_v1_resources() -> Value {
             }));
         }
     }
-    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": resources})
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources})
 }

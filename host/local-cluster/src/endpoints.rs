@@ -1,7 +1,7 @@
-//! The endpoints controller: every Service with a selector has an Endpoints object of the same
-//! name listing the pods it selects (ready ones under `addresses`, the others under
-//! `notReadyAddresses`), kept current as pods and services change, as kube-controller-manager's
-//! does. Services without a selector are left to their users, as on a real cluster.
+//! The endpoints and endpointslice controllers: every Service with a selector has an Endpoints
+//! object of the same name listing the pods it selects (ready ones under `addresses`, the others
+//! under `notReadyAddresses`) and `discovery.k8s.io/v1` EndpointSlices with the same pods, kept
+//! current as pods and services change, as kube-controller-manager's are. Services without a selector are left to their users, as on a real cluster.
 
 use crate::api::Shared;
 use crate::store::{EventType, Part, meta, res};
@@ -54,8 +54,9 @@ struct Subset {
     ports: Vec<Value>,
 }
 
-/// The `subsets` for a service's selected pods: pods with the same resolved ports share one.
-fn subsets(service: &Value, pods: &[Value], node: &str) -> Vec<Value> {
+/// The service's selected pods grouped by their resolved ports (one Endpoints subset, and one
+/// EndpointSlice, per group).
+fn groups(service: &Value, pods: &[Value], node: &str) -> Vec<Subset> {
     let ports = service.pointer("/spec/ports").and_then(Value::as_array).cloned().unwrap_or_default();
     let mut groups: BTreeMap<String, Subset> = BTreeMap::new();
     for pod in pods {
@@ -101,8 +102,13 @@ fn subsets(service: &Value, pods: &[Value], node: &str) -> Vec<Value> {
         let entry = groups.entry(key).or_insert_with(|| Subset { ports: resolved, ..Subset::default() });
         if ready || publish { entry.ready.push(address) } else { entry.not_ready.push(address) }
     }
+    groups.into_values().collect()
+}
+
+/// Endpoints' `subsets` for the groups.
+fn subsets(groups: &[Subset]) -> Vec<Value> {
     groups
-        .into_values()
+        .iter()
         .map(|Subset { ready, not_ready, ports }| {
             let mut subset = json!({});
             if !ready.is_empty() {
@@ -140,11 +146,14 @@ fn reconcile(state: &Shared, ns: &str, name: &str) {
         .filter(|m| !m.is_empty())
         .cloned();
     let (Some(service), Some(selector)) = (service, selector) else {
-        // Only Endpoints this controller made go with their service.
-        if store.get(eps, Some(ns), name).is_ok_and(|e| managed(&e))
-            && store.get(res("services"), Some(ns), name).is_err()
-        {
-            let _ = store.remove(eps, Some(ns), name);
+        // Only Endpoints and slices this controller made go with their service.
+        if store.get(res("services"), Some(ns), name).is_err() {
+            if store.get(eps, Some(ns), name).is_ok_and(|e| managed(&e)) {
+                let _ = store.remove(eps, Some(ns), name);
+            }
+            for slice in slices_of(state, ns, name) {
+                let _ = store.remove(res("endpointslices"), Some(ns), meta::name(&slice));
+            }
         }
         return;
     };
@@ -164,7 +173,9 @@ fn reconcile(state: &Shared, ns: &str, name: &str) {
         })
         .0;
     pods.sort_by(|a, b| meta::name(a).cmp(meta::name(b)));
-    let subsets = subsets(&service, &pods, store.node_name());
+    let groups = groups(&service, &pods, store.node_name());
+    reconcile_slices(state, ns, &service, &groups);
+    let subsets = subsets(&groups);
     let labels = service.pointer("/metadata/labels").cloned().unwrap_or(json!({}));
     match store.get(eps, Some(ns), name) {
         Ok(current) => {
@@ -211,4 +222,101 @@ fn reconcile(state: &Shared, ns: &str, name: &str) {
 /// Endpoints this controller wrote (it always sets the trigger-time annotation).
 fn managed(e: &Value) -> bool {
     e.pointer("/metadata/annotations/endpoints.kubernetes.io~1last-change-trigger-time").is_some()
+}
+
+const SERVICE_NAME: &str = "kubernetes.io/service-name";
+const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+const CONTROLLER: &str = "endpointslice-controller.k8s.io";
+
+/// The EndpointSlices this controller keeps for the service, oldest name first.
+fn slices_of(state: &Shared, ns: &str, service: &str) -> Vec<Value> {
+    let mut slices = state
+        .store
+        .list(res("endpointslices"), Some(ns), |s| {
+            let label = |k: &str| s.pointer("/metadata/labels").and_then(|l| l.get(k)).and_then(Value::as_str);
+            label(SERVICE_NAME) == Some(service) && label(MANAGED_BY) == Some(CONTROLLER)
+        })
+        .0;
+    slices.sort_by(|a, b| meta::name(a).cmp(meta::name(b)));
+    slices
+}
+
+/// `discovery.k8s.io/v1` EndpointSlices for the groups, as the endpointslice controller writes
+/// them: one per port set (a placeholder without endpoints when no pod matches), labelled with the
+/// service's name and owned by the service, so they go with it.
+fn reconcile_slices(state: &Shared, ns: &str, service: &Value, groups: &[Subset]) {
+    let store = &state.store;
+    let name = meta::name(service);
+    let mut labels = service.pointer("/metadata/labels").cloned().unwrap_or(json!({}));
+    labels[SERVICE_NAME] = json!(name);
+    labels[MANAGED_BY] = json!(CONTROLLER);
+    let endpoint = |address: &Value, ready: bool| {
+        json!({
+            "addresses": [address.get("ip").cloned().unwrap_or(json!(""))],
+            "conditions": {"ready": ready, "serving": ready, "terminating": false},
+            "nodeName": address.get("nodeName").cloned().unwrap_or(json!("")),
+            "targetRef": address.get("targetRef").cloned().unwrap_or(json!({})),
+        })
+    };
+    let mut desired: Vec<(Vec<Value>, Vec<Value>)> = groups
+        .iter()
+        .map(|g| {
+            let eps = g.ready.iter().map(|a| endpoint(a, true)).chain(g.not_ready.iter().map(|a| endpoint(a, false)));
+            (eps.collect(), g.ports.clone())
+        })
+        .collect();
+    if desired.is_empty() {
+        desired.push((Vec::new(), Vec::new()));
+    }
+    let existing = slices_of(state, ns, name);
+    let slices = res("endpointslices");
+    let fill = |o: &mut Value, endpoints: &[Value], ports: &[Value]| {
+        let m = o.as_object_mut().expect("a slice is an object");
+        m.insert("addressType".into(), json!("IPv4"));
+        for (key, list) in [("endpoints", endpoints), ("ports", ports)] {
+            if list.is_empty() {
+                m.remove(key);
+            } else {
+                m.insert(key.into(), json!(list));
+            }
+        }
+    };
+    for (i, (endpoints, ports)) in desired.iter().enumerate() {
+        match existing.get(i) {
+            Some(current) => {
+                let mut wanted = current.clone();
+                fill(&mut wanted, endpoints, ports);
+                meta::metadata_mut(&mut wanted).insert("labels".into(), labels.clone());
+                if wanted == *current {
+                    continue;
+                }
+                let _ = store.update_with(slices, Some(ns), meta::name(current), Part::Whole, |o| {
+                    *o = wanted.clone();
+                    Ok(())
+                });
+            }
+            None => {
+                let mut obj = json!({
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "kind": "EndpointSlice",
+                    "metadata": {
+                        "generateName": format!("{name}-"),
+                        "namespace": ns,
+                        "labels": labels,
+                        "ownerReferences": [{
+                            "apiVersion": "v1", "kind": "Service", "name": name, "uid": meta::uid(service),
+                            "controller": true, "blockOwnerDeletion": true,
+                        }],
+                    },
+                });
+                fill(&mut obj, endpoints, ports);
+                if let Err(e) = store.create(slices, Some(ns), obj) {
+                    tracing::debug!(k8s.namespace = ns, k8s.service = name, error = %e, "endpoint slice not created");
+                }
+            }
+        }
+    }
+    for extra in existing.iter().skip(desired.len()) {
+        let _ = store.remove(slices, Some(ns), meta::name(extra));
+    }
 }

@@ -289,13 +289,16 @@ async fn delete_namespace(state: &Shared, name: &str) -> Result<Value, ApiError>
 
 /// Whether the owner an ownerReference names exists: an object of that kind (one this server
 /// serves) with that name and uid, in the dependant's namespace unless the kind is cluster-wide.
-/// `None` for kinds the server does not serve, which the garbage collector cannot judge.
+/// `None` for kinds the server does not serve and references without a uid, which the garbage
+/// collector cannot judge.
 fn owner_exists(state: &Shared, dependant_ns: Option<&str>, owner: &Value) -> Option<bool> {
     let api_version = owner.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
     let kind = owner.get("kind").and_then(Value::as_str).unwrap_or_default();
-    let r = crate::resources::RESOURCES.iter().find(|r| r.kind == kind).filter(|_| api_version == "v1")?;
+    let r = crate::resources::RESOURCES.iter().find(|r| r.kind == kind && r.group_version == api_version)?;
     let name = owner.get("name").and_then(Value::as_str).unwrap_or_default();
-    let uid = owner.get("uid").and_then(Value::as_str).unwrap_or_default();
+    // No uid names no object (a real server refuses such a reference; `host render` writes one
+    // for a pod not yet created): nothing to judge by.
+    let uid = owner.get("uid").and_then(Value::as_str).filter(|u| !u.is_empty())?;
     let ns = if r.namespaced { dependant_ns } else { None };
     Some(state.store.get(r, ns, name).is_ok_and(|o| meta::uid(&o) == uid))
 }

@@ -43,7 +43,7 @@ fn operation(id: String, kind: &str, action: &str, with_body: bool) -> Value {
 
 pub fn core_v1() -> Value {
     let mut paths = Map::new();
-    for r in RESOURCES {
+    for r in RESOURCES.iter().filter(|r| r.group_version == "v1") {
         let (collection, item) = if r.namespaced {
             (
                 format!("/api/v1/namespaces/{{namespace}}/{}", r.plural),

@@ -1,8 +1,10 @@
 //! The kinds this server knows, with the facts discovery and the store need about each.
 
-/// Static description of one resource type of the core (`v1`) group.
+/// Static description of one resource type this server serves.
 #[derive(Debug)]
 pub struct Resource {
+    /// `v1` for the core group, `group/version` otherwise (the objects' `apiVersion`).
+    pub group_version: &'static str,
     /// URL plural, e.g. `pods`.
     pub plural: &'static str,
     pub singular: &'static str,
@@ -21,6 +23,7 @@ const ALL_VERBS: &[&str] = &["create", "delete", "deletecollection", "get", "lis
 
 pub static RESOURCES: &[Resource] = &[
     Resource {
+        group_version: "v1",
         plural: "namespaces",
         singular: "namespace",
         kind: "Namespace",
@@ -31,6 +34,7 @@ pub static RESOURCES: &[Resource] = &[
         returns_deleted_object: true,
     },
     Resource {
+        group_version: "v1",
         plural: "nodes",
         singular: "node",
         kind: "Node",
@@ -41,6 +45,7 @@ pub static RESOURCES: &[Resource] = &[
         returns_deleted_object: false,
     },
     Resource {
+        group_version: "v1",
         plural: "pods",
         singular: "pod",
         kind: "Pod",
@@ -51,6 +56,7 @@ pub static RESOURCES: &[Resource] = &[
         returns_deleted_object: true,
     },
     Resource {
+        group_version: "v1",
         plural: "secrets",
         singular: "secret",
         kind: "Secret",
@@ -61,6 +67,7 @@ pub static RESOURCES: &[Resource] = &[
         returns_deleted_object: false,
     },
     Resource {
+        group_version: "v1",
         plural: "configmaps",
         singular: "configmap",
         kind: "ConfigMap",
@@ -71,6 +78,7 @@ pub static RESOURCES: &[Resource] = &[
         returns_deleted_object: false,
     },
     Resource {
+        group_version: "v1",
         plural: "services",
         singular: "service",
         kind: "Service",
@@ -81,6 +89,7 @@ pub static RESOURCES: &[Resource] = &[
         returns_deleted_object: true,
     },
     Resource {
+        group_version: "v1",
         plural: "endpoints",
         singular: "endpoints",
         kind: "Endpoints",
@@ -91,6 +100,7 @@ pub static RESOURCES: &[Resource] = &[
         returns_deleted_object: false,
     },
     Resource {
+        group_version: "v1",
         plural: "serviceaccounts",
         singular: "serviceaccount",
         kind: "ServiceAccount",
@@ -101,6 +111,7 @@ pub static RESOURCES: &[Resource] = &[
         returns_deleted_object: true,
     },
     Resource {
+        group_version: "v1",
         plural: "events",
         singular: "event",
         kind: "Event",
@@ -110,7 +121,21 @@ pub static RESOURCES: &[Resource] = &[
         subresources: &[],
         returns_deleted_object: false,
     },
+    Resource {
+        group_version: "discovery.k8s.io/v1",
+        plural: "endpointslices",
+        singular: "endpointslice",
+        kind: "EndpointSlice",
+        namespaced: true,
+        short_names: &[],
+        label_names: false,
+        subresources: &[],
+        returns_deleted_object: false,
+    },
 ];
+
+/// The API groups besides core, as `(group, version)`.
+pub const GROUPS: &[(&str, &str)] = &[("discovery.k8s.io", "v1")];
 
 pub fn by_plural(plural: &str) -> Option<&'static Resource> {
     RESOURCES.iter().find(|r| r.plural == plural)
@@ -119,6 +144,10 @@ pub fn by_plural(plural: &str) -> Option<&'static Resource> {
 impl Resource {
     pub fn verbs(&self) -> &'static [&'static str] {
         ALL_VERBS
+    }
+    /// The URL prefix of this resource's group version (`/api/v1`, `/apis/<group>/<version>`).
+    pub fn prefix(&self) -> String {
+        if self.group_version == "v1" { "/api/v1".into() } else { format!("/apis/{}", self.group_version) }
     }
     pub fn is(&self, plural: &str) -> bool {
         self.plural == plural

@@ -102,15 +102,6 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, apps: Apps, tls: Option<Tl
         tracing::debug!(client.address = %peer, error = %e, "cannot set TCP_NODELAY");
     }
     let Some(acceptor) = tls else {
-        // The version sniffing of the auto builder waits for a first byte without a deadline.
-        let mut first = [0u8; 1];
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => {
-                tracing::debug!(client.address = %peer, "connection closed or silent before its first request");
-                return;
-            }
-        }
         return http(tcp, peer, apps.anonymous, cancel).await;
     };
     let handshake = async move {
@@ -159,6 +150,7 @@ where
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
         .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
+    let io = FirstBytes::new(io);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(app));
     let mut conn = std::pin::pin!(conn);
     let served = tokio::select! {
@@ -172,5 +164,86 @@ where
     if let Err(e) = served {
         // A client hanging up or speaking nonsense is its own business, not a server failure.
         tracing::debug!(client.address = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Bytes that tell HTTP/1 from HTTP/2 (the length of the HTTP/2 preface): the auto builder reads
+/// that much before any protocol timeout applies.
+const VERSION_SNIFF_BYTES: usize = 24;
+
+/// A connection that must deliver its first `VERSION_SNIFF_BYTES` within `HANDSHAKE_TIMEOUT`.
+/// hyper-util's version detection has no deadline of its own, so a client that connects (or
+/// finishes its TLS handshake) and then says nothing, or a few bytes, would hold its task forever;
+/// after those bytes HTTP/1's header timeout and HTTP/2's pings take over.
+struct FirstBytes<I> {
+    io: I,
+    seen: usize,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<I> FirstBytes<I> {
+    fn new(io: I) -> Self {
+        FirstBytes { io, seen: 0, deadline: Box::pin(tokio::time::sleep(HANDSHAKE_TIMEOUT)) }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for FirstBytes<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                this.seen += buf.filled().len() - before;
+                Poll::Ready(r)
+            }
+            Poll::Pending if this.seen < VERSION_SNIFF_BYTES && this.deadline.as_mut().poll(cx).is_ready() => {
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client sent no request in time",
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for FirstBytes<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

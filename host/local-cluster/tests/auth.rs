@@ -90,6 +90,8 @@ async fn anonymous_requests_get_401_on_every_path_and_change_nothing() {
         (format!("{base}/healthz"), vec![]),
         (format!("{base}/api"), vec![]),
         (format!("{base}/apis"), vec![]),
+        (format!("{base}/apis/discovery.k8s.io/v1"), vec![]),
+        (format!("{base}/apis/discovery.k8s.io/v1/endpointslices"), vec![]),
         (format!("{base}/api/v1"), vec![]),
         (format!("{base}/openapi/v3"), vec![]),
         (format!("{base}/openapi/v3/api/v1"), vec![]),

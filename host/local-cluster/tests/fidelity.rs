@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures::AsyncReadExt as _;
 use k8s_openapi::api::core::v1::{Endpoints, Event, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, AttachParams, DeleteParams, ListParams, LogParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use local_cluster::{ClusterOptions, LocalCluster};
@@ -448,6 +449,25 @@ async fn services_get_endpoints_of_their_pods() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // And a discovery.k8s.io/v1 EndpointSlice with the same pod, found by the service-name label.
+    let slices: Api<EndpointSlice> = Api::default_namespaced(c.client().unwrap());
+    let by_service = ListParams::default().labels("kubernetes.io/service-name=web");
+    let slice = slices.list(&by_service).await.unwrap().items.into_iter().next().expect("a slice for the service");
+    assert!(slice.metadata.name.as_deref().is_some_and(|n| n.starts_with("web-")), "{slice:?}");
+    assert_eq!(slice.address_type, "IPv4");
+    let ep = &slice.endpoints[0];
+    assert_eq!(ep.target_ref.as_ref().unwrap().uid.as_deref(), Some(uid.as_str()));
+    assert_eq!(ep.conditions.as_ref().unwrap().ready, Some(true));
+    assert_eq!(slice.ports.as_ref().unwrap()[0].port, Some(8080));
+    let out = tokio::task::block_in_place(|| {
+        kubectl(&c, &["get", "endpointslices", "-l", "kubernetes.io/service-name=web", "-o", "name"])
+    });
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.trim().starts_with("endpointslice.discovery.k8s.io/web-"),
+        "{listed} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The pod goes: so does its address; the service goes: so do its endpoints.
     pods.delete("web", &DeleteParams::default().grace_period(0)).await.unwrap();
@@ -463,6 +483,12 @@ async fn services_get_endpoints_of_their_pods() {
         .await
         .unwrap()
         .unwrap();
+    let gone = async {
+        while !slices.list(&by_service).await.unwrap().items.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), gone).await.expect("the slices go with their service");
     c.stop().await;
 }
 
@@ -487,6 +513,8 @@ async fn dependants_of_an_owner_that_does_not_exist_are_collected() {
     foreign.metadata.owner_references.as_mut().unwrap()[0].api_version = "apps/v1".into();
     foreign.metadata.owner_references.as_mut().unwrap()[0].kind = "Deployment".into();
     secrets.create(&PostParams::default(), &foreign).await.unwrap();
+    // Nor a reference without a uid (what `host render` writes for a pod not created yet).
+    secrets.create(&PostParams::default(), &owned_by("unnamed", "runner-", "")).await.unwrap();
     tokio::time::timeout(
         Duration::from_secs(30),
         await_condition(secrets.clone(), "orphan", conditions::is_deleted(orphan.metadata.uid.as_ref().unwrap())),
@@ -494,7 +522,7 @@ async fn dependants_of_an_owner_that_does_not_exist_are_collected() {
     .await
     .expect("the dangling dependant is collected")
     .unwrap();
-    assert!(secrets.get("foreign").await.is_ok());
+    assert!(secrets.get("foreign").await.is_ok() && secrets.get("unnamed").await.is_ok());
     c.stop().await;
 }
 

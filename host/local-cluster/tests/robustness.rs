@@ -162,6 +162,18 @@ async fn silent_and_slow_connections_are_dropped() {
             idle.push(tokio::net::TcpStream::connect(c.addr()).await.unwrap());
         }
     }
+    // A few bytes and then nothing: not even enough to tell HTTP/1 from HTTP/2.
+    let mut few = tokio::net::TcpStream::connect(plain.addr()).await.unwrap();
+    few.write_all(b"GE").await.unwrap();
+    // A finished TLS handshake and then silence (openssl exits when the server closes).
+    let mut handshaken = tokio::process::Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect", &tls.addr().to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("openssl runs");
     // Headers started and never finished (slowloris), on plain HTTP.
     let mut slow = tokio::net::TcpStream::connect(plain.addr()).await.unwrap();
     slow.write_all(b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ").await.unwrap();
@@ -174,8 +186,10 @@ async fn silent_and_slow_connections_are_dropped() {
 
     // Meanwhile everyone else is served.
     tokio::task::block_in_place(|| kubectl_still_works(&tls));
-    let all = idle.into_iter().chain([slow, kept]).map(closed_by_server);
+    let all = idle.into_iter().chain([few, slow, kept]).map(closed_by_server);
     futures::future::join_all(all).await;
+    let ended = tokio::time::timeout(Duration::from_secs(120), handshaken.wait()).await;
+    assert!(ended.is_ok(), "the server kept a silent TLS connection open");
     tokio::task::block_in_place(|| kubectl_still_works(&tls));
     stops_promptly(tls).await;
     stops_promptly(plain).await;

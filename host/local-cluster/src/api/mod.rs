@@ -70,6 +70,26 @@ pub fn router(state: Shared) -> Router {
         .route("/openapi/v3/api/v1", get(|| async { json_response(StatusCode::OK, &crate::openapi::core_v1()) }))
         .route("/api/v1", get(|| async { json_response(StatusCode::OK, &discovery::core_v1_resources()) }))
         .route("/api/v1/{*rest}", axum::routing::any(dispatch))
+        .route(
+            "/apis/{group}",
+            get(|axum::extract::Path(group): axum::extract::Path<String>| async move {
+                match discovery::group(&group) {
+                    Some(g) => json_response(StatusCode::OK, &g),
+                    None => ApiError::UnknownPath(format!("/apis/{group}")).into_response(),
+                }
+            }),
+        )
+        .route(
+            "/apis/{group}/{version}",
+            get(|axum::extract::Path((group, version)): axum::extract::Path<(String, String)>| async move {
+                if resources::GROUPS.contains(&(group.as_str(), version.as_str())) {
+                    json_response(StatusCode::OK, &discovery::resources_of(&format!("{group}/{version}")))
+                } else {
+                    ApiError::UnknownPath(format!("/apis/{group}/{version}")).into_response()
+                }
+            }),
+        )
+        .route("/apis/{group}/{version}/{*rest}", axum::routing::any(dispatch))
         .fallback(|req: Request| async move { ApiError::UnknownPath(req.uri().path().to_owned()) })
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
@@ -113,17 +133,29 @@ pub struct Target {
     pub sub: Option<String>,
 }
 
-fn resource(plural: &str, path: &str) -> Result<&'static Resource, ApiError> {
-    resources::by_plural(plural).ok_or_else(|| ApiError::UnknownPath(path.to_owned()))
-}
-
 pub fn parse_target(path: &str) -> Result<Target, ApiError> {
-    let rest = path.trim_start_matches("/api/v1/").trim_end_matches('/');
+    // `/api/v1/...` or `/apis/<group>/<version>/...`: the group version, then the rest.
+    let (group_version, rest) = match path.strip_prefix("/api/v1/") {
+        Some(rest) => ("v1".to_owned(), rest),
+        None => {
+            let mut parts = path.trim_start_matches("/apis/").splitn(3, '/');
+            let (group, version, rest) = (parts.next(), parts.next(), parts.next());
+            match (group, version, rest) {
+                (Some(g), Some(v), Some(rest)) => (format!("{g}/{v}"), rest),
+                _ => return Err(ApiError::UnknownPath(path.to_owned())),
+            }
+        }
+    };
+    let rest = rest.trim_end_matches('/');
+    let in_group = |plural: &str| resources::by_plural(plural).filter(|r| r.group_version == group_version);
+    let resource = |plural: &str, path: &str| -> Result<&'static Resource, ApiError> {
+        in_group(plural).ok_or_else(|| ApiError::UnknownPath(path.to_owned()))
+    };
     let segs: Vec<&str> = rest.split('/').collect();
     let owned = |s: &str| Some(s.to_owned());
     let t = match segs.as_slice() {
         [plural] => Target { res: resource(plural, path)?, namespace: None, name: None, sub: None },
-        ["namespaces", ns, plural] if resources::by_plural(plural).is_some_and(|r| r.namespaced) => {
+        ["namespaces", ns, plural] if in_group(plural).is_some_and(|r| r.namespaced) => {
             Target { res: resource(plural, path)?, namespace: owned(ns), name: None, sub: None }
         }
         ["namespaces", ns, plural, name] => {
@@ -221,5 +253,12 @@ mod tests {
         assert!(parse_target("/api/v1/pods/p").is_err());
         assert!(parse_target("/api/v1/widgets").is_err());
         assert!(parse_target("/api/v1/namespaces/a/pods/p/bogus").is_err());
+        let t = parse_target("/apis/discovery.k8s.io/v1/namespaces/ns1/endpointslices/s").unwrap();
+        assert_eq!(
+            (t.res.plural, t.namespace.as_deref(), t.name.as_deref()),
+            ("endpointslices", Some("ns1"), Some("s"))
+        );
+        assert!(parse_target("/api/v1/endpointslices").is_err(), "only in its group");
+        assert!(parse_target("/apis/discovery.k8s.io/v1/pods").is_err(), "core kinds are not in the group");
     }
 }

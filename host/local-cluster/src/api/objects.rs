@@ -138,7 +138,7 @@ pub fn list(state: &Shared, t: &Target, query: &Query, headers: &HeaderMap) -> R
     }
     let list = json!({
         "kind": format!("{}List", t.res.kind),
-        "apiVersion": "v1",
+        "apiVersion": t.res.group_version,
         "metadata": list_meta,
         "items": page.items,
     });
@@ -474,7 +474,7 @@ pub async fn delete_collection(state: &Shared, t: &Target, query: &Query, req: R
     }
     let list = json!({
         "kind": format!("{}List", t.res.kind),
-        "apiVersion": "v1",
+        "apiVersion": t.res.group_version,
         "metadata": {"resourceVersion": state.store.current_rv().to_string()},
         "items": deleted,
     });

@@ -79,7 +79,7 @@ impl Filter {
             md["annotations"] = json!({"k8s.io/initial-events-end": "true"});
         }
         let mut line =
-            json!({"type": "BOOKMARK", "object": {"kind": self.res.kind, "apiVersion": "v1", "metadata": md}})
+            json!({"type": "BOOKMARK", "object": {"kind": self.res.kind, "apiVersion": self.res.group_version, "metadata": md}})
                 .to_string();
         line.push('\n');
         Bytes::from(line)

@@ -263,7 +263,7 @@ impl Store {
             md.remove("deletionTimestamp");
             md.remove("deletionGracePeriodSeconds");
         }
-        obj["apiVersion"] = json!("v1");
+        obj["apiVersion"] = json!(res.group_version);
         obj["kind"] = json!(res.kind);
         let node_name = self.node_name.clone();
         let ip_before = inner.next_ip;
@@ -510,7 +510,7 @@ impl Store {
                 }
             }
         }
-        new["apiVersion"] = json!("v1");
+        new["apiVersion"] = json!(res.group_version);
         new["kind"] = json!(res.kind);
         match part {
             Part::Main if has_status_subresource(res) => match old.get("status") {

@@ -206,6 +206,8 @@ pub fn typed(plural: &str, obj: &Value) -> Result<(), String> {
         "events" => decode::<core::Event>(obj),
         "namespaces" => decode::<core::Namespace>(obj),
         "nodes" => decode::<core::Node>(obj),
+        "endpoints" => decode::<core::Endpoints>(obj),
+        "endpointslices" => decode::<k8s_openapi::api::discovery::v1::EndpointSlice>(obj),
         _ => Ok(()),
     }
 }
