@@ -237,11 +237,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 job_id: args.job_id,
                 project_id: args.project_id,
                 project_path: args.project_path,
-                show_secrets: args.show_secrets,
-                plugin_cache: args.plugin_cache,
+                object_suffix: String::new(),
+                predefined: Vec::new(),
+                require_strategy: false,
             };
             let mut rendered = render::render(&rt, &req).await?;
-            if !req.show_secrets {
+            if !args.show_secrets {
                 render::redact(&mut rendered);
             }
             let format = match args.output {

@@ -2,16 +2,15 @@
 //! calls — then the objects are printed instead of created.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
 
-use crate::job::parse::JobSource;
 use crate::job::{Job, Overwrites};
 use crate::plugins::Runtime;
 use crate::pod::JobObjects;
 pub use crate::prepare::{PrepareError as RenderError, default_pull_policies, refused_overwrites};
-use crate::prepare::{PrepareRequest, prepare};
+pub use crate::prepare::PrepareRequest;
+use crate::prepare::prepare;
 
 /// What replaces secret values in rendered output unless `--show-secrets` is given.
 pub const MASKED: &str = "[MASKED]";
@@ -31,24 +30,9 @@ pub enum OutputFormat {
     Json,
 }
 
-/// Inputs of one render (the command line, as a library call).
-#[derive(Debug, Clone)]
-pub struct RenderRequest {
-    /// `None`: the built-in configuration.
-    pub config: Option<PathBuf>,
-    /// Runner by `name`; default: the first runner with `executor = "kubernetes"`.
-    pub runner: Option<String>,
-    pub job: JobSource,
-    /// Plugins run after the config's own, in this order.
-    pub extra_plugins: Vec<PathBuf>,
-    /// `--strategy`, as for `run`.
-    pub strategy: Option<String>,
-    pub job_id: u64,
-    pub project_id: u64,
-    pub project_path: String,
-    pub show_secrets: bool,
-    pub plugin_cache: Option<PathBuf>,
-}
+/// Inputs of one render: exactly what `run` prepares (`require_strategy: false` leaves the
+/// base pod when no strategy plugin is found).
+pub type RenderRequest = PrepareRequest;
 
 /// The outcome: the objects plus what happened to the requested overwrites.
 #[derive(Debug, Clone)]
@@ -61,23 +45,7 @@ pub struct Rendered {
 
 /// The same pipeline `run` goes through, up to the API calls.
 pub async fn render(rt: &Runtime, req: &RenderRequest) -> Result<Rendered, RenderError> {
-    let prepared = prepare(
-        rt,
-        &PrepareRequest {
-            config: req.config.clone(),
-            runner: req.runner.clone(),
-            job: req.job.clone(),
-            extra_plugins: req.extra_plugins.clone(),
-            strategy: req.strategy.clone(),
-            job_id: req.job_id,
-            project_id: req.project_id,
-            project_path: req.project_path.clone(),
-            object_suffix: String::new(),
-            predefined: Vec::new(),
-            require_strategy: false,
-        },
-    )
-    .await?;
+    let prepared = prepare(rt, req).await?;
     Ok(Rendered {
         job: prepared.job,
         requested: prepared.requested,

@@ -110,8 +110,9 @@ fn request(config: &str, job: &str) -> RenderRequest {
         job_id: 42,
         project_id: 7,
         project_path: "group/project".into(),
-        show_secrets: false,
-        plugin_cache: None,
+        object_suffix: String::new(),
+        predefined: Vec::new(),
+        require_strategy: false,
     }
 }
 

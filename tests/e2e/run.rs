@@ -304,48 +304,45 @@ async fn a_stage_killed_by_the_memory_limit_fails_the_job() {
     f.assert_clean().await;
 }
 
+/// A config with one plugin `wasm` (from target/plugins) in `mode`, plus `extra` plugin keys.
+fn fault_config(f: &Fixture, name: &str, wasm: &str, mode: &str, extra: &str) -> PathBuf {
+    let path = workspace_root().join("target/plugins").join(wasm);
+    f.write(
+        name,
+        &format!(
+            "{CONFIG_HELPER}[[runners.kubernetes.plugins]]\npath = \"{}\"\n{extra}[runners.kubernetes.plugins.config]\nmode = \"{mode}\"\n",
+            path.display()
+        ),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_plugins_fail_the_job_as_system_failures() {
     let f = Fixture::new(ClusterOptions::default()).await;
-    let plugins = workspace_root().join("target/plugins");
     let job = f.write("job.yml", "image: alpine:3.20\nscript: [echo hi]\n");
-    // A pod mutator that traps: nothing is created.
-    let config = f.write(
-        "trap.toml",
-        &format!(
-            "{CONFIG_HELPER}[[runners.kubernetes.plugins]]\npath = \"{}\"\n[runners.kubernetes.plugins.config]\nmode = \"panic\"\n",
-            plugins.join("fixture-fault.wasm").display()
+    let cases = [
+        // A pod mutator that traps: nothing is created.
+        (fault_config(&f, "trap.toml", "fixture-fault.wasm", "panic", ""), ["fixture-fault", "panics"]),
+        // A strategy that loops forever inside wasm: its CPU budget ends it, cleanup still runs.
+        (
+            fault_config(&f, "loop.toml", "fixture-fault-strategy.wasm", "endless-loop", "timeout = \"1s\"\n"),
+            ["fixture-fault-strategy", "time limit"],
         ),
-    );
-    let out = f.run(&job, &["--config", config.to_str().expect("utf-8")]).await;
-    assert_eq!(out.status.code(), Some(2));
-    let last = last_line(&out);
-    assert!(last.contains("(system failure)") && last.contains("fixture-fault") && last.contains("panics"), "{last}");
-
-    // A strategy that loops forever inside wasm: its CPU budget ends it, cleanup still runs.
-    let config = f.write(
-        "loop.toml",
-        &format!(
-            "{CONFIG_HELPER}[[runners.kubernetes.plugins]]\npath = \"{}\"\ntimeout = \"1s\"\n[runners.kubernetes.plugins.config]\nmode = \"endless-loop\"\n",
-            plugins.join("fixture-fault-strategy.wasm").display()
+        // A strategy reaching outside the job's pod is refused.
+        (
+            fault_config(&f, "foreign.toml", "fixture-fault-strategy.wasm", "foreign-container", ""),
+            ["refused as expected", "NoSuchContainer"],
         ),
-    );
-    let out = f.run(&job, &["--config", config.to_str().expect("utf-8")]).await;
-    assert_eq!(out.status.code(), Some(2));
-    let last = last_line(&out);
-    assert!(last.contains("fixture-fault-strategy") && last.contains("time limit"), "{last}");
-
-    // A strategy reaching outside the job's pod is refused.
-    let config = f.write(
-        "foreign.toml",
-        &format!(
-            "{CONFIG_HELPER}[[runners.kubernetes.plugins]]\npath = \"{}\"\n[runners.kubernetes.plugins.config]\nmode = \"foreign-container\"\n",
-            plugins.join("fixture-fault-strategy.wasm").display()
-        ),
-    );
-    let out = f.run(&job, &["--config", config.to_str().expect("utf-8")]).await;
-    assert_eq!(out.status.code(), Some(2));
-    assert!(last_line(&out).contains("refused as expected") && last_line(&out).contains("NoSuchContainer"), "{}", last_line(&out));
+    ];
+    for (config, wanted) in cases {
+        let out = f.run(&job, &["--config", config.to_str().expect("utf-8")]).await;
+        assert_eq!(out.status.code(), Some(2), "a plugin fault is a system failure");
+        let last = last_line(&out);
+        assert!(last.starts_with("ERROR: Job failed (system failure): "), "{last}");
+        for w in wanted {
+            assert!(last.contains(w), "{w:?} missing in {last}");
+        }
+    }
     f.assert_clean().await;
 }
 
