@@ -47,6 +47,7 @@ def main():
                 "--image=busybox", "--", "echo", "hi"]
 
     host_times, kubectl_times, phases, rss = [], [], {}, []
+    kubectl_saw_output = 0
     try:
         # Warm-up: compile cache, page cache, the cluster's first pod.
         subprocess.run(host_cmd, env=env, capture_output=True, check=True)
@@ -66,8 +67,11 @@ def main():
             t = time.perf_counter()
             k = subprocess.run(kubectl_cmd(i), capture_output=True, text=True)
             kubectl_times.append(time.perf_counter() - t)
-            if k.returncode != 0 or "hi" not in k.stdout:
+            if k.returncode != 0:
                 sys.exit(f"kubectl run failed:\n{k.stdout}\n{k.stderr}")
+            # kubectl attaches after creating the pod; a container this short may be done
+            # before that, and then kubectl shows nothing (a race on any cluster).
+            kubectl_saw_output += "hi" in k.stdout
     finally:
         up.send_signal(2)
         up.wait(timeout=60)
@@ -78,6 +82,7 @@ def main():
     print(f"host run      median {hm * 1000:7.1f} ms   p90 {hp * 1000:7.1f} ms")
     print(f"kubectl run   median {km * 1000:7.1f} ms   p90 {kp * 1000:7.1f} ms")
     print(f"ratio host/kubectl (median): {hm / km:.2f}  (aim: <= 0.5)")
+    print(f"kubectl showed the output in {kubectl_saw_output}/{args.runs} runs; host run in all")
     if phases:
         inside = sum(statistics.median(v) for v in phases.values())
         print("host breakdown (median ms): " + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in phases.items()))

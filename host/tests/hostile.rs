@@ -26,10 +26,10 @@ struct Outcome {
 }
 
 impl Outcome {
-    /// A clean failure: exit status 1 and no sign of a crash.
+    /// A clean failure: exit status 2 (the host's status for an error that is not a job's script failing) and no sign of a crash.
     fn clean_error(&self, expected: &[&str]) -> &Self {
         self.no_crash();
-        assert_eq!(self.code, Some(1), "expected a clean error, stderr:\n{}", self.head());
+        assert_eq!(self.code, Some(2), "expected a clean error, stderr:\n{}", self.head());
         for e in expected {
             assert!(self.stderr.contains(e), "stderr lacks {e:?}:\n{}", self.head());
         }
