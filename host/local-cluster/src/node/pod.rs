@@ -359,7 +359,10 @@ impl PodRuntime {
         let results = futures::future::join_all(tasks).await;
         let all_ok = results.iter().all(|ok| *ok);
         self.update(|st| st.terminal = Some(if all_ok { "Succeeded" } else { "Failed" }));
-        drop(pod_ns);
+        // Kill the holder and reap it before the pod counts as done: a stopped pod has no
+        // process left (dropping the child would only send the signal).
+        let (_ns, mut holder) = pod_ns;
+        let _ = holder.kill().await;
     }
 
     async fn config_error(&self, msg: String, stop: &mut watch::Receiver<Option<Duration>>) {
