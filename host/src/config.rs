@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, de};
 
-use crate::job::PullPolicy;
+use crate::gitlab::{PullPolicy, RESERVED_VOLUMES, Resources};
 
 /// Everything that can go wrong loading a config file. Each message names the file, and where
 /// it can the line, column and key.
@@ -849,7 +849,7 @@ impl Config {
                 .chain(v.empty_dir.iter().map(|x| ("empty_dir", &x.name)));
             let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
             for (kind, name) in names {
-                if crate::pod::RESERVED_VOLUMES.contains(&name.0.as_str()) {
+                if RESERVED_VOLUMES.contains(&name.0.as_str()) {
                     return Err(ConfigError::InvalidNoSpan {
                         path: path.to_path_buf(),
                         key: format!("runners[{ri}].kubernetes.volumes.{kind}"),
@@ -1283,7 +1283,7 @@ impl Kubernetes {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
 
-    pub fn build_resources(&self) -> crate::job::Resources {
+    pub fn build_resources(&self) -> Resources {
         resources(
             &self.cpu_request,
             &self.cpu_limit,
@@ -1294,7 +1294,7 @@ impl Kubernetes {
         )
     }
 
-    pub fn helper_resources(&self) -> crate::job::Resources {
+    pub fn helper_resources(&self) -> Resources {
         resources(
             &self.helper_cpu_request,
             &self.helper_cpu_limit,
@@ -1305,7 +1305,7 @@ impl Kubernetes {
         )
     }
 
-    pub fn service_resources(&self) -> crate::job::Resources {
+    pub fn service_resources(&self) -> Resources {
         resources(
             &self.service_cpu_request,
             &self.service_cpu_limit,
@@ -1316,7 +1316,7 @@ impl Kubernetes {
         )
     }
 
-    pub fn pod_resources(&self) -> crate::job::Resources {
+    pub fn pod_resources(&self) -> Resources {
         resources(
             &self.pod_cpu_request,
             &self.pod_cpu_limit,
@@ -1335,9 +1335,9 @@ fn resources(
     memory_limit: &Option<Quantity>,
     es_request: &Option<Quantity>,
     es_limit: &Option<Quantity>,
-) -> crate::job::Resources {
+) -> Resources {
     let q = |v: &Option<Quantity>| v.as_ref().map(|q| q.0.clone());
-    crate::job::Resources {
+    Resources {
         cpu_request: q(cpu_request),
         cpu_limit: q(cpu_limit),
         memory_request: q(memory_request),

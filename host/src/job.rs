@@ -9,25 +9,7 @@ pub mod parse;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// Image pull policy, as Kubernetes spells it in a container spec.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PullPolicy {
-    Always,
-    IfNotPresent,
-    Never,
-}
-
-impl PullPolicy {
-    /// The spelling Kubernetes uses in `imagePullPolicy`.
-    pub fn as_k8s(self) -> &'static str {
-        match self {
-            PullPolicy::Always => "Always",
-            PullPolicy::IfNotPresent => "IfNotPresent",
-            PullPolicy::Never => "Never",
-        }
-    }
-}
+pub use crate::gitlab::{PullPolicy, Resources};
 
 /// A container image reference with the job-level options GitLab allows on it.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
@@ -97,18 +79,6 @@ impl Job {
     pub fn variable(&self, key: &str) -> Option<&str> {
         self.variables.iter().rev().find(|v| v.key == key).map(|v| v.value.as_str())
     }
-}
-
-/// Resource quantities for one container class, as Kubernetes quantity strings.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct Resources {
-    pub cpu_request: Option<String>,
-    pub cpu_limit: Option<String>,
-    pub memory_request: Option<String>,
-    pub memory_limit: Option<String>,
-    pub ephemeral_storage_request: Option<String>,
-    pub ephemeral_storage_limit: Option<String>,
 }
 
 /// What a job asks to change about its pod through `KUBERNETES_*_OVERWRITE*` variables,

@@ -1,11 +1,13 @@
 //! The keel host: builds a job's pod, lets sandboxed plugins shape it, and runs it.
 //!
-//! Modules follow the job's data flow: `config` (config.toml) -> `job` (the job's YAML) ->
+//! Modules follow the job's data flow, each using only those before it: `gitlab` (leaf
+//! vocabulary) -> `config` (config.toml) -> `job` (the job's YAML) ->
 //! `pod` (the base objects) -> `plugins` (mutate, decide, the strategy's host services) ->
 //! `prepare` (all of that as one step) -> `render` (print) or `cluster` (connect, create,
 //! watch, exec) -> `run` (the stages) -> `trace` (mask, stream) -> `cleanup`.
 
 pub mod cluster;
+pub mod gitlab;
 pub mod config;
 pub mod job;
 pub mod plugins;

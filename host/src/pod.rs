@@ -29,12 +29,12 @@ pub const HELPER_CONTAINER: &str = "helper";
 pub const INIT_CONTAINER: &str = "init-logs";
 /// The checkout, shared by build, helper and services (GitLab's `repo` emptyDir).
 pub const REPO_VOLUME: &str = "repo";
-/// Stage scripts written by the execution strategy.
+/// Stage scripts written by an execution strategy (the attach strategy's).
 pub const SCRIPTS_VOLUME: &str = "scripts";
 /// The job's `output.log`, read back by the trace reader.
 pub const LOGS_VOLUME: &str = "logs";
 /// Volume names operators cannot use for their own volumes.
-pub const RESERVED_VOLUMES: &[&str] = &[REPO_VOLUME, SCRIPTS_VOLUME, LOGS_VOLUME, VARS_VOLUME];
+pub use crate::gitlab::RESERVED_VOLUMES;
 /// Key of the registry credentials in a `kubernetes.io/dockerconfigjson` Secret.
 pub const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
 /// Default helper image (GitLab's), used when the config names none.
@@ -685,6 +685,13 @@ fn items(m: &BTreeMap<String, String>) -> Option<Vec<KeyToPath>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hosts_volume_names_are_reserved() {
+        for name in [REPO_VOLUME, SCRIPTS_VOLUME, LOGS_VOLUME, VARS_VOLUME] {
+            assert!(RESERVED_VOLUMES.contains(&name), "{name} is not reserved");
+        }
+    }
 
     #[test]
     fn dns_labels() {
