@@ -93,7 +93,12 @@ pub fn archive_to(dir: &Path, w: impl Write) -> Result<Stats, SourcesError> {
     let mut tar = tar::Builder::new(w);
     let mut stats = Stats::default();
     for entry in walker(dir) {
-        let entry = entry.map_err(|source| SourcesError::Walk { dir: dir.to_path_buf(), source })?;
+        let entry = match entry {
+            // Removed between listing and reading (a tool writing in the tree meanwhile): it was
+            // not part of the project when the copy was taken.
+            Err(err) if err.io_error().is_some_and(|e| e.kind() == io::ErrorKind::NotFound) => continue,
+            other => other.map_err(|source| SourcesError::Walk { dir: dir.to_path_buf(), source })?,
+        };
         // Problems with a directory's ignore files come attached to its entry, and the walk goes
         // on without the rules it could not use. Those rules may be what keeps a secret file out
         // of the pod, so only unparsable patterns, which git cannot use either, are let pass.
@@ -165,7 +170,12 @@ fn append(tar: &mut tar::Builder<impl Write>, path: &Path, rel: &Path, stats: &m
     let read_err = |source| SourcesError::Read { path: path.to_path_buf(), source };
     let append_err = |source| SourcesError::Append { path: path.to_path_buf(), source };
 
-    let meta = std::fs::symlink_metadata(path).map_err(read_err)?;
+    // A file that vanished since the walk listed it is left out (see `archive_to`).
+    let vanished = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+    let meta = match std::fs::symlink_metadata(path) {
+        Err(e) if vanished(&e) => return Ok(()),
+        other => other.map_err(read_err)?,
+    };
     let mut header = tar::Header::new_gnu();
     header.set_mode(meta.mode() & 0o7777);
     header.set_mtime(u64::try_from(meta.mtime()).unwrap_or(0));
@@ -185,7 +195,10 @@ fn append(tar: &mut tar::Builder<impl Write>, path: &Path, rel: &Path, stats: &m
         let size = meta.len();
         header.set_entry_type(tar::EntryType::Regular);
         header.set_size(size);
-        let file = File::open(path).map_err(read_err)?;
+        let file = match File::open(path) {
+            Err(e) if vanished(&e) => return Ok(()),
+            other => other.map_err(read_err)?,
+        };
         let mut body = Exact { inner: file.take(size), left: size, failed: None };
         match tar.append_data(&mut header, rel, &mut body) {
             Ok(()) => {

@@ -469,7 +469,13 @@ async fn run_stage(
         r = &mut call => {
             trace.flush_stage();
             return match r {
-                Ok(code) => StageEnd::Exited(code),
+                Ok(0) => StageEnd::Exited(0),
+                // A stage killed with its container (the pod deleted, an OOM kill of PID 1) ends
+                // with 137 or the like, often before the watch delivers why: read the pod once.
+                Ok(code) => match pod_failure_now(job_pod, pod_watch).await {
+                    Some(f) => StageEnd::PodFailed(f),
+                    None => StageEnd::Exited(code),
+                },
                 Err(e) => {
                     // A pod failure often shows as a dropped session first: prefer its reason.
                     let pod_failure = watch::failure(&pod_watch.current(), true);
@@ -501,6 +507,16 @@ async fn run_stage(
     }
     trace.flush_stage();
     stopped
+}
+
+/// The pod's failure, if it has one right now: from a fresh read (gone = deleted), else the watch.
+async fn pod_failure_now(job_pod: &JobPod, pod_watch: &PodWatch) -> Option<PodFailure> {
+    let state = match job_pod.api.get_opt(&job_pod.name).await {
+        Ok(Some(pod)) => watch::PodState::Seen(Box::new(pod)),
+        Ok(None) => return Some(PodFailure::Deleted),
+        Err(_) => pod_watch.current(),
+    };
+    watch::failure(&state, true).or_else(|| watch::failure(&pod_watch.current(), true))
 }
 
 /// Runs [`script::kill_script`] in the build container; returns the PIDs still alive.
