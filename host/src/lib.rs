@@ -7,8 +7,8 @@
 //! watch, exec) -> `run` (the stages) -> `trace` (mask, stream) -> `cleanup`.
 
 pub mod cluster;
-pub mod gitlab;
 pub mod config;
+pub mod gitlab;
 pub mod job;
 pub mod plugins;
 pub mod pod;

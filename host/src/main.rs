@@ -212,8 +212,8 @@ fn init_tracing(cli: &Cli) {
         Some(LogLevel::Warn) | None => "warn",
         Some(LogLevel::Error | LogLevel::Fatal | LogLevel::Panic) => "error",
     };
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if config.and_then(|c| c.log_format) == Some(LogFormat::Json) {
         builder.json().try_init()
@@ -276,7 +276,11 @@ fn interrupts() -> anyhow::Result<tokio::sync::watch::Receiver<u32>> {
             let n = *tx.borrow() + 1;
             eprintln!(
                 "keel: {}",
-                if n == 1 { "interrupted: stopping the job (after_script still runs; interrupt again to skip it)" } else { "interrupted again: skipping after_script, cleaning up" }
+                if n == 1 {
+                    "interrupted: stopping the job (after_script still runs; interrupt again to skip it)"
+                } else {
+                    "interrupted again: skipping after_script, cleaning up"
+                }
             );
             let _ = tx.send(n);
         }
@@ -340,7 +344,8 @@ async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
     use k8s_openapi::api::core::v1::{Pod, Secret, Service};
     let older_than = match &args.older_than {
         Some(d) => Some(
-            host::config::parse_duration(d).with_context(|| format!("--older-than {d:?}: not a duration (90s, 10m, 2h)"))?,
+            host::config::parse_duration(d)
+                .with_context(|| format!("--older-than {d:?}: not a duration (90s, 10m, 2h)"))?,
         ),
         None => None,
     };
@@ -351,7 +356,8 @@ async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
         }
         None => host::config::Kubernetes::default(),
     };
-    let opts = host::cluster::ConnectOptions { kubeconfig: args.kubeconfig, context: args.context, ..Default::default() };
+    let opts =
+        host::cluster::ConnectOptions { kubeconfig: args.kubeconfig, context: args.context, ..Default::default() };
     if k8s.host.is_none() && opts.kubeconfig.is_none() && std::env::var_os("KUBECONFIG").is_none() {
         let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
         if !home.join(".kube/config").is_file() && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
@@ -360,7 +366,8 @@ async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
     }
     let connection = host::cluster::connect(&k8s, &opts).await?;
     let client = connection.client.clone();
-    let cutoff = older_than.map(|d| jiff::Timestamp::now() - jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX));
+    let cutoff = older_than
+        .map(|d| jiff::Timestamp::now() - jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX));
     let old_enough = |meta: &kube::api::ObjectMeta| match (cutoff, &meta.creation_timestamp) {
         (None, _) => true,
         (Some(cutoff), Some(t)) => t.0 < cutoff,
@@ -372,7 +379,10 @@ async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
         if old_enough(&pod.metadata) {
             created.push(host::cluster::Created {
                 namespace: pod.metadata.namespace.clone().unwrap_or_default(),
-                pod: Some((pod.metadata.name.clone().unwrap_or_default(), pod.metadata.uid.clone().unwrap_or_default())),
+                pod: Some((
+                    pod.metadata.name.clone().unwrap_or_default(),
+                    pod.metadata.uid.clone().unwrap_or_default(),
+                )),
                 ..Default::default()
             });
         }
@@ -397,7 +407,10 @@ async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
     }
     for c in &created {
         host::cluster::delete(&client, c, Some(0)).await?;
-        let what = c.pod.as_ref().map(|(n, _)| format!("pod/{n}"))
+        let what = c
+            .pod
+            .as_ref()
+            .map(|(n, _)| format!("pod/{n}"))
             .or_else(|| c.secrets.first().map(|n| format!("secret/{n}")))
             .or_else(|| c.services.first().map(|n| format!("service/{n}")))
             .unwrap_or_default();

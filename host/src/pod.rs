@@ -583,7 +583,8 @@ pub fn shell_quote(s: &str) -> String {
 /// A variable name the shell can export.
 fn shell_name_ok(key: &str) -> bool {
     let mut chars = key.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// The file of a file-type variable inside [`VARS_DIR`].

@@ -207,11 +207,8 @@ async fn choose_strategy(
     };
     let err = |reason: String| PrepareError::Strategy { wanted: wanted.to_string(), origin, reason };
     let as_path = Path::new(wanted);
-    let path = if wanted.ends_with(".wasm") || as_path.components().count() > 1 {
-        Some(as_path.to_path_buf())
-    } else {
-        None
-    };
+    let path =
+        if wanted.ends_with(".wasm") || as_path.components().count() > 1 { Some(as_path.to_path_buf()) } else { None };
     let plugin = match path {
         Some(path) => match loaded.iter().find(|p| p.path() == path) {
             Some(p) => p.clone(),

@@ -8,9 +8,9 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use crate::job::{Job, Overwrites};
 use crate::plugins::Runtime;
 use crate::pod::JobObjects;
-pub use crate::prepare::{PrepareError as RenderError, default_pull_policies, refused_overwrites};
 pub use crate::prepare::PrepareRequest;
 use crate::prepare::prepare;
+pub use crate::prepare::{PrepareError as RenderError, default_pull_policies, refused_overwrites};
 
 /// What replaces secret values in rendered output unless `--show-secrets` is given.
 pub const MASKED: &str = "[MASKED]";

@@ -454,7 +454,8 @@ mod tests {
     #[test]
     fn extracts_with_busybox_tar() {
         // .ci/run installs Debian's `busybox`; without it this test fails rather than skips.
-        let busybox = Command::new("busybox").arg("true").status().expect("busybox (Debian package `busybox`) is needed");
+        let busybox =
+            Command::new("busybox").arg("true").status().expect("busybox (Debian package `busybox`) is needed");
         assert!(busybox.success());
         let src = tempfile::tempdir().unwrap();
         project(src.path());

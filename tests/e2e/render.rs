@@ -4,9 +4,9 @@
 
 #[path = "../support/mod.rs"]
 mod support;
-use support::{host_bin, workspace_root};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use support::{host_bin, workspace_root};
 
 /// A first-party plugin; missing ones fail the test with the command that builds them.
 fn plugin(name: &str) -> PathBuf {
@@ -113,7 +113,10 @@ fn renders_the_sample_job_with_the_shipped_plugins() {
     // reach the scripts through the variables Secret, which render prints redacted.
     assert_eq!(var("POSTGRES_PASSWORD"), None, "masked values are not in the pod's env");
     let secrets = kind(&objects, "Secret");
-    let vars = secrets.iter().find(|s| s["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-vars"))).expect("variables secret");
+    let vars = secrets
+        .iter()
+        .find(|s| s["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-vars")))
+        .expect("variables secret");
     assert_eq!(vars["stringData"]["env.sh"], "[MASKED]");
     assert!(!out.contains("example-only"), "a masked value leaked:\n{out}");
 

@@ -6,8 +6,8 @@ use std::process::Command;
 
 #[path = "../support/mod.rs"]
 mod support;
-use support::{host_bin, kubectl, succeeded};
 use local_cluster::{ClusterOptions, LocalCluster};
+use support::{host_bin, kubectl, succeeded};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rendered_objects_are_created_and_the_pod_runs() {

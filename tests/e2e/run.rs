@@ -76,9 +76,21 @@ impl Fixture {
         let secrets = Api::<Secret>::all(client.clone()).list(&lp).await.expect("list secrets");
         let services = Api::<Service>::all(client).list(&lp).await.expect("list services");
         let names = |v: Vec<Option<String>>| v.into_iter().flatten().collect::<Vec<_>>();
-        assert!(pods.items.is_empty(), "pods left: {:?}", names(pods.items.iter().map(|p| p.metadata.name.clone()).collect()));
-        assert!(secrets.items.is_empty(), "secrets left: {:?}", names(secrets.items.iter().map(|p| p.metadata.name.clone()).collect()));
-        assert!(services.items.is_empty(), "services left: {:?}", names(services.items.iter().map(|p| p.metadata.name.clone()).collect()));
+        assert!(
+            pods.items.is_empty(),
+            "pods left: {:?}",
+            names(pods.items.iter().map(|p| p.metadata.name.clone()).collect())
+        );
+        assert!(
+            secrets.items.is_empty(),
+            "secrets left: {:?}",
+            names(secrets.items.iter().map(|p| p.metadata.name.clone()).collect())
+        );
+        assert!(
+            services.items.is_empty(),
+            "services left: {:?}",
+            names(services.items.iter().map(|p| p.metadata.name.clone()).collect())
+        );
         let left = processes_mentioning(&self.cluster.data_dir().display().to_string());
         assert!(left.is_empty(), "container processes left: {left:?}");
     }
@@ -100,6 +112,21 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// Reads the host's stdout lines into `seen` until one equals `until` (or to the end: `None`).
+async fn read_lines<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut tokio::io::Lines<R>,
+    seen: &mut String,
+    until: Option<&str>,
+) {
+    while let Some(line) = reader.next_line().await.expect("read the host's stdout") {
+        seen.push_str(&line);
+        seen.push('\n');
+        if Some(line.as_str()) == until {
+            return;
+        }
+    }
 }
 
 fn stdout(o: &Output) -> String {
@@ -196,21 +223,12 @@ async fn sigint_mid_stage_stops_it_runs_after_script_and_cleans_up() {
     let mut child = f.command(&job, &[]).spawn().expect("spawn host");
     let mut reader = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let mut seen = String::new();
-    while let Some(line) = reader.next_line().await.expect("read") {
-        seen.push_str(&line);
-        seen.push('\n');
-        if line == "stage-started" {
-            break;
-        }
-    }
+    read_lines(&mut reader, &mut seen, Some("stage-started")).await;
     assert!(seen.contains("stage-started"), "{seen}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = child.id().expect("pid") as i32;
     std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status().expect("kill -INT");
-    while let Some(line) = reader.next_line().await.expect("read") {
-        seen.push_str(&line);
-        seen.push('\n');
-    }
+    read_lines(&mut reader, &mut seen, None).await;
     let status = child.wait().await.expect("wait");
     eprintln!("{seen}");
     assert_eq!(status.code(), Some(130), "cancelled exits 130");
@@ -224,8 +242,11 @@ async fn sigint_mid_stage_stops_it_runs_after_script_and_cleans_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_failure_with_no_other_policy_fails_fast() {
-    let f = Fixture::new(ClusterOptions { unavailable_images: vec!["registry.example.com/missing:1".into()], ..Default::default() })
-        .await;
+    let f = Fixture::new(ClusterOptions {
+        unavailable_images: vec!["registry.example.com/missing:1".into()],
+        ..Default::default()
+    })
+    .await;
     let job = f.write(
         "job.yml",
         "image:\n  name: registry.example.com/missing:1\n  pull_policy: [always]\nscript: [echo never]\n",
@@ -263,21 +284,12 @@ async fn create_container_config_error_and_a_pod_deleted_from_outside() {
     let mut child = f.command(&job, &[]).spawn().expect("spawn host");
     let mut reader = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let mut seen = String::new();
-    while let Some(line) = reader.next_line().await.expect("read") {
-        seen.push_str(&line);
-        seen.push('\n');
-        if line == "running" {
-            break;
-        }
-    }
+    read_lines(&mut reader, &mut seen, Some("running")).await;
     let pods: Api<Pod> = Api::namespaced(f.cluster.client().expect("client"), "default");
     let list = pods.list(&ListParams::default().labels("app.kubernetes.io/managed-by=keel")).await.expect("list");
     let name = list.items[0].metadata.name.clone().expect("name");
     pods.delete(&name, &Default::default()).await.expect("delete the pod");
-    while let Some(line) = reader.next_line().await.expect("read") {
-        seen.push_str(&line);
-        seen.push('\n');
-    }
+    read_lines(&mut reader, &mut seen, None).await;
     let status = tokio::time::timeout(Duration::from_secs(120), child.wait()).await.expect("host ends").expect("wait");
     eprintln!("{seen}");
     assert_eq!(status.code(), Some(2), "{seen}");
@@ -385,7 +397,8 @@ async fn exec_strategy_connection_cut_mid_stage_fails_never_succeeds() {
     let proxy = CuttingProxy::start(f.cluster.addr()).await;
     // The same kubeconfig, pointed at the proxy.
     let kubeconfig = std::fs::read_to_string(f.cluster.kubeconfig_path()).expect("kubeconfig");
-    let via_proxy = f.write("proxied-kubeconfig", &kubeconfig.replace(&f.cluster.addr().to_string(), &proxy.addr.to_string()));
+    let via_proxy =
+        f.write("proxied-kubeconfig", &kubeconfig.replace(&f.cluster.addr().to_string(), &proxy.addr.to_string()));
     let job = f.write("job.yml", "image: alpine:3.20\nscript:\n  - echo ticking\n  - for i in $(seq 600); do sleep 0.1; done\n  - echo finished\n");
     let mut child = f.command_via(&via_proxy, &job, &[]).spawn().expect("spawn host");
     let mut out = child.stdout.take().expect("stdout");
@@ -416,7 +429,8 @@ async fn a_service_is_reachable_from_the_build_container() {
     let job = f.write(
         "job.yml",
         // The embedded node runs every image on the host's root filesystem, so python3 serves
-        // and fetches here; the alias resolves through the pod's hostAliases as in GitLab.
+        // and fetches here. Containers share the pod's network, so the build container reaches
+        // the service on 127.0.0.1 (the embedded node does not write hostAliases into /etc/hosts).
         "image: alpine:3.20\nservices:\n  - name: python:3\n    alias: web\n    command: [\"sh\", \"-c\", \"mkdir -p /tmp/w && echo from-service > /tmp/w/index.html && exec python3 -m http.server 8080 -d /tmp/w\"]\n\
          script:\n  - cat /etc/hosts\n  - for i in $(seq 100); do python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080/').read().decode())\" 2>/dev/null && exit 0; sleep 0.2; done; exit 1\n",
     );
@@ -446,11 +460,7 @@ async fn host_cleanup_removes_what_a_killed_host_left() {
     let job = f.write("job.yml", "image: alpine:3.20\nscript:\n  - echo running\n  - sleep 300\n");
     let mut child = f.command(&job, &[]).spawn().expect("spawn host");
     let mut reader = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    while let Some(line) = reader.next_line().await.expect("read") {
-        if line == "running" {
-            break;
-        }
-    }
+    read_lines(&mut reader, &mut String::new(), Some("running")).await;
     child.kill().await.expect("kill -9");
     let out = tokio::process::Command::new(host_bin())
         .arg("cleanup")
@@ -546,7 +556,10 @@ async fn runs_through_a_kubeconfig_against_a_tls_and_token_cluster() {
     assert_eq!(out.status.code(), Some(0), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("over-tls") && text.contains(&format!("from kubeconfig {}", kubeconfig.display())), "{text}");
     // Nothing of the job is left in that cluster either.
-    let pods = support::kubectl(&kubeconfig, &["get", "pods,secrets,services", "-A", "-l", "app.kubernetes.io/managed-by=keel", "-o", "name"]);
+    let pods = support::kubectl(
+        &kubeconfig,
+        &["get", "pods,secrets,services", "-A", "-l", "app.kubernetes.io/managed-by=keel", "-o", "name"],
+    );
     assert_eq!(support::succeeded(pods, "kubectl get").trim(), "");
     let pid = up.id().expect("pid");
     std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status().expect("kill");

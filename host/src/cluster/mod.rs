@@ -135,7 +135,11 @@ pub async fn connect(k8s: &Kubernetes, opts: &ConnectOptions) -> Result<Connecti
         if let Some(token) = k8s.bearer_token.as_ref().filter(|t| !t.is_empty()) {
             config.auth_info.token = Some(token.clone().into());
         }
-        return Ok(Connection { client: client_for(config, &origin).await?, via: format!("{host} (runner config)"), embedded: None });
+        return Ok(Connection {
+            client: client_for(config, &origin).await?,
+            via: format!("{host} (runner config)"),
+            embedded: None,
+        });
     }
     if let Some(path) = opts.kubeconfig.clone().or_else(default_kubeconfig) {
         let config = from_kubeconfig(&path, opts.context.as_ref()).await?;
@@ -148,7 +152,11 @@ pub async fn connect(k8s: &Kubernetes, opts: &ConnectOptions) -> Result<Connecti
     if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
         let config = kube::Config::incluster().map_err(|e| config_error("the in-cluster service account", e))?;
         let via = format!("{} (in-cluster service account)", config.cluster_url);
-        return Ok(Connection { client: client_for(config, "the in-cluster service account").await?, via, embedded: None });
+        return Ok(Connection {
+            client: client_for(config, "the in-cluster service account").await?,
+            via,
+            embedded: None,
+        });
     }
     let cluster = local_cluster::LocalCluster::start(opts.embedded.clone()).await.map_err(ClusterError::Embedded)?;
     // Connect like any other client: through the kubeconfig the cluster wrote, with the
@@ -207,7 +215,11 @@ pub async fn create(client: &Client, objects: &mut JobObjects, created: &mut Cre
     let call = format!("creating pod in namespace {namespace}");
     let pod = retry(&call, || pods.create(&pp, &objects.pod)).await?;
     let pod_name = name_of(&pod.metadata, &call)?;
-    let uid = pod.metadata.uid.clone().ok_or_else(|| ClusterError::Incomplete { call: call.clone(), field: "metadata.uid" })?;
+    let uid = pod
+        .metadata
+        .uid
+        .clone()
+        .ok_or_else(|| ClusterError::Incomplete { call: call.clone(), field: "metadata.uid" })?;
     created.pod = Some((pod_name.clone(), uid.clone()));
     objects.pod.metadata.name = Some(pod_name.clone());
     objects.set_owner(&pod_name, &uid);
@@ -226,8 +238,25 @@ pub async fn create(client: &Client, objects: &mut JobObjects, created: &mut Cre
     Ok(pod)
 }
 
-fn gone(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 404)
+/// Deletes one object; already gone counts as done.
+async fn delete_one<K>(client: &Client, ns: &str, name: &str, dp: &DeleteParams) -> Result<(), ClusterError>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let call = format!("deleting {} {ns}/{name}", K::kind(&K::DynamicType::default()).to_lowercase());
+    retry(&call, || async {
+        match api.delete(name, dp).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    })
+    .await
 }
 
 /// Deletes what `created` lists: the pod (explicit background propagation, the given grace
@@ -250,19 +279,13 @@ pub async fn delete(client: &Client, created: &Created, grace_seconds: Option<i6
         ..DeleteParams::default()
     };
     if let Some((name, _)) = &created.pod {
-        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-        let call = format!("deleting pod {ns}/{name}");
-        keep(retry(&call, || async { pods.delete(name, &dp).await.map(|_| ()).or_else(|e| if gone(&e) { Ok(()) } else { Err(e) }) }).await);
+        keep(delete_one::<Pod>(client, ns, name, &dp).await);
     }
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     for name in &created.secrets {
-        let call = format!("deleting secret {ns}/{name}");
-        keep(retry(&call, || async { secrets.delete(name, &dp).await.map(|_| ()).or_else(|e| if gone(&e) { Ok(()) } else { Err(e) }) }).await);
+        keep(delete_one::<Secret>(client, ns, name, &dp).await);
     }
-    let services: Api<Service> = Api::namespaced(client.clone(), ns);
     for name in &created.services {
-        let call = format!("deleting service {ns}/{name}");
-        keep(retry(&call, || async { services.delete(name, &dp).await.map(|_| ()).or_else(|e| if gone(&e) { Ok(()) } else { Err(e) }) }).await);
+        keep(delete_one::<Service>(client, ns, name, &dp).await);
     }
     match first_error {
         Some(e) => Err(e),
@@ -276,13 +299,19 @@ pub async fn wait_deleted(client: &Client, ns: &str, name: &str, uid: &str) -> R
     kube::runtime::wait::await_condition(pods, name, kube::runtime::conditions::is_deleted(uid))
         .await
         .map(|_| ())
-        .map_err(|e| ClusterError::Config { origin: format!("watching pod {ns}/{name} being deleted"), source: Box::new(e) })
+        .map_err(|e| ClusterError::Config {
+            origin: format!("watching pod {ns}/{name} being deleted"),
+            source: Box::new(e),
+        })
 }
 
 /// Objects keel created (label `app.kubernetes.io/managed-by=keel`) in every namespace.
 pub async fn list_managed<K>(client: &Client) -> Result<Vec<K>, ClusterError>
 where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
     K::DynamicType: Default,
 {
     let api: Api<K> = Api::all(client.clone());

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{AttachParams, AttachedProcess};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Status;
 use kube::Api;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use kube::api::{AttachParams, AttachedProcess};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::plugins::strategy_host::{Channel, HostError, PodAccess, Session};
@@ -27,7 +27,8 @@ pub struct JobPod {
 
 impl JobPod {
     pub fn new(api: Api<Pod>, name: String, pod: &Pod) -> Arc<Self> {
-        let containers = pod.spec.as_ref().map(|s| s.containers.iter().map(|c| c.name.clone()).collect()).unwrap_or_default();
+        let containers =
+            pod.spec.as_ref().map(|s| s.containers.iter().map(|c| c.name.clone()).collect()).unwrap_or_default();
         Arc::new(JobPod { api, name, containers })
     }
 }
@@ -112,10 +113,9 @@ fn into_session(mut process: AttachedProcess, what: String) -> Session {
         let _ = ended_tx.send(true);
         result
     });
-    let exit = async move {
-        status_task.await.unwrap_or_else(|e| Err(HostError::Other(format!("session task failed: {e}"))))
-    }
-    .boxed();
+    let exit =
+        async move { status_task.await.unwrap_or_else(|e| Err(HostError::Other(format!("session task failed: {e}")))) }
+            .boxed();
     Session { stdin, output: rx, exit: Some(exit), exit_code: None }
 }
 
@@ -128,7 +128,12 @@ fn connect_error(what: &str, e: kube::Error) -> HostError {
 }
 
 impl PodAccess for JobPod {
-    fn exec(&self, container: &str, command: Vec<String>, stdin: bool) -> BoxFuture<'static, Result<Session, HostError>> {
+    fn exec(
+        &self,
+        container: &str,
+        command: Vec<String>,
+        stdin: bool,
+    ) -> BoxFuture<'static, Result<Session, HostError>> {
         let (api, name, container) = (self.api.clone(), self.name.clone(), container.to_string());
         async move {
             let what = format!("exec in {name}/{container}");

@@ -5,8 +5,8 @@
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::Api;
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 
 use crate::pod::{BUILD_CONTAINER, HELPER_CONTAINER};
@@ -25,14 +25,35 @@ pub enum PodState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PodFailure {
     /// An image cannot be pulled; the pull-policy fallback may try the next policy.
-    ImagePull { container: String, image: String, reason: String, message: String },
+    ImagePull {
+        container: String,
+        image: String,
+        reason: String,
+        message: String,
+    },
     /// Any other waiting reason that never resolves by itself.
-    Waiting { container: String, reason: String, message: String },
+    Waiting {
+        container: String,
+        reason: String,
+        message: String,
+    },
     /// build or helper terminated while the job needs them.
-    Terminated { container: String, exit_code: i32, reason: String, message: String },
+    Terminated {
+        container: String,
+        exit_code: i32,
+        reason: String,
+        message: String,
+    },
     Deleted,
-    Disrupted { reason: String, message: String },
-    Phase { phase: String, reason: String, message: String },
+    Disrupted {
+        reason: String,
+        message: String,
+    },
+    Phase {
+        phase: String,
+        reason: String,
+        message: String,
+    },
 }
 
 impl std::fmt::Display for PodFailure {
@@ -49,9 +70,16 @@ impl std::fmt::Display for PodFailure {
                 write!(f, "container {container} terminated with exit code {exit_code} ({reason}){}", with(message))
             }
             PodFailure::Deleted => write!(f, "the pod was deleted"),
-            PodFailure::Disrupted { reason, message } => write!(f, "the pod is being disrupted ({reason}){}", with(message)),
+            PodFailure::Disrupted { reason, message } => {
+                write!(f, "the pod is being disrupted ({reason}){}", with(message))
+            }
             PodFailure::Phase { phase, reason, message } => {
-                write!(f, "the pod is {phase}{}{}", if reason.is_empty() { String::new() } else { format!(" ({reason})") }, with(message))
+                write!(
+                    f,
+                    "the pod is {phase}{}{}",
+                    if reason.is_empty() { String::new() } else { format!(" ({reason})") },
+                    with(message)
+                )
             }
         }
     }
@@ -96,7 +124,12 @@ pub fn failure(state: &PodState, started: bool) -> Option<PodFailure> {
             if TERMINAL_WAITING.contains(&reason.as_str()) {
                 let message = w.message.clone().unwrap_or_default();
                 if PULL_REASONS.contains(&reason.as_str()) {
-                    return Some(PodFailure::ImagePull { container: cs.name.clone(), image: cs.image.clone(), reason, message });
+                    return Some(PodFailure::ImagePull {
+                        container: cs.name.clone(),
+                        image: cs.image.clone(),
+                        reason,
+                        message,
+                    });
                 }
                 return Some(PodFailure::Waiting { container: cs.name.clone(), reason, message });
             }
@@ -150,7 +183,9 @@ pub fn is_ready(state: &PodState) -> bool {
             .flatten()
             .any(|cs| cs.name == name && cs.state.as_ref().is_some_and(|s| s.running.is_some()))
     };
-    pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") && running(BUILD_CONTAINER) && running(HELPER_CONTAINER)
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        && running(BUILD_CONTAINER)
+        && running(HELPER_CONTAINER)
 }
 
 /// `Pending: ContainerCreating`: the phase and the first waiting reason, GitLab style.

@@ -68,13 +68,14 @@ impl JobPlugins {
         let full = Arc::new(convert::context(job, &runner_json, true));
         let mut members = Vec::with_capacity(plugins.len() + 1);
         let mut all: Vec<Plugin> = plugins.to_vec();
-        let strategy_index = strategy.as_ref().map(|b| match all.iter().position(|p| Arc::ptr_eq(&p.inner, &b.plugin.inner)) {
-            Some(i) => i,
-            None => {
-                all.push(b.plugin.clone());
-                all.len() - 1
-            }
-        });
+        let strategy_index =
+            strategy.as_ref().map(|b| match all.iter().position(|p| Arc::ptr_eq(&p.inner, &b.plugin.inner)) {
+                Some(i) => i,
+                None => {
+                    all.push(b.plugin.clone());
+                    all.len() - 1
+                }
+            });
         for (index, plugin) in all.iter().enumerate() {
             let ctx = if plugin.inner.grants.secrets { full.clone() } else { redacted.clone() };
             // Only the job's strategy reaches the pod; other plugins' strategy-host calls are refused.
@@ -107,13 +108,22 @@ impl JobPlugins {
         let baseline = validate::Snapshot::of(&pod, rules);
         let json = serde_json::to_string(&pod).map_err(|source| PluginError::Encode { what: "pod", source })?;
         let output = self
-            .call_role(index, Role::ExecutionStrategy, "execution-strategy.prepare", None, json.as_str(), |ex, store, ctx, pod| {
-                Box::pin(async move {
-                    match ex {
-                        wit::Exports::V0_1_0(e) => Some(e.execution_strategy.as_ref()?.call_prepare(store, ctx, pod).await),
-                    }
-                })
-            })
+            .call_role(
+                index,
+                Role::ExecutionStrategy,
+                "execution-strategy.prepare",
+                None,
+                json.as_str(),
+                |ex, store, ctx, pod| {
+                    Box::pin(async move {
+                        match ex {
+                            wit::Exports::V0_1_0(e) => {
+                                Some(e.execution_strategy.as_ref()?.call_prepare(store, ctx, pod).await)
+                            }
+                        }
+                    })
+                },
+            )
             .await?;
         baseline.check(&output).map_err(|violation| violation.into_error(&self.members[index].0.inner))
     }
@@ -125,13 +135,22 @@ impl JobPlugins {
             return Err(PluginError::NoStrategy);
         };
         let stage = latest::Stage { name: name.to_string(), script: script.to_string() };
-        self.call_role(index, Role::ExecutionStrategy, "execution-strategy.run-stage", Some(timeout), &stage, |ex, store, ctx, stage| {
-            Box::pin(async move {
-                match ex {
-                    wit::Exports::V0_1_0(e) => Some(e.execution_strategy.as_ref()?.call_run_stage(store, ctx, stage).await),
-                }
-            })
-        })
+        self.call_role(
+            index,
+            Role::ExecutionStrategy,
+            "execution-strategy.run-stage",
+            Some(timeout),
+            &stage,
+            |ex, store, ctx, stage| {
+                Box::pin(async move {
+                    match ex {
+                        wit::Exports::V0_1_0(e) => {
+                            Some(e.execution_strategy.as_ref()?.call_run_stage(store, ctx, stage).await)
+                        }
+                    }
+                })
+            },
+        )
         .instrument(tracing::info_span!("stage", stage = name))
         .await
     }
@@ -154,12 +173,14 @@ impl JobPlugins {
             &'a mut Store<StoreState>,
             &'a latest::Context,
             &'a A,
-        ) -> futures::future::BoxFuture<'a, Option<wasmtime::Result<Result<R, latest::PluginError>>>>,
+        )
+            -> futures::future::BoxFuture<'a, Option<wasmtime::Result<Result<R, latest::PluginError>>>>,
     ) -> Result<R, PluginError> {
         let job_id = self.job_id;
         let (plugin, instance) = &mut self.members[index];
         let p = &*plugin.inner;
-        let span = tracing::info_span!("plugin.call", plugin.name = &*p.name, plugin.role = role.as_str(), job.id = job_id);
+        let span =
+            tracing::info_span!("plugin.call", plugin.name = &*p.name, plugin.role = role.as_str(), job.id = job_id);
         async {
             instance.arm(p)?;
             let ctx = instance.ctx.clone().ok_or_else(|| no_context(p))?;
@@ -198,7 +219,9 @@ impl JobPlugins {
                 .call_role(index, Role::Overwrites, "overwrites.review", None, &current, |ex, store, ctx, current| {
                     Box::pin(async move {
                         match ex {
-                            wit::Exports::V0_1_0(e) => Some(e.overwrites.as_ref()?.call_review(store, ctx, current).await),
+                            wit::Exports::V0_1_0(e) => {
+                                Some(e.overwrites.as_ref()?.call_review(store, ctx, current).await)
+                            }
                         }
                     })
                 })
@@ -233,7 +256,9 @@ impl JobPlugins {
                 .call_role(index, Role::PullPolicy, "pull-policy.decide", None, &request, |ex, store, ctx, request| {
                     Box::pin(async move {
                         match ex {
-                            wit::Exports::V0_1_0(e) => Some(e.pull_policy.as_ref()?.call_decide(store, ctx, request).await),
+                            wit::Exports::V0_1_0(e) => {
+                                Some(e.pull_policy.as_ref()?.call_decide(store, ctx, request).await)
+                            }
                         }
                     })
                 })
@@ -262,7 +287,8 @@ impl JobPlugins {
                     })
                 })
                 .await?;
-            current = baseline.check(&output).map_err(|violation| violation.into_error(&self.members[index].0.inner))?;
+            current =
+                baseline.check(&output).map_err(|violation| violation.into_error(&self.members[index].0.inner))?;
             json = output;
         }
         Ok(current)

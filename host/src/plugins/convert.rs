@@ -35,11 +35,7 @@ pub fn context(job: &Job, runner_config: &str, secrets: bool) -> latest::Context
             services: job
                 .services
                 .iter()
-                .map(|s| latest::Service {
-                    image: image(&s.image),
-                    alias: s.alias.clone(),
-                    command: s.command.clone(),
-                })
+                .map(|s| latest::Service { image: image(&s.image), alias: s.alias.clone(), command: s.command.clone() })
                 .collect(),
             variables: job
                 .variables

@@ -169,7 +169,12 @@ pub(crate) fn not_exported(plugin: &PluginInner, role: Role) -> PluginError {
     PluginError::RoleNotExported { plugin: plugin.name.to_string(), role }
 }
 
-pub(crate) fn guest_error(plugin: &PluginInner, role: &'static str, call: &'static str, e: latest::PluginError) -> PluginError {
+pub(crate) fn guest_error(
+    plugin: &PluginInner,
+    role: &'static str,
+    call: &'static str,
+    e: latest::PluginError,
+) -> PluginError {
     let name = plugin.name.to_string();
     let version = plugin.version.clone();
     // The plugin's own words, escaped and cut: they end up in host log lines.

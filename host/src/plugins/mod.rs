@@ -194,4 +194,3 @@ pub enum PluginError {
         source: std::io::Error,
     },
 }
-

@@ -49,7 +49,12 @@ pub struct Session {
 
 /// The job's pod, as the cluster code exposes it to strategies.
 pub trait PodAccess: Send + Sync {
-    fn exec(&self, container: &str, command: Vec<String>, stdin: bool) -> BoxFuture<'static, Result<Session, HostError>>;
+    fn exec(
+        &self,
+        container: &str,
+        command: Vec<String>,
+        stdin: bool,
+    ) -> BoxFuture<'static, Result<Session, HostError>>;
     fn attach(&self, container: &str) -> BoxFuture<'static, Result<Session, HostError>>;
     /// The pod freshly read, as Kubernetes JSON.
     fn pod_json(&self) -> BoxFuture<'static, Result<String, HostError>>;
@@ -146,7 +151,9 @@ impl StrategyServices {
 impl Session {
     pub async fn write_stdin(&mut self, data: &[u8]) -> Result<(), HostError> {
         let Some(stdin) = self.stdin.as_mut() else {
-            return Err(HostError::Other("stdin is not open (closed, or the session was started without stdin)".into()));
+            return Err(HostError::Other(
+                "stdin is not open (closed, or the session was started without stdin)".into(),
+            ));
         };
         stdin.write_all(data).await.map_err(|e| HostError::Disconnected(format!("writing stdin: {e}")))?;
         stdin.flush().await.map_err(|e| HostError::Disconnected(format!("writing stdin: {e}")))
@@ -162,7 +169,11 @@ impl Session {
     }
 
     /// The next chunk, split to at most `max` bytes (the rest is kept for the next read).
-    pub async fn read_output(&mut self, max: usize, pending: &mut Option<(Channel, Vec<u8>)>) -> Option<(Channel, Vec<u8>)> {
+    pub async fn read_output(
+        &mut self,
+        max: usize,
+        pending: &mut Option<(Channel, Vec<u8>)>,
+    ) -> Option<(Channel, Vec<u8>)> {
         let (channel, mut data) = match pending.take() {
             Some(p) => p,
             None => self.output.recv().await?,

@@ -37,13 +37,19 @@ const STAGE_STOP_GRACE: Duration = Duration::from_secs(15);
 pub enum Outcome {
     Success,
     /// The job's script failed with this exit code.
-    ScriptFailure { exit_code: i32 },
+    ScriptFailure {
+        exit_code: i32,
+    },
     /// The job's timeout stopped it.
-    Timeout { after: Duration },
+    Timeout {
+        after: Duration,
+    },
     /// Ctrl-C or SIGTERM.
     Cancelled,
     /// Anything that is not the script's doing: the pod, a plugin, the API, a timeout waiting.
-    SystemFailure { reason: String },
+    SystemFailure {
+        reason: String,
+    },
 }
 
 impl Outcome {
@@ -92,10 +98,13 @@ impl Phases {
     }
 
     fn log(&self) {
-        let phases: Vec<String> = self.done.iter().map(|(p, d)| format!("{p}={:.1}ms", d.as_secs_f64() * 1000.0)).collect();
+        let phases: Vec<String> =
+            self.done.iter().map(|(p, d)| format!("{p}={:.1}ms", d.as_secs_f64() * 1000.0)).collect();
         let peak_rss_kib = std::fs::read_to_string("/proc/self/status")
             .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").to_string())))
+            .and_then(|s| {
+                s.lines().find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").to_string()))
+            })
             .unwrap_or_default();
         tracing::info!(target: "keel::timings", phases = %phases.join(" "), peak_rss_kib = %peak_rss_kib, "job timings");
     }
@@ -255,7 +264,11 @@ fn set_pull_policy(pod: &mut Pod, image: &str, policy: PullPolicy) {
 
 fn current_policy(pod: &Pod, image: &str) -> Option<PullPolicy> {
     let spec = pod.spec.as_ref()?;
-    let c = spec.containers.iter().chain(spec.init_containers.iter().flatten()).find(|c| c.image.as_deref() == Some(image))?;
+    let c = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.image.as_deref() == Some(image))?;
     match c.image_pull_policy.as_deref()? {
         "Always" => Some(PullPolicy::Always),
         "IfNotPresent" => Some(PullPolicy::IfNotPresent),
@@ -271,7 +284,14 @@ enum Wait {
 }
 
 /// Waits for the pod to run: one trace line per status change, a terminal state at once.
-async fn wait_running(api: &Api<Pod>, name: &str, namespace: &str, timeout: Duration, trace: &Trace, interrupts: &mut Interrupts) -> Wait {
+async fn wait_running(
+    api: &Api<Pod>,
+    name: &str,
+    namespace: &str,
+    timeout: Duration,
+    trace: &Trace,
+    interrupts: &mut Interrupts,
+) -> Wait {
     let pod_watch = PodWatch::start(api.clone(), name);
     let mut rx = pod_watch.rx.clone();
     let mut last = String::new();
@@ -376,7 +396,11 @@ async fn run_on(
         trace.info("Skipping Git repository setup (GIT_STRATEGY: none)");
     } else {
         let dir = opts.source_dir.clone().unwrap_or_else(|| {
-            req.job.path.parent().map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() }).unwrap_or_else(|| ".".into())
+            req.job
+                .path
+                .parent()
+                .map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() })
+                .unwrap_or_else(|| ".".into())
         });
         trace.info(&format!("Copying sources from {} to {project_dir}", dir.display()));
         let copy = copy_sources(&job_pod, &dir, &project_dir);
@@ -421,10 +445,9 @@ async fn run_on(
             match run_stage(prepared, &job_pod, &after, deadline, &mut pod_watch, trace, interrupts, 2).await {
                 StageEnd::Exited(0) => {}
                 StageEnd::Exited(code) => trace.warning(&format!("WARNING: after_script failed with exit code {code}")),
-                StageEnd::TimedOut => trace.warning(&format!(
-                    "WARNING: after_script timed out after {}s",
-                    AFTER_SCRIPT_TIMEOUT.as_secs()
-                )),
+                StageEnd::TimedOut => {
+                    trace.warning(&format!("WARNING: after_script timed out after {}s", AFTER_SCRIPT_TIMEOUT.as_secs()))
+                }
                 StageEnd::Cancelled => trace.warning("WARNING: after_script interrupted"),
                 StageEnd::Failed(reason) => trace.warning(&format!("WARNING: after_script failed: {reason}")),
                 StageEnd::PodFailed(f) => trace.warning(&format!("WARNING: after_script failed: {f}")),
@@ -498,7 +521,9 @@ async fn run_stage(
     if !matches!(stopped, StageEnd::PodFailed(_)) {
         match kill_stage(job_pod, stage.name).await {
             Ok(alive) if alive.is_empty() => {}
-            Ok(alive) => trace.warning(&format!("WARNING: stage processes still alive after KILL: {}", alive.join(", "))),
+            Ok(alive) => {
+                trace.warning(&format!("WARNING: stage processes still alive after KILL: {}", alive.join(", ")))
+            }
             Err(e) => trace.warning(&format!("WARNING: cannot stop the stage's processes: {e}")),
         }
     }
@@ -519,17 +544,24 @@ async fn pod_failure_now(job_pod: &JobPod, pod_watch: &PodWatch) -> Option<PodFa
     watch::failure(&state, true).or_else(|| watch::failure(&pod_watch.current(), true))
 }
 
-/// Runs [`script::kill_script`] in the build container; returns the PIDs still alive.
-async fn kill_stage(job_pod: &JobPod, stage: &str) -> Result<Vec<String>, String> {
-    use crate::plugins::strategy_host::PodAccess;
-    let command = vec!["sh".to_string(), "-c".to_string(), script::kill_script(stage)];
-    let mut session = job_pod.exec(crate::pod::BUILD_CONTAINER, command, false).await.map_err(|e| e.to_string())?;
+/// All of a host-side session's output (stdout and stderr together), then its exit.
+async fn finish(
+    session: &mut crate::plugins::strategy_host::Session,
+) -> (Vec<u8>, Result<i32, crate::plugins::strategy_host::HostError>) {
     let mut out = Vec::new();
     let mut pending = None;
     while let Some((_, chunk)) = session.read_output(64 * 1024, &mut pending).await {
         out.extend(chunk);
     }
-    let _ = session.wait_exit().await;
+    (out, session.wait_exit().await)
+}
+
+/// Runs [`script::kill_script`] in the build container; returns the PIDs still alive.
+async fn kill_stage(job_pod: &JobPod, stage: &str) -> Result<Vec<String>, String> {
+    use crate::plugins::strategy_host::PodAccess;
+    let command = vec!["sh".to_string(), "-c".to_string(), script::kill_script(stage)];
+    let mut session = job_pod.exec(crate::pod::BUILD_CONTAINER, command, false).await.map_err(|e| e.to_string())?;
+    let (out, _) = finish(&mut session).await;
     Ok(String::from_utf8_lossy(&out).lines().filter_map(|l| l.strip_prefix("alive ")).map(str::to_string).collect())
 }
 
@@ -551,20 +583,15 @@ async fn copy_sources(job_pod: &JobPod, dir: &std::path::Path, project_dir: &str
         "sh".to_string(),
         project_dir.to_string(),
     ];
-    let mut session = job_pod
-        .exec(crate::pod::HELPER_CONTAINER, command, true)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut session = job_pod.exec(crate::pod::HELPER_CONTAINER, command, true).await.map_err(|e| e.to_string())?;
     session.write_stdin(&bytes).await.map_err(|e| e.to_string())?;
     session.close_stdin().await.map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    let mut pending = None;
-    while let Some((_, chunk)) = session.read_output(64 * 1024, &mut pending).await {
-        out.extend(chunk);
-    }
-    match session.wait_exit().await {
+    let (out, exit) = finish(&mut session).await;
+    match exit {
         Ok(0) => Ok(stats.files),
-        Ok(code) => Err(format!("tar in the helper container exited with {code}: {}", String::from_utf8_lossy(&out).trim())),
+        Ok(code) => {
+            Err(format!("tar in the helper container exited with {code}: {}", String::from_utf8_lossy(&out).trim()))
+        }
         Err(e) => Err(e.to_string()),
     }
 }

@@ -29,8 +29,11 @@ pub struct StageScript {
 fn echo_line(command: &str, color: bool) -> String {
     let mut lines = command.lines();
     let first = lines.next().unwrap_or("");
-    let shown =
-        if lines.next().is_some() { format!("$ {first} # collapsed multi-line command") } else { format!("$ {command}") };
+    let shown = if lines.next().is_some() {
+        format!("$ {first} # collapsed multi-line command")
+    } else {
+        format!("$ {command}")
+    };
     if color {
         format!("printf '\\033[32;1m%s\\033[0;m\\n' {}\n", shell_quote(&shown))
     } else {
@@ -72,7 +75,8 @@ pub fn job_scripts(stages: &[Stage], color: bool) -> (StageScript, Option<StageS
     let after = lines("after_script");
     (
         StageScript { name: STEP_SCRIPT, script: stage_script(STEP_SCRIPT, &step, color) },
-        (!after.is_empty()).then(|| StageScript { name: AFTER_SCRIPT, script: stage_script(AFTER_SCRIPT, &after, color) }),
+        (!after.is_empty())
+            .then(|| StageScript { name: AFTER_SCRIPT, script: stage_script(AFTER_SCRIPT, &after, color) }),
     )
 }
 
@@ -103,9 +107,13 @@ mod tests {
     fn run_sh(script: &str, vars: &str) -> (i32, String) {
         let dir = tempfile::tempdir().expect("tempdir");
         let body = script
-            .replace(&shell_quote(&format!("{VARS_DIR}/{VARS_ENV_KEY}")), &shell_quote(&dir.path().join("env.sh").display().to_string()))
+            .replace(
+                &shell_quote(&format!("{VARS_DIR}/{VARS_ENV_KEY}")),
+                &shell_quote(&dir.path().join("env.sh").display().to_string()),
+            )
             .replace("/tmp/keel-stage-", &format!("{}/keel-stage-", dir.path().display()));
-        std::fs::write(dir.path().join("env.sh"), format!("export CI_PROJECT_DIR={}/p\n{vars}", dir.path().display())).unwrap();
+        std::fs::write(dir.path().join("env.sh"), format!("export CI_PROJECT_DIR={}/p\n{vars}", dir.path().display()))
+            .unwrap();
         let out = Command::new("sh").arg("-c").arg(&body).output().expect("sh");
         (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
     }

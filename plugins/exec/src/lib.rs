@@ -66,7 +66,8 @@ mod tests {
 
     #[test]
     fn configuration_is_checked() {
-        let err = Exec::configure(Config::from_json(r#"{"shel": "bash"}"#).unwrap()).err().expect("unknown key refused");
+        let err =
+            Exec::configure(Config::from_json(r#"{"shel": "bash"}"#).unwrap()).err().expect("unknown key refused");
         assert!(format!("{err:?}").contains("shel"), "{err:?}");
         let ok = Exec::configure(Config::from_json(r#"{"shell": "bash"}"#).unwrap()).unwrap();
         assert_eq!(ok.shell.as_deref(), Some("bash"));

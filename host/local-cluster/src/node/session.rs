@@ -164,11 +164,8 @@ pub(crate) async fn exec(
         None
     };
     // Opened here (not at container start) so no descriptor outlives the exec's spawn.
-    let cgroup_procs: Vec<std::fs::File> = inst
-        .cgroup_procs
-        .iter()
-        .filter_map(|p| std::fs::OpenOptions::new().write(true).open(p).ok())
-        .collect();
+    let cgroup_procs: Vec<std::fs::File> =
+        inst.cgroup_procs.iter().filter_map(|p| std::fs::OpenOptions::new().write(true).open(p).ok()).collect();
     sandbox::prepare_exec(&mut cmd, req.tty, &cgroup_procs);
     let mut child = node.spawner.spawn(cmd).await.map_err(spawn_err)?;
     let pid = child.id().map(|p| p as i32);
