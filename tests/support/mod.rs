@@ -2,6 +2,8 @@
 //! Shared support for the end-to-end tests in `tests/e2e/*.rs`: where the workspace is, the
 //! real `host` binary, and kubectl as an independent client.
 
+pub mod job;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
