@@ -1,9 +1,10 @@
 //! Execution strategies: how a stage's script gets run in the pod.
 //!
-//! Design only in this release: a strategy component imports `keel:plugin/strategy-host`,
-//! which this host does not provide yet, so such a component is refused at load time with a
-//! "missing import" error. The API below is what GitLab's attach strategy needs (see
-//! wit/README.md for a walk-through).
+//! A strategy reaches the job's pod only through [`StrategyHost`] (the WIT `strategy-host`
+//! imports): exec and attach sessions on the pod's own containers, the trace, a back-off sleep
+//! and the pod's status. In a wasm build these are the keel host's; in a native `cargo test`
+//! they come from a [`fake::FakeHost`] whose sessions the test scripts (chunks, drops, exit
+//! codes), so a strategy's reconnect and parsing logic is tested without a cluster.
 
 /// One script stage.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -88,39 +89,30 @@ mod imp {
 
 #[cfg(not(target_arch = "wasm32"))]
 mod imp {
-    //! Outside wasm there is no host to reach; every service says so.
+    //! Outside wasm there is no host to reach: every service says so, unless the
+    //! [`StrategyHost`] was made by a [`fake::FakeHost`] for a native test.
     use super::*;
 
-    const NATIVE: &str = "strategy host services exist only inside the keel host";
+    const NATIVE: &str = "strategy host services exist only inside the keel host (use strategy::fake in tests)";
 
-    pub struct Session(());
+    pub struct Session(pub(super) Option<fake::FakeSession>);
 
     impl Session {
-        pub fn write_stdin(&self, _data: &[u8]) -> Result<(), HostError> {
-            Err(HostError::Other(NATIVE.into()))
+        pub fn write_stdin(&self, data: &[u8]) -> Result<(), HostError> {
+            self.0.as_ref().ok_or_else(|| HostError::Other(NATIVE.into()))?.write_stdin(data)
         }
         pub fn close_stdin(&self) -> Result<(), HostError> {
-            Err(HostError::Other(NATIVE.into()))
+            self.0.as_ref().ok_or_else(|| HostError::Other(NATIVE.into()))?.close_stdin()
         }
-        pub fn read_output(&self, _max_bytes: u32) -> Result<Option<(Stream, Vec<u8>)>, HostError> {
-            Err(HostError::Other(NATIVE.into()))
+        pub fn read_output(&self, max_bytes: u32) -> Result<Option<(Stream, Vec<u8>)>, HostError> {
+            self.0.as_ref().ok_or_else(|| HostError::Other(NATIVE.into()))?.read_output(max_bytes)
         }
         pub fn wait_exit(&self) -> Result<i32, HostError> {
-            Err(HostError::Other(NATIVE.into()))
+            self.0.as_ref().ok_or_else(|| HostError::Other(NATIVE.into()))?.wait_exit()
         }
     }
 
-    pub fn exec(_container: &str, _command: &[String], _stdin: bool) -> Result<Session, HostError> {
-        Err(HostError::Other(NATIVE.into()))
-    }
-    pub fn attach(_container: &str) -> Result<Session, HostError> {
-        Err(HostError::Other(NATIVE.into()))
-    }
-    pub fn trace_write(_data: &[u8]) {}
-    pub fn sleep(millis: u64) {
-        std::thread::sleep(std::time::Duration::from_millis(millis))
-    }
-    pub fn pod_status() -> Result<String, HostError> {
+    pub(super) fn unavailable<T>() -> Result<T, HostError> {
         Err(HostError::Other(NATIVE.into()))
     }
 }
@@ -130,14 +122,20 @@ pub use imp::Session;
 /// The host services a strategy uses; all act on the job's own pod.
 #[derive(Debug, Default)]
 pub struct StrategyHost {
-    _private: (),
+    /// Natively, the fake a test made this host from (`None`: every call fails).
+    #[cfg(not(target_arch = "wasm32"))]
+    fake: Option<fake::FakeHost>,
 }
 
 impl StrategyHost {
     #[doc(hidden)]
     pub fn new() -> Self {
-        StrategyHost { _private: () }
+        StrategyHost::default()
     }
+}
+
+#[cfg(target_arch = "wasm32")]
+impl StrategyHost {
     /// Run `command` in `container`; `stdin` opens its stdin for writing.
     pub fn exec(&self, container: &str, command: &[String], stdin: bool) -> Result<Session, HostError> {
         imp::exec(container, command, stdin)
@@ -159,3 +157,40 @@ impl StrategyHost {
         imp::pod_status()
     }
 }
+
+#[cfg(not(target_arch = "wasm32"))]
+impl StrategyHost {
+    fn fake(&self) -> Result<&fake::FakeHost, HostError> {
+        self.fake.as_ref().map_or_else(imp::unavailable, Ok)
+    }
+    /// Run `command` in `container`; `stdin` opens its stdin for writing.
+    pub fn exec(&self, container: &str, command: &[String], stdin: bool) -> Result<Session, HostError> {
+        let call = fake::Call::Exec { container: container.into(), command: command.to_vec(), stdin };
+        Ok(Session(Some(self.fake()?.open(call)?)))
+    }
+    /// Attach to PID 1 of `container` (needs `stdin: true`, see `prepare`).
+    pub fn attach(&self, container: &str) -> Result<Session, HostError> {
+        Ok(Session(Some(self.fake()?.open(fake::Call::Attach { container: container.into() })?)))
+    }
+    /// Append to the job's trace.
+    pub fn trace_write(&self, data: &[u8]) {
+        if let Some(f) = &self.fake {
+            f.trace_write(data)
+        }
+    }
+    /// Back off without burning the call's CPU deadline.
+    pub fn sleep(&self, millis: u64) {
+        match &self.fake {
+            // A fake host records the back-off instead of waiting it out.
+            Some(f) => f.slept(millis),
+            None => std::thread::sleep(std::time::Duration::from_millis(millis)),
+        }
+    }
+    /// The pod, freshly read, as JSON.
+    pub fn pod_status(&self) -> Result<String, HostError> {
+        self.fake()?.pod_status()
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+pub mod fake;
