@@ -59,6 +59,10 @@ pub fn exit_code(status: &Status) -> Result<i32, HostError> {
 /// so after a dropped connection they would otherwise never report EOF.
 const DRAIN_IDLE: Duration = Duration::from_millis(250);
 
+/// How long a session the strategy dropped stays connected, so that bytes it wrote to stdin
+/// just before are still delivered (they are queued behind the message loop).
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
+
 async fn ended_signal(rx: &mut watch::Receiver<bool>) {
     while !*rx.borrow_and_update() {
         if rx.changed().await.is_err() {
@@ -98,25 +102,35 @@ fn into_session(mut process: AttachedProcess, what: String) -> Session {
     pump(process.stderr(), Channel::Stderr, tx, ended_rx);
     let stdin = process.stdin().map(|w| Box::pin(w) as _);
     let status = process.take_status();
+    let (closed, mut dropped) = tokio::sync::oneshot::channel::<()>();
     // The status is awaited at once (not when the strategy asks), so the output pumps learn
     // that the stream ended even while nobody waits for the exit code.
     let status_task = tokio::spawn(async move {
-        // Keeps the process (its message loop) alive until the status arrives.
-        let _process = process;
+        // Keeps the process (its message loop) alive until the status arrives, or until the
+        // strategy dropped the session: then stdin (dropped with it) gets a moment to deliver
+        // what was written, and the connection closes.
+        let process = process;
         let result = match status {
-            Some(status) => match status.await {
-                Some(s) => exit_code(&s),
-                None => Err(HostError::Disconnected(format!("{what}: the stream ended without an exit status"))),
+            Some(status) => tokio::select! {
+                s = status => match s {
+                    Some(s) => exit_code(&s),
+                    None => Err(HostError::Disconnected(format!("{what}: the stream ended without an exit status"))),
+                },
+                _ = &mut dropped => {
+                    tokio::time::sleep(CLOSE_GRACE).await;
+                    Err(HostError::Other(format!("{what}: closed by the strategy")))
+                }
             },
             None => Err(HostError::Other(format!("{what}: no status channel"))),
         };
+        drop(process);
         let _ = ended_tx.send(true);
         result
     });
     let exit =
         async move { status_task.await.unwrap_or_else(|e| Err(HostError::Other(format!("session task failed: {e}")))) }
             .boxed();
-    Session { stdin, output: rx, exit: Some(exit), exit_code: None }
+    Session { stdin, output: rx, exit: Some(exit), exit_code: None, closed: Some(closed) }
 }
 
 fn connect_error(what: &str, e: kube::Error) -> HostError {

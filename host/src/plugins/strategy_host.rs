@@ -45,6 +45,9 @@ pub struct Session {
     pub exit: Option<BoxFuture<'static, Result<i32, HostError>>>,
     /// The exit code once known (a second `wait-exit` returns it again).
     pub exit_code: Option<Result<i32, HostError>>,
+    /// Dropped with the session: tells the connection to close (the WIT contract), instead of
+    /// staying open until the process exits, which for an attach is the container's end.
+    pub closed: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// The job's pod, as the cluster code exposes it to strategies.
