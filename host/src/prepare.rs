@@ -22,7 +22,7 @@ use crate::pod::{self, JobObjects, PodContext, PodError, PullPolicies};
 pub const PLUGIN_PATH_ENV: &str = "KEEL_PLUGIN_PATH";
 
 /// The strategy used when nothing chooses one.
-pub const DEFAULT_STRATEGY: &str = "exec";
+pub const DEFAULT_STRATEGY: &str = "attach";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {

@@ -245,7 +245,7 @@ async fn exec_strategy_connection_cut_mid_stage_fails_never_succeeds() {
     let via_proxy =
         f.write("proxied-kubeconfig", &kubeconfig.replace(&f.cluster.addr().to_string(), &proxy.addr.to_string()));
     let job = f.write("job.yml", "image: alpine:3.20\nscript:\n  - echo ticking\n  - for i in $(seq 600); do sleep 0.1; done\n  - echo finished\n");
-    let mut child = f.command_via(&via_proxy, &job, &[]).spawn().expect("spawn host");
+    let mut child = f.command_via(&via_proxy, &job, &["--strategy", "exec"]).spawn().expect("spawn host");
     let mut out = child.stdout.take().expect("stdout");
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];

@@ -139,6 +139,7 @@ pub const CONFIG_HELPER: &str = "[[runners]]\nname = \"t\"\nexecutor = \"kuberne
 pub struct CuttingProxy {
     pub addr: std::net::SocketAddr,
     cut: tokio::sync::watch::Sender<u32>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl CuttingProxy {
@@ -146,8 +147,11 @@ impl CuttingProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("addr");
         let (cut, rx) = tokio::sync::watch::channel(0u32);
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let mut rx = rx.clone();
                 rx.borrow_and_update();
                 tokio::spawn(async move {
@@ -159,7 +163,18 @@ impl CuttingProxy {
                 });
             }
         });
-        CuttingProxy { addr, cut }
+        CuttingProxy { addr, cut, accepted }
+    }
+
+    /// Connections accepted so far (each reconnect is one).
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A copy of the fixture's kubeconfig that goes through this proxy.
+    pub fn kubeconfig(&self, f: &Fixture) -> PathBuf {
+        let kubeconfig = std::fs::read_to_string(f.cluster.kubeconfig_path()).expect("kubeconfig");
+        f.write("proxied-kubeconfig", &kubeconfig.replace(&f.cluster.addr().to_string(), &self.addr.to_string()))
     }
 
     pub fn cut(&self) {

@@ -527,6 +527,13 @@ async fn run_stage(
             Err(e) => trace.warning(&format!("WARNING: cannot stop the stage's processes: {e}")),
         }
     }
+    // A failed pod ends the job: the strategy may be waiting on a container that is gone, and
+    // nothing it could still report matters, so its call is dropped at once. After a timeout
+    // or cancel it gets to see the stopped stage end and return.
+    if matches!(stopped, StageEnd::PodFailed(_)) {
+        trace.flush_stage();
+        return stopped;
+    }
     if tokio::time::timeout(STAGE_STOP_GRACE, &mut call).await.is_err() {
         tracing::warn!(stage = stage.name, "the strategy did not return after its stage was stopped");
     }

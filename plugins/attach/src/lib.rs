@@ -114,9 +114,7 @@ impl Plugin for Attach {
     fn configure(config: Config) -> Result<Self, Error> {
         let settings: Settings = config.parse()?;
         if settings.reconnect_min_ms == 0 || settings.reconnect_max_ms < settings.reconnect_min_ms {
-            return Err(Error::invalid_config(
-                "reconnect_min_ms must be > 0 and at most reconnect_max_ms".to_string(),
-            ));
+            return Err(Error::invalid_config("reconnect_min_ms must be > 0 and at most reconnect_max_ms".to_string()));
         }
         if settings.poll_ms == 0 || settings.poll_ms > 10_000 {
             return Err(Error::invalid_config("poll_ms must be between 1 and 10000".to_string()));
@@ -281,7 +279,11 @@ impl ExecutionStrategy for Attach {
             match ended {
                 Ok(NOT_STARTED) if !started && resends < RESENDS => {
                     resends += 1;
-                    keel_sdk::warn!("stage {}: did not start within {} s; sending it again", stage.name, self.settings.start_wait_s);
+                    keel_sdk::warn!(
+                        "stage {}: did not start within {} s; sending it again",
+                        stage.name,
+                        self.settings.start_wait_s
+                    );
                     self.send_start(host, &id, &mut retry)?;
                 }
                 Ok(NOT_STARTED) => {

@@ -1,7 +1,7 @@
 //! `prepare`: what only the attach strategy needs in the job's pod.
 
-use keel_sdk::k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, Pod, Volume, VolumeMount};
 use keel_sdk::Error;
+use keel_sdk::k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, Pod, Volume, VolumeMount};
 
 use crate::protocol::{DETECT_SHELL, Paths, quote};
 
@@ -43,7 +43,11 @@ pub fn prepare(mut pod: Pod) -> Result<Pod, Error> {
                 "the pod already has a volume named `{name}`, which the attach strategy needs for itself"
             )));
         }
-        volumes.push(Volume { name: name.into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() });
+        volumes.push(Volume {
+            name: name.into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        });
     }
     let paths = paths();
     let mut helper_image = None;
@@ -64,7 +68,8 @@ pub fn prepare(mut pod: Pod) -> Result<Pod, Error> {
     if !spec.containers.iter().any(|c| c.name == BUILD) {
         return Err(Error::internal("the pod has no `build` container"));
     }
-    let helper = helper_image.ok_or_else(|| Error::internal("the pod has no `helper` container to read the log from"))?;
+    let helper =
+        helper_image.ok_or_else(|| Error::internal("the pod has no `helper` container to read the log from"))?;
     let log = quote(&paths.log);
     let init = Container {
         name: INIT_CONTAINER.into(),
@@ -74,7 +79,9 @@ pub fn prepare(mut pod: Pod) -> Result<Pod, Error> {
             "sh".into(),
             "-c".into(),
             // The directories may already be open (emptyDirs are 0777) or not ours to change.
-            format!("touch {log} && chmod 0666 {log} && {{ chmod 0777 {SCRIPTS_DIR} {LOGS_DIR} 2>/dev/null || true; }}"),
+            format!(
+                "touch {log} && chmod 0666 {log} && {{ chmod 0777 {SCRIPTS_DIR} {LOGS_DIR} 2>/dev/null || true; }}"
+            ),
         ]),
         volume_mounts: Some(vec![mount(SCRIPTS_VOLUME, SCRIPTS_DIR), mount(LOGS_VOLUME, LOGS_DIR)]),
         resources: helper.resources.clone(),

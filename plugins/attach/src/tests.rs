@@ -7,7 +7,7 @@ use keel_sdk::strategy::HostError;
 use keel_sdk::strategy::fake::{Call, FakeHost, Scripted};
 
 use super::*;
-use crate::protocol::{RS, READER};
+use crate::protocol::{READER, RS};
 
 const NONCE: &str = "0123abcd";
 
@@ -256,11 +256,7 @@ fn the_pod_side_runs_a_stage_once_and_the_reader_streams_it_from_any_offset() {
     let events = parser.feed(&all.stdout);
     assert_eq!(
         events,
-        vec![
-            Event::Started(id.clone()),
-            Event::Output(b"one\npartial two\n".to_vec()),
-            Event::Exited(id.clone(), 7)
-        ]
+        vec![Event::Started(id.clone()), Event::Output(b"one\npartial two\n".to_vec()), Event::Exited(id.clone(), 7)]
     );
     let tail = read(10);
     assert_eq!(tail.stdout, all.stdout[10..]);
