@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, ContainerPort, EmptyDirVolumeSource, HostPathVolumeSource, KeyToPath, LocalObjectReference,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, ResourceRequirements, Secret, SecretVolumeSource, Service,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, ResourceRequirements, Secret, SecretVolumeSource, Service,
     ServicePort, ServiceSpec, Toleration, Volume,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
