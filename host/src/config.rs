@@ -526,7 +526,8 @@ pub struct ConfigOrigin {
     /// 1-based position of the table (its `[...config]` header or inline `{`).
     pub line: usize,
     pub column: usize,
-    /// The table's key path, e.g. `runners[0].kubernetes.plugins[1].config`.
+    /// The table's key path, e.g. `runners[0].kubernetes.plugins[1].config`; empty when the
+    /// table is the whole file.
     pub key: String,
     /// 1-based positions of the table's own keys, so an error naming one points at its line.
     pub keys: BTreeMap<String, (usize, usize)>,
@@ -539,7 +540,9 @@ impl ConfigOrigin {
     pub fn locate(&self, reason: &str) -> String {
         let named = reason.split('`').skip(1).step_by(2).find_map(|k| self.keys.get_key_value(k));
         let (key, (line, column)) = match named {
+            Some((k, pos)) if self.key.is_empty() => (k.clone(), *pos),
             Some((k, pos)) => (format!("{}.{k}", self.key), *pos),
+            None if self.key.is_empty() => ("(document)".to_string(), (self.line, self.column)),
             None => (self.key.clone(), (self.line, self.column)),
         };
         format!("{}:{line}:{column}: key `{key}`", self.path.display())
@@ -573,7 +576,7 @@ impl ConfigOrigin {
             path: file.to_path_buf(),
             line: 1,
             column: 1,
-            key: "(document)".into(),
+            key: String::new(),
             keys: key_positions(text, 0..text.len(), false),
         }
     }
