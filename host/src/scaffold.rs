@@ -179,7 +179,8 @@ k8s-openapi = { version = "0.29", default-features = false, features = ["std", "
 serde = { version = "1", features = ["derive"] }
 
 [profile.release]
-# About 1 MB instead of 4.6 MB: smaller components compile and instantiate faster.
+# Several times smaller than the default profile (1.3 MB for this template): smaller
+# components compile and instantiate faster.
 opt-level = "s"
 lto = true
 codegen-units = 1

@@ -229,6 +229,11 @@ fn plugin_new_gives_a_crate_that_tests_builds_and_renders_first_try() {
     let with_config = format!("{}={{ team = \"platform\" }}", arg(&wasm));
     let out = succeeded(host(&["render", "--plugin", &with_config, "job.yml"], &krate), "render");
     assert_eq!(pod_of(&out)["metadata"]["annotations"]["example.com/team"], "platform");
+    // inspect: its own name (not cargo's team_pod_mutator), and that it needs a table.
+    let inspect = succeeded(host(&["plugin", "inspect", arg(&wasm)], &krate), "inspect");
+    assert!(inspect.contains("name:        team-pod-mutator"), "{inspect}");
+    assert!(inspect.contains("config:      required (an empty table is rejected: plugin table: missing field `team`)"), "{inspect}");
+    assert!(inspect.contains("loads:       yes"), "{inspect}");
     // Its required key, missing: the load fails naming the plugin by its own name.
     let err = failed(&host(&["render", "--plugin", arg(&wasm), "job.yml"], &krate));
     assert!(err.contains("plugin `team-pod-mutator` 0.1.0: configuration rejected: plugin table: missing field `team`"), "{err}");

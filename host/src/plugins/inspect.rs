@@ -26,6 +26,9 @@ pub struct Inspection {
     pub configured_as: Option<String>,
     /// `file:line:col` of the configuration table that was checked, if any.
     pub config_origin: Option<String>,
+    /// Inspected without a configuration: why the plugin rejects an empty table (a required
+    /// key), if it does. It still loads; a job must configure it.
+    pub needs_config: Option<String>,
 }
 
 impl std::fmt::Display for Inspection {
@@ -49,6 +52,9 @@ impl std::fmt::Display for Inspection {
         if let Some(origin) = &self.config_origin {
             let verdict = if self.load_error.is_none() { "accepted" } else { "see below" };
             writeln!(f, "config:      {origin} ({verdict})")?;
+        }
+        if let Some(reason) = &self.needs_config {
+            writeln!(f, "config:      required (an empty table is rejected: {reason})")?;
         }
         match &self.load_error {
             None => write!(f, "loads:       yes"),

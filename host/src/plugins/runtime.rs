@@ -184,6 +184,18 @@ impl Runtime {
     }
 
     async fn prepare(&self, spec: PluginSpec, component: Component) -> Result<Plugin, PluginError> {
+        let (inner, mut probe) = self.identify(spec, component).await?;
+        // The configuration is checked now, not when the first job starts: a table the plugin
+        // rejects fails the load (and `host plugin inspect --config`) with the file and line
+        // of the table. Kubewarden validates policy settings at load for the same reason. The
+        // probe is a fresh instance, so configuring it leaves nothing behind for jobs.
+        probe.configure(&inner).await?;
+        Ok(Plugin { inner: Arc::new(inner) })
+    }
+
+    /// Compile-time checks, link, and the plugin's metadata from a probe instance (returned,
+    /// not yet configured).
+    async fn identify(&self, spec: PluginSpec, component: Component) -> Result<(PluginInner, Instance), PluginError> {
         let engine = &self.inner.engine;
         let label = load_label(&spec);
         let scan = wit::ExportScan::of(engine, &component);
@@ -244,12 +256,7 @@ impl Runtime {
                 inner.roles.push(role);
             }
         }
-        // The configuration is checked now, not when the first job starts: a table the plugin
-        // rejects fails the load (and `host plugin inspect --config`) with the file and line
-        // of the table. Kubewarden validates policy settings at load for the same reason. The
-        // probe is a fresh instance, so configuring it leaves nothing behind for jobs.
-        probe.configure(&inner).await?;
-        Ok(Plugin { inner: Arc::new(inner) })
+        Ok((inner, probe))
     }
 
     /// What a component is and whether it would load, for `host plugin inspect`.
@@ -278,13 +285,24 @@ impl Runtime {
             compile: Some(source),
             load_error: None,
             configured_as: (!spec.name.is_empty()).then(|| spec.name.clone()),
+            needs_config: None,
             config_origin: spec.origin.as_ref().map(|o| format!("{}:{}:{}", o.path.display(), o.line, o.column)),
         };
-        match self.prepare(spec, component).await {
-            Ok(plugin) => {
-                inspection.name = Some(plugin.inner.self_name.clone());
-                inspection.version = Some(plugin.inner.version.clone());
-                inspection.roles = plugin.inner.roles.clone();
+        // Without a configuration to check, a plugin that needs one still loads: the empty
+        // table's rejection is shown as a note, not as "loads: no".
+        let configured = spec.origin.is_some() || !spec.config.is_empty();
+        match self.identify(spec, component).await {
+            Ok((inner, mut probe)) => {
+                inspection.name = Some(inner.self_name.clone());
+                inspection.version = Some(inner.version.clone());
+                inspection.roles = inner.roles.clone();
+                match probe.configure(&inner).await {
+                    Ok(()) => {}
+                    Err(PluginError::InvalidConfig { reason, .. }) if !configured => {
+                        inspection.needs_config = Some(reason);
+                    }
+                    Err(error) => inspection.load_error = Some(error.to_string()),
+                }
             }
             Err(error) => inspection.load_error = Some(error.to_string()),
         }
