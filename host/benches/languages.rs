@@ -28,7 +28,8 @@ fn spec(name: &str) -> PluginSpec {
 }
 
 async fn per_job(rt: &Runtime, plugin: &Plugin) {
-    let mut jp = JobPlugins::new(rt, std::slice::from_ref(plugin), &support::job(), &serde_json::Value::Null).await.unwrap();
+    let mut jp =
+        JobPlugins::new(rt, std::slice::from_ref(plugin), &support::job(), &serde_json::Value::Null).await.unwrap();
     let pod = jp.mutate_pod(support::pod(), &HostOwned::default()).await.unwrap();
     assert_eq!(pod.metadata.labels.unwrap()["team"], "platform");
 }
@@ -82,18 +83,40 @@ fn languages(c: &mut Criterion) {
 
         let mut group = c.benchmark_group(format!("languages/{name}"));
         group.bench_function("per_job", |b| b.iter(|| tokio.block_on(per_job(&rt, &plugin))));
-        group.bench_function("call", |b| b.iter(|| tokio.block_on(jp.mutate_pod(support::pod(), &HostOwned::default())).unwrap()));
+        group.bench_function("call", |b| {
+            b.iter(|| tokio.block_on(jp.mutate_pod(support::pod(), &HostOwned::default())).unwrap())
+        });
         group.finish();
     }
 
     let (rust, py) = (&rows[0], &rows[1]);
     let ratio = |a: Duration, b: Duration| b.as_secs_f64() / a.as_secs_f64();
     println!("\nlanguages summary (this run; Python / Rust):");
-    println!("  size            rust {:>10} B   python {:>10} B   {:.1}x", rust.size, py.size, py.size as f64 / rust.size as f64);
-    println!("  load, cold      rust {:>10.1?}   python {:>10.1?}   {:.1}x", rust.cold, py.cold, ratio(rust.cold, py.cold));
-    println!("  load, cached    rust {:>10.1?}   python {:>10.1?}   {:.1}x", rust.cached, py.cached, ratio(rust.cached, py.cached));
+    println!(
+        "  size            rust {:>10} B   python {:>10} B   {:.1}x",
+        rust.size,
+        py.size,
+        py.size as f64 / rust.size as f64
+    );
+    println!(
+        "  load, cold      rust {:>10.1?}   python {:>10.1?}   {:.1}x",
+        rust.cold,
+        py.cold,
+        ratio(rust.cold, py.cold)
+    );
+    println!(
+        "  load, cached    rust {:>10.1?}   python {:>10.1?}   {:.1}x",
+        rust.cached,
+        py.cached,
+        ratio(rust.cached, py.cached)
+    );
     println!("  per job         rust {:>10.1?}   python {:>10.1?}   {:.1}x", rust.job, py.job, ratio(rust.job, py.job));
-    println!("  mutate call     rust {:>10.1?}   python {:>10.1?}   {:.1}x", rust.call, py.call, ratio(rust.call, py.call));
+    println!(
+        "  mutate call     rust {:>10.1?}   python {:>10.1?}   {:.1}x",
+        rust.call,
+        py.call,
+        ratio(rust.call, py.call)
+    );
 }
 
 criterion_group!(benches, languages);

@@ -490,7 +490,8 @@ impl PluginConfig {
             return Ok(PluginConfig::new(path, None, config));
         }
         let file = PathBuf::from(given);
-        let text = read_text_file(&file, limits::CONFIG_BYTES).map_err(|source| ConfigError::Read { path: file.clone(), source })?;
+        let text = read_text_file(&file, limits::CONFIG_BYTES)
+            .map_err(|source| ConfigError::Read { path: file.clone(), source })?;
         let de = toml::Deserializer::parse(&text).map_err(|e| toml_error(&text, &file, "", &e))?;
         let config: toml::Table = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
@@ -549,7 +550,6 @@ impl ConfigOrigin {
     }
 }
 
-
 impl ConfigOrigin {
     /// The table at byte range `span` of `text`: an inline `{ ... }`, or a `[...config]`
     /// header whose keys are the lines after it, up to the next header.
@@ -594,7 +594,8 @@ fn key_positions(text: &str, region: std::ops::Range<usize>, inline: bool) -> BT
         })
     } else {
         HEADER.get_or_init(|| {
-            regex::Regex::new(r#"(?m)^[ \t]*(?:"([^"\n]+)"|'([^'\n]+)'|([A-Za-z0-9_-]+))[ \t]*="#).expect("static regex")
+            regex::Regex::new(r#"(?m)^[ \t]*(?:"([^"\n]+)"|'([^'\n]+)'|([A-Za-z0-9_-]+))[ \t]*="#)
+                .expect("static regex")
         })
     };
     let Some(slice) = text.get(region.clone()) else { return BTreeMap::new() };

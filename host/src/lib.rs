@@ -14,7 +14,7 @@ pub mod plugins;
 pub mod pod;
 pub mod prepare;
 pub mod render;
-pub mod scaffold;
 pub mod run;
+pub mod scaffold;
 pub mod sources;
 pub mod trace;

@@ -311,10 +311,11 @@ async fn inspect(
         return Ok(if inspection.load_error.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     };
     let config = host::config::Config::load(&config_path)?;
-    let same_file = |a: &std::path::Path, b: &std::path::Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    };
+    let same_file =
+        |a: &std::path::Path, b: &std::path::Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        };
     let entries: Vec<&host::config::PluginConfig> = config
         .plugins
         .iter()

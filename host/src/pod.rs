@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, ContainerPort, EmptyDirVolumeSource, HostPathVolumeSource, KeyToPath, LocalObjectReference,
-    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, ResourceRequirements, Secret, SecretVolumeSource, Service,
-    ServicePort, ServiceSpec, Toleration, Volume,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, ResourceRequirements, Secret, SecretVolumeSource,
+    Service, ServicePort, ServiceSpec, Toleration, Volume,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -34,7 +34,6 @@ pub const LOGS_VOLUME: &str = "logs";
 pub use crate::gitlab::RESERVED_VOLUMES;
 /// Key of the registry credentials in a `kubernetes.io/dockerconfigjson` Secret.
 pub const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
-
 
 /// The key of the sourced environment file in the variables Secret.
 pub const VARS_ENV_KEY: &str = "env.sh";

@@ -138,11 +138,8 @@ pub fn plugin_spec(p: &PluginConfig) -> PluginSpec {
 
 async fn load(rt: &Runtime, spec: PluginSpec) -> Result<Plugin, PrepareError> {
     let path = spec.path.clone();
-    let what = if spec.name.is_empty() {
-        path.display().to_string()
-    } else {
-        format!("`{}` ({})", spec.name, path.display())
-    };
+    let what =
+        if spec.name.is_empty() { path.display().to_string() } else { format!("`{}` ({})", spec.name, path.display()) };
     rt.load(spec).await.map_err(|source| PrepareError::LoadPlugin { what, path, source: Box::new(source) })
 }
 

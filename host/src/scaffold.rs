@@ -110,7 +110,9 @@ impl Scaffold {
         let wasm = self.artifact();
         match self.role {
             ScaffoldRole::PodMutator => format!("host render --plugin '{wasm}={{ team = \"platform\" }}' job.yml"),
-            ScaffoldRole::PullPolicy => format!("host render --plugin '{wasm}={{ policy = \"if-not-present\" }}' job.yml"),
+            ScaffoldRole::PullPolicy => {
+                format!("host render --plugin '{wasm}={{ policy = \"if-not-present\" }}' job.yml")
+            }
             ScaffoldRole::Overwrites => format!("host render --plugin '{wasm}={{ namespaces = [\"ci-\"] }}' job.yml"),
             ScaffoldRole::ExecutionStrategy => format!("host render --strategy {wasm} job.yml"),
         }
@@ -193,7 +195,8 @@ strip = "debuginfo"
 
 const JOB: &str = "image: alpine:3.20\nscript:\n  - echo hello\n";
 
-const JOB_WITH_OVERWRITE: &str = "image: alpine:3.20\nvariables:\n  KUBERNETES_NAMESPACE_OVERWRITE: ci-blue\nscript:\n  - echo hello\n";
+const JOB_WITH_OVERWRITE: &str =
+    "image: alpine:3.20\nvariables:\n  KUBERNETES_NAMESPACE_OVERWRITE: ci-blue\nscript:\n  - echo hello\n";
 
 const README: &str = r##"# {{NAME}}
 

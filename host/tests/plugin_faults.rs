@@ -46,7 +46,10 @@ async fn mutate_fails(rt: &Runtime, mode: &str) -> PluginError {
     if matches!(err, PluginError::Trap { .. } | PluginError::Deadline { .. } | PluginError::MemoryLimit { .. }) {
         let again = job.mutate_pod(support::pod(), &HostOwned::default()).await.expect_err("stopped");
         assert!(matches!(again, PluginError::Stopped { .. }), "{again}");
-        assert!(again.to_string().contains(&format!("plugin `fault-{mode}` (fixture-fault) 0.1.0 was stopped")), "{again}");
+        assert!(
+            again.to_string().contains(&format!("plugin `fault-{mode}` (fixture-fault) 0.1.0 was stopped")),
+            "{again}"
+        );
     }
     err
 }

@@ -100,8 +100,11 @@ impl ImageRef {
         if repository.chars().any(|c| c.is_ascii_uppercase()) {
             return Err(err("repository names are lower case"));
         }
-        let repository =
-            if registry == DOCKER_HUB && !repository.contains('/') { format!("library/{repository}") } else { repository };
+        let repository = if registry == DOCKER_HUB && !repository.contains('/') {
+            format!("library/{repository}")
+        } else {
+            repository
+        };
         let tag = if tag.is_none() && digest.is_none() { Some("latest".to_string()) } else { tag };
         Ok(ImageRef { registry, repository, tag, digest })
     }
@@ -138,7 +141,9 @@ mod tests {
     #[test]
     fn docker_hub_spellings_are_one_image() {
         let want = "docker.io/library/alpine:3.20";
-        for spelling in ["alpine:3.20", "library/alpine:3.20", "docker.io/alpine:3.20", "index.docker.io/library/alpine:3.20"] {
+        for spelling in
+            ["alpine:3.20", "library/alpine:3.20", "docker.io/alpine:3.20", "index.docker.io/library/alpine:3.20"]
+        {
             assert_eq!(ImageRef::parse(spelling).unwrap().to_string(), want, "{spelling}");
         }
         assert!(ImageRef::parse("bitnami/redis").unwrap().is_docker_hub());
@@ -148,7 +153,10 @@ mod tests {
     #[test]
     fn registries_ports_and_digests() {
         let r = ImageRef::parse("localhost:5000/app:1").unwrap();
-        assert_eq!((r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()), ("localhost:5000", "app", Some("1")));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()),
+            ("localhost:5000", "app", Some("1"))
+        );
         let r = ImageRef::parse("localhost/app").unwrap();
         assert_eq!((r.registry.as_str(), r.tag.as_deref()), ("localhost", Some("latest")));
         let r = ImageRef::parse("ghcr.io/o/app:v1@sha256:ab").unwrap();

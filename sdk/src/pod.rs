@@ -450,7 +450,11 @@ pub enum Violation {
     NotJson(String),
     NotAPod(String),
     NoBuildContainer,
-    Changed { field: String, before: String, after: String },
+    Changed {
+        field: String,
+        before: String,
+        after: String,
+    },
 }
 
 impl std::fmt::Display for Violation {
@@ -496,8 +500,7 @@ impl Snapshot {
         if output.len() > MAX_OBJECT_BYTES {
             return Err(Violation::TooLarge(output.len()));
         }
-        let value: serde_json::Value =
-            serde_json::from_str(output).map_err(|e| Violation::NotJson(e.to_string()))?;
+        let value: serde_json::Value = serde_json::from_str(output).map_err(|e| Violation::NotJson(e.to_string()))?;
         let field = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_string);
         if field("apiVersion").as_deref() != Some("v1") || field("kind").as_deref() != Some("Pod") {
             return Err(Violation::NotAPod(format!(

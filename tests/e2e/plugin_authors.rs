@@ -147,7 +147,8 @@ fn configs_are_checked_when_plugins_load_and_by_inspect_with_the_tables_line() {
     assert!(out.contains(&format!("loads:       no: {want}")), "{out}");
 
     // A required key missing, with no table at all: pointed at the entry's `path`.
-    let fixed = std::fs::read_to_string(dir.path().join("config.toml")).unwrap().replace("node_selectr", "node_selector");
+    let fixed =
+        std::fs::read_to_string(dir.path().join("config.toml")).unwrap().replace("node_selectr", "node_selector");
     std::fs::write(dir.path().join("config.toml"), fixed).unwrap();
     let ok = host(&["plugin", "inspect", "--config", "config.toml", arg(&plugin("labels"))], dir.path());
     assert!(ok.status.success(), "{}", text(&ok.stdout));
@@ -160,7 +161,8 @@ fn a_plugin_crash_is_logged_at_error_with_the_trap_and_panic_message() {
     let panic = format!("{}={{ mode = \"panic\" }}", arg(&plugin("fixture-fault")));
     // Default log level (warn): the crash must be visible without KEEL_LOG.
     let err = failed(&host(&["render", "--plugin", &panic, "job.yml"], dir.path()));
-    let log_line = err.lines().find(|l| l.contains("ERROR") && l.contains("plugin stopped")).unwrap_or_else(|| panic!("{err}"));
+    let log_line =
+        err.lines().find(|l| l.contains("ERROR") && l.contains("plugin stopped")).unwrap_or_else(|| panic!("{err}"));
     assert!(log_line.contains("crashed (trap)") && log_line.contains("fixture panics on purpose"), "{log_line}");
     assert!(err.lines().any(|l| l.contains("WARN") && l.contains("panicked at")), "stderr at WARN: {err}");
 }
@@ -183,7 +185,10 @@ fn the_python_plugin_renders_the_same_pod_as_the_rust_one() {
     assert!(inspect.contains("name:        labels-py") && inspect.contains("roles:       pod-mutator"), "{inspect}");
     let typo = format!("{}={{ lables = {{}} }}", arg(&plugin("labels-py")));
     let err = failed(&host(&["render", "--plugin", &typo, "job.yml"], dir.path()));
-    assert!(err.contains("plugin `labels-py` 0.1.0: configuration rejected: plugin table: unknown field `lables`"), "{err}");
+    assert!(
+        err.contains("plugin `labels-py` 0.1.0: configuration rejected: plugin table: unknown field `lables`"),
+        "{err}"
+    );
 }
 
 fn cargo() -> Command {
@@ -212,7 +217,8 @@ fn plugin_new_gives_a_crate_that_tests_builds_and_renders_first_try() {
         for f in ["Cargo.toml", "src/lib.rs", "README.md", "job.yml"] {
             assert!(krate.join(f).is_file(), "{role}: {f} missing");
         }
-        let test = cargo().args(["test", "--quiet"]).current_dir(&krate).env("CARGO_TARGET_DIR", &target).output().unwrap();
+        let test =
+            cargo().args(["test", "--quiet"]).current_dir(&krate).env("CARGO_TARGET_DIR", &target).output().unwrap();
         succeeded(test, &format!("cargo test of the generated {role} crate"));
     }
 
@@ -232,14 +238,25 @@ fn plugin_new_gives_a_crate_that_tests_builds_and_renders_first_try() {
     // inspect: its own name (not cargo's team_pod_mutator), and that it needs a table.
     let inspect = succeeded(host(&["plugin", "inspect", arg(&wasm)], &krate), "inspect");
     assert!(inspect.contains("name:        team-pod-mutator"), "{inspect}");
-    assert!(inspect.contains("config:      required (an empty table is rejected: plugin table: missing field `team`)"), "{inspect}");
+    assert!(
+        inspect.contains("config:      required (an empty table is rejected: plugin table: missing field `team`)"),
+        "{inspect}"
+    );
     assert!(inspect.contains("loads:       yes"), "{inspect}");
     // Its required key, missing: the load fails naming the plugin by its own name.
     let err = failed(&host(&["render", "--plugin", arg(&wasm), "job.yml"], &krate));
-    assert!(err.contains("plugin `team-pod-mutator` 0.1.0: configuration rejected: plugin table: missing field `team`"), "{err}");
+    assert!(
+        err.contains("plugin `team-pod-mutator` 0.1.0: configuration rejected: plugin table: missing field `team`"),
+        "{err}"
+    );
     // The README's commands are the ones that just worked.
     let readme = std::fs::read_to_string(krate.join("README.md")).unwrap();
-    assert!(readme.contains("host render --plugin 'target/wasm32-wasip2/release/team_pod_mutator.wasm={ team = \"platform\" }' job.yml"), "{readme}");
+    assert!(
+        readme.contains(
+            "host render --plugin 'target/wasm32-wasip2/release/team_pod_mutator.wasm={ team = \"platform\" }' job.yml"
+        ),
+        "{readme}"
+    );
     // The size profile is in the crate.
     let manifest = std::fs::read_to_string(krate.join("Cargo.toml")).unwrap();
     assert!(manifest.contains("opt-level = \"s\"") && manifest.contains("lto = true"), "{manifest}");
@@ -267,7 +284,11 @@ fn the_sdk_packages_as_a_crate_that_builds_outside_the_repository() {
         .unwrap();
     succeeded(out, "cargo package -p keel-sdk");
     let list = succeeded(
-        cargo().args(["package", "-p", "keel-sdk", "--allow-dirty", "--list"]).current_dir(workspace_root()).output().unwrap(),
+        cargo()
+            .args(["package", "-p", "keel-sdk", "--allow-dirty", "--list"])
+            .current_dir(workspace_root())
+            .output()
+            .unwrap(),
         "cargo package --list",
     );
     assert!(list.lines().any(|l| l == "wit/v0.1.0/plugin.wit"), "{list}");

@@ -287,8 +287,9 @@ impl JobPlugins {
                     })
                 })
                 .await?;
-            current =
-                baseline.check(&output).map_err(|violation| validate::violation_error(violation, &self.members[index].0.inner))?;
+            current = baseline
+                .check(&output)
+                .map_err(|violation| validate::violation_error(violation, &self.members[index].0.inner))?;
             json = output;
         }
         Ok(current)

@@ -218,7 +218,11 @@ impl Runtime {
         let indices = match wit_version {
             wit::WitVersion::V0_1_0 => latest::Indices::new(&pre, |iface| scan.exports_role(iface)),
         }
-        .map_err(|e| PluginError::Link { plugin: label.clone(), path: spec.path.clone(), reason: format!("{e:#}") })?;
+        .map_err(|e| PluginError::Link {
+            plugin: label.clone(),
+            path: spec.path.clone(),
+            reason: format!("{e:#}"),
+        })?;
         let config_json = serde_json::to_string(&spec.config)
             .map_err(|source| PluginError::Encode { what: "plugin config", source })?;
         let mut inner = PluginInner {
