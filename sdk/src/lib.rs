@@ -24,8 +24,8 @@
 //!
 //! Every SDK-built component exports all role interfaces of the WIT world `keel:plugin/strategy`
 //! (wit-bindgen exports per world): `plugin`, `pod-mutator`, `pull-policy`, `overwrites` *and*
-//! `execution-strategy`, and imports `strategy-host`, so `host plugin inspect` lists them all
-//! for every SDK plugin. The roles named in `export!` are the ones listed in the plugin's
+//! `execution-strategy`, so `host plugin inspect` lists them all for every SDK plugin
+//! (`strategy-host` is imported only by plugins that call it). The roles named in `export!` are the ones listed in the plugin's
 //! metadata; the host calls only those, and the others answer `internal("plugin ... does not
 //! implement role ...")`. The host gives `strategy-host` access only to the job's chosen
 //! strategy; any other plugin's call is refused. See `wit/README.md`.
