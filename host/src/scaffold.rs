@@ -181,8 +181,8 @@ k8s-openapi = { version = "0.29", default-features = false, features = ["std", "
 serde = { version = "1", features = ["derive"] }
 
 [profile.release]
-# Several times smaller than the default profile (1.3 MB for this template): smaller
-# components compile and instantiate faster.
+# 1.3 MB for this template instead of 4.6 MB with the default profile: smaller components
+# compile and instantiate faster.
 opt-level = "s"
 lto = true
 codegen-units = 1
