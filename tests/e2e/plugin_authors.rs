@@ -260,6 +260,35 @@ fn plugin_new_gives_a_crate_that_tests_builds_and_renders_first_try() {
     // The size profile is in the crate.
     let manifest = std::fs::read_to_string(krate.join("Cargo.toml")).unwrap();
     assert!(manifest.contains("opt-level = \"s\"") && manifest.contains("lto = true"), "{manifest}");
+    // The other roles: built, and rendered with the command their README gives.
+    for (role, check) in [("pull-policy", "pull"), ("overwrites", "namespace"), ("execution-strategy", "strategy")] {
+        let krate = root.path().join(format!("team-{role}"));
+        let build = cargo()
+            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2"])
+            .current_dir(&krate)
+            .env("CARGO_TARGET_DIR", &target)
+            .output()
+            .unwrap();
+        succeeded(build, &format!("cargo build of the generated {role} crate"));
+        let wasm = target.join(format!("wasm32-wasip2/release/team_{}.wasm", role.replace('-', "_")));
+        let args: Vec<String> = match role {
+            "pull-policy" => vec!["--plugin".into(), format!("{}={{ policy = \"if-not-present\" }}", arg(&wasm))],
+            "overwrites" => vec!["--plugin".into(), format!("{}={{ namespaces = [\"ci-\"] }}", arg(&wasm))],
+            _ => vec!["--strategy".into(), arg(&wasm).to_string()],
+        };
+        let mut all = vec!["render".to_string()];
+        all.extend(args);
+        all.push("job.yml".into());
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let pod = pod_of(&succeeded(host(&all, &krate), &format!("render with the {role} plugin")));
+        match check {
+            "pull" => assert_eq!(pod["spec"]["containers"][0]["imagePullPolicy"], "IfNotPresent", "{pod}"),
+            // job.yml asks for KUBERNETES_NAMESPACE_OVERWRITE=ci-blue; the rule accepts it.
+            "namespace" => assert_eq!(pod["metadata"]["namespace"], "ci-blue", "{pod}"),
+            _ => assert!(pod["spec"]["containers"].as_array().is_some_and(|c| c[0]["name"] == "build"), "{pod}"),
+        }
+    }
+
     // Without --sdk-path a crate built from outside a checkout asks crates.io.
     let out = host(&["plugin", "new", "outside", "--sdk-from-registry"], root.path());
     succeeded(out, "plugin new --sdk-from-registry");
