@@ -15,5 +15,6 @@ pub mod pod;
 pub mod prepare;
 pub mod render;
 pub mod run;
+pub mod scaffold;
 pub mod sources;
 pub mod trace;

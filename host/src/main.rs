@@ -83,13 +83,43 @@ struct ClusterUpArgs {
 #[derive(Subcommand)]
 enum PluginCommand {
     /// Show a component's roles, WIT version and size, and whether it loads in this host.
+    /// With --config, every entry of that config using the component (every plugin of the
+    /// config when no component is given) is loaded as configured there, so a table the
+    /// plugin rejects shows with its file and line. Exit status 1 when one does not load.
     Inspect {
-        /// The `.wasm` component.
-        path: PathBuf,
+        /// The `.wasm` component (optional with --config).
+        #[arg(required_unless_present = "config")]
+        path: Option<PathBuf>,
+        /// A config.toml whose plugin entries are checked.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
         /// Where compiled plugins are cached.
         #[arg(long, env = "KEEL_PLUGIN_CACHE")]
         plugin_cache: Option<PathBuf>,
     },
+    /// Write a ready plugin crate: the SDK dependency, a size-optimised release profile, a
+    /// typed config, the role's trait implemented, native tests, and a README with the build
+    /// and `host render` commands.
+    New(NewArgs),
+}
+
+#[derive(clap::Args)]
+struct NewArgs {
+    /// The plugin's name (its metadata name and crate name), e.g. `team-policy`.
+    name: String,
+    /// The role it plays.
+    #[arg(long, value_enum, default_value = "pod-mutator")]
+    role: host::scaffold::ScaffoldRole,
+    /// Where to create it (default: ./NAME). Must not exist or be empty.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Use the SDK at this path instead of the published crate (`keel-sdk = "0.1"`). Default:
+    /// this host's own checkout's `sdk/` when the binary was built from one.
+    #[arg(long, value_name = "DIR")]
+    sdk_path: Option<PathBuf>,
+    /// Depend on the published `keel-sdk` even when built from a checkout.
+    #[arg(long, conflicts_with = "sdk_path")]
+    sdk_from_registry: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -106,9 +136,11 @@ struct RunArgs {
     /// Which `[[runners]]` entry, by name (default: the first with executor = "kubernetes").
     #[arg(long, env = "KEEL_RUNNER")]
     runner: Option<String>,
-    /// Extra plugin components, run after the config's plugins in the order given.
-    #[arg(long = "plugin", value_name = "P.wasm")]
-    plugins: Vec<PathBuf>,
+    /// Extra plugin components, run after the config's plugins in the order given. With a
+    /// configuration: `P.wasm=CONFIG.toml` (the file is the plugin's table) or
+    /// `P.wasm='{ key = "value" }'` (an inline TOML table).
+    #[arg(long = "plugin", value_name = "P.wasm[=CONFIG]")]
+    plugins: Vec<String>,
     /// The execution strategy: a plugin name (`exec`) or a `.wasm` file.
     #[arg(long, env = "KEEL_STRATEGY", value_name = "NAME|P.wasm")]
     strategy: Option<String>,
@@ -169,9 +201,11 @@ struct RenderArgs {
     /// Which `[[runners]]` entry, by name (default: the first with executor = "kubernetes").
     #[arg(long, env = "KEEL_RUNNER")]
     runner: Option<String>,
-    /// Extra plugin components, run after the config's plugins in the order given.
-    #[arg(long = "plugin", value_name = "P.wasm")]
-    plugins: Vec<PathBuf>,
+    /// Extra plugin components, run after the config's plugins in the order given. With a
+    /// configuration: `P.wasm=CONFIG.toml` (the file is the plugin's table) or
+    /// `P.wasm='{ key = "value" }'` (an inline TOML table).
+    #[arg(long = "plugin", value_name = "P.wasm[=CONFIG]")]
+    plugins: Vec<String>,
     /// Output format.
     #[arg(long, short, value_enum, default_value = "yaml")]
     output: Output,
@@ -232,7 +266,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 config: args.config,
                 runner: args.runner,
                 job: JobSource::from_arg(&args.job),
-                extra_plugins: args.plugins,
+                extra_plugins: extra_plugins(&args.plugins)?,
                 strategy: args.strategy,
                 job_id: args.job_id,
                 project_id: args.project_id,
@@ -252,13 +286,80 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", render::format(&rendered.objects, format)?);
         }
         Command::Cluster { command: ClusterCommand::Up(args) } => cluster_up(args).await?,
-        Command::Plugin { command: PluginCommand::Inspect { path, plugin_cache } } => {
-            let rt = Runtime::new(plugin_cache).context("cannot start the plugin runtime")?;
-            let inspection = rt.inspect(&path).await.with_context(|| format!("cannot inspect {}", path.display()))?;
-            println!("{inspection}");
+        Command::Plugin { command: PluginCommand::Inspect { path, config, plugin_cache } } => {
+            return inspect(path, config, plugin_cache).await;
         }
+        Command::Plugin { command: PluginCommand::New(args) } => new_plugin(args)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn extra_plugins(args: &[String]) -> anyhow::Result<Vec<host::config::PluginConfig>> {
+    Ok(args.iter().map(|a| host::config::PluginConfig::from_arg(a)).collect::<Result<_, _>>()?)
+}
+
+async fn inspect(
+    path: Option<PathBuf>,
+    config: Option<PathBuf>,
+    plugin_cache: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let rt = Runtime::new(plugin_cache).context("cannot start the plugin runtime")?;
+    let Some(config_path) = config else {
+        let path = path.context("give a component or --config")?;
+        let inspection = rt.inspect(&path).await.with_context(|| format!("cannot inspect {}", path.display()))?;
+        println!("{inspection}");
+        return Ok(if inspection.load_error.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    };
+    let config = host::config::Config::load(&config_path)?;
+    let same_file =
+        |a: &std::path::Path, b: &std::path::Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        };
+    let entries: Vec<&host::config::PluginConfig> = config
+        .plugins
+        .iter()
+        .chain(config.runners.iter().filter_map(|r| r.kubernetes.as_ref()).flat_map(|k| &k.plugins))
+        .filter(|p| path.as_deref().is_none_or(|path| same_file(&p.path, path)))
+        .collect();
+    if entries.is_empty() {
+        match &path {
+            Some(path) => anyhow::bail!("{}: no plugin entry uses {}", config_path.display(), path.display()),
+            None => anyhow::bail!("{}: the config has no plugins", config_path.display()),
+        }
+    }
+    let mut all_load = true;
+    for (i, entry) in entries.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        let spec = host::prepare::plugin_spec(entry);
+        let inspection =
+            rt.inspect_spec(spec).await.with_context(|| format!("cannot inspect {}", entry.path.display()))?;
+        all_load &= inspection.load_error.is_none();
+        println!("{inspection}");
+    }
+    Ok(if all_load { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn new_plugin(args: NewArgs) -> anyhow::Result<()> {
+    use host::scaffold::{Scaffold, SdkSource};
+    let sdk = if args.sdk_from_registry {
+        SdkSource::Registry
+    } else {
+        match args.sdk_path {
+            Some(path) => SdkSource::Path(std::path::absolute(&path).context("cannot resolve --sdk-path")?),
+            None => host::scaffold::checkout_sdk().map(SdkSource::Path).unwrap_or(SdkSource::Registry),
+        }
+    };
+    let dir = args.dir.unwrap_or_else(|| PathBuf::from(&args.name));
+    let scaffold = Scaffold::new(&args.name, args.role, sdk)?;
+    let written = scaffold.write(&dir)?;
+    for file in &written {
+        eprintln!("created {}", file.display());
+    }
+    println!("{}", scaffold.next_steps(&dir));
+    Ok(())
 }
 
 /// Ctrl-C and SIGTERM, counted: the first cancels the job, the second skips after_script.
@@ -315,7 +416,7 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
         config: args.config,
         runner: args.runner,
         job,
-        extra_plugins: args.plugins,
+        extra_plugins: extra_plugins(&args.plugins)?,
         strategy: args.strategy,
         job_id,
         project_id: args.project_id,

@@ -6,29 +6,26 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HostAlias, HostPathVolumeSource,
-    KeyToPath, LocalObjectReference, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
-    ResourceRequirements, Secret, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Toleration,
-    Volume, VolumeMount,
+    ConfigMapVolumeSource, ContainerPort, EmptyDirVolumeSource, HostPathVolumeSource, KeyToPath, LocalObjectReference,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, ResourceRequirements, Secret, SecretVolumeSource,
+    Service, ServicePort, ServiceSpec, Toleration, Volume,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::config::{EmptyDirMedium, Kubernetes, Runner, is_dns_label};
-use crate::job::parse::{expand, short_token};
+use crate::job::parse::expand;
 use crate::job::{Job, Overwrites, PullPolicy, Resources};
 
-/// The label the host finds its pods (and selects them from Services) by.
-pub const JOB_ID_LABEL: &str = "keel.dev/job-id";
-/// Marks every object keel creates, so an external cleaner can find orphans.
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-pub const MANAGED_BY: &str = "keel";
-pub const BUILD_CONTAINER: &str = "build";
-pub const HELPER_CONTAINER: &str = "helper";
+// The pod's shape and names are the SDK's (`keel_sdk::pod`): the native test harness builds
+// the same pod from the same code.
+pub use keel_sdk::pod::{
+    BUILD_CONTAINER, DEFAULT_HELPER_IMAGE, DEFAULT_NAMESPACE, HELPER_CONTAINER, IDLE, JOB_ID_LABEL, MANAGED_BY,
+    MANAGED_BY_LABEL, REPO_VOLUME, VARS_DIR, VARS_VOLUME, dns_label, escape_env, mount,
+};
+use keel_sdk::pod::{ContainerInput, PodInput, PodShapeError, ServiceInput, VariableRef, host_labels};
 pub const INIT_CONTAINER: &str = "init-logs";
-/// The checkout, shared by build, helper and services (GitLab's `repo` emptyDir).
-pub const REPO_VOLUME: &str = "repo";
 /// Stage scripts written by an execution strategy (the attach strategy's).
 pub const SCRIPTS_VOLUME: &str = "scripts";
 /// The job's `output.log`, read back by the trace reader.
@@ -37,22 +34,7 @@ pub const LOGS_VOLUME: &str = "logs";
 pub use crate::gitlab::RESERVED_VOLUMES;
 /// Key of the registry credentials in a `kubernetes.io/dockerconfigjson` Secret.
 pub const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
-/// Default helper image (GitLab's), used when the config names none.
-pub const DEFAULT_HELPER_IMAGE: &str =
-    "registry.gitlab.com/gitlab-org/gitlab-runner/gitlab-runner-helper:x86_64-latest";
-pub const DEFAULT_NAMESPACE: &str = "default";
 
-/// PID 1 of build and helper in the base pod: a shell that idles until the pod is deleted.
-/// Strategies that need something else (the attach strategy's shell reading stdin) replace it
-/// in their `prepare`. Only `sh` and `sleep` are needed, which every image that can run a job
-/// script has.
-pub const IDLE: &str = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done";
-
-/// Where the job's variables are mounted (from the variables Secret) in build and helper.
-/// Stage scripts source `VARS_DIR/env.sh`; file variables are files here.
-pub const VARS_DIR: &str = "/keel-vars";
-/// The volume holding the variables Secret.
-pub const VARS_VOLUME: &str = "keel-vars";
 /// The key of the sourced environment file in the variables Secret.
 pub const VARS_ENV_KEY: &str = "env.sh";
 
@@ -93,26 +75,9 @@ pub struct JobObjects {
 /// `imagePullPolicy` (the cluster default).
 pub type PullPolicies = BTreeMap<String, Vec<PullPolicy>>;
 
-/// Lower-case DNS-1123 label from arbitrary text (GitLab's `MakeRFC1123Compatible`).
-pub fn dns_label(s: &str, max: usize) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars().flat_map(char::to_lowercase) {
-        if c.is_ascii_lowercase() || c.is_ascii_digit() {
-            out.push(c);
-        } else if !out.ends_with('-') {
-            out.push('-');
-        }
-    }
-    let trimmed: String = out.trim_matches('-').chars().take(max).collect();
-    trimmed.trim_end_matches('-').to_string()
-}
-
 /// `runner-<short token>-project-<id>-concurrent-<n>`: GitLab's project-unique name.
 pub fn project_unique_name(runner: &Runner, ctx: &PodContext) -> String {
-    dns_label(
-        &format!("runner-{}-project-{}-concurrent-{}", short_token(&runner.token), ctx.project_id, ctx.concurrent_id),
-        57,
-    )
+    keel_sdk::pod::project_unique_name(&runner.token, ctx.project_id, ctx.concurrent_id)
 }
 
 fn quantity_map(pairs: [(&str, &Option<String>); 3]) -> Option<BTreeMap<String, Quantity>> {
@@ -179,25 +144,6 @@ fn toleration(key: &str, spec: &str) -> Toleration {
     }
 }
 
-/// Kubernetes expands `$(VAR)` in env values; job variables are literal text.
-fn escape_env(value: &str) -> String {
-    value.replace("$(", "$$(")
-}
-
-/// Default DNS aliases of a service image: `tutum/wordpress:4` -> `tutum-wordpress`,
-/// `tutum__wordpress` (GitLab's rule).
-fn image_aliases(image: &str) -> Vec<String> {
-    let without_digest = image.split('@').next().unwrap_or(image);
-    // A ':' after the last '/' starts the tag; one before it belongs to a registry port.
-    let name = match without_digest.rsplit_once(':') {
-        Some((n, tag)) if !tag.contains('/') => n,
-        _ => without_digest,
-    };
-    let mut out = vec![name.replace('/', "-"), name.replace('/', "__")];
-    out.dedup();
-    out
-}
-
 fn label_ok(key: &str, value: &str) -> bool {
     static VALUE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
     static NAME: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
@@ -248,9 +194,6 @@ pub fn build(
             labels.insert(k.clone(), v);
         }
     }
-    labels.insert("pod".to_string(), unique.clone());
-    labels.insert(JOB_ID_LABEL.to_string(), job_id.clone());
-    labels.insert(MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string());
 
     let mut annotations = BTreeMap::new();
     for source in [&k8s.pod_annotations, &accepted.pod_annotations] {
@@ -269,130 +212,81 @@ pub fn build(
     let variables = variables_secret(job, &unique, &suffix, &namespace, &job_id);
     let variables_name = variables.metadata.name.clone().unwrap_or_default();
 
-    // Volumes: the checkout, then the operator's in GitLab's order. The variables Secret is
-    // mounted into build and helper only (services get public variables as env, as in GitLab).
-    let mut volumes = vec![empty_dir(REPO_VOLUME, None, None)];
-    let mut mounts = vec![mount(REPO_VOLUME, &builds_dir, false, None)];
+    // The operator's volumes in GitLab's order.
+    let mut volumes = Vec::new();
     let v = &k8s.volumes;
     for h in &v.host_path {
         let host_path = h.host_path.clone().unwrap_or_else(|| h.mount_path.clone());
-        volumes.push(Volume {
-            name: h.name.0.clone(),
-            host_path: Some(HostPathVolumeSource { path: host_path, ..Default::default() }),
-            ..Default::default()
-        });
-        mounts.push(mount(&h.name.0, &h.mount_path, h.read_only, h.sub_path.as_deref()));
+        volumes.push((
+            Volume {
+                name: h.name.0.clone(),
+                host_path: Some(HostPathVolumeSource { path: host_path, ..Default::default() }),
+                ..Default::default()
+            },
+            mount(&h.name.0, &h.mount_path, h.read_only, h.sub_path.as_deref()),
+        ));
     }
     for s in &v.secret {
-        volumes.push(Volume {
-            name: s.name.0.clone(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(s.name.0.clone()),
-                items: items(&s.items),
+        volumes.push((
+            Volume {
+                name: s.name.0.clone(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(s.name.0.clone()),
+                    items: items(&s.items),
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        });
-        mounts.push(mount(&s.name.0, &s.mount_path, s.read_only, s.sub_path.as_deref()));
+            },
+            mount(&s.name.0, &s.mount_path, s.read_only, s.sub_path.as_deref()),
+        ));
     }
     for p in &v.pvc {
-        volumes.push(Volume {
-            name: p.name.0.clone(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: p.name.0.clone(),
-                read_only: p.read_only.then_some(true),
-            }),
-            ..Default::default()
-        });
-        mounts.push(mount(&p.name.0, &p.mount_path, p.read_only, p.sub_path.as_deref()));
+        volumes.push((
+            Volume {
+                name: p.name.0.clone(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: p.name.0.clone(),
+                    read_only: p.read_only.then_some(true),
+                }),
+                ..Default::default()
+            },
+            mount(&p.name.0, &p.mount_path, p.read_only, p.sub_path.as_deref()),
+        ));
     }
     for c in &v.config_map {
-        volumes.push(Volume {
-            name: c.name.0.clone(),
-            config_map: Some(ConfigMapVolumeSource {
+        volumes.push((
+            Volume {
                 name: c.name.0.clone(),
-                items: items(&c.items),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: c.name.0.clone(),
+                    items: items(&c.items),
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        });
-        mounts.push(mount(&c.name.0, &c.mount_path, c.read_only, c.sub_path.as_deref()));
+            },
+            mount(&c.name.0, &c.mount_path, c.read_only, c.sub_path.as_deref()),
+        ));
     }
     for e in &v.empty_dir {
         let medium = match e.medium {
             EmptyDirMedium::Disk => None,
             EmptyDirMedium::Memory => Some("Memory"),
         };
-        volumes.push(empty_dir(&e.name.0, medium, e.size_limit.as_ref().map(|q| q.0.clone())));
-        mounts.push(mount(&e.name.0, &e.mount_path, false, e.sub_path.as_deref()));
+        volumes.push((
+            empty_dir(&e.name.0, medium, e.size_limit.as_ref().map(|q| q.0.clone())),
+            mount(&e.name.0, &e.mount_path, false, e.sub_path.as_deref()),
+        ));
     }
 
-    volumes.push(Volume {
-        name: VARS_VOLUME.to_string(),
-        secret: Some(SecretVolumeSource { secret_name: Some(variables_name), ..Default::default() }),
-        ..Default::default()
-    });
-    let mut job_mounts = mounts.clone();
-    job_mounts.push(mount(VARS_VOLUME, VARS_DIR, true, None));
-
-    let env: Vec<EnvVar> = {
-        // Public variables only (GitLab's rule): anyone who may `get pods` reads the env. The
-        // rest reach the scripts through the variables Secret. One entry per key, the winning
-        // value, in first-definition order.
-        let mut seen = std::collections::BTreeSet::new();
-        job.variables
+    let env = keel_sdk::pod::public_env(
+        &job.variables
             .iter()
-            .filter(|v| seen.insert(v.key.as_str()))
-            .filter(|v| job.variables.iter().rev().find(|w| w.key == v.key).is_some_and(|w| w.public && !w.file))
-            .map(|v| EnvVar {
-                name: v.key.clone(),
-                value: Some(escape_env(job.variable(&v.key).unwrap_or_default())),
-                ..Default::default()
-            })
-            .collect()
-    };
+            .map(|v| VariableRef { key: &v.key, value: &v.value, public: v.public, file: v.file })
+            .collect::<Vec<_>>(),
+    );
 
     let pull = |image: &str| pull_policies.get(image).and_then(|p| p.first()).map(|p| p.as_k8s().to_string());
-    let security = Some(SecurityContext {
-        privileged: Some(k8s.privileged),
-        allow_privilege_escalation: k8s.allow_privilege_escalation,
-        ..Default::default()
-    });
-    let idle = vec!["sh".to_string(), "-c".to_string(), IDLE.to_string()];
-
-    let build_resources = overlay(k8s.build_resources(), &accepted.build);
-    let (command, args) = if job.image.entrypoint.iter().any(|s| !s.is_empty()) {
-        // Docker semantics: a custom entrypoint receives the command as its arguments.
-        (job.image.entrypoint.clone(), Some(idle.clone()))
-    } else {
-        (idle.clone(), None)
-    };
-    let build = Container {
-        name: BUILD_CONTAINER.into(),
-        image: Some(job.image.name.clone()),
-        image_pull_policy: pull(&job.image.name),
-        command: Some(command),
-        args,
-        env: Some(env.clone()),
-        resources: requirements(&build_resources),
-        volume_mounts: Some(job_mounts.clone()),
-        security_context: security.clone(),
-        working_dir: job.variable("CI_PROJECT_DIR").map(str::to_string),
-        ..Default::default()
-    };
-
     let helper_image = helper_image(k8s);
-    let helper = Container {
-        name: HELPER_CONTAINER.into(),
-        image: Some(helper_image.clone()),
-        image_pull_policy: pull(&helper_image),
-        command: Some(idle.clone()),
-        env: Some(env.clone()),
-        resources: requirements(&overlay(k8s.helper_resources(), &accepted.helper)),
-        volume_mounts: Some(job_mounts.clone()),
-        security_context: security.clone(),
-        ..Default::default()
-    };
 
     // Services: the config's first, then the job's (seed 000's order).
     let mut all_services: Vec<crate::job::Service> = k8s
@@ -410,88 +304,67 @@ pub fn build(
         })
         .collect();
     all_services.extend(job.services.iter().cloned());
-
     let service_resources = requirements(&overlay(k8s.service_resources(), &accepted.service));
-    let mut containers = vec![build, helper];
-    let mut host_aliases: Vec<String> = Vec::new();
+    let service_inputs: Vec<ServiceInput> = all_services
+        .iter()
+        .map(|svc| ServiceInput {
+            container: ContainerInput {
+                image: svc.image.name.clone(),
+                entrypoint: svc.image.entrypoint.clone(),
+                pull_policy: pull(&svc.image.name),
+                resources: service_resources.clone(),
+            },
+            command: svc.command.clone(),
+            alias: svc.alias.clone(),
+            ports: svc
+                .ports
+                .iter()
+                .map(|p| ContainerPort {
+                    container_port: i32::from(p.number),
+                    protocol: Some(p.protocol.clone()),
+                    name: p.name.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .collect();
+
     let mut k8s_services = Vec::new();
     for (i, svc) in all_services.iter().enumerate() {
+        if svc.ports.is_empty() {
+            continue;
+        }
         let name = format!("svc-{i}");
-        let ports: Vec<ContainerPort> = svc
-            .ports
-            .iter()
-            .map(|p| ContainerPort {
-                container_port: i32::from(p.number),
-                protocol: Some(p.protocol.clone()),
-                name: p.name.clone(),
+        let service_name =
+            dns_label(svc.alias.as_deref().and_then(|a| a.split(',').next()).unwrap_or(&format!("proxy-{name}")), 50);
+        k8s_services.push(Service {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{service_name}-")),
+                namespace: Some(namespace.clone()),
+                labels: Some(host_labels(job.id)),
                 ..Default::default()
-            })
-            .collect();
-        let (command, args) = (
-            (!svc.image.entrypoint.is_empty()).then(|| svc.image.entrypoint.clone()),
-            (!svc.command.is_empty()).then(|| svc.command.clone()),
-        );
-        containers.push(Container {
-            name: name.clone(),
-            image: Some(svc.image.name.clone()),
-            image_pull_policy: pull(&svc.image.name),
-            command,
-            args,
-            env: Some(env.clone()),
-            resources: service_resources.clone(),
-            volume_mounts: Some(mounts.clone()),
-            security_context: security.clone(),
-            ports: (!ports.is_empty()).then_some(ports),
+            },
+            spec: Some(ServiceSpec {
+                type_: Some("ClusterIP".into()),
+                selector: Some(BTreeMap::from([(JOB_ID_LABEL.to_string(), job_id.clone())])),
+                ports: Some(
+                    svc.ports
+                        .iter()
+                        .map(|p| ServicePort {
+                            // Several ports need names; GitLab uses `<service>-<port>`.
+                            name: Some(p.name.clone().unwrap_or_else(|| format!("{service_name}-{}", p.number))),
+                            port: i32::from(p.number),
+                            target_port: Some(IntOrString::Int(i32::from(p.number))),
+                            protocol: Some(p.protocol.clone()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
             ..Default::default()
         });
-
-        // Aliases: GitLab accepts a comma-separated list; without one the image name serves.
-        let aliases: Vec<String> = match &svc.alias {
-            Some(a) => a.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
-            None => image_aliases(&svc.image.name),
-        };
-        for a in &aliases {
-            if a.split('.').any(|part| !is_dns_label(&part.to_ascii_lowercase().replace('_', "-"))) {
-                return Err(PodError::InvalidAlias { index: i, image: svc.image.name.clone(), alias: a.clone() });
-            }
-        }
-        host_aliases.extend(aliases.iter().cloned());
-
-        if !svc.ports.is_empty() {
-            let service_name = dns_label(
-                svc.alias.as_deref().and_then(|a| a.split(',').next()).unwrap_or(&format!("proxy-{name}")),
-                50,
-            );
-            k8s_services.push(Service {
-                metadata: ObjectMeta {
-                    generate_name: Some(format!("{service_name}-")),
-                    namespace: Some(namespace.clone()),
-                    labels: Some(host_labels(&job_id)),
-                    ..Default::default()
-                },
-                spec: Some(ServiceSpec {
-                    type_: Some("ClusterIP".into()),
-                    selector: Some(BTreeMap::from([(JOB_ID_LABEL.to_string(), job_id.clone())])),
-                    ports: Some(
-                        svc.ports
-                            .iter()
-                            .map(|p| ServicePort {
-                                // Several ports need names; GitLab uses `<service>-<port>`.
-                                name: Some(p.name.clone().unwrap_or_else(|| format!("{service_name}-{}", p.number))),
-                                port: i32::from(p.number),
-                                target_port: Some(IntOrString::Int(i32::from(p.number))),
-                                protocol: Some(p.protocol.clone()),
-                                ..Default::default()
-                            })
-                            .collect(),
-                    ),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            });
-        }
     }
-    host_aliases.dedup();
 
     // Registry credentials from GitLab's DOCKER_AUTH_CONFIG, as a dockerconfigjson Secret.
     let secret = match job.variable("DOCKER_AUTH_CONFIG") {
@@ -513,31 +386,43 @@ pub fn build(
         ..Default::default()
     });
 
-    let pod = Pod {
-        metadata: ObjectMeta {
-            generate_name: Some(format!("{unique}-")),
-            namespace: Some(namespace.clone()),
-            labels: Some(labels),
-            annotations: (!annotations.is_empty()).then_some(annotations),
-            ..Default::default()
+    let input = PodInput {
+        job_id: job.id,
+        unique_name: unique.clone(),
+        namespace: namespace.clone(),
+        labels,
+        annotations,
+        builds_dir,
+        project_dir: job.variable("CI_PROJECT_DIR").map(str::to_string),
+        variables_secret: variables_name,
+        env,
+        build: ContainerInput {
+            image: job.image.name.clone(),
+            entrypoint: job.image.entrypoint.clone(),
+            pull_policy: pull(&job.image.name),
+            resources: requirements(&overlay(k8s.build_resources(), &accepted.build)),
         },
-        spec: Some(PodSpec {
-            restart_policy: Some("Never".into()),
-            service_account_name: accepted.service_account.clone().or_else(|| k8s.service_account.clone()),
-            node_selector: (!node_selector.is_empty()).then_some(node_selector),
-            tolerations: (!tolerations.is_empty()).then(|| tolerations.iter().map(|(k, v)| toleration(k, v)).collect()),
-            image_pull_secrets: (!pull_secrets.is_empty()).then_some(pull_secrets),
-            termination_grace_period_seconds: k8s.termination_grace_period_seconds,
-            security_context: pod_security,
-            host_aliases: (!host_aliases.is_empty())
-                .then(|| vec![HostAlias { ip: "127.0.0.1".into(), hostnames: Some(host_aliases) }]),
-            resources: requirements(&k8s.pod_resources()),
-            containers,
-            volumes: Some(volumes),
-            ..Default::default()
-        }),
-        ..Default::default()
+        helper: ContainerInput {
+            pull_policy: pull(&helper_image),
+            image: helper_image,
+            entrypoint: Vec::new(),
+            resources: requirements(&overlay(k8s.helper_resources(), &accepted.helper)),
+        },
+        services: service_inputs,
+        volumes,
+        privileged: k8s.privileged,
+        allow_privilege_escalation: k8s.allow_privilege_escalation,
+        pod_security_context: pod_security,
+        service_account: accepted.service_account.clone().or_else(|| k8s.service_account.clone()),
+        node_selector,
+        tolerations: tolerations.iter().map(|(k, v)| toleration(k, v)).collect(),
+        image_pull_secrets: pull_secrets,
+        termination_grace_period_seconds: k8s.termination_grace_period_seconds,
+        pod_resources: requirements(&k8s.pod_resources()),
     };
+    let pod = keel_sdk::pod::job_pod(&input).map_err(|e| match e {
+        PodShapeError::InvalidAlias { index, image, alias } => PodError::InvalidAlias { index, image, alias },
+    })?;
 
     let mut objects = JobObjects { pod, secret, variables, services: k8s_services };
     // Dependants die with the pod. Until the pod exists its uid is unknown; `run` calls this
@@ -566,13 +451,6 @@ impl JobObjects {
             s.metadata.owner_references = Some(owner.clone());
         }
     }
-}
-
-fn host_labels(job_id: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (JOB_ID_LABEL.to_string(), job_id.to_string()),
-        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
-    ])
 }
 
 /// `'...'` for POSIX sh: nothing inside is special but `'` itself.
@@ -615,9 +493,9 @@ fn variables_secret(job: &Job, unique: &str, suffix: &str, namespace: &str, job_
     data.insert(VARS_ENV_KEY.to_string(), ByteString(env.into_bytes()));
     Secret {
         metadata: ObjectMeta {
-            name: Some(format!("{}-{}-vars", dns_label(unique, 40), dns_label(suffix, 12))),
+            name: Some(keel_sdk::pod::variables_secret_name(unique, suffix)),
             namespace: Some(namespace.to_string()),
-            labels: Some(host_labels(job_id)),
+            labels: Some(host_labels(job_id.parse().unwrap_or_default())),
             ..Default::default()
         },
         type_: Some("Opaque".into()),
@@ -638,7 +516,7 @@ fn registry_secret(raw: &str, unique: &str, suffix: &str, namespace: &str, job_i
         metadata: ObjectMeta {
             name: Some(name),
             namespace: Some(namespace.to_string()),
-            labels: Some(host_labels(job_id)),
+            labels: Some(host_labels(job_id.parse().unwrap_or_default())),
             ..Default::default()
         },
         type_: Some("kubernetes.io/dockerconfigjson".into()),
@@ -669,16 +547,6 @@ fn empty_dir(name: &str, medium: Option<&str>, size_limit: Option<String>) -> Vo
     }
 }
 
-fn mount(name: &str, path: &str, read_only: bool, sub_path: Option<&str>) -> VolumeMount {
-    VolumeMount {
-        name: name.to_string(),
-        mount_path: path.to_string(),
-        read_only: read_only.then_some(true),
-        sub_path: sub_path.map(str::to_string),
-        ..Default::default()
-    }
-}
-
 fn items(m: &BTreeMap<String, String>) -> Option<Vec<KeyToPath>> {
     (!m.is_empty()).then(|| m.iter().map(|(k, p)| KeyToPath { key: k.clone(), path: p.clone(), mode: None }).collect())
 }
@@ -692,20 +560,6 @@ mod tests {
         for name in [REPO_VOLUME, SCRIPTS_VOLUME, LOGS_VOLUME, VARS_VOLUME] {
             assert!(RESERVED_VOLUMES.contains(&name), "{name} is not reserved");
         }
-    }
-
-    #[test]
-    fn dns_labels() {
-        assert_eq!(dns_label("Runner_ABC--project", 63), "runner-abc-project");
-        assert_eq!(dns_label("--x--", 63), "x");
-        assert_eq!(dns_label("abcdef", 3), "abc");
-    }
-
-    #[test]
-    fn aliases_from_image() {
-        assert_eq!(image_aliases("tutum/wordpress:4"), vec!["tutum-wordpress", "tutum__wordpress"]);
-        assert_eq!(image_aliases("postgres:16"), vec!["postgres"]);
-        assert_eq!(image_aliases("registry:5000/db"), vec!["registry:5000-db", "registry:5000__db"]);
     }
 
     #[test]

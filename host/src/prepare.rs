@@ -36,9 +36,10 @@ pub enum PrepareError {
         #[source]
         source: OverwriteError,
     },
-    #[error("cannot load plugin `{name}` ({path})")]
+    /// `what`: `` `name` (path) `` when the operator named it, else the path.
+    #[error("cannot load plugin {what}")]
     LoadPlugin {
-        name: String,
+        what: String,
         path: PathBuf,
         #[source]
         source: Box<PluginError>,
@@ -75,8 +76,8 @@ pub struct PrepareRequest {
     /// Runner by `name`; default: the first runner with `executor = "kubernetes"`.
     pub runner: Option<String>,
     pub job: JobSource,
-    /// Plugins run after the config's own, in this order.
-    pub extra_plugins: Vec<PathBuf>,
+    /// Plugins run after the config's own, in this order (`--plugin P.wasm[=CONFIG]`).
+    pub extra_plugins: Vec<PluginConfig>,
     /// `--strategy`: a strategy plugin's name or a `.wasm` path.
     pub strategy: Option<String>,
     pub job_id: u64,
@@ -115,16 +116,18 @@ impl PreparedJob {
 
 /// The labels the host finds its objects by; no plugin may change them.
 pub fn host_owned() -> HostOwned {
-    HostOwned { labels: vec![pod::JOB_ID_LABEL.to_string(), pod::MANAGED_BY_LABEL.to_string(), "pod".to_string()] }
+    // The SDK's test harness checks mutators against the same rules.
+    HostOwned::job_pod()
 }
 
 /// Turn a `[[runners.kubernetes.plugins]]` entry into the runtime's spec.
 pub fn plugin_spec(p: &PluginConfig) -> PluginSpec {
     let defaults = Limits::default();
     PluginSpec {
-        name: p.plugin_name(),
+        name: p.name.clone().unwrap_or_default(),
         path: p.path.clone(),
         config: p.config.clone(),
+        origin: p.origin.clone(),
         limits: Limits {
             memory_bytes: p.memory_limit.map(|m| m.0).unwrap_or(defaults.memory_bytes),
             call_timeout: p.timeout.map(|t| t.0).unwrap_or(defaults.call_timeout),
@@ -133,27 +136,22 @@ pub fn plugin_spec(p: &PluginConfig) -> PluginSpec {
     }
 }
 
-fn file_stem(path: &Path) -> String {
-    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
-}
-
 async fn load(rt: &Runtime, spec: PluginSpec) -> Result<Plugin, PrepareError> {
-    let (name, path) = (spec.name.clone(), spec.path.clone());
-    rt.load(spec).await.map_err(|source| PrepareError::LoadPlugin { name, path, source: Box::new(source) })
+    let path = spec.path.clone();
+    let what =
+        if spec.name.is_empty() { path.display().to_string() } else { format!("`{}` ({})", spec.name, path.display()) };
+    rt.load(spec).await.map_err(|source| PrepareError::LoadPlugin { what, path, source: Box::new(source) })
 }
 
 /// The config's plugins (top-level `[[plugins]]`, then the runner's), then `extra` ones
-/// (named by file stem), loaded.
+/// (`--plugin`), loaded: each is compiled, asked who it is and configured with its table.
 pub async fn load_plugins(
     rt: &Runtime,
     config: &Config,
     k8s: &Kubernetes,
-    extra: &[PathBuf],
+    extra: &[PluginConfig],
 ) -> Result<Vec<Plugin>, PrepareError> {
-    let mut specs: Vec<PluginSpec> = config.plugins.iter().chain(&k8s.plugins).map(plugin_spec).collect();
-    for path in extra {
-        specs.push(PluginSpec { name: file_stem(path), path: path.clone(), ..PluginSpec::default() });
-    }
+    let specs: Vec<PluginSpec> = config.plugins.iter().chain(&k8s.plugins).chain(extra).map(plugin_spec).collect();
     let mut plugins = Vec::with_capacity(specs.len());
     for spec in specs {
         plugins.push(load(rt, spec).await?);
@@ -212,7 +210,7 @@ async fn choose_strategy(
     let plugin = match path {
         Some(path) => match loaded.iter().find(|p| p.path() == path) {
             Some(p) => p.clone(),
-            None => load(rt, PluginSpec { name: file_stem(&path), path, ..PluginSpec::default() }).await?,
+            None => load(rt, PluginSpec { path, ..PluginSpec::default() }).await?,
         },
         None => match loaded.iter().find(|p| p.name() == wanted) {
             Some(p) => p.clone(),

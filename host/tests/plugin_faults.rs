@@ -46,7 +46,10 @@ async fn mutate_fails(rt: &Runtime, mode: &str) -> PluginError {
     if matches!(err, PluginError::Trap { .. } | PluginError::Deadline { .. } | PluginError::MemoryLimit { .. }) {
         let again = job.mutate_pod(support::pod(), &HostOwned::default()).await.expect_err("stopped");
         assert!(matches!(again, PluginError::Stopped { .. }), "{again}");
-        assert!(again.to_string().contains(&format!("plugin `fault-{mode}` 0.1.0 was stopped")), "{again}");
+        assert!(
+            again.to_string().contains(&format!("plugin `fault-{mode}` (fixture-fault) 0.1.0 was stopped")),
+            "{again}"
+        );
     }
     err
 }
@@ -67,8 +70,8 @@ async fn each_fault_is_reported_with_plugin_and_cause_and_the_host_carries_on() 
         let err = mutate_fails(&rt, mode).await;
         let msg = err.to_string();
         assert!(
-            msg.contains(&format!("plugin `fault-{mode}` 0.1.0")),
-            "{mode}: message names plugin and version: {msg}"
+            msg.contains(&format!("plugin `fault-{mode}` (fixture-fault) 0.1.0")),
+            "{mode}: message names plugin (the config's name, then its own) and version: {msg}"
         );
         assert!(msg.contains(cause), "{mode}: expected cause {cause:?} in: {msg}");
         next_job_works(&rt).await;
@@ -86,24 +89,34 @@ async fn a_panic_reports_the_panic_message() {
 async fn a_denial_is_not_a_crash_and_names_the_plugin() {
     let rt = Runtime::new(Some(support::cache_dir())).unwrap();
     let err = mutate_fails(&rt, "deny").await;
-    assert_eq!(err.to_string(), "plugin `fault-deny` 0.1.0 denied (pod-mutator): fixture says no");
+    assert_eq!(err.to_string(), "plugin `fault-deny` (fixture-fault) 0.1.0 denied (pod-mutator): fixture says no");
 }
 
 #[tokio::test]
-async fn bad_config_is_rejected_at_job_start() {
+async fn bad_config_is_rejected_when_the_plugin_loads() {
     let rt = Runtime::new(Some(support::cache_dir())).unwrap();
     let mut spec = fault_spec("ok");
     spec.config.insert("colour".into(), toml::Value::String("red".into()));
-    let plugin = rt.load(spec).await.unwrap();
-    let err = match JobPlugins::new(&rt, &[plugin], &support::job(), &serde_json::json!({})).await {
-        Ok(_) => panic!("unknown key must be rejected"),
-        Err(e) => e.to_string(),
-    };
+    let err = rt.load(spec).await.expect_err("unknown key must be rejected at load, before any job").to_string();
     assert!(
-        err.starts_with("plugin `fault-ok` 0.1.0: configuration rejected: plugin table: unknown field `colour`"),
+        err.starts_with(
+            "plugin `fault-ok` (fixture-fault) 0.1.0: configuration rejected: plugin table: unknown field `colour`"
+        ),
         "{err}"
     );
     next_job_works(&rt).await;
+}
+
+#[tokio::test]
+async fn without_an_operator_name_errors_use_the_plugins_own_name() {
+    let rt = Runtime::new(Some(support::cache_dir())).unwrap();
+    let spec = PluginSpec { name: String::new(), ..fault_spec("deny") };
+    let plugin = rt.load(spec).await.unwrap();
+    // The file is fixture-fault.wasm, cargo's artifact fixture_fault.wasm: neither matters.
+    assert_eq!(plugin.name(), "fixture-fault");
+    let mut job = JobPlugins::new(&rt, &[plugin], &support::job(), &serde_json::json!({})).await.unwrap();
+    let err = job.mutate_pod(support::pod(), &HostOwned::default()).await.unwrap_err();
+    assert_eq!(err.to_string(), "plugin `fixture-fault` 0.1.0 denied (pod-mutator): fixture says no");
 }
 
 #[tokio::test]

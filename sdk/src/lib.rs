@@ -22,12 +22,32 @@
 //! keel_sdk::export!(Hello: PodMutator);
 //! ```
 //!
-//! Every SDK-built component exports all role interfaces of the WIT world (wit-bindgen
-//! exports per world); the roles named in `export!` are the ones listed in the plugin's
-//! metadata, the host calls only those, and the others answer `internal("role ... not
-//! implemented")`. See `wit/README.md`.
+//! Every SDK-built component exports all role interfaces of the WIT world `keel:plugin/strategy`
+//! (wit-bindgen exports per world): `plugin`, `pod-mutator`, `pull-policy`, `overwrites` *and*
+//! `execution-strategy`, so `host plugin inspect` lists them all for every SDK plugin
+//! (`strategy-host` is imported only by plugins that call it). The roles named in `export!` are the ones listed in the plugin's
+//! metadata; the host calls only those, and the others answer `internal("plugin ... does not
+//! implement role ...")`. The host gives `strategy-host` access only to the job's chosen
+//! strategy; any other plugin's call is refused. See `wit/README.md`.
+//!
+//! What a plugin sees:
+//! - **Variables.** [`Job::variables`] holds every variable of the job. A *public* variable
+//!   ([`Variable::public`]) is one whose value may be shown: the host puts it in the pod's env
+//!   and gives its value to every plugin. Masked variables and credentials (`CI_JOB_TOKEN`,
+//!   `DOCKER_AUTH_CONFIG`, ...) are not public: their `value` is `None` unless the operator
+//!   grants the plugin `grants.secrets = true`.
+//! - **Images** are the job's text, not normalised: `alpine` is Docker Hub's
+//!   `docker.io/library/alpine:latest`. Compare with [`image::ImageRef`], never with string
+//!   prefixes.
+//! - **The pod** a mutator gets is the host's base pod ([`pod::job_pod`]) after earlier
+//!   mutators; [`testing::pod_for`] builds the same one for tests.
 //!
 //! The logic is ordinary Rust: test it natively with `cargo test` and [`testing`].
+//!
+//! Build components small: in the plugin crate's `Cargo.toml`,
+//! `[profile.release] opt-level = "s"`, `lto = true`, `codegen-units = 1`,
+//! `strip = "debuginfo"` makes a pod mutator 1.3 MB instead of 4.6 MB, and smaller
+//! components compile and instantiate faster. `host plugin new` writes that profile.
 
 extern crate self as keel_sdk;
 
@@ -37,7 +57,9 @@ pub use wit_bindgen as __wit_bindgen;
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit/v0.1.0",
+        // Inside the package (a copy of the repository's `wit/v0.1.0`, kept identical by a
+        // test), so the published crate builds outside a keel checkout.
+        path: "wit/v0.1.0",
         world: "keel:plugin/strategy",
         runtime_path: "::keel_sdk::__wit_bindgen::rt",
         pub_export_macro: true,
@@ -49,8 +71,10 @@ pub mod bindings {
 mod config;
 mod context;
 mod glue;
+pub mod image;
 pub mod log;
 mod overwrites;
+pub mod pod;
 pub mod strategy;
 pub mod testing;
 
@@ -167,8 +191,8 @@ pub trait OverwriteRules: Plugin {
     }
 }
 
-/// Runs a job's stages in its pod through the host's exec/attach services. The host side of
-/// this role is not implemented yet (the WIT and this trait are the design); see wit/README.md.
+/// Runs a job's stages in its pod through the host's exec/attach services (see
+/// wit/README.md; the first-party `exec` plugin is one).
 pub trait ExecutionStrategy: Plugin {
     /// Add what the strategy needs to the pod before it is created.
     fn prepare(&mut self, ctx: &Context, pod: Pod) -> Result<Pod, Error> {

@@ -125,7 +125,7 @@ impl JobPlugins {
                 },
             )
             .await?;
-        baseline.check(&output).map_err(|violation| violation.into_error(&self.members[index].0.inner))
+        baseline.check(&output).map_err(|violation| validate::violation_error(violation, &self.members[index].0.inner))
     }
 
     /// The strategy's `run-stage`: may last as long as `timeout` (the stage's own), waiting on
@@ -287,8 +287,9 @@ impl JobPlugins {
                     })
                 })
                 .await?;
-            current =
-                baseline.check(&output).map_err(|violation| violation.into_error(&self.members[index].0.inner))?;
+            current = baseline
+                .check(&output)
+                .map_err(|violation| validate::violation_error(violation, &self.members[index].0.inner))?;
             json = output;
         }
         Ok(current)

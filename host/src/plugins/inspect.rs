@@ -19,8 +19,16 @@ pub struct Inspection {
     pub imports: Vec<String>,
     pub exports: Vec<String>,
     pub compile: Option<CompileSource>,
-    /// `None` when the plugin loads in this host; otherwise why not.
+    /// `None` when the plugin loads in this host (with its configuration, when one was
+    /// given); otherwise why not.
     pub load_error: Option<String>,
+    /// The operator's `name` for it, when inspected as a config entry.
+    pub configured_as: Option<String>,
+    /// `file:line:col` of the configuration table that was checked, if any.
+    pub config_origin: Option<String>,
+    /// Inspected without a configuration: why the plugin rejects an empty table (a required
+    /// key), if it does. It still loads; a job must configure it.
+    pub needs_config: Option<String>,
 }
 
 impl std::fmt::Display for Inspection {
@@ -38,6 +46,16 @@ impl std::fmt::Display for Inspection {
         writeln!(f, "roles:       {}", if roles.is_empty() { "-".to_string() } else { roles.join(", ") })?;
         writeln!(f, "exports:     {}", self.exports.join(", "))?;
         writeln!(f, "imports:     {}", self.imports.join(", "))?;
+        if let Some(name) = &self.configured_as {
+            writeln!(f, "configured:  as `{name}`")?;
+        }
+        if let Some(origin) = &self.config_origin {
+            let verdict = if self.load_error.is_none() { "accepted" } else { "see below" };
+            writeln!(f, "config:      {origin} ({verdict})")?;
+        }
+        if let Some(reason) = &self.needs_config {
+            writeln!(f, "config:      required (an empty table is rejected: {reason})")?;
+        }
         match &self.load_error {
             None => write!(f, "loads:       yes"),
             Some(e) => write!(f, "loads:       no: {e}"),

@@ -45,7 +45,7 @@ impl Instance {
                     Allocation::OnDemand => 0,
                 };
                 return Err(PluginError::PoolExhausted {
-                    plugin: plugin.name.to_string(),
+                    plugin: plugin.label(),
                     version: plugin.version.clone(),
                     limit,
                     reason: format!("{e:#}"),
@@ -53,14 +53,14 @@ impl Instance {
             }
             Ok(Err(e)) => {
                 return Err(PluginError::Instantiate {
-                    plugin: plugin.name.to_string(),
+                    plugin: plugin.label(),
                     version: plugin.version.clone(),
                     reason: format!("{e:#}"),
                 });
             }
             Err(_) => {
                 return Err(PluginError::Deadline {
-                    plugin: plugin.name.to_string(),
+                    plugin: plugin.label(),
                     version: plugin.version.clone(),
                     call: "instantiate",
                     timeout: plugin.limits.call_timeout,
@@ -71,7 +71,7 @@ impl Instance {
             wit::WitVersion::V0_1_0 => plugin.indices.load(&mut store, &instance).map(wit::Exports::V0_1_0),
         }
         .map_err(|e| PluginError::Instantiate {
-            plugin: plugin.name.to_string(),
+            plugin: plugin.label(),
             version: plugin.version.clone(),
             reason: format!("{e:#}"),
         })?;
@@ -82,7 +82,7 @@ impl Instance {
     pub(crate) fn arm(&mut self, plugin: &PluginInner) -> Result<(), PluginError> {
         if let Some(reason) = &self.stopped {
             return Err(PluginError::Stopped {
-                plugin: plugin.name.to_string(),
+                plugin: plugin.label(),
                 version: plugin.version.clone(),
                 reason: reason.clone(),
             });
@@ -100,7 +100,7 @@ impl Instance {
         call: &'static str,
         outcome: Result<wasmtime::Result<T>, tokio::time::error::Elapsed>,
     ) -> Result<T, PluginError> {
-        let name = plugin.name.to_string();
+        let name = plugin.label();
         let version = plugin.version.clone();
         let error = match outcome {
             Ok(Ok(value)) => return Ok(value),
@@ -123,6 +123,9 @@ impl Instance {
                 }
             }
         };
+        // The operator must see a crash even when nothing else is logged (the default level
+        // is warn): the plugin's name, the call and the trap with its panic message.
+        tracing::error!(plugin.name = &*plugin.name, plugin.call = call, error = %error, "plugin stopped");
         self.stopped = Some(error.to_string());
         Err(error)
     }
@@ -158,7 +161,7 @@ pub(crate) fn host_timeout(limits: &Limits) -> Duration {
 
 pub(crate) fn no_context(plugin: &PluginInner) -> PluginError {
     PluginError::Internal {
-        plugin: plugin.name.to_string(),
+        plugin: plugin.label(),
         version: plugin.version.clone(),
         call: "role call",
         reason: "the instance was made without a job context".into(),
@@ -166,7 +169,7 @@ pub(crate) fn no_context(plugin: &PluginInner) -> PluginError {
 }
 
 pub(crate) fn not_exported(plugin: &PluginInner, role: Role) -> PluginError {
-    PluginError::RoleNotExported { plugin: plugin.name.to_string(), role }
+    PluginError::RoleNotExported { plugin: plugin.label(), role }
 }
 
 pub(crate) fn guest_error(
@@ -175,7 +178,7 @@ pub(crate) fn guest_error(
     call: &'static str,
     e: latest::PluginError,
 ) -> PluginError {
-    let name = plugin.name.to_string();
+    let name = plugin.label();
     let version = plugin.version.clone();
     // The plugin's own words, escaped and cut: they end up in host log lines.
     let text = |reason: String| sandbox::plugin_text(&reason, sandbox::MAX_PLUGIN_TEXT);
@@ -186,7 +189,10 @@ pub(crate) fn guest_error(
     };
     match e {
         latest::PluginError::Denied(reason) => PluginError::Denied { plugin: name, version, role, reason },
-        latest::PluginError::InvalidConfig(reason) => PluginError::InvalidConfig { plugin: name, version, reason },
+        latest::PluginError::InvalidConfig(reason) => {
+            let at = plugin.origin.as_ref().map(|o| format!("{}: ", o.locate(&reason))).unwrap_or_default();
+            PluginError::InvalidConfig { plugin: name, version, reason, at }
+        }
         latest::PluginError::Internal(reason) => PluginError::Internal { plugin: name, version, call, reason },
     }
 }

@@ -43,6 +43,7 @@ use tracing::Instrument;
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, Enabled, Engine, PoolConcurrencyLimitError, PoolingAllocationConfig, Store, Trap};
 
+pub use crate::config::ConfigOrigin;
 use crate::job::{Job, Overwrites, PullPolicy, Resources};
 pub use cache::Source as CompileSource;
 use sandbox::StoreState;
@@ -83,13 +84,18 @@ pub struct Grants {
 /// A plugin as the operator configured it.
 #[derive(Debug, Clone, Default)]
 pub struct PluginSpec {
-    /// The operator's name for it; used in every error and log line.
+    /// The operator's name for it (the config's `name`); empty: the name the plugin gives
+    /// itself in its metadata. Errors and log lines use this name, and show the plugin's own
+    /// as well when the two differ.
     pub name: String,
     pub path: PathBuf,
     /// The plugin's own TOML table; handed to `configure` as JSON.
     pub config: toml::Table,
     pub limits: Limits,
     pub grants: Grants,
+    /// Where `config` was written (file, line, column, key), so a configuration the plugin
+    /// rejects is reported at its table. `None` for plugins given without a file.
+    pub origin: Option<ConfigOrigin>,
 }
 
 /// The roles a plugin can play (WIT `role`).
@@ -151,31 +157,32 @@ pub enum PluginError {
     UnsupportedWitVersion { plugin: String, path: PathBuf, found: String, supported: String },
     #[error("plugin `{plugin}` ({path}) cannot be linked (it needs an import this host does not provide): {reason}")]
     Link { plugin: String, path: PathBuf, reason: String },
-    #[error("plugin `{plugin}` declares role {role} in its metadata but does not export keel:plugin/{role}")]
+    #[error("plugin {plugin} declares role {role} in its metadata but does not export keel:plugin/{role}")]
     RoleNotExported { plugin: String, role: Role },
     #[error(
-        "plugin `{plugin}` {version}: no free instance slot: {limit} plugin instances are already alive across running jobs (the runtime's pool is full: {reason}); the job can be retried once others finish"
+        "plugin {plugin} {version}: no free instance slot: {limit} plugin instances are already alive across running jobs (the runtime's pool is full: {reason}); the job can be retried once others finish"
     )]
     PoolExhausted { plugin: String, version: String, limit: u32, reason: String },
-    #[error("plugin `{plugin}` {version}: could not be instantiated: {reason}")]
+    #[error("plugin {plugin} {version}: could not be instantiated: {reason}")]
     Instantiate { plugin: String, version: String, reason: String },
-    #[error("plugin `{plugin}` {version}: configuration rejected: {reason}")]
-    InvalidConfig { plugin: String, version: String, reason: String },
-    #[error("plugin `{plugin}` {version} denied ({role}): {reason}")]
+    /// `at`: where the table is (`config.toml:12:7: key `...`: `), empty when not from a file.
+    #[error("{at}plugin {plugin} {version}: configuration rejected: {reason}")]
+    InvalidConfig { plugin: String, version: String, reason: String, at: String },
+    #[error("plugin {plugin} {version} denied ({role}): {reason}")]
     Denied { plugin: String, version: String, role: &'static str, reason: String },
-    #[error("plugin `{plugin}` {version} failed in {call}: {reason}")]
+    #[error("plugin {plugin} {version} failed in {call}: {reason}")]
     Internal { plugin: String, version: String, call: &'static str, reason: String },
-    #[error("plugin `{plugin}` {version} crashed (trap) in {call}: {reason}")]
+    #[error("plugin {plugin} {version} crashed (trap) in {call}: {reason}")]
     Trap { plugin: String, version: String, call: &'static str, reason: String },
-    #[error("plugin `{plugin}` {version} exceeded its memory limit of {limit_bytes} bytes in {call}")]
+    #[error("plugin {plugin} {version} exceeded its memory limit of {limit_bytes} bytes in {call}")]
     MemoryLimit { plugin: String, version: String, call: &'static str, limit_bytes: u64 },
-    #[error("plugin `{plugin}` {version} exceeded its time limit of {timeout:?} in {call}")]
+    #[error("plugin {plugin} {version} exceeded its time limit of {timeout:?} in {call}")]
     Deadline { plugin: String, version: String, call: &'static str, timeout: Duration },
-    #[error("plugin `{plugin}` {version} returned an invalid result from {call}: {reason}")]
+    #[error("plugin {plugin} {version} returned an invalid result from {call}: {reason}")]
     Malformed { plugin: String, version: String, call: &'static str, reason: String },
-    #[error("plugin `{plugin}` {version} changed host-owned field {field} of the pod (from {before} to {after})")]
+    #[error("plugin {plugin} {version} changed host-owned field {field} of the pod (from {before} to {after})")]
     HostOwnedChanged { plugin: String, version: String, field: String, before: String, after: String },
-    #[error("plugin `{plugin}` {version} was stopped earlier in this job ({reason}) and is not called again")]
+    #[error("plugin {plugin} {version} was stopped earlier in this job ({reason}) and is not called again")]
     Stopped { plugin: String, version: String, reason: String },
     #[error("no execution strategy is bound to the job")]
     NoStrategy,

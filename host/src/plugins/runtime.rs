@@ -171,7 +171,7 @@ impl Runtime {
     /// Compile, link and probe a plugin: after this, per-job instantiation is cheap.
     pub async fn load(&self, spec: PluginSpec) -> Result<Plugin, PluginError> {
         let started = Instant::now();
-        let (component, source, _) = self.component(&spec.name, &spec.path)?;
+        let (component, source, _) = self.component(&load_label(&spec), &spec.path)?;
         let plugin = self.prepare(spec, component).await?;
         tracing::debug!(
             plugin.name = &*plugin.inner.name,
@@ -184,25 +184,34 @@ impl Runtime {
     }
 
     async fn prepare(&self, spec: PluginSpec, component: Component) -> Result<Plugin, PluginError> {
+        let (inner, mut probe) = self.identify(spec, component).await?;
+        // The configuration is checked now, not when the first job starts: a table the plugin
+        // rejects fails the load (and `host plugin inspect --config`) with the file and line
+        // of the table. Kubewarden validates policy settings at load for the same reason. The
+        // probe is a fresh instance, so configuring it leaves nothing behind for jobs.
+        probe.configure(&inner).await?;
+        Ok(Plugin { inner: Arc::new(inner) })
+    }
+
+    /// Compile-time checks, link, and the plugin's metadata from a probe instance (returned,
+    /// not yet configured).
+    async fn identify(&self, spec: PluginSpec, component: Component) -> Result<(PluginInner, Instance), PluginError> {
         let engine = &self.inner.engine;
+        let label = load_label(&spec);
         let scan = wit::ExportScan::of(engine, &component);
         let Some(found) = scan.plugin_version.clone() else {
-            return Err(PluginError::NotAPlugin {
-                plugin: spec.name,
-                path: spec.path,
-                exports: scan.exports.join(", "),
-            });
+            return Err(PluginError::NotAPlugin { plugin: label, path: spec.path, exports: scan.exports.join(", ") });
         };
         let Some(wit_version) = scan.version() else {
             return Err(PluginError::UnsupportedWitVersion {
-                plugin: spec.name,
+                plugin: label,
                 path: spec.path,
                 found,
                 supported: wit::WitVersion::supported_list(),
             });
         };
         let pre = self.inner.linker.instantiate_pre(&component).map_err(|e| PluginError::Link {
-            plugin: spec.name.clone(),
+            plugin: label.clone(),
             path: spec.path.clone(),
             reason: format!("{e:#}"),
         })?;
@@ -210,18 +219,19 @@ impl Runtime {
             wit::WitVersion::V0_1_0 => latest::Indices::new(&pre, |iface| scan.exports_role(iface)),
         }
         .map_err(|e| PluginError::Link {
-            plugin: spec.name.clone(),
+            plugin: label.clone(),
             path: spec.path.clone(),
             reason: format!("{e:#}"),
         })?;
         let config_json = serde_json::to_string(&spec.config)
             .map_err(|source| PluginError::Encode { what: "plugin config", source })?;
         let mut inner = PluginInner {
-            name: Arc::from(spec.name.as_str()),
+            name: Arc::from(label.as_str()),
             self_name: String::new(),
             version: "?".to_string(),
             path: spec.path,
             config_json,
+            origin: spec.origin,
             limits: spec.limits,
             grants: spec.grants,
             pre,
@@ -236,29 +246,35 @@ impl Runtime {
         // Both appear in every error and log line about the plugin.
         inner.version = sandbox::plugin_text(&meta.version, 128);
         inner.self_name = sandbox::plugin_text(&meta.name, 128);
+        // The name users see is the plugin's own, unless the operator's config gives one.
+        if spec.name.is_empty() && !inner.self_name.is_empty() {
+            inner.name = Arc::from(inner.self_name.as_str());
+        }
         let exported = inner.indices.exported_roles();
         for role in meta.roles {
             if !exported.contains(&role) {
-                return Err(PluginError::RoleNotExported {
-                    plugin: inner.name.to_string(),
-                    role: Role::from_wit(role),
-                });
+                return Err(PluginError::RoleNotExported { plugin: inner.label(), role: Role::from_wit(role) });
             }
             let role = Role::from_wit(role);
             if !inner.roles.contains(&role) {
                 inner.roles.push(role);
             }
         }
-        if inner.self_name != *inner.name {
-            tracing::debug!(plugin.name = &*inner.name, plugin.self_name = %inner.self_name, "plugin calls itself differently");
-        }
-        Ok(Plugin { inner: Arc::new(inner) })
+        Ok((inner, probe))
     }
 
     /// What a component is and whether it would load, for `host plugin inspect`.
     pub async fn inspect(&self, path: &Path) -> Result<Inspection, PluginError> {
-        let label = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let (component, source, size_bytes) = self.component(&label, path)?;
+        self.inspect_spec(PluginSpec { path: path.to_path_buf(), ..PluginSpec::default() }).await
+    }
+
+    /// Like [`Runtime::inspect`], loading the plugin as `spec` configures it: its name,
+    /// limits and configuration table (`host plugin inspect --config`), so a table the plugin
+    /// rejects shows as "loads: no" with the table's file and line.
+    pub async fn inspect_spec(&self, spec: PluginSpec) -> Result<Inspection, PluginError> {
+        let path = spec.path.clone();
+        let path = path.as_path();
+        let (component, source, size_bytes) = self.component(&load_label(&spec), path)?;
         let scan = wit::ExportScan::of(&self.inner.engine, &component);
         let mut inspection = Inspection {
             path: path.to_path_buf(),
@@ -272,13 +288,25 @@ impl Runtime {
             exports: scan.exports.clone(),
             compile: Some(source),
             load_error: None,
+            configured_as: (!spec.name.is_empty()).then(|| spec.name.clone()),
+            needs_config: None,
+            config_origin: spec.origin.as_ref().map(|o| format!("{}:{}:{}", o.path.display(), o.line, o.column)),
         };
-        let spec = PluginSpec { name: label, path: path.to_path_buf(), ..PluginSpec::default() };
-        match self.prepare(spec, component).await {
-            Ok(plugin) => {
-                inspection.name = Some(plugin.inner.self_name.clone());
-                inspection.version = Some(plugin.inner.version.clone());
-                inspection.roles = plugin.inner.roles.clone();
+        // Without a configuration to check, a plugin that needs one still loads: the empty
+        // table's rejection is shown as a note, not as "loads: no".
+        let configured = spec.origin.is_some() || !spec.config.is_empty();
+        match self.identify(spec, component).await {
+            Ok((inner, mut probe)) => {
+                inspection.name = Some(inner.self_name.clone());
+                inspection.version = Some(inner.version.clone());
+                inspection.roles = inner.roles.clone();
+                match probe.configure(&inner).await {
+                    Ok(()) => {}
+                    Err(PluginError::InvalidConfig { reason, .. }) if !configured => {
+                        inspection.needs_config = Some(reason);
+                    }
+                    Err(error) => inspection.load_error = Some(error.to_string()),
+                }
             }
             Err(error) => inspection.load_error = Some(error.to_string()),
         }
@@ -286,13 +314,24 @@ impl Runtime {
     }
 }
 
+/// What a plugin is called before its metadata is known: the operator's name, else the file stem.
+fn load_label(spec: &PluginSpec) -> String {
+    if spec.name.is_empty() {
+        spec.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    } else {
+        spec.name.clone()
+    }
+}
+
 pub(crate) struct PluginInner {
+    /// The name users see: the config's `name`, else the plugin's own (metadata).
     pub(crate) name: Arc<str>,
     /// The name the plugin gives itself in its metadata (the operator's `name` may differ).
     pub(crate) self_name: String,
     pub(crate) version: String,
     pub(crate) path: PathBuf,
     pub(crate) config_json: String,
+    pub(crate) origin: Option<ConfigOrigin>,
     pub(crate) limits: Limits,
     pub(crate) grants: Grants,
     pub(crate) pre: InstancePre<StoreState>,
@@ -319,9 +358,26 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
+impl PluginInner {
+    /// How errors name the plugin: `` `name` ``, or `` `name` (own-name) `` when the operator's
+    /// name differs from the one in the plugin's metadata, so both can be searched for.
+    pub(crate) fn label(&self) -> String {
+        if self.self_name.is_empty() || self.self_name == *self.name {
+            format!("`{}`", self.name)
+        } else {
+            format!("`{}` ({})", self.name, self.self_name)
+        }
+    }
+}
+
 impl Plugin {
+    /// The name users see: the config's `name`, else the plugin's own (metadata).
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+    /// The name the plugin gives itself in its metadata.
+    pub fn own_name(&self) -> &str {
+        &self.inner.self_name
     }
     /// The version the plugin reports in its metadata.
     pub fn version(&self) -> &str {

@@ -206,7 +206,13 @@ impl LineForwarder {
         if dropped > 0 {
             let _ = write!(text, "... [{dropped} more bytes not shown]");
         }
-        tracing::info!(plugin.name = &*self.plugin, plugin.stream = self.stream, "{text}");
+        // stderr is where a Rust panic (`panicked at ...`) and Python's tracebacks go: the
+        // operator sees it at the default level, before the trap that usually follows.
+        if self.stream == "stderr" {
+            tracing::warn!(plugin.name = &*self.plugin, plugin.stream = self.stream, "{text}");
+        } else {
+            tracing::info!(plugin.name = &*self.plugin, plugin.stream = self.stream, "{text}");
+        }
         if let Some(last) = &self.last
             && let Ok(mut slot) = last.lock()
         {

@@ -77,7 +77,7 @@ mod tests {
     fn adds_labels_and_node_selector_but_keeps_existing_labels() {
         let mut plugin: Labels = testing::configure(
             r#"
-            labels = { team = "platform", "keel.dev/job" = "hijack" }
+            labels = { team = "platform", "keel.dev/job-id" = "hijack" }
             node_selector = { "kubernetes.io/arch" = "amd64" }
             "#,
         )
@@ -85,7 +85,7 @@ mod tests {
         let pod = testing::mutate(&mut plugin, &testing::context(serde_json::Value::Null), testing::pod()).unwrap();
         let labels = pod.metadata.labels.unwrap();
         assert_eq!(labels["team"], "platform");
-        assert_eq!(labels["keel.dev/job"], "42", "an existing label is not overwritten");
+        assert_eq!(labels["keel.dev/job-id"], "1", "an existing label is not overwritten");
         assert_eq!(pod.spec.unwrap().node_selector.unwrap()["kubernetes.io/arch"], "amd64");
     }
 

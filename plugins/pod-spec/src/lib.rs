@@ -185,10 +185,15 @@ mod tests {
 
     fn run(patches: Vec<PodSpecPatch>) -> Result<Value, Error> {
         let mut plugin = PodSpec;
-        let ctx = testing::context(
+        // A job with two services: build, helper, svc-0, svc-1 in the host's pod.
+        let ctx = testing::ContextBuilder::new()
+            .service("postgres:16", Some("db"))
+            .service("redis:7", None)
+            .runner_config(
             json!({ "pod_spec": serde_json::to_value(patches.iter().map(|p| json!({"name": p.name, "patch": p.patch, "patch_type": p.patch_type})).collect::<Vec<_>>()).unwrap() }),
-        );
-        testing::mutate(&mut plugin, &ctx, testing::pod()).map(|p| serde_json::to_value(p).unwrap())
+        )
+            .build();
+        testing::mutate(&mut plugin, &ctx, testing::pod_for(&ctx)).map(|p| serde_json::to_value(p).unwrap())
     }
 
     #[test]
@@ -202,7 +207,10 @@ mod tests {
         assert_eq!(containers.len(), 5, "build merged in place, extra appended");
         assert_eq!(containers[0]["name"], "build");
         assert_eq!(containers[0]["image"], "alpine:3.20", "untouched fields stay");
-        assert_eq!(containers[0]["env"][0]["value"], "1");
+        // The host's env (CI, CI_JOB_ID, ...) stays; the patch's variable is merged in by name.
+        let env = containers[0]["env"].as_array().unwrap();
+        assert_eq!(env.iter().find(|e| e["name"] == "A").unwrap()["value"], "1");
+        assert!(env.iter().any(|e| e["name"] == "CI_JOB_ID"), "{env:?}");
         assert_eq!(containers[4]["name"], "extra");
     }
 
