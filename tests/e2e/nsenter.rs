@@ -182,7 +182,10 @@ async fn stopped_mid_stage(timeout: Option<&str>, interrupt: bool) -> (Option<i3
 fn assert_stage_stopped(seen: &str) {
     assert!(seen.contains("\nafter-ran\n") && seen.contains("\nlisted\n"), "after_script ran: {seen}");
     let after = seen.split("\nafter-ran\n").nth(1).unwrap_or_default();
-    assert!(!after.lines().any(|l| l.starts_with("alive ")), "the stage's sleep still ran during after_script: {after}");
+    assert!(
+        !after.lines().any(|l| l.starts_with("alive ")),
+        "the stage's sleep still ran during after_script: {after}"
+    );
     assert!(!seen.lines().any(|l| l == "survived"), "{seen}");
     assert!(!seen.contains("still alive after KILL") && !seen.contains("cannot stop"), "{seen}");
 }
@@ -216,7 +219,8 @@ async fn without_nsenter_in_the_helper_the_job_fails_before_the_first_stage() {
         "config.toml",
         &format!("[[runners]]\nname = \"t\"\nexecutor = \"kubernetes\"\ntoken = \"glrt-e2e\"\n[runners.kubernetes]\nhelper_image = \"{helper}\"\n"),
     );
-    let job = f.write("job.yml", "image: alpine:3.20\nscript:\n  - echo script-ran\nafter_script:\n  - echo after-ran\n");
+    let job =
+        f.write("job.yml", "image: alpine:3.20\nscript:\n  - echo script-ran\nafter_script:\n  - echo after-ran\n");
     let out = f.run(&job, &["--strategy", "nsenter", "--config", config.to_str().expect("utf-8")]).await;
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(2), "a system failure: {text}");

@@ -36,11 +36,7 @@ pub fn stage_argv(target: &Target, shell: &str) -> Vec<String> {
 
 /// The stage script as sent to the shell's stdin.
 pub fn stage_stdin(target: &Target, script: &str) -> String {
-    if target.wdns {
-        script.to_string()
-    } else {
-        format!("cd {} || exit 1\n{script}", shell_quote(&target.cwd))
-    }
+    if target.wdns { script.to_string() } else { format!("cd {} || exit 1\n{script}", shell_quote(&target.cwd)) }
 }
 
 #[cfg(test)]

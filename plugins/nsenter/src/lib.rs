@@ -170,7 +170,9 @@ impl ExecutionStrategy for Nsenter {
         let what = "nsenter into the build container";
         let argv = command::stage_argv(&target, self.shell());
         let session = host.exec(HELPER, &argv, true).map_err(|e| lost(stage, what, e))?;
-        session.write_stdin(command::stage_stdin(&target, &stage.script).as_bytes()).map_err(|e| lost(stage, what, e))?;
+        session
+            .write_stdin(command::stage_stdin(&target, &stage.script).as_bytes())
+            .map_err(|e| lost(stage, what, e))?;
         session.close_stdin().map_err(|e| lost(stage, what, e))?;
         // stdout and stderr interleave in the trace as they arrive, like a terminal.
         while let Some((_, data)) = session.read_output(READ).map_err(|e| lost(stage, what, e))? {
@@ -189,9 +191,9 @@ mod tests {
 
     #[test]
     fn configuration_is_checked() {
-        let err = testing::configure::<Nsenter>("shel = \"bash\"").err().expect("unknown key refused");
+        let err = testing::configure::<Nsenter>("shel = \"bash\"").expect_err("unknown key refused");
         assert!(format!("{err:?}").contains("shel"), "{err:?}");
-        let err = testing::configure::<Nsenter>("shell = \" \"").err().expect("empty shell refused");
+        let err = testing::configure::<Nsenter>("shell = \" \"").expect_err("empty shell refused");
         assert!(format!("{err}").contains("shell: must name a shell"), "{err}");
         let ok = testing::configure::<Nsenter>("shell = \"bash\"").unwrap();
         assert_eq!(ok.shell(), "bash");

@@ -216,7 +216,7 @@ fn lacking(caps: Option<u64>, needed: &[(u32, &'static str)]) -> Vec<&'static st
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Missing {
     #[error(
-        "the helper container's image has no {} in its PATH; the nsenter strategy runs every stage through them (util-linux and coreutils, or busybox): use a helper image that has them, or another strategy",
+        "the helper container's image has no {} in its PATH; the nsenter strategy runs every stage through these tools (util-linux and coreutils, or busybox): use a helper image that has them, or another strategy",
         .0.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(", ")
     )]
     Tools(Vec<String>),
@@ -234,13 +234,15 @@ pub enum Missing {
     BuildProcess,
     #[error("the preflight in the helper container stopped before it could try nsenter (its output was cut short)")]
     Incomplete,
-    #[error("nsenter joined the build container's namespaces but could not start `{shell}` there: {said}; the build image needs that shell")]
+    #[error(
+        "nsenter joined the build container's namespaces but could not start `{shell}` there: {said}; the build image needs that shell"
+    )]
     Shell { shell: String, said: String },
     #[error(
         "nsenter from the helper into the build container's namespaces failed: {said}; {}",
         match lacking(*caps, &[(CAP_SYS_ADMIN, "CAP_SYS_ADMIN"), (CAP_SYS_CHROOT, "CAP_SYS_CHROOT")]).as_slice() {
             [] => format!("the helper holds CAP_SYS_ADMIN and CAP_SYS_CHROOT (CapEff {}), so a seccomp, AppArmor or SELinux profile (or a user namespace) forbids setns here", caps_shown(*caps)),
-            names => format!("the helper lacks {} (CapEff {}): the strategy adds them to the helper's securityContext, but the cluster or a policy (a capabilities drop, an admission controller) took them away", names.join(" and "), caps_shown(*caps)),
+            names => format!("the helper lacks {} (CapEff {}): the strategy adds what it needs to the helper's securityContext, but the cluster or a policy (a capabilities drop, an admission controller) took them away", names.join(" and "), caps_shown(*caps)),
         }
     )]
     Enter { said: String, caps: Option<u64> },
@@ -292,7 +294,10 @@ mod tests {
         assert!(e.to_string().contains("shareProcessNamespace"), "{e}");
         let e = Probe::parse(b"caps 00000000a80425fb\nwdns yes\nunreadable 3\n").into_target("sh").unwrap_err();
         let text = e.to_string();
-        assert!(text.contains("3 process(es)") && text.contains("lacks CAP_SYS_PTRACE (CapEff 00000000a80425fb)"), "{text}");
+        assert!(
+            text.contains("3 process(es)") && text.contains("lacks CAP_SYS_PTRACE (CapEff 00000000a80425fb)"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -302,7 +307,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "nsenter from the helper into the build container's namespaces failed: nsenter: reassociate to namespace 'ns/ipc' failed: Operation not permitted; \
-             the helper lacks CAP_SYS_ADMIN (CapEff 00000000a80425fb): the strategy adds them to the helper's securityContext, but the cluster or a policy \
+             the helper lacks CAP_SYS_ADMIN (CapEff 00000000a80425fb): the strategy adds what it needs to the helper's securityContext, but the cluster or a policy \
              (a capabilities drop, an admission controller) took them away"
         );
         // With the capabilities there, something else refused it.
