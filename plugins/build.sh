@@ -12,7 +12,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 # must not move the artifacts away from where this script copies them from.
 cargo build --release --target wasm32-wasip2 --manifest-path "$root/plugins/Cargo.toml" --target-dir "$root/plugins/target"
 mkdir -p "$root/target/plugins"
-for name in labels pull-policy overwrites pod-spec exec attach fixture-fault fixture-fault-strategy; do
+for name in labels pull-policy overwrites pod-spec exec attach nsenter fixture-fault fixture-fault-strategy; do
     # cargo names the artifact after the crate with '-' turned into '_'.
     artifact=$(echo "$name" | tr - _)
     cp "$root/plugins/target/wasm32-wasip2/release/$artifact.wasm" "$root/target/plugins/$name.wasm.tmp"
