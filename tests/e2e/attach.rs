@@ -212,3 +212,37 @@ async fn sigint_mid_stage_stops_the_stage_in_the_pod_and_runs_after_script() {
     assert!(text.trim_end().ends_with("ERROR: Job failed: canceled"), "{text}");
     f.assert_clean().await;
 }
+
+/// The part of a trace that the job's own commands produced (from the first stage on), with the
+/// pod's name, which differs per run, taken out.
+fn job_part(text: &str) -> String {
+    let from = text.find("Executing \"step_script\"").unwrap_or(0);
+    let pod = text.lines().find_map(|l| l.strip_prefix("Running on ")?.split_whitespace().next()).unwrap_or("?");
+    text[from..].replace(pod, "<pod>")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_attach_and_nsenter_give_the_same_trace_and_exit_code() {
+    let f = Fixture::new(ClusterOptions::default()).await;
+    let job = f.write(
+        "job.yml",
+        "image: alpine:3.20\nvariables:\n  TOKEN: {value: \"tok-0123456789\", masked: true}\n  GREETING: hello\n\
+         before_script:\n  - echo \"$GREETING from before_script\"\nscript:\n\
+         \x20 - for i in $(seq 50); do echo \"line $i\"; done\n  - echo to-stderr >&2\n  - printf 'no newline'\n\
+         \x20 - echo \"token $TOKEN\"\n  - test -d \"$CI_PROJECT_DIR\" && echo in-project\n  - exit 7\n\
+         after_script:\n  - echo after\n",
+    );
+    let mut traces = Vec::new();
+    for strategy in ["exec", "attach", "nsenter"] {
+        let out = f.run(&job, &["--strategy", strategy]).await;
+        traces.push((strategy, out.status.code(), job_part(&stdout(&out))));
+    }
+    let (_, code, reference) = &traces[0];
+    assert_eq!(*code, Some(1), "{reference}");
+    assert!(reference.contains("line 50\n") && reference.contains("[MASKED]") && reference.ends_with("exit code 7\n"));
+    for (strategy, c, trace) in &traces[1..] {
+        assert_eq!(c, code, "{strategy}");
+        assert_eq!(trace, reference, "{strategy} differs from exec");
+    }
+    f.assert_clean().await;
+}

@@ -1,6 +1,7 @@
 //! `exec`: the simplest execution strategy. Each stage is one exec of `sh` in the build
-//! container with the host-generated stage script on stdin; output goes to the trace as it
-//! arrives and the exit code comes from the exec's status.
+//! container with the host-generated stage script on stdin (stderr joined to stdout, as in a
+//! terminal); output goes to the trace as it arrives and the exit code comes from the exec's
+//! status.
 //!
 //! What it does when the connection to the API server drops: the job fails at once, naming
 //! the lost connection. It never reports a success it did not see (GitLab #4119,
@@ -47,7 +48,10 @@ fn lost(stage: &Stage, e: HostError) -> Error {
 impl ExecutionStrategy for Exec {
     fn run_stage(&mut self, _ctx: &Context, stage: &Stage, host: &StrategyHost) -> Result<i32, Error> {
         let shell = self.shell.clone().unwrap_or_else(|| "sh".into());
-        let session = host.exec(BUILD, &[shell], true).map_err(|e| lost(stage, e))?;
+        // stderr joins stdout in the container, so the trace keeps the order the script wrote
+        // in (two streams arrive as two channels, and their interleaving would be lost).
+        let command = [shell.clone(), "-c".into(), "exec 2>&1; exec \"$0\" -s".into(), shell];
+        let session = host.exec(BUILD, &command, true).map_err(|e| lost(stage, e))?;
         session.write_stdin(stage.script.as_bytes()).map_err(|e| lost(stage, e))?;
         session.close_stdin().map_err(|e| lost(stage, e))?;
         // stdout and stderr interleave in the trace as they arrive, like a terminal.

@@ -34,9 +34,14 @@ pub fn stage_argv(target: &Target, shell: &str) -> Vec<String> {
     argv
 }
 
-/// The stage script as sent to the shell's stdin.
+/// The stage script as sent to the shell's stdin. Its stderr joins stdout first, so the trace
+/// keeps the order the script wrote in (two streams would arrive as two channels).
 pub fn stage_stdin(target: &Target, script: &str) -> String {
-    if target.wdns { script.to_string() } else { format!("cd {} || exit 1\n{script}", shell_quote(&target.cwd)) }
+    if target.wdns {
+        format!("exec 2>&1\n{script}")
+    } else {
+        format!("exec 2>&1\ncd {} || exit 1\n{script}", shell_quote(&target.cwd))
+    }
 }
 
 #[cfg(test)]
@@ -77,7 +82,7 @@ mod tests {
                 "sh"
             ]
         );
-        assert_eq!(stage_stdin(&target(), "echo hi\n"), "echo hi\n");
+        assert_eq!(stage_stdin(&target(), "echo hi\n"), "exec 2>&1\necho hi\n");
     }
 
     #[test]
@@ -92,6 +97,6 @@ mod tests {
     fn without_wdns_the_script_changes_directory_itself() {
         let t = Target { wdns: false, cwd: "/it's here".into(), ..target() };
         assert!(!stage_argv(&t, "sh").iter().any(|a| a.starts_with("--wd")));
-        assert_eq!(stage_stdin(&t, "echo hi\n"), "cd '/it'\\''s here' || exit 1\necho hi\n");
+        assert_eq!(stage_stdin(&t, "echo hi\n"), "exec 2>&1\ncd '/it'\\''s here' || exit 1\necho hi\n");
     }
 }
