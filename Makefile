@@ -27,3 +27,4 @@ bench: plugins
 	$(CARGO) bench -p local-cluster
 	$(CARGO) build --release -p host --bin host
 	python3 host/benches/run_vs_kubectl.py --host target/release/host
+	python3 host/benches/strategies.py --host target/release/host

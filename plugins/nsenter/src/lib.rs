@@ -204,6 +204,12 @@ mod tests {
     fn prepare_shares_the_pid_namespace_marks_build_and_empowers_the_helper() {
         let mut pod = testing::pod();
         let spec = pod.spec.as_mut().unwrap();
+        // A service container (the default test job has none).
+        spec.containers.push(keel_sdk::k8s_openapi::api::core::v1::Container {
+            name: "svc-0".into(),
+            image: Some("postgres:16".into()),
+            ..Default::default()
+        });
         // An operator's own additions and drops stay; a spelling with CAP_ is not doubled.
         spec.containers[1].security_context = Some(SecurityContext {
             capabilities: Some(Capabilities {
