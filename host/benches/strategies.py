@@ -47,7 +47,7 @@ def main():
     work = tempfile.mkdtemp(prefix="keel-bench-")
     true_job = os.path.join(work, "true.yml")
     with open(true_job, "w") as f:
-        f.write("image: busybox\nvariables:\n  GIT_STRATEGY: none\nscript:\n  - true\n")
+        f.write("image: busybox\nvariables:\n  GIT_STRATEGY: none\nscript:\n  - \"true\"\n")
     size = args.mib * 1024 * 1024
     lines = size // 100
     gen = f"i=0; yes 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx' | head -n {lines}"
@@ -73,7 +73,7 @@ def main():
         return h
 
     stage = {s: [] for s in STRATEGIES}
-    kexec = []
+    kexec, kstart = [], []
     attach_stream, klogs = [], []
     try:
         subprocess.run(kubectl + ["run", "sleeper", "--image=busybox", "--restart=Never", "--", "sleep", "3600"],
@@ -92,6 +92,9 @@ def main():
             t = time.perf_counter()
             subprocess.run(kubectl + ["exec", "sleeper", "--", "true"], check=True, capture_output=True)
             kexec.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            subprocess.run(kubectl + ["version", "--client"], check=True, capture_output=True)
+            kstart.append((time.perf_counter() - t) * 1000)
             with open(os.devnull, "w") as devnull:
                 h = host(big_job, "attach", out=devnull)
             attach_stream.append(phases_of(h.stderr).get("step_script", float("nan")) / 1000)
@@ -107,10 +110,12 @@ def main():
     med = statistics.median
     km = med(kexec)
     print(f"runs: {args.runs}, alternating, same cluster")
-    print(f"kubectl exec sleeper -- true       median {km:7.1f} ms")
+    print(f"kubectl exec sleeper -- true       median {km:7.1f} ms   (kubectl version --client alone: "
+          f"{med(kstart):.1f} ms, so the exec itself ~{km - med(kstart):.1f} ms)")
     for s in STRATEGIES:
         m = med(stage[s])
-        print(f"stage `true` under {s:8}          median {m:7.1f} ms   ratio to kubectl exec {m / km:.2f}")
+        print(f"stage `true` under {s:8}          median {m:7.1f} ms   ratio to kubectl exec {m / km:.2f}"
+              f" (to its exec alone {m / max(km - med(kstart), 0.1):.2f})")
     a, k = size / med(attach_stream) / 2**20, size / med(klogs) / 2**20
     print(f"attach log streaming of {args.mib} MiB      median {a:7.1f} MiB/s")
     print(f"kubectl logs -f of {args.mib} MiB           median {k:7.1f} MiB/s")
