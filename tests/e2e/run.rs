@@ -239,28 +239,11 @@ async fn misbehaving_plugins_fail_the_job_as_system_failures() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_strategy_connection_cut_mid_stage_fails_never_succeeds() {
     let f = Fixture::new(ClusterOptions::default()).await;
-    let proxy = CuttingProxy::start(f.cluster.addr()).await;
-    // The same kubeconfig, pointed at the proxy.
-    let kubeconfig = std::fs::read_to_string(f.cluster.kubeconfig_path()).expect("kubeconfig");
-    let via_proxy =
-        f.write("proxied-kubeconfig", &kubeconfig.replace(&f.cluster.addr().to_string(), &proxy.addr.to_string()));
-    let job = f.write("job.yml", "image: alpine:3.20\nscript:\n  - echo ticking\n  - for i in $(seq 600); do sleep 0.1; done\n  - echo finished\n");
-    let mut child = f.command_via(&via_proxy, &job, &["--strategy", "exec"]).spawn().expect("spawn host");
-    let mut out = child.stdout.take().expect("stdout");
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("ticking\n") {
-        let n = out.read(&mut buf).await.expect("read");
-        assert!(n > 0, "host ended early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let cut_at = Instant::now();
-    proxy.cut();
-    out.read_to_end(&mut seen).await.expect("read");
-    let status = child.wait().await.expect("wait");
-    let failed_after = cut_at.elapsed();
-    let text = String::from_utf8_lossy(&seen);
+    let job = f.write(
+        "job.yml",
+        "image: alpine:3.20\nscript:\n  - echo ticking\n  - for i in $(seq 600); do sleep 0.1; done\n  - echo finished\n",
+    );
+    let (status, text, failed_after) = run_and_cut_once(&f, &job, &["--strategy", "exec"]).await;
     eprintln!("{text}\nconnection cut -> job failed in {failed_after:?} (aim: < 5 s)");
     assert_eq!(status.code(), Some(2), "{text}");
     assert!(!text.contains("finished") && !text.contains("Job succeeded"), "{text}");

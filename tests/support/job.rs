@@ -181,3 +181,31 @@ impl CuttingProxy {
         self.cut.send_modify(|n| *n += 1);
     }
 }
+
+/// Runs `job` through a [`CuttingProxy`], cuts every connection once the trace shows
+/// `ticking`, and returns the host's exit status, its stdout and how long it took to end
+/// after the cut. For strategies that must fail (never succeed) when the connection drops.
+pub async fn run_and_cut_once(
+    f: &Fixture,
+    job: &Path,
+    extra: &[&str],
+) -> (std::process::ExitStatus, String, std::time::Duration) {
+    use tokio::io::AsyncReadExt;
+    let proxy = CuttingProxy::start(f.cluster.addr()).await;
+    let via_proxy = proxy.kubeconfig(f);
+    let mut child = f.command_via(&via_proxy, job, extra).spawn().expect("spawn host");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("ticking\n") {
+        let n = out.read(&mut buf).await.expect("read");
+        assert!(n > 0, "host ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let cut_at = std::time::Instant::now();
+    proxy.cut();
+    out.read_to_end(&mut seen).await.expect("read");
+    let status = child.wait().await.expect("wait");
+    (status, String::from_utf8_lossy(&seen).into_owned(), cut_at.elapsed())
+}
