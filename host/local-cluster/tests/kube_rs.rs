@@ -582,12 +582,21 @@ async fn stop_kills_pods_and_removes_the_temp_dir() {
     await_condition(pods.clone(), "left-running", conditions::is_pod_running()).await.unwrap();
     let pids = c.node().pod_processes(pod.metadata.uid.as_ref().unwrap());
     assert!(!pids.is_empty());
+    // A process is the same one only with the same start time (pid_max can be as low as
+    // 32768, and a busy machine reuses PIDs quickly); a zombie does not run.
+    let start_of = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        (fields.first() != Some(&"Z")).then(|| fields.get(19).map(|s| s.to_string())).flatten()
+    };
+    let started: Vec<(u32, Option<String>)> = pids.iter().map(|p| (*p, start_of(*p))).collect();
     let dir = c.data_dir().to_path_buf();
     assert!(dir.exists());
     c.stop().await;
     assert!(!dir.exists(), "temp data dir {} removed", dir.display());
-    for pid in pids {
-        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
+    for (pid, start) in started {
+        let alive = start.is_some() && start_of(pid) == start;
         assert!(!alive, "process {pid} of the pod still runs after stop");
     }
 }
