@@ -5,8 +5,8 @@ use keel_sdk::k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, Pod,
 
 use crate::protocol::{DETECT_SHELL, Paths, quote};
 
-pub const BUILD: &str = "build";
-pub const HELPER: &str = "helper";
+/// The containers of the host's base pod this strategy uses (names from the SDK, as the host's).
+pub use keel_sdk::pod::{BUILD_CONTAINER as BUILD, HELPER_CONTAINER as HELPER};
 /// The init container that creates the log file.
 pub const INIT_CONTAINER: &str = "init-logs";
 /// Volume names the host reserves for this strategy (operators cannot reuse them).

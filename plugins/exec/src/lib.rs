@@ -12,7 +12,7 @@ use keel_sdk::strategy::HostError;
 use keel_sdk::{Config, Context, Error, ExecutionStrategy, Plugin, Stage, StrategyHost};
 
 /// The container the job's scripts run in (the host's base pod always has it).
-pub const BUILD: &str = "build";
+pub use keel_sdk::pod::BUILD_CONTAINER as BUILD;
 /// Bytes asked for per read: the host delivers what arrived, up to this.
 const READ: u32 = 64 * 1024;
 

@@ -34,10 +34,9 @@ use keel_sdk::{Config, Context, Error, ExecutionStrategy, Plugin, Stage, Strateg
 
 use probe::{MARKER, MARKER_VALUE, Probe, Target};
 
-/// The container the job's scripts run in (the host's base pod always has it).
-pub const BUILD: &str = "build";
-/// The container the stages are started from.
-pub const HELPER: &str = "helper";
+/// The container the job's scripts run in, and the one the stages are started from (the
+/// host's base pod always has both; names from the SDK, as the host's).
+pub use keel_sdk::pod::{BUILD_CONTAINER as BUILD, HELPER_CONTAINER as HELPER};
 /// Added to the helper's `securityContext.capabilities.add` (see the crate docs for why each).
 pub const HELPER_CAPABILITIES: [&str; 3] = ["SYS_ADMIN", "SYS_PTRACE", "SYS_CHROOT"];
 /// Bytes asked for per read: the host delivers what arrived, up to this.
