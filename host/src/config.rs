@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, de};
 
-use crate::gitlab::{PullPolicy, RESERVED_VOLUMES, Resources};
+use crate::vocab::{PullPolicy, RESERVED_VOLUMES, Resources};
 
 /// Everything that can go wrong loading a config file. Each message names the file, and where
 /// it can the line, column and key.

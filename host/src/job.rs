@@ -9,7 +9,7 @@ pub mod parse;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-pub use crate::gitlab::{PullPolicy, Resources};
+pub use crate::vocab::{PullPolicy, Resources};
 
 /// A container image reference with the job-level options GitLab allows on it.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]

@@ -1,6 +1,6 @@
 //! The keel host: builds a job's pod, lets sandboxed plugins shape it, and runs it.
 //!
-//! Modules follow the job's data flow, each using only those before it: `gitlab` (leaf
+//! Modules follow the job's data flow, each using only those before it: `vocab` (leaf
 //! vocabulary) -> `config` (config.toml) -> `job` (the job's YAML) ->
 //! `pod` (the base objects) -> `plugins` (mutate, decide, the strategy's host services) ->
 //! `prepare` (all of that as one step) -> `render` (print) or `cluster` (connect, create,
@@ -8,7 +8,7 @@
 
 pub mod cluster;
 pub mod config;
-pub mod gitlab;
+pub mod vocab;
 pub mod job;
 pub mod plugins;
 pub mod pod;

@@ -31,7 +31,7 @@ pub const SCRIPTS_VOLUME: &str = "scripts";
 /// The job's `output.log`, read back by the trace reader.
 pub const LOGS_VOLUME: &str = "logs";
 /// Volume names operators cannot use for their own volumes.
-pub use crate::gitlab::RESERVED_VOLUMES;
+pub use crate::vocab::RESERVED_VOLUMES;
 /// Key of the registry credentials in a `kubernetes.io/dockerconfigjson` Secret.
 pub const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
 
