@@ -81,28 +81,7 @@ async fn wasm_job_with_load(rt: &Runtime, runner: &serde_json::Value) -> Pod {
 
 /// The SDK context the component would build from the same job (public values only).
 fn native_context(runner: &serde_json::Value) -> keel_sdk::Context {
-    let job = support::job();
-    keel_sdk::Context {
-        job: keel_sdk::Job {
-            id: job.id,
-            name: job.name.clone(),
-            image: keel_sdk::Image { name: job.image.name.clone(), ..Default::default() },
-            services: vec![],
-            variables: job
-                .variables
-                .iter()
-                .map(|v| keel_sdk::Variable {
-                    key: v.key.clone(),
-                    value: v.public.then(|| v.value.clone()),
-                    masked: v.masked,
-                    public: v.public,
-                    file: v.file,
-                })
-                .collect(),
-            stages: job.stages.iter().map(|s| s.name.clone()).collect(),
-        },
-        runner_config: runner.clone(),
-    }
+    keel_sdk::Context::for_plugin(&support::job(), runner.clone(), false)
 }
 
 fn config_json(toml_text: &str) -> String {

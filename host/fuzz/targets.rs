@@ -33,7 +33,7 @@ pub fn job(data: &[u8]) {
     let single = JobSource { path: "job.yml".into(), job_name: None };
     match parse(text, &single, &ctx) {
         Ok(job) => {
-            let _ = job.requested_overwrites();
+            let _ = host::job::overwrites::requested(&job);
         }
         Err(e) => check_message(&e.to_string()),
     }
@@ -41,7 +41,7 @@ pub fn job(data: &[u8]) {
     let pipeline = JobSource { path: ".gitlab-ci.yml".into(), job_name: Some(name.to_string()) };
     match parse(text, &pipeline, &ctx) {
         Ok(job) => {
-            let _ = job.requested_overwrites();
+            let _ = host::job::overwrites::requested(&job);
         }
         Err(e) => check_message(&e.to_string()),
     }
@@ -63,14 +63,14 @@ pub fn plugin_output(data: &[u8]) {
         let label = |p: &Pod| p.metadata.labels.as_ref().and_then(|l| l.get("keel.dev/job-id")).cloned();
         assert_eq!(label(&after), label(&before));
         assert!(after.spec.as_ref().is_some_and(|s| s.containers.iter().any(|c| c.name == "build")));
-        assert!(text.len() <= host::config::limits::OBJECT_BYTES);
+        assert!(text.len() <= host::input::limits::OBJECT_BYTES);
     }
 }
 
 /// Errors quoting input stay readable: cut at the message limit (plus the file and key).
 fn check_message(message: &str) {
     assert!(
-        message.len() <= 3 * host::config::limits::MESSAGE_BYTES,
+        message.len() <= 3 * host::input::limits::MESSAGE_BYTES,
         "an error message of {} bytes: {}...",
         message.len(),
         message.chars().take(200).collect::<String>()

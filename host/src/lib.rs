@@ -1,14 +1,14 @@
 //! The keel host: builds a job's pod, lets sandboxed plugins shape it, and runs it.
 //!
-//! Modules follow the job's data flow, each using only those before it: `vocab` (leaf
-//! vocabulary) -> `config` (config.toml) -> `job` (the job's YAML) ->
+//! Modules follow the job's data flow, each using only those before it: `input` (limits and
+//! bounded reads) and `vocab` (leaf vocabulary) -> `config` (config.toml) -> `job` (the job's YAML) ->
 //! `pod` (the base objects) -> `plugins` (mutate, decide, the strategy's host services) ->
 //! `prepare` (all of that as one step) -> `render` (print) or `cluster` (connect, create,
 //! watch, exec) -> `run` (the stages) -> `trace` (mask, stream) -> `cleanup`.
 
 pub mod cluster;
 pub mod config;
-pub mod vocab;
+pub mod input;
 pub mod job;
 pub mod plugins;
 pub mod pod;
@@ -18,3 +18,4 @@ pub mod run;
 pub mod scaffold;
 pub mod sources;
 pub mod trace;
+pub mod vocab;

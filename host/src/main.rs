@@ -113,7 +113,7 @@ struct NewArgs {
     /// Where to create it (default: ./NAME). Must not exist or be empty.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Use the SDK at this path instead of the published crate (`keel-sdk = "0.1"`). Default:
+    /// Use the SDK at this path instead of the published crate (`keel-sdk = "0.2"`). Default:
     /// this host's own checkout's `sdk/` when the binary was built from one.
     #[arg(long, value_name = "DIR")]
     sdk_path: Option<PathBuf>,
@@ -272,7 +272,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 project_id: args.project_id,
                 project_path: args.project_path,
                 object_suffix: String::new(),
-                predefined: Vec::new(),
+                commit: None,
                 require_strategy: false,
             };
             let mut rendered = render::render(&rt, &req).await?;
@@ -406,12 +406,6 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
         format!("local/{}", host::pod::dns_label(&name, 63).chars().take(40).collect::<String>())
     });
     let job_id = args.job_id.unwrap_or_else(|| fastrand::u64(1..1_000_000_000));
-    let mut predefined = vec![("CI_PIPELINE_ID".to_string(), job_id.to_string())];
-    if let Some(git) = host::sources::git_facts(&source_dir) {
-        predefined.push(("CI_COMMIT_SHA".into(), git.commit_sha.clone()));
-        predefined.push(("CI_COMMIT_SHORT_SHA".into(), git.commit_sha.chars().take(8).collect()));
-        predefined.push(("CI_COMMIT_REF_NAME".into(), git.ref_name));
-    }
     let req = host::prepare::PrepareRequest {
         config: args.config,
         runner: args.runner,
@@ -422,7 +416,7 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
         project_id: args.project_id,
         project_path,
         object_suffix: format!("{job_id}-{}", fastrand::u32(..) % 100_000),
-        predefined,
+        commit: host::sources::git_facts(&source_dir),
         require_strategy: true,
     };
     let opts = RunOptions {

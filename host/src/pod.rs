@@ -15,16 +15,18 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::config::{EmptyDirMedium, Kubernetes, Runner, is_dns_label};
-use crate::job::parse::expand;
+use crate::input::limits;
+use crate::job::variables::{expand_tracked, source_in};
 use crate::job::{Job, Overwrites, PullPolicy, Resources};
+use crate::vocab::expand::{expand, with_cut_note};
 
-// The pod's shape and names are the SDK's (`keel_sdk::pod`): the native test harness builds
+// The pod's shape and names are the contract's (`keel_contract::pod`): the SDK's test harness builds
 // the same pod from the same code.
-pub use keel_sdk::pod::{
+pub use keel_contract::pod::{
     BUILD_CONTAINER, DEFAULT_HELPER_IMAGE, DEFAULT_NAMESPACE, HELPER_CONTAINER, IDLE, JOB_ID_LABEL, MANAGED_BY,
     MANAGED_BY_LABEL, REPO_VOLUME, VARS_DIR, VARS_VOLUME, dns_label, escape_env, mount,
 };
-use keel_sdk::pod::{ContainerInput, PodInput, PodShapeError, ServiceInput, VariableRef, host_labels};
+use keel_contract::pod::{ContainerInput, PodInput, PodShapeError, ServiceInput, VariableRef, host_labels};
 pub const INIT_CONTAINER: &str = "init-logs";
 /// Stage scripts written by an execution strategy (the attach strategy's).
 pub const SCRIPTS_VOLUME: &str = "scripts";
@@ -46,6 +48,26 @@ pub enum PodError {
     InvalidLabel { key: String, value: String, origin: &'static str },
     #[error("service {index} ({image}): alias {alias:?} gives no valid DNS name")]
     InvalidAlias { index: usize, image: String, alias: String },
+    #[error(
+        "{field}: uses variable {variable}, which is masked or a credential (or built from one); its value would \
+         be readable in the Pod object, so it may only reach the job as a variable"
+    )]
+    SecretInPodField { field: String, variable: String },
+}
+
+/// Expands the job's variables into a Pod field (`field` names it in errors). Only public values
+/// may land there: the Pod object is readable by anyone who may list pods.
+fn expand_public(job: &Job, field: impl FnOnce() -> String, text: &str) -> Result<String, PodError> {
+    let expanded = match expand_tracked(text, &|k| source_in(&job.variables, k), limits::OBJECT_BYTES) {
+        Ok(e) => e,
+        Err(too_long) => {
+            return Ok(with_cut_note(too_long));
+        }
+    };
+    match expanded.secret_sources.into_iter().next() {
+        Some(variable) => Err(PodError::SecretInPodField { field: field(), variable }),
+        None => Ok(expanded.value),
+    }
 }
 
 /// Where the job runs inside the cluster: a few facts GitLab's coordinator would supply.
@@ -77,7 +99,7 @@ pub type PullPolicies = BTreeMap<String, Vec<PullPolicy>>;
 
 /// `runner-<short token>-project-<id>-concurrent-<n>`: GitLab's project-unique name.
 pub fn project_unique_name(runner: &Runner, ctx: &PodContext) -> String {
-    keel_sdk::pod::project_unique_name(&runner.token, ctx.project_id, ctx.concurrent_id)
+    keel_contract::pod::project_unique_name(&runner.token, ctx.project_id, ctx.concurrent_id)
 }
 
 fn quantity_map(pairs: [(&str, &Option<String>); 3]) -> Option<BTreeMap<String, Quantity>> {
@@ -172,7 +194,6 @@ pub fn build(
     pull_policies: &PullPolicies,
     ctx: &PodContext,
 ) -> Result<JobObjects, PodError> {
-    let lookup = |k: &str| job.variable(k).map(str::to_string);
     let unique = project_unique_name(runner, ctx);
     let namespace = accepted
         .namespace
@@ -187,7 +208,7 @@ pub fn build(
     for (origin, source) in [("config pod_labels", &k8s.pod_labels), ("KUBERNETES_POD_LABELS_*", &accepted.pod_labels)]
     {
         for (k, v) in source {
-            let v = expand(v, &lookup);
+            let v = expand_public(job, || format!("pod label {k:?} (from {origin})"), v)?;
             if !label_ok(k, &v) {
                 return Err(PodError::InvalidLabel { key: k.clone(), value: v, origin });
             }
@@ -196,9 +217,11 @@ pub fn build(
     }
 
     let mut annotations = BTreeMap::new();
-    for source in [&k8s.pod_annotations, &accepted.pod_annotations] {
+    for (origin, source) in
+        [("config pod_annotations", &k8s.pod_annotations), ("KUBERNETES_POD_ANNOTATIONS_*", &accepted.pod_annotations)]
+    {
         for (k, v) in source {
-            annotations.insert(k.clone(), expand(v, &lookup));
+            annotations.insert(k.clone(), expand_public(job, || format!("pod annotation {k:?} (from {origin})"), v)?);
         }
     }
 
@@ -278,7 +301,7 @@ pub fn build(
         ));
     }
 
-    let env = keel_sdk::pod::public_env(
+    let env = keel_contract::pod::public_env(
         &job.variables
             .iter()
             .map(|v| VariableRef { key: &v.key, value: &v.value, public: v.public, file: v.file })
@@ -292,17 +315,20 @@ pub fn build(
     let mut all_services: Vec<crate::job::Service> = k8s
         .services
         .iter()
-        .map(|s| crate::job::Service {
-            image: crate::job::Image {
-                name: expand(&s.name, &lookup),
-                entrypoint: s.entrypoint.clone(),
-                pull_policy: vec![],
-            },
-            alias: s.alias.clone(),
-            command: s.command.clone(),
-            ports: vec![],
+        .enumerate()
+        .map(|(n, s)| {
+            Ok(crate::job::Service {
+                image: crate::job::Image {
+                    name: expand_public(job, || format!("[[runners.kubernetes.services]] {n} name"), &s.name)?,
+                    entrypoint: s.entrypoint.clone(),
+                    pull_policies: vec![],
+                },
+                alias: s.alias.clone(),
+                command: s.command.clone(),
+                ports: vec![],
+            })
         })
-        .collect();
+        .collect::<Result<_, PodError>>()?;
     all_services.extend(job.services.iter().cloned());
     let service_resources = requirements(&overlay(k8s.service_resources(), &accepted.service));
     let service_inputs: Vec<ServiceInput> = all_services
@@ -420,7 +446,7 @@ pub fn build(
         termination_grace_period_seconds: k8s.termination_grace_period_seconds,
         pod_resources: requirements(&k8s.pod_resources()),
     };
-    let pod = keel_sdk::pod::job_pod(&input).map_err(|e| match e {
+    let pod = keel_contract::pod::job_pod(&input).map_err(|e| match e {
         PodShapeError::InvalidAlias { index, image, alias } => PodError::InvalidAlias { index, image, alias },
     })?;
 
@@ -493,7 +519,7 @@ fn variables_secret(job: &Job, unique: &str, suffix: &str, namespace: &str, job_
     data.insert(VARS_ENV_KEY.to_string(), ByteString(env.into_bytes()));
     Secret {
         metadata: ObjectMeta {
-            name: Some(keel_sdk::pod::variables_secret_name(unique, suffix)),
+            name: Some(keel_contract::pod::variables_secret_name(unique, suffix)),
             namespace: Some(namespace.to_string()),
             labels: Some(host_labels(job_id.parse().unwrap_or_default())),
             ..Default::default()

@@ -85,8 +85,8 @@ pub struct PrepareRequest {
     pub project_path: String,
     /// See [`PodContext::object_suffix`]; empty = the job id.
     pub object_suffix: String,
-    /// More predefined variables (commit, pipeline) the caller knows.
-    pub predefined: Vec<(String, String)>,
+    /// The commit of the sources (`CI_COMMIT_*`), when known.
+    pub commit: Option<crate::job::variables::Commit>,
     /// Whether a missing strategy is an error (`run`) or only leaves the base pod (`render`).
     pub require_strategy: bool,
 }
@@ -240,8 +240,8 @@ fn path_hint() -> String {
     plugin_search_path().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":")
 }
 
-/// GitLab's rule when no plugin decides: the image's own policy, else the config's; with an
-/// allow-list only allowed policies survive, and none surviving is an error.
+/// GitLab's rule when no plugin decides ([`keel_contract::pull_policy::decide`], the rule the
+/// `pull-policy` plugin applies too), with the runner config named when nothing is allowed.
 pub fn default_pull_policies(
     image: &str,
     job: &[PullPolicy],
@@ -249,24 +249,18 @@ pub fn default_pull_policies(
     allowed: &[PullPolicy],
     config_path: &Path,
 ) -> Result<Vec<PullPolicy>, PrepareError> {
-    let wanted = if job.is_empty() { config } else { job };
-    if allowed.is_empty() {
-        return Ok(wanted.to_vec());
-    }
-    if wanted.is_empty() {
-        // Only an allow-list: its first entry is the policy (GitLab's behaviour).
-        return Ok(allowed.to_vec());
-    }
-    let kept: Vec<PullPolicy> = wanted.iter().copied().filter(|p| allowed.contains(p)).collect();
-    if kept.is_empty() {
-        return Err(PrepareError::PullPolicyNotAllowed {
-            image: image.to_string(),
-            policies: wanted.to_vec(),
-            allowed: allowed.to_vec(),
-            config: config_path.to_path_buf(),
-        });
-    }
-    Ok(kept)
+    let request = keel_contract::pull_policy::Request {
+        image: image.to_string(),
+        job: job.to_vec(),
+        config: config.to_vec(),
+        allowed: allowed.to_vec(),
+    };
+    keel_contract::pull_policy::decide(&request).map_err(|denied| PrepareError::PullPolicyNotAllowed {
+        image: denied.image,
+        policies: denied.requested,
+        allowed: denied.allowed,
+        config: config_path.to_path_buf(),
+    })
 }
 
 /// Config -> job -> plugins -> pod -> mutators -> strategy `prepare`.
@@ -286,13 +280,14 @@ pub async fn prepare(rt: &Runtime, req: &PrepareRequest) -> Result<PreparedJob, 
         runner_token: runner.token.clone(),
         environment: runner.environment.iter().map(|e| (e.key.clone(), e.value.clone())).collect(),
         default_image: k8s.image.clone().filter(|i| !i.is_empty()),
-        predefined: req.predefined.clone(),
+        // One job per pipeline: the pipeline is the job's own.
+        pipeline_id: req.job_id,
+        commit: req.commit.clone(),
     };
     let job = crate::job::parse::load(&req.job, &ctx)?;
     let span = tracing::info_span!("job", job.id = job.id, job.name = %job.name);
     async {
-        let requested = job
-            .requested_overwrites()
+        let requested = crate::job::overwrites::requested(&job)
             .map_err(|source| PrepareError::Overwrites { path: req.job.path.clone(), source })?;
         let plugins = load_plugins(rt, &config, &k8s, &req.extra_plugins).await?;
         let wanted = match (&req.strategy, &k8s.strategy) {
@@ -335,12 +330,12 @@ pub async fn prepare(rt: &Runtime, req: &PrepareRequest) -> Result<PreparedJob, 
         }
 
         // Each distinct image once: build, services (config's and job's), helper.
-        let mut images: Vec<(String, Vec<PullPolicy>)> = vec![(job.image.name.clone(), job.image.pull_policy.clone())];
+        let mut images: Vec<(String, Vec<PullPolicy>)> = vec![(job.image.name.clone(), job.image.pull_policies.clone())];
         for s in &k8s.services {
             images.push((s.name.clone(), Vec::new()));
         }
         for s in &job.services {
-            images.push((s.image.name.clone(), s.image.pull_policy.clone()));
+            images.push((s.image.name.clone(), s.image.pull_policies.clone()));
         }
         images.push((pod::helper_image(&k8s), Vec::new()));
         let mut policies = PullPolicies::new();

@@ -11,9 +11,10 @@ use crate::pod::JobObjects;
 pub use crate::prepare::PrepareRequest;
 use crate::prepare::prepare;
 pub use crate::prepare::{PrepareError as RenderError, default_pull_policies, refused_overwrites};
+use crate::trace::Masker;
 
 /// What replaces secret values in rendered output unless `--show-secrets` is given.
-pub const MASKED: &str = "[MASKED]";
+pub use crate::trace::MASKED;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
@@ -54,22 +55,37 @@ pub async fn render(rt: &Runtime, req: &RenderRequest) -> Result<Rendered, Rende
     })
 }
 
-/// Replace secret values: env values of non-public variables and registry credentials.
+/// Replace secret values with the trace's masker (the job's non-public values and GitLab's token
+/// prefixes) in every string of the objects, and every value of the Secrets. By construction
+/// no non-public value is in the Pod or a Service; this is the same net the trace has.
 pub fn redact(rendered: &mut Rendered) {
-    let secret_keys: Vec<&str> = rendered.job.variables.iter().filter(|v| !v.public).map(|v| v.key.as_str()).collect();
-    if let Some(spec) = rendered.objects.pod.spec.as_mut() {
-        for c in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
-            for e in c.env.iter_mut().flatten() {
-                if secret_keys.contains(&e.name.as_str()) && e.value.is_some() {
-                    e.value = Some(MASKED.to_string());
-                }
-            }
-        }
+    let masker = Masker::new(rendered.job.secret_values());
+    mask_strings_in(&mut rendered.objects.pod, &masker);
+    for service in &mut rendered.objects.services {
+        mask_strings_in(service, &masker);
     }
     if let Some(secret) = rendered.objects.secret.as_mut() {
         redact_secret(secret);
     }
     redact_secret(&mut rendered.objects.variables);
+}
+
+fn mask_strings_in<T: serde::Serialize + serde::de::DeserializeOwned>(object: &mut T, masker: &Masker) {
+    fn walk(v: &mut serde_json::Value, masker: &Masker) {
+        match v {
+            serde_json::Value::String(s) => *s = masker.mask_str(s),
+            serde_json::Value::Array(items) => items.iter_mut().for_each(|i| walk(i, masker)),
+            serde_json::Value::Object(map) => map.values_mut().for_each(|i| walk(i, masker)),
+            _ => {}
+        }
+    }
+    // A typed object always encodes; masking keeps every string a string, so it decodes back.
+    if let Ok(mut value) = serde_json::to_value(&*object) {
+        walk(&mut value, masker);
+        if let Ok(masked) = serde_json::from_value(value) {
+            *object = masked;
+        }
+    }
 }
 
 fn redact_secret(secret: &mut Secret) {

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 /// The SDK version the generated crate asks the registry for.
-pub const SDK_VERSION: &str = "0.1";
+pub const SDK_VERSION: &str = "0.2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScaffoldError {
@@ -39,7 +39,7 @@ pub enum ScaffoldRole {
 /// Where the generated crate gets `keel-sdk` from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SdkSource {
-    /// `keel-sdk = "0.1"` from crates.io: what an outside author writes.
+    /// `keel-sdk = "0.2"` from crates.io: what an outside author writes.
     Registry,
     /// A checkout's `sdk/` directory.
     Path(PathBuf),
@@ -524,7 +524,7 @@ mod tests {
         let s = Scaffold::new("team-policy", ScaffoldRole::PodMutator, SdkSource::Registry).unwrap();
         assert_eq!(s.type_name(), "TeamPolicy");
         assert_eq!(s.artifact(), "target/wasm32-wasip2/release/team_policy.wasm");
-        assert!(s.fill(CARGO_TOML).contains("keel-sdk = \"0.1\""));
+        assert!(s.fill(CARGO_TOML).contains("keel-sdk = \"0.2\""));
         for bad in ["", "Team", "1x", "a_b", "x-", "a b"] {
             assert!(Scaffold::new(bad, ScaffoldRole::PodMutator, SdkSource::Registry).is_err(), "{bad:?}");
         }

@@ -19,6 +19,8 @@ use std::process::{Command, Stdio};
 
 use ignore::WalkBuilder;
 
+pub use crate::job::variables::Commit;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SourcesError {
     #[error("cannot read project directory {path}")]
@@ -251,27 +253,18 @@ impl Read for Exact {
     }
 }
 
-/// The commit and ref a job's `CI_COMMIT_SHA` and `CI_COMMIT_REF_NAME` describe.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GitFacts {
-    pub commit_sha: String,
-    /// The branch; on a detached HEAD the tag pointing exactly at it (GitLab's ref name of a tag
-    /// pipeline), else `HEAD`, which is what git itself calls it.
-    pub ref_name: String,
-}
-
 /// The git facts of the repository containing `dir`, from the `git` binary.
 ///
 /// `None` when `dir` is not in a repository, the repository has no commit yet, git refuses it
 /// (for example `safe.directory` on a directory owned by another user) or git is not installed:
 /// the job then runs without these variables rather than failing.
-pub fn git_facts(dir: &Path) -> Option<GitFacts> {
+pub fn git_facts(dir: &Path) -> Option<Commit> {
     let commit_sha = git(dir, &["rev-parse", "HEAD"])?;
     let ref_name = match git(dir, &["rev-parse", "--abbrev-ref", "HEAD"])? {
         head if head == "HEAD" => git(dir, &["describe", "--tags", "--exact-match", "HEAD"]).unwrap_or(head),
         branch => branch,
     };
-    Some(GitFacts { commit_sha, ref_name })
+    Some(Commit { commit_sha, ref_name })
 }
 
 /// Runs git in `dir` and returns its trimmed output, `None` on any failure.
@@ -593,7 +586,7 @@ mod tests {
         run_git(dir, &["commit", "-q", "-m", "first"]);
         let sha = run_git(dir, &["rev-parse", "HEAD"]);
         assert_eq!(sha.len(), 40);
-        let facts = GitFacts { commit_sha: sha.clone(), ref_name: "feature/x".into() };
+        let facts = Commit { commit_sha: sha.clone(), ref_name: "feature/x".into() };
         assert_eq!(git_facts(dir), Some(facts.clone()));
         assert_eq!(git_facts(&dir.join("sub")), Some(facts), "a subdirectory's repository");
 
@@ -602,10 +595,10 @@ mod tests {
         run_git(dir, &["commit", "-q", "-m", "second"]);
         run_git(dir, &["checkout", "-q", "--detach", "HEAD"]);
         let second = run_git(dir, &["rev-parse", "HEAD"]);
-        assert_eq!(git_facts(dir), Some(GitFacts { commit_sha: second, ref_name: "HEAD".into() }), "detached HEAD");
+        assert_eq!(git_facts(dir), Some(Commit { commit_sha: second, ref_name: "HEAD".into() }), "detached HEAD");
         run_git(dir, &["tag", "v1.0.0", &sha]);
         run_git(dir, &["checkout", "-q", "v1.0.0"]);
-        assert_eq!(git_facts(dir), Some(GitFacts { commit_sha: sha, ref_name: "v1.0.0".into() }), "detached at a tag");
+        assert_eq!(git_facts(dir), Some(Commit { commit_sha: sha, ref_name: "v1.0.0".into() }), "detached at a tag");
     }
 
     #[test]

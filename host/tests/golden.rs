@@ -85,7 +85,7 @@ fn job_errors() {
         let source = JobSource { path: input.clone(), job_name };
         let actual = match parse::load(&source, &JobContext::default()) {
             Err(e) => chain(&e),
-            Ok(job) => match job.requested_overwrites() {
+            Ok(job) => match host::job::overwrites::requested(&job) {
                 // As `render` reports it: the file, then the variable.
                 Err(source) => chain(&render::RenderError::Overwrites { path: input.clone(), source }),
                 Ok(_) => format!("unexpectedly parsed without error: {}\n", input.display()),
@@ -111,7 +111,7 @@ fn request(config: &str, job: &str) -> RenderRequest {
         project_id: 7,
         project_path: "group/project".into(),
         object_suffix: String::new(),
-        predefined: Vec::new(),
+        commit: None,
         require_strategy: false,
     }
 }

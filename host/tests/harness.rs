@@ -1,6 +1,6 @@
 //! The SDK's native test harness against the host: the pod `keel_sdk::testing` hands a
 //! plugin's tests is the pod the host builds for the same job, and a mutator result the host
-//! refuses is refused by the harness too (both use `keel_sdk::pod`).
+//! refuses is refused by the harness too (both use `keel_contract::pod`).
 
 use host::job::parse::JobSource;
 use host::prepare::{PrepareRequest, host_owned, prepare};
@@ -27,14 +27,6 @@ script:
   - echo hi
 "#;
 
-fn sdk_policy(p: host::job::PullPolicy) -> keel_sdk::PullPolicy {
-    match p {
-        host::job::PullPolicy::Always => keel_sdk::PullPolicy::Always,
-        host::job::PullPolicy::IfNotPresent => keel_sdk::PullPolicy::IfNotPresent,
-        host::job::PullPolicy::Never => keel_sdk::PullPolicy::Never,
-    }
-}
-
 /// The context a plugin gets for `job`, built with the SDK's builder from what the host parsed.
 fn sdk_context(job: &host::job::Job) -> Context {
     let mut b = ContextBuilder::new()
@@ -43,14 +35,10 @@ fn sdk_context(job: &host::job::Job) -> Context {
         .job_name(&job.name)
         .image(&job.image.name)
         .image_entrypoint(&job.image.entrypoint.iter().map(String::as_str).collect::<Vec<_>>())
-        .image_pull_policies(&job.image.pull_policy.iter().copied().map(sdk_policy).collect::<Vec<_>>());
+        .image_pull_policies(&job.image.pull_policies);
     for s in &job.services {
         b = b.service_entry(keel_sdk::Service {
-            image: keel_sdk::Image {
-                name: s.image.name.clone(),
-                entrypoint: s.image.entrypoint.clone(),
-                pull_policies: s.image.pull_policy.iter().copied().map(sdk_policy).collect(),
-            },
+            image: s.image.clone(),
             alias: s.alias.clone(),
             command: s.command.clone(),
         });
@@ -83,7 +71,7 @@ async fn the_harness_pod_is_the_pod_the_host_builds_for_the_same_job() {
         project_id: 1,
         project_path: "local/project".into(),
         object_suffix: String::new(),
-        predefined: Vec::new(),
+        commit: None,
         require_strategy: false,
     };
     let prepared = prepare(&rt, &req).await.unwrap();

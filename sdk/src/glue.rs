@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::Pod;
 
 type MutateFn<T> = fn(&mut T, &Context, &str) -> Result<String, Error>;
 type PrepareFn<T> = fn(&mut T, &Context, Pod) -> Result<Pod, Error>;
-type DecideFn<T> = fn(&mut T, &Context, &PullPolicyRequest) -> Result<Vec<wit::PullPolicy>, Error>;
+type DecideFn<T> = fn(&mut T, &Context, &PullPolicyRequest) -> Result<Vec<crate::PullPolicy>, Error>;
 type ReviewFn<T> = fn(&mut T, &Context, Overwrites) -> Result<Overwrites, Error>;
 type RunStageFn<T> = fn(&mut T, &Context, &Stage, &StrategyHost) -> Result<i32, Error>;
 
@@ -139,7 +139,7 @@ impl<T: Registered> ex::plugin::Guest for Glue<T> {
 impl<T: Registered> ex::pod_mutator::Guest for Glue<T> {
     fn mutate(ctx: wit::Context, pod: String) -> Result<String, wit::PluginError> {
         let Some(mutate) = T::registry().mutate else { return Err(not_implemented::<T>("pod-mutator")) };
-        let ctx = Context::from_wit(ctx)?;
+        let ctx = crate::wit::context_from(ctx)?;
         with_plugin::<T, _>(|p| mutate(p, &ctx, &pod))
     }
 }
@@ -150,21 +150,21 @@ impl<T: Registered> ex::pull_policy::Guest for Glue<T> {
         request: ex::pull_policy::PullPolicyRequest,
     ) -> Result<Vec<wit::PullPolicy>, wit::PluginError> {
         let Some(decide) = T::registry().decide else { return Err(not_implemented::<T>("pull-policy")) };
-        let ctx = Context::from_wit(ctx)?;
+        let ctx = crate::wit::context_from(ctx)?;
         let request = PullPolicyRequest {
             image: request.image,
-            job: request.job,
-            config: request.config,
-            allowed: request.allowed,
+            job: crate::wit::policies_from(request.job),
+            config: crate::wit::policies_from(request.config),
+            allowed: crate::wit::policies_from(request.allowed),
         };
-        with_plugin::<T, _>(|p| decide(p, &ctx, &request))
+        with_plugin::<T, _>(|p| decide(p, &ctx, &request).map(crate::wit::policies_to))
     }
 }
 
 impl<T: Registered> ex::overwrites::Guest for Glue<T> {
     fn review(ctx: wit::Context, requested: wit::Overwrites) -> Result<wit::Overwrites, wit::PluginError> {
         let Some(review) = T::registry().review else { return Err(not_implemented::<T>("overwrites")) };
-        let ctx = Context::from_wit(ctx)?;
+        let ctx = crate::wit::context_from(ctx)?;
         with_plugin::<T, _>(|p| review(p, &ctx, requested.into()).map(Into::into))
     }
 }
@@ -172,14 +172,14 @@ impl<T: Registered> ex::overwrites::Guest for Glue<T> {
 impl<T: Registered> ex::execution_strategy::Guest for Glue<T> {
     fn prepare(ctx: wit::Context, pod: String) -> Result<String, wit::PluginError> {
         let Some(prepare) = T::registry().prepare else { return Err(not_implemented::<T>("execution-strategy")) };
-        let ctx = Context::from_wit(ctx)?;
+        let ctx = crate::wit::context_from(ctx)?;
         let pod = decode_pod(&pod)?;
         with_plugin::<T, _>(|p| encode_pod(&prepare(p, &ctx, pod)?))
     }
 
     fn run_stage(ctx: wit::Context, stage: ex::execution_strategy::Stage) -> Result<i32, wit::PluginError> {
         let Some(run_stage) = T::registry().run_stage else { return Err(not_implemented::<T>("execution-strategy")) };
-        let ctx = Context::from_wit(ctx)?;
+        let ctx = crate::wit::context_from(ctx)?;
         let stage = Stage { name: stage.name, script: stage.script };
         with_plugin::<T, _>(|p| run_stage(p, &ctx, &stage, &StrategyHost::new()))
     }

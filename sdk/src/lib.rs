@@ -69,26 +69,29 @@ pub mod bindings {
 }
 
 mod config;
-mod context;
 mod glue;
-pub mod image;
 pub mod log;
-mod overwrites;
-pub mod pod;
 pub mod strategy;
 pub mod testing;
+mod wit;
 
-pub use config::Config;
-pub use context::{Context, Image, Job, Service, Variable};
-pub use k8s_openapi;
-pub use k8s_openapi::api::core::v1::Pod;
-pub use overwrites::{Overwrites, Resources};
-pub use strategy::{Stage, StrategyHost};
+/// The contract's vocabulary, shared with the host: image references, the job pod's shape,
+/// quantities, strategic-merge keys, GitLab's pull-policy rule, the job's variables and their secrecy.
+pub use keel_contract::{image, merge_keys, pod, pull_policy, quantity, variables};
 
-/// Image pull policies, as Kubernetes spells them in `imagePullPolicy`.
-pub use bindings::keel::plugin::types::PullPolicy;
 /// The roles a plugin can play.
 pub use bindings::keel::plugin::types::Role;
+pub use config::Config;
+pub use k8s_openapi;
+pub use k8s_openapi::api::core::v1::Pod;
+/// What a plugin sees of the job (values it may not see are `None`).
+pub use keel_contract::context::{Context, Job, Service, Variable};
+/// Image pull policies, as Kubernetes spells them in `imagePullPolicy`.
+pub use keel_contract::job::PullPolicy;
+pub use keel_contract::job::{Image, Overwrites, Resources};
+/// What a pull-policy decision is asked about.
+pub use keel_contract::pull_policy::Request as PullPolicyRequest;
+pub use strategy::{Stage, StrategyHost};
 
 #[doc(hidden)]
 pub mod __private {
@@ -130,6 +133,12 @@ impl std::fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+impl From<keel_contract::context::RunnerConfigError> for Error {
+    fn from(e: keel_contract::context::RunnerConfigError) -> Self {
+        Error::InvalidConfig(e.to_string())
+    }
+}
+
 /// Who the plugin is and how it is built from its configuration.
 pub trait Plugin: Sized + 'static {
     /// Shown by `host plugin inspect` and in the host's logs.
@@ -161,24 +170,13 @@ pub trait PodMutator: Plugin {
     }
 }
 
-/// What a pull-policy decision is asked about.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PullPolicyRequest {
-    pub image: String,
-    /// The job's `image:pull_policy` (may be empty).
-    pub job: Vec<PullPolicy>,
-    /// The runner's `pull_policy` (may be empty).
-    pub config: Vec<PullPolicy>,
-    /// The runner's `allowed_pull_policies` (empty = no restriction).
-    pub allowed: Vec<PullPolicy>,
-}
-
 /// Decides the pull policies of an image.
 pub trait PullPolicyRules: Plugin {
-    /// Policies to try in order; empty = the cluster's default.
+    /// Policies to try in order; empty = the cluster's default. The default is GitLab's rule
+    /// ([`pull_policy::decide`]), the one the host applies when no plugin decides.
     fn decide(&mut self, ctx: &Context, request: &PullPolicyRequest) -> Result<Vec<PullPolicy>, Error> {
         let _ = ctx;
-        Ok(if request.job.is_empty() { request.config.clone() } else { request.job.clone() })
+        pull_policy::decide(request).map_err(|e| Error::denied(e.to_string()))
     }
 }
 

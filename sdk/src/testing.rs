@@ -26,11 +26,14 @@
 
 use k8s_openapi::api::core::v1::Pod;
 
+use keel_contract::job::{Job as ContractJob, Service as ContractService, Stage};
+use keel_contract::variables::{Definition, Facts, Variables, predefined};
+
 use crate::bindings::keel::plugin::types as wit;
 use crate::pod::{HostOwned, MAX_OBJECT_BYTES, PodInput, Snapshot};
 use crate::{
-    Context, Error, ExecutionStrategy, Image, Job, OverwriteRules, Overwrites, PodMutator, PullPolicy,
-    PullPolicyRequest, PullPolicyRules, Service, Variable,
+    Context, Error, ExecutionStrategy, Image, OverwriteRules, Overwrites, PodMutator, PullPolicy, PullPolicyRequest,
+    PullPolicyRules, Service, Variable,
 };
 
 /// Configure `T` from a TOML table, the way the host does (TOML -> JSON -> `configure`).
@@ -54,7 +57,11 @@ pub fn configure<T: crate::Plugin>(toml_table: &str) -> Result<T, Error> {
 /// `grants.secrets = true` ([`ContextBuilder::grant_secrets`]).
 #[derive(Debug, Clone)]
 pub struct ContextBuilder {
-    job: Job,
+    id: u64,
+    name: String,
+    image: Image,
+    services: Vec<ContractService>,
+    variables: Variables,
     runner_config: serde_json::Value,
     predefined: bool,
     secrets: bool,
@@ -72,14 +79,11 @@ impl ContextBuilder {
     /// [`ContextBuilder::predefined`].
     pub fn new() -> Self {
         ContextBuilder {
-            job: Job {
-                id: 1,
-                name: "test".into(),
-                image: Image { name: "alpine:3.20".into(), ..Default::default() },
-                services: Vec::new(),
-                variables: Vec::new(),
-                stages: vec!["step_script".into(), "after_script".into()],
-            },
+            id: 1,
+            name: "test".into(),
+            image: Image { name: "alpine:3.20".into(), ..Default::default() },
+            services: Vec::new(),
+            variables: Variables::new(),
             runner_config: serde_json::Value::Null,
             predefined: true,
             secrets: false,
@@ -87,78 +91,91 @@ impl ContextBuilder {
     }
 
     pub fn job_id(mut self, id: u64) -> Self {
-        self.job.id = id;
+        self.id = id;
         self
     }
 
     pub fn job_name(mut self, name: &str) -> Self {
-        self.job.name = name.into();
+        self.name = name.into();
         self
     }
 
     /// The job's `image:` as written (no normalisation: see [`crate::image::ImageRef`]).
     pub fn image(mut self, name: &str) -> Self {
-        self.job.image.name = name.into();
+        self.image.name = name.into();
         self
     }
 
     pub fn image_entrypoint(mut self, entrypoint: &[&str]) -> Self {
-        self.job.image.entrypoint = entrypoint.iter().map(|s| s.to_string()).collect();
+        self.image.entrypoint = entrypoint.iter().map(|s| s.to_string()).collect();
         self
     }
 
     /// The job's `image:pull_policy`, most preferred first.
     pub fn image_pull_policies(mut self, policies: &[PullPolicy]) -> Self {
-        self.job.image.pull_policies = policies.to_vec();
+        self.image.pull_policies = policies.to_vec();
         self
     }
 
     /// A `services:` entry with an image and an optional alias.
     pub fn service(mut self, image: &str, alias: Option<&str>) -> Self {
-        self.job.services.push(Service {
+        self.services.push(ContractService {
             image: Image { name: image.into(), ..Default::default() },
             alias: alias.map(str::to_string),
-            command: Vec::new(),
+            ..Default::default()
         });
         self
     }
 
     /// A `services:` entry given in full.
     pub fn service_entry(mut self, service: Service) -> Self {
-        self.job.services.push(service);
+        self.services.push(ContractService {
+            image: service.image,
+            alias: service.alias,
+            command: service.command,
+            ports: Vec::new(),
+        });
         self
     }
 
-    /// A public variable (`variables:` in the job, or the runner's `environment`).
+    /// A variable of the job's `variables:` (or the runner's `environment`): `$VAR`
+    /// references in it are expanded as the host does, and it is public unless built from a
+    /// value that is not.
     pub fn variable(self, key: &str, value: &str) -> Self {
-        self.push(key, value, false, true, false)
+        self.define(key, Definition::expanded(value))
     }
 
-    /// A masked variable: not public.
+    /// A masked variable: not public, and neither is anything built from it.
     pub fn masked_variable(self, key: &str, value: &str) -> Self {
-        self.push(key, value, true, false, false)
+        self.define(key, Definition { masked: true, ..Definition::expanded(value) })
     }
 
-    /// A non-public variable that is not masked (the host treats credentials such as
+    /// A non-public variable that is not masked (GitLab sends credentials such as
     /// `CI_JOB_TOKEN` this way).
     pub fn secret_variable(self, key: &str, value: &str) -> Self {
-        self.push(key, value, false, false, false)
+        self.define(key, Definition { public: false, ..Definition::literal(value) })
     }
 
     /// A file-type variable: its value is a file's content; the job's env holds the path.
     pub fn file_variable(self, key: &str, content: &str) -> Self {
-        self.push(key, content, false, true, true)
+        self.define(key, Definition { file: true, ..Definition::literal(content) })
     }
 
-    /// A variable with every flag given (`value` as the job defines it; hidden at
+    /// A variable with every flag given (its value taken as written; hidden at
     /// [`ContextBuilder::build`] when not public and secrets are not granted).
-    pub fn variable_entry(mut self, variable: Variable) -> Self {
-        self.job.variables.push(variable);
-        self
+    pub fn variable_entry(self, variable: Variable) -> Self {
+        let def = Definition {
+            value: variable.value.unwrap_or_default(),
+            expand: false,
+            masked: variable.masked,
+            public: variable.public,
+            file: variable.file,
+        };
+        self.define(&variable.key, def)
     }
 
-    fn push(mut self, key: &str, value: &str, masked: bool, public: bool, file: bool) -> Self {
-        self.job.variables.push(Variable { key: key.into(), value: Some(value.into()), masked, public, file });
+    fn define(mut self, key: &str, def: Definition) -> Self {
+        self.variables.set(key, def);
         self
     }
 
@@ -175,46 +192,54 @@ impl ContextBuilder {
         self
     }
 
-    /// Whether the job starts with the host's usual predefined variables (default: yes):
-    /// `CI`, `GITLAB_CI`, `CI_JOB_ID`, `CI_JOB_NAME`, `CI_PROJECT_ID` (1), `CI_PROJECT_PATH`
-    /// (`local/project`), `CI_BUILDS_DIR` (`/builds`) and `CI_PROJECT_DIR`
-    /// (`/builds/local/project`), as `host render` gives them by default. Variables added with
-    /// the builder come after them (and win, as in GitLab).
+    /// Whether the job starts with the host's predefined variables (default: yes), as
+    /// `host render` gives them without flags: `CI`, `GITLAB_CI`, `CI_JOB_ID`, `CI_JOB_NAME`,
+    /// `CI_JOB_STAGE` (`test`), `CI_JOB_IMAGE`, `CI_PROJECT_ID` (1), `CI_PROJECT_PATH`
+    /// (`local/project`), `CI_BUILDS_DIR` (`/builds`), `CI_PROJECT_DIR`
+    /// (`/builds/local/project`), `CI_PIPELINE_ID` (the job id) and the rest of
+    /// [`keel_contract::variables::predefined`]. Variables added with the builder come after
+    /// them (and win, as in GitLab).
     pub fn predefined(mut self, predefined: bool) -> Self {
         self.predefined = predefined;
         self
     }
 
+    /// The context through the host's own rules: variables resolved by
+    /// [`Variables::resolve`] (secrecy carried through `$VAR`), then what the plugin may see
+    /// by [`Context::for_plugin`].
     pub fn build(self) -> Context {
-        let mut job = self.job;
-        if self.predefined {
-            let public = |key: &str, value: String| Variable {
-                key: key.into(),
-                value: Some(value),
-                public: true,
-                ..Default::default()
-            };
-            let mut vars = vec![
-                public("CI", "true".into()),
-                public("GITLAB_CI", "true".into()),
-                public("CI_JOB_ID", job.id.to_string()),
-                public("CI_JOB_NAME", job.name.clone()),
-                public("CI_PROJECT_ID", "1".into()),
-                public("CI_PROJECT_PATH", "local/project".into()),
-                public("CI_BUILDS_DIR", "/builds".into()),
-                public("CI_PROJECT_DIR", "/builds/local/project".into()),
-            ];
-            vars.append(&mut job.variables);
-            job.variables = vars;
-        }
-        if !self.secrets {
-            for v in &mut job.variables {
-                if !v.public {
-                    v.value = None;
-                }
-            }
-        }
-        Context { job, runner_config: self.runner_config }
+        let mut variables = if self.predefined {
+            predefined(&Facts {
+                job_id: self.id,
+                job_name: &self.name,
+                stage: "test",
+                image: &self.image.name,
+                builds_dir: "/builds",
+                project_id: 1,
+                project_path: "local/project",
+                concurrent_id: 0,
+                runner_token: "",
+                pipeline_id: self.id,
+                commit: None,
+                timeout: None,
+            })
+        } else {
+            Variables::new()
+        };
+        variables.extend(self.variables);
+        let job = ContractJob {
+            id: self.id,
+            name: self.name,
+            image: self.image,
+            services: self.services,
+            // Far beyond what a test sets; the host's own bound is the API server's object size.
+            variables: variables.resolve(MAX_OBJECT_BYTES).unwrap_or_else(|over| {
+                panic!("the test's variables expand past {MAX_OBJECT_BYTES} bytes at {}", over.key)
+            }),
+            stages: ["step_script", "after_script"].map(|name| Stage { name: name.into(), lines: Vec::new() }).into(),
+            timeout: None,
+        };
+        Context::for_plugin(&job, self.runner_config, self.secrets)
     }
 }
 

@@ -293,7 +293,7 @@ fn plugin_new_gives_a_crate_that_tests_builds_and_renders_first_try() {
     let out = host(&["plugin", "new", "outside", "--sdk-from-registry"], root.path());
     succeeded(out, "plugin new --sdk-from-registry");
     let manifest = std::fs::read_to_string(root.path().join("outside/Cargo.toml")).unwrap();
-    assert!(manifest.contains("keel-sdk = \"0.1\""), "{manifest}");
+    assert!(manifest.contains("keel-sdk = \"0.2\""), "{manifest}");
     let again = host(&["plugin", "new", "outside"], root.path());
     assert!(text(&again.stderr).contains("exists and is not empty"), "{}", text(&again.stderr));
 }
@@ -304,14 +304,16 @@ fn the_sdk_packages_as_a_crate_that_builds_outside_the_repository() {
     // inheritance, no `../wit`. k8s-openapi wants a Kubernetes version for a library build;
     // K8S_OPENAPI_ENABLED_VERSION is its documented way for library crates (the SDK leaves the
     // choice to plugin crates).
+    // keel-contract (the vocabulary the SDK shares with the host) is published with it: cargo
+    // packages both and verifies the SDK against the packaged contract.
     let out = cargo()
-        .args(["package", "-p", "keel-sdk", "--allow-dirty", "--target-dir"])
+        .args(["package", "-p", "keel-contract", "-p", "keel-sdk", "--allow-dirty", "--target-dir"])
         .arg(workspace_root().join("target/e2e-package"))
         .current_dir(workspace_root())
         .env("K8S_OPENAPI_ENABLED_VERSION", "1.34")
         .output()
         .unwrap();
-    succeeded(out, "cargo package -p keel-sdk");
+    succeeded(out, "cargo package -p keel-contract -p keel-sdk");
     let list = succeeded(
         cargo()
             .args(["package", "-p", "keel-sdk", "--allow-dirty", "--list"])
@@ -321,6 +323,7 @@ fn the_sdk_packages_as_a_crate_that_builds_outside_the_repository() {
         "cargo package --list",
     );
     assert!(list.lines().any(|l| l == "wit/v0.1.0/plugin.wit"), "{list}");
+    assert!(list.lines().any(|l| l == "CHANGELOG.md"), "{list}");
     let manifest = std::fs::read_to_string(workspace_root().join("sdk/Cargo.toml")).unwrap();
     assert!(!manifest.contains(".workspace = true") && !manifest.contains("workspace = true"), "{manifest}");
 }

@@ -108,29 +108,7 @@ pub fn apply(kind: PatchKind, target: &mut Value, body: &[u8]) -> Result<(), Pat
     }
 }
 
-/// Merge keys of the core/v1 list fields (from the `patchMergeKey` tags of the Go types).
-fn merge_key(field: &str) -> Option<&'static str> {
-    Some(match field {
-        "containers"
-        | "initContainers"
-        | "ephemeralContainers"
-        | "volumes"
-        | "env"
-        | "imagePullSecrets"
-        | "containerStatuses"
-        | "initContainerStatuses"
-        | "ephemeralContainerStatuses"
-        | "resourceClaims" => "name",
-        "ports" => "containerPort",
-        "volumeMounts" => "mountPath",
-        "volumeDevices" => "devicePath",
-        "ownerReferences" => "uid",
-        "conditions" => "type",
-        "hostAliases" => "ip",
-        "topologySpreadConstraints" => "topologyKey",
-        _ => return None,
-    })
-}
+use keel_contract::merge_keys::merge_key;
 
 /// Lists of scalars the Go types mark `patchStrategy:"merge"` (set union instead of replace).
 fn merges_primitives(field: &str) -> bool {

@@ -14,6 +14,20 @@ pub enum OverwriteError {
     NotQuantity { variable: String, value: String },
     #[error("variable {variable}: toleration {value:?} has an empty key")]
     EmptyTolerationKey { variable: String, value: String },
+    #[error(
+        "variable {variable} is masked or a credential (or built from one): as an overwrite its value would be \
+         readable in the Pod object"
+    )]
+    NotPublic { variable: String },
+}
+
+/// Whether `KUBERNETES_<name>` is an overwrite whose value goes into the Pod object.
+fn lands_in_pod(name: &str) -> bool {
+    matches!(name, "NAMESPACE_OVERWRITE" | "SERVICE_ACCOUNT_OVERWRITE")
+        || ["POD_LABELS_", "POD_ANNOTATIONS_", "NODE_SELECTOR_", "NODE_TOLERATIONS_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        || resource_slot(&mut Overwrites::default(), name).is_some()
 }
 
 /// The resource fields a `KUBERNETES_<CLASS>_<RESOURCE>` variable can set.
@@ -65,61 +79,65 @@ pub fn parse_toleration(variable: &str, spec: &str) -> Result<(String, String), 
     })
 }
 
-impl Job {
-    /// What the job's `KUBERNETES_*` variables ask to change. Later definitions win, as they
-    /// do for every variable.
-    pub fn requested_overwrites(&self) -> Result<Overwrites, OverwriteError> {
-        let mut o = Overwrites::default();
-        // The winning (last) value of each key, found once: a lookup per key (`variable()`)
-        // made 200,000 variables take quadratic time.
-        let mut winning: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
-        for var in &self.variables {
-            winning.insert(var.key.as_str(), var.value.as_str());
-        }
-        // One pass over unique keys in definition order.
-        let mut seen = std::collections::HashSet::new();
-        for var in &self.variables {
-            if !seen.insert(var.key.as_str()) {
-                continue;
-            }
-            let key = var.key.as_str();
-            let value = winning.get(key).copied().unwrap_or_default();
-            let Some(name) = key.strip_prefix("KUBERNETES_") else { continue };
-            match name {
-                "NAMESPACE_OVERWRITE" => o.namespace = Some(value.to_string()).filter(|v| !v.is_empty()),
-                "SERVICE_ACCOUNT_OVERWRITE" => o.service_account = Some(value.to_string()).filter(|v| !v.is_empty()),
-                "BEARER_TOKEN" => o.bearer_token = Some(value.to_string()).filter(|v| !v.is_empty()),
-                _ if name.starts_with("POD_LABELS_") => {
-                    let (k, v) = key_value(key, value)?;
-                    o.pod_labels.insert(k, v);
-                }
-                _ if name.starts_with("POD_ANNOTATIONS_") => {
-                    let (k, v) = key_value(key, value)?;
-                    o.pod_annotations.insert(k, v);
-                }
-                _ if name.starts_with("NODE_SELECTOR_") => {
-                    let (k, v) = key_value(key, value)?;
-                    o.node_selector.insert(k, v);
-                }
-                _ if name.starts_with("NODE_TOLERATIONS_") => {
-                    let (k, v) = parse_toleration(key, value)?;
-                    o.node_tolerations.insert(k, v);
-                }
-                _ => {
-                    if let Some(slot) = resource_slot(&mut o, name) {
-                        if !is_quantity(value) {
-                            return Err(OverwriteError::NotQuantity {
-                                variable: key.to_string(),
-                                value: value.to_string(),
-                            });
-                        }
-                        *slot = Some(value.to_string());
-                    }
-                }
-            }
-        }
-        Ok(o)
+/// What the job's `KUBERNETES_*` variables ask to change. Later definitions win, as they do for
+/// every variable.
+pub fn requested(job: &Job) -> Result<Overwrites, OverwriteError> {
+    let mut o = Overwrites::default();
+    // The winning (last) value of each key, found once: a lookup per key (`variable()`)
+    // made 200,000 variables take quadratic time.
+    let mut winning: std::collections::HashMap<&str, &crate::job::Variable> = std::collections::HashMap::new();
+    for var in &job.variables {
+        winning.insert(var.key.as_str(), var);
     }
+    // One pass over unique keys in definition order.
+    let mut seen = std::collections::HashSet::new();
+    for var in &job.variables {
+        if !seen.insert(var.key.as_str()) {
+            continue;
+        }
+        let key = var.key.as_str();
+        let winner = winning[key];
+        let value = winner.value.as_str();
+        let Some(name) = key.strip_prefix("KUBERNETES_") else { continue };
+        // Everything but the bearer token (the API client's credential) lands in the Pod
+        // object, where anyone who may read pods sees it.
+        if !winner.public && name != "BEARER_TOKEN" && lands_in_pod(name) {
+            return Err(OverwriteError::NotPublic { variable: key.to_string() });
+        }
+        match name {
+            "NAMESPACE_OVERWRITE" => o.namespace = Some(value.to_string()).filter(|v| !v.is_empty()),
+            "SERVICE_ACCOUNT_OVERWRITE" => o.service_account = Some(value.to_string()).filter(|v| !v.is_empty()),
+            "BEARER_TOKEN" => o.bearer_token = Some(value.to_string()).filter(|v| !v.is_empty()),
+            _ if name.starts_with("POD_LABELS_") => {
+                let (k, v) = key_value(key, value)?;
+                o.pod_labels.insert(k, v);
+            }
+            _ if name.starts_with("POD_ANNOTATIONS_") => {
+                let (k, v) = key_value(key, value)?;
+                o.pod_annotations.insert(k, v);
+            }
+            _ if name.starts_with("NODE_SELECTOR_") => {
+                let (k, v) = key_value(key, value)?;
+                o.node_selector.insert(k, v);
+            }
+            _ if name.starts_with("NODE_TOLERATIONS_") => {
+                let (k, v) = parse_toleration(key, value)?;
+                o.node_tolerations.insert(k, v);
+            }
+            _ => {
+                if let Some(slot) = resource_slot(&mut o, name) {
+                    if !is_quantity(value) {
+                        return Err(OverwriteError::NotQuantity {
+                            variable: key.to_string(),
+                            value: value.to_string(),
+                        });
+                    }
+                    *slot = Some(value.to_string());
+                }
+            }
+        }
+    }
+    Ok(o)
 }
 
 #[cfg(test)]
@@ -150,7 +168,7 @@ mod tests {
 
     #[test]
     fn table_of_requests() {
-        let o = job(&[
+        let o = requested(&job(&[
             ("KUBERNETES_NAMESPACE_OVERWRITE", "ci-main"),
             ("KUBERNETES_SERVICE_ACCOUNT_OVERWRITE", "builder"),
             ("KUBERNETES_BEARER_TOKEN", "tok"),
@@ -168,8 +186,7 @@ mod tests {
             ("KUBERNETES_SERVICE_MEMORY_LIMIT", "256Mi"),
             ("KUBERNETES_CPU_LIMIT", "3"),
             ("UNRELATED", "x"),
-        ])
-        .requested_overwrites()
+        ]))
         .unwrap();
         assert_eq!(o.namespace.as_deref(), Some("ci-main"));
         assert_eq!(o.service_account.as_deref(), Some("builder"));
@@ -190,9 +207,9 @@ mod tests {
 
     #[test]
     fn bad_requests_name_the_variable() {
-        let e = job(&[("KUBERNETES_POD_LABELS_1", "novalue")]).requested_overwrites().unwrap_err();
+        let e = requested(&job(&[("KUBERNETES_POD_LABELS_1", "novalue")])).unwrap_err();
         assert_eq!(e.to_string(), "variable KUBERNETES_POD_LABELS_1: expected `key=value`, got \"novalue\"");
-        let e = job(&[("KUBERNETES_MEMORY_LIMIT", "lots")]).requested_overwrites().unwrap_err();
+        let e = requested(&job(&[("KUBERNETES_MEMORY_LIMIT", "lots")])).unwrap_err();
         assert_eq!(
             e.to_string(),
             "variable KUBERNETES_MEMORY_LIMIT: \"lots\" is not a Kubernetes quantity (examples: \"500m\", \"1Gi\")"
@@ -201,7 +218,7 @@ mod tests {
 
     #[test]
     fn empty_namespace_is_no_request() {
-        let o = job(&[("KUBERNETES_NAMESPACE_OVERWRITE", "")]).requested_overwrites().unwrap();
+        let o = requested(&job(&[("KUBERNETES_NAMESPACE_OVERWRITE", "")])).unwrap();
         assert_eq!(o, Overwrites::default());
     }
 }

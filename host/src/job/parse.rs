@@ -19,8 +19,10 @@ use indexmap::IndexMap;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
-use super::{Image, Job, PullPolicy, Service, ServicePort, Stage, Variable};
-use crate::config::{GitlabDuration, check_yaml, cut_message, limits, one_or_many_pull_policies, show_bytes};
+use super::{Image, Job, PullPolicy, Service, ServicePort, Stage};
+use crate::config::{GitlabDuration, one_or_many_pull_policies};
+use crate::input::{check_yaml, cut_message, limits, show_bytes};
+use keel_contract::variables::{self, Commit, Definition, expand_tracked};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -48,6 +50,11 @@ pub enum JobError {
     NoScript { path: PathBuf, job: String },
     #[error("{path}: job {job:?} has no `image` and the runner config sets no default `image`")]
     NoImage { path: PathBuf, job: String },
+    #[error(
+        "{path}: key `{field}`: uses variable {variable}, which is masked or a credential (or built from one); \
+         its value would be readable in the Pod object, so it may only reach the job as a variable"
+    )]
+    SecretInPodField { path: PathBuf, field: String, variable: String },
 }
 
 /// Where the job comes from: `path` alone is a single job file, `path#name` a job in a
@@ -83,9 +90,10 @@ pub struct JobContext {
     pub environment: Vec<(String, String)>,
     /// The runner config's default `image`, used when the job names none.
     pub default_image: Option<String>,
-    /// More predefined variables the caller knows (`CI_PIPELINE_ID`, `CI_COMMIT_SHA`,
-    /// `CI_COMMIT_REF_NAME` from the source checkout); same precedence as the predefined ones.
-    pub predefined: Vec<(String, String)>,
+    /// `CI_PIPELINE_ID`.
+    pub pipeline_id: u64,
+    /// The commit of the sources (`CI_COMMIT_*`), when known.
+    pub commit: Option<Commit>,
 }
 
 impl Default for JobContext {
@@ -99,15 +107,10 @@ impl Default for JobContext {
             runner_token: String::new(),
             environment: Vec::new(),
             default_image: None,
-            predefined: Vec::new(),
+            pipeline_id: 1,
+            commit: None,
         }
     }
-}
-
-/// GitLab's short token: the first 8 characters after a known token prefix.
-pub fn short_token(token: &str) -> String {
-    let t = token.strip_prefix("glrt-").unwrap_or(token);
-    t.chars().take(8).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -120,7 +123,7 @@ pub fn short_token(token: &str) -> String {
 struct JobDef {
     image: Option<ImageDef>,
     services: Option<Vec<ServiceDef>>,
-    variables: Option<Variables>,
+    variables: Option<VariableDefs>,
     before_script: Option<Script>,
     script: Option<Script>,
     after_script: Option<Script>,
@@ -154,7 +157,7 @@ struct JobDef {
     start_in: Option<IgnoredAny>,
 }
 
-type Variables = IndexMap<String, VarDef>;
+type VariableDefs = IndexMap<String, VarDef>;
 
 #[derive(Debug, Clone)]
 struct VarDef {
@@ -420,7 +423,7 @@ fn one_or_many_strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D
 
 #[derive(Debug, Default)]
 struct Document {
-    variables: Option<Variables>,
+    variables: Option<VariableDefs>,
     default: Option<JobDef>,
     /// Legacy top-level `image`, `services`, `before_script`, `after_script`.
     globals: JobDef,
@@ -482,7 +485,7 @@ impl<'de> Deserialize<'de> for Unsupported {
 
 /// Read the job `source` and build the [`Job`] with predefined variables from `ctx`.
 pub fn load(source: &JobSource, ctx: &JobContext) -> Result<Job, JobError> {
-    let text = crate::config::read_text_file(&source.path, limits::YAML_BYTES)
+    let text = crate::input::read_text_file(&source.path, limits::YAML_BYTES)
         .map_err(|e| JobError::Read { path: source.path.clone(), source: e })?;
     parse(&text, source, ctx)
 }
@@ -588,7 +591,7 @@ fn key_or_document(key: &str) -> String {
 
 /// A job name or key from the file, as quoted in a message: at most 256 bytes of it.
 fn short(name: &str) -> String {
-    crate::config::cut(name.to_string(), 256)
+    crate::input::cut(name.to_string(), 256)
 }
 
 /// serde_yaml_ng appends " at line L column C" and prefixes its own key path; we print both
@@ -623,10 +626,6 @@ fn has_merge_key(v: &serde_yaml_ng::Value) -> bool {
         _ => false,
     }
 }
-
-/// Variables GitLab treats as credentials even when the job does not mask them.
-const CREDENTIAL_VARIABLES: &[&str] =
-    &["DOCKER_AUTH_CONFIG", "KUBERNETES_BEARER_TOKEN", "CI_JOB_TOKEN", "CI_REGISTRY_PASSWORD"];
 
 const RESERVED: &[&str] = &[
     "variables",
@@ -762,96 +761,10 @@ fn fill_defaults(job: &mut JobDef, default: &JobDef) {
     fill!(image, services, before_script, after_script, timeout);
 }
 
-/// Expand `$VAR` and `${VAR}` from `lookup`, GitLab style: unknown variables become empty,
-/// `$$` is a literal `$`. The result is cut at [`limits::OBJECT_BYTES`] with a note: nothing
-/// larger fits in a Kubernetes object, and `${A}` repeated 100,000 times once made the host
-/// allocate 2 GB. Where an oversized value must be an error, use [`expand_limited`].
-pub fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
-    match expand_limited(s, lookup, limits::OBJECT_BYTES) {
-        Ok(out) => out,
-        Err(TooLong(mut out)) => {
-            out.push_str(&format!("... [cut: the expansion exceeds {}]", show_bytes(limits::OBJECT_BYTES)));
-            out
-        }
-    }
-}
-
-/// An expansion that grew past its limit, with what it had produced by then.
-#[derive(Debug)]
-pub struct TooLong(pub String);
-
-/// [`expand`], failing as soon as the result would exceed `max` bytes. Each variable is looked
-/// up once per call, however often the text refers to it.
-pub fn expand_limited(s: &str, lookup: &dyn Fn(&str) -> Option<String>, max: usize) -> Result<String, TooLong> {
-    let mut out = String::with_capacity(s.len().min(max));
-    let mut seen: HashMap<&str, Option<String>> = HashMap::new();
-    let push = |out: &mut String, text: &str| {
-        if out.len() + text.len() > max {
-            let mut end = max.saturating_sub(out.len()).min(text.len());
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            out.push_str(&text[..end]);
-            return Err(());
-        }
-        out.push_str(text);
-        Ok(())
-    };
-    let bytes = s.as_bytes();
-    let mut i = 0;
-    let result = (|| {
-        while i < s.len() {
-            // Copy the run up to the next `$` at once.
-            let run = s[i..].find('$').unwrap_or(s.len() - i);
-            if run > 0 {
-                push(&mut out, &s[i..i + run])?;
-                i += run;
-                continue;
-            }
-            debug_assert_eq!(bytes[i], b'$');
-            let rest = &s[i + 1..];
-            let name = if rest.starts_with('$') {
-                push(&mut out, "$")?;
-                i += 2;
-                continue;
-            } else if let Some(r) = rest.strip_prefix('{') {
-                match r.find('}') {
-                    Some(end) => {
-                        i += 2 + end + 1;
-                        &r[..end]
-                    }
-                    None => {
-                        push(&mut out, &s[i..])?;
-                        break;
-                    }
-                }
-            } else {
-                let len = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
-                if len == 0 {
-                    push(&mut out, "$")?;
-                    i += 1;
-                    continue;
-                }
-                i += 1 + len;
-                &rest[..len]
-            };
-            let value = seen.entry(name).or_insert_with(|| lookup(name));
-            if let Some(v) = value {
-                push(&mut out, v)?;
-            }
-        }
-        Ok(())
-    })();
-    match result {
-        Ok(()) => Ok(out),
-        Err(()) => Err(TooLong(out)),
-    }
-}
-
 fn build_job(
     name: String,
     def: JobDef,
-    top_variables: Option<Variables>,
+    top_variables: Option<VariableDefs>,
     path: &Path,
     ctx: &JobContext,
 ) -> Result<Job, JobError> {
@@ -868,48 +781,27 @@ fn build_job(
     };
 
     // Precedence, lowest first: predefined, runner `environment`, top-level YAML, job YAML.
-    let mut vars: IndexMap<String, VarDef> = IndexMap::new();
-    let plain = |v: String| VarDef { value: v, expand: false, masked: false };
-    let project_dir = format!("{}/{}", ctx.builds_dir.trim_end_matches('/'), ctx.project_path);
-    let project_name = ctx.project_path.rsplit('/').next().unwrap_or(&ctx.project_path).to_string();
-    let namespace = ctx.project_path.rsplit_once('/').map(|(ns, _)| ns.to_string()).unwrap_or_default();
     let stage = def.stage.clone().unwrap_or_else(|| "test".into());
-    let predefined: Vec<(&str, String)> = vec![
-        ("CI", "true".into()),
-        ("GITLAB_CI", "true".into()),
-        ("CI_SERVER", "yes".into()),
-        ("CI_DISPOSABLE_ENVIRONMENT", "true".into()),
-        ("CI_JOB_ID", ctx.job_id.to_string()),
-        ("CI_JOB_NAME", name.clone()),
-        ("CI_JOB_STAGE", stage),
-        ("CI_JOB_IMAGE", image.name.clone()),
-        ("CI_BUILDS_DIR", ctx.builds_dir.clone()),
-        ("CI_PROJECT_DIR", project_dir),
-        ("CI_PROJECT_ID", ctx.project_id.to_string()),
-        ("CI_PROJECT_PATH", ctx.project_path.clone()),
-        ("CI_PROJECT_NAME", project_name),
-        ("CI_PROJECT_NAMESPACE", namespace),
-        ("CI_CONCURRENT_ID", ctx.concurrent_id.to_string()),
-        ("CI_CONCURRENT_PROJECT_ID", ctx.concurrent_id.to_string()),
-        ("CI_RUNNER_SHORT_TOKEN", short_token(&ctx.runner_token)),
-        ("CI_RUNNER_VERSION", env!("CARGO_PKG_VERSION").into()),
-        ("CI_NODE_TOTAL", "1".into()),
-    ];
-    for (k, v) in predefined {
-        vars.insert(k.to_string(), plain(v));
-    }
-    for (k, v) in &ctx.predefined {
-        vars.insert(k.clone(), plain(v.clone()));
-    }
-    if let Some(t) = def.timeout {
-        vars.insert("CI_JOB_TIMEOUT".into(), plain(t.0.as_secs().to_string()));
-    }
+    let mut vars = variables::predefined(&variables::Facts {
+        job_id: ctx.job_id,
+        job_name: &name,
+        stage: &stage,
+        image: &image.name,
+        builds_dir: &ctx.builds_dir,
+        project_id: ctx.project_id,
+        project_path: &ctx.project_path,
+        concurrent_id: ctx.concurrent_id,
+        runner_token: &ctx.runner_token,
+        pipeline_id: ctx.pipeline_id,
+        commit: ctx.commit.as_ref(),
+        timeout: def.timeout.as_ref().map(|t| t.0),
+    });
     for (k, v) in &ctx.environment {
-        vars.insert(k.clone(), VarDef { value: v.clone(), expand: true, masked: false });
+        vars.set(k.clone(), Definition::expanded(v.clone()));
     }
     for source in [top_variables, def.variables.clone()].into_iter().flatten() {
         for (k, v) in source {
-            vars.insert(k, v);
+            vars.set(k, Definition { value: v.value, expand: v.expand, masked: v.masked, public: true, file: false });
         }
     }
     let invalid = |key: &str, message: String| JobError::InvalidNoSpan {
@@ -936,44 +828,32 @@ fn build_job(
         ));
     }
 
-    // GitLab's runner expands variable references in values once, against the raw values.
-    let raw: HashMap<&str, &str> = vars.iter().map(|(k, v)| (k.as_str(), v.value.as_str())).collect();
-    let lookup = |k: &str| raw.get(k).map(|v| v.to_string());
     // All expanded values together must fit in one Kubernetes object: they all land in the pod.
-    let mut budget = limits::OBJECT_BYTES;
-    let mut variables: Vec<Variable> = Vec::with_capacity(vars.len());
-    for (k, v) in &vars {
-        let value = if v.expand {
-            expand_limited(&v.value, &lookup, budget).map_err(|_| {
-                invalid(
-                    &format!("variables.{k}"),
-                    format!(
-                        "the job's variables expand to more than {} together (the largest object Kubernetes stores)",
-                        show_bytes(limits::OBJECT_BYTES)
-                    ),
-                )
-            })?
-        } else {
-            v.value.clone()
-        };
-        budget = budget.saturating_sub(value.len());
-        variables.push(Variable {
-            key: k.clone(),
-            value,
-            masked: v.masked,
-            // Masked values and credentials are secrets: never printed in clear.
-            public: !v.masked && !CREDENTIAL_VARIABLES.contains(&k.as_str()),
-            file: false,
-        });
-    }
-    let finals: HashMap<&str, &str> = variables.iter().map(|v| (v.key.as_str(), v.value.as_str())).collect();
-    let final_lookup = |k: &str| finals.get(k).map(|v| v.to_string());
+    let variables = vars.resolve(limits::OBJECT_BYTES).map_err(|over| {
+        invalid(
+            &format!("variables.{}", over.key),
+            format!(
+                "the job's variables expand to more than {} together (the largest object Kubernetes stores)",
+                show_bytes(limits::OBJECT_BYTES)
+            ),
+        )
+    })?;
 
+    // Image names are Pod fields anyone who may read the pod sees: a value that is not public
+    // must not reach one.
     let to_image = |key: &str, i: ImageDef| -> Result<Image, JobError> {
-        let name = expand_limited(&i.name, &final_lookup, limits::OBJECT_BYTES).map_err(|_| {
-            invalid(key, format!("the image name expands to more than {}", show_bytes(limits::OBJECT_BYTES)))
-        })?;
-        Ok(Image { name, entrypoint: i.entrypoint, pull_policy: i.pull_policy })
+        let name =
+            expand_tracked(&i.name, &|k| variables::source_in(&variables, k), limits::OBJECT_BYTES).map_err(|_| {
+                invalid(key, format!("the image name expands to more than {}", show_bytes(limits::OBJECT_BYTES)))
+            })?;
+        if let Some(variable) = name.secret_sources.first() {
+            return Err(JobError::SecretInPodField {
+                path: path.to_path_buf(),
+                field: key.to_string(),
+                variable: variable.clone(),
+            });
+        }
+        Ok(Image { name: name.value, entrypoint: i.entrypoint, pull_policies: i.pull_policy })
     };
     let services = services
         .into_iter()
@@ -1044,7 +924,7 @@ mod tests {
         .unwrap();
         assert_eq!(job.name, "job");
         assert_eq!(job.image.name, "alpine:3.20");
-        assert_eq!(job.image.pull_policy, vec![PullPolicy::Always, PullPolicy::IfNotPresent]);
+        assert_eq!(job.image.pull_policies, vec![PullPolicy::Always, PullPolicy::IfNotPresent]);
         assert_eq!(job.variable("B"), Some("one-two"));
         assert_eq!(job.variable("C"), Some("$A"));
         assert_eq!(job.variable("N"), Some("3"));
@@ -1118,11 +998,5 @@ other:
         assert_eq!(err, ".gitlab-ci.yml: job \"a\" extends \".nope\", which is not defined in this file");
         let err = ci("a:\n  script: x\n", "b").unwrap_err().to_string();
         assert_eq!(err, ".gitlab-ci.yml: no job named \"b\" (jobs in this file: \"a\")");
-    }
-
-    #[test]
-    fn expansion() {
-        let lookup = |k: &str| (k == "A").then(|| "x".to_string());
-        assert_eq!(expand("$A-${A}-$B-$$A-$", &lookup), "x-x--$A-$");
     }
 }

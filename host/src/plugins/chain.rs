@@ -2,6 +2,7 @@
 //! chains (overwrite rules, pull policies, pod mutators, the strategy) run in configuration order.
 
 use super::*;
+use keel_contract::context::Context;
 
 /// The outcome of the overwrite rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,10 +63,9 @@ impl JobPlugins {
     ) -> Result<Self, PluginError> {
         let mut runner_config = runner_config.clone();
         resolve_patch_paths(&mut runner_config, Path::new("."))?;
-        let runner_json = serde_json::to_string(&runner_config)
-            .map_err(|source| PluginError::Encode { what: "runner config", source })?;
-        let redacted = Arc::new(convert::context(job, &runner_json, false));
-        let full = Arc::new(convert::context(job, &runner_json, true));
+        let context =
+            |secrets| Arc::new(latest::Context::from(Context::for_plugin(job, runner_config.clone(), secrets)));
+        let (redacted, full) = (context(false), context(true));
         let mut members = Vec::with_capacity(plugins.len() + 1);
         let mut all: Vec<Plugin> = plugins.to_vec();
         let strategy_index =
@@ -213,7 +213,7 @@ impl JobPlugins {
         if rules.is_empty() {
             return Ok(OverwriteDecision::NoRulesLoaded);
         }
-        let mut current = convert::overwrites_to_wit(&requested);
+        let mut current = latest::Overwrites::from(requested);
         for index in rules {
             current = self
                 .call_role(index, Role::Overwrites, "overwrites.review", None, &current, |ex, store, ctx, current| {
@@ -228,7 +228,7 @@ impl JobPlugins {
                 .await?;
             validate::check_overwrites(&current, &self.members[index].0.inner)?;
         }
-        Ok(OverwriteDecision::Accepted(convert::overwrites_from_wit(current)))
+        Ok(OverwriteDecision::Accepted(current.into()))
     }
 
     /// Asks the pull-policy plugins, in configuration order, which policies `image` gets.
@@ -247,9 +247,9 @@ impl JobPlugins {
         }
         let mut request = latest::PullPolicyRequest {
             image: image.to_string(),
-            job: job.iter().copied().map(convert::pull_policy_to_wit).collect(),
-            config: config.iter().copied().map(convert::pull_policy_to_wit).collect(),
-            allowed: allowed.iter().copied().map(convert::pull_policy_to_wit).collect(),
+            job: job.iter().copied().map(Into::into).collect(),
+            config: config.iter().copied().map(Into::into).collect(),
+            allowed: allowed.iter().copied().map(Into::into).collect(),
         };
         for index in deciders {
             request.job = self
@@ -264,7 +264,7 @@ impl JobPlugins {
                 })
                 .await?;
         }
-        Ok(Some(request.job.into_iter().map(convert::pull_policy_from_wit).collect()))
+        Ok(Some(request.job.into_iter().map(Into::into).collect()))
     }
 
     /// Runs the pod mutators in configuration order, each on the previous one's output, and

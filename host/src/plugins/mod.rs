@@ -11,13 +11,13 @@
 //! a fresh one, so a misbehaving plugin never takes the host down.
 //!
 //! Files by concern: `runtime` (engine, ticker, pool, load), `instance` (store, budget, trap
-//! classification), `chain` (the job's plugins and their role calls), `convert` (host types <->
-//! WIT), `inspect`, `sandbox` (what an instance may touch), `strategy_host` (pod access for the
-//! job's strategy), `validate` (checks on plugin output), `pool`, `cache`, `wit` (bindings).
+//! classification), `chain` (the job's plugins and their role calls), `inspect`,
+//! `sandbox` (what an instance may touch), `strategy_host` (pod access for the job's strategy),
+//! `validate` (checks on plugin output), `pool`, `cache`, `wit` (bindings, and the contract's
+//! records to and from them).
 
 mod cache;
 mod chain;
-mod convert;
 mod inspect;
 mod instance;
 pub mod pool;
@@ -32,7 +32,6 @@ pub use inspect::*;
 use instance::*;
 pub use runtime::*;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,7 +43,7 @@ use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, Enabled, Engine, PoolConcurrencyLimitError, PoolingAllocationConfig, Store, Trap};
 
 pub use crate::config::ConfigOrigin;
-use crate::job::{Job, Overwrites, PullPolicy, Resources};
+use crate::job::{Job, Overwrites, PullPolicy};
 pub use cache::Source as CompileSource;
 use sandbox::StoreState;
 pub use sandbox::plugin_text;

@@ -153,8 +153,11 @@ impl Runtime {
 
     /// Compile (or fetch from the cache) the component at `path`.
     fn component(&self, plugin: &str, path: &Path) -> Result<(Component, CompileSource, u64), PluginError> {
-        let bytes = crate::config::read_regular_file(path, MAX_COMPONENT_BYTES)
-            .map_err(|source| PluginError::Read { plugin: plugin.to_string(), path: path.to_path_buf(), source })?;
+        let bytes = crate::input::read_regular_file(path, MAX_COMPONENT_BYTES).map_err(|source| PluginError::Read {
+            plugin: plugin.to_string(),
+            path: path.to_path_buf(),
+            source,
+        })?;
         let engine = &self.inner.engine;
         let compile_err =
             |reason: String| PluginError::Compile { plugin: plugin.to_string(), path: path.to_path_buf(), reason };

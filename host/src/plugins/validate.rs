@@ -5,12 +5,12 @@ use k8s_openapi::api::core::v1::Pod;
 use super::sandbox::{MAX_PLUGIN_TEXT, plugin_text};
 use super::wit::latest;
 use super::{PluginError, PluginInner};
-use crate::config::{limits, show_bytes};
+use crate::input::{limits, show_bytes};
 
-pub use keel_sdk::pod::HostOwned;
+pub use keel_contract::pod::HostOwned;
 /// Host-owned values of the pod before any plugin ran; the same code the SDK's test harness
 /// checks a mutator's result with.
-pub(crate) use keel_sdk::pod::{Snapshot, Violation};
+pub(crate) use keel_contract::pod::{Snapshot, Violation};
 
 /// A violation as the host reports it: the plugin's text in it escaped and cut.
 pub(crate) fn violation_error(violation: Violation, plugin: &PluginInner) -> PluginError {

@@ -15,7 +15,7 @@ use tracing::Instrument;
 use crate::cluster::session::JobPod;
 use crate::cluster::watch::{self, PodFailure, PodWatch};
 use crate::cluster::{self, ConnectOptions, Connection, Created};
-use crate::job::{Job, PullPolicy};
+use crate::job::PullPolicy;
 use crate::plugins::Runtime;
 use crate::prepare::{PrepareRequest, PreparedJob, prepare};
 use crate::trace::{Trace, TraceOptions};
@@ -148,9 +148,6 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Values the trace must never show: masked variables and every non-public value.
-fn secret_values(job: &Job) -> Vec<String> {
-    job.variables.iter().filter(|v| v.masked || !v.public).map(|v| v.value.clone()).filter(|v| !v.is_empty()).collect()
-}
 
 /// Runs one job to its end. The trace goes to `sink` (stdout for the command line); the
 /// returned outcome's last line has been written to it.
@@ -181,7 +178,7 @@ pub async fn run(
         trace_file: opts.trace_file.clone(),
         color: opts.color,
     };
-    let trace = match Trace::new(trace_opts, secret_values(&prepared.job), sink) {
+    let trace = match Trace::new(trace_opts, prepared.job.secret_values(), sink) {
         Ok(t) => t,
         Err(e) => return Outcome::SystemFailure { reason: chain(&e) },
     };

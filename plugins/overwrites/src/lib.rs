@@ -14,14 +14,12 @@
 //! not allowed denies the job with a message naming the variable, the value and the rule:
 //! running a job somewhere its author did not intend is worse than failing it.
 
-pub mod quantity;
-
 use std::collections::BTreeMap;
 
 use keel_sdk::{Config, Context, Error, OverwriteRules, Overwrites, Plugin, Resources};
 use regex::Regex;
 
-use quantity::Quantity;
+use keel_sdk::quantity::Quantity;
 
 /// The `[runners.kubernetes]` keys this plugin reads (the table has many more; ignored here).
 #[derive(Debug, Default, serde::Deserialize)]

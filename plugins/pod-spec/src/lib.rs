@@ -51,29 +51,7 @@ impl Plugin for PodSpec {
     }
 }
 
-/// Merge keys of the pod's strategic-merge lists, by field name (from the Kubernetes API's
-/// `x-kubernetes-patch-merge-key`).
-fn merge_key(field: &str) -> Option<&'static str> {
-    Some(match field {
-        "containers"
-        | "initContainers"
-        | "ephemeralContainers"
-        | "volumes"
-        | "env"
-        | "imagePullSecrets"
-        | "readinessGates"
-        | "resourceClaims" => match field {
-            "readinessGates" => "conditionType",
-            _ => "name",
-        },
-        "volumeMounts" => "mountPath",
-        "volumeDevices" => "devicePath",
-        "ports" => "containerPort",
-        "hostAliases" => "ip",
-        "topologySpreadConstraints" => "topologyKey",
-        _ => return None,
-    })
-}
+use keel_sdk::merge_keys::merge_key;
 
 fn strategic_merge(target: &mut Value, patch: &Value, path: &str) -> Result<(), String> {
     match (target, patch) {

@@ -1,16 +1,10 @@
 //! `pull-policy`: GitLab's image pull policy rules.
 //!
 //! Inputs (the host parses them from config and job): the job's `image:pull_policy`, the
-//! runner's `pull_policy` (a string or an ordered list) and `allowed_pull_policies`.
-//!
-//! - The requested list is the job's when it sets one, else the runner's.
-//! - With no allow-list, the requested list is the answer (empty = the cluster's default).
-//! - With an allow-list, the answer is requested ∩ allowed, in requested order; when nothing
-//!   remains the job is denied, naming both lists (GitLab fails such jobs too).
-//! - Foot-gun: an allow-list but no `pull_policy` anywhere. GitLab then checks its implicit
-//!   default against the list and fails jobs the operator meant to allow. We instead use the
-//!   allow-list itself, in its order: the operator said which policies are acceptable, so
-//!   trying them in that order is the least surprising reading.
+//! runner's `pull_policy` (a string or an ordered list) and `allowed_pull_policies`. The rule
+//! is GitLab's, as `keel_sdk::pull_policy::decide` has it (the host applies the same one when
+//! no plugin decides); the rule, with its one deliberate departure from GitLab, is documented
+//! there.
 
 use keel_sdk::{Config, Context, Error, Plugin, PullPolicy, PullPolicyRequest, PullPolicyRules};
 
@@ -33,56 +27,9 @@ impl Plugin for PullPolicies {
     }
 }
 
-fn name(p: PullPolicy) -> &'static str {
-    match p {
-        PullPolicy::Always => "always",
-        PullPolicy::IfNotPresent => "if-not-present",
-        PullPolicy::Never => "never",
-    }
-}
-
-fn list(ps: &[PullPolicy]) -> String {
-    format!("[{}]", ps.iter().map(|p| name(*p)).collect::<Vec<_>>().join(", "))
-}
-
-/// The decision, independent of the plugin plumbing.
-pub fn decide(request: &PullPolicyRequest) -> Result<Vec<PullPolicy>, Error> {
-    let (requested, source) = if !request.job.is_empty() {
-        (&request.job, "the job's image:pull_policy")
-    } else {
-        (&request.config, "the runner's pull_policy")
-    };
-    if request.allowed.is_empty() {
-        return Ok(dedup(requested));
-    }
-    if requested.is_empty() {
-        return Ok(dedup(&request.allowed));
-    }
-    let kept: Vec<PullPolicy> = dedup(requested).into_iter().filter(|p| request.allowed.contains(p)).collect();
-    if kept.is_empty() {
-        return Err(Error::denied(format!(
-            "image {}: {source} {} is not one of allowed_pull_policies {}",
-            request.image,
-            list(requested),
-            list(&request.allowed)
-        )));
-    }
-    Ok(kept)
-}
-
-fn dedup(ps: &[PullPolicy]) -> Vec<PullPolicy> {
-    let mut out = Vec::new();
-    for p in ps {
-        if !out.contains(p) {
-            out.push(*p);
-        }
-    }
-    out
-}
-
 impl PullPolicyRules for PullPolicies {
     fn decide(&mut self, _ctx: &Context, request: &PullPolicyRequest) -> Result<Vec<PullPolicy>, Error> {
-        decide(request)
+        keel_sdk::pull_policy::decide(request).map_err(|e| Error::denied(e.to_string()))
     }
 }
 
@@ -94,41 +41,19 @@ mod tests {
     use PullPolicy::{Always as A, IfNotPresent as I, Never as N};
 
     #[test]
-    fn table() {
-        type Row =
-            (&'static str, Vec<PullPolicy>, Vec<PullPolicy>, Vec<PullPolicy>, Result<Vec<PullPolicy>, &'static str>);
-        let rows: Vec<Row> = vec![
-            ("nothing set: cluster default", vec![], vec![], vec![], Ok(vec![])),
-            ("runner policy only", vec![], vec![A], vec![], Ok(vec![A])),
-            ("runner list keeps order", vec![], vec![A, I], vec![], Ok(vec![A, I])),
-            ("job wins over runner", vec![N], vec![A], vec![], Ok(vec![N])),
-            ("job wins when allowed", vec![I], vec![A], vec![A, I], Ok(vec![I])),
-            (
-                "job not allowed: denied",
-                vec![N],
-                vec![A],
-                vec![A, I],
-                Err("the job's image:pull_policy [never] is not one of allowed_pull_policies [always, if-not-present]"),
-            ),
-            ("runner list narrowed by allow-list", vec![], vec![A, I, N], vec![N, I], Ok(vec![I, N])),
-            (
-                "runner policy not allowed",
-                vec![],
-                vec![A],
-                vec![I],
-                Err("the runner's pull_policy [always] is not one of allowed_pull_policies [if-not-present]"),
-            ),
-            ("foot-gun: allow-list only uses it", vec![], vec![], vec![I, A], Ok(vec![I, A])),
-            ("duplicates collapse", vec![A, A, I], vec![], vec![], Ok(vec![A, I])),
-        ];
-        for (what, job, config, allowed, want) in rows {
-            let got = decide(&PullPolicyRequest { image: "alpine".into(), job, config, allowed });
-            match (got, want) {
-                (Ok(got), Ok(want)) => assert_eq!(got, want, "{what}"),
-                (Err(Error::Denied(msg)), Err(want)) => assert!(msg.contains(want), "{what}: {msg}"),
-                (got, want) => panic!("{what}: got {got:?}, want {want:?}"),
-            }
-        }
+    fn decides_with_gitlabs_rule_and_denies_naming_both_lists() {
+        let mut p = PullPolicies;
+        let ctx = keel_sdk::testing::context(serde_json::Value::Null);
+        let request =
+            PullPolicyRequest { image: "alpine".into(), job: vec![A, A, I], config: vec![N], allowed: vec![] };
+        assert_eq!(keel_sdk::testing::decide(&mut p, &ctx, &request), Ok(vec![A, I]));
+        let request = PullPolicyRequest { image: "alpine".into(), job: vec![N], config: vec![], allowed: vec![A, I] };
+        assert_eq!(
+            keel_sdk::testing::decide(&mut p, &ctx, &request),
+            Err(Error::denied(
+                "image alpine: the job's image:pull_policy [never] is not one of allowed_pull_policies [always, if-not-present]"
+            ))
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! `bindgen!`, point `latest` at it, make `since_v0_1_0` convert, and add a variant to
 //! [`WitVersion`] and [`Exports`].
 
+mod records;
 pub mod since_v0_1_0;
 
 /// The types the host works with; always the newest supported version.

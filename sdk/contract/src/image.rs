@@ -5,7 +5,7 @@
 //! (`starts_with("docker.io/")`) misses the first two. Parse instead:
 //!
 //! ```
-//! use keel_sdk::image::ImageRef;
+//! use keel_contract::image::ImageRef;
 //!
 //! let image = ImageRef::parse("alpine").unwrap();
 //! assert_eq!(image.registry, "docker.io");

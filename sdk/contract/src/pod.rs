@@ -153,15 +153,15 @@ pub fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-/// The runner token's short form (first 8 characters after `glrt-`).
-pub fn short_token(token: &str) -> String {
-    let t = token.strip_prefix("glrt-").unwrap_or(token);
-    t.chars().take(8).collect()
-}
-
 /// `runner-<short token>-project-<id>-concurrent-<n>`: GitLab's project-unique name.
 pub fn project_unique_name(runner_token: &str, project_id: u64, concurrent_id: u32) -> String {
-    dns_label(&format!("runner-{}-project-{project_id}-concurrent-{concurrent_id}", short_token(runner_token)), 57)
+    dns_label(
+        &format!(
+            "runner-{}-project-{project_id}-concurrent-{concurrent_id}",
+            crate::variables::short_token(runner_token)
+        ),
+        57,
+    )
 }
 
 /// The variables Secret's name (named before the pod exists, so no generateName).
@@ -245,7 +245,7 @@ impl PodInput {
     /// or volumes, each image's own first pull policy, and the variables' public env.
     /// `CI_BUILDS_DIR`, `CI_PROJECT_DIR` and `CI_PROJECT_ID` are read from the variables
     /// when present, as the host does.
-    pub fn for_job(job: &crate::Job) -> Self {
+    pub fn for_job(job: &crate::context::Job) -> Self {
         let variable = |k: &str| job.variable(k).map(str::to_string);
         let project_id = variable("CI_PROJECT_ID").and_then(|v| v.parse().ok()).unwrap_or(1);
         let unique_name = project_unique_name("", project_id, 0);
@@ -259,10 +259,10 @@ impl PodInput {
                 file: v.file,
             })
             .collect();
-        let container = |image: &crate::Image| ContainerInput {
+        let container = |image: &crate::job::Image| ContainerInput {
             image: image.name.clone(),
             entrypoint: image.entrypoint.clone(),
-            pull_policy: image.pull_policies.first().map(|p| pull_policy_name(*p).to_string()),
+            pull_policy: image.pull_policies.first().map(|p| p.as_k8s().to_string()),
             resources: None,
         };
         PodInput {
@@ -287,15 +287,6 @@ impl PodInput {
                 .collect(),
             ..Default::default()
         }
-    }
-}
-
-/// `imagePullPolicy` spelling of a pull policy.
-pub fn pull_policy_name(p: crate::PullPolicy) -> &'static str {
-    match p {
-        crate::PullPolicy::Always => "Always",
-        crate::PullPolicy::IfNotPresent => "IfNotPresent",
-        crate::PullPolicy::Never => "Never",
     }
 }
 

@@ -21,6 +21,12 @@ impl fmt::Display for QuantityError {
 
 const NANO: i128 = 1_000_000_000;
 
+/// Whether `text` is a quantity Kubernetes accepts in a resource request or limit: well formed,
+/// not negative, no surrounding space (`500m`, `1Gi`, `2`, `1e3`).
+pub fn is_quantity(text: &str) -> bool {
+    text == text.trim() && Quantity::parse(text).is_ok_and(|q| q.nanos >= 0)
+}
+
 impl Quantity {
     pub fn parse(text: &str) -> Result<Self, QuantityError> {
         let s = text.trim();
