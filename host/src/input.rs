@@ -2,7 +2,39 @@
 //! components): the limits, bounded reads, nesting checks before a parser runs, positions and
 //! message cutting. A leaf: it knows no host type.
 
-use std::path::Path;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Where in which file a bad value is: `path:line:column: key `a.b``, or `path: key `a.b`` when
+/// the parser could not say where (documents resolved from YAML merge keys, checks after
+/// parsing). Config and job errors both name places this way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    pub path: PathBuf,
+    /// 1-based line and column.
+    pub position: Option<(usize, usize)>,
+    /// The key path, as written (`runners[0].kubernetes.cpu_limit`, `variables.A`).
+    pub key: String,
+}
+
+impl Located {
+    pub fn at(path: &Path, line: usize, column: usize, key: impl Into<String>) -> Located {
+        Located { path: path.to_path_buf(), position: Some((line, column)), key: key.into() }
+    }
+
+    pub fn key(path: &Path, key: impl Into<String>) -> Located {
+        Located { path: path.to_path_buf(), position: None, key: key.into() }
+    }
+}
+
+impl fmt::Display for Located {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((line, column)) => write!(f, "{}:{line}:{column}: key `{}`", self.path.display(), self.key),
+            None => write!(f, "{}: key `{}`", self.path.display(), self.key),
+        }
+    }
+}
 
 /// 1-based line and column of byte `offset` in `text`.
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {

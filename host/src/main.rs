@@ -439,7 +439,7 @@ async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
     use k8s_openapi::api::core::v1::{Pod, Secret, Service};
     let older_than = match &args.older_than {
         Some(d) => Some(
-            host::config::parse_duration(d)
+            host::vocab::values::parse_duration(d)
                 .with_context(|| format!("--older-than {d:?}: not a duration (90s, 10m, 2h)"))?,
         ),
         None => None,

@@ -14,11 +14,12 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::config::{EmptyDirMedium, Kubernetes, Runner, is_dns_label};
+use crate::config::{EmptyDirMedium, Kubernetes, Runner};
 use crate::input::limits;
 use crate::job::variables::{expand_tracked, source_in};
 use crate::job::{Job, Overwrites, PullPolicy, Resources};
 use crate::vocab::expand::{expand, with_cut_note};
+use keel_contract::pod::is_dns_label;
 
 // The pod's shape and names are the contract's (`keel_contract::pod`): the SDK's test harness builds
 // the same pod from the same code.

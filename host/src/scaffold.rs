@@ -61,6 +61,16 @@ pub fn checkout_sdk() -> Option<PathBuf> {
     sdk.join("Cargo.toml").is_file().then(|| sdk.canonicalize().unwrap_or(sdk))
 }
 
+/// `team-policy` -> `TeamPolicy`.
+fn camel(name: &str) -> String {
+    name.split('-')
+        .map(|part| {
+            let mut c = part.chars();
+            c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+        })
+        .collect()
+}
+
 /// A plugin crate to write.
 #[derive(Debug, Clone)]
 pub struct Scaffold {
@@ -87,13 +97,7 @@ impl Scaffold {
     }
 
     fn type_name(&self) -> String {
-        self.name
-            .split('-')
-            .map(|part| {
-                let mut c = part.chars();
-                c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
-            })
-            .collect()
+        camel(&self.name)
     }
 
     fn fill(&self, template: &str) -> String {
@@ -103,6 +107,12 @@ impl Scaffold {
             .replace("{{ARTIFACT}}", &self.artifact())
             .replace("{{SDK}}", &self.sdk.dependency())
             .replace("{{RENDER}}", &self.render_command())
+    }
+
+    /// The template crate's source with its names replaced by this plugin's.
+    fn source(&self, template: &Template) -> String {
+        let crate_name = template.crate_name();
+        template.source.replace(&camel(&crate_name), &self.type_name()).replace(&crate_name, &self.name)
     }
 
     /// The `host render` line that loads the built plugin with a configuration.
@@ -135,7 +145,7 @@ impl Scaffold {
         };
         let files = [
             ("Cargo.toml", self.fill(CARGO_TOML)),
-            ("src/lib.rs", self.fill(lib)),
+            ("src/lib.rs", self.source(&lib)),
             ("job.yml", job.to_string()),
             ("README.md", self.fill(README)),
             (".gitignore", "/target\n".to_string()),
@@ -165,355 +175,39 @@ impl Scaffold {
     }
 }
 
-const CARGO_TOML: &str = r##"[package]
-name = "{{NAME}}"
-version = "0.1.0"
-edition = "2024"
-
-[lib]
-# cdylib: the WebAssembly component; rlib: `cargo test` runs the logic natively.
-crate-type = ["cdylib", "rlib"]
-
-[dependencies]
-{{SDK}}
-# Your plugin picks the Kubernetes API version; the SDK does not.
-k8s-openapi = { version = "0.29", default-features = false, features = ["std", "v1_34"] }
-serde = { version = "1", features = ["derive"] }
-
-[profile.release]
-# 1.3 MB for this template instead of 4.6 MB with the default profile: smaller components
-# compile and instantiate faster.
-opt-level = "s"
-lto = true
-codegen-units = 1
-# Debug info goes; function names stay, so a crash's backtrace still names your code.
-strip = "debuginfo"
-
-# A crate of its own, even when created inside another cargo workspace.
-[workspace]
-"##;
+// The templates are real files: each role's source is a crate of the plugins workspace
+// (`plugins/templates/<role>`), so the repository's own build compiles, lints and tests exactly
+// what a new plugin starts from. Its crate and type names are replaced by the new plugin's.
+const CARGO_TOML: &str = include_str!("../../plugins/templates/crate/Cargo.toml.in");
+const README: &str = include_str!("../../plugins/templates/crate/README.md.in");
+const POD_MUTATOR: Template =
+    Template { source: include_str!("../../plugins/templates/pod-mutator/src/lib.rs"), role: "pod-mutator" };
+const PULL_POLICY: Template =
+    Template { source: include_str!("../../plugins/templates/pull-policy/src/lib.rs"), role: "pull-policy" };
+const OVERWRITES: Template =
+    Template { source: include_str!("../../plugins/templates/overwrites/src/lib.rs"), role: "overwrites" };
+const EXECUTION_STRATEGY: Template = Template {
+    source: include_str!("../../plugins/templates/execution-strategy/src/lib.rs"),
+    role: "execution-strategy",
+};
 
 const JOB: &str = "image: alpine:3.20\nscript:\n  - echo hello\n";
 
 const JOB_WITH_OVERWRITE: &str =
     "image: alpine:3.20\nvariables:\n  KUBERNETES_NAMESPACE_OVERWRITE: ci-blue\nscript:\n  - echo hello\n";
 
-const README: &str = r##"# {{NAME}}
-
-A keel plugin. Build, test and try it:
-
-```sh
-rustup target add wasm32-wasip2      # once
-cargo test                           # the logic, natively, against the host's own pod
-cargo build --release --target wasm32-wasip2
-host plugin inspect {{ARTIFACT}}
-{{RENDER}}
-```
-
-`--plugin P.wasm=CONFIG` gives the plugin its configuration: an inline TOML table as above,
-or a file holding the table (`--plugin {{ARTIFACT}}=plugin.toml`). In a runner's
-`config.toml`:
-
-```toml
-[[runners.kubernetes.plugins]]
-  path = "/abs/path/to/{{ARTIFACT}}"
-  [runners.kubernetes.plugins.config]
-    # the keys of the `Settings` struct in src/lib.rs
-```
-
-The configuration is checked when the plugin loads (`host plugin inspect --config
-config.toml` checks it too); a rejected table is reported at its `config.toml:line:column`.
-Errors and logs call the plugin `{{NAME}}` (its metadata name) unless the config gives it
-another `name`.
-"##;
-
-const POD_MUTATOR: &str = r##"//! `{{NAME}}`: a keel pod mutator. It annotates every job pod with the owning team and adds
-//! labels, keeping labels that are already there (the host owns some).
-
-use std::collections::BTreeMap;
-
-use keel_sdk::{Config, Context, Error, Plugin, Pod, PodMutator};
-
-/// The plugin's settings: its table in the runner config, or `--plugin P.wasm=CONFIG`.
-/// `deny_unknown_fields` turns a typo into an error when the plugin loads.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    /// Required: the team owning the jobs (annotation `example.com/team`).
-    team: String,
-    /// Labels to add to the pod.
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
+/// A role's template crate source: named `template-<role>`, its plugin type
+/// `Template<Role in CamelCase>`.
+struct Template {
+    source: &'static str,
+    role: &'static str,
 }
 
-pub struct {{TYPE}} {
-    settings: Settings,
-}
-
-impl Plugin for {{TYPE}} {
-    // The name in every error and log line about this plugin.
-    const NAME: &'static str = "{{NAME}}";
-    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-
-    fn configure(config: Config) -> Result<Self, Error> {
-        let settings: Settings = config.parse()?;
-        if settings.team.is_empty() {
-            return Err(Error::invalid_config("`team` must not be empty"));
-        }
-        Ok({{TYPE}} { settings })
+impl Template {
+    fn crate_name(&self) -> String {
+        format!("template-{}", self.role)
     }
 }
-
-impl PodMutator for {{TYPE}} {
-    fn mutate(&mut self, ctx: &Context, mut pod: Pod) -> Result<Pod, Error> {
-        let annotations = pod.metadata.annotations.get_or_insert_with(Default::default);
-        annotations.insert("example.com/team".into(), self.settings.team.clone());
-        let labels = pod.metadata.labels.get_or_insert_with(Default::default);
-        for (key, value) in &self.settings.labels {
-            labels.entry(key.clone()).or_insert_with(|| value.clone());
-        }
-        keel_sdk::debug!("annotated the pod of job {}", ctx.job.id);
-        Ok(pod)
-    }
-}
-
-keel_sdk::export!({{TYPE}}: PodMutator);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use keel_sdk::testing::{self, ContextBuilder};
-
-    #[test]
-    fn annotates_the_pod_the_host_builds() {
-        let mut plugin: {{TYPE}} = testing::configure(r#"team = "platform""#).unwrap();
-        let ctx = ContextBuilder::new().variable("DEPLOY_ENV", "staging").build();
-        let pod = testing::mutate(&mut plugin, &ctx, testing::pod_for(&ctx)).unwrap();
-        assert_eq!(pod.metadata.annotations.unwrap()["example.com/team"], "platform");
-    }
-
-    #[test]
-    fn host_owned_labels_are_kept() {
-        let mut plugin: {{TYPE}} =
-            testing::configure(r#"team = "platform"
-labels = { "keel.dev/job-id" = "other", tier = "ci" }"#).unwrap();
-        let ctx = ContextBuilder::new().job_id(7).build();
-        let labels = testing::mutate(&mut plugin, &ctx, testing::pod_for(&ctx)).unwrap().metadata.labels.unwrap();
-        assert_eq!((labels["keel.dev/job-id"].as_str(), labels["tier"].as_str()), ("7", "ci"));
-    }
-
-    #[test]
-    fn a_missing_team_is_a_config_error() {
-        match testing::configure::<{{TYPE}}>("") {
-            Err(Error::InvalidConfig(message)) => assert!(message.contains("missing field `team`"), "{message}"),
-            other => panic!("expected invalid config, got {:?}", other.err()),
-        }
-    }
-}
-"##;
-
-const PULL_POLICY: &str = r##"//! `{{NAME}}`: keel pull-policy rules. Every image gets the configured policy, except where
-//! the job asks for one the configuration allows.
-
-use keel_sdk::{Config, Context, Error, Plugin, PullPolicy, PullPolicyRequest, PullPolicyRules};
-
-/// The plugin's settings: its table in the runner config, or `--plugin P.wasm=CONFIG`.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    /// Required: `always`, `if-not-present` or `never`.
-    policy: String,
-    /// Let the job's own `image:pull_policy` win when it is one of these.
-    #[serde(default)]
-    job_may_choose: Vec<String>,
-}
-
-fn parse(policy: &str) -> Result<PullPolicy, Error> {
-    match policy {
-        "always" => Ok(PullPolicy::Always),
-        "if-not-present" => Ok(PullPolicy::IfNotPresent),
-        "never" => Ok(PullPolicy::Never),
-        other => Err(Error::invalid_config(format!("unknown pull policy {other:?} (always, if-not-present, never)"))),
-    }
-}
-
-pub struct {{TYPE}} {
-    policy: PullPolicy,
-    job_may_choose: Vec<PullPolicy>,
-}
-
-impl Plugin for {{TYPE}} {
-    const NAME: &'static str = "{{NAME}}";
-    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-
-    fn configure(config: Config) -> Result<Self, Error> {
-        let settings: Settings = config.parse()?;
-        let job_may_choose = settings.job_may_choose.iter().map(|p| parse(p)).collect::<Result<_, _>>()?;
-        Ok({{TYPE}} { policy: parse(&settings.policy)?, job_may_choose })
-    }
-}
-
-impl PullPolicyRules for {{TYPE}} {
-    fn decide(&mut self, _ctx: &Context, request: &PullPolicyRequest) -> Result<Vec<PullPolicy>, Error> {
-        let chosen: Vec<PullPolicy> = request.job.iter().copied().filter(|p| self.job_may_choose.contains(p)).collect();
-        Ok(if chosen.is_empty() { vec![self.policy] } else { chosen })
-    }
-}
-
-keel_sdk::export!({{TYPE}}: PullPolicyRules);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use keel_sdk::testing::{self, ContextBuilder};
-
-    #[test]
-    fn the_configured_policy_unless_the_job_may_choose() {
-        let mut plugin: {{TYPE}} =
-            testing::configure("policy = \"if-not-present\"\njob_may_choose = [\"always\"]").unwrap();
-        let ctx = ContextBuilder::new().build();
-        let mut request = PullPolicyRequest { image: "alpine:3.20".into(), ..Default::default() };
-        assert_eq!(testing::decide(&mut plugin, &ctx, &request).unwrap(), [PullPolicy::IfNotPresent]);
-        request.job = vec![PullPolicy::Always];
-        assert_eq!(testing::decide(&mut plugin, &ctx, &request).unwrap(), [PullPolicy::Always]);
-    }
-
-    #[test]
-    fn an_unknown_policy_is_a_config_error() {
-        assert!(matches!(testing::configure::<{{TYPE}}>("policy = \"sometimes\""), Err(Error::InvalidConfig(_))));
-    }
-}
-"##;
-
-const OVERWRITES: &str = r##"//! `{{NAME}}`: keel overwrite rules. A job may move to a namespace with one of the configured
-//! prefixes; every other requested overwrite is dropped (the host lists it as refused).
-
-use keel_sdk::{Config, Context, Error, OverwriteRules, Overwrites, Plugin};
-
-/// The plugin's settings: its table in the runner config, or `--plugin P.wasm=CONFIG`.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    /// Required: namespace prefixes a job may ask for (`KUBERNETES_NAMESPACE_OVERWRITE`).
-    namespaces: Vec<String>,
-}
-
-pub struct {{TYPE}} {
-    settings: Settings,
-}
-
-impl Plugin for {{TYPE}} {
-    const NAME: &'static str = "{{NAME}}";
-    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-
-    fn configure(config: Config) -> Result<Self, Error> {
-        Ok({{TYPE}} { settings: config.parse()? })
-    }
-}
-
-impl OverwriteRules for {{TYPE}} {
-    fn review(&mut self, _ctx: &Context, requested: Overwrites) -> Result<Overwrites, Error> {
-        let mut accepted = Overwrites::default();
-        if let Some(namespace) = requested.namespace {
-            if !self.settings.namespaces.iter().any(|prefix| namespace.starts_with(prefix.as_str())) {
-                return Err(Error::denied(format!(
-                    "KUBERNETES_NAMESPACE_OVERWRITE={namespace:?} does not start with any of {:?}",
-                    self.settings.namespaces
-                )));
-            }
-            accepted.namespace = Some(namespace);
-        }
-        Ok(accepted)
-    }
-}
-
-keel_sdk::export!({{TYPE}}: OverwriteRules);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use keel_sdk::testing::{self, ContextBuilder};
-
-    #[test]
-    fn a_namespace_with_an_allowed_prefix_is_accepted_others_denied() {
-        let mut plugin: {{TYPE}} = testing::configure("namespaces = [\"ci-\"]").unwrap();
-        let ctx = ContextBuilder::new().build();
-        let ask = |ns: &str| Overwrites { namespace: Some(ns.into()), ..Default::default() };
-        assert_eq!(testing::review(&mut plugin, &ctx, ask("ci-blue")).unwrap().namespace.as_deref(), Some("ci-blue"));
-        assert!(matches!(testing::review(&mut plugin, &ctx, ask("kube-system")), Err(Error::Denied(_))));
-    }
-}
-"##;
-
-const EXECUTION_STRATEGY: &str = r##"//! `{{NAME}}`: a keel execution strategy. Each stage's script runs with `sh -c` in the build
-//! container through the host's exec service; its output goes to the job's trace.
-
-use keel_sdk::strategy::HostError;
-use keel_sdk::{Config, Context, Error, ExecutionStrategy, Plugin, Pod, Stage, StrategyHost};
-
-/// The plugin's settings: its table in the runner config.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    /// The shell the script runs in.
-    #[serde(default = "default_shell")]
-    shell: String,
-}
-
-fn default_shell() -> String {
-    "sh".into()
-}
-
-pub struct {{TYPE}} {
-    settings: Settings,
-}
-
-impl Plugin for {{TYPE}} {
-    const NAME: &'static str = "{{NAME}}";
-    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-
-    fn configure(config: Config) -> Result<Self, Error> {
-        Ok({{TYPE}} { settings: config.parse()? })
-    }
-}
-
-fn host_error(e: HostError) -> Error {
-    Error::internal(format!("host service failed: {e:?}"))
-}
-
-impl ExecutionStrategy for {{TYPE}} {
-    fn prepare(&mut self, _ctx: &Context, pod: Pod) -> Result<Pod, Error> {
-        // The host's base pod already has build and helper idling in a shell.
-        Ok(pod)
-    }
-
-    fn run_stage(&mut self, _ctx: &Context, stage: &Stage, host: &StrategyHost) -> Result<i32, Error> {
-        let command = vec![self.settings.shell.clone(), "-c".to_string(), stage.script.clone()];
-        let session = host.exec("build", &command, false).map_err(host_error)?;
-        // stdout and stderr both go to the trace, as a terminal would show them.
-        while let Some((_stream, data)) = session.read_output(64 * 1024).map_err(host_error)? {
-            host.trace_write(&data);
-        }
-        session.wait_exit().map_err(host_error)
-    }
-}
-
-keel_sdk::export!({{TYPE}}: ExecutionStrategy);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use keel_sdk::testing::{self, ContextBuilder};
-
-    #[test]
-    fn prepare_keeps_a_pod_the_host_accepts() {
-        let mut plugin: {{TYPE}} = testing::configure("").unwrap();
-        let ctx = ContextBuilder::new().build();
-        let pod = testing::prepare(&mut plugin, &ctx, testing::pod_for(&ctx)).unwrap();
-        assert!(pod.spec.unwrap().containers.iter().any(|c| c.name == "build"));
-    }
-}
-"##;
 
 #[cfg(test)]
 mod tests {
@@ -525,6 +219,12 @@ mod tests {
         assert_eq!(s.type_name(), "TeamPolicy");
         assert_eq!(s.artifact(), "target/wasm32-wasip2/release/team_policy.wasm");
         assert!(s.fill(CARGO_TOML).contains("keel-sdk = \"0.2\""));
+        let source = s.source(&POD_MUTATOR);
+        assert!(
+            source.contains("pub struct TeamPolicy {")
+                && source.contains("const NAME: &'static str = \"team-policy\";")
+        );
+        assert!(!source.contains("emplate"), "a template name left in:\n{source}");
         for bad in ["", "Team", "1x", "a_b", "x-", "a b"] {
             assert!(Scaffold::new(bad, ScaffoldRole::PodMutator, SdkSource::Registry).is_err(), "{bad:?}");
         }

@@ -42,7 +42,10 @@
 //! - **The pod** a mutator gets is the host's base pod ([`pod::job_pod`]) after earlier
 //!   mutators; [`testing::pod_for`] builds the same one for tests.
 //!
-//! The logic is ordinary Rust: test it natively with `cargo test` and [`testing`].
+//! The logic is ordinary Rust: test it natively with `cargo test` and [`testing`]. Compare
+//! against the constants the host uses ([`pod::JOB_ID_LABEL`], [`pod::BUILD_CONTAINER`],
+//! [`testing::DEFAULT_JOB_ID`]...), never copied strings: `CHANGELOG.md` lists every change a
+//! plugin must act on, and a rename is a breaking release.
 //!
 //! Build components small: in the plugin crate's `Cargo.toml`,
 //! `[profile.release] opt-level = "s"`, `lto = true`, `codegen-units = 1`,
@@ -77,7 +80,7 @@ mod wit;
 
 /// The contract's vocabulary, shared with the host: image references, the job pod's shape,
 /// quantities, strategic-merge keys, GitLab's pull-policy rule, the job's variables and their secrecy.
-pub use keel_contract::{image, merge_keys, pod, pull_policy, quantity, variables};
+pub use keel_contract::{context, image, merge_keys, pod, pull_policy, quantity, variables};
 
 /// The roles a plugin can play.
 pub use bindings::keel::plugin::types::Role;

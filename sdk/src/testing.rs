@@ -21,7 +21,7 @@
 //! // Not public and no `grants.secrets`: the plugin sees that it exists, not its value.
 //! assert_eq!(ctx.job.variable("API_TOKEN"), None);
 //! let pod = keel_sdk::testing::pod_for(&ctx);
-//! assert_eq!(pod.metadata.labels.unwrap()["keel.dev/job-id"], "7");
+//! assert_eq!(pod.metadata.labels.unwrap()[keel_sdk::pod::JOB_ID_LABEL], "7");
 //! ```
 
 use k8s_openapi::api::core::v1::Pod;
@@ -55,6 +55,9 @@ pub fn configure<T: crate::Plugin>(toml_table: &str) -> Result<T, Error> {
 /// `KUBERNETES_BEARER_TOKEN`) are not public: they reach the job only through the variables
 /// Secret, and a plugin sees them with `value: None` unless the operator grants it
 /// `grants.secrets = true` ([`ContextBuilder::grant_secrets`]).
+/// The id of [`ContextBuilder::new`]'s job (and so of [`pod`]'s `keel.dev/job-id` label).
+pub const DEFAULT_JOB_ID: u64 = 1;
+
 #[derive(Debug, Clone)]
 pub struct ContextBuilder {
     id: u64,
@@ -79,7 +82,7 @@ impl ContextBuilder {
     /// [`ContextBuilder::predefined`].
     pub fn new() -> Self {
         ContextBuilder {
-            id: 1,
+            id: DEFAULT_JOB_ID,
             name: "test".into(),
             image: Image { name: "alpine:3.20".into(), ..Default::default() },
             services: Vec::new(),
@@ -334,7 +337,7 @@ mod tests {
     fn the_default_pod_is_the_hosts_shape() {
         let pod = pod();
         let labels = pod.metadata.labels.as_ref().unwrap();
-        assert_eq!(labels["keel.dev/job-id"], "1");
+        assert_eq!(labels[crate::pod::JOB_ID_LABEL], DEFAULT_JOB_ID.to_string());
         assert_eq!(labels["app.kubernetes.io/managed-by"], "keel");
         assert_eq!(pod.metadata.generate_name.as_deref(), Some("runner-project-1-concurrent-0-"));
         assert_eq!(pod.metadata.name, None);

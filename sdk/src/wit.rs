@@ -1,5 +1,6 @@
-//! The plugin side's one `From` pair per record: the WIT types wit-bindgen generates for this
-//! crate and the contract's records (`keel_contract`) the SDK hands to plugin code.
+//! The plugin side's conversions, one per direction a record crosses: the WIT types
+//! wit-bindgen generates for this crate into the contract's records (`keel_contract`) the SDK
+//! hands to plugin code, and back for what a plugin returns (pull policies, overwrites).
 
 use std::collections::BTreeMap;
 
@@ -40,12 +41,6 @@ impl From<wit::Image> for Image {
     }
 }
 
-impl From<Image> for wit::Image {
-    fn from(i: Image) -> Self {
-        wit::Image { name: i.name, entrypoint: i.entrypoint, pull_policies: policies_to(i.pull_policies) }
-    }
-}
-
 impl From<wit::Job> for Job {
     fn from(j: wit::Job) -> Self {
         Job {
@@ -61,27 +56,6 @@ impl From<wit::Job> for Job {
                 .variables
                 .into_iter()
                 .map(|v| Variable { key: v.key, value: v.value, masked: v.masked, public: v.public, file: v.file })
-                .collect(),
-            stages: j.stages,
-        }
-    }
-}
-
-impl From<Job> for wit::Job {
-    fn from(j: Job) -> Self {
-        wit::Job {
-            id: j.id,
-            name: j.name,
-            image: j.image.into(),
-            services: j
-                .services
-                .into_iter()
-                .map(|s| wit::Service { image: s.image.into(), alias: s.alias, command: s.command })
-                .collect(),
-            variables: j
-                .variables
-                .into_iter()
-                .map(|v| wit::Variable { key: v.key, value: v.value, masked: v.masked, public: v.public, file: v.file })
                 .collect(),
             stages: j.stages,
         }

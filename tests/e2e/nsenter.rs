@@ -8,10 +8,10 @@
 //! give a container a small busybox rootfs of its own through the node's `images_dir`.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use local_cluster::ClusterOptions;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[path = "../support/mod.rs"]
 mod support;

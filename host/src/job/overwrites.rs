@@ -4,7 +4,7 @@
 //! plugins (`*_overwrite_allowed`, `*_overwrite_max_allowed` in the runner config).
 
 use super::{Job, Overwrites, Resources};
-use crate::config::is_quantity;
+use keel_contract::quantity::is_quantity;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OverwriteError {

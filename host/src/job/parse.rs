@@ -20,8 +20,8 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor
 use serde::{Deserialize, Deserializer};
 
 use super::{Image, Job, PullPolicy, Service, ServicePort, Stage};
-use crate::config::{GitlabDuration, one_or_many_pull_policies};
-use crate::input::{check_yaml, cut_message, limits, show_bytes};
+use crate::input::{Located, check_yaml, cut_message, limits, show_bytes};
+use crate::vocab::values::{GitlabDuration, one_or_many_pull_policies};
 use keel_contract::variables::{self, Commit, Definition, expand_tracked};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,10 +32,8 @@ pub enum JobError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}:{line}:{column}: key `{key}`: {message}")]
-    Invalid { path: PathBuf, line: usize, column: usize, key: String, message: String },
-    #[error("{path}: key `{key}`: {message}")]
-    InvalidNoSpan { path: PathBuf, key: String, message: String },
+    #[error("{at}: {message}")]
+    Invalid { at: Located, message: String },
     #[error("{path}: no job named {name:?} (jobs in this file: {available})")]
     NoSuchJob { path: PathBuf, name: String, available: String },
     #[error("{path}: job {name:?} is hidden (its name starts with '.'), it can only be extended")]
@@ -494,18 +492,14 @@ pub fn load(source: &JobSource, ctx: &JobContext) -> Result<Job, JobError> {
 pub fn parse(text: &str, source: &JobSource, ctx: &JobContext) -> Result<Job, JobError> {
     let path = &source.path;
     if text.len() > limits::YAML_BYTES {
-        return Err(JobError::InvalidNoSpan {
-            path: path.clone(),
-            key: "(document)".into(),
+        return Err(JobError::Invalid {
+            at: Located::key(path, "(document)"),
             message: format!("the file is {} bytes, over the limit of {}", text.len(), show_bytes(limits::YAML_BYTES)),
         });
     }
     if let Err(limit) = check_yaml(text) {
         return Err(JobError::Invalid {
-            path: path.clone(),
-            line: limit.line,
-            column: limit.column,
-            key: "(document)".into(),
+            at: Located::at(path, limit.line, limit.column, "(document)"),
             message: limit.message,
         });
     }
@@ -522,9 +516,8 @@ pub fn parse(text: &str, source: &JobSource, ctx: &JobContext) -> Result<Job, Jo
     };
     let tree = resolved_tree.as_ref().unwrap_or(&tree);
     if !tree.is_mapping() {
-        return Err(JobError::InvalidNoSpan {
-            path: path.clone(),
-            key: "(document)".into(),
+        return Err(JobError::Invalid {
+            at: Located::key(path, "(document)"),
             message: "expected a mapping of job keys".into(),
         });
     }
@@ -576,9 +569,8 @@ fn typed<T>(
             // Re-serialise the resolved tree so the same typed path runs; lines then refer to the
             // resolved document, so they are left out of messages.
             let resolved_text = serde_yaml_ng::to_string(tree).map_err(|e| yaml_error(path, "(document)", &e))?;
-            f(serde_yaml_ng::Deserializer::from_str(&resolved_text)).map_err(|(key, e)| JobError::InvalidNoSpan {
-                path: path.to_path_buf(),
-                key: key_or_document(&key.to_string()),
+            f(serde_yaml_ng::Deserializer::from_str(&resolved_text)).map_err(|(key, e)| JobError::Invalid {
+                at: Located::key(path, key_or_document(&key.to_string())),
                 message: cut_message(strip_location(&e.to_string())),
             })
         }
@@ -611,10 +603,8 @@ fn yaml_error(path: &Path, key: &str, e: &serde_yaml_ng::Error) -> JobError {
     let key = key_or_document(key);
     let message = cut_message(strip_location(&e.to_string()));
     match e.location() {
-        Some(loc) => {
-            JobError::Invalid { path: path.to_path_buf(), line: loc.line(), column: loc.column(), key, message }
-        }
-        None => JobError::InvalidNoSpan { path: path.to_path_buf(), key, message },
+        Some(loc) => JobError::Invalid { at: Located::at(path, loc.line(), loc.column(), key), message },
+        None => JobError::Invalid { at: Located::key(path, key), message },
     }
 }
 
@@ -804,11 +794,7 @@ fn build_job(
             vars.set(k, Definition { value: v.value, expand: v.expand, masked: v.masked, public: true, file: false });
         }
     }
-    let invalid = |key: &str, message: String| JobError::InvalidNoSpan {
-        path: path.to_path_buf(),
-        key: key.to_string(),
-        message,
-    };
+    let invalid = |key: &str, message: String| JobError::Invalid { at: Located::key(path, key.to_string()), message };
     // Every variable reaches every container's env: counts multiply, so they are capped.
     if vars.len() > limits::VARIABLES {
         return Err(invalid(

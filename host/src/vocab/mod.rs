@@ -8,3 +8,4 @@ pub use keel_contract::job::{PullPolicy, Resources};
 pub const RESERVED_VOLUMES: &[&str] = &["repo", "scripts", "logs", "keel-vars"];
 
 pub mod expand;
+pub mod values;
