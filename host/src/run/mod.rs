@@ -147,8 +147,6 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// Values the trace must never show: masked variables and every non-public value.
-
 /// Runs one job to its end. The trace goes to `sink` (stdout for the command line); the
 /// returned outcome's last line has been written to it.
 pub async fn run(
