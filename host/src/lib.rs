@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod gitlab;
 pub mod vocab;
 pub mod job;
 pub mod plugins;
@@ -16,5 +17,6 @@ pub mod prepare;
 pub mod render;
 pub mod run;
 pub mod scaffold;
+pub mod serve;
 pub mod sources;
 pub mod trace;
