@@ -9,7 +9,6 @@
 pub mod cluster;
 pub mod config;
 pub mod gitlab;
-pub mod vocab;
 pub mod job;
 pub mod plugins;
 pub mod pod;
@@ -20,3 +19,4 @@ pub mod scaffold;
 pub mod serve;
 pub mod sources;
 pub mod trace;
+pub mod vocab;

@@ -253,7 +253,9 @@ pub struct VerifiedRunner {
 pub enum JobRequest {
     Job(Box<JobPayload>),
     /// 204; echo `last_update` in the next request so Workhorse can hold it (long polling).
-    NoJob { last_update: Option<String> },
+    NoJob {
+        last_update: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,10 +303,16 @@ pub enum UpdateOutcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TraceOutcome {
     /// 202; `stored` is GitLab's trace length from `Range: 0-N`.
-    Accepted { stored: Option<u64> },
+    Accepted {
+        stored: Option<u64>,
+    },
     /// 416: GitLab has `resume_at` bytes (from `Range: 0-N`); send again from there.
-    RangeMismatch { resume_at: Option<u64> },
-    Refused { status: u16 },
+    RangeMismatch {
+        resume_at: Option<u64>,
+    },
+    Refused {
+        status: u16,
+    },
 }
 
 /// What every update and trace answer carries besides its outcome.
@@ -340,7 +348,8 @@ enum Attempt {
 
 impl Client {
     pub fn new(runner: RunnerIdentity, options: ClientOptions) -> Result<Client, GitlabError> {
-        let url_error = |message: String| GitlabError::Url { runner: runner.name.clone(), url: runner.url.clone(), message };
+        let url_error =
+            |message: String| GitlabError::Url { runner: runner.name.clone(), url: runner.url.clone(), message };
         let mut base = reqwest::Url::parse(runner.url.trim_end_matches('/')).map_err(|e| url_error(e.to_string()))?;
         if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
             return Err(url_error("not an http(s) URL".into()));
@@ -360,7 +369,10 @@ impl Client {
         headers.insert(reqwest::header::ACCEPT, HeaderValue::from_static("application/json"));
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
-            .user_agent(format!("keel {} ({}; {})", runner.info.version, runner.info.platform, runner.info.architecture))
+            .user_agent(format!(
+                "keel {} ({}; {})",
+                runner.info.version, runner.info.platform, runner.info.architecture
+            ))
             .default_headers(headers)
             .connect_timeout(Duration::from_secs(30))
             .build()
@@ -386,15 +398,19 @@ impl Client {
             token_expires_at: Option<String>,
         }
         let call = "POST runners/verify".to_string();
-        let body = Body { token: self.runner.token.expose(), system_id: &self.runner.system_id, info: &self.runner.info };
+        let body =
+            Body { token: self.runner.token.expose(), system_id: &self.runner.system_id, info: &self.runner.info };
         let resp = self
             .send(Endpoint::VerifyRunner, &call, &[], || self.http.post(self.url("runners/verify")).json(&body))
             .await?;
         match resp.status().as_u16() {
             200 | 201 => {
                 let bytes = self.body(&call, resp).await?;
-                let answer: Answer = serde_json::from_slice(&bytes)
-                    .map_err(|e| GitlabError::Body { runner: self.runner.name.clone(), call, cause: e.to_string() })?;
+                let answer: Answer = serde_json::from_slice(&bytes).map_err(|e| GitlabError::Body {
+                    runner: self.runner.name.clone(),
+                    call,
+                    cause: e.to_string(),
+                })?;
                 Ok(VerifiedRunner { id: answer.id, token_expires_at: answer.token_expires_at })
             }
             status @ (401 | 403 | 422) => Err(self.refused(call, status)),
@@ -439,7 +455,11 @@ impl Client {
     }
 
     /// `PUT jobs/:id`.
-    pub async fn update_job(&self, job: &JobCredentials, update: &JobUpdate) -> Result<Reply<UpdateOutcome>, GitlabError> {
+    pub async fn update_job(
+        &self,
+        job: &JobCredentials,
+        update: &JobUpdate,
+    ) -> Result<Reply<UpdateOutcome>, GitlabError> {
         #[derive(Serialize)]
         struct Output {
             checksum: String,

@@ -416,8 +416,7 @@ async fn trace(State(shared): State<Arc<Shared>>, Path(id): Path<u64>, headers: 
             } else {
                 job.trace.extend_from_slice(&body);
                 job.patches.push((start, end));
-                let mut resp =
-                    (StatusCode::ACCEPTED, [("Range", format!("0-{}", job.trace.len()))]).into_response();
+                let mut resp = (StatusCode::ACCEPTED, [("Range", format!("0-{}", job.trace.len()))]).into_response();
                 if let Some(secs) = interval {
                     resp.headers_mut().insert("X-GitLab-Trace-Update-Interval", secs.into());
                 }

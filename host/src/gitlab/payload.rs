@@ -450,7 +450,10 @@ mod tests {
         )
         .unwrap_err();
         let text = err.to_string();
-        assert!(text.starts_with("job 77: payload field `variables[1].masked`: invalid type: string <12 bytes>"), "{text}");
+        assert!(
+            text.starts_with("job 77: payload field `variables[1].masked`: invalid type: string <12 bytes>"),
+            "{text}"
+        );
         assert!(!text.contains("glpat"));
 
         let err = JobPayload::from_json(br#"{"id":78,"token":"t","steps":[{"name":"script","when":"sometimes"}]}"#)

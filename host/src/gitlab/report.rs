@@ -443,8 +443,12 @@ impl Uploader {
     }
 
     async fn keepalive(&mut self) -> Result<(), GitlabError> {
-        let update =
-            JobUpdate { state: JobState::Running, failure_reason: None, exit_code: None, output: Some(self.shared.checksum()) };
+        let update = JobUpdate {
+            state: JobState::Running,
+            failure_reason: None,
+            exit_code: None,
+            output: Some(self.shared.checksum()),
+        };
         let reply = self.client.update_job(&self.creds, &update).await?;
         self.heard(&reply);
         if let UpdateOutcome::Refused { .. } = reply.outcome {

@@ -180,6 +180,7 @@ async fn the_trace_arrives_once_in_order_through_416_and_202() {
     assert_eq!(finish, Finish::Accepted { attempts: 3 }, "two 202s, then 200");
 
     let job = fake.job(id);
+    assert_eq!(job.id, id);
     assert_each_byte_once(&job, &written);
     assert!(job.patches.len() > 10, "sent incrementally, in patches of at most 7 bytes");
     assert!(fake.calls(Api::Trace).iter().any(|c| c.status == 416), "the 416 happened");
@@ -196,6 +197,29 @@ async fn the_trace_arrives_once_in_order_through_416_and_202() {
 }
 
 #[tokio::test]
+async fn the_trace_interval_gitlab_asks_for_is_honoured() {
+    let fake = FakeGitlab::start(&[TOKEN]).await;
+    let id = fake.enqueue(job_payload("a"));
+    fake.set_trace_interval(Some(1));
+    let client = Arc::new(client_for(&fake.url(), TOKEN, Features::client()));
+    let job = take_job(&client).await;
+    let (session, reporter) = JobSession::start(client, &job, fast_reports(), None).await.unwrap();
+    reporter.write(b"first\n");
+    while fake.job(id).patches.is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    reporter.write(b"second\n");
+    while fake.job(id).patches.len() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    session.finish(JobOutcome::success()).await;
+    let patches: Vec<_> = fake.calls(Api::Trace).into_iter().filter(|c| c.job == Some(id)).collect();
+    // Our own interval is 20 ms; GitLab asked for 1 s after the first patch. A lower bound only.
+    assert!(patches[1].at - patches[0].at >= Duration::from_secs(1));
+    assert_eq!(fake.job(id).trace, b"first\nsecond\n");
+}
+
+#[tokio::test]
 async fn a_412_resends_the_whole_trace_from_zero() {
     let fake = FakeGitlab::start(&[TOKEN]).await;
     let id = fake.enqueue(job_payload("a"));
@@ -209,7 +233,10 @@ async fn a_412_resends_the_whole_trace_from_zero() {
     let job = fake.job(id);
     assert_each_byte_once(&job, &written);
     let last = *final_updates(&job).last().unwrap();
-    assert_eq!((&last["state"], &last["failure_reason"], &last["exit_code"]), (&"failed".into(), &"script_failure".into(), &3.into()));
+    assert_eq!(
+        (&last["state"], &last["failure_reason"], &last["exit_code"]),
+        (&"failed".into(), &"script_failure".into(), &3.into())
+    );
     assert_eq!(job.finals_accepted, 1);
 }
 
@@ -262,7 +289,11 @@ async fn a_quiet_job_sends_keepalive_updates() {
     }
     assert_eq!(session.finish(JobOutcome::success()).await, Finish::Accepted { attempts: 1 });
     let job = fake.job(id);
-    assert!(job.updates[1..3].iter().all(|u| u["state"] == "running" && u["output"]["checksum"].is_string()), "{:?}", job.updates);
+    assert!(
+        job.updates[1..3].iter().all(|u| u["state"] == "running" && u["output"]["checksum"].is_string()),
+        "{:?}",
+        job.updates
+    );
     assert!(job.trace.is_empty());
 }
 
@@ -292,10 +323,8 @@ fn tokens_reach_no_log_line() {
     }
     let logs = Logs::default();
     let sink = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || sink.clone())
-        .finish();
+    let subscriber =
+        tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_writer(move || sink.clone()).finish();
     let _guard = tracing::subscriber::set_default(subscriber);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let job_token = rt.block_on(async {

@@ -59,14 +59,20 @@ impl Metrics {
             &["runner", "failure_reason"],
         ));
         let api_statuses = must(IntCounterVec::new(
-            Opts::new("gitlab_runner_api_request_statuses_total", "The total number of API requests, by runner, endpoint and status"),
+            Opts::new(
+                "gitlab_runner_api_request_statuses_total",
+                "The total number of API requests, by runner, endpoint and status",
+            ),
             &["runner", "endpoint", "status"],
         ));
         let concurrent = must(IntGauge::new("gitlab_runner_concurrent", "The current value of concurrent setting"));
         let limit =
             must(IntGaugeVec::new(Opts::new("gitlab_runner_limit", "The current value of limit setting"), &["runner"]));
         let version = must(IntGaugeVec::new(
-            Opts::new("gitlab_runner_version_info", "A metric with a constant '1' value labeled by different build stats fields"),
+            Opts::new(
+                "gitlab_runner_version_info",
+                "A metric with a constant '1' value labeled by different build stats fields",
+            ),
             &["name", "version", "revision", "os", "architecture"],
         ));
         version
@@ -142,7 +148,9 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
     }
 }
 

@@ -123,7 +123,8 @@ pub async fn serve(
     let http = match settings.listen_address {
         Some(address) => {
             let c = controller.clone();
-            let (bound, task) = metrics::serve_http(address, metrics.clone(), async move { c.stopping().await }).await?;
+            let (bound, task) =
+                metrics::serve_http(address, metrics.clone(), async move { c.stopping().await }).await?;
             tracing::info!(address = %bound, "serve.metrics_listening");
             Some(task)
         }
@@ -435,10 +436,11 @@ impl RunnerTask {
         let started = Instant::now();
         let ctx = JobContext { runner: self.runner.config.clone(), reporter: reporter.clone() };
         // A panicking pipeline is a runner failure GitLab must still hear about.
-        let outcome = std::panic::AssertUnwindSafe(shared.executor.run(job, ctx)).catch_unwind().await.unwrap_or_else(|_| {
-            tracing::error!("serve.job_panicked");
-            JobOutcome::failed(FailureReason::RunnerSystemFailure, None)
-        });
+        let outcome =
+            std::panic::AssertUnwindSafe(shared.executor.run(job, ctx)).catch_unwind().await.unwrap_or_else(|_| {
+                tracing::error!("serve.job_panicked");
+                JobOutcome::failed(FailureReason::RunnerSystemFailure, None)
+            });
         shared.metrics.job_finished(&self.runner.name, &outcome, started.elapsed());
         reporter.set_stage("");
         let finish = session.finish(outcome).await;

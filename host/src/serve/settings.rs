@@ -88,7 +88,10 @@ impl ServeSettings {
                 return Err(invalid(format!("runners[{i}].url"), "missing: the GitLab instance's address"));
             }
             if runner.token.trim().is_empty() {
-                return Err(invalid(format!("runners[{i}].token"), "missing: a runner authentication token (glrt-...)"));
+                return Err(invalid(
+                    format!("runners[{i}].token"),
+                    "missing: a runner authentication token (glrt-...)",
+                ));
             }
             let request_concurrency = match runner.request_concurrency {
                 None => 1,
@@ -203,7 +206,10 @@ executor = "shell"
 "#,
         )
         .unwrap();
-        assert_eq!((s.concurrent, s.check_interval, s.shutdown_timeout), (4, Duration::from_secs(1), Duration::from_secs(30)));
+        assert_eq!(
+            (s.concurrent, s.check_interval, s.shutdown_timeout),
+            (4, Duration::from_secs(1), Duration::from_secs(30))
+        );
         assert_eq!(s.listen_address, Some("0.0.0.0:9252".parse().unwrap()));
         assert_eq!(s.runners.len(), 2, "only kubernetes runners are served");
         assert_eq!((s.runners[0].limit, s.runners[0].request_concurrency), (Some(2), 3));

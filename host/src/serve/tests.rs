@@ -32,7 +32,11 @@ fn settings(concurrent: usize, runners: Vec<RunnerSettings>) -> ServeSettings {
         features: Features::client(),
         system_id: "r_0123456789ab".into(),
         client: ClientOptions {
-            retry: RetryPolicy { attempts: 5, min_delay: Duration::from_millis(5), max_delay: Duration::from_millis(50) },
+            retry: RetryPolicy {
+                attempts: 5,
+                min_delay: Duration::from_millis(5),
+                max_delay: Duration::from_millis(50),
+            },
             ..ClientOptions::default()
         },
         report: fast_reports(),
@@ -81,17 +85,24 @@ fn counting_pipeline(now: Arc<AtomicUsize>, max: Arc<AtomicUsize>) -> Arc<dyn Jo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_every_job_once_within_limit_and_concurrent() {
     let fake = FakeGitlab::start(&["glrt-a", "glrt-b"]).await;
-    fake.set_hold(Duration::from_millis(100));
-    let ids: Vec<u64> =
-        (0..16).map(|i| fake.enqueue(job_payload(&if i % 4 == 0 { format!("fail{i}") } else { format!("ok{i}") }))).collect();
+    fake.set_hold(Duration::from_secs(30));
+    let name = |i: usize| if i.is_multiple_of(4) { format!("fail{i}") } else { format!("ok{i}") };
+    let mut ids: Vec<u64> = (0..8).map(|i| fake.enqueue(job_payload(&name(i)))).collect();
     let (now, max) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let runners = vec![
-        runner("a", &fake.url(), "glrt-a", Some(2), 2),
-        runner("b", &fake.url(), "glrt-b", None, 3),
-    ];
+    let runners = vec![runner("a", &fake.url(), "glrt-a", Some(2), 2), runner("b", &fake.url(), "glrt-b", None, 3)];
     let controller = Controller::new();
     let metrics = Arc::new(Metrics::new());
-    let serving = tokio::spawn(serve(settings(3, runners), counting_pipeline(now, max.clone()), controller.clone(), metrics.clone()));
+    let serving = tokio::spawn(serve(
+        settings(3, runners),
+        counting_pipeline(now, max.clone()),
+        controller.clone(),
+        metrics.clone(),
+    ));
+    until("the first jobs reported", || fake.jobs().iter().all(|j| j.finals_accepted == 1)).await;
+    // Every runner now polls with the last_update it was given; the fake holds those requests
+    // (long polling) and the next jobs go out through them.
+    until("held requests", || fake.calls(Api::Request).iter().filter(|c| c.status == 204).count() >= 2).await;
+    ids.extend((8..16).map(|i| fake.enqueue(job_payload(&name(i)))));
     until("every job reported", || fake.jobs().iter().all(|j| j.finals_accepted == 1)).await;
     controller.drain();
     let summary = serving.await.unwrap().unwrap();
@@ -109,7 +120,8 @@ async fn runs_every_job_once_within_limit_and_concurrent() {
     assert!(fake.max_running("glrt-a") <= 2, "limit = 2 for runner a");
     assert!(fake.max_in_flight("glrt-a") <= 2, "request_concurrency = 2 for a");
     assert!(fake.max_in_flight("glrt-b") <= 3, "request_concurrency = 3 for b");
-    assert!(fake.calls(Api::Request).iter().any(|c| c.last_update.is_some()), "long polling used");
+    let held = fake.calls(Api::Request).into_iter().filter(|c| c.status == 201 && c.last_update.is_some()).count();
+    assert!(held > 0, "jobs went out through held requests (long polling)");
     let text = metrics.render();
     assert!(text.contains("gitlab_runner_failed_jobs_total{failure_reason=\"script_failure\""), "{text}");
 }
@@ -118,12 +130,15 @@ async fn runs_every_job_once_within_limit_and_concurrent() {
 async fn a_refused_token_names_its_runner_while_the_other_serves() {
     let fake = FakeGitlab::start(&["glrt-good"]).await;
     let id = fake.enqueue(job_payload("ok"));
-    let runners =
-        vec![runner("bad-one", &fake.url(), "glrt-revoked", None, 1), runner("good-one", &fake.url(), "glrt-good", None, 1)];
+    let runners = vec![
+        runner("bad-one", &fake.url(), "glrt-revoked", None, 1),
+        runner("good-one", &fake.url(), "glrt-good", None, 1),
+    ];
     let controller = Controller::new();
     let metrics = Arc::new(Metrics::new());
     let (now, max) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let serving = tokio::spawn(serve(settings(2, runners), counting_pipeline(now, max), controller.clone(), metrics.clone()));
+    let serving =
+        tokio::spawn(serve(settings(2, runners), counting_pipeline(now, max), controller.clone(), metrics.clone()));
     until("the job reported", || fake.job(id).finals_accepted == 1).await;
     assert!(metrics.ready());
     controller.drain();
@@ -188,7 +203,12 @@ async fn sigterm_cancels_gracefully_and_reports_job_canceled() {
     let controller = Controller::new();
     let started = Arc::new(AtomicUsize::new(0));
     let s = settings(2, vec![runner("a", &fake.url(), "glrt-a", None, 2)]);
-    let serving = tokio::spawn(serve(s, cancellable_pipeline(false, started.clone()), controller.clone(), Arc::new(Metrics::new())));
+    let serving = tokio::spawn(serve(
+        s,
+        cancellable_pipeline(false, started.clone()),
+        controller.clone(),
+        Arc::new(Metrics::new()),
+    ));
     until("both jobs running", || started.load(Ordering::SeqCst) == 2).await;
     controller.terminate();
     let summary = serving.await.unwrap().unwrap();
@@ -209,7 +229,12 @@ async fn shutdown_timeout_escalates_to_an_immediate_cancel() {
     let started = Arc::new(AtomicUsize::new(0));
     let mut s = settings(1, vec![runner("a", &fake.url(), "glrt-a", None, 1)]);
     s.shutdown_timeout = Duration::from_millis(200);
-    let serving = tokio::spawn(serve(s, cancellable_pipeline(true, started.clone()), controller.clone(), Arc::new(Metrics::new())));
+    let serving = tokio::spawn(serve(
+        s,
+        cancellable_pipeline(true, started.clone()),
+        controller.clone(),
+        Arc::new(Metrics::new()),
+    ));
     until("the job running", || started.load(Ordering::SeqCst) == 1).await;
     controller.terminate();
     let summary = serving.await.unwrap().unwrap();
@@ -309,17 +334,26 @@ print(json.dumps(out))
     // Python names a counter's family without `_total`, so look types up by sample name.
     let kind = |sample: &str| samples.iter().find(|s| s[2] == sample).map(|s| s[1].as_str().unwrap().to_string());
     assert_eq!(value("gitlab_runner_jobs_total", &[("runner", "a")]), Some(3.0));
-    assert_eq!(value("gitlab_runner_failed_jobs_total", &[("runner", "a"), ("failure_reason", "script_failure")]), Some(1.0));
+    assert_eq!(
+        value("gitlab_runner_failed_jobs_total", &[("runner", "a"), ("failure_reason", "script_failure")]),
+        Some(1.0)
+    );
     assert_eq!(value("gitlab_runner_job_duration_seconds_count", &[("runner", "a")]), Some(3.0));
     assert_eq!(kind("gitlab_runner_job_duration_seconds_count").as_deref(), Some("histogram"));
     assert_eq!(kind("gitlab_runner_jobs_total").as_deref(), Some("counter"));
-    assert_eq!(value("gitlab_runner_jobs", &[("runner", "a"), ("state", "running"), ("stage", "step_script")]), Some(0.0));
+    assert_eq!(
+        value("gitlab_runner_jobs", &[("runner", "a"), ("state", "running"), ("stage", "step_script")]),
+        Some(0.0)
+    );
     assert_eq!(kind("gitlab_runner_jobs").as_deref(), Some("gauge"));
     assert_eq!(value("gitlab_runner_concurrent", &[]), Some(2.0));
     assert_eq!(value("gitlab_runner_limit", &[("runner", "a")]), Some(5.0));
     assert_eq!(value("gitlab_runner_version_info", &[("name", "keel")]), Some(1.0));
     let statuses = |endpoint: &str, status: &str| {
-        value("gitlab_runner_api_request_statuses_total", &[("runner", "a"), ("endpoint", endpoint), ("status", status)])
+        value(
+            "gitlab_runner_api_request_statuses_total",
+            &[("runner", "a"), ("endpoint", endpoint), ("status", status)],
+        )
     };
     assert_eq!(statuses("request_job", "201"), Some(3.0));
     assert_eq!(statuses("request_job", "502"), Some(1.0));
