@@ -81,6 +81,8 @@ struct Inner {
     faults: HashMap<Api, VecDeque<Fault>>,
     calls: Vec<Call>,
     in_flight: HashMap<String, usize>,
+    /// Requests being held right now (long polling).
+    held: usize,
     max_in_flight: HashMap<String, usize>,
     running: HashMap<String, usize>,
     max_running: HashMap<String, usize>,
@@ -215,6 +217,11 @@ impl FakeGitlab {
         self.lock().max_running.get(runner_token).copied().unwrap_or(0)
     }
 
+    /// Job requests the fake is holding right now, waiting for a job (long polling).
+    pub fn held(&self) -> usize {
+        self.lock().held
+    }
+
     /// Jobs running at once over all runners, at most.
     pub fn max_running_total(&self) -> usize {
         self.lock().max_running.get("*").copied().unwrap_or(0)
@@ -276,6 +283,14 @@ impl Drop for InFlight {
     }
 }
 
+struct Held(Arc<Shared>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.inner.lock().unwrap().held -= 1;
+    }
+}
+
 async fn request(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let body: Value = serde_json::from_slice(&body).unwrap_or_default();
     let token = body["token"].as_str().unwrap_or_default().to_string();
@@ -321,6 +336,8 @@ async fn request(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         }
         held = true;
         let hold = *shared.hold.lock().unwrap();
+        shared.inner.lock().unwrap().held += 1;
+        let _holding = Held(shared.clone());
         let _ = tokio::time::timeout(hold, queued).await;
     }
 }

@@ -41,6 +41,13 @@ async fn take_job(client: &Client) -> JobPayload {
     }
 }
 
+/// Takes the queued job from `fake` and starts reporting on it.
+async fn started(fake: &FakeGitlab, options: ReportOptions) -> (JobSession, JobReporter) {
+    let client = Arc::new(client_for(&fake.url(), TOKEN, Features::client()));
+    let job = take_job(&client).await;
+    JobSession::start(client, &job, options, None).await.unwrap()
+}
+
 /// Writes `lines` with pauses so the uploader sends several patches meanwhile.
 async fn write_slowly(reporter: &JobReporter, lines: usize) -> Vec<u8> {
     let mut all = Vec::new();
@@ -172,9 +179,7 @@ async fn the_trace_arrives_once_in_order_through_416_and_202() {
     fake.fault(Api::Trace, Fault::RangeMismatch);
     fake.fault(Api::Update, Fault::NotYet);
     fake.fault(Api::Update, Fault::NotYet);
-    let client = Arc::new(client_for(&fake.url(), TOKEN, Features::client()));
-    let job = take_job(&client).await;
-    let (session, reporter) = JobSession::start(client, &job, fast_reports(), None).await.unwrap();
+    let (session, reporter) = started(&fake, fast_reports()).await;
     let written = write_slowly(&reporter, 40).await;
     let finish = session.finish(JobOutcome::success()).await;
     assert_eq!(finish, Finish::Accepted { attempts: 3 }, "two 202s, then 200");
@@ -201,9 +206,7 @@ async fn the_trace_interval_gitlab_asks_for_is_honoured() {
     let fake = FakeGitlab::start(&[TOKEN]).await;
     let id = fake.enqueue(job_payload("a"));
     fake.set_trace_interval(Some(1));
-    let client = Arc::new(client_for(&fake.url(), TOKEN, Features::client()));
-    let job = take_job(&client).await;
-    let (session, reporter) = JobSession::start(client, &job, fast_reports(), None).await.unwrap();
+    let (session, reporter) = started(&fake, fast_reports()).await;
     reporter.write(b"first\n");
     while fake.job(id).patches.is_empty() {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -224,9 +227,7 @@ async fn a_412_resends_the_whole_trace_from_zero() {
     let fake = FakeGitlab::start(&[TOKEN]).await;
     let id = fake.enqueue(job_payload("a"));
     fake.fault(Api::Update, Fault::ChecksumMismatch);
-    let client = Arc::new(client_for(&fake.url(), TOKEN, Features::client()));
-    let job = take_job(&client).await;
-    let (session, reporter) = JobSession::start(client, &job, fast_reports(), None).await.unwrap();
+    let (session, reporter) = started(&fake, fast_reports()).await;
     let written = write_slowly(&reporter, 10).await;
     let finish = session.finish(JobOutcome::failed(FailureReason::ScriptFailure, Some(3))).await;
     assert_eq!(finish, Finish::Accepted { attempts: 2 });
@@ -244,9 +245,7 @@ async fn a_412_resends_the_whole_trace_from_zero() {
 async fn canceling_asks_the_pipeline_to_stop_gracefully() {
     let fake = FakeGitlab::start(&[TOKEN]).await;
     let id = fake.enqueue(job_payload("a"));
-    let client = Arc::new(client_for(&fake.url(), TOKEN, Features::client()));
-    let job = take_job(&client).await;
-    let (session, reporter) = JobSession::start(client, &job, fast_reports(), None).await.unwrap();
+    let (session, reporter) = started(&fake, fast_reports()).await;
     let mut cancel = reporter.cancel();
     reporter.write(b"running\n");
     fake.set_job_status(id, "canceling");
@@ -264,9 +263,7 @@ async fn canceling_asks_the_pipeline_to_stop_gracefully() {
 async fn canceled_aborts_at_once_without_a_final_update() {
     let fake = FakeGitlab::start(&[TOKEN]).await;
     let id = fake.enqueue(job_payload("a"));
-    let client = Arc::new(client_for(&fake.url(), TOKEN, Features::client()));
-    let job = take_job(&client).await;
-    let (session, reporter) = JobSession::start(client, &job, fast_reports(), None).await.unwrap();
+    let (session, reporter) = started(&fake, fast_reports()).await;
     let mut cancel = reporter.cancel();
     fake.set_job_status(id, "canceled");
     reporter.write(b"x\n");
@@ -280,10 +277,8 @@ async fn canceled_aborts_at_once_without_a_final_update() {
 async fn a_quiet_job_sends_keepalive_updates() {
     let fake = FakeGitlab::start(&[TOKEN]).await;
     let id = fake.enqueue(job_payload("a"));
-    let client = Arc::new(client_for(&fake.url(), TOKEN, Features::client()));
-    let job = take_job(&client).await;
     let options = ReportOptions { keepalive_interval: Duration::from_millis(30), ..fast_reports() };
-    let (session, _reporter) = JobSession::start(client, &job, options, None).await.unwrap();
+    let (session, _reporter) = started(&fake, options).await;
     while fake.job(id).updates.len() < 3 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

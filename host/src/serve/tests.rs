@@ -101,7 +101,7 @@ async fn runs_every_job_once_within_limit_and_concurrent() {
     until("the first jobs reported", || fake.jobs().iter().all(|j| j.finals_accepted == 1)).await;
     // Every runner now polls with the last_update it was given; the fake holds those requests
     // (long polling) and the next jobs go out through them.
-    until("held requests", || fake.calls(Api::Request).iter().filter(|c| c.status == 204).count() >= 2).await;
+    until("held requests", || fake.held() >= 2).await;
     ids.extend((8..16).map(|i| fake.enqueue(job_payload(&name(i)))));
     until("every job reported", || fake.jobs().iter().all(|j| j.finals_accepted == 1)).await;
     controller.drain();
