@@ -74,26 +74,29 @@ impl Controller {
         let _ = rx.wait_for(|s| *s > Shutdown::Running).await;
     }
 
-    /// Turns the process's signals into state changes, until the process ends. SIGHUP (reload
-    /// the config for new jobs) is not implemented yet: it is logged, so it no longer kills the
-    /// process by default.
-    pub async fn handle_signals(self) -> std::io::Result<()> {
+    /// Installs the signal handlers, then returns the future that turns the process's signals
+    /// into state changes (spawn it; it never ends). Installed before it returns, so no signal
+    /// sent afterwards takes its default action. SIGHUP (reload the config for new jobs) is not
+    /// implemented yet: it is logged, and no longer ends the process.
+    pub fn handle_signals(self) -> std::io::Result<impl std::future::Future<Output = ()> + Send> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut quit = signal(SignalKind::quit())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
-        loop {
-            tokio::select! {
-                _ = quit.recv() => {
-                    tracing::info!(signal = "SIGQUIT", "serve.draining");
-                    self.drain();
+        Ok(async move {
+            loop {
+                tokio::select! {
+                    _ = quit.recv() => {
+                        tracing::info!(signal = "SIGQUIT", "serve.draining");
+                        self.drain();
+                    }
+                    _ = term.recv() => self.on_terminate("SIGTERM"),
+                    _ = int.recv() => self.on_terminate("SIGINT"),
+                    _ = hup.recv() => tracing::warn!(signal = "SIGHUP", "serve.reload_not_supported"),
                 }
-                _ = term.recv() => self.on_terminate("SIGTERM"),
-                _ = int.recv() => self.on_terminate("SIGINT"),
-                _ = hup.recv() => tracing::warn!(signal = "SIGHUP", "serve.reload_not_supported"),
             }
-        }
+        })
     }
 
     fn on_terminate(&self, signal: &str) {
@@ -120,5 +123,32 @@ mod tests {
         assert_eq!(c.state(), Shutdown::Cancelling);
         c.terminate();
         assert_eq!(c.state(), Shutdown::Forced);
+    }
+
+    /// Real signals to this test process: the handlers are installed before any is sent, and
+    /// once installed they replace the default actions (which would end the process).
+    #[tokio::test(flavor = "current_thread")]
+    async fn signals_drive_the_state() {
+        let c = Controller::new();
+        let handler = tokio::spawn(c.clone().handle_signals().unwrap());
+        let mut states = c.subscribe();
+        let pid = std::process::id().to_string();
+        for (signal, expected) in [
+            ("-HUP", Shutdown::Running),
+            ("-QUIT", Shutdown::Draining),
+            ("-TERM", Shutdown::Cancelling),
+            ("-INT", Shutdown::Forced),
+        ] {
+            let status = std::process::Command::new("kill").args([signal, &pid]).status().unwrap();
+            assert!(status.success());
+            if expected == Shutdown::Running {
+                // SIGHUP changes nothing; give the handler a moment to (not) act.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                assert_eq!(c.state(), Shutdown::Running);
+            } else {
+                states.wait_for(|s| *s == expected).await.unwrap();
+            }
+        }
+        handler.abort();
     }
 }
