@@ -4,10 +4,12 @@
 //! bounded reads) and `vocab` (leaf vocabulary) -> `config` (config.toml) -> `job` (the job's YAML) ->
 //! `pod` (the base objects) -> `plugins` (mutate, decide, the strategy's host services) ->
 //! `prepare` (all of that as one step) -> `render` (print) or `cluster` (connect, create,
-//! watch, exec) -> `run` (the stages) -> `trace` (mask, stream) -> `cleanup`.
+//! watch, exec) -> `run` (the stages) -> `trace` (mask, stream) -> `cleanup`. `gitlab` is the
+//! GitLab runner API client and `serve` the loop that takes jobs from GitLab (`host serve`).
 
 pub mod cluster;
 pub mod config;
+pub mod gitlab;
 pub mod input;
 pub mod job;
 pub mod plugins;
@@ -16,6 +18,7 @@ pub mod prepare;
 pub mod render;
 pub mod run;
 pub mod scaffold;
+pub mod serve;
 pub mod sources;
 pub mod trace;
 pub mod vocab;
