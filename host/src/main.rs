@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use host::job::parse::JobSource;
 use host::plugins::Runtime;
 use host::render::{self, OutputFormat, RenderRequest};
-use host::run::RunOptions;
+use host::run::{ClusterChoice, RunOptions, Sources};
 
 #[derive(Parser)]
 #[command(name = "host", version, about = "Run GitLab CI jobs on Kubernetes, shaped by WebAssembly plugins")]
@@ -26,6 +26,10 @@ enum Command {
     Run(RunArgs),
     /// Print the objects (Secrets, Pod, Services) a job would create, after all plugins ran.
     Render(RenderArgs),
+    /// Be a GitLab runner: take jobs from the GitLab instances of the config's `[[runners]]`
+    /// (executor = "kubernetes") and run them as `run` does. SIGQUIT drains, SIGTERM/SIGINT
+    /// cancel the running jobs (twice: at once); every job's objects are removed either way.
+    Serve(ServeArgs),
     /// Delete what keel left behind (pods, secrets, services labelled
     /// app.kubernetes.io/managed-by=keel), e.g. after a host was killed with -9.
     Cleanup(CleanupArgs),
@@ -177,6 +181,36 @@ struct RunArgs {
 }
 
 #[derive(clap::Args)]
+struct ServeArgs {
+    /// GitLab Runner's config.toml (default: /etc/gitlab-runner/config.toml when it exists,
+    /// else ~/.gitlab-runner/config.toml, as gitlab-runner looks).
+    #[arg(long, short, env = "KEEL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Kubeconfig file, for runners whose `[runners.kubernetes]` names no `host`.
+    #[arg(long, env = "KEEL_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long)]
+    context: Option<String>,
+    /// Where compiled plugins are cached.
+    #[arg(long, env = "KEEL_PLUGIN_CACHE")]
+    plugin_cache: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    fn config_path(&self) -> PathBuf {
+        if let Some(c) = &self.config {
+            return c.clone();
+        }
+        let system = PathBuf::from("/etc/gitlab-runner/config.toml");
+        if system.is_file() {
+            return system;
+        }
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+        home.join(".gitlab-runner/config.toml")
+    }
+}
+
+#[derive(clap::Args)]
 struct CleanupArgs {
     /// Only objects created longer ago than this (`90s`, `10m`, `2h`; default: all).
     #[arg(long, value_name = "DURATION")]
@@ -234,16 +268,20 @@ struct RenderArgs {
 fn init_tracing(cli: &Cli) {
     use host::config::{Config, LogFormat, LogLevel};
     let config_path = match &cli.command {
-        Command::Run(a) => a.config.as_ref(),
-        Command::Render(a) => a.config.as_ref(),
+        Command::Run(a) => a.config.clone(),
+        Command::Render(a) => a.config.clone(),
+        Command::Serve(a) => Some(a.config_path()),
         _ => None,
     };
+    // A long-running service says what it does (runners verified, jobs taken) by default.
+    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
     // Read again (and checked with file:line) by the command itself; here only the two keys.
-    let config = config_path.and_then(|p| Config::load(p).ok());
+    let config = config_path.and_then(|p| Config::load(&p).ok());
     let level = match config.as_ref().and_then(|c| c.log_level) {
         Some(LogLevel::Debug) => "debug",
         Some(LogLevel::Info) => "info",
-        Some(LogLevel::Warn) | None => "warn",
+        Some(LogLevel::Warn) => "warn",
+        None => default_level,
         Some(LogLevel::Error | LogLevel::Fatal | LogLevel::Panic) => "error",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
@@ -259,13 +297,14 @@ fn init_tracing(cli: &Cli) {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => return run_job(args).await,
+        Command::Serve(args) => return serve(args).await,
         Command::Cleanup(args) => cleanup(args).await?,
         Command::Render(args) => {
             let rt = Runtime::new(args.plugin_cache.clone()).context("cannot start the plugin runtime")?;
             let req = RenderRequest {
                 config: args.config,
                 runner: args.runner,
-                job: JobSource::from_arg(&args.job),
+                job: JobSource::from_arg(&args.job).into(),
                 extra_plugins: extra_plugins(&args.plugins)?,
                 strategy: args.strategy,
                 job_id: args.job_id,
@@ -409,7 +448,7 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
     let req = host::prepare::PrepareRequest {
         config: args.config,
         runner: args.runner,
-        job,
+        job: job.into(),
         extra_plugins: extra_plugins(&args.plugins)?,
         strategy: args.strategy,
         job_id,
@@ -420,19 +459,83 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
         require_strategy: true,
     };
     let opts = RunOptions {
-        connect: host::cluster::ConnectOptions {
+        cluster: ClusterChoice::Connect(host::cluster::ConnectOptions {
             kubeconfig: args.kubeconfig,
             context: args.context,
             // Authenticated HTTPS with a client certificate: the embedded cluster's default.
             embedded: local_cluster::ClusterOptions::default(),
-        },
-        source_dir: Some(source_dir),
+        }),
+        sources: Sources::Dir(source_dir),
         timestamps: args.timestamps,
         trace_file: args.trace_file,
         color: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        extra_secrets: Vec::new(),
+        on_stage: None,
     };
     let outcome = host::run::run(&rt, req, opts, Box::new(std::io::stdout()), interrupts).await;
     Ok(ExitCode::from(outcome.exit_status()))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    use host::serve::{Controller, Metrics, ServeSettings, executor};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    // Signals first: a SIGTERM from here on cancels jobs and cleans up instead of killing us.
+    let controller = Controller::new();
+    tokio::spawn(controller.clone().handle_signals().context("cannot listen for signals")?);
+    let path = args.config_path();
+    let config = host::config::Config::load(&path)?;
+    let config_dir = path.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| PathBuf::from("."));
+    let settings = ServeSettings::from_config(
+        &config,
+        &path,
+        executor::features(),
+        host::serve::settings::system_id(&config_dir),
+    )?;
+    let rt = Arc::new(Runtime::new(args.plugin_cache.clone()).context("cannot start the plugin runtime")?);
+    // One connection per runner, shared by its jobs; runners that name the same cluster (or
+    // none, and so the same embedded one) share it.
+    let connect = host::cluster::ConnectOptions {
+        kubeconfig: args.kubeconfig,
+        context: args.context,
+        embedded: local_cluster::ClusterOptions::default(),
+    };
+    let mut by_cluster: Vec<(Option<String>, Arc<host::cluster::Connection>)> = Vec::new();
+    let mut connections = HashMap::new();
+    for runner in &settings.runners {
+        let k8s = runner.config.kubernetes.clone().unwrap_or_default();
+        let key = k8s.host.clone();
+        let connection = match by_cluster.iter().find(|(k, _)| *k == key) {
+            Some((_, c)) => c.clone(),
+            None => {
+                let c = host::cluster::connect(&k8s, &connect)
+                    .await
+                    .with_context(|| format!("runner {:?}: cannot connect to a cluster", runner.name))?;
+                if c.embedded.is_some() {
+                    eprintln!("keel: runner {:?} names no cluster; started an embedded one for its jobs", runner.name);
+                }
+                tracing::info!(runner = %runner.name, cluster = %c.via, "serve.cluster_connected");
+                let c = Arc::new(c);
+                by_cluster.push((key, c.clone()));
+                c
+            }
+        };
+        connections.insert(runner.config.name.clone(), connection);
+    }
+    let executor = Arc::new(executor::Executor::new(rt, path.clone(), connections));
+    let result = host::serve::serve(settings, executor, controller, Arc::new(Metrics::new())).await;
+    for (_, connection) in by_cluster {
+        if let Ok(connection) = Arc::try_unwrap(connection) {
+            connection.close().await;
+        }
+    }
+    let summary = result?;
+    eprintln!("keel: stopped after {} job(s)", summary.jobs_finished);
+    if !summary.jobs_abandoned.is_empty() {
+        eprintln!("keel: jobs still running at the end of the shutdown grace: {:?}", summary.jobs_abandoned);
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {

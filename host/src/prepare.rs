@@ -68,6 +68,40 @@ pub enum PrepareError {
     AmbiguousStrategy { names: String },
 }
 
+/// Where the job comes from: a YAML file (`host run`, `host render`) or GitLab (`host serve`).
+#[derive(Debug, Clone)]
+pub enum JobInput {
+    File(JobSource),
+    Gitlab(Arc<crate::gitlab::JobPayload>),
+}
+
+impl JobInput {
+    /// What messages call the job's origin: the file, or `GitLab job N`.
+    pub fn origin(&self) -> PathBuf {
+        match self {
+            JobInput::File(source) => source.path.clone(),
+            JobInput::Gitlab(payload) => crate::job::from_gitlab::origin(payload),
+        }
+    }
+
+    /// The job, under the same variable and secrecy rules whichever the source.
+    fn load(&self, ctx: JobContext) -> Result<Job, JobError> {
+        match self {
+            JobInput::File(source) => crate::job::parse::load(source, &ctx),
+            JobInput::Gitlab(payload) => {
+                let ctx = crate::job::from_gitlab::context(payload, ctx);
+                crate::job::from_gitlab::job(payload, &ctx)
+            }
+        }
+    }
+}
+
+impl From<JobSource> for JobInput {
+    fn from(source: JobSource) -> JobInput {
+        JobInput::File(source)
+    }
+}
+
 /// Inputs of one prepare (the command line, as a library call).
 #[derive(Debug, Clone)]
 pub struct PrepareRequest {
@@ -75,7 +109,7 @@ pub struct PrepareRequest {
     pub config: Option<PathBuf>,
     /// Runner by `name`; default: the first runner with `executor = "kubernetes"`.
     pub runner: Option<String>,
-    pub job: JobSource,
+    pub job: JobInput,
     /// Plugins run after the config's own, in this order (`--plugin P.wasm[=CONFIG]`).
     pub extra_plugins: Vec<PluginConfig>,
     /// `--strategy`: a strategy plugin's name or a `.wasm` path.
@@ -284,11 +318,11 @@ pub async fn prepare(rt: &Runtime, req: &PrepareRequest) -> Result<PreparedJob, 
         pipeline_id: req.job_id,
         commit: req.commit.clone(),
     };
-    let job = crate::job::parse::load(&req.job, &ctx)?;
+    let job = req.job.load(ctx)?;
     let span = tracing::info_span!("job", job.id = job.id, job.name = %job.name);
     async {
         let requested = crate::job::overwrites::requested(&job)
-            .map_err(|source| PrepareError::Overwrites { path: req.job.path.clone(), source })?;
+            .map_err(|source| PrepareError::Overwrites { path: req.job.origin(), source })?;
         let plugins = load_plugins(rt, &config, &k8s, &req.extra_plugins).await?;
         let wanted = match (&req.strategy, &k8s.strategy) {
             (Some(s), _) => Some((s.as_str(), "--strategy")),

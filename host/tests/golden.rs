@@ -103,7 +103,7 @@ fn request(config: &str, job: &str) -> RenderRequest {
     RenderRequest {
         config: Some(PathBuf::from(config)),
         runner: None,
-        job: JobSource::from_arg(job),
+        job: JobSource::from_arg(job).into(),
         extra_plugins: Vec::new(),
         // No strategy: the goldens show the host's base objects.
         strategy: None,

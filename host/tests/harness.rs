@@ -64,7 +64,7 @@ async fn the_harness_pod_is_the_pod_the_host_builds_for_the_same_job() {
     let req = PrepareRequest {
         config: None,
         runner: None,
-        job: JobSource::from_arg(path.to_str().unwrap()),
+        job: JobSource::from_arg(path.to_str().unwrap()).into(),
         extra_plugins: Vec::new(),
         strategy: None,
         job_id: 7,

@@ -2,6 +2,7 @@
 //! Shared support for the end-to-end tests in `tests/e2e/*.rs`: where the workspace is, the
 //! real `host` binary, and kubectl as an independent client.
 
+pub mod git_server;
 pub mod job;
 
 use std::path::{Path, PathBuf};

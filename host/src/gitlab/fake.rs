@@ -149,7 +149,8 @@ impl FakeGitlab {
         self.lock().trace_interval = secs;
     }
 
-    /// Queues a job whose payload is `payload` with `id` and `token` filled in.
+    /// Queues a job whose payload is `payload` with `id` and `token` filled in (and `{token}` in
+    /// `git_info.repo_url` replaced by the job's token).
     pub fn enqueue(&self, mut payload: Value) -> u64 {
         let id = {
             let mut inner = self.lock();
@@ -158,6 +159,10 @@ impl FakeGitlab {
             let token = format!("glcbt-job{id}secret");
             payload["id"] = json!(id);
             payload["token"] = json!(token);
+            // GitLab puts the job's own token into the clone URL.
+            if let Some(url) = payload["git_info"]["repo_url"].as_str() {
+                payload["git_info"]["repo_url"] = json!(url.replace("{token}", &token));
+            }
             inner.jobs.insert(
                 id,
                 FakeJob {

@@ -18,6 +18,7 @@ use crate::cluster::{self, ConnectOptions, Connection, Created};
 use crate::job::PullPolicy;
 use crate::plugins::Runtime;
 use crate::prepare::{PrepareRequest, PreparedJob, prepare};
+use crate::sources::{Selection, git};
 use crate::trace::{Trace, TraceOptions};
 use script::{STEP_SCRIPT, StageScript};
 
@@ -50,6 +51,10 @@ pub enum Outcome {
     SystemFailure {
         reason: String,
     },
+    /// An image could not be pulled with any allowed pull policy (GitLab's `image_pull_failure`).
+    ImagePullFailure {
+        reason: String,
+    },
 }
 
 impl Outcome {
@@ -58,7 +63,7 @@ impl Outcome {
         match self {
             Outcome::Success => 0,
             Outcome::ScriptFailure { .. } => 1,
-            Outcome::SystemFailure { .. } => 2,
+            Outcome::SystemFailure { .. } | Outcome::ImagePullFailure { .. } => 2,
             Outcome::Timeout { .. } => 3,
             Outcome::Cancelled => 130,
         }
@@ -73,7 +78,9 @@ impl Outcome {
                 format!("ERROR: Job failed: execution took longer than {} seconds", after.as_secs())
             }
             Outcome::Cancelled => "ERROR: Job failed: canceled".into(),
-            Outcome::SystemFailure { reason } => format!("ERROR: Job failed (system failure): {reason}"),
+            Outcome::SystemFailure { reason } | Outcome::ImagePullFailure { reason } => {
+                format!("ERROR: Job failed (system failure): {reason}")
+            }
         }
     }
 }
@@ -110,16 +117,44 @@ impl Phases {
     }
 }
 
-/// `host run` options besides the prepare request.
-#[derive(Debug, Clone, Default)]
+/// Which cluster a job runs on.
+pub enum ClusterChoice {
+    /// Connect for this job (and close after): `host run`.
+    Connect(ConnectOptions),
+    /// A connection shared by many jobs: `host serve`.
+    Shared(Arc<Connection>),
+}
+
+/// Where the project's files come from.
+#[derive(Debug, Clone)]
+pub enum Sources {
+    /// A local directory, copied less `.git` and ignored files (`host run`).
+    Dir(PathBuf),
+    /// Fetched from GitLab with the job token, as the job's `GIT_*` variables ask (`host serve`).
+    Git(crate::gitlab::payload::GitInfo),
+}
+
+/// How a job is run besides the prepare request.
 pub struct RunOptions {
-    pub connect: ConnectOptions,
-    /// Where the project's files come from (default: the job file's directory).
-    pub source_dir: Option<PathBuf>,
+    pub cluster: ClusterChoice,
+    pub sources: Sources,
     pub timestamps: bool,
     pub trace_file: Option<PathBuf>,
     /// ANSI colours in the trace (stdout is a terminal).
     pub color: bool,
+    /// Masked in the trace besides the job's own secrets (the runner and job tokens).
+    pub extra_secrets: Vec<String>,
+    /// Told each stage as it starts (GitLab Runner's names: `prepare_executor`, `get_sources`,
+    /// `step_script`, `after_script`, `cleanup`), for `host serve`'s metrics.
+    pub on_stage: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+}
+
+impl RunOptions {
+    fn stage(&self, name: &str) {
+        if let Some(hook) = &self.on_stage {
+            hook(name);
+        }
+    }
 }
 
 /// Ctrl-C/SIGTERM count: 1 cancels the job (after_script still runs), 2 skips after_script.
@@ -176,7 +211,9 @@ pub async fn run(
         trace_file: opts.trace_file.clone(),
         color: opts.color,
     };
-    let trace = match Trace::new(trace_opts, prepared.job.secret_values(), sink) {
+    let mut secrets = prepared.job.secret_values();
+    secrets.extend(opts.extra_secrets.iter().filter(|s| !s.is_empty()).cloned());
+    let trace = match Trace::new(trace_opts, secrets, sink) {
         Ok(t) => t,
         Err(e) => return Outcome::SystemFailure { reason: chain(&e) },
     };
@@ -186,21 +223,36 @@ pub async fn run(
     let outcome = async {
         trace.info(&format!("Running with keel {} (host {})", env!("CARGO_PKG_VERSION"), hostname()));
         trace.info("Preparing the \"kubernetes\" executor");
-        let connection = match cluster::connect(&prepared.k8s, &opts.connect).await {
-            Ok(c) => c,
-            Err(e) => return Outcome::SystemFailure { reason: format!("cannot connect to a cluster: {}", chain(&e)) },
+        opts.stage("prepare_executor");
+        let connection = match &opts.cluster {
+            ClusterChoice::Shared(c) => c.clone(),
+            ClusterChoice::Connect(connect) => match cluster::connect(&prepared.k8s, connect).await {
+                Ok(c) => {
+                    if c.embedded.is_some() {
+                        eprintln!(
+                            "keel: no cluster configured (runner host, kubeconfig, in-cluster); started an embedded one for this job"
+                        );
+                    }
+                    Arc::new(c)
+                }
+                Err(e) => {
+                    return Outcome::SystemFailure { reason: format!("cannot connect to a cluster: {}", chain(&e)) };
+                }
+            },
         };
-        if connection.embedded.is_some() {
-            eprintln!("keel: no cluster configured (runner host, kubeconfig, in-cluster); started an embedded one for this job");
-        }
         trace.info(&format!("Using Kubernetes cluster {}", connection.via));
         phases.mark("connect");
         let mut created = Created::default();
-        let outcome =
-            run_on(&mut prepared, &connection, &mut created, &opts, &req, &trace, &mut interrupts, &mut phases).await;
+        let outcome = run_on(&mut prepared, &connection, &mut created, &opts, &trace, &mut interrupts, &mut phases).await;
+        opts.stage("cleanup");
         cleanup(&connection, &created, prepared.k8s.cleanup_grace_period_seconds, &trace).await;
         phases.mark("cleanup");
-        connection.close().await;
+        // Only a connection made for this job is closed (a shared one has other owners).
+        if matches!(opts.cluster, ClusterChoice::Connect(_))
+            && let Ok(connection) = Arc::try_unwrap(connection)
+        {
+            connection.close().await;
+        }
         phases.mark("close");
         outcome
     }
@@ -322,13 +374,11 @@ async fn wait_running(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run_on(
     prepared: &mut PreparedJob,
     connection: &Connection,
     created: &mut Created,
     opts: &RunOptions,
-    req: &PrepareRequest,
     trace: &Trace,
     interrupts: &mut Interrupts,
     phases: &mut Phases,
@@ -363,7 +413,7 @@ async fn run_on(
                 }
                 let tried_here: Vec<PullPolicy> = tried.iter().filter(|(i, _)| *i == image).map(|(_, p)| *p).collect();
                 let Some(next) = policy.and_then(|_| next_policy(prepared, &image, &tried_here)) else {
-                    return Outcome::SystemFailure { reason: format!("pod {namespace}/{name}: {failure}") };
+                    return Outcome::ImagePullFailure { reason: format!("pod {namespace}/{name}: {failure}") };
                 };
                 trace.warning(&format!(
                     "WARNING: Failed to pull image {image:?} with policy {:?}: {failure}",
@@ -384,31 +434,19 @@ async fn run_on(
     trace.info(&format!("Running on {pod_name} via {}...", hostname()));
     phases.mark("create->running");
 
-    // Sources.
-    let git_strategy = prepared.job.variable("GIT_STRATEGY").unwrap_or("fetch").to_string();
+    opts.stage("get_sources");
     let project_dir = prepared.job.variable("CI_PROJECT_DIR").unwrap_or("/builds/project").to_string();
-    if git_strategy == "none" {
-        trace.info("Skipping Git repository setup (GIT_STRATEGY: none)");
-    } else {
-        let dir = opts.source_dir.clone().unwrap_or_else(|| {
-            req.job
-                .path
-                .parent()
-                .map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() })
-                .unwrap_or_else(|| ".".into())
-        });
-        trace.info(&format!("Copying sources from {} to {project_dir}", dir.display()));
-        let copy = copy_sources(&job_pod, &dir, &project_dir);
+    let copied = {
+        let copy = get_sources(&prepared.job, &opts.sources, &job_pod, &project_dir, trace);
         tokio::pin!(copy);
-        let copied = tokio::select! {
+        tokio::select! {
             r = &mut copy => r,
             f = pod_watch.failed(true) => Err(format!("pod {namespace}/{pod_name}: {f}")),
             _ = interrupted(interrupts, 1) => return Outcome::Cancelled,
-        };
-        match copied {
-            Ok(files) => trace.line(&format!("Copied {files} files")),
-            Err(reason) => return Outcome::SystemFailure { reason: format!("copying sources: {reason}") },
         }
+    };
+    if let Err(reason) = copied {
+        return Outcome::SystemFailure { reason };
     }
 
     phases.mark("sources");
@@ -417,6 +455,7 @@ async fn run_on(
     let deadline = Instant::now() + timeout;
 
     trace.info(&format!("Executing \"{STEP_SCRIPT}\" stage of the job script"));
+    opts.stage(STEP_SCRIPT);
     let step_result = run_stage(prepared, &job_pod, &step, deadline, &mut pod_watch, trace, interrupts, 1).await;
     phases.mark("step_script");
     let pod_dead = matches!(step_result, StageEnd::PodFailed(_));
@@ -436,6 +475,7 @@ async fn run_on(
             trace.warning("WARNING: after_script skipped: the pod cannot run it");
         } else {
             trace.info("Running after_script");
+            opts.stage("after_script");
             let deadline = Instant::now() + AFTER_SCRIPT_TIMEOUT;
             match run_stage(prepared, &job_pod, &after, deadline, &mut pod_watch, trace, interrupts, 2).await {
                 StageEnd::Exited(0) => {}
@@ -567,13 +607,61 @@ async fn kill_stage(job_pod: &JobPod, stage: &str) -> Result<Vec<String>, String
     Ok(String::from_utf8_lossy(&out).lines().filter_map(|l| l.strip_prefix("alive ")).map(str::to_string).collect())
 }
 
+/// The project's files into `$CI_PROJECT_DIR`: a local directory, or a fresh git checkout.
+async fn get_sources(
+    job: &crate::job::Job,
+    sources: &Sources,
+    job_pod: &JobPod,
+    project_dir: &str,
+    trace: &Trace,
+) -> Result<(), String> {
+    let (dir, selection, _checkout) = match sources {
+        Sources::Dir(dir) => {
+            if job.variable("GIT_STRATEGY") == Some("none") {
+                trace.info("Skipping Git repository setup (GIT_STRATEGY: none)");
+                return Ok(());
+            }
+            trace.info(&format!("Copying sources from {} to {project_dir}", dir.display()));
+            (dir.clone(), Selection::Worktree, None)
+        }
+        Sources::Git(info) => {
+            trace.info("Getting source from Git repository");
+            let lookup = |k: &str| job.variable(k).map(str::to_string);
+            let request = git::Request::from_job(
+                info.repo_url.expose(),
+                &info.sha,
+                &info.git_ref,
+                info.depth,
+                &info.refspecs,
+                &lookup,
+            )
+            .map_err(|e| format!("getting sources: {}", chain(&e)))?;
+            let checkout = request
+                .checkout(&|line| trace.line(line))
+                .await
+                .map_err(|e| format!("getting sources from {}: {}", request.url, chain(&e)))?;
+            let Some(checkout) = checkout else { return Ok(()) };
+            (checkout.path().to_path_buf(), Selection::Checkout, Some(checkout))
+        }
+    };
+    let files =
+        copy_sources(job_pod, &dir, selection, project_dir).await.map_err(|r| format!("copying sources: {r}"))?;
+    trace.line(&format!("Copied {files} files"));
+    Ok(())
+}
+
 /// Pipes a tar of `dir` into `tar -x` in the helper container; returns the number of files.
-async fn copy_sources(job_pod: &JobPod, dir: &std::path::Path, project_dir: &str) -> Result<u64, String> {
+async fn copy_sources(
+    job_pod: &JobPod,
+    dir: &std::path::Path,
+    selection: Selection,
+    project_dir: &str,
+) -> Result<u64, String> {
     use crate::plugins::strategy_host::PodAccess;
     let dir = dir.to_path_buf();
     let (bytes, stats) = tokio::task::spawn_blocking(move || {
         let mut bytes = Vec::new();
-        crate::sources::archive_to(&dir, &mut bytes).map(|stats| (bytes, stats))
+        crate::sources::archive_selected(&dir, selection, &mut bytes).map(|stats| (bytes, stats))
     })
     .await
     .map_err(|e| e.to_string())?

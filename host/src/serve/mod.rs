@@ -4,6 +4,7 @@
 //! cannot start), and run each job through the pipeline ([`JobExecutor`]) while its
 //! [`JobSession`] reports to GitLab. Shutdown follows [`Controller`].
 
+pub mod executor;
 pub mod metrics;
 pub mod settings;
 pub mod shutdown;

@@ -76,8 +76,9 @@ impl Controller {
 
     /// Installs the signal handlers, then returns the future that turns the process's signals
     /// into state changes (spawn it; it never ends). Installed before it returns, so no signal
-    /// sent afterwards takes its default action. SIGHUP (reload the config for new jobs) is not
-    /// implemented yet: it is logged, and no longer ends the process.
+    /// sent afterwards takes its default action. SIGHUP needs no reload: every job reads the
+    /// config file again (`[runners.kubernetes]`, plugins); it is logged and says what does need
+    /// a restart (the runners, their tokens, `concurrent`, `listen_address`).
     pub fn handle_signals(self) -> std::io::Result<impl std::future::Future<Output = ()> + Send> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut quit = signal(SignalKind::quit())?;
@@ -93,7 +94,10 @@ impl Controller {
                     }
                     _ = term.recv() => self.on_terminate("SIGTERM"),
                     _ = int.recv() => self.on_terminate("SIGINT"),
-                    _ = hup.recv() => tracing::warn!(signal = "SIGHUP", "serve.reload_not_supported"),
+                    _ = hup.recv() => tracing::info!(
+                        signal = "SIGHUP",
+                        "serve.config_read_per_job: new jobs use the config file as it is now; runners, tokens, concurrent and listen_address change only with a restart"
+                    ),
                 }
             }
         })

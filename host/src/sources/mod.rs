@@ -9,6 +9,9 @@
 //! the user's global gitignore (`core.excludesFile`), `.gitignore` files above the project
 //! directory, and the `ignore` crate's own `.ignore` files. Rules apply whether or not the
 //! directory is a git repository.
+//!
+//! A checkout made for a GitLab job ([`git`]) is copied whole instead ([`Selection::Checkout`]):
+//! `.git` included, no ignore rules, as GitLab Runner leaves `$CI_PROJECT_DIR`.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -68,6 +71,18 @@ pub struct Stats {
     pub bytes: u64,
 }
 
+pub mod git;
+
+/// Which files of a directory go into the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Selection {
+    /// A developer's working tree (`host run`): less `.git` and what the ignore rules exclude.
+    #[default]
+    Worktree,
+    /// A fresh checkout (`host serve`): everything, `.git` included.
+    Checkout,
+}
+
 /// The project's files as an in-memory tar; see [`archive_to`].
 pub fn archive(dir: &Path) -> Result<Vec<u8>, SourcesError> {
     let mut out = Vec::new();
@@ -83,18 +98,23 @@ pub fn archive(dir: &Path) -> Result<Vec<u8>, SourcesError> {
 /// them. Symlinks are stored as links and never followed, so nothing outside `dir` is read.
 /// Sockets, FIFOs and devices are skipped.
 pub fn archive_to(dir: &Path, w: impl Write) -> Result<Stats, SourcesError> {
+    archive_selected(dir, Selection::Worktree, w)
+}
+
+/// [`archive_to`] with the choice of files spelled out.
+pub fn archive_selected(dir: &Path, selection: Selection, w: impl Write) -> Result<Stats, SourcesError> {
     let meta = std::fs::metadata(dir).map_err(|source| SourcesError::ProjectDir { path: dir.to_path_buf(), source })?;
     if !meta.is_dir() {
         return Err(SourcesError::NotADirectory(dir.to_path_buf()));
     }
     let exclude = dir.join(".git/info/exclude");
-    if exclude.is_file() {
+    if selection == Selection::Worktree && exclude.is_file() {
         check_rules(&exclude)?;
     }
 
     let mut tar = tar::Builder::new(w);
     let mut stats = Stats::default();
-    for entry in walker(dir) {
+    for entry in walker(dir, selection) {
         let entry = match entry {
             // Removed between listing and reading (a tool writing in the tree meanwhile): it was
             // not part of the project when the copy was taken.
@@ -110,7 +130,7 @@ pub fn archive_to(dir: &Path, w: impl Write) -> Result<Stats, SourcesError> {
             }
             tracing::warn!(error = %err, "ignoring an invalid pattern in an ignore file");
         }
-        if entry.file_name() == ".gitignore" {
+        if selection == Selection::Worktree && entry.file_name() == ".gitignore" {
             check_rules(entry.path())?;
         }
         if entry.depth() == 0 {
@@ -126,16 +146,20 @@ pub fn archive_to(dir: &Path, w: impl Write) -> Result<Stats, SourcesError> {
     Ok(stats)
 }
 
-fn walker(dir: &Path) -> ignore::Walk {
-    WalkBuilder::new(dir)
+fn walker(dir: &Path, selection: Selection) -> ignore::Walk {
+    let worktree = selection == Selection::Worktree;
+    let mut builder = WalkBuilder::new(dir);
+    builder
         .standard_filters(false)
-        .git_ignore(true)
-        .git_exclude(true)
+        .git_ignore(worktree)
+        .git_exclude(worktree)
         .require_git(false)
         .follow_links(false)
-        .sort_by_file_name(OsStr::cmp)
-        .filter_entry(|e| e.file_name() != ".git")
-        .build()
+        .sort_by_file_name(OsStr::cmp);
+    if worktree {
+        builder.filter_entry(|e| e.file_name() != ".git");
+    }
+    builder.build()
 }
 
 /// Fails on an ignore file whose rules the walker would silently drop.

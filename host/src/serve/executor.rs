@@ -1,0 +1,173 @@
+//! The job pipeline behind `host serve`: every GitLab job goes through the same prepare and run
+//! as `host run` ([`crate::run::run`]), its sources fetched from git, its trace sent to GitLab,
+//! GitLab's cancels turned into the interrupts `host run` gets from Ctrl-C.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+
+use super::{JobContext, JobExecutor};
+use crate::cluster::Connection;
+use crate::gitlab::{Cancel, FailureReason, Features, JobOutcome, JobPayload};
+use crate::plugins::Runtime;
+use crate::prepare::{JobInput, PrepareRequest};
+use crate::run::{ClusterChoice, Outcome, RunOptions, Sources};
+
+/// What keel announces in `info.features`: the client's own (trace protocol, cancels) and what
+/// this pipeline really does with a payload. Artifacts, caches, services' variables and
+/// `executor_opts` are not implemented yet, so they are not claimed.
+pub fn features() -> Features {
+    Features {
+        variables: true,
+        image: true,
+        services: true,
+        masking: true,
+        raw_variables: true,
+        refspecs: true,
+        return_exit_code: true,
+        service_multiple_aliases: true,
+        ..Features::client()
+    }
+}
+
+/// Runs GitLab's jobs on the runners' clusters.
+#[derive(Clone)]
+pub struct Executor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    runtime: Arc<Runtime>,
+    /// Read again for every job, so a SIGHUP-free edit of `[runners.kubernetes]` (plugins,
+    /// resources, policies) applies to the next job, as GitLab Runner reloads its config.
+    config_path: PathBuf,
+    /// One connection per runner (by name), opened at start and shared by its jobs.
+    connections: HashMap<String, Arc<Connection>>,
+}
+
+impl Executor {
+    pub fn new(runtime: Arc<Runtime>, config_path: PathBuf, connections: HashMap<String, Arc<Connection>>) -> Executor {
+        Executor { inner: Arc::new(Inner { runtime, config_path, connections }) }
+    }
+}
+
+impl JobExecutor for Executor {
+    fn run(&self, job: JobPayload, ctx: JobContext) -> BoxFuture<'static, JobOutcome> {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.run(job, ctx).await })
+    }
+}
+
+impl Inner {
+    async fn run(&self, payload: JobPayload, ctx: JobContext) -> JobOutcome {
+        let runner = ctx.runner.clone();
+        let reporter = ctx.reporter;
+        let Some(connection) = self.connections.get(&runner.name).cloned() else {
+            reporter.write(
+                format!("ERROR: Job failed (system failure): runner {:?} has no cluster connection\n", runner.name)
+                    .as_bytes(),
+            );
+            return JobOutcome::failed(FailureReason::RunnerSystemFailure, None);
+        };
+        let payload = Arc::new(payload);
+        let id = payload.id;
+        let req = PrepareRequest {
+            config: Some(self.config_path.clone()),
+            runner: (!runner.name.is_empty()).then(|| runner.name.clone()),
+            job: JobInput::Gitlab(payload.clone()),
+            extra_plugins: Vec::new(),
+            strategy: None,
+            job_id: id,
+            project_id: payload.job_info.project_id,
+            project_path: String::new(),
+            // GitLab's job ids are unique per instance; the runner's short token keeps two
+            // instances' jobs apart on one cluster.
+            object_suffix: format!("{id}-{}", crate::job::variables::short_token(&runner.token).to_lowercase()),
+            commit: None,
+            require_strategy: true,
+        };
+
+        // GitLab's cancels, as `host run`'s interrupt count: 1 stops the stage and still runs
+        // after_script, 2 skips it.
+        let (interrupt_tx, interrupts) = tokio::sync::watch::channel(0u32);
+        let mut cancel = reporter.cancel();
+        let forward = tokio::spawn(async move {
+            loop {
+                let level = match *cancel.borrow_and_update() {
+                    Cancel::None => 0,
+                    Cancel::Graceful => 1,
+                    Cancel::Immediate => 2,
+                };
+                if level > *interrupt_tx.borrow() {
+                    let _ = interrupt_tx.send(level);
+                }
+                if cancel.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let stage_reporter = reporter.clone();
+        let opts = RunOptions {
+            cluster: ClusterChoice::Shared(connection),
+            sources: Sources::Git(payload.git_info.clone()),
+            timestamps: false,
+            trace_file: None,
+            color: true,
+            extra_secrets: vec![payload.token.expose().to_string(), runner.token.clone()],
+            on_stage: Some(Arc::new(move |stage: &str| stage_reporter.set_stage(stage))),
+        };
+        let outcome = crate::run::run(&self.runtime, req, opts, Box::new(reporter.sink()), interrupts).await;
+        forward.abort();
+        tracing::info!(job.id = id, outcome = ?outcome, "serve.job_finished");
+        for_gitlab(&outcome)
+    }
+}
+
+/// `host run`'s outcome in GitLab's words.
+pub fn for_gitlab(outcome: &Outcome) -> JobOutcome {
+    match outcome {
+        Outcome::Success => JobOutcome::success(),
+        Outcome::ScriptFailure { exit_code } => JobOutcome::failed(FailureReason::ScriptFailure, Some(*exit_code)),
+        Outcome::Timeout { .. } => JobOutcome::failed(FailureReason::JobExecutionTimeout, None),
+        Outcome::Cancelled => JobOutcome::failed(FailureReason::JobCanceled, None),
+        Outcome::ImagePullFailure { .. } => JobOutcome::failed(FailureReason::ImagePullFailure, None),
+        Outcome::SystemFailure { .. } => JobOutcome::failed(FailureReason::RunnerSystemFailure, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn outcomes_map_onto_gitlab_failure_reasons() {
+        assert_eq!(for_gitlab(&Outcome::Success), JobOutcome::success());
+        assert_eq!(
+            for_gitlab(&Outcome::ScriptFailure { exit_code: 3 }),
+            JobOutcome::failed(FailureReason::ScriptFailure, Some(3))
+        );
+        assert_eq!(
+            for_gitlab(&Outcome::Timeout { after: Duration::from_secs(1) }).failure,
+            Some(FailureReason::JobExecutionTimeout)
+        );
+        assert_eq!(for_gitlab(&Outcome::Cancelled).failure, Some(FailureReason::JobCanceled));
+        assert_eq!(
+            for_gitlab(&Outcome::ImagePullFailure { reason: "x".into() }).failure,
+            Some(FailureReason::ImagePullFailure)
+        );
+        assert_eq!(
+            for_gitlab(&Outcome::SystemFailure { reason: "x".into() }).failure,
+            Some(FailureReason::RunnerSystemFailure)
+        );
+    }
+
+    #[test]
+    fn only_what_the_pipeline_does_is_announced() {
+        let f = features();
+        assert!(f.variables && f.masking && f.raw_variables && f.refspecs && f.cancelable && f.trace_checksum);
+        assert!(!f.artifacts && !f.cache && !f.terminal && !f.service_variables && !f.image_executor_opts);
+    }
+}
