@@ -2,6 +2,7 @@
 //! objects, wait for the pod (failing fast on terminal states), copy the sources, run
 //! `step_script` and then `after_script` through the strategy plugin, and always clean up.
 
+pub mod cleanup;
 pub mod script;
 
 use std::path::PathBuf;
@@ -14,12 +15,14 @@ use tracing::Instrument;
 
 use crate::cluster::session::JobPod;
 use crate::cluster::watch::{self, PodFailure, PodWatch};
-use crate::cluster::{self, ConnectOptions, Connection, Created};
+use crate::cluster::{self, ConnectOptions, Connection};
 use crate::job::PullPolicy;
 use crate::plugins::Runtime;
 use crate::prepare::{PrepareRequest, PreparedJob, prepare};
 use crate::sources::{Selection, git};
 use crate::trace::{Trace, TraceOptions};
+pub use cleanup::CLEANUP_TIMEOUT;
+use cleanup::Cleanup;
 use script::{STEP_SCRIPT, StageScript};
 
 /// GitLab's default job timeout (a project setting there).
@@ -28,8 +31,6 @@ pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
 /// GitLab's `poll_timeout` default.
 pub const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_secs(180);
-/// Deleting the job's objects (and seeing the pod gone) may take this long at most.
-pub const CLEANUP_TIMEOUT: Duration = Duration::from_secs(120);
 /// After a cancel or timeout, how long the strategy may take to notice its stage ended.
 const STAGE_STOP_GRACE: Duration = Duration::from_secs(15);
 
@@ -242,10 +243,11 @@ pub async fn run(
         };
         trace.info(&format!("Using Kubernetes cluster {}", connection.via));
         phases.mark("connect");
-        let mut created = Created::default();
-        let outcome = run_on(&mut prepared, &connection, &mut created, &opts, &trace, &mut interrupts, &mut phases).await;
+        // From here on whatever the job creates is deleted, whichever way this ends.
+        let mut cleanup = Cleanup::new(connection.clone(), prepared.k8s.cleanup_grace_period_seconds);
+        let outcome = run_on(&mut prepared, &connection, &mut cleanup, &opts, &trace, &mut interrupts, &mut phases).await;
         opts.stage("cleanup");
-        cleanup(&connection, &created, prepared.k8s.cleanup_grace_period_seconds, &trace).await;
+        cleanup.run(&trace).await;
         phases.mark("cleanup");
         // Only a connection made for this job is closed (a shared one has other owners).
         if matches!(opts.cluster, ClusterChoice::Connect(_))
@@ -268,30 +270,6 @@ pub async fn run(
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
-}
-
-/// Deletes what the job created, bounded by [`CLEANUP_TIMEOUT`]; the pod is waited for so no
-/// container outlives the job.
-async fn cleanup(connection: &Connection, created: &Created, grace: Option<i64>, trace: &Trace) {
-    if created.pod.is_none() && created.secrets.is_empty() && created.services.is_empty() {
-        return;
-    }
-    let work = async {
-        if let Err(e) = cluster::delete(&connection.client, created, grace).await {
-            trace.warning(&format!("WARNING: cleanup: {}", chain(&e)));
-        }
-        if let Some((name, uid)) = &created.pod
-            && let Err(e) = cluster::wait_deleted(&connection.client, &created.namespace, name, uid).await
-        {
-            trace.warning(&format!("WARNING: cleanup: {}", chain(&e)));
-        }
-    };
-    if tokio::time::timeout(CLEANUP_TIMEOUT, work).await.is_err() {
-        trace.warning(&format!(
-            "WARNING: cleanup did not finish within {}s; `host cleanup` removes what is left",
-            CLEANUP_TIMEOUT.as_secs()
-        ));
-    }
 }
 
 /// The next pull policy for `image` after `tried` failed, if the decided list has one.
@@ -377,7 +355,7 @@ async fn wait_running(
 async fn run_on(
     prepared: &mut PreparedJob,
     connection: &Connection,
-    created: &mut Created,
+    cleanup: &mut Cleanup,
     opts: &RunOptions,
     trace: &Trace,
     interrupts: &mut Interrupts,
@@ -397,7 +375,7 @@ async fn run_on(
     // Create, wait; on a pull failure with another policy in the decided list, start over.
     let mut tried: Vec<(String, PullPolicy)> = Vec::new();
     let (pod_name, mut pod_watch) = loop {
-        let pod = match cluster::create(client, &mut prepared.objects, created).await {
+        let pod = match cluster::create(client, &mut prepared.objects, &mut cleanup.created).await {
             Ok(p) => p,
             Err(e) => return Outcome::SystemFailure { reason: chain(&e) },
         };
@@ -421,8 +399,7 @@ async fn run_on(
                 ));
                 trace.info(&format!("Attempt to pull image {image:?} again with policy {:?}", next.as_k8s()));
                 // Everything goes (the Secrets are owned by the old pod), then is made anew.
-                cleanup(connection, created, Some(0), trace).await;
-                *created = Created::default();
+                cleanup.now(trace).await;
                 prepared.objects.pod.metadata.name = None;
                 set_pull_policy(&mut prepared.objects.pod, &image, next);
             }

@@ -717,7 +717,13 @@ impl PodRuntime {
     }
 
     /// Signals stop and waits until every process of the pod is gone.
+    /// Stops every container (TERM, then KILL after `grace`) and returns once none of the pod's
+    /// processes runs any more: a caller that goes on (a deletion reported done, a node stopped)
+    /// must not race processes still dying.
     pub async fn stop(&self, grace: Duration) {
+        // Taken first: once stopped the pod forgets its pids.
+        let procs: Vec<(u32, String)> =
+            self.host_pids().into_iter().filter_map(|pid| process_start(pid).map(|start| (pid, start))).collect();
         self.stop.send_if_modified(|s| {
             if s.is_none() {
                 *s = Some(grace);
@@ -728,6 +734,7 @@ impl PodRuntime {
         });
         let mut done = self.done.subscribe();
         let _ = done.wait_for(|d| *d).await;
+        wait_gone(&procs, PROCESS_EXIT_WAIT).await;
     }
 
     fn cleanup(&self) {
@@ -1123,5 +1130,32 @@ mod tests {
         let mut no_key = ResolvedVolumes::new();
         no_key.insert("secret/s".into(), BTreeMap::new());
         assert_eq!(build_env(&pod, &c, &no_key).unwrap_err(), "couldn't find key pw in Secret ns/s");
+    }
+}
+
+/// How long [`PodRuntime::stop`] waits for KILLed processes to be gone (they normally take
+/// microseconds; a process stuck in uninterruptible sleep can take longer, and is then left).
+const PROCESS_EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// A process's start time (field 22 of `/proc/PID/stat`), which tells it apart from a later
+/// process with the same pid; `None` when it is gone or a zombie (which runs nothing).
+fn process_start(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19).map(|s| s.to_string())
+}
+
+async fn wait_gone(procs: &[(u32, String)], limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while procs.iter().any(|(pid, start)| process_start(*pid).as_deref() == Some(start.as_str())) {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(pids = ?procs.iter().map(|(p, _)| p).collect::<Vec<_>>(), "pod processes still alive after KILL");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
