@@ -203,3 +203,181 @@ async fn serve_runs_gitlab_jobs_from_git_cancels_and_stops_cleanly() {
     }
     fx.assert_clean().await;
 }
+
+/// Pods of keel's jobs present at once on the cluster, the most seen (a watch, so no state is
+/// missed between polls).
+fn count_job_pods(
+    client: kube::Client,
+) -> (std::sync::Arc<std::sync::atomic::AtomicUsize>, tokio::task::JoinHandle<()>) {
+    use futures::StreamExt;
+    use kube::runtime::watcher::{self, Event};
+    let max = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = max.clone();
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::all(client);
+    let task = tokio::spawn(async move {
+        let config = watcher::Config::default().labels("app.kubernetes.io/managed-by=keel");
+        let mut events = watcher::watcher(pods, config).boxed();
+        let mut present = std::collections::HashSet::new();
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(Event::Apply(p) | Event::InitApply(p)) => {
+                    present.insert(p.metadata.uid.unwrap_or_default());
+                }
+                Ok(Event::Delete(p)) => {
+                    present.remove(&p.metadata.uid.unwrap_or_default());
+                }
+                _ => {}
+            }
+            seen.fetch_max(present.len(), std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    (max, task)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_jobs_at_concurrency_four_through_api_faults_then_sigquit_drains() {
+    use fake::{Api, Fault};
+    let fx = Fixture::new(ClusterOptions::default()).await;
+    let (max_pods, watching) = count_job_pods(fx.cluster.client().unwrap());
+    let git = GitServer::start(is_job_token).await;
+    let sha = git.create_repo("app", &[("README.md", "twenty\n")], None);
+    let gitlab = FakeGitlab::start(&[RUNNER_TOKEN]).await;
+    gitlab.set_hold(Duration::from_millis(300));
+    let url = git.job_url("app");
+    let script = ["for i in 1 2 3 4 5; do echo \"job $CI_JOB_ID line $i key=$KEY\"; sleep 0.1; done"];
+    let key = json!([{"key": "KEY", "value": "masked-key-9137", "public": false, "masked": true}]);
+    let ids: Vec<(u64, bool)> = (0..20)
+        .map(|n| {
+            let fails = n % 5 == 4;
+            let mut lines: Vec<&str> = script.to_vec();
+            if fails {
+                lines.push("exit 7");
+            }
+            (gitlab.enqueue(payload(&format!("job-{n}"), &url, &sha, &lines, &[], key.clone())), fails)
+        })
+        .collect();
+    // Bursts the client must ride out: 429 with Retry-After and 502s asking for jobs, a 416 and
+    // 502s on the trace, 502s on updates.
+    gitlab.fault(Api::Request, Fault::RetryAfter(429, 1));
+    for _ in 0..3 {
+        gitlab.fault(Api::Request, Fault::Status(502));
+        gitlab.fault(Api::Trace, Fault::Status(502));
+        gitlab.fault(Api::Update, Fault::Status(502));
+    }
+    gitlab.fault(Api::Trace, Fault::RangeMismatch);
+
+    let port = free_port();
+    let config = fx.write(
+        "config.toml",
+        &format!(
+            "concurrent = 4\ncheck_interval = 1\nlisten_address = \"127.0.0.1:{port}\"\n\n\
+             [[runners]]\nname = \"keel-e2e\"\nurl = \"{}\"\ntoken = \"{RUNNER_TOKEN}\"\nexecutor = \"kubernetes\"\nlimit = 4\n",
+            gitlab.url()
+        ),
+    );
+    let serve = tokio::process::Command::new(host_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--kubeconfig")
+        .arg(fx.cluster.kubeconfig_path())
+        .arg("--plugin-cache")
+        .arg(fx.dir.path().join(".cache"))
+        .env_remove("KUBECONFIG")
+        .env("KEEL_PLUGIN_PATH", workspace_root().join("target/plugins"))
+        .env("KEEL_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start host serve");
+
+    until("all twenty jobs to be reported", 600, || ids.iter().all(|(id, _)| gitlab.job(*id).finals_accepted > 0))
+        .await;
+    for (id, fails) in &ids {
+        let job = gitlab.job(*id);
+        let trace = String::from_utf8_lossy(&job.trace).into_owned();
+        assert_eq!(job.finals_accepted, 1, "job {id} reported {} times", job.finals_accepted);
+        assert_eq!(job.state, if *fails { "failed" } else { "success" }, "job {id}:\n{trace}");
+        let last = job.updates.last().unwrap();
+        if *fails {
+            assert_eq!(last["failure_reason"], "script_failure");
+            assert_eq!(last["exit_code"], 7);
+        }
+        // Complete, once, in order, masked.
+        let positions: Vec<usize> = (1..=5)
+            .map(|i| {
+                let line = format!("job {id} line {i} key=[MASKED]");
+                assert_eq!(trace.matches(&line).count(), 1, "{line:?} not exactly once in job {id}:\n{trace}");
+                trace.find(&line).unwrap()
+            })
+            .collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "job {id}'s lines out of order:\n{trace}");
+        assert!(!trace.contains("masked-key-9137") && !trace.contains("glcbt-"), "a secret in job {id}:\n{trace}");
+    }
+    let most = max_pods.load(std::sync::atomic::Ordering::SeqCst);
+    let faults: Vec<u16> = [Api::Request, Api::Trace, Api::Update]
+        .iter()
+        .flat_map(|a| gitlab.calls(*a))
+        .map(|c| c.status)
+        .filter(|s| *s >= 400)
+        .collect();
+    eprintln!("at most {most} job pods at once; GitLab answered {faults:?}");
+    assert!((2..=4).contains(&most), "{most} job pods at once (concurrent = 4)");
+    assert!(gitlab.max_running(RUNNER_TOKEN) <= 4);
+
+    // /metrics, read by Prometheus' own Python parser.
+    let script = r#"
+import json, sys, urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+text = urllib.request.urlopen(sys.argv[1] + "/metrics").read().decode()
+out = {}
+for family in text_string_to_metric_families(text):
+    for s in family.samples:
+        key = s.name + "".join("|%s=%s" % kv for kv in sorted(s.labels.items()))
+        out[key] = s.value
+print(json.dumps(out))
+"#;
+    let output = tokio::process::Command::new("python3")
+        .args(["-c", script, &format!("http://127.0.0.1:{port}")])
+        .output()
+        .await
+        .expect("python3 runs (installed by .ci/run)");
+    assert!(output.status.success(), "python: {}", String::from_utf8_lossy(&output.stderr));
+    let samples: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(samples["gitlab_runner_jobs_total|runner=keel-e2e"], 20.0, "{samples}");
+    assert_eq!(
+        samples["gitlab_runner_failed_jobs_total|failure_reason=script_failure|runner=keel-e2e"], 4.0,
+        "{samples}"
+    );
+    assert_eq!(samples["gitlab_runner_concurrent"], 4.0, "{samples}");
+
+    // SIGQUIT drains: the running job finishes and is reported, nothing new is taken, exit 0.
+    let draining = gitlab.enqueue(payload(
+        "drained",
+        &url,
+        &sha,
+        &["echo drain-started", "sleep 3", "echo drain-finished"],
+        &[],
+        json!([]),
+    ));
+    until("the drained job to start", 120, || trace_text(&gitlab, draining).contains("drain-started")).await;
+    let pid = serve.id().expect("pid").to_string();
+    assert!(std::process::Command::new("kill").args(["-QUIT", &pid]).status().unwrap().success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let late = gitlab.enqueue(payload("late", &url, &sha, &["echo late"], &[], json!([])));
+    let out = tokio::time::timeout(Duration::from_secs(120), serve.wait_with_output())
+        .await
+        .expect("host serve did not stop after SIGQUIT")
+        .expect("host serve output");
+    assert!(out.status.success(), "host serve exited {:?}:\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert_eq!(gitlab.job(draining).state, "success", "{}", trace_text(&gitlab, draining));
+    assert!(trace_text(&gitlab, draining).contains("drain-finished"));
+    assert_eq!(gitlab.job(late).state, "pending", "a job was taken while draining");
+    watching.abort();
+    fx.assert_clean().await;
+}
