@@ -120,6 +120,7 @@ pub struct LocalCluster {
     temp_dir: Option<tempfile::TempDir>,
     state: api::Shared,
     server: Option<tokio::task::JoinHandle<()>>,
+    requests: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LocalCluster {
@@ -191,7 +192,15 @@ impl LocalCluster {
 
         lifecycle::run_garbage_collector(&state);
         endpoints::run(&state);
-        let app = api::router(state.clone());
+        // Every API request counted, for benchmarks (requests per job) and diagnostics.
+        let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = requests.clone();
+        let app = api::router(state.clone()).layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                next.run(req)
+            },
+        ));
         let server = tokio::spawn(serve::serve(
             listener,
             serve::Apps::new(app),
@@ -215,6 +224,7 @@ impl LocalCluster {
             temp_dir,
             state,
             server: Some(server),
+            requests,
         })
     }
 
@@ -240,6 +250,11 @@ impl LocalCluster {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// API requests served since start (any client, any outcome).
+    pub fn request_count(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn kubeconfig_path(&self) -> &Path {
