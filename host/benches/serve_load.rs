@@ -62,7 +62,10 @@ async fn main() {
 
     // Baseline: `host run`, one job after the other, sources from a local checkout.
     let checkout = dir.path().join("checkout");
-    git_server::git(dir.path(), &["clone", "-q", git.root.path().join("app.git").to_str().unwrap(), checkout.to_str().unwrap()]);
+    git_server::git(
+        dir.path(),
+        &["clone", "-q", git.root.path().join("app.git").to_str().unwrap(), checkout.to_str().unwrap()],
+    );
     std::fs::write(checkout.join("job.yml"), "image: alpine:3.20\nscript: [echo hi]\n").unwrap();
     let run_once = || {
         std::process::Command::new(host)
@@ -155,7 +158,9 @@ async fn main() {
     let _ = tokio::time::timeout(Duration::from_secs(60), serve.wait()).await;
 
     let rss = (rss_a + rss_b) / 2.0;
-    println!("serve_load: {JOBS} jobs at once under `host serve` (each: git fetch at depth 1, then `sleep {SLEEP_SECS}`)");
+    println!(
+        "serve_load: {JOBS} jobs at once under `host serve` (each: git fetch at depth 1, then `sleep {SLEEP_SECS}`)"
+    );
     println!("  all {JOBS} running after {:.1} s ({failed} failed)", all_running.as_secs_f64());
     println!(
         "  serve RSS: idle {idle_rss:.1} MiB, with {JOBS} running {rss:.1} MiB -> {:.2} MiB per running job",
@@ -166,7 +171,10 @@ async fn main() {
         (cpu_b - cpu_a) / window.as_secs_f64() * 100.0,
         (cpu_b - cpu_a) / window.as_secs_f64() * 100.0 / JOBS as f64
     );
-    println!("  Kubernetes API requests per job: serve {serve_requests:.1}, `host run` {run_requests:.1} (baseline; ratio {:.2})", serve_requests / run_requests);
+    println!(
+        "  Kubernetes API requests per job: serve {serve_requests:.1}, `host run` {run_requests:.1} (baseline; ratio {:.2})",
+        serve_requests / run_requests
+    );
     println!("  `host run` of `echo hi`: {:.0} ms per job (baseline wall time)", run_wall * 1000.0);
     if !first_trace.is_empty() {
         println!(

@@ -471,6 +471,7 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
         color: std::io::IsTerminal::is_terminal(&std::io::stdout()),
         extra_secrets: Vec::new(),
         on_stage: None,
+        on_outcome: None,
     };
     let outcome = host::run::run(&rt, req, opts, Box::new(std::io::stdout()), interrupts).await;
     Ok(ExitCode::from(outcome.exit_status()))

@@ -148,7 +148,12 @@ pub struct RunOptions {
     /// Told each stage as it starts (GitLab Runner's names: `prepare_executor`, `get_sources`,
     /// `step_script`, `after_script`, `cleanup`), for `host serve`'s metrics.
     pub on_stage: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    /// Told the outcome once it is known, before the cleanup (`host serve` reports it to GitLab
+    /// then, while the pod is being deleted).
+    pub on_outcome: Option<OnOutcome>,
 }
+
+pub type OnOutcome = Box<dyn FnOnce(&Outcome) + Send + Sync>;
 
 impl RunOptions {
     fn stage(&self, name: &str) {
@@ -184,11 +189,13 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Runs one job to its end. The trace goes to `sink` (stdout for the command line); the
-/// returned outcome's last line has been written to it.
+/// outcome's last line is written to it, and `opts.on_outcome` told, as soon as the job's
+/// result is known: before its objects are deleted, which on a real cluster takes seconds.
+/// Returns after the cleanup.
 pub async fn run(
     rt: &Runtime,
     req: PrepareRequest,
-    opts: RunOptions,
+    mut opts: RunOptions,
     sink: Box<dyn std::io::Write + Send>,
     mut interrupts: Interrupts,
 ) -> Outcome {
@@ -221,6 +228,7 @@ pub async fn run(
     let write = trace.clone();
     prepared.services.set_trace(Arc::new(move |bytes: &[u8]| write.write(bytes)));
     let span = tracing::info_span!("job", job.id = prepared.job.id, job.name = %prepared.job.name);
+    let mut on_outcome = opts.on_outcome.take();
     let outcome = async {
         trace.info(&format!("Running with keel {} (host {})", env!("CARGO_PKG_VERSION"), hostname()));
         trace.info("Preparing the \"kubernetes\" executor");
@@ -237,7 +245,10 @@ pub async fn run(
                     Arc::new(c)
                 }
                 Err(e) => {
-                    return Outcome::SystemFailure { reason: format!("cannot connect to a cluster: {}", chain(&e)) };
+                    let outcome =
+                        Outcome::SystemFailure { reason: format!("cannot connect to a cluster: {}", chain(&e)) };
+                    report(&trace, on_outcome.take(), &outcome);
+                    return outcome;
                 }
             },
         };
@@ -246,6 +257,7 @@ pub async fn run(
         // From here on whatever the job creates is deleted, whichever way this ends.
         let mut cleanup = Cleanup::new(connection.clone(), prepared.k8s.cleanup_grace_period_seconds);
         let outcome = run_on(&mut prepared, &connection, &mut cleanup, &opts, &trace, &mut interrupts, &mut phases).await;
+        report(&trace, on_outcome.take(), &outcome);
         opts.stage("cleanup");
         cleanup.run(&trace).await;
         phases.mark("cleanup");
@@ -261,11 +273,18 @@ pub async fn run(
     .instrument(span)
     .await;
     phases.log();
-    match &outcome {
+    outcome
+}
+
+/// The job's last trace line, and whoever waits for the outcome told.
+fn report(trace: &Trace, on_outcome: Option<OnOutcome>, outcome: &Outcome) {
+    match outcome {
         Outcome::Success => trace.success(&outcome.last_line()),
         _ => trace.error(&outcome.last_line()),
     }
-    outcome
+    if let Some(tell) = on_outcome {
+        tell(outcome);
+    }
 }
 
 fn hostname() -> String {

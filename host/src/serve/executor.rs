@@ -64,6 +64,7 @@ impl Inner {
     async fn run(&self, payload: JobPayload, ctx: JobContext) -> JobOutcome {
         let runner = ctx.runner.clone();
         let reporter = ctx.reporter;
+        let early = ctx.early_outcome;
         let Some(connection) = self.connections.get(&runner.name).cloned() else {
             reporter.write(
                 format!("ERROR: Job failed (system failure): runner {:?} has no cluster connection\n", runner.name)
@@ -117,6 +118,9 @@ impl Inner {
             color: true,
             extra_secrets: vec![payload.token.expose().to_string(), runner.token.clone()],
             on_stage: Some(Arc::new(move |stage: &str| stage_reporter.set_stage(stage))),
+            on_outcome: Some(Box::new(move |outcome: &Outcome| {
+                let _ = early.send(for_gitlab(outcome));
+            })),
         };
         let outcome = crate::run::run(&self.runtime, req, opts, Box::new(reporter.sink()), interrupts).await;
         forward.abort();

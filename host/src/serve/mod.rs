@@ -40,6 +40,10 @@ pub struct JobContext {
     pub runner: Arc<Runner>,
     /// Trace in, cancels out.
     pub reporter: JobReporter,
+    /// The job's result as soon as it is known, before the pipeline's cleanup: GitLab hears it
+    /// then, while the job's slot stays taken until the pipeline returns (its pods are gone).
+    /// Dropped unsent, the pipeline's return value is the result.
+    pub early_outcome: tokio::sync::oneshot::Sender<JobOutcome>,
 }
 
 /// The per-job pipeline. Must honour `ctx.reporter.cancel()` and clean up on every path.
@@ -435,16 +439,29 @@ impl RunnerTask {
         shared.running.register(job.id, &reporter, shared.controller.state());
         tracing::info!("serve.job_started");
         let started = Instant::now();
-        let ctx = JobContext { runner: self.runner.config.clone(), reporter: reporter.clone() };
+        let (early_outcome, mut early) = tokio::sync::oneshot::channel();
+        let ctx = JobContext { runner: self.runner.config.clone(), reporter: reporter.clone(), early_outcome };
         // A panicking pipeline is a runner failure GitLab must still hear about.
-        let outcome =
+        let pipeline = async {
             std::panic::AssertUnwindSafe(shared.executor.run(job, ctx)).catch_unwind().await.unwrap_or_else(|_| {
                 tracing::error!("serve.job_panicked");
                 JobOutcome::failed(FailureReason::RunnerSystemFailure, None)
-            });
+            })
+        };
+        tokio::pin!(pipeline);
+        let (outcome, still_cleaning) = tokio::select! {
+            Ok(outcome) = &mut early => (outcome, true),
+            outcome = &mut pipeline => (outcome, false),
+        };
         shared.metrics.job_finished(&self.runner.name, &outcome, started.elapsed());
+        // The final update goes out while the pipeline deletes the job's objects.
+        let finish = if still_cleaning {
+            let (finish, _) = tokio::join!(session.finish(outcome), pipeline);
+            finish
+        } else {
+            session.finish(outcome).await
+        };
         reporter.set_stage("");
-        let finish = session.finish(outcome).await;
         shared.running.finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         match finish {
             Finish::Accepted { attempts } => {
