@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use host::job::parse::JobSource;
 use host::plugins::Runtime;
-use host::render::{self, OutputFormat, RenderRequest};
+use host::render::{self, OutputFormat};
 use host::run::{ClusterChoice, RunOptions, Sources};
 
 #[derive(Parser)]
@@ -132,8 +132,9 @@ enum Output {
     Json,
 }
 
+/// What `run` and `render` both take: the job, the config and runner, the plugins.
 #[derive(clap::Args)]
-struct RunArgs {
+struct JobArgs {
     /// Runner configuration (GitLab Runner's config.toml format); default: built-in defaults.
     #[arg(long, short, env = "KEEL_CONFIG")]
     config: Option<PathBuf>,
@@ -148,6 +149,51 @@ struct RunArgs {
     /// The execution strategy: a plugin name (`exec`) or a `.wasm` file.
     #[arg(long, env = "KEEL_STRATEGY", value_name = "NAME|P.wasm")]
     strategy: Option<String>,
+    /// The project's `CI_PROJECT_ID`.
+    #[arg(long, env = "KEEL_PROJECT_ID", default_value_t = 1)]
+    project_id: u64,
+    /// Where compiled plugins are cached.
+    #[arg(long, env = "KEEL_PLUGIN_CACHE")]
+    plugin_cache: Option<PathBuf>,
+    /// A single job file, or `path/.gitlab-ci.yml#jobname` for one job of a pipeline file.
+    #[arg(value_name = "JOB")]
+    job: String,
+}
+
+impl JobArgs {
+    fn runtime(&self) -> anyhow::Result<Runtime> {
+        Runtime::new(self.plugin_cache.clone()).context("cannot start the plugin runtime")
+    }
+
+    /// The prepare request for this job; the rest is the command's own.
+    fn request(
+        self,
+        job_id: u64,
+        project_path: String,
+        object_suffix: String,
+        commit: Option<host::sources::Commit>,
+        require_strategy: bool,
+    ) -> anyhow::Result<host::prepare::PrepareRequest> {
+        Ok(host::prepare::PrepareRequest {
+            extra_plugins: extra_plugins(&self.plugins)?,
+            config: self.config,
+            runner: self.runner,
+            job: JobSource::from_arg(&self.job).into(),
+            strategy: self.strategy,
+            job_id,
+            project_id: self.project_id,
+            project_path,
+            object_suffix,
+            commit,
+            require_strategy,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    job: JobArgs,
     /// Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
     #[arg(long, env = "KEEL_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
@@ -166,18 +212,9 @@ struct RunArgs {
     /// The job's `CI_JOB_ID` (default: random, so concurrent runs never share labels).
     #[arg(long, env = "KEEL_JOB_ID")]
     job_id: Option<u64>,
-    /// The project's `CI_PROJECT_ID`.
-    #[arg(long, env = "KEEL_PROJECT_ID", default_value_t = 1)]
-    project_id: u64,
     /// The project's `group/name` (default: `local/<source dir name>`).
     #[arg(long, env = "KEEL_PROJECT_PATH")]
     project_path: Option<String>,
-    /// Where compiled plugins are cached.
-    #[arg(long, env = "KEEL_PLUGIN_CACHE")]
-    plugin_cache: Option<PathBuf>,
-    /// A single job file, or `path/.gitlab-ci.yml#jobname` for one job of a pipeline file.
-    #[arg(value_name = "JOB")]
-    job: String,
 }
 
 #[derive(clap::Args)]
@@ -226,41 +263,20 @@ struct CleanupArgs {
 
 #[derive(clap::Args)]
 struct RenderArgs {
-    /// Runner configuration (GitLab Runner's config.toml format); default: built-in defaults.
-    #[arg(long, short, env = "KEEL_CONFIG")]
-    config: Option<PathBuf>,
-    /// The execution strategy whose pod changes are shown, as for `run`.
-    #[arg(long, env = "KEEL_STRATEGY", value_name = "NAME|P.wasm")]
-    strategy: Option<String>,
-    /// Which `[[runners]]` entry, by name (default: the first with executor = "kubernetes").
-    #[arg(long, env = "KEEL_RUNNER")]
-    runner: Option<String>,
-    /// Extra plugin components, run after the config's plugins in the order given. With a
-    /// configuration: `P.wasm=CONFIG.toml` (the file is the plugin's table) or
-    /// `P.wasm='{ key = "value" }'` (an inline TOML table).
-    #[arg(long = "plugin", value_name = "P.wasm[=CONFIG]")]
-    plugins: Vec<String>,
+    #[command(flatten)]
+    job: JobArgs,
     /// Output format.
     #[arg(long, short, value_enum, default_value = "yaml")]
     output: Output,
     /// The job's `CI_JOB_ID`.
     #[arg(long, env = "KEEL_JOB_ID", default_value_t = 1)]
     job_id: u64,
-    /// The project's `CI_PROJECT_ID`.
-    #[arg(long, env = "KEEL_PROJECT_ID", default_value_t = 1)]
-    project_id: u64,
     /// The project's `group/name` (`CI_PROJECT_PATH`; the checkout goes below `builds_dir`).
     #[arg(long, env = "KEEL_PROJECT_PATH", default_value = "local/project")]
     project_path: String,
     /// Print masked variables and registry credentials in clear.
     #[arg(long)]
     show_secrets: bool,
-    /// Where compiled plugins are cached.
-    #[arg(long, env = "KEEL_PLUGIN_CACHE")]
-    plugin_cache: Option<PathBuf>,
-    /// A single job file, or `path/.gitlab-ci.yml#jobname` for one job of a pipeline file.
-    #[arg(value_name = "JOB")]
-    job: String,
 }
 
 /// Logs go to stderr so the trace or rendered output on stdout stays clean. `KEEL_LOG` (an
@@ -268,8 +284,8 @@ struct RenderArgs {
 fn init_tracing(cli: &Cli) {
     use host::config::{Config, LogFormat, LogLevel};
     let config_path = match &cli.command {
-        Command::Run(a) => a.config.clone(),
-        Command::Render(a) => a.config.clone(),
+        Command::Run(a) => a.job.config.clone(),
+        Command::Render(a) => a.job.config.clone(),
         Command::Serve(a) => Some(a.config_path()),
         _ => None,
     };
@@ -300,20 +316,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => return serve(args).await,
         Command::Cleanup(args) => cleanup(args).await?,
         Command::Render(args) => {
-            let rt = Runtime::new(args.plugin_cache.clone()).context("cannot start the plugin runtime")?;
-            let req = RenderRequest {
-                config: args.config,
-                runner: args.runner,
-                job: JobSource::from_arg(&args.job).into(),
-                extra_plugins: extra_plugins(&args.plugins)?,
-                strategy: args.strategy,
-                job_id: args.job_id,
-                project_id: args.project_id,
-                project_path: args.project_path,
-                object_suffix: String::new(),
-                commit: None,
-                require_strategy: false,
-            };
+            let rt = args.job.runtime()?;
+            let req = args.job.request(args.job_id, args.project_path, String::new(), None, false)?;
             let mut rendered = render::render(&rt, &req).await?;
             if !args.show_secrets {
                 render::redact(&mut rendered);
@@ -431,8 +435,8 @@ fn interrupts() -> anyhow::Result<tokio::sync::watch::Receiver<u32>> {
 async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Signals first: no window where Ctrl-C kills the process without cleanup.
     let interrupts = interrupts()?;
-    let rt = Runtime::new(args.plugin_cache.clone()).context("cannot start the plugin runtime")?;
-    let job = JobSource::from_arg(&args.job);
+    let rt = args.job.runtime()?;
+    let job = JobSource::from_arg(&args.job.job);
     let source_dir = args.source.clone().unwrap_or_else(|| match job.path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -445,19 +449,9 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
         format!("local/{}", host::pod::dns_label(&name, 63).chars().take(40).collect::<String>())
     });
     let job_id = args.job_id.unwrap_or_else(|| fastrand::u64(1..1_000_000_000));
-    let req = host::prepare::PrepareRequest {
-        config: args.config,
-        runner: args.runner,
-        job: job.into(),
-        extra_plugins: extra_plugins(&args.plugins)?,
-        strategy: args.strategy,
-        job_id,
-        project_id: args.project_id,
-        project_path,
-        object_suffix: format!("{job_id}-{}", fastrand::u32(..) % 100_000),
-        commit: host::sources::git_facts(&source_dir),
-        require_strategy: true,
-    };
+    let object_suffix = format!("{job_id}-{}", fastrand::u32(..) % 100_000);
+    let commit = host::sources::git_facts(&source_dir);
+    let req = args.job.request(job_id, project_path, object_suffix, commit, true)?;
     let opts = RunOptions {
         cluster: ClusterChoice::Connect(host::cluster::ConnectOptions {
             kubeconfig: args.kubeconfig,
@@ -540,7 +534,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
-    use k8s_openapi::api::core::v1::{Pod, Secret, Service};
     let older_than = match &args.older_than {
         Some(d) => Some(
             host::vocab::values::parse_duration(d)
@@ -564,60 +557,15 @@ async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
         }
     }
     let connection = host::cluster::connect(&k8s, &opts).await?;
-    let client = connection.client.clone();
     let cutoff = older_than
         .map(|d| jiff::Timestamp::now() - jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX));
-    let old_enough = |meta: &kube::api::ObjectMeta| match (cutoff, &meta.creation_timestamp) {
-        (None, _) => true,
-        (Some(cutoff), Some(t)) => t.0 < cutoff,
-        (Some(_), None) => false,
-    };
-    let mut removed = 0;
-    let mut created = Vec::new();
-    for pod in host::cluster::list_managed::<Pod>(&client).await? {
-        if old_enough(&pod.metadata) {
-            created.push(host::cluster::Created {
-                namespace: pod.metadata.namespace.clone().unwrap_or_default(),
-                pod: Some((
-                    pod.metadata.name.clone().unwrap_or_default(),
-                    pod.metadata.uid.clone().unwrap_or_default(),
-                )),
-                ..Default::default()
-            });
-        }
-    }
-    for s in host::cluster::list_managed::<Secret>(&client).await? {
-        if old_enough(&s.metadata) {
-            created.push(host::cluster::Created {
-                namespace: s.metadata.namespace.clone().unwrap_or_default(),
-                secrets: vec![s.metadata.name.clone().unwrap_or_default()],
-                ..Default::default()
-            });
-        }
-    }
-    for s in host::cluster::list_managed::<Service>(&client).await? {
-        if old_enough(&s.metadata) {
-            created.push(host::cluster::Created {
-                namespace: s.metadata.namespace.clone().unwrap_or_default(),
-                services: vec![s.metadata.name.clone().unwrap_or_default()],
-                ..Default::default()
-            });
-        }
-    }
-    for c in &created {
-        host::cluster::delete(&client, c, Some(0)).await?;
-        let what = c
-            .pod
-            .as_ref()
-            .map(|(n, _)| format!("pod/{n}"))
-            .or_else(|| c.secrets.first().map(|n| format!("secret/{n}")))
-            .or_else(|| c.services.first().map(|n| format!("service/{n}")))
-            .unwrap_or_default();
-        println!("deleted {}/{what}", c.namespace);
-        removed += 1;
-    }
-    eprintln!("keel cleanup: {removed} objects removed");
+    let removed = host::cluster::leftovers::remove(&connection.client, cutoff).await;
     connection.close().await;
+    let removed = removed?;
+    for object in &removed {
+        println!("deleted {object}");
+    }
+    eprintln!("keel cleanup: {} objects removed", removed.len());
     Ok(())
 }
 

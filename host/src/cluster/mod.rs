@@ -1,6 +1,7 @@
 //! The cluster side of a job: connecting, creating the job's objects (with owner references
 //! and rollback), watching the pod, exec/attach sessions, and deleting everything again.
 
+pub mod leftovers;
 pub mod session;
 pub mod watch;
 
