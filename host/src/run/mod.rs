@@ -3,7 +3,10 @@
 //! `step_script` and then `after_script` through the strategy plugin, and always clean up.
 
 pub mod cleanup;
+mod create;
 pub mod script;
+mod sources;
+mod stage;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,16 +17,17 @@ use kube::Api;
 use tracing::Instrument;
 
 use crate::cluster::session::JobPod;
-use crate::cluster::watch::{self, PodFailure, PodWatch};
 use crate::cluster::{self, ConnectOptions, Connection};
 use crate::job::PullPolicy;
 use crate::plugins::Runtime;
 use crate::prepare::{PrepareRequest, PreparedJob, prepare};
-use crate::sources::{Selection, git};
 use crate::trace::{Trace, TraceOptions};
 pub use cleanup::CLEANUP_TIMEOUT;
 use cleanup::Cleanup;
-use script::{STEP_SCRIPT, StageScript};
+use create::{Wait, current_policy, next_policy, set_pull_policy, wait_running};
+use script::STEP_SCRIPT;
+use sources::get_sources;
+use stage::{StageEnd, run_stage};
 
 /// GitLab's default job timeout (a project setting there).
 pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -31,8 +35,6 @@ pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const AFTER_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
 /// GitLab's `poll_timeout` default.
 pub const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_secs(180);
-/// After a cancel or timeout, how long the strategy may take to notice its stage ended.
-const STAGE_STOP_GRACE: Duration = Duration::from_secs(15);
 
 /// How a job ended. The process exit status follows from it ([`Outcome::exit_status`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,13 +149,14 @@ pub struct RunOptions {
     pub extra_secrets: Vec<String>,
     /// Told each stage as it starts (GitLab Runner's names: `prepare_executor`, `get_sources`,
     /// `step_script`, `after_script`, `cleanup`), for `host serve`'s metrics.
-    pub on_stage: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    pub on_stage: Option<OnStage>,
     /// Told the outcome once it is known, before the cleanup (`host serve` reports it to GitLab
     /// then, while the pod is being deleted).
     pub on_outcome: Option<OnOutcome>,
 }
 
 pub type OnOutcome = Box<dyn FnOnce(&Outcome) + Send + Sync>;
+pub type OnStage = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl RunOptions {
     fn stage(&self, name: &str) {
@@ -291,86 +294,6 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
 }
 
-/// The next pull policy for `image` after `tried` failed, if the decided list has one.
-fn next_policy(prepared: &PreparedJob, image: &str, tried: &[PullPolicy]) -> Option<PullPolicy> {
-    prepared.policies.get(image)?.iter().copied().find(|p| !tried.contains(p))
-}
-
-fn set_pull_policy(pod: &mut Pod, image: &str, policy: PullPolicy) {
-    if let Some(spec) = pod.spec.as_mut() {
-        for c in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
-            if c.image.as_deref() == Some(image) {
-                c.image_pull_policy = Some(policy.as_k8s().to_string());
-            }
-        }
-    }
-}
-
-fn current_policy(pod: &Pod, image: &str) -> Option<PullPolicy> {
-    let spec = pod.spec.as_ref()?;
-    let c = spec
-        .containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten())
-        .find(|c| c.image.as_deref() == Some(image))?;
-    match c.image_pull_policy.as_deref()? {
-        "Always" => Some(PullPolicy::Always),
-        "IfNotPresent" => Some(PullPolicy::IfNotPresent),
-        "Never" => Some(PullPolicy::Never),
-        _ => None,
-    }
-}
-
-enum Wait {
-    Ready(PodWatch),
-    Failed(Outcome),
-    PullFailed { image: String, failure: PodFailure },
-}
-
-/// Waits for the pod to run: one trace line per status change, a terminal state at once.
-async fn wait_running(
-    api: &Api<Pod>,
-    name: &str,
-    namespace: &str,
-    timeout: Duration,
-    trace: &Trace,
-    interrupts: &mut Interrupts,
-) -> Wait {
-    let pod_watch = PodWatch::start(api.clone(), name);
-    let mut rx = pod_watch.rx.clone();
-    let mut last = String::new();
-    let deadline = tokio::time::sleep(timeout);
-    tokio::pin!(deadline);
-    loop {
-        let state = rx.borrow_and_update().clone();
-        if let Some(failure) = watch::failure(&state, false) {
-            if let PodFailure::ImagePull { image, .. } = &failure {
-                return Wait::PullFailed { image: image.clone(), failure };
-            }
-            return Wait::Failed(Outcome::SystemFailure { reason: format!("pod {namespace}/{name}: {failure}") });
-        }
-        if watch::is_ready(&state) {
-            return Wait::Ready(pod_watch);
-        }
-        let now = watch::describe(&state);
-        if now != last && !matches!(state, watch::PodState::Unknown) {
-            trace.line(&format!("Waiting for pod {namespace}/{name} to be running, status is {now}"));
-            last = now;
-        }
-        tokio::select! {
-            changed = rx.changed() => if changed.is_err() {
-                return Wait::Failed(Outcome::SystemFailure { reason: format!("pod {namespace}/{name}: the watch ended") });
-            },
-            _ = &mut deadline => {
-                return Wait::Failed(Outcome::SystemFailure {
-                    reason: format!("timed out after {}s waiting for pod {namespace}/{name} to be running (poll_timeout), status is {last}", timeout.as_secs()),
-                });
-            }
-            _ = interrupted(interrupts, 1) => return Wait::Failed(Outcome::Cancelled),
-        }
-    }
-}
-
 async fn run_on(
     prepared: &mut PreparedJob,
     connection: &Connection,
@@ -488,196 +411,4 @@ async fn run_on(
     phases.mark("after_script");
     trace.info("Cleaning up project directory and file based variables");
     outcome
-}
-
-enum StageEnd {
-    Exited(i32),
-    TimedOut,
-    Cancelled,
-    /// The strategy failed (plugin error, lost connection).
-    Failed(String),
-    PodFailed(PodFailure),
-}
-
-/// Runs one stage through the strategy, racing it against the deadline, the pod watch and
-/// interrupts. When it is stopped from outside, the stage's processes in the pod are killed
-/// (and checked) before the strategy's call is awaited for a little longer.
-#[allow(clippy::too_many_arguments)]
-async fn run_stage(
-    prepared: &mut PreparedJob,
-    job_pod: &Arc<JobPod>,
-    stage: &StageScript,
-    deadline: Instant,
-    pod_watch: &mut PodWatch,
-    trace: &Trace,
-    interrupts: &mut Interrupts,
-    interrupt_level: u32,
-) -> StageEnd {
-    prepared.services.allow();
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let services = prepared.services.clone();
-    let span = tracing::info_span!("stage", stage = stage.name);
-    let call = prepared.plugins.run_stage(stage.name, &stage.script, remaining).instrument(span);
-    tokio::pin!(call);
-    let stopped = tokio::select! {
-        r = &mut call => {
-            trace.flush_stage();
-            return match r {
-                Ok(0) => StageEnd::Exited(0),
-                // A stage killed with its container (the pod deleted, an OOM kill of PID 1) ends
-                // with 137 or the like, often before the watch delivers why: read the pod once.
-                Ok(code) => match pod_failure_now(job_pod, pod_watch).await {
-                    Some(f) => StageEnd::PodFailed(f),
-                    None => StageEnd::Exited(code),
-                },
-                Err(e) => {
-                    // A pod failure often shows as a dropped session first: prefer its reason.
-                    let pod_failure = watch::failure(&pod_watch.current(), true);
-                    match pod_failure {
-                        Some(f) => StageEnd::PodFailed(f),
-                        None => StageEnd::Failed(chain(&e)),
-                    }
-                }
-            };
-        }
-        _ = tokio::time::sleep_until(deadline.into()) => StageEnd::TimedOut,
-        f = pod_watch.failed(true) => StageEnd::PodFailed(f),
-        _ = interrupted(interrupts, interrupt_level) => StageEnd::Cancelled,
-    };
-    services.refuse(match &stopped {
-        StageEnd::TimedOut => "the stage timed out",
-        StageEnd::PodFailed(_) => "the pod failed",
-        _ => "the job was cancelled",
-    });
-    if !matches!(stopped, StageEnd::PodFailed(_)) {
-        match kill_stage(job_pod, stage.name).await {
-            Ok(alive) if alive.is_empty() => {}
-            Ok(alive) => {
-                trace.warning(&format!("WARNING: stage processes still alive after KILL: {}", alive.join(", ")))
-            }
-            Err(e) => trace.warning(&format!("WARNING: cannot stop the stage's processes: {e}")),
-        }
-    }
-    // A failed pod ends the job: the strategy may be waiting on a container that is gone, and
-    // nothing it could still report matters, so its call is dropped at once. After a timeout
-    // or cancel it gets to see the stopped stage end and return.
-    if matches!(stopped, StageEnd::PodFailed(_)) {
-        trace.flush_stage();
-        return stopped;
-    }
-    if tokio::time::timeout(STAGE_STOP_GRACE, &mut call).await.is_err() {
-        tracing::warn!(stage = stage.name, "the strategy did not return after its stage was stopped");
-    }
-    trace.flush_stage();
-    stopped
-}
-
-/// The pod's failure, if it has one right now: from a fresh read (gone = deleted), else the watch.
-async fn pod_failure_now(job_pod: &JobPod, pod_watch: &PodWatch) -> Option<PodFailure> {
-    let state = match job_pod.api.get_opt(&job_pod.name).await {
-        Ok(Some(pod)) => watch::PodState::Seen(Box::new(pod)),
-        Ok(None) => return Some(PodFailure::Deleted),
-        Err(_) => pod_watch.current(),
-    };
-    watch::failure(&state, true).or_else(|| watch::failure(&pod_watch.current(), true))
-}
-
-/// All of a host-side session's output (stdout and stderr together), then its exit.
-async fn finish(
-    session: &mut crate::plugins::strategy_host::Session,
-) -> (Vec<u8>, Result<i32, crate::plugins::strategy_host::HostError>) {
-    let mut out = Vec::new();
-    let mut pending = None;
-    while let Some((_, chunk)) = session.read_output(64 * 1024, &mut pending).await {
-        out.extend(chunk);
-    }
-    (out, session.wait_exit().await)
-}
-
-/// Runs [`script::kill_script`] in the build container; returns the PIDs still alive.
-async fn kill_stage(job_pod: &JobPod, stage: &str) -> Result<Vec<String>, String> {
-    use crate::plugins::strategy_host::PodAccess;
-    let command = vec!["sh".to_string(), "-c".to_string(), script::kill_script(stage)];
-    let mut session = job_pod.exec(crate::pod::BUILD_CONTAINER, command, false).await.map_err(|e| e.to_string())?;
-    let (out, _) = finish(&mut session).await;
-    Ok(String::from_utf8_lossy(&out).lines().filter_map(|l| l.strip_prefix("alive ")).map(str::to_string).collect())
-}
-
-/// The project's files into `$CI_PROJECT_DIR`: a local directory, or a fresh git checkout.
-async fn get_sources(
-    job: &crate::job::Job,
-    sources: &Sources,
-    job_pod: &JobPod,
-    project_dir: &str,
-    trace: &Trace,
-) -> Result<(), String> {
-    let (dir, selection, _checkout) = match sources {
-        Sources::Dir(dir) => {
-            if job.variable("GIT_STRATEGY") == Some("none") {
-                trace.info("Skipping Git repository setup (GIT_STRATEGY: none)");
-                return Ok(());
-            }
-            trace.info(&format!("Copying sources from {} to {project_dir}", dir.display()));
-            (dir.clone(), Selection::Worktree, None)
-        }
-        Sources::Git(info) => {
-            trace.info("Getting source from Git repository");
-            let lookup = |k: &str| job.variable(k).map(str::to_string);
-            let request = git::Request::from_job(
-                info.repo_url.expose(),
-                &info.sha,
-                &info.git_ref,
-                info.depth,
-                &info.refspecs,
-                &lookup,
-            )
-            .map_err(|e| format!("getting sources: {}", chain(&e)))?;
-            let checkout = request
-                .checkout(&|line| trace.line(line))
-                .await
-                .map_err(|e| format!("getting sources from {}: {}", request.url, chain(&e)))?;
-            let Some(checkout) = checkout else { return Ok(()) };
-            (checkout.path().to_path_buf(), Selection::Checkout, Some(checkout))
-        }
-    };
-    let files =
-        copy_sources(job_pod, &dir, selection, project_dir).await.map_err(|r| format!("copying sources: {r}"))?;
-    trace.line(&format!("Copied {files} files"));
-    Ok(())
-}
-
-/// Pipes a tar of `dir` into `tar -x` in the helper container; returns the number of files.
-async fn copy_sources(
-    job_pod: &JobPod,
-    dir: &std::path::Path,
-    selection: Selection,
-    project_dir: &str,
-) -> Result<u64, String> {
-    use crate::plugins::strategy_host::PodAccess;
-    let dir = dir.to_path_buf();
-    let (bytes, stats) = tokio::task::spawn_blocking(move || {
-        let mut bytes = Vec::new();
-        crate::sources::archive_selected(&dir, selection, &mut bytes).map(|stats| (bytes, stats))
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| chain(&e))?;
-    let command = vec![
-        "sh".to_string(),
-        "-c".to_string(),
-        "mkdir -p \"$1\" && tar -x -m -C \"$1\" -f -".to_string(),
-        "sh".to_string(),
-        project_dir.to_string(),
-    ];
-    let mut session = job_pod.exec(crate::pod::HELPER_CONTAINER, command, true).await.map_err(|e| e.to_string())?;
-    session.write_stdin(&bytes).await.map_err(|e| e.to_string())?;
-    session.close_stdin().await.map_err(|e| e.to_string())?;
-    let (out, exit) = finish(&mut session).await;
-    match exit {
-        Ok(0) => Ok(stats.files),
-        Ok(code) => {
-            Err(format!("tar in the helper container exited with {code}: {}", String::from_utf8_lossy(&out).trim()))
-        }
-        Err(e) => Err(e.to_string()),
-    }
 }

@@ -1,0 +1,87 @@
+//! The project's files into the pod: a local directory (`host run`) or a fresh git checkout
+//! (`host serve`), streamed as a tar into the helper container.
+
+use super::stage::finish;
+use super::{Sources, chain};
+use crate::cluster::session::JobPod;
+use crate::sources::{Selection, git};
+use crate::trace::Trace;
+
+/// The project's files into `$CI_PROJECT_DIR`: a local directory, or a fresh git checkout.
+pub(super) async fn get_sources(
+    job: &crate::job::Job,
+    sources: &Sources,
+    job_pod: &JobPod,
+    project_dir: &str,
+    trace: &Trace,
+) -> Result<(), String> {
+    let (dir, selection, _checkout) = match sources {
+        Sources::Dir(dir) => {
+            if job.variable("GIT_STRATEGY") == Some("none") {
+                trace.info("Skipping Git repository setup (GIT_STRATEGY: none)");
+                return Ok(());
+            }
+            trace.info(&format!("Copying sources from {} to {project_dir}", dir.display()));
+            (dir.clone(), Selection::Worktree, None)
+        }
+        Sources::Git(info) => {
+            trace.info("Getting source from Git repository");
+            let lookup = |k: &str| job.variable(k).map(str::to_string);
+            let request = git::Request::from_job(
+                info.repo_url.expose(),
+                &info.sha,
+                &info.git_ref,
+                info.depth,
+                &info.refspecs,
+                &lookup,
+            )
+            .map_err(|e| format!("getting sources: {}", chain(&e)))?;
+            let checkout = request
+                .checkout(&|line| trace.line(line))
+                .await
+                .map_err(|e| format!("getting sources from {}: {}", request.url, chain(&e)))?;
+            let Some(checkout) = checkout else { return Ok(()) };
+            (checkout.path().to_path_buf(), Selection::Checkout, Some(checkout))
+        }
+    };
+    let files =
+        copy_sources(job_pod, &dir, selection, project_dir).await.map_err(|r| format!("copying sources: {r}"))?;
+    trace.line(&format!("Copied {files} files"));
+    Ok(())
+}
+
+/// Pipes a tar of `dir` into `tar -x` in the helper container; returns the number of files.
+pub(super) async fn copy_sources(
+    job_pod: &JobPod,
+    dir: &std::path::Path,
+    selection: Selection,
+    project_dir: &str,
+) -> Result<u64, String> {
+    use crate::plugins::strategy_host::PodAccess;
+    let dir = dir.to_path_buf();
+    let (bytes, stats) = tokio::task::spawn_blocking(move || {
+        let mut bytes = Vec::new();
+        crate::sources::archive_selected(&dir, selection, &mut bytes).map(|stats| (bytes, stats))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| chain(&e))?;
+    let command = vec![
+        "sh".to_string(),
+        "-c".to_string(),
+        "mkdir -p \"$1\" && tar -x -m -C \"$1\" -f -".to_string(),
+        "sh".to_string(),
+        project_dir.to_string(),
+    ];
+    let mut session = job_pod.exec(crate::pod::HELPER_CONTAINER, command, true).await.map_err(|e| e.to_string())?;
+    session.write_stdin(&bytes).await.map_err(|e| e.to_string())?;
+    session.close_stdin().await.map_err(|e| e.to_string())?;
+    let (out, exit) = finish(&mut session).await;
+    match exit {
+        Ok(0) => Ok(stats.files),
+        Ok(code) => {
+            Err(format!("tar in the helper container exited with {code}: {}", String::from_utf8_lossy(&out).trim()))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
