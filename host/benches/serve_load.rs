@@ -105,6 +105,8 @@ async fn main() {
         .arg(&kubeconfig)
         .arg("--plugin-cache")
         .arg(dir.path().join(".cache"))
+        .arg("--git-cache")
+        .arg(dir.path().join("git-cache"))
         .env("KEEL_PLUGIN_PATH", root.join("target/plugins"))
         .env("KEEL_LOG", "warn")
         .env_remove("KUBECONFIG")

@@ -231,6 +231,10 @@ struct ServeArgs {
     /// Where compiled plugins are cached.
     #[arg(long, env = "KEEL_PLUGIN_CACHE")]
     plugin_cache: Option<PathBuf>,
+    /// Bare mirrors of the repositories jobs fetch, so repeat jobs fetch only what is new
+    /// (default: $XDG_CACHE_HOME/keel/git or ~/.cache/keel/git).
+    #[arg(long, env = "KEEL_GIT_CACHE")]
+    git_cache: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -517,7 +521,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         };
         connections.insert(runner.config.name.clone(), connection);
     }
-    let executor = Arc::new(executor::Executor::new(rt, path.clone(), connections));
+    let git = host::sources::git::GitCache::new(
+        args.git_cache.clone().unwrap_or_else(host::sources::git::GitCache::default_dir),
+    );
+    let executor = Arc::new(executor::Executor::new(rt, path.clone(), connections, git));
     let result = host::serve::serve(settings, executor, controller, Arc::new(Metrics::new())).await;
     for (_, connection) in by_cluster {
         if let Ok(connection) = Arc::try_unwrap(connection) {

@@ -127,6 +127,8 @@ async fn serve_runs_gitlab_jobs_from_git_cancels_and_stops_cleanly() {
         .arg(fx.cluster.kubeconfig_path())
         .arg("--plugin-cache")
         .arg(fx.dir.path().join(".cache"))
+        .arg("--git-cache")
+        .arg(fx.dir.path().join("git-cache"))
         .env_remove("KUBECONFIG")
         .env("KEEL_PLUGIN_PATH", workspace_root().join("target/plugins"))
         .env("KEEL_LOG", "info")
@@ -182,6 +184,9 @@ async fn serve_runs_gitlab_jobs_from_git_cancels_and_stops_cleanly() {
     assert!(trace.contains("after-script-ran"), "after_script did not run:\n{trace}");
     assert!(trace.contains("Skipping Git repository setup"), "{trace}");
 
+    // Both jobs went through one mirror of the repository on the host.
+    let mirrors: Vec<_> = std::fs::read_dir(fx.dir.path().join("git-cache")).unwrap().flatten().collect();
+    assert_eq!(mirrors.len(), 1, "one mirror per repository: {mirrors:?}");
     // Git saw only the jobs' own tokens; a request without one was refused, none let through.
     let seen = git.requests();
     assert!(seen.iter().any(|r| r.path.ends_with("/lib.git/info/refs")), "the submodule was not fetched: {seen:?}");
@@ -244,7 +249,17 @@ async fn twenty_jobs_at_concurrency_four_through_api_faults_then_sigquit_drains(
     let fx = Fixture::new(ClusterOptions::default()).await;
     let (max_pods, watching) = count_job_pods(fx.cluster.client().unwrap());
     let git = GitServer::start(is_job_token).await;
-    let sha = git.create_repo("app", &[("README.md", "twenty\n")], None);
+    // 128 KiB that compress poorly: what a fetch that carries the tree weighs.
+    let mut state = 0x9e3779b97f4a7c15u64;
+    let blob: String = (0..128 * 1024)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(b'!' + (state % 90) as u8)
+        })
+        .collect();
+    let sha = git.create_repo("app", &[("README.md", "twenty\n"), ("data.bin", &blob)], None);
     let gitlab = FakeGitlab::start(&[RUNNER_TOKEN]).await;
     gitlab.set_hold(Duration::from_millis(300));
     let url = git.job_url("app");
@@ -287,6 +302,8 @@ async fn twenty_jobs_at_concurrency_four_through_api_faults_then_sigquit_drains(
         .arg(fx.cluster.kubeconfig_path())
         .arg("--plugin-cache")
         .arg(fx.dir.path().join(".cache"))
+        .arg("--git-cache")
+        .arg(fx.dir.path().join("git-cache"))
         .env_remove("KUBECONFIG")
         .env("KEEL_PLUGIN_PATH", workspace_root().join("target/plugins"))
         .env("KEEL_LOG", "warn")
@@ -320,6 +337,11 @@ async fn twenty_jobs_at_concurrency_four_through_api_faults_then_sigquit_drains(
         assert!(!trace.contains("masked-key-9137") && !trace.contains("glcbt-"), "a secret in job {id}:\n{trace}");
     }
     let most = max_pods.load(std::sync::atomic::Ordering::SeqCst);
+    // The tree crossed from GitLab once, into the host's mirror; later jobs were sent no objects.
+    let packs: Vec<usize> =
+        git.requests().iter().filter(|r| r.path.ends_with("/git-upload-pack")).map(|r| r.bytes).collect();
+    eprintln!("git-upload-pack responses for 20 jobs (bytes): {packs:?}");
+    assert_eq!(packs.iter().filter(|b| **b > 64 * 1024).count(), 1, "{packs:?}");
     let faults: Vec<u16> = [Api::Request, Api::Trace, Api::Update]
         .iter()
         .flat_map(|a| gitlab.calls(*a))

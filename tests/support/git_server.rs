@@ -20,6 +20,8 @@ pub struct Seen {
     /// The password of an accepted Basic credential.
     pub token: Option<String>,
     pub status: u16,
+    /// Response body bytes.
+    pub bytes: usize,
 }
 
 pub struct GitServer {
@@ -134,11 +136,11 @@ async fn cgi(
     let path = uri.path().to_string();
     let query = uri.query().unwrap_or_default().to_string();
     let token = basic_password(&headers).filter(|t| accept(t));
-    let record = |status: u16, token: Option<String>| {
-        seen.lock().unwrap().push(Seen { path: path.clone(), query: query.clone(), token, status });
+    let record = |status: u16, token: Option<String>, bytes: usize| {
+        seen.lock().unwrap().push(Seen { path: path.clone(), query: query.clone(), token, status, bytes });
     };
     if token.is_none() {
-        record(401, None);
+        record(401, None, 0);
         return Response::builder()
             .status(StatusCode::UNAUTHORIZED)
             .header("WWW-Authenticate", "Basic realm=\"GitLab\"")
@@ -186,7 +188,7 @@ async fn cgi(
         .map(|i| (i, 4))
         .or_else(|| out.stdout.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)));
     let Some((end, sep)) = split else {
-        record(500, token);
+        record(500, token, 0);
         return Response::builder()
             .status(StatusCode::INTERNAL_SERVER_ERROR)
             .body(Body::from(String::from_utf8_lossy(&out.stderr).into_owned()))
@@ -203,6 +205,6 @@ async fn cgi(
             response = response.header(name, value);
         }
     }
-    record(status, token);
+    record(status, token, out.stdout.len() - end - sep);
     response.status(status).body(Body::from(out.stdout[end + sep..].to_vec())).unwrap()
 }

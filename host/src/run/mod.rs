@@ -133,8 +133,9 @@ pub enum ClusterChoice {
 pub enum Sources {
     /// A local directory, copied less `.git` and ignored files (`host run`).
     Dir(PathBuf),
-    /// Fetched from GitLab with the job token, as the job's `GIT_*` variables ask (`host serve`).
-    Git(crate::gitlab::payload::GitInfo),
+    /// Fetched from GitLab with the job token, as the job's `GIT_*` variables ask (`host serve`),
+    /// through the mirrors of `cache` when given.
+    Git { info: crate::gitlab::payload::GitInfo, cache: Option<crate::sources::git::GitCache> },
 }
 
 /// How a job is run besides the prepare request.

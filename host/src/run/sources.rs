@@ -24,7 +24,7 @@ pub(super) async fn get_sources(
             trace.info(&format!("Copying sources from {} to {project_dir}", dir.display()));
             (dir.clone(), Selection::Worktree, None)
         }
-        Sources::Git(info) => {
+        Sources::Git { info, cache } => {
             trace.info("Getting source from Git repository");
             let lookup = |k: &str| job.variable(k).map(str::to_string);
             let request = git::Request::from_job(
@@ -37,7 +37,7 @@ pub(super) async fn get_sources(
             )
             .map_err(|e| format!("getting sources: {}", chain(&e)))?;
             let checkout = request
-                .checkout(&|line| trace.line(line))
+                .checkout(cache.as_ref(), &|line| trace.line(line))
                 .await
                 .map_err(|e| format!("getting sources from {}: {}", request.url, chain(&e)))?;
             let Some(checkout) = checkout else { return Ok(()) };

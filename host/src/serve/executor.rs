@@ -14,6 +14,7 @@ use crate::gitlab::{Cancel, FailureReason, Features, JobOutcome, JobPayload};
 use crate::plugins::Runtime;
 use crate::prepare::{JobInput, PrepareRequest};
 use crate::run::{ClusterChoice, Outcome, RunOptions, Sources};
+use crate::sources::git::GitCache;
 
 /// What keel announces in `info.features`: the client's own (trace protocol, cancels) and what
 /// this pipeline really does with a payload. Artifacts, caches, services' variables and
@@ -45,11 +46,17 @@ struct Inner {
     config_path: PathBuf,
     /// One connection per runner (by name), opened at start and shared by its jobs.
     connections: HashMap<String, Arc<Connection>>,
+    git: GitCache,
 }
 
 impl Executor {
-    pub fn new(runtime: Arc<Runtime>, config_path: PathBuf, connections: HashMap<String, Arc<Connection>>) -> Executor {
-        Executor { inner: Arc::new(Inner { runtime, config_path, connections }) }
+    pub fn new(
+        runtime: Arc<Runtime>,
+        config_path: PathBuf,
+        connections: HashMap<String, Arc<Connection>>,
+        git: GitCache,
+    ) -> Executor {
+        Executor { inner: Arc::new(Inner { runtime, config_path, connections, git }) }
     }
 }
 
@@ -112,7 +119,7 @@ impl Inner {
         let stage_reporter = reporter.clone();
         let opts = RunOptions {
             cluster: ClusterChoice::Shared(connection),
-            sources: Sources::Git(payload.git_info.clone()),
+            sources: Sources::Git { info: payload.git_info.clone(), cache: Some(self.git.clone()) },
             timestamps: false,
             trace_file: None,
             color: true,

@@ -7,9 +7,15 @@
 //! or a URL either (both are visible to other users in `/proc`): git gets it as an HTTP header
 //! through its environment (`GIT_CONFIG_*`), scoped to the repository's own host so a submodule
 //! elsewhere never sees it.
+//!
+//! With a [`GitCache`], each repository is fetched into a bare mirror kept on the host (one fetch
+//! at a time per repository), and each job's checkout is fetched from that mirror: a repeat job
+//! asks GitLab only for what is new.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use tokio::process::Command;
@@ -79,6 +85,47 @@ impl std::fmt::Debug for Request {
             .field("depth", &self.depth)
             .field("strategy", &self.strategy)
             .finish_non_exhaustive()
+    }
+}
+
+/// Bare mirrors of the repositories jobs fetched, one per remote URL (without credentials).
+#[derive(Clone, Debug)]
+pub struct GitCache {
+    dir: PathBuf,
+    locks: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl GitCache {
+    pub fn new(dir: impl Into<PathBuf>) -> GitCache {
+        GitCache { dir: dir.into(), locks: Arc::default() }
+    }
+
+    /// `KEEL_GIT_CACHE`, else `$XDG_CACHE_HOME/keel/git`, else `~/.cache/keel/git`.
+    pub fn default_dir() -> PathBuf {
+        if let Some(dir) = std::env::var_os("KEEL_GIT_CACHE").filter(|d| !d.is_empty()) {
+            return dir.into();
+        }
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(std::env::temp_dir);
+        base.join("keel/git")
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The mirror's path for `url`: a digest, so no URL text becomes a path.
+    fn mirror(&self, url: &str) -> PathBuf {
+        use sha2::Digest;
+        let digest = hex::encode(sha2::Sha256::digest(url.as_bytes()));
+        self.dir.join(format!("{}.git", &digest[..32]))
+    }
+
+    fn lock(&self, mirror: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.lock().expect("git cache locks").entry(mirror.to_path_buf()).or_default().clone()
     }
 }
 
@@ -162,7 +209,11 @@ impl Request {
 
     /// Fetches and checks out into a new temporary directory (removed when dropped). `None` for
     /// `GIT_STRATEGY: none`. `log` gets GitLab Runner's trace lines, never a credential.
-    pub async fn checkout(&self, log: &(dyn Fn(&str) + Sync)) -> Result<Option<tempfile::TempDir>, GitError> {
+    pub async fn checkout(
+        &self,
+        cache: Option<&GitCache>,
+        log: &(dyn Fn(&str) + Sync),
+    ) -> Result<Option<tempfile::TempDir>, GitError> {
         match self.strategy {
             Strategy::None => {
                 log("Skipping Git repository setup");
@@ -184,20 +235,35 @@ impl Request {
         self.git(path, &["init", "-q"]).await?;
         log(&format!("Created fresh repository in {}", self.url));
         self.git(path, &["remote", "add", "origin", &self.url]).await?;
-        let mut fetch: Vec<String> = vec!["fetch".into(), "--no-recurse-submodules".into()];
-        if self.depth > 0 {
-            fetch.push(format!("--depth={}", self.depth));
-        }
-        fetch.extend(self.fetch_extra_flags.iter().cloned());
-        fetch.push("origin".into());
-        if self.refspecs.is_empty() {
-            fetch.push("+refs/heads/*:refs/remotes/origin/*".into());
-            fetch.push("+refs/tags/*:refs/tags/*".into());
+        let refspecs: Vec<String> = if self.refspecs.is_empty() {
+            vec!["+refs/heads/*:refs/remotes/origin/*".into(), "+refs/tags/*:refs/tags/*".into()]
         } else {
-            fetch.extend(self.refspecs.iter().cloned());
+            self.refspecs.clone()
+        };
+        match cache {
+            None => self.fetch(path, "origin", &refspecs, &self.fetch_extra_flags, false).await?,
+            Some(cache) => {
+                let mirror = cache.mirror(&self.url);
+                let lock = cache.lock(&mirror);
+                let _held = lock.lock().await;
+                if !mirror.join("HEAD").is_file() {
+                    std::fs::create_dir_all(&cache.dir).map_err(GitError::TempDir)?;
+                    self.git(&cache.dir, &["init", "--bare", "-q", mirror.to_str().unwrap_or_default()]).await?;
+                }
+                self.fetch(&mirror, &self.url, &refspecs, &self.fetch_extra_flags, false).await?;
+                // The same refs, from the mirror: the job's repository looks as if fetched from
+                // GitLab (`origin` is GitLab's URL), at the same depth.
+                let local: Vec<String> = refspecs
+                    .iter()
+                    .map(|r| {
+                        let dst = r.rsplit_once(':').map(|(_, d)| d).unwrap_or(r.trim_start_matches('+'));
+                        format!("+{dst}:{dst}")
+                    })
+                    .collect();
+                let from = format!("file://{}", mirror.display());
+                self.fetch(path, &from, &local, &["--quiet".to_string()], true).await?;
+            }
         }
-        let fetch: Vec<&str> = fetch.iter().map(String::as_str).collect();
-        self.git(path, &fetch).await?;
         let commit = format!("{}^{{commit}}", self.sha);
         if self.git(path, &["cat-file", "-e", &commit]).await.is_err() {
             return Err(GitError::MissingCommit {
@@ -230,6 +296,31 @@ impl Request {
             self.git(path, &update).await?;
         }
         Ok(Some(dir))
+    }
+
+    /// `git fetch` of `refspecs` from `remote` into the repository at `dir`.
+    async fn fetch(
+        &self,
+        dir: &Path,
+        remote: &str,
+        refspecs: &[String],
+        flags: &[String],
+        local: bool,
+    ) -> Result<(), GitError> {
+        let mut args: Vec<String> = Vec::new();
+        if local {
+            // Only this fetch, from our own mirror, may use the local transport.
+            args.extend(["-c".into(), "protocol.file.allow=always".into()]);
+        }
+        args.extend(["fetch".into(), "--no-recurse-submodules".into()]);
+        if self.depth > 0 {
+            args.push(format!("--depth={}", self.depth));
+        }
+        args.extend(flags.iter().cloned());
+        args.push(remote.to_string());
+        args.extend(refspecs.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.git(dir, &args).await.map(|_| ())
     }
 
     /// One git command in `dir`: no prompt, no user or system config, the credentials as a
@@ -407,7 +498,7 @@ mod tests {
         let sha = git(repo.path(), &["rev-parse", "HEAD"]);
         let url = format!("file://{}", repo.path().display());
         let req = Request::from_job(&url, &sha, "main", 1, &[], &vars(&[])).unwrap();
-        let err = req.checkout(&|_| {}).await.unwrap_err();
+        let err = req.checkout(None, &|_| {}).await.unwrap_err();
         assert!(matches!(err, GitError::Failed { .. }), "{err}");
     }
 }
