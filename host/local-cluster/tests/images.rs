@@ -458,3 +458,66 @@ async fn an_oci_archive_loads_into_a_running_cluster_through_the_api() {
     assert_eq!(r["hello"], "hello from the image");
     cluster.stop().await;
 }
+
+/// The same as an ordinary user (the node's user namespaces, overlayfs mounted in one). As root
+/// (CI) the scenario runs in a copy of this test binary under `setpriv` as uid 65534, whose
+/// temp dir must be empty afterwards (containers' writable layers removed with their pods).
+#[test]
+fn images_run_as_an_unprivileged_user() {
+    if !common::is_root() {
+        return tokio::runtime::Runtime::new().unwrap().block_on(unprivileged_scenario_body());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.path().join("images-test");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args([format!("--reuid={NOBODY}"), format!("--regid={NOBODY}")])
+        .args(["--clear-groups", "--inh-caps=-all"])
+        .arg(&exe)
+        .args(["--exact", "unprivileged_scenario", "--ignored", "--nocapture", "--test-threads=1"])
+        .current_dir(&home)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", &home)
+        .env("TMPDIR", &home)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("setpriv (util-linux) runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the scenario failed as uid {NOBODY} ({}):\n{stdout}\n{stderr}", out.status);
+    assert!(stdout.contains("1 passed"), "the scenario did not run:\n{stdout}\n{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&home).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "the scenario left files behind: {left:?}");
+}
+
+#[test]
+#[ignore = "run by images_run_as_an_unprivileged_user"]
+fn unprivileged_scenario() {
+    tokio::runtime::Runtime::new().unwrap().block_on(unprivileged_scenario_body());
+}
+
+async fn unprivileged_scenario_body() {
+    let (cluster, dir) = cluster_with_docker_archive("keel-test/app:1.0", true).await;
+    let pods: Api<Pod> = Api::default_namespaced(cluster.client().unwrap());
+    let (r, _) = run(&pods, pod("plain", "keel-test/app:1.0", json!({}))).await;
+    assert_eq!((r["id"].as_str(), r["pwd"].as_str(), r["greeting"].as_str()), ("1234:2345", "/app", "from-image"));
+    assert_eq!((r["hello"].as_str(), r["removed"].as_str(), r["host"].as_str()), ("hello from the image", "gone", "hidden"));
+    let write = json!({"command": ["/bin/sh", "-c", "rm /app/hello.txt && echo x > /etc/x && echo wrote:yes"],
+        "securityContext": {"runAsUser": 0}});
+    let (r, _) = run(&pods, pod("writer", "keel-test/app:1.0", write)).await;
+    assert_eq!(r["wrote"], "yes");
+    let (r, _) = run(&pods, pod("reader", "keel-test/app:1.0", json!({}))).await;
+    assert_eq!(r["hello"], "hello from the image");
+    for name in ["plain", "writer", "reader"] {
+        pods.delete(name, &Default::default()).await.unwrap();
+    }
+    cluster.stop().await;
+    drop(dir);
+}
