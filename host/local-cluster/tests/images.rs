@@ -266,11 +266,7 @@ async fn run(pods: &Api<Pod>, p: Pod) -> (std::collections::BTreeMap<String, Str
     });
     let pod = tokio::time::timeout(TIMEOUT, done).await.expect("the pod ends").unwrap().unwrap();
     let log = pods.logs(&name, &LogParams::default()).await.unwrap();
-    let report = log
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
+    let report = log.lines().filter_map(|l| l.split_once(':')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
     assert_eq!(pod.status.as_ref().unwrap().phase.as_deref(), Some("Succeeded"), "{log}\n{pod:?}");
     (report, pod)
 }
@@ -448,7 +444,10 @@ async fn an_oci_archive_loads_into_a_running_cluster_through_the_api() {
 
     let pods: Api<Pod> = Api::default_namespaced(client);
     let (r, p) = run(&pods, pod("oci", "registry.example:5000/team/app:v2", json!({}))).await;
-    assert_eq!((r["hello"].as_str(), r["id"].as_str(), r["host"].as_str()), ("hello from the image", "1234:2345", "hidden"));
+    assert_eq!(
+        (r["hello"].as_str(), r["id"].as_str(), r["host"].as_str()),
+        ("hello from the image", "1234:2345", "hidden")
+    );
     let cs = container_status(&p);
     assert_eq!(cs.image, "registry.example:5000/team/app:v2");
     assert_eq!(cs.image_id, format!("registry.example:5000/team/app@{index_digest}"));
@@ -508,7 +507,10 @@ async fn unprivileged_scenario_body() {
     let pods: Api<Pod> = Api::default_namespaced(cluster.client().unwrap());
     let (r, _) = run(&pods, pod("plain", "keel-test/app:1.0", json!({}))).await;
     assert_eq!((r["id"].as_str(), r["pwd"].as_str(), r["greeting"].as_str()), ("1234:2345", "/app", "from-image"));
-    assert_eq!((r["hello"].as_str(), r["removed"].as_str(), r["host"].as_str()), ("hello from the image", "gone", "hidden"));
+    assert_eq!(
+        (r["hello"].as_str(), r["removed"].as_str(), r["host"].as_str()),
+        ("hello from the image", "gone", "hidden")
+    );
     let write = json!({"command": ["/bin/sh", "-c", "rm /app/hello.txt && echo x > /etc/x && echo wrote:yes"],
         "securityContext": {"runAsUser": 0}});
     let (r, _) = run(&pods, pod("writer", "keel-test/app:1.0", write)).await;

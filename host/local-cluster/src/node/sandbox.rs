@@ -538,7 +538,8 @@ pub(crate) async fn start_holder(
     .collect();
     let stdio = Stdios { stdin: Stdio::null(), stdout: Stdio::null(), stderr: Stdio::piped() };
     let env = [("PATH".to_string(), DEFAULT_PATH.to_string())];
-    let mut started = spawn_bwrap(spawner, args, &env, stdio, Join::default(), CgroupProcs::default(), None, None).await?;
+    let mut started =
+        spawn_bwrap(spawner, args, &env, stdio, Join::default(), CgroupProcs::default(), None, None).await?;
     let inner_pid = started.inner_pid;
     let open =
         |kind: &str| -> std::io::Result<OwnedFd> { Ok(File::open(format!("/proc/{inner_pid}/ns/{kind}"))?.into()) };

@@ -151,7 +151,8 @@ pub(crate) async fn exec(
             tracing::debug!(k8s.pod = %pod.name, k8s.container = container, "no setpriv in the container: the exec keeps the node's capabilities");
         }
     }
-    let mut cmd = sandbox::exec_command(inst.inner_pid, node.isolation, inst.own_user_ns, &inst.working_dir, &inst.env, &argv);
+    let mut cmd =
+        sandbox::exec_command(inst.inner_pid, node.isolation, inst.own_user_ns, &inst.working_dir, &inst.env, &argv);
     let spawn_err = |source| NodeError::ExecSpawn { container: container.into(), command: req.command.clone(), source };
     let pty = if req.tty {
         let p = sandbox::open_pty().map_err(|source| NodeError::Pty { container: container.into(), source })?;

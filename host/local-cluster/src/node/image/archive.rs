@@ -76,7 +76,10 @@ pub(crate) fn read(path: &Path, blobs: &Path, platform: (&str, &str)) -> Result<
     let mut links = Vec::new();
     let tmp_dir = blobs.join("sha256");
     std::fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
-    let bad = |e: std::io::Error| StoreError::Invalid { what: format!("image archive {}", path.display()), why: e.to_string() };
+    let bad = |e: std::io::Error| StoreError::Invalid {
+        what: format!("image archive {}", path.display()),
+        why: e.to_string(),
+    };
     for entry in archive.entries().map_err(bad)? {
         let entry = entry.map_err(bad)?;
         let name = entry.path().map_err(bad)?.to_string_lossy().trim_start_matches("./").to_owned();
@@ -111,7 +114,11 @@ pub(crate) fn read(path: &Path, blobs: &Path, platform: (&str, &str)) -> Result<
         if let Some(named) = p.strip_prefix("blobs/").map(|r| r.replacen('/', ":", 1))
             && &named != d
         {
-            return Err(StoreError::DigestMismatch { what: format!("archive file {p}"), expected: named, actual: d.clone() });
+            return Err(StoreError::DigestMismatch {
+                what: format!("archive file {p}"),
+                expected: named,
+                actual: d.clone(),
+            });
         }
     }
     let files = Files { by_path, blobs: blobs.to_path_buf() };
@@ -179,7 +186,11 @@ fn docker_archive(files: &Files) -> Result<Vec<ArchivedImage>, StoreError> {
         if let Some(hex) = e.config.strip_suffix(".json").filter(|h| h.len() == 64 && !h.contains('/'))
             && config != format!("sha256:{hex}")
         {
-            return Err(StoreError::DigestMismatch { what: "image config".into(), expected: format!("sha256:{hex}"), actual: config });
+            return Err(StoreError::DigestMismatch {
+                what: "image config".into(),
+                expected: format!("sha256:{hex}"),
+                actual: config,
+            });
         }
         let layers = e.layers.iter().map(|l| files.digest(l).map(str::to_owned)).collect::<Result<Vec<_>, _>>()?;
         let repo_digest = synthesized_manifest_digest(&files.blobs, &config, &layers)?;

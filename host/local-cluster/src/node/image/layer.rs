@@ -130,7 +130,7 @@ pub(crate) fn merge(layers: &[PathBuf], dest: &Path, as_root: bool) -> io::Resul
         merge_dir(layer, dest, as_root, &mut dir_modes)?;
     }
     // Deepest first, so a read-only directory is made so after its children.
-    dir_modes.sort_by(|a: &(PathBuf, u32, u32, u32), b| b.0.components().count().cmp(&a.0.components().count()));
+    dir_modes.sort_by_key(|(path, ..)| std::cmp::Reverse(path.components().count()));
     for (path, mode, uid, gid) in dir_modes {
         if as_root {
             let _ = std::os::unix::fs::lchown(&path, Some(uid), Some(gid));
@@ -140,12 +140,7 @@ pub(crate) fn merge(layers: &[PathBuf], dest: &Path, as_root: bool) -> io::Resul
     Ok(())
 }
 
-fn merge_dir(
-    src: &Path,
-    dest: &Path,
-    as_root: bool,
-    dir_modes: &mut Vec<(PathBuf, u32, u32, u32)>,
-) -> io::Result<()> {
+fn merge_dir(src: &Path, dest: &Path, as_root: bool, dir_modes: &mut Vec<(PathBuf, u32, u32, u32)>) -> io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(src)?.collect::<io::Result<_>>()?;
     entries.sort_by_key(|e| e.file_name());
     // The opaque marker hides what the layers below put here, not what this layer adds.
@@ -193,10 +188,8 @@ fn merge_dir(
             if as_root {
                 let _ = std::os::unix::fs::lchown(&to, Some(meta.uid()), Some(meta.gid()));
             }
-        } else if meta.is_file() {
-            if std::fs::hard_link(&from, &to).is_err() {
-                std::fs::copy(&from, &to)?;
-            }
+        } else if meta.is_file() && std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to)?;
         }
         // Sockets and FIFOs of a layer have no use in an image's root: skipped.
     }

@@ -22,9 +22,9 @@ pub(crate) mod store;
 use std::sync::Arc;
 
 pub(crate) use layer::remove_all;
-pub(crate) use run::{defaults as image_defaults, writable_root};
-pub(crate) use reference::{default_pull_policy, normalized, repository};
 use reference::parse_normalized;
+pub(crate) use reference::{default_pull_policy, normalized, repository};
+pub(crate) use run::{defaults as image_defaults, writable_root};
 pub use store::{LoadedImage, StoreError};
 pub(crate) use store::{Store, StoredImage};
 

@@ -77,7 +77,6 @@ pub(crate) fn parse_normalized(image: &str) -> Result<(), String> {
     Ok(())
 }
 
-
 /// The repository of a normalized reference, without tag or digest
 /// (`docker.io/library/busybox:1.36` -> `docker.io/library/busybox`).
 pub(crate) fn repository(normalized: &str) -> &str {

@@ -47,7 +47,9 @@ pub(crate) fn defaults(pod: &Pod, c: &Container, image: &StoredImage) -> Result<
     let user_spec = match (run_as_user, run_as_group) {
         (Some(u), Some(g)) => Some(format!("{u}:{g}")),
         (Some(u), None) => Some(u.to_string()),
-        (None, Some(g)) => Some(format!("{}:{g}", image.run.user.as_deref().unwrap_or("0").split(':').next().unwrap_or("0"))),
+        (None, Some(g)) => {
+            Some(format!("{}:{g}", image.run.user.as_deref().unwrap_or("0").split(':').next().unwrap_or("0")))
+        }
         (None, None) => image.run.user.clone().filter(|u| !u.is_empty()),
     };
     let resolved = resolve_user(&image.rootfs, user_spec.as_deref().unwrap_or("0"))?;

@@ -222,7 +222,10 @@ impl Store {
         let hex = config
             .strip_prefix("sha256:")
             .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .ok_or_else(|| StoreError::Invalid { what: format!("image ID {config:?}"), why: "not a sha256 digest".into() })?;
+            .ok_or_else(|| StoreError::Invalid {
+                what: format!("image ID {config:?}"),
+                why: "not a sha256 digest".into(),
+            })?;
         Ok(self.dir.join("roots").join(hex))
     }
 
