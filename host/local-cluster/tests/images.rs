@@ -523,3 +523,30 @@ async fn unprivileged_scenario_body() {
     cluster.stop().await;
     drop(dir);
 }
+
+/// `examples/images/busybox-archive.sh`, the image `make run` can use, loads and runs.
+#[tokio::test]
+async fn the_example_busybox_archive_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/images/busybox-archive.sh");
+    let out = std::process::Command::new("sh")
+        .arg(script)
+        .arg(dir.path().join("busybox.tar"))
+        .arg("keel-examples/busybox:1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cluster = common::cluster_with(ClusterOptions {
+        images_from: Some(dir.path().to_path_buf()),
+        host_rootfs: false,
+        ..Default::default()
+    })
+    .await;
+    let pods: Api<Pod> = Api::default_namespaced(cluster.client().unwrap());
+    let spec = json!({"command": ["sh", "-c",
+        "echo \"id:$(id -u)\"; echo \"home:$HOME\"; test -e /etc/debian_version && echo host:visible || echo host:hidden"]});
+    let (r, p) = run(&pods, pod("example", "keel-examples/busybox:1", spec)).await;
+    assert_eq!((r["id"].as_str(), r["home"].as_str(), r["host"].as_str()), ("0", "/root", "hidden"));
+    assert_eq!(container_status(&p).image, "docker.io/keel-examples/busybox:1");
+    cluster.stop().await;
+}

@@ -20,6 +20,11 @@
 //! #[derive(Clone)] pub struct Node { .. }
 //! impl Node {
 //!     pub fn new(cfg: NodeConfig, on_status: StatusSink) -> Result<Node, NodeError>;
+//!     /// As `new`, with the image store's options (`images_from`, `host_rootfs`; see `NodeImages`).
+//!     pub fn with_images(cfg: NodeConfig, images: NodeImages, on_status: StatusSink) -> Result<Node, NodeError>;
+//!     /// Load every archive of `images_from`, or one archive, into the store.
+//!     pub async fn load_images_from(&self) -> Result<Vec<LoadedImage>, NodeError>;
+//!     pub async fn load_image_archive(&self, path: &Path) -> Result<Vec<LoadedImage>, NodeError>;
 //!     /// The pod is stored, defaulted, has uid/name/namespace. `volumes` carries the data of its
 //!     /// configMap and secret volumes (volume name -> key -> bytes), resolved by the API layer.
 //!     /// Returns at once; progress is reported through the StatusSink.
@@ -72,6 +77,21 @@
 //! code between fork and exec. The few things bwrap cannot do (join the pod's user and network
 //! namespaces, join the container's cgroups, die with this process) are done in `pre_exec` before
 //! bwrap starts; that is the crate's only `unsafe` (see `sandbox.rs`).
+//!
+//! # Images
+//! The node keeps an image store in `data_dir/images` (see `image::store`): docker-archive and
+//! OCI layout tarballs are loaded into it (at start from `NodeImages::images_from`, later by
+//! `load_image_archive`, which the API serves as `POST /keel/v1/images`), every blob's digest
+//! checked, each layer unpacked once, each image's root merged once from its layers. A container
+//! of a stored image runs on an overlayfs of its own: the image's root as the read-only lower
+//! layer, a writable upper layer in the pod's directory (a restart gets a fresh one), mounted in a
+//! mount namespace made for the container before bwrap starts (bubblewrap 0.8 cannot mount
+//! overlays), in the pod's user namespace as an ordinary user (Linux 5.11 or later). The image's
+//! config applies as a kubelet on containerd applies it (`image::config`, `image::run`); a user
+//! other than root (the image's `User`, or `runAsUser`/`runAsGroup`) gets a user namespace of
+//! its own in which only that uid and gid exist, mapped to the pod's root: files appear owned
+//! by it, supplementary groups are not set. An image not in the store runs on the host's root
+//! (read-only) unless `NodeImages::host_rootfs` is off, when its pull fails as containerd's does.
 //!
 //! # Resources: what a kubelet would set
 //! Limits are enforced with per-container cgroups below a directory of the node's own

@@ -256,6 +256,31 @@ mod tests {
     }
 
     #[test]
+    fn gzip_and_zstd_layers_unpack_to_the_same_files() {
+        use std::io::Write;
+        let t = tempfile::tempdir().unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "dir/f", &b"layer"[..]).unwrap();
+        let plain = b.into_inner().unwrap();
+        let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(&plain)));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&plain).unwrap();
+        let zst = zstd::encode_all(&plain[..], 3).unwrap();
+        for (name, blob) in [("gz", gz.finish().unwrap()), ("zst", zst)] {
+            let layers = t.path().join(name);
+            std::fs::create_dir(&layers).unwrap();
+            let path = t.path().join(format!("{name}.blob"));
+            std::fs::write(&path, blob).unwrap();
+            let dir = unpack_once(&path, &diff_id, &layers, false).unwrap();
+            assert_eq!(std::fs::read(dir.join("dir/f")).unwrap(), b"layer", "{name}");
+        }
+    }
+
+    #[test]
     fn unpack_verifies_the_diff_id_and_skips_a_layer_already_there() {
         let t = tempfile::tempdir().unwrap();
         let mut b = tar::Builder::new(Vec::new());
