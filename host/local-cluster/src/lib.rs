@@ -43,9 +43,10 @@ pub struct ClusterOptions {
     /// a running cluster with [`LocalCluster::load_image_archive`] or the API's
     /// `POST /keel/v1/images` (the archive as the body).
     pub images_from: Option<PathBuf>,
-    /// An image not in the store runs on the host's root filesystem (read-only; or its
-    /// `images_dir` rootfs). `true` by default; with `false` its pull fails with containerd's
-    /// `not found` (ErrImagePull, then ImagePullBackOff). A stored image always runs from the store.
+    /// An image not in the store runs on the host's root filesystem (read-only). `true` by
+    /// default; with `false` its pull fails with containerd's `not found` (ErrImagePull, then
+    /// ImagePullBackOff) unless `images_dir` maps its name to a rootfs. A stored image always
+    /// runs from the store.
     pub host_rootfs: bool,
     /// Images neither on the node nor pullable: ErrImagePull, then ImagePullBackOff, retried
     /// with the kubelet's back-off (ErrImageNeverPull with `imagePullPolicy: Never`).

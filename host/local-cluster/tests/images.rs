@@ -550,3 +550,68 @@ async fn the_example_busybox_archive_runs() {
     assert_eq!(container_status(&p).image, "docker.io/keel-examples/busybox:1");
     cluster.stop().await;
 }
+
+/// Digests are checked: a file an OCI layout names by digest must have it, and a layer must be
+/// what the config's diff IDs say. A refused archive adds nothing to the store.
+#[tokio::test]
+async fn tampered_archives_are_refused() {
+    let cluster = common::cluster_with(ClusterOptions { host_rootfs: false, ..Default::default() }).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // An OCI layout whose config blob is not what its name says.
+    let good = dir.path().join("good.tar");
+    write_oci_archive(&good, "keel-test/tampered:1");
+    let tampered = dir.path().join("tampered-blob.tar");
+    let mut out = tar::Builder::new(std::fs::File::create(&tampered).unwrap());
+    let mut input = tar::Archive::new(std::fs::File::open(&good).unwrap());
+    for e in input.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+        if data.starts_with(br#"{"architecture""#) {
+            data = String::from_utf8(data).unwrap().replace("from-image", "from-tamper").into_bytes();
+        }
+        tar_file(&mut out, &path, &data);
+    }
+    out.finish().unwrap();
+    let err = cluster.load_image_archive(&tampered).await.unwrap_err().to_string();
+    assert!(err.contains("digest mismatch"), "{err}");
+
+    // A docker-archive whose layers are listed in the wrong order: neither is the first diff ID.
+    let docker = dir.path().join("docker.tar");
+    write_docker_archive(&docker, "keel-test/tampered:2");
+    let swapped = dir.path().join("swapped.tar");
+    let mut out = tar::Builder::new(std::fs::File::create(&swapped).unwrap());
+    let mut input = tar::Archive::new(std::fs::File::open(&docker).unwrap());
+    for e in input.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+        if path == "manifest.json" {
+            data = String::from_utf8(data)
+                .unwrap()
+                .replace("layer0/", "layerX/")
+                .replace("layer1/", "layer0/")
+                .replace("layerX/", "layer1/")
+                .into_bytes();
+        }
+        tar_file(&mut out, &path, &data);
+    }
+    out.finish().unwrap();
+    let err = cluster.load_image_archive(&swapped).await.unwrap_err().to_string();
+    assert!(err.contains("layer digest mismatch"), "{err}");
+
+    // Neither image can run.
+    let pods: Api<Pod> = Api::default_namespaced(cluster.client().unwrap());
+    for (name, image) in [("one", "keel-test/tampered:1"), ("two", "keel-test/tampered:2")] {
+        pods.create(&PostParams::default(), &pod(name, image, json!({}))).await.unwrap();
+        let pulled_failed = |p: Option<&Pod>| {
+            p.and_then(|p| p.status.as_ref()?.container_statuses.as_ref()?.first()?.state.as_ref()?.waiting.clone())
+                .is_some_and(|w| w.reason.as_deref() == Some("ErrImagePull"))
+        };
+        tokio::time::timeout(TIMEOUT, await_condition(pods.clone(), name, pulled_failed)).await.expect(name).unwrap();
+    }
+    cluster.stop().await;
+}

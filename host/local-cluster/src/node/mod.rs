@@ -192,9 +192,9 @@ pub struct NodeImages {
     /// Every image archive (docker-archive or OCI layout tarball) in this directory is loaded
     /// into the store at start.
     pub images_from: Option<PathBuf>,
-    /// An image not in the store runs on the host's root filesystem (or its `images_dir` rootfs),
-    /// as before the store existed; `false`: its pull fails as containerd's does for an image no
-    /// registry has. An image in the store always runs from the store.
+    /// An image not in the store runs on the host's root filesystem, as before the store existed;
+    /// `false`: its pull fails as containerd's does for an image no registry has, unless
+    /// `images_dir` maps its name to a rootfs. An image in the store always runs from the store.
     pub host_rootfs: bool,
 }
 
@@ -372,6 +372,7 @@ impl Node {
         let images = image::Images {
             store: Some(Arc::new(store)),
             host_rootfs: image_opts.host_rootfs,
+            images_dir: cfg.images_dir.clone(),
             unavailable: cfg.unavailable_images.clone(),
             cached_unpullable: cfg.cached_unpullable_images.clone(),
         };

@@ -154,7 +154,8 @@ fn merge_dir(src: &Path, dest: &Path, as_root: bool, dir_modes: &mut Vec<(PathBu
         let name_str = name.to_string_lossy();
         if let Some(hidden) = name_str.strip_prefix(WHITEOUT_PREFIX) {
             // `.wh..wh.*` are markers (opaque above, aufs' own); the rest hide a name below.
-            if !hidden.starts_with(WHITEOUT_PREFIX) {
+            // `.wh..` must not reach above the directory.
+            if !hidden.starts_with(WHITEOUT_PREFIX) && !matches!(hidden, "" | "." | "..") {
                 let target = dest.join(hidden);
                 if target.symlink_metadata().is_ok() {
                     remove_all(&target)?;
@@ -242,7 +243,13 @@ mod tests {
         );
         let l2 = layer(
             &t.path().join("l2"),
-            &[("etc/.wh.gone", ""), ("opt/old/.wh..wh..opq", ""), ("opt/old/new", "2"), ("bin/x", "new")],
+            &[
+                ("etc/.wh.gone", ""),
+                ("etc/.wh...", ""),
+                ("opt/old/.wh..wh..opq", ""),
+                ("opt/old/new", "2"),
+                ("bin/x", "new"),
+            ],
         );
         let root = t.path().join("root");
         merge(&[l1, l2], &root, false).unwrap();
@@ -253,6 +260,7 @@ mod tests {
         assert_eq!(read("opt/old/new").as_deref(), Some("2"), "but keeps its own layer's");
         assert_eq!(read("bin/x").as_deref(), Some("new"));
         assert!(!root.join("etc/.wh.gone").exists(), "markers are not part of the root");
+        assert!(root.join("bin/x").exists(), "a whiteout of `..` removes nothing");
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub(crate) struct Images {
     pub store: Option<Arc<Store>>,
     /// An image not in the store runs on the host's root filesystem.
     pub host_rootfs: bool,
+    /// `images_dir`: an image with a rootfs here runs on it, even without `host_rootfs` (the
+    /// image name is mapped explicitly).
+    pub images_dir: Option<std::path::PathBuf>,
     pub unavailable: Vec<String>,
     pub cached_unpullable: Vec<String>,
 }
@@ -62,7 +65,8 @@ impl Images {
         }
         let listed = |l: &[String]| l.iter().any(|i| i == image);
         let stored = self.store.as_ref().and_then(|s| s.get(image));
-        let on_host = self.host_rootfs && !listed(&self.unavailable);
+        let mapped = self.images_dir.as_ref().is_some_and(|d| d.join(image.replace(['/', ':'], "_")).is_dir());
+        let on_host = (self.host_rootfs || mapped) && !listed(&self.unavailable);
         let present = stored.is_some() || on_host;
         let pullable = stored.is_some() || (on_host && !listed(&self.cached_unpullable));
         let policy = policy.map_or_else(|| default_pull_policy(image), str::to_owned);
@@ -116,7 +120,16 @@ mod tests {
 
     #[test]
     fn without_the_host_rootfs_an_image_not_in_the_store_fails_its_pull() {
-        let images = Images { store: None, host_rootfs: false, unavailable: vec![], cached_unpullable: vec![] };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("mapped_1")).unwrap();
+        let images = Images {
+            store: None,
+            host_rootfs: false,
+            images_dir: Some(dir.path().to_path_buf()),
+            unavailable: vec![],
+            cached_unpullable: vec![],
+        };
+        assert_eq!(images.check("mapped:1", None), ImageCheck::Ready(None), "mapped explicitly by images_dir");
         assert_eq!(
             images.check("x:1", None),
             ImageCheck::PullFailed(
@@ -134,6 +147,7 @@ mod tests {
         let images = Images {
             store: None,
             host_rootfs: true,
+            images_dir: None,
             unavailable: vec!["gone:1".into()],
             cached_unpullable: vec!["cached:1".into()],
         };
