@@ -182,7 +182,13 @@ fn tar_file(b: &mut tar::Builder<impl Write>, path: &str, data: &[u8]) {
 
 /// `docker save`'s format (the pre-25 layout: `<id>/layer.tar`, `<config hex>.json`).
 fn write_docker_archive(path: &Path, tag: &str) {
-    let layers = vec![base_layer(), app_layer()];
+    write_docker_archive_with(path, tag, Vec::new())
+}
+
+/// The same with more layers on top.
+fn write_docker_archive_with(path: &Path, tag: &str, more: Vec<Vec<u8>>) {
+    let mut layers = vec![base_layer(), app_layer()];
+    layers.extend(more);
     let cfg = config(&layers);
     let cfg_name = format!("{}.json", sha256(&cfg).trim_start_matches("sha256:"));
     let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
@@ -436,6 +442,16 @@ async fn an_oci_archive_loads_into_a_running_cluster_through_the_api() {
     let answer: serde_json::Value = client.request(request()).await.unwrap();
     assert_eq!(answer["images"][0]["names"], json!(["registry.example:5000/team/app:v2"]));
     assert_eq!(answer["images"][0]["repo_digest"], json!(index_digest));
+
+    // Larger than any API object may be (3 MiB): archives are streamed to disk.
+    let docker = dir.path().join("docker.tar");
+    let padding = tar_of(&[("padding", "x".repeat(1024 * 1024), 0o644)]);
+    write_docker_archive_with(&docker, "keel-test/big:1", vec![padding]);
+    let big = std::fs::read(&docker).unwrap();
+    assert!(big.len() > 3 * 1024 * 1024, "{}", big.len());
+    let answer: serde_json::Value =
+        client.request(axum::http::Request::post("/keel/v1/images").body(big).unwrap()).await.unwrap();
+    assert_eq!(answer["images"][0]["names"], json!(["docker.io/keel-test/big:1"]));
 
     // Not an archive: a 400 that says why.
     let bad = axum::http::Request::post("/keel/v1/images").body(b"not a tar".to_vec()).unwrap();
