@@ -271,7 +271,7 @@ async fn run(pods: &Api<Pod>, p: Pod) -> (std::collections::BTreeMap<String, Str
         p.and_then(|p| p.status.as_ref()?.phase.as_deref()).is_some_and(|ph| ph == "Succeeded" || ph == "Failed")
     });
     let pod = tokio::time::timeout(TIMEOUT, done).await.expect("the pod ends").unwrap().unwrap();
-    let log = pods.logs(&name, &LogParams::default()).await.unwrap();
+    let log = pods.logs(&name, &LogParams { container: Some("main".into()), ..Default::default() }).await.unwrap();
     let report = log.lines().filter_map(|l| l.split_once(':')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
     assert_eq!(pod.status.as_ref().unwrap().phase.as_deref(), Some("Succeeded"), "{log}\n{pod:?}");
     (report, pod)
@@ -630,4 +630,68 @@ async fn tampered_archives_are_refused() {
         tokio::time::timeout(TIMEOUT, await_condition(pods.clone(), name, pulled_failed)).await.expect(name).unwrap();
     }
     cluster.stop().await;
+}
+
+/// Volumes mount into the image's root at paths it lacks (as a job's `/builds/...`), writable
+/// by the image's user; a configMap volume read-only.
+#[tokio::test]
+async fn volumes_mount_into_the_images_root() {
+    let (cluster, _dir) = cluster_with_docker_archive("keel-test/app:1.0", true).await;
+    let client = cluster.client().unwrap();
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::default_namespaced(client.clone());
+    let cm = serde_json::from_value(json!({"metadata": {"name": "conf"}, "data": {"key": "from-configmap"}})).unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    let pods: Api<Pod> = Api::default_namespaced(client);
+    let p: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "volumes"},
+        "spec": {
+            "restartPolicy": "Never",
+            "volumes": [{"name": "builds", "emptyDir": {}}, {"name": "conf", "configMap": {"name": "conf"}}],
+            "containers": [{
+                "name": "main", "image": "keel-test/app:1.0",
+                "workingDir": "/builds/group/project",
+                "command": ["/bin/sh", "-c",
+                    "echo made > file && echo \"wrote:$(cat /builds/group/project/file)\"; \
+                     echo \"pwd:$(pwd)\"; echo \"conf:$(cat /etc/conf/key)\"; echo \"id:$(id -u)\"; \
+                     echo \"hello:$(cat /app/hello.txt)\""],
+                "volumeMounts": [{"name": "builds", "mountPath": "/builds"}, {"name": "conf", "mountPath": "/etc/conf"}],
+                "securityContext": {"runAsUser": 0}
+            }, {
+                "name": "user", "image": "keel-test/app:1.0",
+                "command": ["/bin/sh", "-c", "sleep 1; echo \"user:$(id -u):$(cat /builds/group/project/file)\""],
+                "volumeMounts": [{"name": "builds", "mountPath": "/builds"}]
+            }]
+        }
+    }))
+    .unwrap();
+    let (r, _) = run(&pods, p).await;
+    assert_eq!((r["wrote"].as_str(), r["pwd"].as_str()), ("made", "/builds/group/project"));
+    assert_eq!(
+        (r["conf"].as_str(), r["id"].as_str(), r["hello"].as_str()),
+        ("from-configmap", "0", "hello from the image")
+    );
+    let user_log =
+        pods.logs("volumes", &LogParams { container: Some("user".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(user_log.trim(), "user:1234:made");
+    cluster.stop().await;
+}
+
+/// A cluster started again on a kept data dir still has the images loaded into it.
+#[tokio::test]
+async fn a_kept_data_dir_keeps_its_images() {
+    let data = tempfile::tempdir().unwrap();
+    let opts =
+        || ClusterOptions { data_dir: Some(data.path().to_path_buf()), host_rootfs: false, ..Default::default() };
+    let first = common::cluster_with(opts()).await;
+    let archive = data.path().join("app.tar");
+    write_docker_archive(&archive, "keel-test/kept:1");
+    first.load_image_archive(&archive).await.unwrap();
+    first.stop().await;
+    std::fs::remove_file(&archive).unwrap();
+
+    let second = common::cluster_with(opts()).await;
+    let pods: Api<Pod> = Api::default_namespaced(second.client().unwrap());
+    let (r, _) = run(&pods, pod("kept", "keel-test/kept:1", json!({}))).await;
+    assert_eq!(r["hello"], "hello from the image");
+    second.stop().await;
 }
