@@ -447,9 +447,10 @@ impl PodRuntime {
     }
 
     /// The kubelet's `EnsureImageExists` for one start: returns once the image is there (the
-    /// stored image, or `None` for the host's root), or `None` when the pod stops first. A failed pull shows ErrImagePull for one back-off base
-    /// (the kubelet's next sync), then ImagePullBackOff for the current back-off, then pulls
-    /// again; the back-off doubles up to its cap.
+    /// stored image, or `None` for the host's root), or `None` when the pod stops first. A
+    /// failed pull shows ErrImagePull for one back-off base (the kubelet's next sync), then
+    /// ImagePullBackOff for the current back-off, then pulls again; the back-off doubles up to
+    /// its cap.
     async fn ensure_image(
         &self,
         rt: &Arc<ContainerRt>,
@@ -1009,8 +1010,9 @@ fn resource_limits(c: &Container) -> Result<(Option<u64>, Option<CpuSettings>), 
     Ok((memory, cpu))
 }
 
-/// The process a container runs. There is no image config to read, so every image is taken to
-/// have an empty entrypoint and `sh` as its cmd, as busybox and alpine have: `command` replaces
+/// The process a container on the host's root runs (a stored image's config decides it for
+/// its containers, see `image::config`). There is no image config to read, so every image is
+/// taken to have an empty entrypoint and `sh` as its cmd, as busybox and alpine have: `command` replaces
 /// the entrypoint (args follow it), `args` alone are the whole command line, and neither runs `sh`.
 fn argv(c: &Container, env: &[(String, String)]) -> Vec<String> {
     let command = c.command.clone().filter(|c| !c.is_empty());
