@@ -154,7 +154,7 @@ fn sha256(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(b)))
 }
 
-fn config(layers: &[Vec<u8>]) -> Vec<u8> {
+fn config(layers: &[Vec<u8>], user: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
@@ -163,7 +163,7 @@ fn config(layers: &[Vec<u8>]) -> Vec<u8> {
             "Cmd": ["from-cmd"],
             "Env": ["PATH=/bin", "GREETING=from-image"],
             "WorkingDir": "/app",
-            "User": "app"
+            "User": user
         },
         "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| sha256(l)).collect::<Vec<_>>()}
     }))
@@ -182,14 +182,14 @@ fn tar_file(b: &mut tar::Builder<impl Write>, path: &str, data: &[u8]) {
 
 /// `docker save`'s format (the pre-25 layout: `<id>/layer.tar`, `<config hex>.json`).
 fn write_docker_archive(path: &Path, tag: &str) {
-    write_docker_archive_with(path, tag, Vec::new())
+    write_docker_archive_with(path, tag, "app", Vec::new())
 }
 
-/// The same with more layers on top.
-fn write_docker_archive_with(path: &Path, tag: &str, more: Vec<Vec<u8>>) {
+/// The same with another `User` and more layers on top.
+fn write_docker_archive_with(path: &Path, tag: &str, user: &str, more: Vec<Vec<u8>>) {
     let mut layers = vec![base_layer(), app_layer()];
     layers.extend(more);
-    let cfg = config(&layers);
+    let cfg = config(&layers, user);
     let cfg_name = format!("{}.json", sha256(&cfg).trim_start_matches("sha256:"));
     let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
     let mut layer_paths = Vec::new();
@@ -208,7 +208,7 @@ fn write_docker_archive_with(path: &Path, tag: &str, more: Vec<Vec<u8>>) {
 /// blobs are absent: only linux/amd64 must be read). Returns the index's digest.
 fn write_oci_archive(path: &Path, name: &str) -> String {
     let layers = vec![base_layer(), app_layer()];
-    let cfg = config(&layers);
+    let cfg = config(&layers, "app");
     let gz: Vec<Vec<u8>> = layers
         .iter()
         .map(|l| {
@@ -446,7 +446,7 @@ async fn an_oci_archive_loads_into_a_running_cluster_through_the_api() {
     // Larger than any API object may be (3 MiB): archives are streamed to disk.
     let docker = dir.path().join("docker.tar");
     let padding = tar_of(&[("padding", "x".repeat(1024 * 1024), 0o644)]);
-    write_docker_archive_with(&docker, "keel-test/big:1", vec![padding]);
+    write_docker_archive_with(&docker, "keel-test/big:1", "app", vec![padding]);
     let big = std::fs::read(&docker).unwrap();
     assert!(big.len() > 3 * 1024 * 1024, "{}", big.len());
     let answer: serde_json::Value =
@@ -694,4 +694,32 @@ async fn a_kept_data_dir_keeps_its_images() {
     let (r, _) = run(&pods, pod("kept", "keel-test/kept:1", json!({}))).await;
     assert_eq!(r["hello"], "hello from the image");
     second.stop().await;
+}
+
+/// An image whose `User` its passwd lacks cannot be created: CreateContainerError, with
+/// containerd's words.
+#[tokio::test]
+async fn an_image_user_missing_from_its_passwd_is_a_create_error() {
+    let dir = tempfile::tempdir().unwrap();
+    write_docker_archive_with(&dir.path().join("ghost.tar"), "keel-test/ghost:1", "ghost", Vec::new());
+    let cluster =
+        common::cluster_with(ClusterOptions { images_from: Some(dir.path().to_path_buf()), ..Default::default() })
+            .await;
+    let pods: Api<Pod> = Api::default_namespaced(cluster.client().unwrap());
+    pods.create(&PostParams::default(), &pod("ghost", "keel-test/ghost:1", json!({}))).await.unwrap();
+    let create_error = |p: Option<&Pod>| {
+        p.and_then(|p| p.status.as_ref()?.container_statuses.as_ref()?.first()?.state.as_ref()?.waiting.clone())
+            .is_some_and(|w| w.reason.as_deref() == Some("CreateContainerError"))
+    };
+    let p = tokio::time::timeout(TIMEOUT, await_condition(pods.clone(), "ghost", create_error))
+        .await
+        .expect("CreateContainerError")
+        .unwrap()
+        .unwrap();
+    let waiting = container_status(&p).state.as_ref().unwrap().waiting.clone().unwrap();
+    assert_eq!(waiting.message.as_deref(), Some("unable to find user ghost: no matching entries in passwd file"));
+    // The image's user given as a number need not exist.
+    let (r, _) = run(&pods, pod("numeric", "keel-test/ghost:1", json!({"securityContext": {"runAsUser": 4321}}))).await;
+    assert_eq!((r["id"].as_str(), r["home"].as_str()), ("4321:0", "/"));
+    cluster.stop().await;
 }

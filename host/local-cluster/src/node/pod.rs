@@ -408,9 +408,9 @@ impl PodRuntime {
             };
             let code = match self.run_instance(rt, restarts, ns.clone(), &data, image.as_ref(), stop).await {
                 Ok(code) => code,
-                Err(msg) => {
+                Err(CreateFailure { reason, message }) => {
                     // Config errors do not go away by retrying; the container waits like a kubelet's.
-                    self.set_container(&name, |cs| cs.state = Some(waiting("CreateContainerConfigError", Some(msg))));
+                    self.set_container(&name, |cs| cs.state = Some(waiting(reason, Some(message))));
                     let _ = stop.wait_for(Option::is_some).await;
                     return false;
                 }
@@ -496,7 +496,7 @@ impl PodRuntime {
         data: &ResolvedVolumes,
         stored: Option<&Arc<StoredImage>>,
         stop: &mut watch::Receiver<Option<Duration>>,
-    ) -> Result<i32, String> {
+    ) -> Result<i32, CreateFailure> {
         let Some(node) = self.node() else { return Ok(137) };
         let c = &rt.spec;
         let image = c.image.clone().unwrap_or_default();
@@ -511,19 +511,21 @@ impl PodRuntime {
                 (env, argv, working_dir, None, Rootfs::ReadOnly(root))
             }
             Some(img) => {
-                let defaults = image::image_defaults(&self.pod, c, img)?;
+                // The runtime's failures to apply the image's config: CreateContainerError.
+                let runtime = |message: String| CreateFailure { reason: "CreateContainerError", message };
+                let defaults = image::image_defaults(&self.pod, c, img).map_err(runtime)?;
                 let mut env = build_env_over(&self.pod, c, data, defaults.env)?;
                 if !env.iter().any(|(k, _)| k == "HOME") {
                     env.push(("HOME".into(), defaults.home));
                 }
-                let argv = img.run.argv(c.command.as_deref(), c.args.as_deref())?;
+                let argv = img.run.argv(c.command.as_deref(), c.args.as_deref()).map_err(runtime)?;
                 let argv = argv.iter().map(|a| expand(a, &env)).collect();
                 let dir = writable_dir.clone();
                 let (img2, hostname) = (img.clone(), self.name.clone());
                 let overlay = tokio::task::spawn_blocking(move || image::writable_root(&img2, &dir, &hostname, POD_IP))
                     .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("cannot make the container's writable layer: {e}"))?;
+                    .map_err(|e| runtime(e.to_string()))?
+                    .map_err(|e| runtime(format!("cannot make the container's writable layer: {e}")))?;
                 (env, argv, defaults.working_dir, defaults.user, Rootfs::Overlay(overlay))
             }
         };
@@ -850,6 +852,20 @@ impl PodRuntime {
         let cur = c.current.lock().expect("current lock").clone();
         cur.map(|i| i.log.clone())
             .ok_or_else(|| NodeError::NotRunning { pod: self.name.clone(), container: name.into() })
+    }
+}
+
+/// Why a container could not be created: the kubelet's waiting reason and message.
+#[derive(Debug)]
+struct CreateFailure {
+    reason: &'static str,
+    message: String,
+}
+
+/// What the kubelet finds wrong in the pod's spec (a missing Secret, a bad quantity).
+impl From<String> for CreateFailure {
+    fn from(message: String) -> Self {
+        CreateFailure { reason: "CreateContainerConfigError", message }
     }
 }
 
