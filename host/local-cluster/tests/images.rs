@@ -441,7 +441,7 @@ async fn an_oci_archive_loads_into_a_running_cluster_through_the_api() {
     let client = cluster.client().unwrap();
     let answer: serde_json::Value = client.request(request()).await.unwrap();
     assert_eq!(answer["images"][0]["names"], json!(["registry.example:5000/team/app:v2"]));
-    assert_eq!(answer["images"][0]["repo_digest"], json!(index_digest));
+    assert_eq!(answer["images"][0]["repoDigest"], json!(index_digest));
 
     // Larger than any API object may be (3 MiB): archives are streamed to disk.
     let docker = dir.path().join("docker.tar");

@@ -3,7 +3,7 @@
 //! image-archive` does for a kind node. Not a Kubernetes API (a kubelet's images are not API
 //! objects), so it lives outside `/api` and `/apis`, behind the same authentication.
 //!
-//! The answer is `{"images": [{"names": [...], "id": "sha256:...", "repo_digest": "sha256:..."}]}`;
+//! The answer is `{"images": [{"names": [...], "id": "sha256:...", "repoDigest": "sha256:..."}]}`;
 //! a body that is no image archive is a 400 Status naming what is wrong with it.
 
 use axum::body::Body;

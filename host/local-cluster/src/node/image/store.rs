@@ -64,8 +64,9 @@ impl PartialEq for StoredImage {
 
 impl Eq for StoredImage {}
 
-/// What was loaded, as the load endpoint reports it.
+/// What was loaded, as the load endpoint reports it (camelCase, as the API's other JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct LoadedImage {
     /// Normalized (`docker.io/library/busybox:1.36`).
     pub names: Vec<String>,
