@@ -462,12 +462,59 @@ async fn api_level(rows: &mut Vec<Row>, node: &NodeFigures) {
     cluster.stop().await;
 }
 
+/// Pods of a stored image (a busybox image from `examples/images/busybox-archive.sh`, on a
+/// writable overlay of their own) against pods on the host's root, in the same cluster,
+/// interleaved: create -> Running seen through a watch.
+async fn image_level(rows: &mut Vec<Row>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/images/busybox-archive.sh");
+    let out = std::process::Command::new("sh")
+        .arg(script)
+        .arg(dir.path().join("busybox.tar"))
+        .arg("keel-examples/busybox:bench")
+        .output()
+        .expect("sh runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let opts = ClusterOptions { images_from: Some(dir.path().to_path_buf()), ..ClusterOptions::default() };
+    let cluster = LocalCluster::start(opts).await.expect("cluster starts");
+    let pods: Api<Pod> = Api::default_namespaced(cluster.client().expect("kube client"));
+    eprintln!("images: pod create -> Running, stored image and host rootfs...");
+    let (mut stored, mut host) = (Vec::new(), Vec::new());
+    for i in 0..ITER {
+        for (kind, image, samples) in
+            [("stored", "keel-examples/busybox:bench", &mut stored), ("host", "busybox", &mut host)]
+        {
+            let mut pod = api_pod(&format!("{kind}-{i}"), &["sleep", "3600"]);
+            pod.spec.as_mut().expect("spec").containers[0].image = Some(image.into());
+            let t = Instant::now();
+            let created = create_and_wait(&pods, &pod, conditions::is_pod_running()).await;
+            samples.push(t.elapsed());
+            delete(&pods, &created).await;
+        }
+    }
+    let (host_median, _) = stats(host);
+    rows.push(
+        Row::latency(
+            format!("API: create -> Running, stored image on an overlay ({ITER})"),
+            stored,
+            "the same on the host rootfs",
+            host_median,
+        )
+        .0,
+    );
+    cluster.stop().await;
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let started = Instant::now();
     let mut rows = Vec::new();
-    let node = node_level(&mut rows).await;
-    api_level(&mut rows, &node).await;
+    // `KEEL_BENCH=images` runs only the image rows.
+    if std::env::var("KEEL_BENCH").as_deref() != Ok("images") {
+        let node = node_level(&mut rows).await;
+        api_level(&mut rows, &node).await;
+    }
+    image_level(&mut rows).await;
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
 
     println!("| measurement (samples) | median | p90 | baseline (median) | ratio |");

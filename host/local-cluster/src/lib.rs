@@ -27,9 +27,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// How to start a cluster. `Default` gives a random port, a temporary data dir and HTTPS that
-/// requires the client certificate written into the kubeconfig (see [`LocalCluster::client`]).
-#[derive(Debug, Clone, Default)]
+/// How to start a cluster. `Default` gives a random port, a temporary data dir, HTTPS that
+/// requires the client certificate written into the kubeconfig (see [`LocalCluster::client`]),
+/// and containers of images not in the node's store on the host's root filesystem.
+#[derive(Debug, Clone)]
 pub struct ClusterOptions {
     /// Port on 127.0.0.1; `None` picks a free one.
     pub port: Option<u16>,
@@ -37,6 +38,16 @@ pub struct ClusterOptions {
     pub data_dir: Option<PathBuf>,
     /// Root filesystems by image name (see `node::NodeConfig::images_dir`).
     pub images_dir: Option<PathBuf>,
+    /// Every image archive (docker-archive or OCI layout tarball: `.tar`, `.tar.gz`, `.tgz`) in
+    /// this directory is loaded into the node's image store at start; more can be loaded into
+    /// a running cluster with [`LocalCluster::load_image_archive`] or the API's
+    /// `POST /keel/v1/images` (the archive as the body).
+    pub images_from: Option<PathBuf>,
+    /// An image not in the store runs on the host's root filesystem (read-only). `true` by
+    /// default; with `false` its pull fails with containerd's `not found` (ErrImagePull, then
+    /// ImagePullBackOff) unless `images_dir` maps its name to a rootfs. A stored image always
+    /// runs from the store.
+    pub host_rootfs: bool,
     /// Images neither on the node nor pullable: ErrImagePull, then ImagePullBackOff, retried
     /// with the kubelet's back-off (ErrImageNeverPull with `imagePullPolicy: Never`).
     pub unavailable_images: Vec<String>,
@@ -59,6 +70,24 @@ pub struct ClusterOptions {
     /// serves HTTPS with a CA and server certificate made at start (`ca.crt`, `server.crt`,
     /// `server.key` in the data dir) and requires a client certificate from that CA or the token.
     pub insecure_unauthenticated: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            port: None,
+            data_dir: None,
+            images_dir: None,
+            images_from: None,
+            host_rootfs: true,
+            unavailable_images: Vec::new(),
+            cached_unpullable_images: Vec::new(),
+            backoff_base: None,
+            token: None,
+            watch_history: None,
+            insecure_unauthenticated: false,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,8 +191,10 @@ impl LocalCluster {
             backoff_base: opts.backoff_base.unwrap_or(node::DEFAULT_BACKOFF_BASE),
             node_name: NODE_NAME.to_owned(),
         };
-        let node =
-            node::Node::new(node_cfg, kubelet::status_sink(Arc::downgrade(&store))).map_err(ClusterError::Node)?;
+        let node_images = node::NodeImages { images_from: opts.images_from.clone(), host_rootfs: opts.host_rootfs };
+        let node = node::Node::with_images(node_cfg, node_images, kubelet::status_sink(Arc::downgrade(&store)))
+            .map_err(ClusterError::Node)?;
+        node.load_images_from().await.map_err(ClusterError::Node)?;
         let state = Arc::new(api::ApiState {
             store,
             node,
@@ -268,6 +299,11 @@ impl LocalCluster {
     /// The embedded node (tests inspect its processes).
     pub fn node(&self) -> &node::Node {
         &self.state.node
+    }
+
+    /// Loads the images of an archive (docker-archive or OCI layout tarball) into the node's store.
+    pub async fn load_image_archive(&self, path: &Path) -> Result<Vec<node::LoadedImage>, node::NodeError> {
+        self.state.node.load_image_archive(path).await
     }
 
     /// A kube-rs client for this cluster, with the kubeconfig's credential (the client

@@ -1,6 +1,7 @@
 //! The HTTP surface: routing of `/api/v1/...` paths to verbs, authentication, discovery.
 
 mod continuation;
+pub mod images;
 mod objects;
 mod pods;
 pub mod query;
@@ -70,6 +71,7 @@ pub fn router(state: Shared) -> Router {
         .route("/openapi/v3/api/v1", get(|| async { json_response(StatusCode::OK, &crate::openapi::core_v1()) }))
         .route("/api/v1", get(|| async { json_response(StatusCode::OK, &discovery::core_v1_resources()) }))
         .route("/api/v1/{*rest}", axum::routing::any(dispatch))
+        .route(images::PATH, axum::routing::post(images::load))
         .route(
             "/apis/{group}",
             get(|axum::extract::Path(group): axum::extract::Path<String>| async move {

@@ -20,6 +20,11 @@
 //! #[derive(Clone)] pub struct Node { .. }
 //! impl Node {
 //!     pub fn new(cfg: NodeConfig, on_status: StatusSink) -> Result<Node, NodeError>;
+//!     /// As `new`, with the image store's options (`images_from`, `host_rootfs`; see `NodeImages`).
+//!     pub fn with_images(cfg: NodeConfig, images: NodeImages, on_status: StatusSink) -> Result<Node, NodeError>;
+//!     /// Load every archive of `images_from`, or one archive, into the store.
+//!     pub async fn load_images_from(&self) -> Result<Vec<LoadedImage>, NodeError>;
+//!     pub async fn load_image_archive(&self, path: &Path) -> Result<Vec<LoadedImage>, NodeError>;
 //!     /// The pod is stored, defaulted, has uid/name/namespace. `volumes` carries the data of its
 //!     /// configMap and secret volumes (volume name -> key -> bytes), resolved by the API layer.
 //!     /// Returns at once; progress is reported through the StatusSink.
@@ -72,6 +77,21 @@
 //! code between fork and exec. The few things bwrap cannot do (join the pod's user and network
 //! namespaces, join the container's cgroups, die with this process) are done in `pre_exec` before
 //! bwrap starts; that is the crate's only `unsafe` (see `sandbox.rs`).
+//!
+//! # Images
+//! The node keeps an image store in `data_dir/images` (see `image::store`): docker-archive and
+//! OCI layout tarballs are loaded into it (at start from `NodeImages::images_from`, later by
+//! `load_image_archive`, which the API serves as `POST /keel/v1/images`), every blob's digest
+//! checked, each layer unpacked once, each image's root merged once from its layers. A container
+//! of a stored image runs on an overlayfs of its own: the image's root as the read-only lower
+//! layer, a writable upper layer in the pod's directory (a restart gets a fresh one), mounted in a
+//! mount namespace made for the container before bwrap starts (bubblewrap 0.8 cannot mount
+//! overlays), in the pod's user namespace as an ordinary user (Linux 5.11 or later). The image's
+//! config applies as a kubelet on containerd applies it (`image::config`, `image::run`); a user
+//! other than root (the image's `User`, or `runAsUser`/`runAsGroup`) gets a user namespace of
+//! its own in which only that uid and gid exist, mapped to the pod's root: files appear owned
+//! by it, supplementary groups are not set. An image not in the store runs on the host's root
+//! (read-only) unless `NodeImages::host_rootfs` is off, when its pull fails as containerd's does.
 //!
 //! # Resources: what a kubelet would set
 //! Limits are enforced with per-container cgroups below a directory of the node's own
@@ -143,6 +163,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 
+pub use image::{LoadedImage, StoreError};
 pub use session::{ExitStatus, Session, TerminalSize};
 
 /// Configuration of the embedded node.
@@ -163,6 +184,24 @@ pub struct NodeConfig {
     /// to 30 times it (10 s to 5 min, as a kubelet's); tests shorten it.
     pub backoff_base: Duration,
     pub node_name: String,
+}
+
+/// Where the node's containers get their root filesystems (see `image`).
+#[derive(Debug, Clone)]
+pub struct NodeImages {
+    /// Every image archive (docker-archive or OCI layout tarball) in this directory is loaded
+    /// into the store at start.
+    pub images_from: Option<PathBuf>,
+    /// An image not in the store runs on the host's root filesystem, as before the store existed;
+    /// `false`: its pull fails as containerd's does for an image no registry has, unless
+    /// `images_dir` maps its name to a rootfs. An image in the store always runs from the store.
+    pub host_rootfs: bool,
+}
+
+impl Default for NodeImages {
+    fn default() -> Self {
+        NodeImages { images_from: None, host_rootfs: true }
+    }
 }
 
 /// The kubelet's initial back-off (`backOffPeriod`); the cap is `MAX_BACKOFF_FACTOR` times it.
@@ -251,6 +290,24 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot open the image store in {path}: {source}")]
+    ImageStore {
+        path: PathBuf,
+        #[source]
+        source: image::StoreError,
+    },
+    #[error("cannot load image archive {path}: {source}")]
+    ImageLoad {
+        path: PathBuf,
+        #[source]
+        source: image::StoreError,
+    },
+    #[error("cannot list image archives in {path}: {source}")]
+    ImagesFrom {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read log file {path}: {source}")]
     LogRead {
         path: PathBuf,
@@ -287,13 +344,21 @@ pub(crate) struct NodeInner {
     isolation: sandbox::Isolation,
     cgroups: cgroup::NodeCgroups,
     images: image::Images,
+    images_from: Option<PathBuf>,
     pods: Mutex<HashMap<String, Arc<pod::PodRuntime>>>,
     shut_down: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
-    /// Checks that bwrap works here and prepares `data_dir`.
+    /// Checks that bwrap works here and prepares `data_dir`; images as before the store existed
+    /// (every image on the host's root), with an empty store that `load_image_archive` fills.
     pub fn new(cfg: NodeConfig, on_status: StatusSink) -> Result<Node, NodeError> {
+        Node::with_images(cfg, NodeImages::default(), on_status)
+    }
+
+    /// As `new`, with the image store's options. Archives in `images_from` are not loaded here
+    /// (that takes a while): call `load_images_from`.
+    pub fn with_images(cfg: NodeConfig, image_opts: NodeImages, on_status: StatusSink) -> Result<Node, NodeError> {
         let rt = tokio::runtime::Handle::try_current().map_err(|_| NodeError::NoRuntime)?;
         for dir in [cfg.data_dir.join("pods"), cfg.data_dir.join("pvcs")] {
             std::fs::create_dir_all(&dir).map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
@@ -301,13 +366,20 @@ impl Node {
         let isolation = sandbox::Isolation::probe()?;
         let cgroups = cgroup::NodeCgroups::create(&isolation);
         let spawner = sandbox::Spawner::start(rt.clone());
+        let store_dir = cfg.data_dir.join("images");
+        let store = image::Store::open(&store_dir, isolation.root)
+            .map_err(|source| NodeError::ImageStore { path: store_dir.clone(), source })?;
         let images = image::Images {
+            store: Some(Arc::new(store)),
+            host_rootfs: image_opts.host_rootfs,
+            images_dir: cfg.images_dir.clone(),
             unavailable: cfg.unavailable_images.clone(),
             cached_unpullable: cfg.cached_unpullable_images.clone(),
         };
         Ok(Node {
             inner: Arc::new(NodeInner {
                 images,
+                images_from: image_opts.images_from,
                 cfg,
                 sink: on_status,
                 rt,
@@ -318,6 +390,42 @@ impl Node {
                 shut_down: std::sync::atomic::AtomicBool::new(false),
             }),
         })
+    }
+
+    /// Loads every archive in `NodeImages::images_from` (files ending in `.tar`, `.tar.gz` or
+    /// `.tgz`, in name order) into the store.
+    pub async fn load_images_from(&self) -> Result<Vec<image::LoadedImage>, NodeError> {
+        let Some(dir) = self.inner.images_from.clone() else { return Ok(Vec::new()) };
+        let list_err = |source| NodeError::ImagesFrom { path: dir.clone(), source };
+        let mut archives: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(list_err)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                p.is_file() && [".tar", ".tar.gz", ".tgz"].iter().any(|s| name.ends_with(s))
+            })
+            .collect();
+        archives.sort();
+        let mut loaded = Vec::new();
+        for a in archives {
+            loaded.extend(self.load_image_archive(&a).await?);
+        }
+        Ok(loaded)
+    }
+
+    /// Loads the images of one archive (docker-archive or OCI layout tarball) into the store.
+    pub async fn load_image_archive(&self, path: &std::path::Path) -> Result<Vec<image::LoadedImage>, NodeError> {
+        let store = self.inner.images.store.clone().expect("the node always has a store");
+        let owned = path.to_path_buf();
+        tokio::task::spawn_blocking(move || store.load(&owned))
+            .await
+            .unwrap_or_else(|e| Err(image::StoreError::Invalid { what: "image load".into(), why: e.to_string() }))
+            .map_err(|source| NodeError::ImageLoad { path: path.to_path_buf(), source })
+    }
+
+    /// Where uploaded archives are staged before loading (on the store's file system).
+    pub fn image_upload_dir(&self) -> PathBuf {
+        self.inner.cfg.data_dir.join("images")
     }
 
     /// Starts the pod in the background; progress arrives through the StatusSink.

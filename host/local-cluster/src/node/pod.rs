@@ -19,9 +19,9 @@ use tokio::sync::{mpsc, watch};
 
 use super::caps::Capabilities;
 use super::cgroup::{ContainerCgroup, Controller, CpuSettings, parse_cpu_millis, parse_memory};
-use super::image::ImageCheck;
+use super::image::{self, ImageCheck, StoredImage};
 use super::logs::{LogFile, Pipe};
-use super::sandbox::{self, Bind, ContainerSandbox, PodNamespaces, Stdios};
+use super::sandbox::{self, Bind, ContainerSandbox, PodNamespaces, Rootfs, Stdios};
 use super::session::exit_code;
 use super::volumes::{self, PodVolumes};
 use super::{MAX_BACKOFF_FACTOR, NodeError, NodeInner, ResolvedVolumes};
@@ -48,6 +48,9 @@ pub(crate) struct Instance {
     pub stdin_once: bool,
     /// The container's capabilities, which its execs get too.
     pub caps: Capabilities,
+    /// The container runs as a user other than the pod's root, in a user namespace of its own
+    /// that its execs join too.
+    pub own_user_ns: bool,
     /// `cgroup.procs` files of the container's cgroups, which its execs join too.
     pub cgroup_procs: Vec<std::path::PathBuf>,
     pub pty_master: Option<Arc<OwnedFd>>,
@@ -400,14 +403,14 @@ impl PodRuntime {
                 return false;
             }
             // As a kubelet: the image is ensured before every start, restarts included.
-            if !self.ensure_image(rt, stop).await {
+            let Some(image) = self.ensure_image(rt, stop).await else {
                 return false;
-            }
-            let code = match self.run_instance(rt, restarts, ns.clone(), &data, stop).await {
+            };
+            let code = match self.run_instance(rt, restarts, ns.clone(), &data, image.as_ref(), stop).await {
                 Ok(code) => code,
-                Err(msg) => {
+                Err(CreateFailure { reason, message }) => {
                     // Config errors do not go away by retrying; the container waits like a kubelet's.
-                    self.set_container(&name, |cs| cs.state = Some(waiting("CreateContainerConfigError", Some(msg))));
+                    self.set_container(&name, |cs| cs.state = Some(waiting(reason, Some(message))));
                     let _ = stop.wait_for(Option::is_some).await;
                     return false;
                 }
@@ -443,30 +446,35 @@ impl PodRuntime {
         }
     }
 
-    /// The kubelet's `EnsureImageExists` for one start: returns once the image is there, or
-    /// `false` when the pod stops first. A failed pull shows ErrImagePull for one back-off base
-    /// (the kubelet's next sync), then ImagePullBackOff for the current back-off, then pulls
-    /// again; the back-off doubles up to its cap.
-    async fn ensure_image(&self, rt: &Arc<ContainerRt>, stop: &mut watch::Receiver<Option<Duration>>) -> bool {
+    /// The kubelet's `EnsureImageExists` for one start: returns once the image is there (the
+    /// stored image, or `None` for the host's root), or `None` when the pod stops first. A
+    /// failed pull shows ErrImagePull for one back-off base (the kubelet's next sync), then
+    /// ImagePullBackOff for the current back-off, then pulls again; the back-off doubles up to
+    /// its cap.
+    async fn ensure_image(
+        &self,
+        rt: &Arc<ContainerRt>,
+        stop: &mut watch::Receiver<Option<Duration>>,
+    ) -> Option<Option<Arc<StoredImage>>> {
         let name = rt.spec.name.as_str();
         let image = rt.spec.image.clone().unwrap_or_default();
-        let Some((images, base)) = self.node().map(|n| (n.images.clone(), n.cfg.backoff_base)) else { return false };
+        let (images, base) = self.node().map(|n| (n.images.clone(), n.cfg.backoff_base))?;
         let max = base * MAX_BACKOFF_FACTOR;
         let mut backoff = base;
         loop {
             let (reason, msg) = match images.check(&image, rt.spec.image_pull_policy.as_deref()) {
-                ImageCheck::Ready => return true,
+                ImageCheck::Ready(stored) => return Some(stored),
                 ImageCheck::InvalidName(msg) => ("InvalidImageName", msg),
                 ImageCheck::NeverPull(msg) => ("ErrImageNeverPull", msg),
                 ImageCheck::PullFailed(msg) => {
                     self.set_container(name, |cs| cs.state = Some(waiting("ErrImagePull", Some(msg))));
                     if tokio::time::timeout(base, stop.wait_for(Option::is_some)).await.is_ok() {
-                        return false;
+                        return None;
                     }
                     let msg = format!("Back-off pulling image {image:?}");
                     self.set_container(name, |cs| cs.state = Some(waiting("ImagePullBackOff", Some(msg))));
                     if tokio::time::timeout(backoff, stop.wait_for(Option::is_some)).await.is_ok() {
-                        return false;
+                        return None;
                     }
                     backoff = (backoff * 2).min(max);
                     continue;
@@ -475,7 +483,7 @@ impl PodRuntime {
             // Neither goes away by retrying: the kubelet reports the same on every sync.
             self.set_container(name, |cs| cs.state = Some(waiting(reason, Some(msg))));
             let _ = stop.wait_for(Option::is_some).await;
-            return false;
+            return None;
         }
     }
 
@@ -486,17 +494,42 @@ impl PodRuntime {
         restarts: i32,
         ns: Option<Arc<PodNamespaces>>,
         data: &ResolvedVolumes,
+        stored: Option<&Arc<StoredImage>>,
         stop: &mut watch::Receiver<Option<Duration>>,
-    ) -> Result<i32, String> {
+    ) -> Result<i32, CreateFailure> {
         let Some(node) = self.node() else { return Ok(137) };
         let c = &rt.spec;
-        let env = build_env(&self.pod, c, data)?;
-        let argv = argv(c, &env);
-        let working_dir = c.working_dir.clone().unwrap_or_else(|| "/".into());
-        let binds = self.binds(c)?;
         let image = c.image.clone().unwrap_or_default();
-        let rootfs =
-            node.cfg.images_dir.as_ref().map(|d| d.join(image.replace(['/', ':'], "_"))).filter(|p| p.is_dir());
+        let writable_dir = self.dir.join("rootfs").join(format!("{}-{restarts}", c.name));
+        let (env, argv, working_dir, user, rootfs) = match stored {
+            None => {
+                let env = build_env(&self.pod, c, data)?;
+                let argv = argv(c, &env);
+                let working_dir = c.working_dir.clone().unwrap_or_else(|| "/".into());
+                let images_dir = node.cfg.images_dir.as_ref();
+                let root = images_dir.map(|d| d.join(image.replace(['/', ':'], "_"))).filter(|p| p.is_dir());
+                (env, argv, working_dir, None, Rootfs::ReadOnly(root))
+            }
+            Some(img) => {
+                // The runtime's failures to apply the image's config: CreateContainerError.
+                let runtime = |message: String| CreateFailure { reason: "CreateContainerError", message };
+                let defaults = image::image_defaults(&self.pod, c, img).map_err(runtime)?;
+                let mut env = build_env_over(&self.pod, c, data, defaults.env)?;
+                if !env.iter().any(|(k, _)| k == "HOME") {
+                    env.push(("HOME".into(), defaults.home));
+                }
+                let argv = img.run.argv(c.command.as_deref(), c.args.as_deref()).map_err(runtime)?;
+                let argv = argv.iter().map(|a| expand(a, &env)).collect();
+                let dir = writable_dir.clone();
+                let (img2, hostname) = (img.clone(), self.name.clone());
+                let overlay = tokio::task::spawn_blocking(move || image::writable_root(&img2, &dir, &hostname, POD_IP))
+                    .await
+                    .map_err(|e| runtime(e.to_string()))?
+                    .map_err(|e| runtime(format!("cannot make the container's writable layer: {e}")))?;
+                (env, argv, defaults.working_dir, defaults.user, Rootfs::Overlay(overlay))
+            }
+        };
+        let binds = self.binds(c)?;
         let log_path = self.dir.join("logs").join(&c.name).join(format!("{restarts}.log"));
         let log = LogFile::create(&log_path).map_err(|e| format!("cannot create log {}: {e}", log_path.display()))?;
         let (memory, cpu) = resource_limits(c)?;
@@ -526,6 +559,7 @@ impl PodRuntime {
         let share_pid = self.spec().share_process_namespace.unwrap_or(false);
         let sb = ContainerSandbox {
             rootfs,
+            user,
             binds,
             env: env.clone(),
             working_dir: working_dir.clone(),
@@ -540,7 +574,7 @@ impl PodRuntime {
             tty: None,
             caps,
         };
-        let started = sandbox::start_container(&node.spawner, sb, stdio).await;
+        let started = sandbox::start_container(&node.spawner, node.isolation, sb, stdio).await;
         drop(node);
         let mut started = match started {
             Ok(s) => s,
@@ -597,6 +631,7 @@ impl PodRuntime {
             stdin,
             stdin_once: c.stdin_once.unwrap_or(false),
             caps,
+            own_user_ns: user.is_some(),
             cgroup_procs: cgroup.as_ref().map(ContainerCgroup::procs_paths).unwrap_or_default(),
             pty_master,
             exited: exited_rx,
@@ -608,7 +643,15 @@ impl PodRuntime {
         }
         let started_at = now();
         let container_id = format!("keel://{}-{}-{restarts}", self.uid, c.name);
-        let image_id = format!("keel-image://{image}");
+        // As a kubelet on containerd reports them: the name as stored, the repository's digest.
+        let (status_image, image_id) = match stored {
+            Some(img) => {
+                let name = image::normalized(&image);
+                let repo_digest = format!("{}@{}", image::repository(&name), img.repo_digest);
+                (name, repo_digest)
+            }
+            None => (image.clone(), format!("keel-image://{image}")),
+        };
         let init = rt.init;
         self.set_container(&c.name, |cs| {
             if cs.state.as_ref().is_some_and(|s| s.terminated.is_some()) {
@@ -616,6 +659,7 @@ impl PodRuntime {
             }
             cs.restart_count = restarts;
             cs.container_id = Some(container_id.clone());
+            cs.image = status_image.clone();
             cs.image_id = image_id.clone();
             cs.started = Some(true);
             cs.ready = !init;
@@ -654,6 +698,10 @@ impl PodRuntime {
         if let Some(g) = cgroup {
             // Blocks while stray processes are killed and leave the cgroup.
             let _ = tokio::task::spawn_blocking(move || g.remove()).await;
+        }
+        if stored.is_some() {
+            // A restart gets a fresh writable layer, as from a container runtime.
+            let _ = tokio::task::spawn_blocking(move || image::remove_all(&writable_dir)).await;
         }
         let signal = status.as_ref().ok().and_then(|s| {
             use std::os::unix::process::ExitStatusExt;
@@ -774,7 +822,7 @@ impl PodRuntime {
         let dir = self.dir.clone();
         let _ = tokio::task::spawn_blocking(move || {
             volumes::unmount_all(&tmpfs);
-            let _ = std::fs::remove_dir_all(&dir);
+            remove_pod_dir(&dir);
         })
         .await;
     }
@@ -782,7 +830,7 @@ impl PodRuntime {
     pub fn remove_dirs_sync(&self) {
         let tmpfs = std::mem::take(&mut self.volumes.lock().expect("volumes lock").tmpfs);
         volumes::unmount_all(&tmpfs);
-        let _ = std::fs::remove_dir_all(&self.dir);
+        remove_pod_dir(&self.dir);
     }
 
     fn container(&self, name: &str) -> Result<&Arc<ContainerRt>, NodeError> {
@@ -811,6 +859,28 @@ impl PodRuntime {
         let cur = c.current.lock().expect("current lock").clone();
         cur.map(|i| i.log.clone())
             .ok_or_else(|| NodeError::NotRunning { pod: self.name.clone(), container: name.into() })
+    }
+}
+
+/// Why a container could not be created: the kubelet's waiting reason and message.
+#[derive(Debug)]
+struct CreateFailure {
+    reason: &'static str,
+    message: String,
+}
+
+/// What the kubelet finds wrong in the pod's spec (a missing Secret, a bad quantity).
+impl From<String> for CreateFailure {
+    fn from(message: String) -> Self {
+        CreateFailure { reason: "CreateContainerConfigError", message }
+    }
+}
+
+/// Removes a pod's directory, including containers' writable layers, whose overlayfs work
+/// directories (mode 000) only their owner's chmod lets us remove as an ordinary user.
+fn remove_pod_dir(dir: &std::path::Path) {
+    if std::fs::remove_dir_all(dir).is_err() {
+        let _ = image::remove_all(dir);
     }
 }
 
@@ -963,8 +1033,9 @@ fn resource_limits(c: &Container) -> Result<(Option<u64>, Option<CpuSettings>), 
     Ok((memory, cpu))
 }
 
-/// The process a container runs. There is no image config to read, so every image is taken to
-/// have an empty entrypoint and `sh` as its cmd, as busybox and alpine have: `command` replaces
+/// The process a container on the host's root runs (a stored image's config decides it for
+/// its containers, see `image::config`). There is no image config to read, so every image is
+/// taken to have an empty entrypoint and `sh` as its cmd, as busybox and alpine have: `command` replaces
 /// the entrypoint (args follow it), `args` alone are the whole command line, and neither runs `sh`.
 fn argv(c: &Container, env: &[(String, String)]) -> Vec<String> {
     let command = c.command.clone().filter(|c| !c.is_empty());
@@ -1006,11 +1077,23 @@ fn source_data<'a>(data: &'a ResolvedVolumes, kind: &str, name: &str) -> Option<
 
 /// The container's environment: defaults, envFrom, then env (later wins), `$(VAR)` expanded.
 pub(crate) fn build_env(pod: &Pod, c: &Container, data: &ResolvedVolumes) -> Result<Vec<(String, String)>, String> {
-    let mut env: Vec<(String, String)> = vec![
+    let defaults = vec![
         ("PATH".into(), sandbox::DEFAULT_PATH.into()),
         ("HOSTNAME".into(), pod.metadata.name.clone().unwrap_or_default()),
         ("HOME".into(), "/root".into()),
     ];
+    build_env_over(pod, c, data, defaults)
+}
+
+/// The container's environment over `defaults` (the runtime's, or an image's): envFrom, then
+/// env (later wins), `$(VAR)` expanded.
+pub(crate) fn build_env_over(
+    pod: &Pod,
+    c: &Container,
+    data: &ResolvedVolumes,
+    defaults: Vec<(String, String)>,
+) -> Result<Vec<(String, String)>, String> {
+    let mut env = defaults;
     let set = |env: &mut Vec<(String, String)>, k: String, v: String| {
         env.retain(|(x, _)| *x != k);
         env.push((k, v));

@@ -190,10 +190,60 @@ pub(crate) struct PodNamespaces {
     pub pid: OwnedFd,
 }
 
+/// Where a container's root filesystem comes from.
+#[derive(Debug, Clone)]
+pub(crate) enum Rootfs {
+    /// The host's root (`None`) or an `images_dir` rootfs, read-only.
+    ReadOnly(Option<PathBuf>),
+    /// An image's root from the store, shared and read-only, under a writable layer of this
+    /// container's own: an overlay mount on `merged` (see `OverlayMount`).
+    Overlay(OverlayMount),
+}
+
+/// An overlayfs made in the container's own mount namespace before bwrap starts (bubblewrap
+/// 0.8 cannot make one): `lower` is the image's root, `upper` and `work` the container's.
+/// Overlayfs may be mounted in a user namespace since Linux 5.11, so this works unprivileged too.
+#[derive(Debug, Clone)]
+pub(crate) struct OverlayMount {
+    pub lower: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub merged: PathBuf,
+}
+
+impl OverlayMount {
+    /// The mount's target and options, ready for the pre_exec hook (which may not allocate).
+    /// overlayfs splits its options at `,` and lower dirs at `:`, so paths with those cannot be used.
+    fn c_strings(&self, user_xattr: bool) -> std::io::Result<(std::ffi::CString, std::ffi::CString)> {
+        let paths = [&self.lower, &self.upper, &self.work];
+        if let Some(bad) = paths.iter().find(|p| p.to_string_lossy().contains([',', ':'])) {
+            return Err(std::io::Error::other(format!(
+                "cannot mount an overlay with {}: overlayfs cannot take a path with ',' or ':'",
+                bad.display()
+            )));
+        }
+        let mut data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            self.lower.display(),
+            self.upper.display(),
+            self.work.display()
+        );
+        if user_xattr {
+            // Mounted in a user namespace: overlayfs' own xattrs must be `user.` ones.
+            data.push_str(",userxattr");
+        }
+        let c = |s: String| std::ffi::CString::new(s).map_err(std::io::Error::other);
+        Ok((c(self.merged.display().to_string())?, c(data)?))
+    }
+}
+
 /// Everything needed to start one container sandbox.
 #[derive(Debug)]
 pub(crate) struct ContainerSandbox {
-    pub rootfs: Option<PathBuf>,
+    pub rootfs: Rootfs,
+    /// Run as this uid/gid (in a user namespace of the container's own, mapped to the pod's
+    /// root); `None`: as the pod's root.
+    pub user: Option<(u32, u32)>,
     pub binds: Vec<Bind>,
     pub env: Vec<(String, String)>,
     pub working_dir: String,
@@ -297,6 +347,25 @@ pub(crate) fn filesystem_args(rootfs: Option<&Path>, binds: &[Bind], working_dir
     args
 }
 
+/// bwrap arguments for a container on a writable image root (already mounted on `merged`): bwrap
+/// makes missing mount points itself there, so nothing needs expanding. `lower` tells whether
+/// the working directory exists.
+pub(crate) fn writable_root_args(merged: &Path, lower: &Path, binds: &[Bind], working_dir: &str) -> Vec<String> {
+    let mut args: Vec<String> = vec!["--bind".into(), merged.display().to_string(), "/".into()];
+    args.extend(["--dev".into(), "/dev".into(), "--proc".into(), "/proc".into()]);
+    let mut binds: Vec<&Bind> = binds.iter().collect();
+    binds.sort_by_key(|b| Path::new(&b.dest).components().count());
+    for b in binds {
+        let flag = if b.read_only { "--ro-bind" } else { "--bind" };
+        args.extend([flag.into(), b.source.display().to_string(), b.dest.clone()]);
+    }
+    if !lower.join(working_dir.trim_start_matches('/')).exists() {
+        args.extend(["--dir".into(), working_dir.to_string()]);
+    }
+    args.extend(["--chdir".into(), working_dir.to_string()]);
+    args
+}
+
 /// Namespaces to join before exec, as descriptors the parent keeps open across the spawn. (A
 /// shared PID namespace is not joined here but handed to bwrap as `--pidns`: only then does bwrap
 /// mount a /proc of that namespace; after a setns of our own it would bind the host's /proc.)
@@ -312,13 +381,15 @@ type CgroupProcs = [Option<RawFd>; 2];
 /// Sets up the pre_exec hook shared by every sandbox we spawn.
 ///
 /// Safety of the hook: it runs in the forked child before exec and only calls setns(2),
-/// prctl(2), write(2), fcntl(2), setsid(2) and ioctl(2) on descriptors opened before the fork.
+/// prctl(2), write(2), fcntl(2), setsid(2) and ioctl(2) on descriptors opened before the fork,
+/// and unshare(2) and mount(2) with strings made before the fork.
 fn install_pre_exec(
     cmd: &mut Command,
     join: Join,
     cgroup_procs: CgroupProcs,
     keep_open: [Option<RawFd>; 2],
     ctty: bool,
+    overlay: Option<(std::ffi::CString, std::ffi::CString)>,
 ) {
     let Join { user, net } = join;
     let hook = move || -> std::io::Result<()> {
@@ -338,6 +409,15 @@ fn install_pre_exec(
         }
         if let Some(fd) = net {
             move_into_link_name_space(borrow(fd), Some(LinkNameSpaceType::Network))?;
+        }
+        if let Some((target, data)) = &overlay {
+            use rustix::mount::{MountFlags, MountPropagationFlags, mount, mount_change};
+            // A mount namespace of our own (bwrap's is made inside it), which receives nothing
+            // from the host's and sends nothing back, with the container's root on `target`.
+            // SAFETY: NEWNS only; no descriptor table is unshared.
+            unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS)? };
+            mount_change(c"/", MountPropagationFlags::DOWNSTREAM | MountPropagationFlags::REC)?;
+            mount(c"overlay", target.as_c_str(), c"overlay", MountFlags::empty(), data.as_c_str())?;
         }
         for fd in keep_open.into_iter().flatten() {
             fcntl_setfd(borrow(fd), FdFlags::empty())?;
@@ -400,6 +480,7 @@ async fn spawn_bwrap(
     join: Join,
     cgroup_procs: CgroupProcs,
     pass_fd: Option<RawFd>,
+    overlay: Option<(std::ffi::CString, std::ffi::CString)>,
 ) -> std::io::Result<Started> {
     let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     let mut cmd = Command::new("bwrap");
@@ -407,7 +488,7 @@ async fn spawn_bwrap(
     cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
     cmd.stdin(stdio.stdin).stdout(stdio.stdout).stderr(stdio.stderr);
     cmd.kill_on_drop(true);
-    install_pre_exec(&mut cmd, join, cgroup_procs, [Some(write.as_raw_fd()), pass_fd], false);
+    install_pre_exec(&mut cmd, join, cgroup_procs, [Some(write.as_raw_fd()), pass_fd], false, overlay);
     let child = spawner.spawn(cmd).await;
     // Our copy of the write end must go, or a bwrap that dies early never gives us EOF.
     drop(write);
@@ -457,7 +538,8 @@ pub(crate) async fn start_holder(
     .collect();
     let stdio = Stdios { stdin: Stdio::null(), stdout: Stdio::null(), stderr: Stdio::piped() };
     let env = [("PATH".to_string(), DEFAULT_PATH.to_string())];
-    let mut started = spawn_bwrap(spawner, args, &env, stdio, Join::default(), CgroupProcs::default(), None).await?;
+    let mut started =
+        spawn_bwrap(spawner, args, &env, stdio, Join::default(), CgroupProcs::default(), None, None).await?;
     let inner_pid = started.inner_pid;
     let open =
         |kind: &str| -> std::io::Result<OwnedFd> { Ok(File::open(format!("/proc/{inner_pid}/ns/{kind}"))?.into()) };
@@ -529,10 +611,16 @@ pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:
 /// Starts one container sandbox.
 pub(crate) async fn start_container(
     spawner: &Spawner,
+    isolation: Isolation,
     sb: ContainerSandbox,
     stdio: Stdios,
 ) -> std::io::Result<Started> {
     let mut args: Vec<String> = vec!["--die-with-parent".into(), "--unshare-ipc".into()];
+    if let Some((uid, gid)) = sb.user {
+        // The pod's user namespace has one uid (0) as an ordinary user, so another user needs a
+        // namespace of its own, mapping it to the pod's root; bwrap then drops every capability.
+        args.extend(["--unshare-user".into(), "--uid".into(), uid.to_string(), "--gid".into(), gid.to_string()]);
+    }
     args.extend(["--unshare-uts".into(), "--hostname".into(), sb.hostname.clone()]);
     if sb.pod_ns.is_none() || !sb.share_pid {
         args.push("--unshare-pid".into());
@@ -547,8 +635,19 @@ pub(crate) async fn start_container(
     }
     // Its own session, so a shared-PID container can be killed as a process group.
     args.push("--new-session".into());
-    args.extend(filesystem_args(sb.rootfs.as_deref(), &sb.binds, &sb.working_dir));
-    args.extend(super::caps::bwrap_args(sb.caps));
+    let overlay = match &sb.rootfs {
+        Rootfs::ReadOnly(root) => {
+            args.extend(filesystem_args(root.as_deref(), &sb.binds, &sb.working_dir));
+            None
+        }
+        Rootfs::Overlay(o) => {
+            args.extend(writable_root_args(&o.merged, &o.lower, &sb.binds, &sb.working_dir));
+            Some(o.c_strings(!isolation.root)?)
+        }
+    };
+    if sb.user.is_none() {
+        args.extend(super::caps::bwrap_args(sb.caps));
+    }
     args.push("--".into());
     args.extend(sb.argv.iter().cloned());
     let join = Join {
@@ -559,7 +658,7 @@ pub(crate) async fn start_container(
         return Err(std::io::Error::other("a container joins at most two cgroups (memory and CPU)"));
     }
     let cg: CgroupProcs = std::array::from_fn(|i| sb.cgroup_procs.get(i).map(|f| f.as_raw_fd()));
-    let mut started = spawn_bwrap(spawner, args, &sb.env, stdio, join, cg, shared_pid).await?;
+    let mut started = spawn_bwrap(spawner, args, &sb.env, stdio, join, cg, shared_pid, overlay).await?;
     drop(sb.tty);
     // bwrap reports the pid right after clone(), before the sandbox's mounts exist; an exec
     // joining too early would see a half-built filesystem. The process has exec'd the command
@@ -627,13 +726,16 @@ pub(crate) fn find_executable(inner_pid: i32, name: &str, path_env: &str, workin
 pub(crate) fn exec_command(
     inner_pid: i32,
     isolation: Isolation,
+    own_user_ns: bool,
     working_dir: &str,
     env: &[(String, String)],
     argv: &[String],
 ) -> Command {
     let mut cmd = Command::new("nsenter");
     cmd.arg("--target").arg(inner_pid.to_string());
-    if !isolation.root {
+    // A container with a user of its own has a user namespace of its own: joined the same way,
+    // the exec runs as that user (our uid is the one mapped to it).
+    if !isolation.root || own_user_ns {
         // The container's namespaces belong to the pod's user namespace: nsenter joins it first
         // and so gets the capabilities to join the rest. Our uid already is the pod's uid 0;
         // without --preserve-credentials nsenter would call setgroups, which bwrap denied.
@@ -657,7 +759,7 @@ pub(crate) fn prepare_exec(cmd: &mut Command, tty: bool, cgroup_procs: &[File]) 
         cmd.process_group(0);
     }
     let cg: CgroupProcs = std::array::from_fn(|i| cgroup_procs.get(i).map(|f| f.as_raw_fd()));
-    install_pre_exec(cmd, Join::default(), cg, [None, None], tty);
+    install_pre_exec(cmd, Join::default(), cg, [None, None], tty, None);
 }
 
 /// A terminal pair: the master stays with the node, the slave becomes the process's stdio.
@@ -736,7 +838,7 @@ mod tests {
     fn exec_joins_the_pods_user_namespace_first_when_unprivileged() {
         let argv = ["true".to_string()];
         let args = |root| {
-            let cmd = exec_command(42, Isolation { root }, "/w", &[], &argv);
+            let cmd = exec_command(42, Isolation { root }, false, "/w", &[], &argv);
             cmd.as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>()
         };
         let unprivileged = args(false);

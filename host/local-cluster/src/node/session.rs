@@ -136,7 +136,10 @@ pub(crate) async fn exec(
     // `setpriv` (util-linux; a root process gets its bounding set on exec). A rootfs without
     // setpriv leaves the exec with the node's capabilities.
     let mut argv = req.command.clone();
-    if let super::caps::Capabilities::Set(set) = inst.caps {
+    // A container of another user has no capabilities to drop.
+    if let super::caps::Capabilities::Set(set) = inst.caps
+        && !inst.own_user_ns
+    {
         const SETPRIV: &str = "/usr/bin/setpriv";
         if sandbox::find_executable(inst.inner_pid, SETPRIV, "", "/").is_ok() {
             let mut wrapped = vec![SETPRIV.to_owned()];
@@ -148,7 +151,8 @@ pub(crate) async fn exec(
             tracing::debug!(k8s.pod = %pod.name, k8s.container = container, "no setpriv in the container: the exec keeps the node's capabilities");
         }
     }
-    let mut cmd = sandbox::exec_command(inst.inner_pid, node.isolation, &inst.working_dir, &inst.env, &argv);
+    let mut cmd =
+        sandbox::exec_command(inst.inner_pid, node.isolation, inst.own_user_ns, &inst.working_dir, &inst.env, &argv);
     let spawn_err = |source| NodeError::ExecSpawn { container: container.into(), command: req.command.clone(), source };
     let pty = if req.tty {
         let p = sandbox::open_pty().map_err(|source| NodeError::Pty { container: container.into(), source })?;
