@@ -50,6 +50,42 @@ enum ClusterCommand {
     /// Serve the cluster in the foreground and print the path of a kubeconfig for it.
     /// Ctrl-C (or SIGTERM) stops it, kills every container and removes its directories.
     Up(ClusterUpArgs),
+    /// Load image archives (docker-archive or OCI layout, as `docker save` and `skopeo copy
+    /// ... oci-archive:` write them) into a running embedded cluster, as `kind load` does.
+    Load(ClusterLoadArgs),
+}
+
+/// Where the embedded cluster's images come from.
+#[derive(clap::Args, Clone)]
+struct ImageArgs {
+    /// Load every image archive in DIR (docker-archive or OCI layout: *.tar, *.tar.gz, *.tgz)
+    /// into the embedded cluster at start.
+    #[arg(long, env = "KEEL_CLUSTER_IMAGES_FROM", value_name = "DIR")]
+    images_from: Option<PathBuf>,
+    /// Images not in the embedded cluster's store run on the host's root filesystem (today's
+    /// default); `--host-rootfs=false` makes their pull fail as on a real node.
+    #[arg(long, env = "KEEL_CLUSTER_HOST_ROOTFS", default_value_t = true, action = clap::ArgAction::Set)]
+    host_rootfs: bool,
+}
+
+impl ImageArgs {
+    fn embedded(&self) -> local_cluster::ClusterOptions {
+        local_cluster::ClusterOptions {
+            images_from: self.images_from.clone(),
+            host_rootfs: self.host_rootfs,
+            ..local_cluster::ClusterOptions::default()
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct ClusterLoadArgs {
+    /// Image archives to load.
+    #[arg(required = true, value_name = "IMAGE.tar")]
+    archives: Vec<PathBuf>,
+    /// The embedded cluster's kubeconfig (default: $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, env = "KEEL_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -82,6 +118,8 @@ struct ClusterUpArgs {
     /// user can run processes as this user and read the cluster's secrets.
     #[arg(long, env = "KEEL_CLUSTER_INSECURE_NO_AUTH")]
     insecure_no_auth: bool,
+    #[command(flatten)]
+    images: ImageArgs,
 }
 
 #[derive(Subcommand)]
@@ -194,6 +232,8 @@ impl JobArgs {
 struct RunArgs {
     #[command(flatten)]
     job: JobArgs,
+    #[command(flatten)]
+    images: ImageArgs,
     /// Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
     #[arg(long, env = "KEEL_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
@@ -235,6 +275,8 @@ struct ServeArgs {
     /// (default: $XDG_CACHE_HOME/keel/git or ~/.cache/keel/git).
     #[arg(long, env = "KEEL_GIT_CACHE")]
     git_cache: Option<PathBuf>,
+    #[command(flatten)]
+    images: ImageArgs,
 }
 
 impl ServeArgs {
@@ -333,6 +375,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", render::format(&rendered.objects, format)?);
         }
         Command::Cluster { command: ClusterCommand::Up(args) } => cluster_up(args).await?,
+        Command::Cluster { command: ClusterCommand::Load(args) } => cluster_load(args).await?,
         Command::Plugin { command: PluginCommand::Inspect { path, config, plugin_cache } } => {
             return inspect(path, config, plugin_cache).await;
         }
@@ -461,7 +504,7 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
             kubeconfig: args.kubeconfig,
             context: args.context,
             // Authenticated HTTPS with a client certificate: the embedded cluster's default.
-            embedded: local_cluster::ClusterOptions::default(),
+            embedded: args.images.embedded(),
         }),
         sources: Sources::Dir(source_dir),
         timestamps: args.timestamps,
@@ -497,7 +540,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let connect = host::cluster::ConnectOptions {
         kubeconfig: args.kubeconfig,
         context: args.context,
-        embedded: local_cluster::ClusterOptions::default(),
+        embedded: args.images.embedded(),
     };
     let mut by_cluster: Vec<(Option<String>, Arc<host::cluster::Connection>)> = Vec::new();
     let mut connections = HashMap::new();
@@ -592,7 +635,7 @@ async fn cluster_up(args: ClusterUpArgs) -> anyhow::Result<()> {
         cached_unpullable_images: args.cached_unpullable_images,
         token: args.token,
         insecure_unauthenticated: args.insecure_no_auth,
-        ..ClusterOptions::default()
+        ..args.images.embedded()
     };
     // `--tls` asks for what is the default now.
     let _ = args.tls;
@@ -613,6 +656,33 @@ async fn cluster_up(args: ClusterUpArgs) -> anyhow::Result<()> {
     }
     eprintln!("stopping: killing containers and removing the cluster's directories");
     cluster.stop().await;
+    Ok(())
+}
+
+async fn cluster_load(args: ClusterLoadArgs) -> anyhow::Result<()> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::infer().await.context("no kubeconfig: give --kubeconfig or set KUBECONFIG")?,
+    };
+    let client = kube::Client::try_from(config)?;
+    for archive in &args.archives {
+        let body = std::fs::read(archive).with_context(|| format!("cannot read {}", archive.display()))?;
+        let request = http::Request::post(local_cluster::api::images::PATH)
+            .header("content-type", "application/x-tar")
+            .body(body)?;
+        let loaded: serde_json::Value = client
+            .request(request)
+            .await
+            .with_context(|| format!("{}: the cluster refused the archive", archive.display()))?;
+        for image in loaded["images"].as_array().into_iter().flatten() {
+            let names: Vec<&str> = image["names"].as_array().into_iter().flatten().filter_map(|n| n.as_str()).collect();
+            println!("loaded {} {}", image["id"].as_str().unwrap_or("?"), names.join(" "));
+        }
+    }
     Ok(())
 }
 

@@ -263,3 +263,94 @@ fn cluster_up_stops_promptly_after_hostile_requests() {
     assert!(status.success(), "{status:?}");
     assert!(!data_dir.exists());
 }
+
+/// The example busybox archive (`make images`), written into `dir`.
+fn busybox_archive(dir: &std::path::Path, name: &str) -> PathBuf {
+    let out = dir.join("busybox.tar");
+    let script = support::workspace_root().join("examples/images/busybox-archive.sh");
+    let status = Command::new("sh").arg(script).arg(&out).arg(name).status().expect("run busybox-archive.sh");
+    assert!(status.success(), "busybox-archive.sh failed");
+    out
+}
+
+#[test]
+fn cluster_load_puts_an_archive_into_a_running_cluster_and_pods_run_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = busybox_archive(dir.path(), "keel-e2e/busybox:1");
+    let (mut child, kubeconfig, _) = cluster_up(&["--host-rootfs=false"]);
+    let outcome = std::panic::catch_unwind(|| {
+        let kc = kubeconfig.to_str().unwrap();
+        let loaded = succeeded(
+            Command::new(host_bin()).args(["cluster", "load", "--kubeconfig", kc]).arg(&archive).output().unwrap(),
+            "host cluster load",
+        );
+        assert!(loaded.contains("keel-e2e/busybox:1") && loaded.contains("sha256:"), "{loaded}");
+        let script = "test -e /etc/debian_version && echo host-rootfs || echo image-rootfs";
+        succeeded(
+            kubectl(
+                &kubeconfig,
+                &["run", "img", "--image=keel-e2e/busybox:1", "--restart=Never", "--", "sh", "-c", script],
+            ),
+            "kubectl run",
+        );
+        assert!(
+            eventually(Duration::from_secs(60), || {
+                String::from_utf8_lossy(&kubectl(&kubeconfig, &["logs", "img"]).stdout).contains("image-rootfs")
+            }),
+            "the pod did not run on the image's filesystem"
+        );
+        let image_id = succeeded(
+            kubectl(&kubeconfig, &["get", "pod", "img", "-o", "jsonpath={.status.containerStatuses[0].imageID}"]),
+            "kubectl get",
+        );
+        assert!(image_id.starts_with("docker.io/keel-e2e/busybox@sha256:"), "{image_id}");
+        // Not in the store, and no host rootfs to fall back on: the pull fails.
+        succeeded(
+            kubectl(&kubeconfig, &["run", "missing", "--image=keel-e2e/absent:1", "--restart=Never", "--", "true"]),
+            "kubectl run",
+        );
+        assert!(
+            eventually(Duration::from_secs(60), || {
+                let out = kubectl(
+                    &kubeconfig,
+                    &["get", "pod", "missing", "-o", "jsonpath={.status.containerStatuses[0].state.waiting.reason}"],
+                );
+                let reason = String::from_utf8_lossy(&out.stdout).into_owned();
+                reason == "ErrImagePull" || reason == "ImagePullBackOff"
+            }),
+            "a missing image did not fail its pull"
+        );
+    });
+    let status = stop(&mut child, "-INT");
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+    assert!(status.success());
+}
+
+#[test]
+fn host_run_with_images_from_runs_the_job_in_its_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    busybox_archive(&images, "keel-e2e/busybox:1");
+    let job = dir.path().join("job.yml");
+    std::fs::write(
+        &job,
+        "image: keel-e2e/busybox:1\nscript:\n  - 'test -e /etc/debian_version && echo host-rootfs || echo image-rootfs'\n  - busybox | head -1\n",
+    )
+    .unwrap();
+    let out = Command::new(host_bin())
+        .args(["run", "--images-from"])
+        .arg(&images)
+        .arg("--plugin-cache")
+        .arg(dir.path().join(".cache"))
+        .arg(&job)
+        .env_remove("KUBECONFIG")
+        .env("HOME", dir.path())
+        .env("KEEL_PLUGIN_PATH", support::workspace_root().join("target/plugins"))
+        .output()
+        .unwrap();
+    let trace = succeeded(out, "host run --images-from");
+    assert!(trace.contains("\nimage-rootfs\n") && trace.contains("BusyBox v1.35"), "{trace}");
+}
