@@ -6,6 +6,7 @@
 pub mod from_gitlab;
 pub mod overwrites;
 pub mod parse;
+pub mod resolve;
 
 pub use keel_contract::job::{Image, Job, Overwrites, PullPolicy, Resources, Service, ServicePort, Stage, Variable};
 /// The job's variables and the one rule that decides who may see a value.

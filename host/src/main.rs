@@ -234,12 +234,8 @@ struct RunArgs {
     job: JobArgs,
     #[command(flatten)]
     images: ImageArgs,
-    /// Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
-    #[arg(long, env = "KEEL_KUBECONFIG")]
-    kubeconfig: Option<PathBuf>,
-    /// Kubeconfig context (default: its current context).
-    #[arg(long)]
-    context: Option<String>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// The project's files, copied into $CI_PROJECT_DIR (default: the job file's directory).
     #[arg(long)]
     source: Option<PathBuf>,
@@ -263,11 +259,9 @@ struct ServeArgs {
     /// else ~/.gitlab-runner/config.toml, as gitlab-runner looks).
     #[arg(long, short, env = "KEEL_CONFIG")]
     config: Option<PathBuf>,
-    /// Kubeconfig file, for runners whose `[runners.kubernetes]` names no `host`.
-    #[arg(long, env = "KEEL_KUBECONFIG")]
-    kubeconfig: Option<PathBuf>,
-    #[arg(long)]
-    context: Option<String>,
+    /// For runners whose `[runners.kubernetes]` names no `host`.
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Where compiled plugins are cached.
     #[arg(long, env = "KEEL_PLUGIN_CACHE")]
     plugin_cache: Option<PathBuf>,
@@ -301,10 +295,25 @@ struct CleanupArgs {
     /// Runner configuration, for its `host` (default: the kubeconfig).
     #[arg(long, short, env = "KEEL_CONFIG")]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// Which cluster, when the runner config names none (`run`, `serve`, `cleanup`).
+#[derive(clap::Args, Clone)]
+struct ClusterArgs {
+    /// Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
     #[arg(long, env = "KEEL_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context (default: its current context).
     #[arg(long)]
     context: Option<String>,
+}
+
+impl ClusterArgs {
+    fn connect(&self, embedded: local_cluster::ClusterOptions) -> host::cluster::ConnectOptions {
+        host::cluster::ConnectOptions { kubeconfig: self.kubeconfig.clone(), context: self.context.clone(), embedded }
+    }
 }
 
 #[derive(clap::Args)]
@@ -500,12 +509,8 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
     let commit = host::sources::git_facts(&source_dir);
     let req = args.job.request(job_id, project_path, object_suffix, commit, true)?;
     let opts = RunOptions {
-        cluster: ClusterChoice::Connect(host::cluster::ConnectOptions {
-            kubeconfig: args.kubeconfig,
-            context: args.context,
-            // Authenticated HTTPS with a client certificate: the embedded cluster's default.
-            embedded: args.images.embedded(),
-        }),
+        // Authenticated HTTPS with a client certificate: the embedded cluster's default.
+        cluster: ClusterChoice::Connect(args.cluster.connect(args.images.embedded())),
         sources: Sources::Dir(source_dir),
         timestamps: args.timestamps,
         trace_file: args.trace_file,
@@ -537,11 +542,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let rt = Arc::new(Runtime::new(args.plugin_cache.clone()).context("cannot start the plugin runtime")?);
     // One connection per runner, shared by its jobs; runners that name the same cluster (or
     // none, and so the same embedded one) share it.
-    let connect = host::cluster::ConnectOptions {
-        kubeconfig: args.kubeconfig,
-        context: args.context,
-        embedded: args.images.embedded(),
-    };
+    let connect = args.cluster.connect(args.images.embedded());
     let mut by_cluster: Vec<(Option<String>, Arc<host::cluster::Connection>)> = Vec::new();
     let mut connections = HashMap::new();
     for runner in &settings.runners {
@@ -598,8 +599,7 @@ async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
         }
         None => host::config::Kubernetes::default(),
     };
-    let opts =
-        host::cluster::ConnectOptions { kubeconfig: args.kubeconfig, context: args.context, ..Default::default() };
+    let opts = args.cluster.connect(local_cluster::ClusterOptions::default());
     if k8s.host.is_none() && opts.kubeconfig.is_none() && std::env::var_os("KUBECONFIG").is_none() {
         let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
         if !home.join(".kube/config").is_file() && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {

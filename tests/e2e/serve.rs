@@ -54,6 +54,27 @@ fn payload(
     p
 }
 
+/// `host serve` on the fixture's cluster, with its plugin and git caches in the fixture's dir.
+fn serve_command(fx: &Fixture, config: &std::path::Path, log: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(host_bin());
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .arg("--kubeconfig")
+        .arg(fx.cluster.kubeconfig_path())
+        .arg("--plugin-cache")
+        .arg(fx.dir.path().join(".cache"))
+        .arg("--git-cache")
+        .arg(fx.dir.path().join("git-cache"))
+        .env_remove("KUBECONFIG")
+        .env("KEEL_PLUGIN_PATH", workspace_root().join("target/plugins"))
+        .env("KEEL_LOG", log)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
 async fn until(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
     let give_up = tokio::time::Instant::now() + Duration::from_secs(secs);
     while !done() {
@@ -119,24 +140,7 @@ async fn serve_runs_gitlab_jobs_from_git_cancels_and_stops_cleanly() {
             gl = gitlab.url()
         ),
     );
-    let serve = tokio::process::Command::new(host_bin())
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .arg("--kubeconfig")
-        .arg(fx.cluster.kubeconfig_path())
-        .arg("--plugin-cache")
-        .arg(fx.dir.path().join(".cache"))
-        .arg("--git-cache")
-        .arg(fx.dir.path().join("git-cache"))
-        .env_remove("KUBECONFIG")
-        .env("KEEL_PLUGIN_PATH", workspace_root().join("target/plugins"))
-        .env("KEEL_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start host serve");
+    let serve = serve_command(&fx, &config, "info").spawn().expect("start host serve");
 
     until("the two quick jobs to finish", 240, || {
         [ok, failing].iter().all(|id| matches!(gitlab.job(*id).state.as_str(), "success" | "failed"))
@@ -294,24 +298,7 @@ async fn twenty_jobs_at_concurrency_four_through_api_faults_then_sigquit_drains(
             gitlab.url()
         ),
     );
-    let serve = tokio::process::Command::new(host_bin())
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .arg("--kubeconfig")
-        .arg(fx.cluster.kubeconfig_path())
-        .arg("--plugin-cache")
-        .arg(fx.dir.path().join(".cache"))
-        .arg("--git-cache")
-        .arg(fx.dir.path().join("git-cache"))
-        .env_remove("KUBECONFIG")
-        .env("KEEL_PLUGIN_PATH", workspace_root().join("target/plugins"))
-        .env("KEEL_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start host serve");
+    let serve = serve_command(&fx, &config, "warn").spawn().expect("start host serve");
 
     until("all twenty jobs to be reported", 600, || ids.iter().all(|(id, _)| gitlab.job(*id).finals_accepted > 0))
         .await;

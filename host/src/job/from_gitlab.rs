@@ -12,8 +12,8 @@ use super::parse::{JobContext, JobError};
 use super::{Image, Job, PullPolicy, Service, Stage};
 use crate::gitlab::JobPayload;
 use crate::gitlab::payload as wire;
-use crate::input::{Located, limits, show_bytes};
-use keel_contract::variables::{self, Commit, Definition, expand_tracked};
+use crate::input::Located;
+use keel_contract::variables::{self, Commit, Definition};
 
 /// What error messages call this job: there is no file, so the job's GitLab id stands in.
 pub fn origin(payload: &JobPayload) -> PathBuf {
@@ -103,45 +103,9 @@ pub fn job(payload: &JobPayload, ctx: &JobContext) -> Result<Job, JobError> {
             Definition { value: auth, expand: false, masked: true, public: false, file: false },
         );
     }
-    if vars.len() > limits::VARIABLES {
-        return Err(invalid(
-            "variables",
-            format!(
-                "{} variables (with predefined and runner ones), over the limit of {}",
-                vars.len(),
-                limits::VARIABLES
-            ),
-        ));
-    }
-    if payload.services.len() > limits::SERVICES {
-        return Err(invalid(
-            "services",
-            format!("{} services, over the limit of {}", payload.services.len(), limits::SERVICES),
-        ));
-    }
-    let variables = vars.resolve(limits::OBJECT_BYTES).map_err(|over| {
-        invalid(
-            &format!("variables.{}", over.key),
-            format!(
-                "the job's variables expand to more than {} together (the largest object Kubernetes stores)",
-                show_bytes(limits::OBJECT_BYTES)
-            ),
-        )
-    })?;
-
+    let variables = super::resolve::variables(&vars, payload.services.len(), &path)?;
     // Image names and service commands are Pod fields: no value that is not public may reach one.
-    let expand_public = |key: &str, text: &str| -> Result<String, JobError> {
-        let e = expand_tracked(text, &|k| variables::source_in(&variables, k), limits::OBJECT_BYTES)
-            .map_err(|_| invalid(key, format!("expands to more than {}", show_bytes(limits::OBJECT_BYTES))))?;
-        match e.secret_sources.first() {
-            Some(variable) => Err(JobError::SecretInPodField {
-                path: path.clone(),
-                field: key.to_string(),
-                variable: variable.clone(),
-            }),
-            None => Ok(e.value),
-        }
-    };
+    let expand_public = |key: &str, text: &str| super::resolve::public_field(text, key, "the value", &variables, &path);
     let policies = |key: &str, names: &[String]| -> Result<Vec<PullPolicy>, JobError> {
         names
             .iter()

@@ -22,7 +22,7 @@ use serde::{Deserialize, Deserializer};
 use super::{Image, Job, PullPolicy, Service, ServicePort, Stage};
 use crate::input::{Located, check_yaml, cut_message, limits, show_bytes};
 use crate::vocab::values::{GitlabDuration, one_or_many_pull_policies};
-use keel_contract::variables::{self, Commit, Definition, expand_tracked};
+use keel_contract::variables::{self, Commit, Definition};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -794,52 +794,11 @@ fn build_job(
             vars.set(k, Definition { value: v.value, expand: v.expand, masked: v.masked, public: true, file: false });
         }
     }
-    let invalid = |key: &str, message: String| JobError::Invalid { at: Located::key(path, key.to_string()), message };
-    // Every variable reaches every container's env: counts multiply, so they are capped.
-    if vars.len() > limits::VARIABLES {
-        return Err(invalid(
-            "variables",
-            format!(
-                "{} variables (with predefined and runner ones), over the limit of {}",
-                vars.len(),
-                limits::VARIABLES
-            ),
-        ));
-    }
     let services = def.services.clone().unwrap_or_default();
-    if services.len() > limits::SERVICES {
-        return Err(invalid(
-            "services",
-            format!("{} services, over the limit of {}", services.len(), limits::SERVICES),
-        ));
-    }
-
-    // All expanded values together must fit in one Kubernetes object: they all land in the pod.
-    let variables = vars.resolve(limits::OBJECT_BYTES).map_err(|over| {
-        invalid(
-            &format!("variables.{}", over.key),
-            format!(
-                "the job's variables expand to more than {} together (the largest object Kubernetes stores)",
-                show_bytes(limits::OBJECT_BYTES)
-            ),
-        )
-    })?;
-
-    // Image names are Pod fields anyone who may read the pod sees: a value that is not public
-    // must not reach one.
+    let variables = super::resolve::variables(&vars, services.len(), path)?;
     let to_image = |key: &str, i: ImageDef| -> Result<Image, JobError> {
-        let name =
-            expand_tracked(&i.name, &|k| variables::source_in(&variables, k), limits::OBJECT_BYTES).map_err(|_| {
-                invalid(key, format!("the image name expands to more than {}", show_bytes(limits::OBJECT_BYTES)))
-            })?;
-        if let Some(variable) = name.secret_sources.first() {
-            return Err(JobError::SecretInPodField {
-                path: path.to_path_buf(),
-                field: key.to_string(),
-                variable: variable.clone(),
-            });
-        }
-        Ok(Image { name: name.value, entrypoint: i.entrypoint, pull_policies: i.pull_policy })
+        let name = super::resolve::public_field(&i.name, key, "the image name", &variables, path)?;
+        Ok(Image { name, entrypoint: i.entrypoint, pull_policies: i.pull_policy })
     };
     let services = services
         .into_iter()
