@@ -12,6 +12,7 @@ pub mod config;
 pub mod gitlab;
 pub mod input;
 pub mod job;
+pub mod metrics;
 pub mod plugins;
 pub mod pod;
 pub mod prepare;

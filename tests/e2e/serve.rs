@@ -364,6 +364,12 @@ print(json.dumps(out))
         "{samples}"
     );
     assert_eq!(samples["gitlab_runner_concurrent"], 4.0, "{samples}");
+    // keel's own: every job's pod start, and the strategy plugin's calls (prepare + stages).
+    assert_eq!(samples["keel_pod_start_duration_seconds_count"], 20.0, "{samples}");
+    let strategy_calls = samples["keel_plugin_call_duration_seconds_count|plugin=attach|role=execution-strategy"]
+        .as_f64()
+        .unwrap_or_default();
+    assert!(strategy_calls >= 40.0, "{strategy_calls} strategy calls for 20 jobs: {samples}");
 
     // SIGQUIT drains: the running job finishes and is reported, nothing new is taken, exit 0.
     let draining = gitlab.enqueue(payload(

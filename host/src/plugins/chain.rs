@@ -181,7 +181,8 @@ impl JobPlugins {
         let p = &*plugin.inner;
         let span =
             tracing::info_span!("plugin.call", plugin.name = &*p.name, plugin.role = role.as_str(), job.id = job_id);
-        async {
+        let started = std::time::Instant::now();
+        let result = async {
             instance.arm(p)?;
             let ctx = instance.ctx.clone().ok_or_else(|| no_context(p))?;
             let limit = host_timeout(&p.limits) + extra.unwrap_or_default();
@@ -195,7 +196,9 @@ impl JobPlugins {
             result.map_err(|e| guest_error(p, role.as_str(), call, e))
         }
         .instrument(span)
-        .await
+        .await;
+        crate::metrics::plugin_call(&p.name, role.as_str(), started.elapsed(), result.is_err());
+        result
     }
 
     /// Members having `role`, in configuration order.

@@ -101,10 +101,12 @@ impl Phases {
         Phases { last: start, done: Vec::new() }
     }
 
-    fn mark(&mut self, phase: &'static str) {
+    fn mark(&mut self, phase: &'static str) -> Duration {
         let now = Instant::now();
-        self.done.push((phase, now - self.last));
+        let took = now - self.last;
+        self.done.push((phase, took));
         self.last = now;
+        took
     }
 
     fn log(&self) {
@@ -352,7 +354,7 @@ async fn run_on(
     let job_pod = JobPod::new(pods.clone(), pod_name.clone(), &prepared.objects.pod);
     prepared.services.set_pod(job_pod.clone());
     trace.info(&format!("Running on {pod_name} via {}...", hostname()));
-    phases.mark("create->running");
+    crate::metrics::POD_START_SECONDS.observe(phases.mark("create->running").as_secs_f64());
 
     opts.stage("get_sources");
     let project_dir = prepared.job.variable("CI_PROJECT_DIR").unwrap_or("/builds/project").to_string();

@@ -96,6 +96,7 @@ impl Metrics {
         ] {
             must(registry.register(m));
         }
+        must(crate::metrics::register(&registry));
         Metrics {
             registry,
             jobs,
