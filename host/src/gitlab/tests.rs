@@ -362,3 +362,41 @@ async fn gitlab_runner_mock_accepts_our_calls() {
     assert!(mock_job.log_patches() > 1, "incremental");
     assert!(matches!(client.request_job(None).await.unwrap(), JobRequest::NoJob { .. }));
 }
+
+#[tokio::test]
+async fn artifacts_upload_with_the_job_token_retry_5xx_report_413_and_download_with_the_dependency_token() {
+    let fake = FakeGitlab::start(&[TOKEN]).await;
+    let id = fake.enqueue(job_payload("build"));
+    let client = client_for(&fake.url(), TOKEN, Features::client());
+    let job = take_job(&client).await;
+    let creds = JobCredentials::from(&job);
+    let upload = ArtifactsUpload {
+        zip: bytes::Bytes::from_static(b"PK\x05\x06zip bytes\r\n--not-a-boundary"),
+        filename: "out.zip".into(),
+        artifact_type: "archive".into(),
+        artifact_format: "zip".into(),
+        expire_in: "1 week".into(),
+    };
+    // A 502 is retried; the retry lands.
+    fake.fault(Api::UploadArtifacts, Fault::Status(502));
+    assert_eq!(client.upload_artifacts(&creds, &upload).await.unwrap(), UploadOutcome::Created);
+    let stored = fake.job(id).artifacts;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].bytes, upload.zip.as_ref());
+    assert_eq!(stored[0].filename, "out.zip");
+    assert_eq!(stored[0].query, "artifact_format=zip&artifact_type=archive&expire_in=1+week");
+    let statuses: Vec<u16> = fake.calls(Api::UploadArtifacts).iter().map(|c| c.status).collect();
+    assert_eq!(statuses, [502, 201]);
+
+    fake.fault(Api::UploadArtifacts, Fault::Status(413));
+    assert_eq!(client.upload_artifacts(&creds, &upload).await.unwrap(), UploadOutcome::TooLarge);
+
+    let wrong = JobCredentials { id, token: Secret::new("glcbt-wrong") };
+    assert!(matches!(client.upload_artifacts(&wrong, &upload).await.unwrap(), UploadOutcome::Refused { status: 403, .. }));
+
+    // Another job downloads with the token the payload gives for the dependency.
+    assert_eq!(client.download_artifacts(&creds).await.unwrap().as_ref(), upload.zip.as_ref());
+    let err = client.download_artifacts(&wrong).await.unwrap_err();
+    assert!(matches!(err, GitlabError::Status { status: 403, .. }), "{err}");
+    assert!(!err.to_string().contains("glcbt-"), "{err}");
+}
