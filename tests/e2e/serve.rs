@@ -499,6 +499,24 @@ async fn serve_uploads_artifacts_and_extracts_dependencies() {
     let downloads = gitlab.calls(fake::Api::DownloadArtifacts);
     assert_eq!(downloads.iter().map(|c| (c.job, c.status)).collect::<Vec<_>>(), [(Some(build), 200)]);
 
+    // `when: on_failure` after a failing script; GitLab answers 413: the trace says so and the
+    // job keeps its own failure (a successful job would fail as runner_system_failure).
+    let mut failing = payload("fails", &url, &sha, &["echo partial > out.txt", "exit 4"], &[], json!([]));
+    failing["artifacts"] = json!([{"paths": ["out.txt"], "when": "on_failure", "artifact_format": "zip"},
+                                  {"paths": ["never.txt"], "when": "on_success", "artifact_format": "zip"}]);
+    gitlab.fault(fake::Api::UploadArtifacts, fake::Fault::Status(413));
+    let failing = gitlab.enqueue(failing);
+    until("the failing job to finish", 240, || !matches!(gitlab.job(failing).state.as_str(), "running" | "pending"))
+        .await;
+    let job = gitlab.job(failing);
+    let trace = trace_text(&gitlab, failing);
+    assert_eq!(job.state, "failed", "{trace}");
+    assert_eq!(job.updates.last().unwrap()["failure_reason"], "script_failure", "{trace}");
+    assert!(trace.contains("out.txt: found 1 matching artifact files and directories"), "{trace}");
+    assert!(trace.contains("413 Request Entity Too Large"), "{trace}");
+    assert!(!trace.contains("never.txt"), "an on_success artifact after a failure:\n{trace}");
+    assert!(job.artifacts.is_empty());
+
     let pid = serve.id().expect("pid").to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let out = tokio::time::timeout(Duration::from_secs(120), serve.wait_with_output())

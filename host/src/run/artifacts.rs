@@ -124,6 +124,25 @@ pub fn select(entries: &[Entry], paths: &[String], exclude: &[String]) -> Result
     Ok(sel)
 }
 
+/// What to tar in the pod for these patterns: each pattern's literal leading directories (up to
+/// the first glob character), so `out/**/*.bin` reads `out` and not the whole project; `.`
+/// when a pattern starts with a glob.
+pub fn roots(paths: &[String]) -> Vec<String> {
+    let mut roots = BTreeSet::new();
+    for p in paths.iter().filter_map(|p| normalize(p)) {
+        let literal: Vec<&str> =
+            p.split('/').take_while(|seg| !seg.contains(['*', '?', '[', '{', '\\'])).collect();
+        if literal.is_empty() || p == "." {
+            return vec![".".into()];
+        }
+        roots.insert(literal.join("/"));
+    }
+    // `out` covers `out/app`.
+    let all: Vec<String> = roots.iter().cloned().collect();
+    roots.retain(|r| !all.iter().any(|o| o != r && r.starts_with(&format!("{o}/"))));
+    roots.into_iter().collect()
+}
+
 /// `a/b/c` -> `a/b`, `a`.
 fn ancestors(path: &str) -> impl Iterator<Item = &str> {
     path.char_indices().filter(|&(_, c)| c == '/').map(|(i, _)| &path[..i]).rev()
@@ -279,7 +298,8 @@ pub(super) async fn upload_artifacts(
         }
     };
     trace.info("Uploading artifacts...");
-    let tar = match tar_from_pod(job_pod, project_dir).await {
+    let patterns: Vec<String> = due.iter().flat_map(|a| a.paths.iter().cloned()).collect();
+    let tar = match tar_from_pod(job_pod, project_dir, &roots(&patterns)).await {
         Ok(t) => t,
         Err(e) => return failed(format!("reading {project_dir}: {e}")),
     };
@@ -321,30 +341,26 @@ pub(super) async fn upload_artifacts(
         };
         let size = zip.len();
         match job.store.upload(artifact, zip).await {
-            Ok(answer) => trace.line(&format!(
-                "Uploading artifacts as \"archive\" to coordinator... {answer}  id={} ({size} bytes)",
-                trace_id(artifact)
-            )),
+            Ok(answer) => {
+                trace.line(&format!("Uploading artifacts as \"archive\" to coordinator... {answer} ({size} bytes)"))
+            }
             Err(e) => return failed(e),
         }
     }
     outcome
 }
 
-fn trace_id(artifact: &Artifact) -> String {
-    if artifact.name.is_empty() { "artifacts".into() } else { artifact.name.clone() }
-}
-
-/// The project directory as a tar, from the helper container's stdout.
-async fn tar_from_pod(job_pod: &JobPod, project_dir: &str) -> Result<Vec<u8>, String> {
+/// `roots` under the project directory as a tar (those that exist), from the helper
+/// container's stdout.
+async fn tar_from_pod(job_pod: &JobPod, project_dir: &str, roots: &[String]) -> Result<Vec<u8>, String> {
     use crate::plugins::strategy_host::{Channel, PodAccess};
-    let command = vec![
-        "sh".to_string(),
-        "-c".to_string(),
-        "cd \"$1\" && exec tar -c -f - .".to_string(),
-        "sh".to_string(),
-        project_dir.to_string(),
-    ];
+    // The roots that exist are appended to "$@" and the given ones shifted away; none is an
+    // empty answer (tar refuses an empty archive).
+    let script = "cd \"$1\" || exit 1; shift; n=$#; \
+                  for p do if [ -e \"$p\" ] || [ -L \"$p\" ]; then set -- \"$@\" \"./$p\"; fi; done; \
+                  shift $n; [ $# -gt 0 ] || exit 0; exec tar -c -f - \"$@\"";
+    let mut command = vec!["sh".to_string(), "-c".to_string(), script.to_string(), "sh".to_string(), project_dir.to_string()];
+    command.extend(roots.iter().cloned());
     let mut session = job_pod.exec(crate::pod::HELPER_CONTAINER, command, false).await.map_err(|e| e.to_string())?;
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let mut pending = None;
@@ -461,6 +477,15 @@ mod tests {
         zip.write_all(b"x").unwrap();
         let bytes = zip.finish().unwrap().into_inner();
         assert!(zip_to_tar(&bytes).unwrap_err().contains("leaves the project directory"));
+    }
+
+    #[test]
+    fn only_the_patterns_literal_directories_are_read_from_the_pod() {
+        assert_eq!(roots(&s(&["out/", "./out/sub/*.bin", "report.xml", "dist/**/x"])), ["dist", "out", "report.xml"]);
+        assert_eq!(roots(&s(&["out/", "**/*.log"])), ["."]);
+        assert_eq!(roots(&s(&["*.xml"])), ["."]);
+        assert_eq!(roots(&s(&["/etc", "../x"])), Vec::<String>::new());
+        assert!(read_tar(&[]).unwrap().is_empty(), "no root exists: an empty answer");
     }
 
     #[test]

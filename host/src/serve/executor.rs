@@ -22,8 +22,10 @@ use crate::run::{ClusterChoice, Outcome, RunOptions, Sources};
 use crate::sources::git::GitCache;
 
 /// What keel announces in `info.features`: the client's own (trace protocol, cancels) and what
-/// this pipeline really does with a payload. Artifacts, caches, services' variables and
-/// `executor_opts` are not implemented yet, so they are not claimed.
+/// this pipeline really does with a payload. Artifacts `paths` and `exclude` are uploaded
+/// (`artifacts`, `artifacts_exclude`); report artifacts (`upload_multiple_artifacts`), raw
+/// artifacts, caches, services' variables and `executor_opts` are not implemented yet, so they
+/// are not claimed.
 pub fn features() -> Features {
     Features {
         variables: true,
@@ -34,6 +36,8 @@ pub fn features() -> Features {
         refspecs: true,
         return_exit_code: true,
         service_multiple_aliases: true,
+        artifacts: true,
+        artifacts_exclude: true,
         ..Features::client()
     }
 }
@@ -258,6 +262,8 @@ mod tests {
     fn only_what_the_pipeline_does_is_announced() {
         let f = features();
         assert!(f.variables && f.masking && f.raw_variables && f.refspecs && f.cancelable && f.trace_checksum);
-        assert!(!f.artifacts && !f.cache && !f.terminal && !f.service_variables && !f.image_executor_opts);
+        assert!(f.artifacts && f.artifacts_exclude);
+        assert!(!f.upload_multiple_artifacts && !f.upload_raw_artifacts);
+        assert!(!f.cache && !f.terminal && !f.service_variables && !f.image_executor_opts);
     }
 }
