@@ -432,8 +432,10 @@ async fn serve_uploads_artifacts_and_extracts_dependencies() {
         ),
     );
     let serve = serve_command(&fx, &config, "info").spawn().expect("start host serve");
-    until("the build job to finish", 240, || gitlab.job(build).state != "running" && gitlab.job(build).state != "pending")
-        .await;
+    until("the build job to finish", 240, || {
+        gitlab.job(build).state != "running" && gitlab.job(build).state != "pending"
+    })
+    .await;
     let job = gitlab.job(build);
     let trace = trace_text(&gitlab, build);
     assert_eq!(job.state, "success", "{trace}");

@@ -617,7 +617,12 @@ impl Client {
                 _ => return Err(self.unexpected(call, resp).await),
             }
         }
-        Err(GitlabError::Status { runner: self.runner.name.clone(), call, status: 307, body: "too many redirects".into() })
+        Err(GitlabError::Status {
+            runner: self.runner.name.clone(),
+            call,
+            status: 307,
+            body: "too many redirects".into(),
+        })
     }
 
     /// `GET jobs/:id/artifacts` with the dependency's token. A redirect elsewhere (object
@@ -646,7 +651,12 @@ impl Client {
                 _ => return Err(self.unexpected(call, resp).await),
             }
         }
-        Err(GitlabError::Status { runner: self.runner.name.clone(), call, status: 302, body: "too many redirects".into() })
+        Err(GitlabError::Status {
+            runner: self.runner.name.clone(),
+            call,
+            status: 302,
+            body: "too many redirects".into(),
+        })
     }
 
     /// A redirect's target, when it is this GitLab (scheme, host and port): a token-carrying

@@ -544,8 +544,12 @@ fn multipart_file(content_type: &str, body: &[u8]) -> Option<(String, Vec<u8>)> 
         let next = find(body, format!("\r\n{delimiter}").as_bytes(), data_start)?;
         let disposition = part_headers.lines().find(|l| l.to_ascii_lowercase().starts_with("content-disposition"))?;
         if disposition.contains("name=\"file\"") {
-            let filename =
-                disposition.split("filename=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or_default().to_string();
+            let filename = disposition
+                .split("filename=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or_default()
+                .to_string();
             return Some((filename, body[data_start..next].to_vec()));
         }
         at = next + 2 + delimiter.len();

@@ -392,7 +392,10 @@ async fn artifacts_upload_with_the_job_token_retry_5xx_report_413_and_download_w
     assert_eq!(client.upload_artifacts(&creds, &upload).await.unwrap(), UploadOutcome::TooLarge);
 
     let wrong = JobCredentials { id, token: Secret::new("glcbt-wrong") };
-    assert!(matches!(client.upload_artifacts(&wrong, &upload).await.unwrap(), UploadOutcome::Refused { status: 403, .. }));
+    assert!(matches!(
+        client.upload_artifacts(&wrong, &upload).await.unwrap(),
+        UploadOutcome::Refused { status: 403, .. }
+    ));
 
     // Another job downloads with the token the payload gives for the dependency.
     assert_eq!(client.download_artifacts(&creds).await.unwrap().as_ref(), upload.zip.as_ref());

@@ -130,8 +130,7 @@ pub fn select(entries: &[Entry], paths: &[String], exclude: &[String]) -> Result
 pub fn roots(paths: &[String]) -> Vec<String> {
     let mut roots = BTreeSet::new();
     for p in paths.iter().filter_map(|p| normalize(p)) {
-        let literal: Vec<&str> =
-            p.split('/').take_while(|seg| !seg.contains(['*', '?', '[', '{', '\\'])).collect();
+        let literal: Vec<&str> = p.split('/').take_while(|seg| !seg.contains(['*', '?', '[', '{', '\\'])).collect();
         if literal.is_empty() || p == "." {
             return vec![".".into()];
         }
@@ -265,7 +264,9 @@ pub(super) async fn download_dependencies(
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("artifacts of {}: {e}", dep.name))?;
-        untar_in_pod(job_pod, &tar, project_dir).await.map_err(|e| format!("extracting artifacts of {}: {e}", dep.name))?;
+        untar_in_pod(job_pod, &tar, project_dir)
+            .await
+            .map_err(|e| format!("extracting artifacts of {}: {e}", dep.name))?;
         trace.line(&format!("Downloaded artifacts for {} ({}): {files} files, {size} bytes", dep.name, dep.id));
     }
     Ok(())
@@ -359,7 +360,8 @@ async fn tar_from_pod(job_pod: &JobPod, project_dir: &str, roots: &[String]) -> 
     let script = "cd \"$1\" || exit 1; shift; n=$#; \
                   for p do if [ -e \"$p\" ] || [ -L \"$p\" ]; then set -- \"$@\" \"./$p\"; fi; done; \
                   shift $n; [ $# -gt 0 ] || exit 0; exec tar -c -f - \"$@\"";
-    let mut command = vec!["sh".to_string(), "-c".to_string(), script.to_string(), "sh".to_string(), project_dir.to_string()];
+    let mut command =
+        vec!["sh".to_string(), "-c".to_string(), script.to_string(), "sh".to_string(), project_dir.to_string()];
     command.extend(roots.iter().cloned());
     let mut session = job_pod.exec(crate::pod::HELPER_CONTAINER, command, false).await.map_err(|e| e.to_string())?;
     let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -372,7 +374,9 @@ async fn tar_from_pod(job_pod: &JobPod, project_dir: &str, roots: &[String]) -> 
     }
     match session.wait_exit().await {
         Ok(0) => Ok(out),
-        Ok(code) => Err(format!("tar in the helper container exited with {code}: {}", String::from_utf8_lossy(&err).trim())),
+        Ok(code) => {
+            Err(format!("tar in the helper container exited with {code}: {}", String::from_utf8_lossy(&err).trim()))
+        }
         Err(e) => Err(e.to_string()),
     }
 }
@@ -393,7 +397,9 @@ async fn untar_in_pod(job_pod: &JobPod, tar: &[u8], dir: &str) -> Result<(), Str
     let (out, exit) = finish(&mut session).await;
     match exit {
         Ok(0) => Ok(()),
-        Ok(code) => Err(format!("tar in the helper container exited with {code}: {}", String::from_utf8_lossy(&out).trim())),
+        Ok(code) => {
+            Err(format!("tar in the helper container exited with {code}: {}", String::from_utf8_lossy(&out).trim()))
+        }
         Err(e) => Err(e.to_string()),
     }
 }
@@ -460,7 +466,8 @@ mod tests {
         let picked: Vec<&Entry> = sel.chosen.iter().map(|&i| &t[i]).collect();
         let zip = build_zip(picked).unwrap();
         let mut archive = zip::ZipArchive::new(Cursor::new(&zip)).unwrap();
-        let mut zipped: Vec<String> = (0..archive.len()).map(|i| archive.by_index(i).unwrap().name().to_string()).collect();
+        let mut zipped: Vec<String> =
+            (0..archive.len()).map(|i| archive.by_index(i).unwrap().name().to_string()).collect();
         zipped.sort();
         assert_eq!(zipped, ["out/", "out/app", "out/sub/", "out/sub/deep.log"]);
         let (tar, files) = zip_to_tar(&zip).unwrap();
@@ -492,7 +499,9 @@ mod tests {
     fn when_follows_the_outcome() {
         assert!(wanted("on_success", &Outcome::Success) && wanted("", &Outcome::Success));
         assert!(!wanted("on_success", &Outcome::ScriptFailure { exit_code: 1 }));
-        assert!(wanted("on_failure", &Outcome::ScriptFailure { exit_code: 1 }) && !wanted("on_failure", &Outcome::Success));
+        assert!(
+            wanted("on_failure", &Outcome::ScriptFailure { exit_code: 1 }) && !wanted("on_failure", &Outcome::Success)
+        );
         assert!(wanted("always", &Outcome::Cancelled));
     }
 }

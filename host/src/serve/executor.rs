@@ -202,8 +202,16 @@ impl ArtifactStore for GitlabArtifacts {
             }
             let upload = ArtifactsUpload {
                 zip: zip.into(),
-                filename: if artifact.name.is_empty() { "artifacts.zip".into() } else { format!("{}.zip", artifact.name) },
-                artifact_type: if artifact.artifact_type.is_empty() { "archive".into() } else { artifact.artifact_type.clone() },
+                filename: if artifact.name.is_empty() {
+                    "artifacts.zip".into()
+                } else {
+                    format!("{}.zip", artifact.name)
+                },
+                artifact_type: if artifact.artifact_type.is_empty() {
+                    "archive".into()
+                } else {
+                    artifact.artifact_type.clone()
+                },
                 artifact_format: format.to_string(),
                 expire_in: artifact.expire_in.clone(),
             };
@@ -212,7 +220,9 @@ impl ArtifactStore for GitlabArtifacts {
                 Ok(UploadOutcome::TooLarge) => {
                     Err("413 Request Entity Too Large: the artifacts are over GitLab's maximum artifacts size".into())
                 }
-                Ok(UploadOutcome::Refused { status, body }) => Err(format!("GitLab refused the upload ({status}): {body}")),
+                Ok(UploadOutcome::Refused { status, body }) => {
+                    Err(format!("GitLab refused the upload ({status}): {body}"))
+                }
                 Err(e) => Err(e.to_string()),
             }
         })
