@@ -453,7 +453,12 @@ async fn run_on(
     phases.mark("after_script");
     let outcome = match artifacts {
         Some(job_artifacts) if !pod_dead && *interrupts.borrow() < 2 && !job_artifacts.artifacts.is_empty() => {
-            opts.stage("upload_artifacts");
+            // GitLab Runner's stage names.
+            opts.stage(if outcome == Outcome::Success {
+                "upload_artifacts_on_success"
+            } else {
+                "upload_artifacts_on_failure"
+            });
             let outcome = artifacts::upload_artifacts(job_artifacts, &job_pod, &project_dir, outcome, trace).await;
             phases.mark("upload_artifacts");
             outcome
