@@ -415,10 +415,11 @@ async fn serve_uploads_artifacts_and_extracts_dependencies() {
             "echo '<testsuite/>' > report.xml",
         ],
         &["echo after > out/after.txt"],
-        json!([]),
+        json!([{"key": "OUT_DIR", "value": "out", "public": true}]),
     );
+    // Variables are expanded in `name`, `paths` and `exclude`.
     build["artifacts"] = json!([
-        {"name": "build-out", "paths": ["out/", "report.xml", "missing/"], "exclude": ["out/*.log"],
+        {"name": "$CI_JOB_NAME-out", "paths": ["$OUT_DIR/", "report.xml", "missing/"], "exclude": ["${OUT_DIR}/*.log"],
          "when": "on_success", "expire_in": "1 week", "artifact_type": "archive", "artifact_format": "zip"}
     ]);
     let build = gitlab.enqueue(build);

@@ -275,18 +275,27 @@ pub(super) async fn download_dependencies(
 /// After the stages: each artifact that the outcome calls for, collected and uploaded. An
 /// upload that fails turns a successful job into a system failure (GitLab Runner fails the job
 /// when its artifacts cannot be uploaded); a failed job keeps its own outcome.
+/// `expand` is the job's `$VAR` expansion, applied to `name`, `paths` and `exclude` as GitLab
+/// Runner does.
 pub(super) async fn upload_artifacts(
     job: &JobArtifacts,
     job_pod: &JobPod,
     project_dir: &str,
     outcome: Outcome,
+    expand: &(dyn Fn(&str) -> String + Sync),
     trace: &Trace,
 ) -> Outcome {
-    let due: Vec<&Artifact> = job
+    let due: Vec<Artifact> = job
         .artifacts
         .iter()
         .filter(|a| wanted(&a.when, &outcome))
         .filter(|a| a.artifact_type.is_empty() || a.artifact_type == "archive")
+        .map(|a| Artifact {
+            name: expand(&a.name),
+            paths: a.paths.iter().map(|p| expand(p)).collect(),
+            exclude: a.exclude.iter().map(|p| expand(p)).collect(),
+            ..a.clone()
+        })
         .collect();
     if due.is_empty() {
         return outcome;
@@ -309,7 +318,7 @@ pub(super) async fn upload_artifacts(
         Ok(Err(e)) => return failed(format!("reading {project_dir}: {e}")),
         Err(e) => return failed(e.to_string()),
     };
-    for artifact in due {
+    for artifact in &due {
         if artifact.untracked {
             trace.warning("WARNING: artifacts:untracked is not supported by keel yet: only `paths` are collected");
         }

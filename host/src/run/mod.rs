@@ -459,7 +459,10 @@ async fn run_on(
             } else {
                 "upload_artifacts_on_failure"
             });
-            let outcome = artifacts::upload_artifacts(job_artifacts, &job_pod, &project_dir, outcome, trace).await;
+            let lookup = |k: &str| prepared.job.variable(k).map(str::to_string);
+            let expand = |s: &str| crate::vocab::expand::expand(s, &lookup);
+            let outcome =
+                artifacts::upload_artifacts(job_artifacts, &job_pod, &project_dir, outcome, &expand, trace).await;
             phases.mark("upload_artifacts");
             outcome
         }
