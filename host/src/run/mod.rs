@@ -461,8 +461,15 @@ async fn run_on(
             });
             let lookup = |k: &str| prepared.job.variable(k).map(str::to_string);
             let expand = |s: &str| crate::vocab::expand::expand(s, &lookup);
-            let outcome =
-                artifacts::upload_artifacts(job_artifacts, &job_pod, &project_dir, outcome, &expand, trace).await;
+            let upload = artifacts::upload_artifacts(job_artifacts, &job_pod, &project_dir, outcome, &expand, trace);
+            // A second cancel stops an upload as it skips after_script.
+            let outcome = tokio::select! {
+                o = upload => o,
+                _ = interrupted(interrupts, 2) => {
+                    trace.warning("WARNING: uploading artifacts interrupted");
+                    Outcome::Cancelled
+                }
+            };
             phases.mark("upload_artifacts");
             outcome
         }
