@@ -396,3 +396,146 @@ print(json.dumps(out))
     watching.abort();
     fx.assert_clean().await;
 }
+
+/// Artifacts and dependencies: `build` writes files, its artifacts (`out/` less `out/*.log`, and
+/// a report) go up as a zip that Python's `zipfile` reads back exactly; `test` lists `build` in
+/// its dependencies and finds its files in the project directory before its script runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_uploads_artifacts_and_extracts_dependencies() {
+    let fx = Fixture::new(ClusterOptions::default()).await;
+    let git = GitServer::start(is_job_token).await;
+    let sha = git.create_repo("app", &[("README.md", "artifacts\n")], None);
+    let gitlab = FakeGitlab::start(&[RUNNER_TOKEN]).await;
+    gitlab.set_hold(Duration::from_millis(300));
+    let url = git.job_url("app");
+
+    let mut build = payload(
+        "build",
+        &url,
+        &sha,
+        &[
+            "mkdir -p out/sub",
+            "printf 'app v1\\n' > out/app",
+            "printf 'deep\\n' > out/sub/deep.txt",
+            "echo noise > out/skip.log",
+            "echo '<testsuite/>' > report.xml",
+        ],
+        &["echo after > out/after.txt"],
+        json!([{"key": "OUT_DIR", "value": "out", "public": true}]),
+    );
+    // Variables are expanded in `name`, `paths` and `exclude`.
+    build["artifacts"] = json!([
+        {"name": "$CI_JOB_NAME-out", "paths": ["$OUT_DIR/", "report.xml", "missing/"], "exclude": ["${OUT_DIR}/*.log"],
+         "when": "on_success", "expire_in": "1 week", "artifact_type": "archive", "artifact_format": "zip"}
+    ]);
+    let build = gitlab.enqueue(build);
+
+    let config = fx.write(
+        "config.toml",
+        &format!(
+            "concurrent = 2\ncheck_interval = 1\n\n\
+             [[runners]]\nname = \"keel-e2e\"\nurl = \"{}\"\ntoken = \"{RUNNER_TOKEN}\"\nexecutor = \"kubernetes\"\n",
+            gitlab.url()
+        ),
+    );
+    let serve = serve_command(&fx, &config, "info").spawn().expect("start host serve");
+    until("the build job to finish", 240, || {
+        gitlab.job(build).state != "running" && gitlab.job(build).state != "pending"
+    })
+    .await;
+    let job = gitlab.job(build);
+    let trace = trace_text(&gitlab, build);
+    assert_eq!(job.state, "success", "{trace}");
+    for want in [
+        "Uploading artifacts...",
+        "out/: found 6 matching artifact files and directories",
+        "report.xml: found 1 matching artifact files and directories",
+        "WARNING: missing/: no matching files",
+        "out/*.log: excluded 1 files",
+        "Uploading artifacts as \"archive\" to coordinator... 201 Created",
+    ] {
+        assert!(trace.contains(want), "{want:?} is not in the trace:\n{trace}");
+    }
+    // after_script ran before the files were collected, as with GitLab Runner.
+    assert!(trace.find("after_script").unwrap() < trace.find("Uploading artifacts...").unwrap(), "{trace}");
+    assert_eq!(job.artifacts.len(), 1, "one upload");
+    let upload = &job.artifacts[0];
+    assert_eq!(upload.filename, "build-out.zip");
+    assert_eq!(upload.query, "artifact_format=zip&artifact_type=archive&expire_in=1+week");
+
+    // An independent reader of the zip: Python's zipfile.
+    let zip_path = fx.dir.path().join("artifacts.zip");
+    std::fs::write(&zip_path, &upload.bytes).unwrap();
+    let read = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import json, sys, zipfile\n\
+             z = zipfile.ZipFile(sys.argv[1])\n\
+             assert z.testzip() is None\n\
+             print(json.dumps({n: (None if n.endswith('/') else z.read(n).decode()) for n in sorted(z.namelist())}))",
+        )
+        .arg(&zip_path)
+        .output()
+        .expect("python3");
+    assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    assert_eq!(
+        listed,
+        json!({"out/": null, "out/after.txt": "after\n", "out/app": "app v1\n", "out/sub/": null,
+               "out/sub/deep.txt": "deep\n", "report.xml": "<testsuite/>\n"}),
+    );
+
+    // `test` depends on `build`: its artifacts are in the project directory before the script.
+    let mut test = payload(
+        "test",
+        &url,
+        &sha,
+        &["cat out/app out/sub/deep.txt", "test ! -e out/skip.log && echo no-log", "cat README.md"],
+        &[],
+        json!([]),
+    );
+    test["dependencies"] = json!([{"id": build, "name": "build", "token": job.token,
+                                   "artifacts_file": {"filename": "build-out.zip", "size": upload.bytes.len()}}]);
+    let test = gitlab.enqueue(test);
+    until("the test job to finish", 240, || !matches!(gitlab.job(test).state.as_str(), "running" | "pending")).await;
+    let trace = trace_text(&gitlab, test);
+    assert_eq!(gitlab.job(test).state, "success", "{trace}");
+    let downloading = format!("Downloading artifacts for build ({build})...");
+    for want in [downloading.as_str(), "app v1", "deep", "no-log", "artifacts"] {
+        assert!(trace.contains(want), "{want:?} is not in the trace:\n{trace}");
+    }
+    assert!(!trace.contains("glcbt-"), "a token in the trace:\n{trace}");
+    let downloads = gitlab.calls(fake::Api::DownloadArtifacts);
+    assert_eq!(downloads.iter().map(|c| (c.job, c.status)).collect::<Vec<_>>(), [(Some(build), 200)]);
+
+    // `when: on_failure` after a failing script; GitLab answers 413: the trace says so and the
+    // job keeps its own failure (a successful job would fail as runner_system_failure).
+    let mut failing = payload("fails", &url, &sha, &["echo partial > out.txt", "exit 4"], &[], json!([]));
+    failing["artifacts"] = json!([{"paths": ["out.txt"], "when": "on_failure", "artifact_format": "zip"},
+                                  {"paths": ["never.txt"], "when": "on_success", "artifact_format": "zip"}]);
+    gitlab.fault(fake::Api::UploadArtifacts, fake::Fault::Status(413));
+    let failing = gitlab.enqueue(failing);
+    until("the failing job to finish", 240, || !matches!(gitlab.job(failing).state.as_str(), "running" | "pending"))
+        .await;
+    let job = gitlab.job(failing);
+    let trace = trace_text(&gitlab, failing);
+    assert_eq!(job.state, "failed", "{trace}");
+    assert_eq!(job.updates.last().unwrap()["failure_reason"], "script_failure", "{trace}");
+    assert!(trace.contains("out.txt: found 1 matching artifact files and directories"), "{trace}");
+    assert!(trace.contains("413 Request Entity Too Large"), "{trace}");
+    assert!(!trace.contains("never.txt"), "an on_success artifact after a failure:\n{trace}");
+    assert!(job.artifacts.is_empty());
+
+    let pid = serve.id().expect("pid").to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let out = tokio::time::timeout(Duration::from_secs(120), serve.wait_with_output())
+        .await
+        .expect("host serve did not stop after SIGTERM")
+        .expect("host serve output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "host serve exited {:?}:\n{stderr}", out.status);
+    for secret in [RUNNER_TOKEN, "glcbt-job"] {
+        assert!(!stderr.contains(secret), "{secret} in the log:\n{stderr}");
+    }
+    fx.assert_clean().await;
+}

@@ -55,6 +55,8 @@ pub enum Endpoint {
     RequestJob,
     UpdateJob,
     PatchTrace,
+    UploadArtifacts,
+    DownloadArtifacts,
 }
 
 impl Endpoint {
@@ -64,6 +66,8 @@ impl Endpoint {
             Endpoint::RequestJob => "request_job",
             Endpoint::UpdateJob => "update_job",
             Endpoint::PatchTrace => "patch_trace",
+            Endpoint::UploadArtifacts => "upload_artifacts",
+            Endpoint::DownloadArtifacts => "download_artifacts",
         }
     }
 }
@@ -328,6 +332,8 @@ pub struct Reply<T> {
 
 pub struct Client {
     http: reqwest::Client,
+    /// Artifacts calls: redirects are followed by hand, so the job token stays with GitLab.
+    no_redirect: reqwest::Client,
     /// `<url>/api/v4/`
     base: reqwest::Url,
     runner: RunnerIdentity,
@@ -339,6 +345,33 @@ impl std::fmt::Debug for Client {
         f.debug_struct("Client").field("runner", &self.runner.name).field("base", &self.base.as_str()).finish()
     }
 }
+
+/// What GitLab said to an artifacts upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UploadOutcome {
+    /// 201.
+    Created,
+    /// 413: over the project's or instance's maximum artifacts size.
+    TooLarge,
+    /// 403 and the like: the job token is refused (the job is over, or canceled).
+    Refused { status: u16, body: String },
+}
+
+/// One artifacts upload: the zip and how GitLab should keep it.
+#[derive(Debug, Clone)]
+pub struct ArtifactsUpload {
+    pub zip: bytes::Bytes,
+    /// The zip's file name (GitLab shows it in the job's artifacts).
+    pub filename: String,
+    /// `archive` for `artifacts:paths`.
+    pub artifact_type: String,
+    pub artifact_format: String,
+    /// `expire_in` as written in `.gitlab-ci.yml`; GitLab's default when empty.
+    pub expire_in: String,
+}
+
+/// How many redirects an artifacts call follows (GitLab Runner: 307 to the same GitLab).
+const MAX_ARTIFACT_REDIRECTS: usize = 3;
 
 /// One attempt's failure, before the retry loop decides.
 enum Attempt {
@@ -367,17 +400,20 @@ impl Client {
             .with_no_client_auth();
         let mut headers = HeaderMap::new();
         headers.insert(reqwest::header::ACCEPT, HeaderValue::from_static("application/json"));
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .user_agent(format!(
-                "keel {} ({}; {})",
-                runner.info.version, runner.info.platform, runner.info.architecture
-            ))
-            .default_headers(headers)
-            .connect_timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| GitlabError::Tls { runner: runner.name.clone(), message: error_chain(&e) })?;
-        Ok(Client { http, base, runner, options })
+        let builder = || {
+            reqwest::Client::builder()
+                .tls_backend_preconfigured(tls.clone())
+                .user_agent(format!(
+                    "keel {} ({}; {})",
+                    runner.info.version, runner.info.platform, runner.info.architecture
+                ))
+                .default_headers(headers.clone())
+                .connect_timeout(Duration::from_secs(30))
+        };
+        let tls_error = |e: reqwest::Error| GitlabError::Tls { runner: runner.name.clone(), message: error_chain(&e) };
+        let http = builder().build().map_err(tls_error)?;
+        let no_redirect = builder().redirect(reqwest::redirect::Policy::none()).build().map_err(tls_error)?;
+        Ok(Client { http, no_redirect, base, runner, options })
     }
 
     pub fn runner_name(&self) -> &str {
@@ -534,6 +570,114 @@ impl Client {
             _ => return Err(self.unexpected(call, resp).await),
         };
         Ok(reply(outcome, resp.headers()))
+    }
+
+    /// `POST jobs/:id/artifacts`: multipart `file`, with `artifact_format`, `artifact_type` and
+    /// `expire_in` as query parameters (as GitLab Runner sends them). A 307 is followed to the
+    /// same GitLab only (the job token never goes elsewhere); 5xx are retried as every call.
+    pub async fn upload_artifacts(
+        &self,
+        job: &JobCredentials,
+        upload: &ArtifactsUpload,
+    ) -> Result<UploadOutcome, GitlabError> {
+        let call = format!("POST jobs/{}/artifacts", job.id);
+        let mut url = self.url(&format!("jobs/{}/artifacts", job.id));
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("artifact_format", &upload.artifact_format);
+            q.append_pair("artifact_type", &upload.artifact_type);
+            if !upload.expire_in.is_empty() {
+                q.append_pair("expire_in", &upload.expire_in);
+            }
+        }
+        for _ in 0..=MAX_ARTIFACT_REDIRECTS {
+            let resp = self
+                .send(Endpoint::UploadArtifacts, &call, &[], || {
+                    let part = reqwest::multipart::Part::stream_with_length(
+                        reqwest::Body::from(upload.zip.clone()),
+                        upload.zip.len() as u64,
+                    )
+                    .file_name(upload.filename.clone())
+                    .mime_str("application/zip")
+                    .expect("a valid mime type");
+                    self.no_redirect
+                        .post(url.clone())
+                        .header("JOB-TOKEN", job.token.expose())
+                        .multipart(reqwest::multipart::Form::new().part("file", part))
+                })
+                .await?;
+            match resp.status().as_u16() {
+                200 | 201 => return Ok(UploadOutcome::Created),
+                413 => return Ok(UploadOutcome::TooLarge),
+                307 | 308 => url = self.same_gitlab_redirect(&call, &url, &resp)?,
+                status @ (401 | 403 | 404) => {
+                    let body = cut(&resp.text().await.unwrap_or_default());
+                    return Ok(UploadOutcome::Refused { status, body });
+                }
+                _ => return Err(self.unexpected(call, resp).await),
+            }
+        }
+        Err(GitlabError::Status {
+            runner: self.runner.name.clone(),
+            call,
+            status: 307,
+            body: "too many redirects".into(),
+        })
+    }
+
+    /// `GET jobs/:id/artifacts` with the dependency's token. A redirect elsewhere (object
+    /// storage, a pre-signed URL) is followed without the token.
+    pub async fn download_artifacts(&self, job: &JobCredentials) -> Result<bytes::Bytes, GitlabError> {
+        let call = format!("GET jobs/{}/artifacts", job.id);
+        let mut url = self.url(&format!("jobs/{}/artifacts", job.id));
+        for _ in 0..=MAX_ARTIFACT_REDIRECTS {
+            let ours = url.origin() == self.base.origin();
+            let resp = self
+                .send(Endpoint::DownloadArtifacts, &call, &[], || {
+                    let req = self.no_redirect.get(url.clone()).header(reqwest::header::ACCEPT, "*/*");
+                    if ours { req.header("JOB-TOKEN", job.token.expose()) } else { req }
+                })
+                .await?;
+            match resp.status().as_u16() {
+                200 => return self.body(&call, resp).await,
+                301 | 302 | 303 | 307 | 308 => {
+                    let location = header(resp.headers(), "Location").unwrap_or_default();
+                    url = url.join(&location).map_err(|e| GitlabError::Body {
+                        runner: self.runner.name.clone(),
+                        call: call.clone(),
+                        cause: format!("bad redirect: {e}"),
+                    })?;
+                }
+                _ => return Err(self.unexpected(call, resp).await),
+            }
+        }
+        Err(GitlabError::Status {
+            runner: self.runner.name.clone(),
+            call,
+            status: 302,
+            body: "too many redirects".into(),
+        })
+    }
+
+    /// A redirect's target, when it is this GitLab (scheme, host and port): a token-carrying
+    /// request goes nowhere else.
+    fn same_gitlab_redirect(
+        &self,
+        call: &str,
+        from: &reqwest::Url,
+        resp: &reqwest::Response,
+    ) -> Result<reqwest::Url, GitlabError> {
+        let status = resp.status().as_u16();
+        let location = header(resp.headers(), "Location").unwrap_or_default();
+        match from.join(&location) {
+            Ok(to) if to.origin() == self.base.origin() => Ok(to),
+            _ => Err(GitlabError::Status {
+                runner: self.runner.name.clone(),
+                call: call.to_string(),
+                status,
+                body: "redirected away from GitLab: not followed with the job token".into(),
+            }),
+        }
     }
 
     fn url(&self, path: &str) -> reqwest::Url {

@@ -1,7 +1,7 @@
 //! A fake GitLab for tests, written from the wire facts (`shared/gitlab-runner-api.md`), for
 //! what `gitlab-runner-mock` does not do: verify, long polling with `last_update`, `Job-Status:
 //! canceling`, 416 with `Range`, 412 and 202 on the final update, 409/429 with `Retry-After`,
-//! 502 bursts. It enforces the protocol (a patch must start where the stored trace ends, the
+//! 502 bursts; artifacts uploads (multipart, stored per job) and downloads. It enforces the protocol (a patch must start where the stored trace ends, the
 //! final checksum must match) and records every call, so tests judge what reached it.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{patch, post, put};
@@ -38,6 +38,18 @@ pub enum Api {
     Request,
     Update,
     Trace,
+    UploadArtifacts,
+    DownloadArtifacts,
+}
+
+/// An accepted `POST jobs/:id/artifacts`.
+#[derive(Debug, Clone)]
+pub struct ArtifactsUpload {
+    /// The query string (`artifact_format=zip&artifact_type=archive&expire_in=...`).
+    pub query: String,
+    /// The `file` part's file name.
+    pub filename: String,
+    pub bytes: Vec<u8>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +80,8 @@ pub struct FakeJob {
     pub finals_accepted: u32,
     /// Sent as `Job-Status` while the job runs (e.g. `canceling`).
     pub job_status: Option<String>,
+    /// Accepted artifacts uploads, in order; the last is what a download gets.
+    pub artifacts: Vec<ArtifactsUpload>,
 }
 
 #[derive(Default)]
@@ -124,6 +138,7 @@ impl FakeGitlab {
             .route("/api/v4/jobs/request", post(request))
             .route("/api/v4/jobs/{id}", put(update))
             .route("/api/v4/jobs/{id}/trace", patch(trace))
+            .route("/api/v4/jobs/{id}/artifacts", post(upload_artifacts).get(download_artifacts))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -176,6 +191,7 @@ impl FakeGitlab {
                     updates: Vec::new(),
                     finals_accepted: 0,
                     job_status: None,
+                    artifacts: Vec::new(),
                 },
             );
             inner.queue.push_back(id);
@@ -449,6 +465,95 @@ async fn trace(State(shared): State<Arc<Shared>>, Path(id): Path<u64>, headers: 
     let resp = with_status(resp, job);
     inner.record(Api::Trace, resp.status().as_u16(), Some(id), None);
     resp
+}
+
+/// `POST jobs/:id/artifacts`: the job's own token, a running job, a multipart body with a
+/// `file` part; stored per job.
+async fn upload_artifacts(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<u64>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut inner = shared.inner.lock().unwrap();
+    let fault = inner.take_fault(Api::UploadArtifacts);
+    let Some(job) = inner.jobs.get_mut(&id) else {
+        inner.record(Api::UploadArtifacts, 404, Some(id), None);
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let code = if job_token(&headers) != job.token || job.state != "running" {
+        403
+    } else if let Some(fault) = fault {
+        let resp = fault_response(fault);
+        inner.record(Api::UploadArtifacts, resp.status().as_u16(), Some(id), None);
+        return resp;
+    } else {
+        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        match multipart_file(content_type, &body) {
+            Some((filename, bytes)) => {
+                job.artifacts.push(ArtifactsUpload { query: query.unwrap_or_default(), filename, bytes });
+                201
+            }
+            None => 400,
+        }
+    };
+    inner.record(Api::UploadArtifacts, code, Some(id), None);
+    status(code).into_response()
+}
+
+/// `GET jobs/:id/artifacts`: with that job's token, its last upload.
+async fn download_artifacts(State(shared): State<Arc<Shared>>, Path(id): Path<u64>, headers: HeaderMap) -> Response {
+    let mut inner = shared.inner.lock().unwrap();
+    let fault = inner.take_fault(Api::DownloadArtifacts);
+    let (code, bytes) = match inner.jobs.get(&id) {
+        None => (404, None),
+        Some(job) if job_token(&headers) != job.token => (403, None),
+        Some(_) if fault.is_some() => {
+            let resp = fault_response(fault.unwrap());
+            inner.record(Api::DownloadArtifacts, resp.status().as_u16(), Some(id), None);
+            return resp;
+        }
+        Some(job) => match job.artifacts.last() {
+            Some(a) => (200, Some(a.bytes.clone())),
+            None => (404, None),
+        },
+    };
+    inner.record(Api::DownloadArtifacts, code, Some(id), None);
+    match bytes {
+        Some(b) => (StatusCode::OK, [("content-type", "application/zip")], b).into_response(),
+        None => status(code).into_response(),
+    }
+}
+
+/// The `file` part of a `multipart/form-data` body: its file name and bytes.
+fn multipart_file(content_type: &str, body: &[u8]) -> Option<(String, Vec<u8>)> {
+    let boundary = content_type.split(';').find_map(|p| p.trim().strip_prefix("boundary="))?.trim_matches('"');
+    let delimiter = format!("--{boundary}");
+    let find = |hay: &[u8], needle: &[u8], from: usize| {
+        hay.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|i| i + from)
+    };
+    let mut at = find(body, delimiter.as_bytes(), 0)? + delimiter.len();
+    loop {
+        if body.get(at..at + 2)? == b"--" {
+            return None;
+        }
+        let headers_end = find(body, b"\r\n\r\n", at)?;
+        let part_headers = String::from_utf8_lossy(&body[at..headers_end]).into_owned();
+        let data_start = headers_end + 4;
+        let next = find(body, format!("\r\n{delimiter}").as_bytes(), data_start)?;
+        let disposition = part_headers.lines().find(|l| l.to_ascii_lowercase().starts_with("content-disposition"))?;
+        if disposition.contains("name=\"file\"") {
+            let filename = disposition
+                .split("filename=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or_default()
+                .to_string();
+            return Some((filename, body[data_start..next].to_vec()));
+        }
+        at = next + 2 + delimiter.len();
+    }
 }
 
 /// A small job payload as GitLab sends it.

@@ -13,8 +13,8 @@ pub(crate) mod fake;
 pub(crate) mod tests;
 
 pub use client::{
-    ApiObserver, Client, ClientOptions, Endpoint, Features, GitlabError, JobCredentials, JobRequest, RemoteStatus,
-    RetryPolicy, RunnerIdentity, VerifiedRunner, VersionInfo,
+    ApiObserver, ArtifactsUpload, Client, ClientOptions, Endpoint, Features, GitlabError, JobCredentials, JobRequest,
+    RemoteStatus, RetryPolicy, RunnerIdentity, UploadOutcome, VerifiedRunner, VersionInfo,
 };
 pub use payload::{JobPayload, PayloadError};
 pub use report::{Cancel, FailureReason, Finish, JobOutcome, JobReporter, JobSession, ReportError, ReportOptions};

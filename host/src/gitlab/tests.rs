@@ -362,3 +362,97 @@ async fn gitlab_runner_mock_accepts_our_calls() {
     assert!(mock_job.log_patches() > 1, "incremental");
     assert!(matches!(client.request_job(None).await.unwrap(), JobRequest::NoJob { .. }));
 }
+
+#[tokio::test]
+async fn artifacts_upload_with_the_job_token_retry_5xx_report_413_and_download_with_the_dependency_token() {
+    let fake = FakeGitlab::start(&[TOKEN]).await;
+    let id = fake.enqueue(job_payload("build"));
+    let client = client_for(&fake.url(), TOKEN, Features::client());
+    let job = take_job(&client).await;
+    let creds = JobCredentials::from(&job);
+    let upload = ArtifactsUpload {
+        zip: bytes::Bytes::from_static(b"PK\x05\x06zip bytes\r\n--not-a-boundary"),
+        filename: "out.zip".into(),
+        artifact_type: "archive".into(),
+        artifact_format: "zip".into(),
+        expire_in: "1 week".into(),
+    };
+    // A 502 is retried; the retry lands.
+    fake.fault(Api::UploadArtifacts, Fault::Status(502));
+    assert_eq!(client.upload_artifacts(&creds, &upload).await.unwrap(), UploadOutcome::Created);
+    let stored = fake.job(id).artifacts;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].bytes, upload.zip.as_ref());
+    assert_eq!(stored[0].filename, "out.zip");
+    assert_eq!(stored[0].query, "artifact_format=zip&artifact_type=archive&expire_in=1+week");
+    let statuses: Vec<u16> = fake.calls(Api::UploadArtifacts).iter().map(|c| c.status).collect();
+    assert_eq!(statuses, [502, 201]);
+
+    fake.fault(Api::UploadArtifacts, Fault::Status(413));
+    assert_eq!(client.upload_artifacts(&creds, &upload).await.unwrap(), UploadOutcome::TooLarge);
+
+    let wrong = JobCredentials { id, token: Secret::new("glcbt-wrong") };
+    assert!(matches!(
+        client.upload_artifacts(&wrong, &upload).await.unwrap(),
+        UploadOutcome::Refused { status: 403, .. }
+    ));
+
+    // Another job downloads with the token the payload gives for the dependency.
+    assert_eq!(client.download_artifacts(&creds).await.unwrap().as_ref(), upload.zip.as_ref());
+    let err = client.download_artifacts(&wrong).await.unwrap_err();
+    assert!(matches!(err, GitlabError::Status { status: 403, .. }), "{err}");
+    assert!(!err.to_string().contains("glcbt-"), "{err}");
+}
+
+/// A download redirected to object storage (another origin) goes there without the job token;
+/// an upload redirected away from GitLab is not followed.
+#[tokio::test]
+async fn artifacts_redirects_never_carry_the_token_away_from_gitlab() {
+    use axum::http::HeaderMap;
+    use axum::response::IntoResponse;
+    use std::sync::Mutex;
+    async fn serve(app: axum::Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        url
+    }
+    let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let record = seen.clone();
+    let storage = serve(axum::Router::new().route(
+        "/bucket/zip",
+        axum::routing::get(move |headers: HeaderMap| async move {
+            record.lock().unwrap().push(headers.get("JOB-TOKEN").map(|v| v.to_str().unwrap().to_string()));
+            "zip bytes"
+        }),
+    ))
+    .await;
+    let target = format!("{storage}/bucket/zip");
+    let upload_target = target.clone();
+    let gitlab = serve(
+        axum::Router::new().route(
+            "/api/v4/jobs/{id}/artifacts",
+            axum::routing::get(move || async move {
+                (axum::http::StatusCode::FOUND, [("Location", target.clone())]).into_response()
+            })
+            .post(move || async move {
+                (axum::http::StatusCode::TEMPORARY_REDIRECT, [("Location", upload_target.clone())]).into_response()
+            }),
+        ),
+    )
+    .await;
+    let client = client_for(&gitlab, TOKEN, Features::client());
+    let creds = JobCredentials { id: 5, token: Secret::new("glcbt-dependency") };
+    assert_eq!(client.download_artifacts(&creds).await.unwrap().as_ref(), b"zip bytes");
+    assert_eq!(*seen.lock().unwrap(), [None]);
+    let upload = ArtifactsUpload {
+        zip: bytes::Bytes::from_static(b"zip"),
+        filename: "artifacts.zip".into(),
+        artifact_type: "archive".into(),
+        artifact_format: "zip".into(),
+        expire_in: String::new(),
+    };
+    let err = client.upload_artifacts(&creds, &upload).await.unwrap_err();
+    assert!(err.to_string().contains("redirected away from GitLab"), "{err}");
+    assert_eq!(seen.lock().unwrap().len(), 1, "the upload went nowhere else");
+}

@@ -2,6 +2,7 @@
 //! objects, wait for the pod (failing fast on terminal states), copy the sources, run
 //! `step_script` and then `after_script` through the strategy plugin, and always clean up.
 
+pub mod artifacts;
 pub mod cleanup;
 mod create;
 pub mod script;
@@ -201,7 +202,19 @@ fn chain(e: &dyn std::error::Error) -> String {
 pub async fn run(
     rt: &Runtime,
     req: PrepareRequest,
+    opts: RunOptions,
+    sink: Box<dyn std::io::Write + Send>,
+    interrupts: Interrupts,
+) -> Outcome {
+    run_with(rt, req, opts, None, sink, interrupts).await
+}
+
+/// [`run`], with the job's artifacts and dependencies moved through `artifacts` (`host serve`).
+pub async fn run_with(
+    rt: &Runtime,
+    req: PrepareRequest,
     mut opts: RunOptions,
+    artifacts: Option<artifacts::JobArtifacts>,
     sink: Box<dyn std::io::Write + Send>,
     mut interrupts: Interrupts,
 ) -> Outcome {
@@ -262,7 +275,17 @@ pub async fn run(
         phases.mark("connect");
         // From here on whatever the job creates is deleted, whichever way this ends.
         let mut cleanup = Cleanup::new(connection.clone(), prepared.k8s.cleanup_grace_period_seconds);
-        let outcome = run_on(&mut prepared, &connection, &mut cleanup, &opts, &trace, &mut interrupts, &mut phases).await;
+        let outcome = run_on(
+            &mut prepared,
+            &connection,
+            &mut cleanup,
+            &opts,
+            artifacts.as_ref(),
+            &trace,
+            &mut interrupts,
+            &mut phases,
+        )
+        .await;
         report(&trace, on_outcome.take(), &outcome);
         opts.stage("cleanup");
         cleanup.run(&trace).await;
@@ -297,11 +320,13 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_on(
     prepared: &mut PreparedJob,
     connection: &Connection,
     cleanup: &mut Cleanup,
     opts: &RunOptions,
+    artifacts: Option<&artifacts::JobArtifacts>,
     trace: &Trace,
     interrupts: &mut Interrupts,
     phases: &mut Phases,
@@ -372,6 +397,22 @@ async fn run_on(
     }
 
     phases.mark("sources");
+    if let Some(job_artifacts) = artifacts.filter(|a| a.dependencies.iter().any(|d| d.artifacts_file.is_some())) {
+        opts.stage("download_artifacts");
+        let downloaded = {
+            let download = artifacts::download_dependencies(job_artifacts, &job_pod, &project_dir, trace);
+            tokio::pin!(download);
+            tokio::select! {
+                r = &mut download => r,
+                f = pod_watch.failed(true) => Err(format!("pod {namespace}/{pod_name}: {f}")),
+                _ = interrupted(interrupts, 1) => return Outcome::Cancelled,
+            }
+        };
+        if let Err(reason) = downloaded {
+            return Outcome::SystemFailure { reason };
+        }
+        phases.mark("download_artifacts");
+    }
     let (step, after) = script::job_scripts(&prepared.job.stages, opts.color);
     let timeout = prepared.job.timeout.unwrap_or(DEFAULT_JOB_TIMEOUT);
     let deadline = Instant::now() + timeout;
@@ -412,6 +453,30 @@ async fn run_on(
         }
     }
     phases.mark("after_script");
+    let outcome = match artifacts {
+        Some(job_artifacts) if !pod_dead && *interrupts.borrow() < 2 && !job_artifacts.artifacts.is_empty() => {
+            // GitLab Runner's stage names.
+            opts.stage(if outcome == Outcome::Success {
+                "upload_artifacts_on_success"
+            } else {
+                "upload_artifacts_on_failure"
+            });
+            let lookup = |k: &str| prepared.job.variable(k).map(str::to_string);
+            let expand = |s: &str| crate::vocab::expand::expand(s, &lookup);
+            let upload = artifacts::upload_artifacts(job_artifacts, &job_pod, &project_dir, outcome, &expand, trace);
+            // A second cancel stops an upload as it skips after_script.
+            let outcome = tokio::select! {
+                o = upload => o,
+                _ = interrupted(interrupts, 2) => {
+                    trace.warning("WARNING: uploading artifacts interrupted");
+                    Outcome::Cancelled
+                }
+            };
+            phases.mark("upload_artifacts");
+            outcome
+        }
+        _ => outcome,
+    };
     trace.info("Cleaning up project directory and file based variables");
     outcome
 }

@@ -10,15 +10,22 @@ use futures::future::BoxFuture;
 
 use super::{JobContext, JobExecutor};
 use crate::cluster::Connection;
-use crate::gitlab::{Cancel, FailureReason, Features, JobOutcome, JobPayload};
+use crate::gitlab::payload::{Artifact, Dependency};
+use crate::gitlab::{
+    ArtifactsUpload, Cancel, Client, ClientOptions, FailureReason, Features, JobCredentials, JobOutcome, JobPayload,
+    RunnerIdentity, Secret, UploadOutcome, VersionInfo,
+};
 use crate::plugins::Runtime;
 use crate::prepare::{JobInput, PrepareRequest};
+use crate::run::artifacts::{ArtifactStore, JobArtifacts};
 use crate::run::{ClusterChoice, Outcome, RunOptions, Sources};
 use crate::sources::git::GitCache;
 
 /// What keel announces in `info.features`: the client's own (trace protocol, cancels) and what
-/// this pipeline really does with a payload. Artifacts, caches, services' variables and
-/// `executor_opts` are not implemented yet, so they are not claimed.
+/// this pipeline really does with a payload. Artifacts `paths` and `exclude` are uploaded
+/// (`artifacts`, `artifacts_exclude`); report artifacts (`upload_multiple_artifacts`), raw
+/// artifacts, caches, services' variables and `executor_opts` are not implemented yet, so they
+/// are not claimed.
 pub fn features() -> Features {
     Features {
         variables: true,
@@ -29,6 +36,8 @@ pub fn features() -> Features {
         refspecs: true,
         return_exit_code: true,
         service_multiple_aliases: true,
+        artifacts: true,
+        artifacts_exclude: true,
         ..Features::client()
     }
 }
@@ -129,10 +138,94 @@ impl Inner {
                 let _ = early.send(for_gitlab(outcome));
             })),
         };
-        let outcome = crate::run::run(&self.runtime, req, opts, Box::new(reporter.sink()), interrupts).await;
+        let artifacts = match job_artifacts(&runner, &payload) {
+            Ok(a) => a,
+            Err(e) => {
+                reporter.write(format!("ERROR: Job failed (system failure): {e}\n").as_bytes());
+                forward.abort();
+                return JobOutcome::failed(FailureReason::RunnerSystemFailure, None);
+            }
+        };
+        let outcome =
+            crate::run::run_with(&self.runtime, req, opts, artifacts, Box::new(reporter.sink()), interrupts).await;
         forward.abort();
         tracing::info!(job.id = id, outcome = ?outcome, "serve.job_finished");
         for_gitlab(&outcome)
+    }
+}
+
+/// The job's artifacts and dependencies, moved through GitLab's runner API; `None` when it has
+/// neither.
+fn job_artifacts(
+    runner: &crate::config::Runner,
+    payload: &JobPayload,
+) -> Result<Option<JobArtifacts>, crate::gitlab::GitlabError> {
+    let needed = !payload.artifacts.is_empty() || payload.dependencies.iter().any(|d| d.artifacts_file.is_some());
+    if !needed {
+        return Ok(None);
+    }
+    let identity = RunnerIdentity {
+        name: runner.name.clone(),
+        url: runner.url.clone(),
+        token: Secret::new(runner.token.clone()),
+        system_id: String::new(),
+        info: VersionInfo::keel(features()),
+    };
+    let client = Client::new(identity, ClientOptions::default())?;
+    Ok(Some(JobArtifacts {
+        artifacts: payload.artifacts.clone(),
+        dependencies: payload.dependencies.clone(),
+        store: Arc::new(GitlabArtifacts { client, job: JobCredentials::from(payload) }),
+    }))
+}
+
+/// Artifacts through GitLab: `POST jobs/:id/artifacts` with the job's token, `GET
+/// jobs/:id/artifacts` with each dependency's.
+struct GitlabArtifacts {
+    client: Client,
+    job: JobCredentials,
+}
+
+impl ArtifactStore for GitlabArtifacts {
+    fn download<'a>(&'a self, dependency: &'a Dependency) -> BoxFuture<'a, Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            let creds = JobCredentials { id: dependency.id, token: dependency.token.clone() };
+            self.client.download_artifacts(&creds).await.map(|b| b.to_vec()).map_err(|e| e.to_string())
+        })
+    }
+
+    fn upload<'a>(&'a self, artifact: &'a Artifact, zip: Vec<u8>) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            let format = if artifact.artifact_format.is_empty() { "zip" } else { &artifact.artifact_format };
+            if format != "zip" {
+                return Err(format!("artifact format {format:?} is not supported (only zip)"));
+            }
+            let upload = ArtifactsUpload {
+                zip: zip.into(),
+                filename: if artifact.name.is_empty() {
+                    "artifacts.zip".into()
+                } else {
+                    format!("{}.zip", artifact.name)
+                },
+                artifact_type: if artifact.artifact_type.is_empty() {
+                    "archive".into()
+                } else {
+                    artifact.artifact_type.clone()
+                },
+                artifact_format: format.to_string(),
+                expire_in: artifact.expire_in.clone(),
+            };
+            match self.client.upload_artifacts(&self.job, &upload).await {
+                Ok(UploadOutcome::Created) => Ok("201 Created".into()),
+                Ok(UploadOutcome::TooLarge) => {
+                    Err("413 Request Entity Too Large: the artifacts are over GitLab's maximum artifacts size".into())
+                }
+                Ok(UploadOutcome::Refused { status, body }) => {
+                    Err(format!("GitLab refused the upload ({status}): {body}"))
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        })
     }
 }
 
@@ -179,6 +272,8 @@ mod tests {
     fn only_what_the_pipeline_does_is_announced() {
         let f = features();
         assert!(f.variables && f.masking && f.raw_variables && f.refspecs && f.cancelable && f.trace_checksum);
-        assert!(!f.artifacts && !f.cache && !f.terminal && !f.service_variables && !f.image_executor_opts);
+        assert!(f.artifacts && f.artifacts_exclude);
+        assert!(!f.upload_multiple_artifacts && !f.upload_raw_artifacts);
+        assert!(!f.cache && !f.terminal && !f.service_variables && !f.image_executor_opts);
     }
 }
