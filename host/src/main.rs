@@ -510,7 +510,7 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
     let req = args.job.request(job_id, project_path, object_suffix, commit, true)?;
     let opts = RunOptions {
         // Authenticated HTTPS with a client certificate: the embedded cluster's default.
-        cluster: ClusterChoice::Connect(args.cluster.connect(args.images.embedded())),
+        cluster: ClusterChoice::Connect(Box::new(args.cluster.connect(args.images.embedded()))),
         sources: Sources::Dir(source_dir),
         timestamps: args.timestamps,
         trace_file: args.trace_file,

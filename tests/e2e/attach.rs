@@ -15,7 +15,9 @@ use support::{kubectl, succeeded};
 
 /// The host's stdout as it arrives: each read with the moment it came.
 #[derive(Clone, Default)]
-struct Recorded(Arc<Mutex<Vec<(Instant, Vec<u8>)>>>, Arc<Mutex<Vec<u8>>>);
+/// Chunks of the trace as they arrived.
+type Chunks = Arc<Mutex<Vec<(Instant, Vec<u8>)>>>;
+struct Recorded(Chunks, Arc<Mutex<Vec<u8>>>);
 
 impl Recorded {
     fn start(mut child: tokio::process::Child) -> (Recorded, tokio::task::JoinHandle<std::process::ExitStatus>) {

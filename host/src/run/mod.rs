@@ -126,7 +126,7 @@ impl Phases {
 /// Which cluster a job runs on.
 pub enum ClusterChoice {
     /// Connect for this job (and close after): `host run`.
-    Connect(ConnectOptions),
+    Connect(Box<ConnectOptions>),
     /// A connection shared by many jobs: `host serve`.
     Shared(Arc<Connection>),
 }
