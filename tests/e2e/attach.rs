@@ -13,10 +13,11 @@ mod support;
 use support::job::*;
 use support::{kubectl, succeeded};
 
+/// Reads of the host's stdout, each with the moment it came.
+type Chunks = Arc<Mutex<Vec<(Instant, Vec<u8>)>>>;
+
 /// The host's stdout as it arrives: each read with the moment it came.
 #[derive(Clone, Default)]
-/// Chunks of the trace as they arrived.
-type Chunks = Arc<Mutex<Vec<(Instant, Vec<u8>)>>>;
 struct Recorded(Chunks, Arc<Mutex<Vec<u8>>>);
 
 impl Recorded {
