@@ -518,6 +518,7 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
         extra_secrets: Vec::new(),
         on_stage: None,
         on_outcome: None,
+        artifacts: None,
     };
     let outcome = host::run::run(&rt, req, opts, Box::new(std::io::stdout()), interrupts).await;
     Ok(ExitCode::from(outcome.exit_status()))

@@ -157,6 +157,8 @@ pub struct RunOptions {
     /// Told the outcome once it is known, before the cleanup (`host serve` reports it to GitLab
     /// then, while the pod is being deleted).
     pub on_outcome: Option<OnOutcome>,
+    /// The job's artifacts and dependencies, and where they go (`host serve`: GitLab).
+    pub artifacts: Option<artifacts::JobArtifacts>,
 }
 
 pub type OnOutcome = Box<dyn FnOnce(&Outcome) + Send + Sync>;
@@ -202,19 +204,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 pub async fn run(
     rt: &Runtime,
     req: PrepareRequest,
-    opts: RunOptions,
-    sink: Box<dyn std::io::Write + Send>,
-    interrupts: Interrupts,
-) -> Outcome {
-    run_with(rt, req, opts, None, sink, interrupts).await
-}
-
-/// [`run`], with the job's artifacts and dependencies moved through `artifacts` (`host serve`).
-pub async fn run_with(
-    rt: &Runtime,
-    req: PrepareRequest,
     mut opts: RunOptions,
-    artifacts: Option<artifacts::JobArtifacts>,
     sink: Box<dyn std::io::Write + Send>,
     mut interrupts: Interrupts,
 ) -> Outcome {
@@ -280,7 +270,7 @@ pub async fn run_with(
             &connection,
             &mut cleanup,
             &opts,
-            artifacts.as_ref(),
+            opts.artifacts.as_ref(),
             &trace,
             &mut interrupts,
             &mut phases,

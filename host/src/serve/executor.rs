@@ -125,6 +125,14 @@ impl Inner {
                 }
             }
         });
+        let artifacts = match job_artifacts(&runner, &payload) {
+            Ok(a) => a,
+            Err(e) => {
+                reporter.write(format!("ERROR: Job failed (system failure): {e}\n").as_bytes());
+                forward.abort();
+                return JobOutcome::failed(FailureReason::RunnerSystemFailure, None);
+            }
+        };
         let stage_reporter = reporter.clone();
         let opts = RunOptions {
             cluster: ClusterChoice::Shared(connection),
@@ -137,17 +145,9 @@ impl Inner {
             on_outcome: Some(Box::new(move |outcome: &Outcome| {
                 let _ = early.send(for_gitlab(outcome));
             })),
+            artifacts,
         };
-        let artifacts = match job_artifacts(&runner, &payload) {
-            Ok(a) => a,
-            Err(e) => {
-                reporter.write(format!("ERROR: Job failed (system failure): {e}\n").as_bytes());
-                forward.abort();
-                return JobOutcome::failed(FailureReason::RunnerSystemFailure, None);
-            }
-        };
-        let outcome =
-            crate::run::run_with(&self.runtime, req, opts, artifacts, Box::new(reporter.sink()), interrupts).await;
+        let outcome = crate::run::run(&self.runtime, req, opts, Box::new(reporter.sink()), interrupts).await;
         forward.abort();
         tracing::info!(job.id = id, outcome = ?outcome, "serve.job_finished");
         for_gitlab(&outcome)
