@@ -75,6 +75,20 @@ fn phase_is(phase: &'static str) -> impl Fn(&Pod) -> bool {
     move |p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some(phase)
 }
 
+/// The pod's events once `ready` holds for them. Events are recorded after the status that caused
+/// them (on a real cluster too: the kubelet's event broadcaster is asynchronous), so a test that
+/// has seen the status waits for them instead of racing them; the bound only ends a broken run.
+async fn events_when(c: &LocalCluster, pod: &str, ready: impl Fn(&[Event]) -> bool) -> Vec<Event> {
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = events_of(c, pod).await;
+        if ready(&events) || std::time::Instant::now() > give_up {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn events_of(c: &LocalCluster, pod: &str) -> Vec<Event> {
     Api::<Event>::default_namespaced(c.client().unwrap())
         .list(&ListParams::default())
@@ -122,14 +136,17 @@ async fn pull_policy_decides_between_the_cache_and_the_registry() {
     let msg = format!("Container image \"{GONE}\" is not present with pull policy of Never");
     assert_eq!(waiting(&p).unwrap(), ("ErrImageNeverPull".to_owned(), msg.clone()));
     assert_eq!(p.status.unwrap().phase.as_deref(), Some("Pending"));
-    let events = events_of(&c, "gone-never").await;
-    assert!(
-        events.iter().any(|e| e.reason.as_deref() == Some("ErrImageNeverPull") && e.message.as_deref() == Some(&msg)),
-        "{events:#?}"
-    );
+    let never = |e: &Event| e.reason.as_deref() == Some("ErrImageNeverPull") && e.message.as_deref() == Some(&msg);
+    let events = events_when(&c, "gone-never", |events| events.iter().any(never)).await;
+    assert!(events.iter().any(never), "{events:#?}");
     // Repeated pulls are one event with a count, not a row each.
-    let pulls: Vec<_> =
-        events_of(&c, "cached-always").await.into_iter().filter(|e| e.reason.as_deref() == Some("Pulling")).collect();
+    let pulled_twice =
+        |events: &[Event]| events.iter().any(|e| e.reason.as_deref() == Some("Pulling") && e.count.unwrap_or(0) >= 2);
+    let pulls: Vec<_> = events_when(&c, "cached-always", pulled_twice)
+        .await
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("Pulling"))
+        .collect();
     assert_eq!(pulls.len(), 1, "{pulls:#?}");
     assert!(pulls[0].count.unwrap_or(0) >= 2, "{pulls:#?}");
     c.stop().await;
@@ -150,7 +167,11 @@ async fn invalid_image_names_never_run() {
         "{msg}"
     );
     assert_eq!(p.status.unwrap().phase.as_deref(), Some("Pending"));
-    let events = events_of(&c, "bad").await;
+    let both = |events: &[Event]| {
+        events.iter().any(|e| e.reason.as_deref() == Some("InspectFailed"))
+            && events.iter().any(|e| e.message.as_deref() == Some("Error: InvalidImageName"))
+    };
+    let events = events_when(&c, "bad", both).await;
     assert!(events.iter().any(|e| e.reason.as_deref() == Some("InspectFailed")), "{events:#?}");
     assert!(events.iter().any(|e| e.message.as_deref() == Some("Error: InvalidImageName")), "{events:#?}");
     c.stop().await;
@@ -198,7 +219,7 @@ async fn crash_loop_back_off_doubles() {
         waiting(p).is_some_and(|(r, m)| r == "CrashLoopBackOff" && m.starts_with(&format!("back-off {}ms ", base * 2)))
     })
     .await;
-    let events = events_of(&c, "crash").await;
+    let events = events_when(&c, "crash", |events| events.iter().any(|e| e.reason.as_deref() == Some("BackOff"))).await;
     let backoffs: Vec<_> = events.iter().filter(|e| e.reason.as_deref() == Some("BackOff")).collect();
     assert_eq!(backoffs.len(), 1, "one row, counted: {backoffs:#?}");
     assert_eq!(
