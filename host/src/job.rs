@@ -3,6 +3,7 @@
 //! Parsing (GitLab CI YAML, a single job file or `.gitlab-ci.yml` + job name) lives in
 //! `job::parse`; everything downstream (pod building, plugins, strategies) sees only these types.
 
+pub mod cache;
 pub mod from_gitlab;
 pub mod overwrites;
 pub mod parse;

@@ -251,6 +251,10 @@ struct RunArgs {
     /// The project's `group/name` (default: `local/<source dir name>`).
     #[arg(long, env = "KEEL_PROJECT_PATH")]
     project_path: Option<String>,
+    /// Where `cache:` is kept when `[runners.cache]` names no store (default: `.keel/cache/`
+    /// beside the job file).
+    #[arg(long, env = "KEEL_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -493,6 +497,9 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
     let interrupts = interrupts()?;
     let rt = args.job.runtime()?;
     let job = JobSource::from_arg(&args.job.job);
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| {
+        job.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")).join(".keel/cache")
+    });
     let source_dir = args.source.clone().unwrap_or_else(|| match job.path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -519,6 +526,7 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
         on_stage: None,
         on_outcome: None,
         artifacts: None,
+        cache_dir: Some(cache_dir),
     };
     let outcome = host::run::run(&rt, req, opts, Box::new(std::io::stdout()), interrupts).await;
     Ok(ExitCode::from(outcome.exit_status()))

@@ -10,6 +10,7 @@ use tracing::Instrument;
 use crate::config::{Config, ConfigError, Kubernetes, PluginConfig, Runner};
 use crate::job::overwrites::OverwriteError;
 use crate::job::parse::{JobContext, JobError, JobSource};
+use crate::job::cache::JobCache;
 use crate::job::{Job, Overwrites, PullPolicy};
 use crate::plugins::{
     HostOwned, JobPlugins, Limits, Plugin, PluginError, PluginSpec, Role, Runtime, StrategyBinding, StrategyServices,
@@ -85,12 +86,12 @@ impl JobInput {
     }
 
     /// The job, under the same variable and secrecy rules whichever the source.
-    fn load(&self, ctx: JobContext) -> Result<Job, JobError> {
+    fn load(&self, ctx: JobContext) -> Result<(Job, Vec<JobCache>), JobError> {
         match self {
-            JobInput::File(source) => crate::job::parse::load(source, &ctx),
+            JobInput::File(source) => crate::job::parse::load_with_caches(source, &ctx),
             JobInput::Gitlab(payload) => {
                 let ctx = crate::job::from_gitlab::context(payload, ctx);
-                crate::job::from_gitlab::job(payload, &ctx)
+                crate::job::from_gitlab::job_with_caches(payload, &ctx)
             }
         }
     }
@@ -132,6 +133,8 @@ pub struct PreparedJob {
     pub runner: Runner,
     pub k8s: Kubernetes,
     pub job: Job,
+    /// The job's `cache:` entries, keys expanded.
+    pub caches: Vec<JobCache>,
     pub requested: Overwrites,
     pub accepted: Overwrites,
     pub policies: PullPolicies,
@@ -318,7 +321,7 @@ pub async fn prepare(rt: &Runtime, req: &PrepareRequest) -> Result<PreparedJob, 
         pipeline_id: req.job_id,
         commit: req.commit.clone(),
     };
-    let job = req.job.load(ctx)?;
+    let (job, caches) = req.job.load(ctx)?;
     let span = tracing::info_span!("job", job.id = job.id, job.name = %job.name);
     async {
         let requested = crate::job::overwrites::requested(&job)
@@ -407,6 +410,7 @@ pub async fn prepare(rt: &Runtime, req: &PrepareRequest) -> Result<PreparedJob, 
             runner: runner.clone(),
             k8s: k8s.clone(),
             job: job.clone(),
+            caches: caches.clone(),
             requested,
             accepted,
             policies,

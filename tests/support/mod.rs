@@ -4,6 +4,7 @@
 
 pub mod git_server;
 pub mod job;
+pub mod moto;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -15,10 +15,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer, Serialize, de};
 
 use crate::input::{Located, check_toml_depth, cut_message, limits, line_col, read_text_file, show_bytes};
+mod cache;
 mod kubernetes;
 mod plugins;
 
 use crate::vocab::RESERVED_VOLUMES;
+pub use cache::*;
 pub use kubernetes::*;
 pub use plugins::*;
 
@@ -118,10 +120,11 @@ pub struct Runner {
     /// Maximum trace size in kilobytes.
     pub output_limit: Option<u64>,
     pub request_concurrency: Option<u32>,
-    /// GitLab's `[runners.cache]`, `[runners.feature_flags]`, `[runners.custom_build_dir]`:
-    /// accepted so existing files load; keel does not act on them (yet).
+    /// GitLab's `[runners.cache]`: where job caches are kept (s3, gcs, azure).
     #[serde(default, skip_serializing)]
-    pub cache: Option<toml::Table>,
+    pub cache: Option<CacheConfig>,
+    /// GitLab's `[runners.feature_flags]`, `[runners.custom_build_dir]`: accepted so existing
+    /// files load; keel does not act on them (yet).
     #[serde(default, skip_serializing)]
     pub feature_flags: Option<toml::Table>,
     #[serde(default, skip_serializing)]

@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::cache::JobCache;
 use super::parse::{JobContext, JobError};
 use super::{Image, Job, PullPolicy, Service, Stage};
 use crate::gitlab::JobPayload;
@@ -40,6 +41,11 @@ pub fn context(payload: &JobPayload, base: JobContext) -> JobContext {
 
 /// Builds the job GitLab handed out. `ctx` comes from [`context`].
 pub fn job(payload: &JobPayload, ctx: &JobContext) -> Result<Job, JobError> {
+    job_with_caches(payload, ctx).map(|(job, _)| job)
+}
+
+/// [`job`], with the payload's `cache` entries.
+pub fn job_with_caches(payload: &JobPayload, ctx: &JobContext) -> Result<(Job, Vec<JobCache>), JobError> {
     let path = origin(payload);
     let invalid = |key: &str, message: String| JobError::Invalid { at: Located::key(&path, key.to_string()), message };
     let name =
@@ -154,7 +160,8 @@ pub fn job(payload: &JobPayload, ctx: &JobContext) -> Result<Job, JobError> {
     if !stages.iter().any(|s| s.name == "script") {
         return Err(JobError::NoScript { path, job: name });
     }
-    Ok(Job { id: ctx.job_id, name, image: build_image, services, variables, stages, timeout })
+    let caches = super::cache::from_payload(&payload.cache, &name, &payload.git_info.git_ref, &variables, &path)?;
+    Ok((Job { id: ctx.job_id, name, image: build_image, services, variables, stages, timeout }, caches))
 }
 
 fn vars_value(vars: &variables::Variables, key: &str) -> Option<String> {

@@ -19,6 +19,7 @@ use indexmap::IndexMap;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
+use super::cache::JobCache;
 use super::{Image, Job, PullPolicy, Service, ServicePort, Stage};
 use crate::input::{Located, check_yaml, cut_message, limits, show_bytes};
 use crate::vocab::values::{GitlabDuration, one_or_many_pull_policies};
@@ -138,7 +139,7 @@ struct JobDef {
     when: Option<IgnoredAny>,
     allow_failure: Option<IgnoredAny>,
     artifacts: Option<IgnoredAny>,
-    cache: Option<IgnoredAny>,
+    cache: Option<super::cache::CacheDefs>,
     needs: Option<IgnoredAny>,
     dependencies: Option<IgnoredAny>,
     retry: Option<IgnoredAny>,
@@ -454,6 +455,7 @@ impl<'de> Visitor<'de> for DocumentSeed<'_> {
                 "services" => doc.globals.services = Some(map.next_value()?),
                 "before_script" => doc.globals.before_script = Some(map.next_value()?),
                 "after_script" => doc.globals.after_script = Some(map.next_value()?),
+                "cache" => doc.globals.cache = Some(map.next_value()?),
                 "include" => {
                     map.next_value::<Unsupported>()?;
                 }
@@ -483,13 +485,23 @@ impl<'de> Deserialize<'de> for Unsupported {
 
 /// Read the job `source` and build the [`Job`] with predefined variables from `ctx`.
 pub fn load(source: &JobSource, ctx: &JobContext) -> Result<Job, JobError> {
+    load_with_caches(source, ctx).map(|(job, _)| job)
+}
+
+/// [`load`], with the job's `cache:` entries.
+pub fn load_with_caches(source: &JobSource, ctx: &JobContext) -> Result<(Job, Vec<JobCache>), JobError> {
     let text = crate::input::read_text_file(&source.path, limits::YAML_BYTES)
         .map_err(|e| JobError::Read { path: source.path.clone(), source: e })?;
-    parse(&text, source, ctx)
+    parse_with_caches(&text, source, ctx)
 }
 
 /// Parse job `text`; `source.path` is used in messages only.
 pub fn parse(text: &str, source: &JobSource, ctx: &JobContext) -> Result<Job, JobError> {
+    parse_with_caches(text, source, ctx).map(|(job, _)| job)
+}
+
+/// [`parse`], with the job's `cache:` entries.
+pub fn parse_with_caches(text: &str, source: &JobSource, ctx: &JobContext) -> Result<(Job, Vec<JobCache>), JobError> {
     let path = &source.path;
     if text.len() > limits::YAML_BYTES {
         return Err(JobError::Invalid {
@@ -735,7 +747,7 @@ fn overlay(into: &mut JobDef, top: JobDef) {
     macro_rules! replace {
         ($($f:ident),*) => { $( if top.$f.is_some() { into.$f = top.$f; } )* };
     }
-    replace!(image, services, before_script, script, after_script, timeout, stage);
+    replace!(image, services, before_script, script, after_script, timeout, stage, cache);
     if let Some(vars) = top.variables {
         let dest = into.variables.get_or_insert_with(IndexMap::new);
         for (k, v) in vars {
@@ -748,7 +760,7 @@ fn fill_defaults(job: &mut JobDef, default: &JobDef) {
     macro_rules! fill {
         ($($f:ident),*) => { $( if job.$f.is_none() { job.$f = default.$f.clone(); } )* };
     }
-    fill!(image, services, before_script, after_script, timeout);
+    fill!(image, services, before_script, after_script, timeout, cache);
 }
 
 fn build_job(
@@ -757,7 +769,7 @@ fn build_job(
     top_variables: Option<VariableDefs>,
     path: &Path,
     ctx: &JobContext,
-) -> Result<Job, JobError> {
+) -> Result<(Job, Vec<JobCache>), JobError> {
     let script = def.script.clone().map(|s| s.0).unwrap_or_default();
     if script.is_empty() {
         return Err(JobError::NoScript { path: path.to_path_buf(), job: short(&name) });
@@ -824,7 +836,8 @@ fn build_job(
         }
     }
 
-    Ok(Job {
+    let caches = super::cache::from_yaml(def.cache.clone().map(|c| c.into_vec()).unwrap_or_default(), &variables, path)?;
+    let job = Job {
         id: ctx.job_id,
         name,
         image: to_image("image", image)?,
@@ -832,7 +845,8 @@ fn build_job(
         variables,
         stages,
         timeout: def.timeout.map(|t| t.0),
-    })
+    };
+    Ok((job, caches))
 }
 
 #[cfg(test)]

@@ -72,8 +72,26 @@ fn glob(pattern: &str) -> Result<GlobMatcher, String> {
         .map_err(|e| format!("{pattern:?}: {e}"))
 }
 
+/// One normalised `paths` pattern, as [`select`] reads it: a match takes everything below it.
+/// The cache's streaming archiver asks it one entry at a time.
+pub(super) struct PathMatcher(Option<GlobMatcher>);
+
+impl PathMatcher {
+    /// `pattern` as [`normalize`] returns it.
+    pub(super) fn new(pattern: &str) -> Result<PathMatcher, String> {
+        Ok(PathMatcher(if pattern == "." { None } else { Some(glob(pattern)?) }))
+    }
+
+    pub(super) fn selects(&self, path: &str) -> bool {
+        match &self.0 {
+            None => true,
+            Some(m) => m.is_match(path) || ancestors(path).any(|a| m.is_match(a)),
+        }
+    }
+}
+
 /// `./out/` -> `out`; `None` for a pattern that leaves the project directory.
-fn normalize(pattern: &str) -> Option<String> {
+pub(super) fn normalize(pattern: &str) -> Option<String> {
     let p = pattern.trim();
     if p.starts_with('/') || p.split('/').any(|s| s == "..") {
         return None;
@@ -96,14 +114,10 @@ pub fn select(entries: &[Entry], paths: &[String], exclude: &[String]) -> Result
             sel.outside.push(pattern.clone());
             continue;
         };
-        let matcher = if p == "." { None } else { Some(glob(&p)?) };
+        let matcher = PathMatcher::new(&p)?;
         let mut n = 0;
         for (i, e) in entries.iter().enumerate() {
-            let hit = match &matcher {
-                None => true,
-                Some(m) => m.is_match(&e.path) || ancestors(&e.path).any(|a| m.is_match(a)),
-            };
-            if hit {
+            if matcher.selects(&e.path) {
                 n += 1;
                 chosen.insert(i);
             }

@@ -3,6 +3,7 @@
 //! `step_script` and then `after_script` through the strategy plugin, and always clean up.
 
 pub mod artifacts;
+pub mod cache;
 pub mod cleanup;
 mod create;
 pub mod script;
@@ -159,6 +160,8 @@ pub struct RunOptions {
     pub on_outcome: Option<OnOutcome>,
     /// The job's artifacts and dependencies, and where they go (`host serve`: GitLab).
     pub artifacts: Option<artifacts::JobArtifacts>,
+    /// `host run`'s cache directory: where caches go when `[runners.cache]` names no store.
+    pub cache_dir: Option<PathBuf>,
 }
 
 pub type OnOutcome = Box<dyn FnOnce(&Outcome) + Send + Sync>;
@@ -230,6 +233,8 @@ pub async fn run(
     };
     let mut secrets = prepared.job.secret_values();
     secrets.extend(opts.extra_secrets.iter().filter(|s| !s.is_empty()).cloned());
+    // The cache store's credentials are the host's alone; masked should a store's error echo one.
+    secrets.extend(prepared.runner.cache.as_ref().map(|c| c.secrets()).unwrap_or_default());
     let trace = match Trace::new(trace_opts, secrets, sink) {
         Ok(t) => t,
         Err(e) => return Outcome::SystemFailure { reason: chain(&e) },
@@ -403,6 +408,47 @@ async fn run_on(
         }
         phases.mark("download_artifacts");
     }
+    // The store is set up once per job (its client is cheap); a store that cannot be set up
+    // is a warning, as a store that fails later is.
+    let cache_store = if prepared.caches.is_empty() {
+        None
+    } else {
+        match cache::CacheStore::from_config(
+            prepared.runner.cache.as_ref(),
+            opts.cache_dir.as_deref(),
+            &prepared.runner.token,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                trace.warning(&format!("WARNING: {}: caches are neither restored nor saved", chain(&e)));
+                None
+            }
+        }
+    };
+    // Owned: the stages below borrow the prepared job mutably.
+    let caches = prepared.caches.clone();
+    let job_caches = cache::JobCaches {
+        caches: &caches,
+        store: cache_store.as_ref(),
+        project_id: prepared.job.variable("CI_PROJECT_ID").and_then(|v| v.parse().ok()).unwrap_or(0),
+        source_dir: match &opts.sources {
+            Sources::Dir(d) => Some(d.as_path()),
+            Sources::Git { .. } => None,
+        },
+        fallback_key: prepared.job.variable("CACHE_FALLBACK_KEY").map(str::to_string),
+        compression: prepared.job.variable("CACHE_COMPRESSION_LEVEL").map(str::to_string),
+    };
+    if !caches.is_empty() {
+        opts.stage("restore_cache");
+        let restore = cache::restore(&job_caches, &job_pod, &project_dir, trace);
+        tokio::pin!(restore);
+        tokio::select! {
+            _ = &mut restore => {}
+            f = pod_watch.failed(true) => return Outcome::SystemFailure { reason: format!("pod {namespace}/{pod_name}: {f}") },
+            _ = interrupted(interrupts, 1) => return Outcome::Cancelled,
+        }
+        phases.mark("restore_cache");
+    }
     let (step, after) = script::job_scripts(&prepared.job.stages, opts.color);
     let timeout = prepared.job.timeout.unwrap_or(DEFAULT_JOB_TIMEOUT);
     let deadline = Instant::now() + timeout;
@@ -443,6 +489,16 @@ async fn run_on(
         }
     }
     phases.mark("after_script");
+    // GitLab Runner's order: after_script, then the cache, then artifacts.
+    if !caches.is_empty() && !pod_dead && *interrupts.borrow() < 2 {
+        opts.stage("archive_cache");
+        let save = cache::save(&job_caches, &job_pod, &project_dir, &outcome, trace);
+        tokio::select! {
+            _ = save => {}
+            _ = interrupted(interrupts, 2) => trace.warning("WARNING: saving the cache interrupted"),
+        }
+        phases.mark("archive_cache");
+    }
     let outcome = match artifacts {
         Some(job_artifacts) if !pod_dead && *interrupts.borrow() < 2 && !job_artifacts.artifacts.is_empty() => {
             // GitLab Runner's stage names.

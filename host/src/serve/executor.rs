@@ -146,6 +146,7 @@ impl Inner {
                 let _ = early.send(for_gitlab(outcome));
             })),
             artifacts,
+            cache_dir: None,
         };
         let outcome = crate::run::run(&self.runtime, req, opts, Box::new(reporter.sink()), interrupts).await;
         forward.abort();

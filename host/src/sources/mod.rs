@@ -3,7 +3,7 @@
 //!
 //! What goes in is what a fresh clone plus the developer's untracked work would hold: everything
 //! under the project directory, hidden files included, less `.git` (at any depth, directory or
-//! submodule file) and what git's own ignore rules inside the project exclude (`.gitignore` at any
+//! submodule file), keel's own `.keel/` store at the top, and what git's own ignore rules inside the project exclude (`.gitignore` at any
 //! depth and `.git/info/exclude`). Left out on purpose, because they depend on the machine rather
 //! than the project and would make the same project ship different files on different hosts:
 //! the user's global gitignore (`core.excludesFile`), `.gitignore` files above the project
@@ -157,7 +157,9 @@ fn walker(dir: &Path, selection: Selection) -> ignore::Walk {
         .follow_links(false)
         .sort_by_file_name(OsStr::cmp);
     if worktree {
-        builder.filter_entry(|e| e.file_name() != ".git");
+        // `.keel/` at the top is `host run`'s own store (the cache beside the job file): the
+        // job gets its cache through `cache:`, not as sources.
+        builder.filter_entry(|e| e.file_name() != ".git" && !(e.depth() == 1 && e.file_name() == ".keel"));
     }
     builder.build()
 }
