@@ -34,3 +34,4 @@ bench: plugins
 	$(CARGO) build --release -p host --bin host
 	python3 host/benches/run_vs_kubectl.py --host target/release/host
 	python3 host/benches/strategies.py --host target/release/host
+	python3 host/benches/cache_s3.py --host target/release/host

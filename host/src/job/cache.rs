@@ -248,3 +248,75 @@ pub fn from_payload(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::parse::{JobContext, JobSource, parse_with_caches};
+
+    fn caches(text: &str) -> Result<Vec<JobCache>, JobError> {
+        parse_with_caches(text, &JobSource { path: ".gitlab-ci.yml".into(), job_name: Some("build".into()) }, &JobContext::default())
+            .map(|(_, c)| c)
+    }
+
+    #[test]
+    fn yaml_forms_defaults_and_inheritance() {
+        let got = caches(
+            "variables:\n  BRANCH: main\n\
+             default:\n  cache: {key: dflt, paths: [d/]}\n\
+             build:\n  image: alpine\n  script: [x]\n  cache:\n\
+             \x20   - key: deps-$BRANCH\n      paths: [vendor/]\n      policy: pull\n      when: always\n      fallback_keys: [deps-$CI_DEFAULT_BRANCH, base]\n\
+             \x20   - key: {files: [Cargo.lock], prefix: $CI_JOB_NAME}\n      paths: [target/]\n\
+             \x20   - paths: [x/]\n",
+        )
+        .unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].key, CacheKey::Literal("deps-main".into()));
+        assert_eq!((got[0].policy, got[0].when), (CachePolicy::Pull, CacheWhen::Always));
+        assert_eq!(got[0].fallback_keys[1], "base");
+        assert_eq!(got[1].key, CacheKey::Files { files: vec!["Cargo.lock".into()], prefix: Some("build".into()) });
+        assert_eq!((got[1].policy, got[1].when), (CachePolicy::PullPush, CacheWhen::OnSuccess));
+        assert_eq!(got[2].key, CacheKey::Literal("default".into()));
+        // `default: cache` applies to a job without its own.
+        let got = caches("default:\n  cache: {key: dflt, paths: [d/]}\nbuild:\n  image: alpine\n  script: [x]\n").unwrap();
+        assert_eq!(got[0].key, CacheKey::Literal("dflt".into()));
+    }
+
+    #[test]
+    fn bad_values_and_masked_keys_are_errors_naming_the_key() {
+        let err = caches("build:\n  image: alpine\n  script: [x]\n  cache: {key: k, policy: sometimes}\n").unwrap_err();
+        assert!(err.to_string().contains("cache[0].policy"), "{err}");
+        let err = caches(
+            "variables:\n  TOKEN: {value: hunter2hunter2, masked: true}\n\
+             build:\n  image: alpine\n  script: [x]\n  cache: {key: k-$TOKEN, paths: [a/]}\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("cache[0].key") && text.contains("masked") && !text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn payload_keys_are_checked_for_masked_values() {
+        let vars = vec![Variable {
+            key: "SECRET".into(),
+            value: "s3cr3tValue9".into(),
+            public: false,
+            masked: true,
+            file: false,
+        }];
+        let wire = |key: &str| crate::gitlab::payload::Cache {
+            key: key.into(),
+            paths: vec!["a/".into()],
+            fallback_keys: vec!["fb".into()],
+            ..Default::default()
+        };
+        let path = Path::new("GitLab job 1");
+        let ok = from_payload(&[wire("cargo-main")], "build", "main", &vars, path).unwrap();
+        assert_eq!(ok[0].key, CacheKey::Literal("cargo-main".into()));
+        assert_eq!(ok[0].fallback_keys, ["fb"]);
+        let empty = from_payload(&[wire("")], "build", "main", &vars, path).unwrap();
+        assert_eq!(empty[0].key, CacheKey::Literal("build/main".into()), "GitLab Runner's default key");
+        let err = from_payload(&[wire("k-s3cr3tValue9")], "build", "main", &vars, path).unwrap_err().to_string();
+        assert!(err.contains("cache[0].key") && err.contains("SECRET") && !err.contains("s3cr3tValue9"), "{err}");
+    }
+}

@@ -23,9 +23,10 @@ use crate::sources::git::GitCache;
 
 /// What keel announces in `info.features`: the client's own (trace protocol, cancels) and what
 /// this pipeline really does with a payload. Artifacts `paths` and `exclude` are uploaded
-/// (`artifacts`, `artifacts_exclude`); report artifacts (`upload_multiple_artifacts`), raw
-/// artifacts, caches, services' variables and `executor_opts` are not implemented yet, so they
-/// are not claimed.
+/// (`artifacts`, `artifacts_exclude`); caches are restored and saved through `[runners.cache]`
+/// with their `fallback_keys` (`cache`, `fallback_cache_keys`); report artifacts
+/// (`upload_multiple_artifacts`), raw artifacts, services' variables and `executor_opts` are not
+/// implemented yet, so they are not claimed.
 pub fn features() -> Features {
     Features {
         variables: true,
@@ -38,6 +39,8 @@ pub fn features() -> Features {
         service_multiple_aliases: true,
         artifacts: true,
         artifacts_exclude: true,
+        cache: true,
+        fallback_cache_keys: true,
         ..Features::client()
     }
 }
@@ -275,6 +278,7 @@ mod tests {
         assert!(f.variables && f.masking && f.raw_variables && f.refspecs && f.cancelable && f.trace_checksum);
         assert!(f.artifacts && f.artifacts_exclude);
         assert!(!f.upload_multiple_artifacts && !f.upload_raw_artifacts);
-        assert!(!f.cache && !f.terminal && !f.service_variables && !f.image_executor_opts);
+        assert!(f.cache && f.fallback_cache_keys);
+        assert!(!f.terminal && !f.service_variables && !f.image_executor_opts);
     }
 }
