@@ -145,7 +145,7 @@ fn expand_key(text: &str, key: &str, variables: &[Variable], path: &Path) -> Res
         .map_err(|_| invalid("the cache key expands to more than 4 KiB".into()))?;
     if let Some(variable) = expanded.secret_sources.first() {
         return Err(invalid(format!(
-            "the cache key uses {variable}, a value that is not public: keys are object names anyone with \
+            "the cache key uses {variable}, a masked or protected value: keys are object names anyone with \
              access to the cache can list"
         )));
     }

@@ -593,7 +593,10 @@ fn tar_to_zip_file(tar: &Path, paths: &[String], level: Option<i64>) -> Result<B
         }
         let mode = e.header().mode().unwrap_or(0o644);
         let size = e.header().size().unwrap_or(0);
-        let opts = base.unix_permissions(mode & 0o7777).large_file(size >= 0xFFFF_FFFF);
+        let mut opts = base.unix_permissions(mode & 0o7777).large_file(size >= 0xFFFF_FFFF);
+        if let Some(t) = e.header().mtime().ok().and_then(zip_time) {
+            opts = opts.last_modified_time(t);
+        }
         match e.header().entry_type() {
             tar::EntryType::Directory => zip.add_directory(format!("{path}/"), opts).map_err(|e| e.to_string())?,
             tar::EntryType::Symlink => {
@@ -672,6 +675,35 @@ fn zip_mtime(t: Option<zip::DateTime>) -> u64 {
     let days = days_from_civil(i64::from(t.year()), i64::from(t.month()), i64::from(t.day()));
     let secs = days * 86_400 + i64::from(t.hour()) * 3600 + i64::from(t.minute()) * 60 + i64::from(t.second());
     secs.max(0) as u64
+}
+
+/// Seconds since the epoch as a zip entry's time (UTC; zip times run 1980..2107).
+fn zip_time(secs: u64) -> Option<zip::DateTime> {
+    let days = i64::try_from(secs / 86_400).ok()?;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    zip::DateTime::from_date_and_time(
+        u16::try_from(y).ok()?,
+        m as u8,
+        d as u8,
+        (rem / 3600) as u8,
+        (rem % 3600 / 60) as u8,
+        (rem % 60) as u8,
+    )
+    .ok()
+}
+
+/// The date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -770,7 +802,8 @@ mod tests {
         assert_eq!(sanitize_key("a%2Fb%2e%2e/c").unwrap(), "a/b../c");
         assert_eq!(sanitize_key("../../etc").unwrap(), "etc");
         assert_eq!(sanitize_key("a\\b").unwrap(), "a/b");
-        assert_eq!(sanitize_key("key/ ./  ").unwrap(), "key");
+        assert_eq!(sanitize_key("key/ \t/  ").unwrap(), "key");
+        assert_eq!(sanitize_key("key/ ./  ").unwrap(), "key/ .", "only whitespace is trimmed, as Go's TrimRightFunc");
         assert_eq!(sanitize_key("a/%2e%2e/b").unwrap(), "b");
         for bad in ["", "/", ".", "..", "%2e%2e", "//", " ", "%2F"] {
             assert!(sanitize_key(bad).is_err(), "{bad:?}");
