@@ -51,9 +51,10 @@ fn serve_command(fx: &Fixture, config: &std::path::Path) -> tokio::process::Comm
         .arg(fx.dir.path().join("git-cache"))
         .env_remove("KUBECONFIG")
         .env("KEEL_PLUGIN_PATH", workspace_root().join("target/plugins"))
+        // Debug logs go to a file: a pipe nobody reads until the end would fill and stall the host.
         .env("KEEL_LOG", "debug")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(fx.dir.path().join("serve.log")).expect("log file"))
+        .stderr(std::fs::File::create(fx.dir.path().join("serve.err")).expect("log file"))
         .kill_on_drop(true);
     cmd
 }
@@ -106,11 +107,23 @@ async fn serve_saves_and_restores_caches_through_s3() {
         &["mkdir -p vendor/sub", "echo cached-v1 > vendor/sub/lib.txt", "echo not-cached > other.txt", "sleep 3"],
         json!([{"key": "deps-main", "paths": ["vendor/"], "policy": "pull-push", "when": "on_success"}]),
     ));
-    until("the save job's pod", 120, || {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let job = gitlab.job(save);
+        let trace = String::from_utf8_lossy(&job.trace).into_owned();
+        assert!(matches!(job.state.as_str(), "running" | "pending"), "the job ended ({}) first:\n{trace}", job.state);
         let out = kubectl(fx.cluster.kubeconfig_path(), &["get", "pods", "-A", "-o", "name"]);
-        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
-    })
-    .await;
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "no pod for the save job ({}): {}\n{trace}",
+            job.state,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let objects = kubectl(fx.cluster.kubeconfig_path(), &["get", "pods,secrets", "-A", "-o", "yaml"]);
     let objects = String::from_utf8_lossy(&objects.stdout).into_owned();
     assert!(objects.contains("kind: Pod"), "{objects}");
@@ -189,6 +202,7 @@ async fn serve_saves_and_restores_caches_through_s3() {
         json!([{"key": "deps-main", "paths": ["vendor/"], "policy": "pull-push", "when": "on_success"}]),
     ));
     let (state, trace) = finished(&gitlab, denied).await;
+    eprintln!("--- the job with wrong credentials\n{trace}");
     assert_eq!(state, "success", "{trace}");
     assert_has(&trace, &["job-ran", "Failed to extract cache", "Failed to create cache", "access denied"]);
     assert_eq!(moto.objects(), listed, "nothing was written with wrong credentials");
@@ -199,7 +213,9 @@ async fn serve_saves_and_restores_caches_through_s3() {
         .await
         .expect("host serve did not stop after SIGTERM")
         .expect("host serve output");
-    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "host serve exited {:?}", out.status);
+    let log = ["serve.log", "serve.err"].map(|f| std::fs::read_to_string(fx.dir.path().join(f)).unwrap()).concat();
+    assert!(log.contains("cache.save") || log.contains("Created cache") || log.len() > 1000, "debug logs were written");
     for id in [save, pull, fallback, denied] {
         let trace = String::from_utf8_lossy(&gitlab.job(id).trace).into_owned();
         for secret in [moto.secret_key.as_str(), wrong] {
