@@ -311,14 +311,22 @@ impl CacheStore {
 /// object_store's message, first line only: its errors name the URL and the status, never the
 /// signing key (a session token could appear in a query string: such URLs are not ours).
 fn store_error(e: &object_store::Error) -> String {
-    let text = match e {
+    let full = e.to_string();
+    // S3 and Azure answer in XML: its `<Code>` says more than the body's first line.
+    let code = full.split_once("<Code>").and_then(|(_, rest)| rest.split_once("</Code>")).map(|(c, _)| c);
+    let first = full.lines().next().unwrap_or_default();
+    let first = first.split_once(": <?xml").map_or(first, |(head, _)| head);
+    let first = match code {
+        Some(code) => format!("{first} ({code})"),
+        None => first.to_string(),
+    };
+    match e {
         object_store::Error::NotFound { .. } => "file does not exist".to_string(),
         object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
-            format!("access denied (check [runners.cache] credentials): {e}")
+            format!("access denied (check [runners.cache] credentials): {first}")
         }
-        _ => e.to_string(),
-    };
-    text.lines().next().unwrap_or_default().to_string()
+        _ => first,
+    }
 }
 
 fn io_store_error(e: &std::io::Error) -> String {
