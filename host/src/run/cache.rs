@@ -19,6 +19,7 @@ use futures::StreamExt;
 use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::path::Path as ObjectPath;
 use tokio::io::AsyncWriteExt;
+use tracing::Instrument;
 
 use super::Outcome;
 use crate::cluster::session::JobPod;
@@ -443,13 +444,16 @@ async fn restore_one(
     trace.line(&format!("Downloading cache from {}", store.show(&object)));
     let Some((zip, size)) = store.download(&object).await? else { return Ok(false) };
     let span = tracing::info_span!("cache.restore", cache.key = %key, cache.bytes = size);
-    let _enter = span.enter();
-    let (tar, files) = tokio::task::spawn_blocking(move || zip_to_tar_file(zip.path()))
-        .await
-        .map_err(|e| e.to_string())??;
-    stream_into_pod(job_pod, tar.path(), project_dir).await?;
-    trace.line(&format!("Downloaded cache.zip: {files} files, {size} bytes"));
-    Ok(true)
+    async {
+        let (tar, files) = tokio::task::spawn_blocking(move || zip_to_tar_file(zip.path()))
+            .await
+            .map_err(|e| e.to_string())??;
+        stream_into_pod(job_pod, tar.path(), project_dir).await?;
+        trace.line(&format!("Downloaded cache.zip: {files} files, {size} bytes"));
+        Ok(true)
+    }
+    .instrument(span)
+    .await
 }
 
 /// After `after_script`: each cache that `when` and `policy` call for, read out of the pod,
