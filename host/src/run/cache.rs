@@ -620,8 +620,16 @@ fn tar_to_zip_file(tar: &Path, paths: &[String], level: Option<i64>) -> Result<B
                 zip.add_symlink(path.as_str(), target.as_str(), opts).map_err(|e| e.to_string())?
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let mut sample = Vec::with_capacity(SAMPLE);
+                (&mut e).take(SAMPLE as u64).read_to_end(&mut sample).map_err(|e| format!("{path}: {e}"))?;
+                let opts = if compresses(&sample) {
+                    opts
+                } else {
+                    opts.compression_method(zip::CompressionMethod::Stored)
+                };
                 zip.start_file(path.as_str(), opts).map_err(|e| format!("{path}: {e}"))?;
-                std::io::copy(&mut e, &mut zip).map_err(|e| format!("{path}: {e}"))?;
+                std::io::copy(&mut std::io::Cursor::new(sample).chain(&mut e), &mut zip)
+                    .map_err(|e| format!("{path}: {e}"))?;
             }
             // As GitLab Runner's archiver: what is not a file, directory or symlink is skipped.
             _ => continue,
@@ -638,6 +646,24 @@ fn tar_to_zip_file(tar: &Path, paths: &[String], level: Option<i64>) -> Result<B
         found: matchers.into_iter().map(|(p, _, n)| (p, n)).collect(),
         outside,
     })
+}
+
+/// How much of a file is tried with deflate before it is archived.
+const SAMPLE: usize = 64 * 1024;
+
+/// Whether deflate gains anything on this sample (its first [`SAMPLE`] bytes). Caches are
+/// often full of compressed things (downloaded archives, `.jar`s, images) that deflate only
+/// slows down, ~30 MB/s of CPU for nothing on the machines measured; those are stored, as
+/// every zip reader (GitLab Runner's extractor included) reads both methods.
+fn compresses(sample: &[u8]) -> bool {
+    if sample.len() < 512 {
+        return true;
+    }
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::with_capacity(sample.len()), flate2::Compression::fast());
+    if enc.write_all(sample).is_err() {
+        return true;
+    }
+    enc.finish().map(|out| out.len() * 10 < sample.len() * 9).unwrap_or(true)
 }
 
 /// A zip (GitLab Runner's `cache.zip`) as a tar for the helper's `tar -x`, through a temporary
@@ -863,20 +889,35 @@ mod tests {
         add("./vendor/a.txt", b"alpha");
         add("./vendor/sub/b.txt", b"beta");
         add("./other.txt", b"no");
+        let random: Vec<u8> = (0..100_000).map(|_| fastrand::u8(..)).collect();
+        add("./vendor/sub/random.bin", &random);
         b.into_inner().unwrap();
         let built = tar_to_zip_file(&tar_path, &["vendor/".into(), "nothing/".into(), "/abs".into()], None).unwrap();
-        assert_eq!(built.entries, 2);
-        assert_eq!(built.found, [("vendor/".to_string(), 2), ("nothing/".to_string(), 0)]);
+        assert_eq!(built.entries, 3);
+        assert_eq!(built.found, [("vendor/".to_string(), 3), ("nothing/".to_string(), 0)]);
+        let mut z = zip::ZipArchive::new(std::fs::File::open(built.zip.path()).unwrap()).unwrap();
+        assert_eq!(z.by_name("vendor/sub/random.bin").unwrap().compression(), zip::CompressionMethod::Stored);
+        assert_eq!(z.by_name("vendor/a.txt").unwrap().compression(), zip::CompressionMethod::Deflated);
         assert_eq!(built.outside, ["/abs"]);
         let (tar, files) = zip_to_tar_file(built.zip.path()).unwrap();
-        assert_eq!(files, 2);
+        assert_eq!(files, 3);
         let bytes = read_all(std::fs::File::open(tar.path()).unwrap());
         let back = super::super::artifacts::read_tar(&bytes).unwrap();
         let names: Vec<&str> = back.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(names, ["vendor/a.txt", "vendor/sub/b.txt"]);
+        assert_eq!(names, ["vendor/a.txt", "vendor/sub/b.txt", "vendor/sub/random.bin"]);
+        assert_eq!(back[2].kind, super::super::artifacts::EntryKind::File(random));
         let mut archive = tar::Archive::new(bytes.as_slice());
         let mtime = archive.entries().unwrap().next().unwrap().unwrap().header().mtime().unwrap();
         assert!(mtime.abs_diff(1_700_000_000) <= 2, "zip keeps 2-second times: {mtime}");
+    }
+
+    #[test]
+    fn what_does_not_compress_is_stored() {
+        let text = "fn main() { println!(\"hello\"); }\n".repeat(4000);
+        assert!(compresses(text.as_bytes()));
+        let random: Vec<u8> = (0..SAMPLE).map(|_| fastrand::u8(..)).collect();
+        assert!(!compresses(&random));
+        assert!(compresses(b"tiny"), "small files are not worth sampling");
     }
 
     #[test]
