@@ -8,9 +8,9 @@ use std::sync::Arc;
 use tracing::Instrument;
 
 use crate::config::{Config, ConfigError, Kubernetes, PluginConfig, Runner};
+use crate::job::cache::JobCache;
 use crate::job::overwrites::OverwriteError;
 use crate::job::parse::{JobContext, JobError, JobSource};
-use crate::job::cache::JobCache;
 use crate::job::{Job, Overwrites, PullPolicy};
 use crate::plugins::{
     HostOwned, JobPlugins, Limits, Plugin, PluginError, PluginSpec, Role, Runtime, StrategyBinding, StrategyServices,

@@ -127,7 +127,10 @@ async fn serve_saves_and_restores_caches_through_s3() {
     let objects = kubectl(fx.cluster.kubeconfig_path(), &["get", "pods,secrets", "-A", "-o", "yaml"]);
     let objects = String::from_utf8_lossy(&objects.stdout).into_owned();
     assert!(objects.contains("kind: Pod"), "{objects}");
-    assert!(!objects.contains(&moto.secret_key) && !objects.contains(&moto.access_key), "a cache credential in:\n{objects}");
+    assert!(
+        !objects.contains(&moto.secret_key) && !objects.contains(&moto.access_key),
+        "a cache credential in:\n{objects}"
+    );
     let (state, trace) = finished(&gitlab, save).await;
     assert_eq!(state, "success", "{trace}");
     let upload_line = format!("Uploading cache.zip to {}/keel-cache/{object}", moto.endpoint());
@@ -188,7 +191,10 @@ async fn serve_saves_and_restores_caches_through_s3() {
     ));
     let (state, trace) = finished(&gitlab, fallback).await;
     assert_eq!(state, "success", "{trace}");
-    assert_has(&trace, &["Checking cache for feature-x...", "WARNING: file does not exist", "Checking cache for deps-main..."]);
+    assert_has(
+        &trace,
+        &["Checking cache for feature-x...", "WARNING: file does not exist", "Checking cache for deps-main..."],
+    );
     assert!(trace.find("Checking cache for deps-main").unwrap() < trace.find("cached-v1").unwrap(), "{trace}");
 
     // 4. Wrong credentials (the config is read again for each job): warnings, and the job runs.
@@ -255,7 +261,10 @@ async fn run_saves_and_restores_a_files_keyed_cache_locally() {
     let out = fx.run(&job, &[]).await;
     assert_eq!(out.status.code(), Some(0));
     let text = stdout(&out);
-    assert_has(&text, &[&format!("Checking cache for {}...", keys[0]), "Successfully extracted cache", "\nbuilt-once\n"]);
+    assert_has(
+        &text,
+        &[&format!("Checking cache for {}...", keys[0]), "Successfully extracted cache", "\nbuilt-once\n"],
+    );
     assert!(!text.contains("\nnothing-cached\n"), "{text}");
     assert!(text.contains("Copied 2 files"), "only Cargo.lock and job.yml, not .keel/, are sources:\n{text}");
 

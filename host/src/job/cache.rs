@@ -161,7 +161,9 @@ fn expand_key(text: &str, key: &str, variables: &[Variable], path: &Path) -> Res
 /// A value GitLab already expanded: refused when it carries a value that is not public (masked
 /// values are at least 8 characters in GitLab; shorter ones would match by accident).
 fn check_resolved(text: &str, key: &str, variables: &[Variable], path: &Path) -> Result<String, JobError> {
-    if let Some(v) = variables.iter().find(|v| (!v.public || v.masked) && v.value.len() >= 8 && text.contains(v.value.as_str())) {
+    if let Some(v) =
+        variables.iter().find(|v| (!v.public || v.masked) && v.value.len() >= 8 && text.contains(v.value.as_str()))
+    {
         return Err(JobError::Invalid {
             at: Located::key(path, key.to_string()),
             message: format!(
@@ -229,7 +231,8 @@ pub fn from_payload(
             let invalid = |k: &str, message: String| JobError::Invalid { at: Located::key(path, at(k)), message };
             let key = if c.key.is_empty() { format!("{job_name}/{git_ref}") } else { c.key.clone() };
             let key = check_resolved(&key, &at("key"), variables, path)?;
-            let policy = policy(&c.policy).ok_or_else(|| invalid("policy", format!("unknown policy {:?}", c.policy)))?;
+            let policy =
+                policy(&c.policy).ok_or_else(|| invalid("policy", format!("unknown policy {:?}", c.policy)))?;
             let when = when(&c.when).ok_or_else(|| invalid("when", format!("unknown value {:?}", c.when)))?;
             let fallback_keys = c
                 .fallback_keys
@@ -255,8 +258,12 @@ mod tests {
     use crate::job::parse::{JobContext, JobSource, parse_with_caches};
 
     fn caches(text: &str) -> Result<Vec<JobCache>, JobError> {
-        parse_with_caches(text, &JobSource { path: ".gitlab-ci.yml".into(), job_name: Some("build".into()) }, &JobContext::default())
-            .map(|(_, c)| c)
+        parse_with_caches(
+            text,
+            &JobSource { path: ".gitlab-ci.yml".into(), job_name: Some("build".into()) },
+            &JobContext::default(),
+        )
+        .map(|(_, c)| c)
     }
 
     #[test]
@@ -278,7 +285,8 @@ mod tests {
         assert_eq!((got[1].policy, got[1].when), (CachePolicy::PullPush, CacheWhen::OnSuccess));
         assert_eq!(got[2].key, CacheKey::Literal("default".into()));
         // `default: cache` applies to a job without its own.
-        let got = caches("default:\n  cache: {key: dflt, paths: [d/]}\nbuild:\n  image: alpine\n  script: [x]\n").unwrap();
+        let got =
+            caches("default:\n  cache: {key: dflt, paths: [d/]}\nbuild:\n  image: alpine\n  script: [x]\n").unwrap();
         assert_eq!(got[0].key, CacheKey::Literal("dflt".into()));
     }
 

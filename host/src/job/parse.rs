@@ -836,7 +836,8 @@ fn build_job(
         }
     }
 
-    let caches = super::cache::from_yaml(def.cache.clone().map(|c| c.into_vec()).unwrap_or_default(), &variables, path)?;
+    let caches =
+        super::cache::from_yaml(def.cache.clone().map(|c| c.into_vec()).unwrap_or_default(), &variables, path)?;
     let job = Job {
         id: ctx.job_id,
         name,

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
@@ -127,11 +127,8 @@ pub fn sanitize_key(key: &str) -> Result<String, CacheError> {
 /// `<Path>/[runner/<short token>/]`: GitLab Runner keeps each runner's objects apart unless
 /// `Shared`.
 fn namespace(config_path: &str, shared: bool, runner_token: &str) -> String {
-    let runner = if shared {
-        String::new()
-    } else {
-        format!("runner/{}", keel_contract::variables::short_token(runner_token))
-    };
+    let runner =
+        if shared { String::new() } else { format!("runner/{}", keel_contract::variables::short_token(runner_token)) };
     clean_join(&[config_path, &runner])
 }
 
@@ -445,9 +442,8 @@ async fn restore_one(
     let Some((zip, size)) = store.download(&object).await? else { return Ok(false) };
     let span = tracing::info_span!("cache.restore", cache.key = %key, cache.bytes = size);
     async {
-        let (tar, files) = tokio::task::spawn_blocking(move || zip_to_tar_file(zip.path()))
-            .await
-            .map_err(|e| e.to_string())??;
+        let (tar, files) =
+            tokio::task::spawn_blocking(move || zip_to_tar_file(zip.path())).await.map_err(|e| e.to_string())??;
         stream_into_pod(job_pod, tar.path(), project_dir).await?;
         trace.line(&format!("Downloaded cache.zip: {files} files, {size} bytes"));
         Ok(true)
@@ -476,7 +472,8 @@ pub(super) async fn save(job: &JobCaches<'_>, job_pod: &JobPod, project_dir: &st
             continue;
         }
         let Some(store) = job.store else {
-            trace.warning(&format!("WARNING: Not saving cache {key}: no cache store configured ([runners.cache] Type)"));
+            trace
+                .warning(&format!("WARNING: Not saving cache {key}: no cache store configured ([runners.cache] Type)"));
             continue;
         };
         trace.line(&format!("Creating cache {key}..."));
@@ -622,11 +619,8 @@ fn tar_to_zip_file(tar: &Path, paths: &[String], level: Option<i64>) -> Result<B
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let mut sample = Vec::with_capacity(SAMPLE);
                 (&mut e).take(SAMPLE as u64).read_to_end(&mut sample).map_err(|e| format!("{path}: {e}"))?;
-                let opts = if compresses(&sample) {
-                    opts
-                } else {
-                    opts.compression_method(zip::CompressionMethod::Stored)
-                };
+                let opts =
+                    if compresses(&sample) { opts } else { opts.compression_method(zip::CompressionMethod::Stored) };
                 zip.start_file(path.as_str(), opts).map_err(|e| format!("{path}: {e}"))?;
                 std::io::copy(&mut std::io::Cursor::new(sample).chain(&mut e), &mut zip)
                     .map_err(|e| format!("{path}: {e}"))?;
@@ -756,7 +750,11 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 
 /// `roots` under the project directory as a tar in a temporary file, from the helper
 /// container's stdout, chunk by chunk.
-async fn tar_from_pod(job_pod: &JobPod, project_dir: &str, roots: &[String]) -> Result<tempfile::NamedTempFile, String> {
+async fn tar_from_pod(
+    job_pod: &JobPod,
+    project_dir: &str,
+    roots: &[String],
+) -> Result<tempfile::NamedTempFile, String> {
     use crate::plugins::strategy_host::{Channel, PodAccess};
     // The roots that exist are appended to "$@" and the given ones shifted away; none is an
     // empty answer (tar refuses an empty archive).
