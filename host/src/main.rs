@@ -155,7 +155,7 @@ struct NewArgs {
     /// Where to create it (default: ./NAME). Must not exist or be empty.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Use the SDK at this path instead of the published crate (`keel-sdk = "0.2"`). Default:
+    /// Use the SDK at this path instead of the published crate (`keel-sdk = "0.3"`). Default:
     /// this host's own checkout's `sdk/` when the binary was built from one.
     #[arg(long, value_name = "DIR")]
     sdk_path: Option<PathBuf>,
@@ -516,6 +516,7 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
         trace_file: args.trace_file,
         color: std::io::IsTerminal::is_terminal(&std::io::stdout()),
         extra_secrets: Vec::new(),
+        token_prefixes: Vec::new(),
         on_stage: None,
         on_outcome: None,
         artifacts: None,
