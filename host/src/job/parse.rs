@@ -652,7 +652,7 @@ fn has_merge_key(v: &serde_yaml_ng::Value) -> bool {
     }
 }
 
-const RESERVED: &[&str] = &[
+pub(crate) const RESERVED: &[&str] = &[
     "variables",
     "default",
     "image",
@@ -667,7 +667,7 @@ const RESERVED: &[&str] = &[
 ];
 
 /// The job and every job it extends, child first, each once.
-fn extends_chain(tree: &serde_yaml_ng::Value, name: &str, path: &Path) -> Result<Vec<String>, JobError> {
+pub(crate) fn extends_chain(tree: &serde_yaml_ng::Value, name: &str, path: &Path) -> Result<Vec<String>, JobError> {
     let jobs = tree.as_mapping().expect("checked to be a mapping");
     let available = || {
         jobs.keys()

@@ -221,7 +221,7 @@ impl ArtifactStore for GitlabArtifacts {
                 expire_in: artifact.expire_in.clone(),
             };
             match self.client.upload_artifacts(&self.job, &upload).await {
-                Ok(UploadOutcome::Created) => Ok("201 Created".into()),
+                Ok(UploadOutcome::Created) => Ok("coordinator... 201 Created".into()),
                 Ok(UploadOutcome::TooLarge) => {
                     Err("413 Request Entity Too Large: the artifacts are over GitLab's maximum artifacts size".into())
                 }
