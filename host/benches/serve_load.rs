@@ -34,18 +34,29 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// (RSS in MiB, user+system CPU seconds) of a process.
-fn usage(pid: u32) -> (f64, f64) {
+/// Memory of a process in MiB: resident in all, and the anonymous part (heap, stacks, wasm
+/// linear memories) apart from file-backed pages (the binary, compiled plugins), which do not
+/// grow with jobs the way a job's own allocations do.
+#[derive(Debug, Clone, Copy)]
+struct Rss {
+    all: f64,
+    anon: f64,
+}
+
+/// (RSS, user+system CPU seconds) of a process.
+fn usage(pid: u32) -> (Rss, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches(" kB").parse::<f64>().ok()))
-        .unwrap_or(f64::NAN);
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().trim_end_matches(" kB").parse::<f64>().ok()))
+            .unwrap_or(f64::NAN)
+    };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..].split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
     // utime and stime are fields 14 and 15 of stat; USER_HZ is 100 on Linux.
-    (rss_kib / 1024.0, (ticks(11) + ticks(12)) / 100.0)
+    (Rss { all: kib("VmRSS:") / 1024.0, anon: kib("RssAnon:") / 1024.0 }, (ticks(11) + ticks(12)) / 100.0)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -142,6 +153,10 @@ async fn main() {
     }
     let all_running = queued_at.elapsed();
     let (rss_a, cpu_a) = usage(pid);
+    if let Some(to) = std::env::var_os("KEEL_BENCH_SMAPS") {
+        // Where the memory is, mapping by mapping, for a closer look.
+        let _ = std::fs::copy(format!("/proc/{pid}/smaps"), to);
+    }
     let window = Duration::from_secs(8);
     tokio::time::sleep(window).await;
     let (rss_b, cpu_b) = usage(pid);
@@ -159,14 +174,19 @@ async fn main() {
     let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     let _ = tokio::time::timeout(Duration::from_secs(60), serve.wait()).await;
 
-    let rss = (rss_a + rss_b) / 2.0;
+    let rss = (rss_a.all + rss_b.all) / 2.0;
+    let anon = (rss_a.anon + rss_b.anon) / 2.0;
     println!(
         "serve_load: {JOBS} jobs at once under `host serve` (each: git fetch at depth 1, then `sleep {SLEEP_SECS}`)"
     );
     println!("  all {JOBS} running after {:.1} s ({failed} failed)", all_running.as_secs_f64());
     println!(
-        "  serve RSS: idle {idle_rss:.1} MiB, with {JOBS} running {rss:.1} MiB -> {:.2} MiB per running job",
-        (rss - idle_rss) / JOBS as f64
+        "  serve RSS: idle {:.1} MiB, with {JOBS} running {rss:.1} MiB -> {:.2} MiB per running job \
+         (anonymous: idle {:.1}, running {anon:.1} -> {:.2} MiB per job)",
+        idle_rss.all,
+        (rss - idle_rss.all) / JOBS as f64,
+        idle_rss.anon,
+        (anon - idle_rss.anon) / JOBS as f64
     );
     println!(
         "  serve CPU while {JOBS} jobs sleep: {:.2}% of a core in all, {:.3}% per job",

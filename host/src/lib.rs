@@ -4,8 +4,9 @@
 //! bounded reads) and `vocab` (leaf vocabulary) -> `config` (config.toml) -> `job` (the job's YAML) ->
 //! `pod` (the base objects) -> `plugins` (mutate, decide, the strategy's host services) ->
 //! `prepare` (all of that as one step) -> `render` (print) or `cluster` (connect, create,
-//! watch, exec) -> `run` (the stages) -> `trace` (mask, stream) -> `cleanup`. `gitlab` is the
-//! GitLab runner API client and `serve` the loop that takes jobs from GitLab (`host serve`).
+//! watch, exec) -> `run` (the stages) -> `trace` (mask, stream) -> `cleanup`. `pipeline` runs a
+//! whole `.gitlab-ci.yml` through `run`, job after job. `gitlab` is the GitLab runner API client
+//! and `serve` the loop that takes jobs from GitLab (`host serve`).
 
 pub mod cluster;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod gitlab;
 pub mod input;
 pub mod job;
 pub mod metrics;
+pub mod pipeline;
 pub mod plugins;
 pub mod pod;
 pub mod prepare;

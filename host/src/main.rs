@@ -155,7 +155,7 @@ struct NewArgs {
     /// Where to create it (default: ./NAME). Must not exist or be empty.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Use the SDK at this path instead of the published crate (`keel-sdk = "0.2"`). Default:
+    /// Use the SDK at this path instead of the published crate (`keel-sdk = "0.3"`). Default:
     /// this host's own checkout's `sdk/` when the binary was built from one.
     #[arg(long, value_name = "DIR")]
     sdk_path: Option<PathBuf>,
@@ -171,7 +171,7 @@ enum Output {
 }
 
 /// What `run` and `render` both take: the job, the config and runner, the plugins.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 struct JobArgs {
     /// Runner configuration (GitLab Runner's config.toml format); default: built-in defaults.
     #[arg(long, short, env = "KEEL_CONFIG")]
@@ -193,7 +193,8 @@ struct JobArgs {
     /// Where compiled plugins are cached.
     #[arg(long, env = "KEEL_PLUGIN_CACHE")]
     plugin_cache: Option<PathBuf>,
-    /// A single job file, or `path/.gitlab-ci.yml#jobname` for one job of a pipeline file.
+    /// A single job file, `path/.gitlab-ci.yml#jobname` for one job of a pipeline file, or
+    /// `path/.gitlab-ci.yml` for the whole pipeline (`run` only).
     #[arg(value_name = "JOB")]
     job: String,
 }
@@ -251,6 +252,16 @@ struct RunArgs {
     /// The project's `group/name` (default: `local/<source dir name>`).
     #[arg(long, env = "KEEL_PROJECT_PATH")]
     project_path: Option<String>,
+    /// Pipeline: run only this job and what it needs (repeatable).
+    #[arg(long = "job", value_name = "NAME")]
+    only_jobs: Vec<String>,
+    /// Pipeline: jobs at once.
+    #[arg(long = "jobs", value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    parallel: u16,
+    /// Pipeline: where each job's trace and artifacts are kept (default: `.keel/` beside the
+    /// pipeline file).
+    #[arg(long, value_name = "DIR")]
+    artifacts_dir: Option<PathBuf>,
     /// Where `cache:` is kept when `[runners.cache]` names no store (default: `.keel/cache/`
     /// beside the job file).
     #[arg(long, env = "KEEL_CACHE_DIR")]
@@ -504,13 +515,13 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     });
-    let project_path = args.project_path.clone().unwrap_or_else(|| {
-        let name = std::fs::canonicalize(&source_dir)
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| "project".into());
-        format!("local/{}", host::pod::dns_label(&name, 63).chars().take(40).collect::<String>())
-    });
+    let project_path = project_path(&args, &source_dir);
+    if job.job_name.is_none() && is_pipeline_file(&job.path) {
+        return run_pipeline(args, rt, job.path, source_dir, project_path, interrupts).await;
+    }
+    if !args.only_jobs.is_empty() || args.artifacts_dir.is_some() || args.parallel > 1 {
+        anyhow::bail!("--job, --jobs and --artifacts-dir apply to a pipeline (a .gitlab-ci.yml without #job)");
+    }
     let job_id = args.job_id.unwrap_or_else(|| fastrand::u64(1..1_000_000_000));
     let object_suffix = format!("{job_id}-{}", fastrand::u32(..) % 100_000);
     let commit = host::sources::git_facts(&source_dir);
@@ -523,6 +534,7 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
         trace_file: args.trace_file,
         color: std::io::IsTerminal::is_terminal(&std::io::stdout()),
         extra_secrets: Vec::new(),
+        token_prefixes: Vec::new(),
         on_stage: None,
         on_outcome: None,
         artifacts: None,
@@ -530,6 +542,94 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let outcome = host::run::run(&rt, req, opts, Box::new(std::io::stdout()), interrupts).await;
     Ok(ExitCode::from(outcome.exit_status()))
+}
+
+/// A job file is one job; a file whose top level has no `script` is a pipeline of jobs.
+fn is_pipeline_file(path: &std::path::Path) -> bool {
+    host::input::read_text_file(path, host::input::limits::YAML_BYTES)
+        .map(|text| host::pipeline::plan::is_pipeline(&text))
+        .unwrap_or(false)
+}
+
+/// `--project-path`, else `local/<source dir name>`.
+fn project_path(args: &RunArgs, source_dir: &std::path::Path) -> String {
+    args.project_path.clone().unwrap_or_else(|| {
+        let name = std::fs::canonicalize(source_dir)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "project".into());
+        format!("local/{}", host::pod::dns_label(&name, 63).chars().take(40).collect::<String>())
+    })
+}
+
+/// `host run .gitlab-ci.yml`: every job (or `--job`s and what they need) on one cluster.
+async fn run_pipeline(
+    args: RunArgs,
+    rt: Runtime,
+    path: PathBuf,
+    source_dir: PathBuf,
+    project_path: String,
+    interrupts: tokio::sync::watch::Receiver<u32>,
+) -> anyhow::Result<ExitCode> {
+    use std::sync::Arc;
+    if args.trace_file.is_some() || args.job_id.is_some() {
+        anyhow::bail!("--trace-file and --job-id apply to one job; a pipeline keeps each job's trace in its store");
+    }
+    let plan = host::pipeline::plan::load(&path)?.select(&args.only_jobs)?;
+    let k8s = match &args.job.config {
+        Some(config) => host::config::Config::load(config)?
+            .runner(args.job.runner.as_deref(), config)?
+            .kubernetes
+            .clone()
+            .unwrap_or_default(),
+        None => host::config::Kubernetes::default(),
+    };
+    let connection = host::cluster::connect(&k8s, &args.cluster.connect(args.images.embedded()))
+        .await
+        .context("cannot connect to a cluster for the pipeline")?;
+    if connection.embedded.is_some() {
+        eprintln!("keel: no cluster configured; started an embedded one for the pipeline");
+    }
+    let connection = Arc::new(connection);
+    let store = args.artifacts_dir.clone().unwrap_or_else(|| match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.join(".keel"),
+        _ => PathBuf::from(".keel"),
+    });
+    let commit = host::sources::git_facts(&source_dir);
+    let template = args.job.clone();
+    let run_id = fastrand::u32(..) % 100_000;
+    let file = path.display().to_string();
+    let make_request: host::pipeline::MakeRequest = Arc::new(move |name: &str, job_id: u64| {
+        let mut job = template.clone();
+        job.job = format!("{file}#{name}");
+        let suffix = format!("{job_id}-{run_id}");
+        job.request(job_id, project_path.clone(), suffix, commit.clone(), true)
+            .expect("the plugin arguments were checked before the pipeline started")
+    });
+    // Check the plugin arguments once, up front, so no job fails on them half way.
+    extra_plugins(&args.job.plugins)?;
+    let opts = host::pipeline::PipelineOptions {
+        parallel: usize::from(args.parallel),
+        store: store.clone(),
+        source_dir,
+        connection: connection.clone(),
+        timestamps: args.timestamps,
+        color: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        cache_dir: Some(args.cache_dir.clone().unwrap_or_else(|| store.join("cache"))),
+    };
+    eprintln!(
+        "keel: pipeline {} ({} jobs, {} at a time; traces and artifacts in {})",
+        path.display(),
+        plan.jobs.len(),
+        args.parallel,
+        store.display()
+    );
+    let result = host::pipeline::run(Arc::new(rt), plan, opts, make_request, interrupts).await;
+    if let Ok(connection) = Arc::try_unwrap(connection) {
+        connection.close().await;
+    }
+    println!("\n{}", result.table());
+    Ok(ExitCode::from(result.exit_status()))
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, ContainerPort, EmptyDirVolumeSource, HostPathVolumeSource, KeyToPath, LocalObjectReference,
-    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, ResourceRequirements, Secret, SecretVolumeSource,
-    Service, ServicePort, ServiceSpec, Toleration, Volume,
+    ConfigMapVolumeSource, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HostPathVolumeSource, KeyToPath,
+    LocalObjectReference, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, ResourceRequirements, Secret,
+    SecretKeySelector, SecretVolumeSource, Service, ServicePort, ServiceSpec, Toleration, Volume,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -27,7 +27,7 @@ pub use keel_contract::pod::{
     BUILD_CONTAINER, DEFAULT_HELPER_IMAGE, DEFAULT_NAMESPACE, HELPER_CONTAINER, IDLE, JOB_ID_LABEL, MANAGED_BY,
     MANAGED_BY_LABEL, REPO_VOLUME, VARS_DIR, VARS_VOLUME, dns_label, escape_env, mount,
 };
-use keel_contract::pod::{ContainerInput, PodInput, PodShapeError, ServiceInput, VariableRef, host_labels};
+use keel_contract::pod::{ContainerInput, PodInput, PodShapeError, RunAs, ServiceInput, VariableRef, host_labels};
 pub const INIT_CONTAINER: &str = "init-logs";
 /// Stage scripts written by an execution strategy (the attach strategy's).
 pub const SCRIPTS_VOLUME: &str = "scripts";
@@ -54,6 +54,36 @@ pub enum PodError {
          be readable in the Pod object, so it may only reach the job as a variable"
     )]
     SecretInPodField { field: String, variable: String },
+    #[error("{field}: {user:?} is not a numeric uid or uid:gid (Kubernetes runs containers by number)")]
+    InvalidUser { field: String, user: String },
+    #[error("{field}: {what} {id} is not in [runners.kubernetes] {key} {allowed:?}")]
+    UserNotAllowed { field: String, what: &'static str, id: i64, key: &'static str, allowed: Vec<String> },
+}
+
+/// The container user a job asked for (`image:kubernetes:user`, `field` names it), checked against
+/// the runner's `allowed_users`/`allowed_groups` (the administrator's word wins, as in GitLab
+/// Runner; refused rather than ignored, so the job never runs as someone it did not ask for).
+fn run_as(user: Option<&str>, field: &str, k8s: &Kubernetes) -> Result<Option<RunAs>, PodError> {
+    let Some(text) = user.map(str::trim).filter(|u| !u.is_empty()) else { return Ok(None) };
+    let invalid = || PodError::InvalidUser { field: field.to_string(), user: text.to_string() };
+    let (uid, gid) = match text.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (text, None),
+    };
+    let number = |s: &str| s.trim().parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(invalid);
+    let run_as = RunAs { user: number(uid)?, group: gid.map(number).transpose()? };
+    let check = |id: i64, allowed: &[String], what: &'static str, key: &'static str| {
+        if allowed.is_empty() || allowed.iter().any(|a| a.trim().parse::<i64>() == Ok(id)) {
+            Ok(())
+        } else {
+            Err(PodError::UserNotAllowed { field: field.to_string(), what, id, key, allowed: allowed.to_vec() })
+        }
+    };
+    check(run_as.user, &k8s.allowed_users, "uid", "allowed_users")?;
+    if let Some(g) = run_as.group {
+        check(g, &k8s.allowed_groups, "gid", "allowed_groups")?;
+    }
+    Ok(Some(run_as))
 }
 
 /// Expands the job's variables into a Pod field (`field` names it in errors). Only public values
@@ -323,38 +353,46 @@ pub fn build(
                     name: expand_public(job, || format!("[[runners.kubernetes.services]] {n} name"), &s.name)?,
                     entrypoint: s.entrypoint.clone(),
                     pull_policies: vec![],
+                    user: None,
                 },
                 alias: s.alias.clone(),
                 command: s.command.clone(),
                 ports: vec![],
+                variables: vec![],
             })
         })
         .collect::<Result<_, PodError>>()?;
     all_services.extend(job.services.iter().cloned());
     let service_resources = requirements(&overlay(k8s.service_resources(), &accepted.service));
+    let mut variables = variables;
     let service_inputs: Vec<ServiceInput> = all_services
         .iter()
-        .map(|svc| ServiceInput {
-            container: ContainerInput {
-                image: svc.image.name.clone(),
-                entrypoint: svc.image.entrypoint.clone(),
-                pull_policy: pull(&svc.image.name),
-                resources: service_resources.clone(),
-            },
-            command: svc.command.clone(),
-            alias: svc.alias.clone(),
-            ports: svc
-                .ports
-                .iter()
-                .map(|p| ContainerPort {
-                    container_port: i32::from(p.number),
-                    protocol: Some(p.protocol.clone()),
-                    name: p.name.clone(),
-                    ..Default::default()
-                })
-                .collect(),
+        .enumerate()
+        .map(|(i, svc)| {
+            Ok(ServiceInput {
+                container: ContainerInput {
+                    image: svc.image.name.clone(),
+                    entrypoint: svc.image.entrypoint.clone(),
+                    pull_policy: pull(&svc.image.name),
+                    resources: service_resources.clone(),
+                    run_as: run_as(svc.image.user.as_deref(), &format!("services[{i}] kubernetes.user"), k8s)?,
+                },
+                env: service_env(i, &svc.variables, &mut variables),
+                command: svc.command.clone(),
+                alias: svc.alias.clone(),
+                ports: svc
+                    .ports
+                    .iter()
+                    .map(|p| ContainerPort {
+                        container_port: i32::from(p.number),
+                        protocol: Some(p.protocol.clone()),
+                        name: p.name.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            })
         })
-        .collect();
+        .collect::<Result<_, PodError>>()?;
 
     let mut k8s_services = Vec::new();
     for (i, svc) in all_services.iter().enumerate() {
@@ -428,12 +466,15 @@ pub fn build(
             entrypoint: job.image.entrypoint.clone(),
             pull_policy: pull(&job.image.name),
             resources: requirements(&overlay(k8s.build_resources(), &accepted.build)),
+            run_as: run_as(job.image.user.as_deref(), "image kubernetes.user", k8s)?,
         },
         helper: ContainerInput {
             pull_policy: pull(&helper_image),
             image: helper_image,
             entrypoint: Vec::new(),
             resources: requirements(&overlay(k8s.helper_resources(), &accepted.helper)),
+            // GitLab Runner's rule: the helper never takes the job's user.
+            run_as: None,
         },
         services: service_inputs,
         volumes,
@@ -495,6 +536,36 @@ fn shell_name_ok(key: &str) -> bool {
 /// The file of a file-type variable inside [`VARS_DIR`].
 pub fn variable_file_key(key: &str) -> String {
     format!("file.{key}")
+}
+
+/// A service's own variables as its container's env: a public value as it is; any other from
+/// the variables Secret, where it is added under a key of its own (`svc-<n>.<KEY>`).
+fn service_env(index: usize, own: &[crate::job::Variable], secret: &mut Secret) -> Vec<EnvVar> {
+    let secret_name = secret.metadata.name.clone().unwrap_or_default();
+    let data = secret.data.get_or_insert_with(BTreeMap::new);
+    let mut env: Vec<EnvVar> = Vec::new();
+    for v in own.iter().rev() {
+        // The last definition wins; Kubernetes would take the first of two equal names.
+        if env.iter().any(|e| e.name == v.key) {
+            continue;
+        }
+        env.push(if v.public {
+            EnvVar { name: v.key.clone(), value: Some(escape_env(&v.value)), ..Default::default() }
+        } else {
+            let key = format!("svc-{index}.{}", v.key);
+            data.insert(key.clone(), ByteString(v.value.as_bytes().to_vec()));
+            EnvVar {
+                name: v.key.clone(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector { name: secret_name.clone(), key, optional: None }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        });
+    }
+    env.reverse();
+    env
 }
 
 /// The variables Secret: `env.sh` exports every variable (its winning value; a file variable's

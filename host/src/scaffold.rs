@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 /// The SDK version the generated crate asks the registry for.
-pub const SDK_VERSION: &str = "0.2";
+pub const SDK_VERSION: &str = "0.3";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScaffoldError {
@@ -39,7 +39,7 @@ pub enum ScaffoldRole {
 /// Where the generated crate gets `keel-sdk` from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SdkSource {
-    /// `keel-sdk = "0.2"` from crates.io: what an outside author writes.
+    /// `keel-sdk = "0.3"` from crates.io: what an outside author writes.
     Registry,
     /// A checkout's `sdk/` directory.
     Path(PathBuf),

@@ -325,3 +325,63 @@ fn default_pull_policy_rules() {
         "pull_policy [Always] for image img is not one of the allowed_pull_policies [Never] of runner config c.toml"
     );
 }
+
+/// A service's own variables reach its container only: public ones as values, one built from a
+/// masked variable by `valueFrom` the variables Secret; `image:kubernetes:user` becomes the
+/// container's user, checked against the runner's `allowed_users`/`allowed_groups`.
+#[test]
+fn service_variables_and_container_users() {
+    let config = Config::load(Path::new("tests/fixtures/seed001-basic.toml")).expect("config");
+    let runner = config.runner(None, Path::new("seed001-basic.toml")).expect("runner");
+    let mut k8s = runner.kubernetes.clone().expect("kubernetes");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("job.yml");
+    std::fs::write(
+        &file,
+        "image: {name: alpine, kubernetes: {user: \"1000:1001\"}}\n\
+         variables:\n  DB_PASS: {value: pw-secret-1, masked: true}\n  PUBLIC: hello\n\
+         services:\n  - name: postgres:16\n    alias: db\n    kubernetes: {user: 999}\n    variables:\n\
+         \x20     POSTGRES_PASSWORD: $DB_PASS\n      POSTGRES_DB: app-$PUBLIC\n      PUBLIC: own\n\
+         script: [echo]\n",
+    )
+    .expect("write job");
+    let job = parse::load(&JobSource::from_arg(file.to_str().expect("utf-8")), &JobContext::default()).expect("job");
+    assert!(job.secret_values().contains(&"pw-secret-1".to_string()), "a derived service value is masked");
+    let build = |k8s: &host::config::Kubernetes| {
+        pod::build(runner, k8s, &job, &Overwrites::default(), &BTreeMap::new(), &PodContext::default())
+    };
+    let objects = build(&k8s).expect("pod");
+    let spec = objects.pod.spec.clone().expect("spec");
+    let container = |name: &str| spec.containers.iter().find(|c| c.name == name).expect(name).clone();
+    let env = |c: &k8s_openapi::api::core::v1::Container, key: &str| {
+        c.env.as_ref().expect("env").iter().filter(|e| e.name == key).cloned().collect::<Vec<_>>()
+    };
+    let svc = container("svc-0");
+    // As GitLab Runner expands them: the service's own definitions over the job's.
+    assert_eq!(env(&svc, "POSTGRES_DB")[0].value.as_deref(), Some("app-own"));
+    let public = env(&svc, "PUBLIC");
+    assert_eq!((public.len(), public[0].value.as_deref()), (1, Some("own")), "the service's own value wins, once");
+    let password = &env(&svc, "POSTGRES_PASSWORD")[0];
+    assert_eq!(password.value, None);
+    let from = password.value_from.as_ref().and_then(|f| f.secret_key_ref.as_ref()).expect("secretKeyRef");
+    assert_eq!(Some(&from.name), objects.variables.metadata.name.as_ref());
+    assert_eq!(objects.variables.data.as_ref().expect("data")[&from.key].0, b"pw-secret-1");
+    assert!(env(&container("build"), "POSTGRES_DB").is_empty(), "service variables stay in the service");
+    let pod_yaml = serde_yaml_ng::to_string(&objects.pod).expect("yaml");
+    assert!(!pod_yaml.contains("pw-secret-1"), "the secret is in the Pod:\n{pod_yaml}");
+
+    let user = |c: &k8s_openapi::api::core::v1::Container| {
+        c.security_context.as_ref().map(|s| (s.run_as_user, s.run_as_group)).unwrap_or_default()
+    };
+    assert_eq!(user(&container("build")), (Some(1000), Some(1001)));
+    assert_eq!(user(&container("helper")), (None, None), "the helper never takes the job's user");
+    assert_eq!(user(&svc), (Some(999), None));
+
+    k8s.allowed_users = vec!["1000".into()];
+    let refused = build(&k8s).expect_err("uid 999 is not allowed").to_string();
+    assert!(refused.contains("services[0] kubernetes.user") && refused.contains("allowed_users"), "{refused}");
+    k8s.allowed_users = vec!["1000".into(), "999".into()];
+    k8s.allowed_groups = vec!["0".into()];
+    let refused = build(&k8s).expect_err("gid 1001 is not allowed").to_string();
+    assert!(refused.contains("image kubernetes.user") && refused.contains("gid 1001"), "{refused}");
+}

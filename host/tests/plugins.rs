@@ -53,11 +53,14 @@ async fn compiled_components_are_cached_on_disk_and_reused() {
     let rt = Runtime::new(Some(dir.path().to_path_buf())).unwrap();
     let second = rt.inspect(&path).await.unwrap();
     assert_eq!(second.compile, Some(CompileSource::Cached));
+    // Within one process a plugin is loaded once: every job shares it (one mapping of its code).
+    assert_eq!(rt.inspect(&path).await.unwrap().compile, Some(CompileSource::Loaded));
     let artifacts: Vec<_> = std::fs::read_dir(rt.cache_dir()).unwrap().flatten().collect();
     assert_eq!(artifacts.len(), 1, "one .cwasm per plugin, no temp files left");
     assert!(artifacts[0].file_name().to_string_lossy().ends_with(".cwasm"));
     // A corrupt artifact is recompiled over, not fatal.
     std::fs::write(artifacts[0].path(), b"garbage").unwrap();
+    let rt = Runtime::new(Some(dir.path().to_path_buf())).unwrap();
     let third = rt.inspect(&path).await.unwrap();
     assert_eq!(third.compile, Some(CompileSource::Compiled));
     assert_eq!(third.load_error, None);

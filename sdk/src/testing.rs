@@ -136,7 +136,7 @@ impl ContextBuilder {
             image: service.image,
             alias: service.alias,
             command: service.command,
-            ports: Vec::new(),
+            ..Default::default()
         });
         self
     }

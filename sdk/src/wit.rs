@@ -37,7 +37,7 @@ pub(crate) fn policies_to(ps: Vec<PullPolicy>) -> Vec<wit::PullPolicy> {
 
 impl From<wit::Image> for Image {
     fn from(i: wit::Image) -> Self {
-        Image { name: i.name, entrypoint: i.entrypoint, pull_policies: policies_from(i.pull_policies) }
+        Image { name: i.name, entrypoint: i.entrypoint, pull_policies: policies_from(i.pull_policies), user: None }
     }
 }
 

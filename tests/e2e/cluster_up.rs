@@ -264,19 +264,10 @@ fn cluster_up_stops_promptly_after_hostile_requests() {
     assert!(!data_dir.exists());
 }
 
-/// The example busybox archive (`make images`), written into `dir`.
-fn busybox_archive(dir: &std::path::Path, name: &str) -> PathBuf {
-    let out = dir.join("busybox.tar");
-    let script = support::workspace_root().join("examples/images/busybox-archive.sh");
-    let status = Command::new("sh").arg(script).arg(&out).arg(name).status().expect("run busybox-archive.sh");
-    assert!(status.success(), "busybox-archive.sh failed");
-    out
-}
-
 #[test]
 fn cluster_load_puts_an_archive_into_a_running_cluster_and_pods_run_on_it() {
     let dir = tempfile::tempdir().unwrap();
-    let archive = busybox_archive(dir.path(), "keel-e2e/busybox:1");
+    let archive = support::busybox_archive(dir.path(), "keel-e2e/busybox:1");
     let (mut child, kubeconfig, _) = cluster_up(&["--host-rootfs=false"]);
     let outcome = std::panic::catch_unwind(|| {
         let kc = kubeconfig.to_str().unwrap();
@@ -333,7 +324,7 @@ fn host_run_with_images_from_runs_the_job_in_its_image() {
     let dir = tempfile::tempdir().unwrap();
     let images = dir.path().join("images");
     std::fs::create_dir(&images).unwrap();
-    busybox_archive(&images, "keel-e2e/busybox:1");
+    support::busybox_archive(&images, "keel-e2e/busybox:1");
     let job = dir.path().join("job.yml");
     std::fs::write(
         &job,

@@ -393,3 +393,70 @@ async fn runs_through_a_kubeconfig_against_a_tls_and_token_cluster() {
     std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status().expect("kill");
     let _ = tokio::time::timeout(Duration::from_secs(30), up.wait()).await;
 }
+
+/// `host run .gitlab-ci.yml`: a three-stage pipeline, two jobs at a time. `build`'s artifacts
+/// reach `test` through the local store; `early` (`needs: [build]`) runs before the test stage
+/// has ended; a failing `allow_failure` job leaves the pipeline green; the `on_failure` job runs
+/// only when something failed; `--job` runs a job and what it needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_runs_stages_needs_and_artifacts_through_the_local_store() {
+    let f = Fixture::new(ClusterOptions::default()).await;
+    let pipeline = "stages: [build, test, deploy]\nimage: alpine:3.20\n\
+        build:\n  stage: build\n  script:\n    - mkdir -p out && echo \"app v1\" > out/app && echo skip > out/skip.tmp\n\
+        \x20 artifacts:\n    paths: [out/]\n    exclude: [out/*.tmp]\n\
+        test:\n  stage: test\n  script:\n    - cat out/app\n    - test ! -e out/skip.tmp\n    - sleep 4\n    - echo test-done\n\
+        flaky:\n  stage: test\n  allow_failure: true\n  script: [exit 4]\n\
+        early:\n  stage: deploy\n  needs: [build]\n  script: [\"echo early-sees-$(cat out/app)\"]\n\
+        nothing-from-build:\n  stage: deploy\n  dependencies: []\n  script: [\"test ! -e out/app && echo no-artifacts\"]\n\
+        on-fail:\n  stage: .post\n  when: on_failure\n  script: [echo on-failure-ran]\n";
+    let file = f.write("project/.gitlab-ci.yml", pipeline);
+    let out = f.run(&file, &["--jobs", "2"]).await;
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    // Two jobs at once: each line is its job's, prefixed with the job's name.
+    assert!(text.lines().any(|l| l.starts_with("test ") && l.ends_with("| app v1")), "{text}");
+    for want in ["early-sees-app v1", "no-artifacts", "Pipeline succeeded"] {
+        assert!(text.contains(want), "{want:?} missing:\n{text}");
+    }
+    assert!(!text.contains("on-failure-ran"), "{text}");
+    // `early` waited only for build: it finished while `test` still slept.
+    let at = |s: &str| text.find(s).unwrap_or_else(|| panic!("{s:?} missing:\n{text}"));
+    assert!(at("early-sees-") < at("test-done"), "{text}");
+    let row = |job: &str| summary_row(&text, job);
+    assert!(row("flaky").contains("failed (allowed)"), "{text}");
+    assert!(row("on-fail").contains("skipped"), "{text}");
+    // The store keeps each job's trace and the archive, and ignores itself.
+    let store = f.dir.path().join("project/.keel");
+    assert!(std::fs::read_to_string(store.join("test/trace.log")).unwrap().contains("Job succeeded"));
+    let zip = std::fs::read(store.join("build/artifacts.zip")).unwrap();
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip)).expect("a zip");
+    let names: Vec<String> = archive.file_names().map(str::to_string).collect();
+    assert!(names.iter().any(|n| n == "out/app") && !names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+    let mut app = String::new();
+    std::io::Read::read_to_string(&mut archive.by_name("out/app").unwrap(), &mut app).unwrap();
+    assert_eq!(app, "app v1\n");
+
+    // A failing build: its dependants are skipped, the on_failure job runs, the pipeline fails
+    // with the job's status. `--job test` runs test and what it needs, nothing else.
+    let failing = f.write("failing/.gitlab-ci.yml", &pipeline.replace("mkdir -p out", "exit 7; mkdir -p out"));
+    let out = f.run(&failing, &["--jobs", "2"]).await;
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("on-failure-ran") && text.contains("Pipeline failed"), "{text}");
+    assert!(summary_row(&text, "test").contains("skipped"), "{text}");
+    let out = f.run(&file, &["--job", "test"]).await;
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let jobs: Vec<&str> = summary(&text).iter().filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(jobs, ["build", "test"], "{text}");
+    f.assert_clean().await;
+}
+
+/// The rows of the pipeline's summary table (after its `job  stage` header).
+fn summary(text: &str) -> Vec<&str> {
+    text.lines().skip_while(|l| !l.starts_with("job ")).skip(1).take_while(|l| !l.starts_with("Pipeline")).collect()
+}
+
+fn summary_row(text: &str, job: &str) -> String {
+    summary(text).into_iter().find(|l| l.split_whitespace().next() == Some(job)).unwrap_or_default().to_string()
+}

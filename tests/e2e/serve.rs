@@ -89,7 +89,12 @@ fn trace_text(gitlab: &FakeGitlab, id: u64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serve_runs_gitlab_jobs_from_git_cancels_and_stops_cleanly() {
-    let fx = Fixture::new(ClusterOptions::default()).await;
+    // A real image for the job that asks for a user (the host's root filesystem has no users to
+    // switch to).
+    let images = tempfile::tempdir().unwrap();
+    support::busybox_archive(images.path(), "keel-e2e/busybox:1");
+    let fx =
+        Fixture::new(ClusterOptions { images_from: Some(images.path().to_path_buf()), ..Default::default() }).await;
     let git = GitServer::start(is_job_token).await;
     let lib_sha = git.create_repo("lib", &[("lib.txt", "library v1\n")], None);
     let sha = git.create_repo(
@@ -101,7 +106,7 @@ async fn serve_runs_gitlab_jobs_from_git_cancels_and_stops_cleanly() {
     gitlab.set_hold(Duration::from_millis(300));
     let url = git.job_url("app");
 
-    let ok = gitlab.enqueue(payload(
+    let mut build = payload(
         "build",
         &url,
         &sha,
@@ -111,6 +116,10 @@ async fn serve_runs_gitlab_jobs_from_git_cancels_and_stops_cleanly() {
             "echo \"commits=$(ls .git/shallow >/dev/null && echo shallow)\"",
             "echo \"token=$CI_JOB_TOKEN derived=$DERIVED\"",
             "echo \"dir=$CI_PROJECT_DIR sha=$CI_COMMIT_SHA\"",
+            "echo custom=kltok-abc123xyz",
+            // The service wrote its own variables where the job can compare them.
+            "for i in $(seq 100); do [ -s /builds/svc-env ] && break; sleep 0.1; done",
+            "[ \"$(cat /builds/svc-env)\" = \"svc-$SECRET|plain\" ] && echo service-env-ok",
         ],
         &[],
         json!([
@@ -118,8 +127,19 @@ async fn serve_runs_gitlab_jobs_from_git_cancels_and_stops_cleanly() {
             {"key": "SECRET", "value": "s3cr3t-value-42", "public": false, "masked": true},
             {"key": "DERIVED", "value": "x-$SECRET", "public": true}
         ]),
-    ));
-    let failing = gitlab.enqueue(payload("fail", &url, &sha, &["echo failing", "exit 3"], &[], json!([])));
+    );
+    build["features"]["token_mask_prefixes"] = json!(["kltok-"]);
+    build["services"] = json!([{
+        "name": "alpine:3.20", "alias": "side",
+        "command": ["sh", "-c", "echo \"$SVC_PASS|$SVC_PUB\" > /builds/svc-env; exec sleep 3600"],
+        "variables": [{"key": "SVC_PASS", "value": "svc-$SECRET", "public": true},
+                      {"key": "SVC_PUB", "value": "plain", "public": true}]
+    }]);
+    let ok = gitlab.enqueue(build);
+    // `image:kubernetes:user` as GitLab sends it.
+    let mut fail = payload("fail", &url, &sha, &["echo \"failing as $(id -u):$(id -g)\"", "exit 3"], &[], json!([]));
+    fail["image"] = json!({"name": "keel-e2e/busybox:1", "executor_opts": {"kubernetes": {"user": "1000:1000"}}});
+    let failing = gitlab.enqueue(fail);
     let cancelled = gitlab.enqueue(payload(
         "slow",
         &url,
@@ -169,14 +189,20 @@ async fn serve_runs_gitlab_jobs_from_git_cancels_and_stops_cleanly() {
         "commits=shallow",
         "token=[MASKED] derived=[MASKED]",
         &format!("dir=/builds/group/app sha={sha}"),
+        "custom=kltok-[MASKED]",
+        "service-env-ok",
         "Checking out",
     ] {
         assert!(trace.contains(want), "{want:?} is not in the trace:\n{trace}");
     }
-    assert!(!trace.contains("glcbt-") && !trace.contains("s3cr3t"), "a secret in the trace:\n{trace}");
+    assert!(
+        !trace.contains("glcbt-") && !trace.contains("s3cr3t") && !trace.contains("abc123xyz"),
+        "a secret in the trace:\n{trace}"
+    );
 
     let job = gitlab.job(failing);
     assert_eq!(job.state, "failed");
+    assert!(trace_text(&gitlab, failing).contains("failing as 1000:1000"), "{}", trace_text(&gitlab, failing));
     let last = job.updates.last().expect("a final update");
     assert_eq!(last["failure_reason"], "script_failure", "{last}");
     assert_eq!(last["exit_code"], 3, "{last}");

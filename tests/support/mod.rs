@@ -35,3 +35,12 @@ pub fn succeeded(o: Output, what: &str) -> String {
     );
     String::from_utf8(o.stdout).expect("utf-8 stdout")
 }
+
+/// The example busybox image (`make images`) as a docker-archive named `name`, written into `dir`.
+pub fn busybox_archive(dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join("busybox.tar");
+    let script = workspace_root().join("examples/images/busybox-archive.sh");
+    let status = Command::new("sh").arg(script).arg(&out).arg(name).status().expect("run busybox-archive.sh");
+    assert!(status.success(), "busybox-archive.sh failed");
+    out
+}

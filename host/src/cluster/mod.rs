@@ -169,7 +169,7 @@ pub async fn connect(k8s: &Kubernetes, opts: &ConnectOptions) -> Result<Connecti
             return Err(e);
         }
     };
-    let via = format!("the embedded cluster at {} (started for this job, removed at exit)", cluster.url());
+    let via = format!("the embedded cluster at {} (started by this host, removed at exit)", cluster.url());
     match client_for(config, "the embedded cluster's kubeconfig").await {
         Ok(client) => Ok(Connection { client, via, embedded: Some(cluster) }),
         Err(e) => {

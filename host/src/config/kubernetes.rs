@@ -92,6 +92,12 @@ pub struct Kubernetes {
     pub pull_policy: Vec<PullPolicy>,
     #[serde(default, deserialize_with = "many_pull_policies")]
     pub allowed_pull_policies: Vec<PullPolicy>,
+    /// The uids a job may ask for with `image:kubernetes:user` (services too); empty: any.
+    #[serde(default)]
+    pub allowed_users: Vec<String>,
+    /// The gids a job may ask for (the `:gid` of `image:kubernetes:user`); empty: any.
+    #[serde(default)]
+    pub allowed_groups: Vec<String>,
 
     #[serde(default)]
     pub node_selector: BTreeMap<String, String>,

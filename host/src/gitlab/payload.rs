@@ -223,9 +223,29 @@ pub struct Service {
     pub variables: Vec<Variable>,
     #[serde(default, deserialize_with = "nullable")]
     pub pull_policy: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub executor_opts: ExecutorOpts,
+}
+
+impl Image {
+    /// `executor_opts.kubernetes.user`, when given.
+    pub fn kubernetes_user(&self) -> Option<String> {
+        self.executor_opts.user()
+    }
+}
+
+impl ExecutorOpts {
+    fn user(&self) -> Option<String> {
+        self.kubernetes.as_ref().and_then(|k| k.user.clone()).filter(|u| !u.trim().is_empty())
+    }
 }
 
 impl Service {
+    /// `executor_opts.kubernetes.user`, when given.
+    pub fn kubernetes_user(&self) -> Option<String> {
+        self.executor_opts.user()
+    }
+
     pub fn aliases(&self) -> impl Iterator<Item = &str> {
         self.alias.split([',', ' ']).filter(|a| !a.is_empty())
     }

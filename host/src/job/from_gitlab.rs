@@ -87,21 +87,8 @@ pub fn job_with_caches(payload: &JobPayload, ctx: &JobContext) -> Result<(Job, V
             file: false,
         },
     );
-    for v in &payload.variables {
-        if v.key.is_empty() {
-            continue;
-        }
-        let credential = v.key == "CI_JOB_TOKEN";
-        vars.set(
-            v.key.clone(),
-            Definition {
-                value: v.value.clone(),
-                expand: !v.raw,
-                masked: v.masked || credential,
-                public: v.public && !credential,
-                file: v.file,
-            },
-        );
+    for v in payload.variables.iter().filter(|v| !v.key.is_empty()) {
+        vars.set(v.key.clone(), payload_definition(v));
     }
     if let Some(auth) = registry_auth(payload, vars_value(&vars, "DOCKER_AUTH_CONFIG").as_deref()) {
         vars.set(
@@ -126,6 +113,7 @@ pub fn job_with_caches(payload: &JobPayload, ctx: &JobContext) -> Result<(Job, V
         name: expand_public("image.name", &image.name)?,
         entrypoint: image.entrypoint.clone(),
         pull_policies: policies("image.pull_policy", &image.pull_policy)?,
+        user: image.kubernetes_user(),
     };
     let services = payload
         .services
@@ -135,11 +123,17 @@ pub fn job_with_caches(payload: &JobPayload, ctx: &JobContext) -> Result<(Job, V
             let key = format!("services[{n}]");
             let command =
                 s.command.iter().map(|c| expand_public(&format!("{key}.command"), c)).collect::<Result<Vec<_>, _>>()?;
+            let mut own = variables::Variables::new();
+            for v in s.variables.iter().filter(|v| !v.key.is_empty()) {
+                own.set(v.key.clone(), payload_definition(v));
+            }
             Ok(Service {
+                variables: super::resolve::service_variables(&variables, own, &key, &path)?,
                 image: Image {
                     name: expand_public(&format!("{key}.name"), &s.name)?,
                     entrypoint: s.entrypoint.clone(),
                     pull_policies: policies(&format!("{key}.pull_policy"), &s.pull_policy)?,
+                    user: s.kubernetes_user(),
                 },
                 alias: (!s.alias.trim().is_empty()).then(|| s.aliases().collect::<Vec<_>>().join(",")),
                 command,
@@ -162,6 +156,19 @@ pub fn job_with_caches(payload: &JobPayload, ctx: &JobContext) -> Result<(Job, V
     }
     let caches = super::cache::from_payload(&payload.cache, &name, &payload.git_info.git_ref, &variables, &path)?;
     Ok((Job { id: ctx.job_id, name, image: build_image, services, variables, stages, timeout }, caches))
+}
+
+/// A payload variable under the secrecy rule: public only when GitLab says so and it is not
+/// masked; a `CI_JOB_TOKEN` is a credential whatever the payload says of it.
+fn payload_definition(v: &wire::Variable) -> Definition {
+    let credential = v.key == "CI_JOB_TOKEN";
+    Definition {
+        value: v.value.clone(),
+        expand: !v.raw,
+        masked: v.masked || credential,
+        public: v.public && !credential,
+        file: v.file,
+    }
 }
 
 fn vars_value(vars: &variables::Variables, key: &str) -> Option<String> {
@@ -296,5 +303,28 @@ mod tests {
         assert!(matches!(build(&p).unwrap_err(), JobError::NoScript { .. }));
         let p = payload(json!({"image": null}));
         assert!(matches!(build(&p).unwrap_err(), JobError::NoImage { .. }));
+    }
+
+    #[test]
+    fn service_variables_keep_secrecy_and_users_come_from_executor_opts() {
+        let p = payload(json!({
+            "variables": [{"key": "DB_PASS", "value": "pw-77", "public": false, "masked": true}],
+            "image": {"name": "alpine", "executor_opts": {"kubernetes": {"user": "1000:1000"}}},
+            "services": [{"name": "postgres:16", "executor_opts": {"kubernetes": {"user": 999}},
+                          "variables": [{"key": "POSTGRES_PASSWORD", "value": "$DB_PASS", "public": true},
+                                        {"key": "POSTGRES_DB", "value": "app", "public": true},
+                                        {"key": "RAW", "value": "$DB_PASS", "public": true, "raw": true}]}]
+        }));
+        let job = build(&p).unwrap();
+        assert_eq!(job.image.user.as_deref(), Some("1000:1000"));
+        let svc = &job.services[0];
+        assert_eq!(svc.image.user.as_deref(), Some("999"));
+        let var = |k: &str| svc.variables.iter().find(|v| v.key == k).unwrap();
+        assert_eq!((var("POSTGRES_PASSWORD").value.as_str(), var("POSTGRES_PASSWORD").public), ("pw-77", false));
+        assert!(var("POSTGRES_PASSWORD").masked, "built from a masked value");
+        assert!(var("POSTGRES_DB").public);
+        assert_eq!((var("RAW").value.as_str(), var("RAW").public), ("$DB_PASS", true), "raw is not expanded");
+        assert_eq!(svc.variables.len(), 3, "only the service's own");
+        assert!(job.secret_values().contains(&"pw-77".to_string()));
     }
 }

@@ -263,6 +263,7 @@ struct ImageDef {
     name: String,
     entrypoint: Vec<String>,
     pull_policy: Vec<PullPolicy>,
+    user: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -273,6 +274,22 @@ struct ImageDefFull {
     entrypoint: Vec<String>,
     #[serde(default, deserialize_with = "one_or_many_pull_policies")]
     pull_policy: Vec<PullPolicy>,
+    kubernetes: Option<KubernetesOpts>,
+    /// The Docker executor's options (`platform`, `user`): nothing to do on Kubernetes.
+    #[allow(dead_code)]
+    docker: Option<IgnoredAny>,
+}
+
+/// `image:kubernetes:` / `services:kubernetes:` (GitLab's executor options).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KubernetesOpts {
+    #[serde(default, deserialize_with = "optional_scalar_string")]
+    user: Option<String>,
+}
+
+fn optional_scalar_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    scalar_string(d).map(Some)
 }
 
 impl<'de> Deserialize<'de> for ImageDef {
@@ -281,14 +298,19 @@ impl<'de> Deserialize<'de> for ImageDef {
         impl<'de> Visitor<'de> for V {
             type Value = ImageDef;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an image name or a mapping with `name`, `entrypoint`, `pull_policy`")
+                f.write_str("an image name or a mapping with `name`, `entrypoint`, `pull_policy`, `kubernetes`")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<ImageDef, E> {
                 Ok(ImageDef { name: s.to_string(), ..Default::default() })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ImageDef, A::Error> {
                 let f = ImageDefFull::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(ImageDef { name: f.name, entrypoint: f.entrypoint, pull_policy: f.pull_policy })
+                Ok(ImageDef {
+                    name: f.name,
+                    entrypoint: f.entrypoint,
+                    pull_policy: f.pull_policy,
+                    user: f.kubernetes.and_then(|k| k.user),
+                })
             }
         }
         d.deserialize_any(V)
@@ -301,6 +323,7 @@ struct ServiceDef {
     alias: Option<String>,
     command: Vec<String>,
     ports: Vec<ServicePort>,
+    variables: VariableDefs,
 }
 
 #[derive(Deserialize)]
@@ -316,6 +339,11 @@ struct ServiceDefFull {
     pull_policy: Vec<PullPolicy>,
     #[serde(default)]
     ports: Vec<PortDef>,
+    #[serde(default)]
+    variables: VariableDefs,
+    kubernetes: Option<KubernetesOpts>,
+    #[allow(dead_code)]
+    docker: Option<IgnoredAny>,
 }
 
 impl<'de> Deserialize<'de> for ServiceDef {
@@ -325,7 +353,8 @@ impl<'de> Deserialize<'de> for ServiceDef {
             type Value = ServiceDef;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(
-                    "an image name or a mapping with `name`, `alias`, `entrypoint`, `command`, `pull_policy`, `ports`",
+                    "an image name or a mapping with `name`, `alias`, `entrypoint`, `command`, `pull_policy`, `ports`, \
+                     `variables`, `kubernetes`",
                 )
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<ServiceDef, E> {
@@ -334,10 +363,16 @@ impl<'de> Deserialize<'de> for ServiceDef {
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ServiceDef, A::Error> {
                 let f = ServiceDefFull::deserialize(de::value::MapAccessDeserializer::new(map))?;
                 Ok(ServiceDef {
-                    image: ImageDef { name: f.name, entrypoint: f.entrypoint, pull_policy: f.pull_policy },
+                    image: ImageDef {
+                        name: f.name,
+                        entrypoint: f.entrypoint,
+                        pull_policy: f.pull_policy,
+                        user: f.kubernetes.and_then(|k| k.user),
+                    },
                     alias: f.alias,
                     command: f.command,
                     ports: f.ports.into_iter().map(|p| p.0).collect(),
+                    variables: f.variables,
                 })
             }
         }
@@ -629,7 +664,7 @@ fn has_merge_key(v: &serde_yaml_ng::Value) -> bool {
     }
 }
 
-const RESERVED: &[&str] = &[
+pub(crate) const RESERVED: &[&str] = &[
     "variables",
     "default",
     "image",
@@ -644,7 +679,7 @@ const RESERVED: &[&str] = &[
 ];
 
 /// The job and every job it extends, child first, each once.
-fn extends_chain(tree: &serde_yaml_ng::Value, name: &str, path: &Path) -> Result<Vec<String>, JobError> {
+pub(crate) fn extends_chain(tree: &serde_yaml_ng::Value, name: &str, path: &Path) -> Result<Vec<String>, JobError> {
     let jobs = tree.as_mapping().expect("checked to be a mapping");
     let available = || {
         jobs.keys()
@@ -810,14 +845,23 @@ fn build_job(
     let variables = super::resolve::variables(&vars, services.len(), path)?;
     let to_image = |key: &str, i: ImageDef| -> Result<Image, JobError> {
         let name = super::resolve::public_field(&i.name, key, "the image name", &variables, path)?;
-        Ok(Image { name, entrypoint: i.entrypoint, pull_policies: i.pull_policy })
+        Ok(Image { name, entrypoint: i.entrypoint, pull_policies: i.pull_policy, user: i.user })
     };
     let services = services
         .into_iter()
         .enumerate()
         .map(|(n, s)| {
+            let key = format!("services[{n}]");
+            let mut own = variables::Variables::new();
+            for (k, v) in s.variables {
+                own.set(
+                    k,
+                    Definition { value: v.value, expand: v.expand, masked: v.masked, public: true, file: false },
+                );
+            }
             Ok(Service {
-                image: to_image(&format!("services[{n}]"), s.image)?,
+                variables: super::resolve::service_variables(&variables, own, &key, path)?,
+                image: to_image(&key, s.image)?,
                 alias: s.alias,
                 command: s.command,
                 ports: s.ports,

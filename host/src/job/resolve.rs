@@ -64,3 +64,33 @@ pub fn public_field(
         None => Ok(expanded.value),
     }
 }
+
+/// A service's own `variables` (`key` names them in errors), resolved over the job's resolved
+/// ones as GitLab Runner expands them: a value built from one that is not public is not public
+/// either, and reaches the service only through the variables Secret.
+pub fn service_variables(job: &[Variable], own: Variables, key: &str, path: &Path) -> Result<Vec<Variable>, JobError> {
+    if own.is_empty() {
+        return Ok(Vec::new());
+    }
+    let own_keys: Vec<String> = own.keys().map(str::to_string).collect();
+    let mut all = Variables::new();
+    for v in job {
+        // Already resolved: taken as they are, with their secrecy.
+        all.set(
+            v.key.clone(),
+            variables::Definition {
+                value: v.value.clone(),
+                expand: false,
+                masked: v.masked,
+                public: v.public,
+                file: v.file,
+            },
+        );
+    }
+    all.extend(own);
+    let resolved = all.resolve(limits::OBJECT_BYTES).map_err(|over| JobError::Invalid {
+        at: Located::key(path, format!("{key}.variables.{}", over.key)),
+        message: format!("the service's variables expand to more than {}", show_bytes(limits::OBJECT_BYTES)),
+    })?;
+    Ok(resolved.into_iter().filter(|v| own_keys.contains(&v.key)).collect())
+}

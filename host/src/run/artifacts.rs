@@ -22,7 +22,8 @@ use crate::trace::Trace;
 pub trait ArtifactStore: Send + Sync {
     /// The zip of a dependency's artifacts, fetched with the dependency's own token.
     fn download<'a>(&'a self, dependency: &'a Dependency) -> BoxFuture<'a, Result<Vec<u8>, String>>;
-    /// Uploads one artifact's zip; `Ok` carries what to say after "... to coordinator...".
+    /// Uploads one artifact's zip; `Ok` carries where it went and the answer, as the trace says it
+    /// after `Uploading artifacts as "archive" to` (GitLab: `coordinator... 201 Created`).
     fn upload<'a>(&'a self, artifact: &'a Artifact, zip: Vec<u8>) -> BoxFuture<'a, Result<String, String>>;
 }
 
@@ -365,9 +366,7 @@ pub(super) async fn upload_artifacts(
         };
         let size = zip.len();
         match job.store.upload(artifact, zip).await {
-            Ok(answer) => {
-                trace.line(&format!("Uploading artifacts as \"archive\" to coordinator... {answer} ({size} bytes)"))
-            }
+            Ok(answer) => trace.line(&format!("Uploading artifacts as \"archive\" to {answer} ({size} bytes)")),
             Err(e) => return failed(e),
         }
     }

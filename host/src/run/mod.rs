@@ -152,6 +152,8 @@ pub struct RunOptions {
     pub color: bool,
     /// Masked in the trace besides the job's own secrets (the runner and job tokens).
     pub extra_secrets: Vec<String>,
+    /// Token prefixes masked besides GitLab's defaults (the payload's `token_mask_prefixes`).
+    pub token_prefixes: Vec<String>,
     /// Told each stage as it starts (GitLab Runner's names: `prepare_executor`, `get_sources`,
     /// `step_script`, `after_script`, `cleanup`), for `host serve`'s metrics.
     pub on_stage: Option<OnStage>,
@@ -230,6 +232,7 @@ pub async fn run(
         output_limit: prepared.runner.output_limit.unwrap_or(4096).saturating_mul(1024),
         trace_file: opts.trace_file.clone(),
         color: opts.color,
+        token_prefixes: opts.token_prefixes.clone(),
     };
     let mut secrets = prepared.job.secret_values();
     secrets.extend(opts.extra_secrets.iter().filter(|s| !s.is_empty()).cloned());
@@ -475,12 +478,18 @@ async fn run_on(
         } else {
             trace.info("Running after_script");
             opts.stage("after_script");
-            let deadline = Instant::now() + AFTER_SCRIPT_TIMEOUT;
+            // GitLab Runner's knob, a job variable; the payload's step timeout is the job's.
+            let limit = prepared
+                .job
+                .variable("RUNNER_AFTER_SCRIPT_TIMEOUT")
+                .and_then(crate::vocab::values::parse_duration)
+                .unwrap_or(AFTER_SCRIPT_TIMEOUT);
+            let deadline = Instant::now() + limit;
             match run_stage(prepared, &job_pod, &after, deadline, &mut pod_watch, trace, interrupts, 2).await {
                 StageEnd::Exited(0) => {}
                 StageEnd::Exited(code) => trace.warning(&format!("WARNING: after_script failed with exit code {code}")),
                 StageEnd::TimedOut => {
-                    trace.warning(&format!("WARNING: after_script timed out after {}s", AFTER_SCRIPT_TIMEOUT.as_secs()))
+                    trace.warning(&format!("WARNING: after_script timed out after {}s", limit.as_secs()))
                 }
                 StageEnd::Cancelled => trace.warning("WARNING: after_script interrupted"),
                 StageEnd::Failed(reason) => trace.warning(&format!("WARNING: after_script failed: {reason}")),

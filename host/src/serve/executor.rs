@@ -37,6 +37,9 @@ pub fn features() -> Features {
         refspecs: true,
         return_exit_code: true,
         service_multiple_aliases: true,
+        service_variables: true,
+        image_executor_opts: true,
+        service_executor_opts: true,
         artifacts: true,
         artifacts_exclude: true,
         cache: true,
@@ -144,6 +147,8 @@ impl Inner {
             trace_file: None,
             color: true,
             extra_secrets: vec![payload.token.expose().to_string(), runner.token.clone()],
+            // Bounded: each prefix is a state of the trace's matcher.
+            token_prefixes: payload.features.token_mask_prefixes.iter().take(64).cloned().collect(),
             on_stage: Some(Arc::new(move |stage: &str| stage_reporter.set_stage(stage))),
             on_outcome: Some(Box::new(move |outcome: &Outcome| {
                 let _ = early.send(for_gitlab(outcome));
@@ -220,7 +225,7 @@ impl ArtifactStore for GitlabArtifacts {
                 expire_in: artifact.expire_in.clone(),
             };
             match self.client.upload_artifacts(&self.job, &upload).await {
-                Ok(UploadOutcome::Created) => Ok("201 Created".into()),
+                Ok(UploadOutcome::Created) => Ok("coordinator... 201 Created".into()),
                 Ok(UploadOutcome::TooLarge) => {
                     Err("413 Request Entity Too Large: the artifacts are over GitLab's maximum artifacts size".into())
                 }
@@ -278,7 +283,8 @@ mod tests {
         assert!(f.variables && f.masking && f.raw_variables && f.refspecs && f.cancelable && f.trace_checksum);
         assert!(f.artifacts && f.artifacts_exclude);
         assert!(!f.upload_multiple_artifacts && !f.upload_raw_artifacts);
+        assert!(f.service_variables && f.image_executor_opts && f.service_executor_opts);
         assert!(f.cache && f.fallback_cache_keys);
-        assert!(!f.terminal && !f.service_variables && !f.image_executor_opts);
+        assert!(!f.terminal && !f.session && !f.vault_secrets);
     }
 }

@@ -51,6 +51,9 @@ pub struct TraceOptions {
     pub trace_file: Option<PathBuf>,
     /// ANSI colours on host lines.
     pub color: bool,
+    /// Token prefixes masked besides [`DEFAULT_TOKEN_PREFIXES`] (GitLab's job payload lists its
+    /// instance's in `features.token_mask_prefixes`).
+    pub token_prefixes: Vec<String>,
 }
 
 /// The job's trace, shared by the stage loop and the plugin host calls.
@@ -98,9 +101,13 @@ impl Trace {
             }
             None => None,
         };
+        let masker = Masker::with_token_prefixes(
+            secrets,
+            DEFAULT_TOKEN_PREFIXES.iter().map(|p| p.to_string()).chain(opts.token_prefixes.iter().cloned()),
+        );
         let inner = Inner {
             opts,
-            masker: Masker::new(secrets),
+            masker,
             sink: Some(sink),
             file,
             at_line_start: true,
@@ -314,7 +321,13 @@ mod tests {
     }
 
     fn opts() -> TraceOptions {
-        TraceOptions { timestamps: false, output_limit: u64::MAX, trace_file: None, color: false }
+        TraceOptions {
+            timestamps: false,
+            output_limit: u64::MAX,
+            trace_file: None,
+            color: false,
+            token_prefixes: vec![],
+        }
     }
 
     fn trace(opts: TraceOptions, secrets: &[&str]) -> (Trace, Sink) {
@@ -480,7 +493,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("job.log");
         std::fs::write(&path, "stale content from an earlier job").unwrap();
-        let o = TraceOptions { timestamps: true, output_limit: 80, trace_file: Some(path.clone()), color: true };
+        let o =
+            TraceOptions { timestamps: true, output_limit: 80, trace_file: Some(path.clone()), color: true, ..opts() };
         let (t, sink) = trace(o, &["hunter2"]);
         let other = t.clone();
         t.info("Executing \"step_script\" stage");

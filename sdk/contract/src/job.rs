@@ -47,6 +47,10 @@ pub struct Image {
     pub entrypoint: Vec<String>,
     /// The job's own `image:pull_policy`, most preferred first. Empty: not set by the job.
     pub pull_policies: Vec<PullPolicy>,
+    /// GitLab's `image:kubernetes:user` (`uid` or `uid:gid`), as the job wrote it; the host
+    /// checks it against the runner's `allowed_users`/`allowed_groups`. Not in WIT 0.1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// A `services:` entry: a sidecar container in the job's pod.
@@ -58,6 +62,10 @@ pub struct Service {
     /// Ports the service exposes; each service with ports gets a Kubernetes Service object
     /// selecting the job's pod (GitLab's proxy services).
     pub ports: Vec<ServicePort>,
+    /// The service's own `variables`, resolved over the job's (each keeps the secrecy of what
+    /// it was built from); set in the service's container only. Not in WIT 0.1.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub variables: Vec<Variable>,
 }
 
 /// A port a `services:` entry exposes (`ports:` in GitLab's job syntax).
@@ -109,9 +117,16 @@ impl Job {
         self.variables.iter().rev().find(|v| v.key == key).map(|v| v.value.as_str())
     }
 
-    /// The values the trace and `render` mask: every value that is not public.
+    /// The values the trace and `render` mask: every value that is not public, the services'
+    /// own included.
     pub fn secret_values(&self) -> Vec<String> {
-        self.variables.iter().filter(|v| !v.public).map(|v| v.value.clone()).filter(|v| !v.is_empty()).collect()
+        self.variables
+            .iter()
+            .chain(self.services.iter().flat_map(|s| &s.variables))
+            .filter(|v| !v.public)
+            .map(|v| v.value.clone())
+            .filter(|v| !v.is_empty())
+            .collect()
     }
 }
 

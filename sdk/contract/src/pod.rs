@@ -56,6 +56,16 @@ pub struct ContainerInput {
     /// The first of the decided pull policies, as Kubernetes spells it.
     pub pull_policy: Option<String>,
     pub resources: Option<ResourceRequirements>,
+    /// The user the container runs as (the job's `image:kubernetes:user`); `None`: the image's
+    /// or the pod security context's.
+    pub run_as: Option<RunAs>,
+}
+
+/// A container's `runAsUser` and `runAsGroup`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunAs {
+    pub user: i64,
+    pub group: Option<i64>,
 }
 
 /// A `services:` entry (the runner's first, then the job's).
@@ -66,6 +76,9 @@ pub struct ServiceInput {
     /// GitLab's alias, possibly comma-separated; `None`: derived from the image name.
     pub alias: Option<String>,
     pub ports: Vec<ContainerPort>,
+    /// The service's own variables, over the job's public ones (a value that is not public comes
+    /// from the variables Secret by `valueFrom`).
+    pub env: Vec<EnvVar>,
 }
 
 /// Everything the pod is made of, decided by the host from the runner config, the job and
@@ -264,6 +277,7 @@ impl PodInput {
             entrypoint: image.entrypoint.clone(),
             pull_policy: image.pull_policies.first().map(|p| p.as_k8s().to_string()),
             resources: None,
+            run_as: None,
         };
         PodInput {
             job_id: job.id,
@@ -283,6 +297,7 @@ impl PodInput {
                     command: s.command.clone(),
                     alias: s.alias.clone(),
                     ports: Vec::new(),
+                    env: Vec::new(),
                 })
                 .collect(),
             ..Default::default()
@@ -319,6 +334,13 @@ pub fn job_pod(input: &PodInput) -> Result<Pod, PodShapeError> {
         allow_privilege_escalation: input.allow_privilege_escalation,
         ..Default::default()
     });
+    let security_as = |run_as: Option<RunAs>| {
+        security.clone().map(|s| SecurityContext {
+            run_as_user: run_as.map(|r| r.user),
+            run_as_group: run_as.and_then(|r| r.group),
+            ..s
+        })
+    };
     let idle = vec!["sh".to_string(), "-c".to_string(), IDLE.to_string()];
     let (command, args) = if input.build.entrypoint.iter().any(|s| !s.is_empty()) {
         // Docker semantics: a custom entrypoint receives the command as its arguments.
@@ -335,7 +357,7 @@ pub fn job_pod(input: &PodInput) -> Result<Pod, PodShapeError> {
         env: Some(input.env.clone()),
         resources: input.build.resources.clone(),
         volume_mounts: Some(job_mounts.clone()),
-        security_context: security.clone(),
+        security_context: security_as(input.build.run_as),
         working_dir: input.project_dir.clone(),
         ..Default::default()
     };
@@ -355,16 +377,20 @@ pub fn job_pod(input: &PodInput) -> Result<Pod, PodShapeError> {
     let mut host_aliases: Vec<String> = Vec::new();
     for (i, svc) in input.services.iter().enumerate() {
         let c = &svc.container;
+        // The service's own variables win over the job's of the same name.
+        let mut env: Vec<EnvVar> =
+            input.env.iter().filter(|e| !svc.env.iter().any(|own| own.name == e.name)).cloned().collect();
+        env.extend(svc.env.iter().cloned());
         containers.push(Container {
             name: format!("svc-{i}"),
             image: Some(c.image.clone()),
             image_pull_policy: c.pull_policy.clone(),
             command: (!c.entrypoint.is_empty()).then(|| c.entrypoint.clone()),
             args: (!svc.command.is_empty()).then(|| svc.command.clone()),
-            env: Some(input.env.clone()),
+            env: Some(env),
             resources: c.resources.clone(),
             volume_mounts: Some(mounts.clone()),
-            security_context: security.clone(),
+            security_context: security_as(c.run_as),
             ports: (!svc.ports.is_empty()).then(|| svc.ports.clone()),
             ..Default::default()
         });

@@ -96,6 +96,11 @@ impl Variables {
         self.defs.len()
     }
 
+    /// The defined keys, in definition order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.defs.keys().map(String::as_str)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.defs.is_empty()
     }

@@ -1,0 +1,524 @@
+//! A `.gitlab-ci.yml` as a pipeline: which jobs run, in which stage, what each waits for and
+//! whose artifacts it gets. Only the pipeline-level keywords are read here (`stages`, and per job
+//! `stage`, `needs`, `dependencies`, `when`, `allow_failure`, `artifacts`, through `extends` and
+//! `default:`); each job itself is built later by [`crate::job::parse`] with `path#name`, so a
+//! job means the same whether it runs alone or in its pipeline.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde_yaml_ng::{Mapping, Value};
+
+use crate::gitlab::payload::Artifact;
+use crate::input::{Located, check_yaml, limits, show_bytes};
+use crate::job::parse::{JobError, RESERVED, extends_chain};
+
+/// GitLab's stages when the file names none; `.pre` and `.post` always bracket the rest.
+const DEFAULT_STAGES: &[&str] = &["build", "test", "deploy"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error("{at}: {message}")]
+    Invalid { at: Located, message: String },
+    #[error("{path}: no jobs to run{why}")]
+    Empty { path: PathBuf, why: String },
+}
+
+/// When a job runs, given how the jobs before it ended (GitLab's `when`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    OnSuccess,
+    OnFailure,
+    Always,
+    /// Not run by keel (no one to press the button); shown as skipped.
+    Manual,
+}
+
+/// Which exit codes a job may fail with and leave the pipeline green.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowFailure {
+    No,
+    Yes,
+    ExitCodes(Vec<i32>),
+}
+
+impl AllowFailure {
+    /// Whether a failure with `exit_code` (`None`: not a script failure) is allowed.
+    pub fn allows(&self, exit_code: Option<i32>) -> bool {
+        match self {
+            AllowFailure::No => false,
+            AllowFailure::Yes => true,
+            AllowFailure::ExitCodes(codes) => exit_code.is_some_and(|c| codes.contains(&c)),
+        }
+    }
+}
+
+/// One job of the pipeline, as the scheduler needs it.
+#[derive(Debug, Clone)]
+pub struct PlannedJob {
+    pub name: String,
+    pub stage: String,
+    /// Index of `stage` in [`Plan::stages`].
+    pub stage_index: usize,
+    /// `needs:` (a DAG edge each); `None`: waits for every earlier stage.
+    pub needs: Option<Vec<Need>>,
+    /// `dependencies:`; `None`: GitLab's default (the needs, else every earlier stage's jobs).
+    pub dependencies: Option<Vec<String>>,
+    pub when: When,
+    pub allow_failure: AllowFailure,
+    pub artifacts: Vec<Artifact>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Need {
+    pub job: String,
+    /// Whether its artifacts are downloaded (`needs:artifacts`, default true).
+    pub artifacts: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub path: PathBuf,
+    pub stages: Vec<String>,
+    /// In file order.
+    pub jobs: Vec<PlannedJob>,
+}
+
+impl Plan {
+    pub fn job(&self, name: &str) -> Option<&PlannedJob> {
+        self.jobs.iter().find(|j| j.name == name)
+    }
+
+    /// The jobs whose artifacts `job` gets, in pipeline order.
+    pub fn artifact_sources(&self, job: &PlannedJob) -> Vec<String> {
+        if let Some(deps) = &job.dependencies {
+            return deps.clone();
+        }
+        if let Some(needs) = &job.needs {
+            return needs.iter().filter(|n| n.artifacts).map(|n| n.job.clone()).collect();
+        }
+        self.jobs.iter().filter(|j| j.stage_index < job.stage_index).map(|j| j.name.clone()).collect()
+    }
+
+    /// The jobs `job` waits for before it can start.
+    pub fn waits_for(&self, job: &PlannedJob) -> Vec<String> {
+        match &job.needs {
+            Some(needs) => needs.iter().map(|n| n.job.clone()).collect(),
+            None => self.jobs.iter().filter(|j| j.stage_index < job.stage_index).map(|j| j.name.clone()).collect(),
+        }
+    }
+
+    /// Keeps `wanted` and every job they wait for, transitively (`--job NAME`).
+    pub fn select(mut self, wanted: &[String]) -> Result<Plan, PlanError> {
+        if wanted.is_empty() {
+            return Ok(self);
+        }
+        let mut keep = BTreeSet::new();
+        let mut todo: Vec<String> = Vec::new();
+        for name in wanted {
+            if self.job(name).is_none() {
+                return Err(PlanError::Invalid {
+                    at: Located::key(&self.path, name.clone()),
+                    message: format!("--job {name:?}: no such job (jobs: {})", self.names().join(", ")),
+                });
+            }
+            todo.push(name.clone());
+        }
+        while let Some(name) = todo.pop() {
+            if keep.insert(name.clone())
+                && let Some(job) = self.job(&name)
+            {
+                todo.extend(self.waits_for(job));
+            }
+        }
+        self.jobs.retain(|j| keep.contains(&j.name));
+        Ok(self)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.jobs.iter().map(|j| format!("{:?}", j.name)).collect()
+    }
+}
+
+/// Reads the pipeline in `path`.
+pub fn load(path: &Path) -> Result<Plan, PlanError> {
+    let text = crate::input::read_text_file(path, limits::YAML_BYTES)
+        .map_err(|source| JobError::Read { path: path.to_path_buf(), source })?;
+    plan(path, &text)
+}
+
+/// Whether the file at `path` is a pipeline (a `.gitlab-ci.yml` of jobs) rather than one job:
+/// its top level has no `script`.
+pub fn is_pipeline(text: &str) -> bool {
+    serde_yaml_ng::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| v.as_mapping().map(|m| !m.contains_key("script")))
+        .unwrap_or(false)
+}
+
+pub fn plan(path: &Path, text: &str) -> Result<Plan, PlanError> {
+    let invalid = |key: &str, message: String| PlanError::Invalid { at: Located::key(path, key.to_string()), message };
+    if text.len() > limits::YAML_BYTES {
+        return Err(invalid(
+            "(document)",
+            format!("the file is {} bytes, over the limit of {}", text.len(), show_bytes(limits::YAML_BYTES)),
+        ));
+    }
+    check_yaml(text).map_err(|l| PlanError::Invalid {
+        at: Located::at(path, l.line, l.column, "(document)"),
+        message: l.message,
+    })?;
+    let mut tree: Value =
+        serde_yaml_ng::from_str(text).map_err(|e| invalid("(document)", crate::input::cut(e.to_string(), 512)))?;
+    tree.apply_merge().map_err(|e| invalid("(document)", e.to_string()))?;
+    let Some(top) = tree.as_mapping() else {
+        return Err(invalid("(document)", "expected a mapping of jobs and global keywords".into()));
+    };
+
+    let mut stages = vec![".pre".to_string()];
+    match top.get("stages") {
+        None => stages.extend(DEFAULT_STAGES.iter().map(|s| s.to_string())),
+        Some(v) => stages.extend(strings(v).ok_or_else(|| invalid("stages", "expected a list of stage names".into()))?),
+    }
+    stages.push(".post".into());
+
+    let default = top.get("default").and_then(Value::as_mapping);
+    let mut jobs = Vec::new();
+    for (key, value) in top {
+        let Some(name) = key.as_str() else { continue };
+        if RESERVED.contains(&name) || name.starts_with('.') || !value.is_mapping() {
+            continue;
+        }
+        let merged = merged_keys(&tree, name, path)?;
+        let get = |k: &str| merged.get(k).or_else(|| default.and_then(|d| d.get(k)).filter(|_| k == "artifacts"));
+        let at = |k: &str| format!("{name}.{k}");
+        let stage = match get("stage") {
+            None => "test".to_string(),
+            Some(v) => {
+                v.as_str().map(str::to_string).ok_or_else(|| invalid(&at("stage"), "expected a stage name".into()))?
+            }
+        };
+        let Some(stage_index) = stages.iter().position(|s| *s == stage) else {
+            return Err(invalid(&at("stage"), format!("stage {stage:?} is not in `stages` ({})", stages.join(", "))));
+        };
+        let needs = match get("needs") {
+            None => None,
+            Some(v) => Some(needs(v).ok_or_else(|| {
+                invalid(&at("needs"), "expected a list of job names or `{job, artifacts, optional}`".into())
+            })?),
+        };
+        let dependencies = match get("dependencies") {
+            None => None,
+            Some(v) => {
+                Some(strings(v).ok_or_else(|| invalid(&at("dependencies"), "expected a list of job names".into()))?)
+            }
+        };
+        let when = match get("when").map(|v| v.as_str()) {
+            None => When::OnSuccess,
+            Some(Some("on_success")) => When::OnSuccess,
+            Some(Some("on_failure")) => When::OnFailure,
+            Some(Some("always")) => When::Always,
+            Some(Some("manual")) => When::Manual,
+            Some(other) => {
+                return Err(invalid(
+                    &at("when"),
+                    format!("{other:?}: expected on_success, on_failure, always or manual (delayed is not supported)"),
+                ));
+            }
+        };
+        let allow_failure = match get("allow_failure") {
+            None | Some(Value::Bool(false)) => AllowFailure::No,
+            Some(Value::Bool(true)) => AllowFailure::Yes,
+            Some(Value::Mapping(m)) => match m.get("exit_codes") {
+                Some(Value::Number(n)) => {
+                    AllowFailure::ExitCodes(n.as_i64().map(|c| vec![c as i32]).unwrap_or_default())
+                }
+                Some(v) => AllowFailure::ExitCodes(
+                    v.as_sequence()
+                        .map(|s| s.iter().filter_map(|c| c.as_i64()).map(|c| c as i32).collect())
+                        .unwrap_or_default(),
+                ),
+                None => AllowFailure::No,
+            },
+            Some(_) => return Err(invalid(&at("allow_failure"), "expected true, false or {exit_codes: [...]}".into())),
+        };
+        let artifacts = match get("artifacts") {
+            None => Vec::new(),
+            Some(v) => artifacts(v).map_err(|m| invalid(&at("artifacts"), m))?,
+        };
+        jobs.push(PlannedJob {
+            name: name.to_string(),
+            stage,
+            stage_index,
+            needs,
+            dependencies,
+            when,
+            allow_failure,
+            artifacts,
+        });
+    }
+    if jobs.is_empty() {
+        return Err(PlanError::Empty {
+            path: path.to_path_buf(),
+            why: " (every top-level key is a keyword or hidden)".into(),
+        });
+    }
+    let plan = Plan { path: path.to_path_buf(), stages, jobs };
+    check_edges(&plan)?;
+    Ok(plan)
+}
+
+/// `needs` and `dependencies` name jobs of this pipeline; `needs` form no cycle; a dependency
+/// runs before the job (an earlier stage, or one of its needs).
+fn check_edges(plan: &Plan) -> Result<(), PlanError> {
+    let invalid = |key: String, message: String| PlanError::Invalid { at: Located::key(&plan.path, key), message };
+    for job in &plan.jobs {
+        for need in job.needs.iter().flatten() {
+            let Some(target) = plan.job(&need.job) else {
+                return Err(invalid(
+                    format!("{}.needs", job.name),
+                    format!("job {:?} is not in this pipeline", need.job),
+                ));
+            };
+            if target.stage_index > job.stage_index {
+                return Err(invalid(
+                    format!("{}.needs", job.name),
+                    format!("job {:?} is in a later stage ({:?})", need.job, target.stage),
+                ));
+            }
+        }
+        for dep in job.dependencies.iter().flatten() {
+            let Some(target) = plan.job(dep) else {
+                return Err(invalid(
+                    format!("{}.dependencies", job.name),
+                    format!("job {dep:?} is not in this pipeline"),
+                ));
+            };
+            let needed = job.needs.as_ref().is_some_and(|n| n.iter().any(|n| n.job == *dep));
+            if target.stage_index >= job.stage_index && !needed {
+                return Err(invalid(
+                    format!("{}.dependencies", job.name),
+                    format!("job {dep:?} does not run before this one (same or later stage, not in `needs`)"),
+                ));
+            }
+        }
+    }
+    // A cycle of `needs` within one stage would wait forever.
+    let mut state: BTreeMap<&str, u8> = BTreeMap::new();
+    fn visit<'a>(
+        plan: &'a Plan,
+        name: &'a str,
+        state: &mut BTreeMap<&'a str, u8>,
+        path: &mut Vec<&'a str>,
+    ) -> Option<String> {
+        match state.get(name) {
+            Some(2) => return None,
+            Some(1) => {
+                return Some(path.iter().chain([&name]).map(|s| format!("{s:?}")).collect::<Vec<_>>().join(" -> "));
+            }
+            _ => {}
+        }
+        state.insert(name, 1);
+        path.push(name);
+        let job = plan.job(name)?;
+        for need in job.needs.iter().flatten() {
+            if let Some(cycle) = visit(plan, &need.job, state, path) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        state.insert(name, 2);
+        None
+    }
+    for job in &plan.jobs {
+        if let Some(cycle) = visit(plan, &job.name, &mut state, &mut Vec::new()) {
+            return Err(invalid(format!("{}.needs", job.name), format!("`needs` loop: {cycle}")));
+        }
+    }
+    Ok(())
+}
+
+/// The job's pipeline keys with `extends` applied (parents first, the job's own last).
+fn merged_keys(tree: &Value, name: &str, path: &Path) -> Result<Mapping, PlanError> {
+    let chain = extends_chain(tree, name, path)?;
+    let mut merged = Mapping::new();
+    for job in chain.iter().rev() {
+        if let Some(m) = tree.get(job.as_str()).and_then(Value::as_mapping) {
+            for (k, v) in m {
+                merged.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Ok(merged)
+}
+
+fn strings(v: &Value) -> Option<Vec<String>> {
+    match v {
+        Value::String(s) => Some(vec![s.clone()]),
+        Value::Sequence(items) => items.iter().map(|i| i.as_str().map(str::to_string)).collect(),
+        Value::Null => Some(Vec::new()),
+        _ => None,
+    }
+}
+
+fn needs(v: &Value) -> Option<Vec<Need>> {
+    let items = match v {
+        Value::Sequence(items) => items.as_slice(),
+        Value::Null => &[],
+        _ => return None,
+    };
+    items
+        .iter()
+        .map(|i| match i {
+            Value::String(s) => Some(Need { job: s.clone(), artifacts: true }),
+            Value::Mapping(m) => Some(Need {
+                job: m.get("job")?.as_str()?.to_string(),
+                artifacts: m.get("artifacts").and_then(Value::as_bool).unwrap_or(true),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `artifacts:` as GitLab sends it to a runner: the archive, then one entry per report.
+fn artifacts(v: &Value) -> Result<Vec<Artifact>, String> {
+    let m = v.as_mapping().ok_or("expected a mapping with `paths`, `exclude`, `when`, ...")?;
+    let list = |k: &str| -> Result<Vec<String>, String> {
+        m.get(k)
+            .map(|v| strings(v).ok_or(format!("`{k}`: expected a list of paths")))
+            .transpose()
+            .map(Option::unwrap_or_default)
+    };
+    let text = |k: &str| m.get(k).and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    let when = match m.get("when").and_then(Value::as_str) {
+        None => "on_success".to_string(),
+        Some(w @ ("on_success" | "on_failure" | "always")) => w.to_string(),
+        Some(other) => return Err(format!("`when`: {other:?}: expected on_success, on_failure or always")),
+    };
+    let mut out = vec![Artifact {
+        name: text("name"),
+        untracked: m.get("untracked").and_then(Value::as_bool).unwrap_or(false),
+        paths: list("paths")?,
+        exclude: list("exclude")?,
+        when: when.clone(),
+        expire_in: text("expire_in"),
+        artifact_type: "archive".into(),
+        artifact_format: "zip".into(),
+    }];
+    if let Some(reports) = m.get("reports").and_then(Value::as_mapping) {
+        for (kind, paths) in reports {
+            let Some(kind) = kind.as_str() else { continue };
+            out.push(Artifact {
+                name: kind.to_string(),
+                paths: strings(paths).ok_or(format!("`reports.{kind}`: expected a list of paths"))?,
+                when: if kind == "junit" { "always".into() } else { when.clone() },
+                artifact_type: kind.to_string(),
+                artifact_format: if kind == "junit" { "gzip".into() } else { "raw".into() },
+                ..Default::default()
+            });
+        }
+    }
+    out.retain(|a| !a.paths.is_empty() || a.untracked);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Plan, PlanError> {
+        plan(Path::new(".gitlab-ci.yml"), text)
+    }
+
+    const PIPELINE: &str = r#"
+stages: [build, test, deploy]
+default:
+  artifacts: {expire_in: 1 week}
+.base: {image: alpine, stage: test}
+build:
+  stage: build
+  script: [make]
+  artifacts: {paths: [out/], reports: {junit: report.xml}}
+unit:
+  extends: .base
+  script: [test]
+lint:
+  extends: .base
+  needs: []
+  script: [lint]
+  allow_failure: true
+deploy:
+  stage: deploy
+  needs: [{job: unit, artifacts: false}, build]
+  script: [ship]
+cleanup:
+  stage: .post
+  when: on_failure
+  script: [clean]
+"#;
+
+    #[test]
+    fn stages_needs_and_defaults() {
+        let plan = p(PIPELINE).unwrap();
+        assert_eq!(plan.stages, [".pre", "build", "test", "deploy", ".post"]);
+        let names: Vec<_> = plan.jobs.iter().map(|j| j.name.as_str()).collect();
+        assert_eq!(names, ["build", "unit", "lint", "deploy", "cleanup"]);
+        let unit = plan.job("unit").unwrap();
+        assert_eq!((unit.stage.as_str(), unit.needs.clone()), ("test", None));
+        assert_eq!(plan.waits_for(unit), ["build"]);
+        assert_eq!(plan.artifact_sources(unit), ["build"]);
+        let lint = plan.job("lint").unwrap();
+        assert!(plan.waits_for(lint).is_empty(), "needs: [] starts at once");
+        assert_eq!(lint.allow_failure, AllowFailure::Yes);
+        let deploy = plan.job("deploy").unwrap();
+        assert_eq!(plan.waits_for(deploy), ["unit", "build"]);
+        assert_eq!(plan.artifact_sources(deploy), ["build"], "needs:artifacts: false");
+        assert_eq!(plan.job("cleanup").unwrap().when, When::OnFailure);
+        let build = plan.job("build").unwrap();
+        assert_eq!(build.artifacts.len(), 2);
+        assert_eq!(
+            (build.artifacts[0].paths.clone(), build.artifacts[0].expire_in.as_str()),
+            (vec!["out/".into()], "")
+        );
+        assert_eq!(
+            (build.artifacts[1].artifact_type.as_str(), build.artifacts[1].artifact_format.as_str()),
+            ("junit", "gzip")
+        );
+    }
+
+    #[test]
+    fn select_keeps_what_a_job_needs() {
+        let plan = p(PIPELINE).unwrap().select(&["deploy".into()]).unwrap();
+        let names: Vec<_> = plan.jobs.iter().map(|j| j.name.as_str()).collect();
+        assert_eq!(names, ["build", "unit", "deploy"]);
+        let err = p(PIPELINE).unwrap().select(&["nope".into()]).unwrap_err().to_string();
+        assert!(err.contains("--job \"nope\": no such job"), "{err}");
+    }
+
+    #[test]
+    fn bad_edges_are_named() {
+        let err = |text: &str| p(text).unwrap_err().to_string();
+        let e = err("a: {stage: nowhere, script: [x]}");
+        assert!(e.contains("a.stage") && e.contains("\"nowhere\" is not in `stages`"), "{e}");
+        let e = err("a: {script: [x], needs: [b]}");
+        assert!(e.contains("a.needs") && e.contains("\"b\" is not in this pipeline"), "{e}");
+        let e = err("a: {script: [x], needs: [b]}\nb: {script: [x], needs: [a]}");
+        assert!(e.contains("`needs` loop"), "{e}");
+        let e = err("a: {stage: build, script: [x], dependencies: [b]}\nb: {script: [x]}");
+        assert!(e.contains("a.dependencies") && e.contains("does not run before"), "{e}");
+        let e = err("a: {script: [x], when: delayed}");
+        assert!(e.contains("a.when"), "{e}");
+        let e = err("variables: {A: b}\n.hidden: {script: [x]}");
+        assert!(e.contains("no jobs to run"), "{e}");
+    }
+
+    #[test]
+    fn allow_failure_exit_codes() {
+        let plan = p("a: {script: [x], allow_failure: {exit_codes: [3, 4]}}").unwrap();
+        let a = &plan.jobs[0].allow_failure;
+        assert!(a.allows(Some(3)) && !a.allows(Some(1)) && !a.allows(None));
+        assert!(is_pipeline(PIPELINE) && !is_pipeline("image: a\nscript: [x]\n"));
+    }
+}
