@@ -23,7 +23,8 @@ enum Command {
     /// Run a job on a cluster: create its pod, run its scripts through the execution strategy,
     /// stream the masked trace to stdout, clean up. Exit status: 0 success, 1 the script
     /// failed, 2 system failure (config, cluster, pod, plugin), 3 job timeout, 130 cancelled.
-    Run(RunArgs),
+    // Boxed: the largest variant by far (clippy::large_enum_variant).
+    Run(Box<RunArgs>),
     /// Print the objects (Secrets, Pod, Services) a job would create, after all plugins ran.
     Render(RenderArgs),
     /// Be a GitLab runner: take jobs from the GitLab instances of the config's `[[runners]]`
@@ -382,7 +383,7 @@ fn init_tracing(cli: &Cli) {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run(args) => return run_job(args).await,
+        Command::Run(args) => return run_job(*args).await,
         Command::Serve(args) => return serve(args).await,
         Command::Cleanup(args) => cleanup(args).await?,
         Command::Render(args) => {
