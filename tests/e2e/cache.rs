@@ -277,3 +277,32 @@ async fn run_saves_and_restores_a_files_keyed_cache_locally() {
     assert!(other.join("project/1").read_dir().unwrap().count() == 1);
     fx.assert_clean().await;
 }
+
+/// A pipeline's jobs share the cache: `build` pushes it, `test` (a later stage) pulls it and
+/// `policy: pull` leaves what it changed unsaved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelines_jobs_share_the_cache() {
+    let fx = Fixture::new(ClusterOptions::default()).await;
+    let file = fx.write(
+        "pipe/.gitlab-ci.yml",
+        "stages: [build, test]\nimage: alpine:3.20\n\
+         build:\n  stage: build\n  cache: {key: deps, paths: [deps/], policy: push}\n\
+         \x20 script:\n    - mkdir -p deps && echo from-build > deps/x.txt\n\
+         test:\n  stage: test\n  cache: {key: deps, paths: [deps/], policy: pull}\n\
+         \x20 script:\n    - cat deps/x.txt\n    - echo changed > deps/x.txt\n",
+    );
+    let out = fx.run(&file, &[]).await;
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_has(
+        &text,
+        &["Creating cache deps...", "Not downloading cache deps due to policy", "Successfully extracted cache"],
+    );
+    assert_has(&text, &["\nfrom-build\n", "Not uploading cache deps due to policy"]);
+    let zip = fx.dir.path().join("pipe/.keel/cache/project/1/deps/cache.zip");
+    let mut archive = zip::ZipArchive::new(std::fs::File::open(&zip).expect("the pipeline's cache")).unwrap();
+    let mut x = String::new();
+    std::io::Read::read_to_string(&mut archive.by_name("deps/x.txt").unwrap(), &mut x).unwrap();
+    assert_eq!(x, "from-build\n", "policy: pull saved nothing");
+    fx.assert_clean().await;
+}
