@@ -137,13 +137,14 @@ fn when(text: &str) -> Option<CacheWhen> {
     }
 }
 
-/// `text` expanded with the job's variables for `key` (`cache[0].key`); refused when a value
-/// that is not public went into it.
-fn expand_key(text: &str, key: &str, variables: &[Variable], path: &Path) -> Result<String, JobError> {
+/// `text` expanded with the job's variables for `key` (`cache[0].key`); refused when a masked
+/// value went into it, or (`strict`, the YAML file, where only masked values are not public)
+/// any value that is not public.
+fn expand_key(text: &str, key: &str, variables: &[Variable], path: &Path, strict: bool) -> Result<String, JobError> {
     let invalid = |message: String| JobError::Invalid { at: Located::key(path, key.to_string()), message };
     let expanded = expand_tracked(text, &|k| variables::source_in(variables, k), 4096)
         .map_err(|_| invalid("the cache key expands to more than 4 KiB".into()))?;
-    if let Some(variable) = expanded.secret_sources.first() {
+    if let Some(variable) = expanded.secret_sources.first().filter(|_| strict) {
         return Err(invalid(format!(
             "the cache key uses {variable}, a masked or protected value: keys are object names anyone with \
              access to the cache can list"
@@ -158,22 +159,21 @@ fn expand_key(text: &str, key: &str, variables: &[Variable], path: &Path) -> Res
     Ok(expanded.value)
 }
 
-/// A value GitLab already expanded: refused when it carries a value that is not public (masked
-/// values are at least 8 characters in GitLab; shorter ones would match by accident).
+/// A value GitLab already expanded: refused when it carries a masked value (GitLab masks values
+/// of 8 characters or more; shorter ones would match by accident). Only masked ones: GitLab
+/// sends most project variables as not public, and `cache-$DEPLOY_ENV` is an ordinary key.
 fn check_resolved(text: &str, key: &str, variables: &[Variable], path: &Path) -> Result<String, JobError> {
-    if let Some(v) =
-        variables.iter().find(|v| (!v.public || v.masked) && v.value.len() >= 8 && text.contains(v.value.as_str()))
-    {
+    if let Some(v) = variables.iter().find(|v| v.masked && v.value.len() >= 8 && text.contains(v.value.as_str())) {
         return Err(JobError::Invalid {
             at: Located::key(path, key.to_string()),
             message: format!(
-                "the cache key contains the value of {}, a masked or protected variable: keys are object \
+                "the cache key contains the value of {}, a masked variable: keys are object \
                  names anyone with access to the cache can list",
                 v.key
             ),
         });
     }
-    expand_key(text, key, variables, path)
+    expand_key(text, key, variables, path, false)
 }
 
 /// The YAML entries, checked and expanded.
@@ -186,12 +186,13 @@ pub(super) fn from_yaml(defs: Vec<CacheDef>, variables: &[Variable], path: &Path
             let key = match d.key {
                 None => CacheKey::Literal("default".into()),
                 Some(KeyDef::Number(n)) => CacheKey::Literal(n.to_string()),
-                Some(KeyDef::Text(t)) => CacheKey::Literal(expand_key(&t, &at("key"), variables, path)?),
+                Some(KeyDef::Text(t)) => CacheKey::Literal(expand_key(&t, &at("key"), variables, path, true)?),
                 Some(KeyDef::Files(f)) => {
                     if f.files.is_empty() || f.files.len() > 2 {
                         return Err(invalid("key.files", "lists one or two files, as GitLab allows".into()));
                     }
-                    let prefix = f.prefix.map(|p| expand_key(&p, &at("key.prefix"), variables, path)).transpose()?;
+                    let prefix =
+                        f.prefix.map(|p| expand_key(&p, &at("key.prefix"), variables, path, true)).transpose()?;
                     CacheKey::Files { files: f.files, prefix }
                 }
             };
@@ -207,7 +208,7 @@ pub(super) fn from_yaml(defs: Vec<CacheDef>, variables: &[Variable], path: &Path
                 .fallback_keys
                 .iter()
                 .enumerate()
-                .map(|(n, k)| expand_key(k, &at(&format!("fallback_keys[{n}]")), variables, path))
+                .map(|(n, k)| expand_key(k, &at(&format!("fallback_keys[{n}]")), variables, path, true))
                 .collect::<Result<_, _>>()?;
             Ok(JobCache { key, paths: d.paths, untracked: d.untracked, policy, when, fallback_keys })
         })
@@ -324,6 +325,16 @@ mod tests {
         assert_eq!(ok[0].fallback_keys, ["fb"]);
         let empty = from_payload(&[wire("")], "build", "main", &vars, path).unwrap();
         assert_eq!(empty[0].key, CacheKey::Literal("build/main".into()), "GitLab Runner's default key");
+        let mut with_env = vars.clone();
+        with_env.push(Variable {
+            key: "DEPLOY_ENV".into(),
+            value: "production".into(),
+            public: false,
+            masked: false,
+            file: false,
+        });
+        let plain = from_payload(&[wire("cache-production")], "build", "main", &with_env, path).unwrap();
+        assert_eq!(plain[0].key, CacheKey::Literal("cache-production".into()), "not public is not secret");
         let err = from_payload(&[wire("k-s3cr3tValue9")], "build", "main", &vars, path).unwrap_err().to_string();
         assert!(err.contains("cache[0].key") && err.contains("SECRET") && !err.contains("s3cr3tValue9"), "{err}");
     }
