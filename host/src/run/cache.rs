@@ -926,6 +926,30 @@ mod tests {
         assert!(wanted(CacheWhen::Always, &Outcome::Cancelled));
     }
 
+    #[test]
+    fn each_type_builds_its_store_and_shows_no_credential() {
+        let parse = |t: &str| toml::from_str::<CacheConfig>(t).unwrap();
+        let s3 = parse(
+            "Type = \"s3\"\n[s3]\nServerAddress = \"minio.local:9000\"\nAccessKey = \"AK\"\nSecretKey = \"SKsecret\"\n\
+             BucketName = \"b\"\nInsecure = true\n",
+        );
+        let store = CacheStore::from_config(Some(&s3), None, "glrt-abcdefghij").unwrap().unwrap();
+        assert_eq!(store.show("o"), "http://minio.local:9000/b/o");
+        assert!(!format!("{store:?}").contains("SKsecret"));
+        let gcs = parse("Type = \"gcs\"\n[gcs]\nBucketName = \"g\"\n");
+        let store = CacheStore::from_config(Some(&gcs), None, "t").unwrap().unwrap();
+        assert_eq!(store.show("o"), "https://storage.googleapis.com/g/o");
+        let azure = parse(
+            "Type = \"azure\"\nShared = true\n[azure]\nAccountName = \"acct\"\nAccountKey = \"a2V5\"\nContainerName = \"c\"\n",
+        );
+        let store = CacheStore::from_config(Some(&azure), None, "t").unwrap().unwrap();
+        assert_eq!(store.show("o"), "https://acct.blob.core.windows.net/c/o");
+        assert_eq!(store.namespace, "", "Shared: no runner namespace");
+        let err = CacheStore::from_config(Some(&parse("Type = \"s3\"\n")), None, "t").unwrap_err();
+        assert!(err.to_string().contains("BucketName"), "{err}");
+        assert!(CacheStore::from_config(Some(&parse("Path = \"x\"\n")), None, "t").unwrap().is_none());
+    }
+
     #[tokio::test]
     async fn the_local_store_saves_and_finds_a_key() {
         let dir = tempfile::tempdir().unwrap();
