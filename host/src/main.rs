@@ -225,6 +225,8 @@ impl JobArgs {
             object_suffix,
             commit,
             require_strategy,
+            pipeline_id: None,
+            instance_variables: Vec::new(),
         })
     }
 }
@@ -567,7 +569,9 @@ async fn run_pipeline(
     if args.trace_file.is_some() || args.job_id.is_some() {
         anyhow::bail!("--trace-file and --job-id apply to one job; a pipeline keeps each job's trace in its store");
     }
-    let plan = host::pipeline::plan::load(&path)?.select(&args.only_jobs)?;
+    let commit = host::sources::git_facts(&source_dir);
+    let facts = host::pipeline::plan::RunFacts { source_dir: source_dir.clone(), commit: commit.clone() };
+    let plan = host::pipeline::plan::load(&path, &facts)?.select(&args.only_jobs)?;
     let k8s = match &args.job.config {
         Some(config) => host::config::Config::load(config)?
             .runner(args.job.runner.as_deref(), config)?
@@ -587,16 +591,20 @@ async fn run_pipeline(
         Some(p) if !p.as_os_str().is_empty() => p.join(".keel"),
         _ => PathBuf::from(".keel"),
     });
-    let commit = host::sources::git_facts(&source_dir);
     let template = args.job.clone();
     let run_id = fastrand::u32(..) % 100_000;
     let file = path.display().to_string();
-    let make_request: host::pipeline::MakeRequest = Arc::new(move |name: &str, job_id: u64| {
+    let pipeline_id = u64::from(run_id) + 1;
+    let make_request: host::pipeline::MakeRequest = Arc::new(move |planned, job_id| {
         let mut job = template.clone();
-        job.job = format!("{file}#{name}");
+        job.job = format!("{file}#{}", planned.source);
         let suffix = format!("{job_id}-{run_id}");
-        job.request(job_id, project_path.clone(), suffix, commit.clone(), true)
-            .expect("the plugin arguments were checked before the pipeline started")
+        let mut req = job
+            .request(job_id, project_path.clone(), suffix, commit.clone(), true)
+            .expect("the plugin arguments were checked before the pipeline started");
+        req.pipeline_id = Some(pipeline_id);
+        req.instance_variables = planned.variables.clone();
+        req
     });
     // Check the plugin arguments once, up front, so no job fails on them half way.
     extra_plugins(&args.job.plugins)?;

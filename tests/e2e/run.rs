@@ -408,14 +408,17 @@ async fn a_pipeline_runs_stages_needs_and_artifacts_through_the_local_store() {
         flaky:\n  stage: test\n  allow_failure: true\n  script: [exit 4]\n\
         early:\n  stage: deploy\n  needs: [build]\n  script: [\"echo early-sees-$(cat out/app)\"]\n\
         nothing-from-build:\n  stage: deploy\n  dependencies: []\n  script: [\"test ! -e out/app && echo no-artifacts\"]\n\
-        on-fail:\n  stage: .post\n  when: on_failure\n  script: [echo on-failure-ran]\n";
+        on-fail:\n  stage: .post\n  when: on_failure\n  script: [echo on-failure-ran]\n\
+        flavors:\n  stage: test\n  parallel: {matrix: [{FLAVOR: [a, b]}]}\n  script: [\"echo flavor-$FLAVOR-$CI_NODE_INDEX-of-$CI_NODE_TOTAL\"]\n\
+        ruled-out:\n  script: [echo ruled-out-ran]\n  rules: [{if: '$NOPE == \"x\"'}]\n\
+        ruled-in:\n  script: [echo ruled-in-ran]\n  rules: [{exists: [.gitlab-ci.yml], when: always}]\n";
     let file = f.write("project/.gitlab-ci.yml", pipeline);
     let out = f.run(&file, &["--jobs", "2"]).await;
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");
     // Two jobs at once: each line is its job's, prefixed with the job's name.
     assert!(text.lines().any(|l| l.starts_with("test ") && l.ends_with("| app v1")), "{text}");
-    for want in ["early-sees-app v1", "no-artifacts", "Pipeline succeeded"] {
+    for want in ["early-sees-app v1", "no-artifacts", "flavor-a-1-of-2", "flavor-b-2-of-2", "ruled-in-ran", "Pipeline succeeded"] {
         assert!(text.contains(want), "{want:?} missing:\n{text}");
     }
     assert!(!text.contains("on-failure-ran"), "{text}");
@@ -425,6 +428,8 @@ async fn a_pipeline_runs_stages_needs_and_artifacts_through_the_local_store() {
     let row = |job: &str| summary_row(&text, job);
     assert!(row("flaky").contains("failed (allowed)"), "{text}");
     assert!(row("on-fail").contains("skipped"), "{text}");
+    assert!(!text.contains("ruled-out"), "rules left it out, not even in the table:\n{text}");
+    assert!(summary_row(&text, "flavors:").contains("passed"), "matrix instances are `flavors: [a]`...:\n{text}");
     // The store keeps each job's trace and the archive, and ignores itself.
     let store = f.dir.path().join("project/.keel");
     assert!(std::fs::read_to_string(store.join("test/trace.log")).unwrap().contains("Job succeeded"));

@@ -92,6 +92,9 @@ pub struct JobContext {
     pub pipeline_id: u64,
     /// The commit of the sources (`CI_COMMIT_*`), when known.
     pub commit: Option<Commit>,
+    /// What the pipeline sets for this instance of the job, over the job's own variables
+    /// (`parallel:`: `CI_NODE_INDEX`, `CI_NODE_TOTAL` and a `matrix:` combination's values).
+    pub instance_variables: Vec<(String, String)>,
 }
 
 impl Default for JobContext {
@@ -107,6 +110,7 @@ impl Default for JobContext {
             default_image: None,
             pipeline_id: 1,
             commit: None,
+            instance_variables: Vec::new(),
         }
     }
 }
@@ -828,6 +832,9 @@ fn build_job(
         for (k, v) in source {
             vars.set(k, Definition { value: v.value, expand: v.expand, masked: v.masked, public: true, file: false });
         }
+    }
+    for (k, v) in &ctx.instance_variables {
+        vars.set(k.clone(), Definition::literal(v.clone()));
     }
     let services = def.services.clone().unwrap_or_default();
     let variables = super::resolve::variables(&vars, services.len(), path)?;

@@ -94,6 +94,8 @@ impl Inner {
         let payload = Arc::new(payload);
         let id = payload.id;
         let req = PrepareRequest {
+            pipeline_id: None,
+            instance_variables: Vec::new(),
             config: Some(self.config_path.clone()),
             runner: (!runner.name.is_empty()).then(|| runner.name.clone()),
             job: JobInput::Gitlab(payload.clone()),
