@@ -418,7 +418,14 @@ async fn a_pipeline_runs_stages_needs_and_artifacts_through_the_local_store() {
     assert_eq!(out.status.code(), Some(0), "{text}");
     // Two jobs at once: each line is its job's, prefixed with the job's name.
     assert!(text.lines().any(|l| l.starts_with("test ") && l.ends_with("| app v1")), "{text}");
-    for want in ["early-sees-app v1", "no-artifacts", "flavor-a-1-of-2", "flavor-b-2-of-2", "ruled-in-ran", "Pipeline succeeded"] {
+    for want in [
+        "early-sees-app v1",
+        "no-artifacts",
+        "flavor-a-1-of-2",
+        "flavor-b-2-of-2",
+        "ruled-in-ran",
+        "Pipeline succeeded",
+    ] {
         assert!(text.contains(want), "{want:?} missing:\n{text}");
     }
     assert!(!text.contains("on-failure-ran"), "{text}");
@@ -454,6 +461,25 @@ async fn a_pipeline_runs_stages_needs_and_artifacts_through_the_local_store() {
     assert_eq!(out.status.code(), Some(0), "{text}");
     let jobs: Vec<&str> = summary(&text).iter().filter_map(|l| l.split_whitespace().next()).collect();
     assert_eq!(jobs, ["build", "test"], "{text}");
+
+    // Ctrl-C: the running jobs stop (after_script runs), no other starts, exit 130.
+    let slow = f.write(
+        "slow/.gitlab-ci.yml",
+        "image: alpine:3.20\nsleepy:\n  stage: build\n  script: [echo sleepy-started, sleep 300]\n\
+         \x20 after_script: [echo sleepy-after]\nlater:\n  stage: test\n  script: [echo later-ran]\n",
+    );
+    let mut child = f.command(&slow, &[]).spawn().expect("spawn host");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut seen = String::new();
+    read_lines(&mut reader, &mut seen, Some("sleepy-started")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = child.id().expect("pid").to_string();
+    std::process::Command::new("kill").args(["-INT", &pid]).status().expect("kill -INT");
+    read_lines(&mut reader, &mut seen, None).await;
+    let status = child.wait().await.expect("wait");
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(seen.contains("sleepy-after") && !seen.contains("later-ran"), "{seen}");
+    assert!(summary_row(&seen, "later").contains("canceled") && seen.contains("Pipeline canceled"), "{seen}");
     f.assert_clean().await;
 }
 
