@@ -378,8 +378,11 @@ pub fn plan(path: &Path, text: &str, facts: &RunFacts) -> Result<Plan, PlanError
 /// GitLab's most instances of one `parallel:` job.
 const PARALLEL_MAX: usize = 200;
 
-/// `parallel: N` or `parallel: {matrix: [...]}` -> each instance's name suffix and variables.
-fn parallel(v: &Value) -> Result<Vec<(String, Vec<(String, String)>)>, String> {
+/// One instance of a `parallel:` job: its name suffix (` 2/3`, `: [a, x]`) and its variables.
+type Instance = (String, Vec<(String, String)>);
+
+/// `parallel: N` or `parallel: {matrix: [...]}` -> its instances.
+fn parallel(v: &Value) -> Result<Vec<Instance>, String> {
     if let Some(n) = v.as_u64() {
         let n = usize::try_from(n).unwrap_or(usize::MAX);
         if !(1..=PARALLEL_MAX).contains(&n) {
