@@ -403,7 +403,9 @@ async fn a_pipeline_runs_stages_needs_and_artifacts_through_the_local_store() {
     let f = Fixture::new(ClusterOptions::default()).await;
     let pipeline = "stages: [build, test, deploy]\nimage: alpine:3.20\n\
         build:\n  stage: build\n  script:\n    - mkdir -p out && echo \"app v1\" > out/app && echo skip > out/skip.tmp\n\
-        \x20 artifacts:\n    paths: [out/]\n    exclude: [out/*.tmp]\n\
+        \x20   - echo '<testsuite/>' > report.xml && echo loose > loose.txt\n\
+        \x20 artifacts:\n    paths: [out/]\n    exclude: [out/*.tmp, report.xml]\n    untracked: true\n\
+        \x20   reports: {junit: report.xml}\n\
         test:\n  stage: test\n  script:\n    - cat out/app\n    - test ! -e out/skip.tmp\n    - sleep 4\n    - echo test-done\n\
         flaky:\n  stage: test\n  allow_failure: true\n  script: [exit 4]\n\
         early:\n  stage: deploy\n  needs: [build]\n  script: [\"echo early-sees-$(cat out/app)\"]\n\
@@ -444,6 +446,16 @@ async fn a_pipeline_runs_stages_needs_and_artifacts_through_the_local_store() {
     let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip)).expect("a zip");
     let names: Vec<String> = archive.file_names().map(str::to_string).collect();
     assert!(names.iter().any(|n| n == "out/app") && !names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+    // `untracked`: what the job made outside `paths` (not the sources it was given), less `exclude`.
+    assert!(names.iter().any(|n| n == "loose.txt"), "{names:?}");
+    assert!(!names.iter().any(|n| n == ".gitlab-ci.yml" || n == "report.xml"), "{names:?}");
+    let mut junit = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::MultiGzDecoder::new(std::fs::File::open(store.join("build/junit.gz")).unwrap()),
+        &mut junit,
+    )
+    .unwrap();
+    assert_eq!(junit, "<testsuite/>\n");
     let mut app = String::new();
     std::io::Read::read_to_string(&mut archive.by_name("out/app").unwrap(), &mut app).unwrap();
     assert_eq!(app, "app v1\n");
