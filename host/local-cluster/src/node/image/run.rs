@@ -57,22 +57,26 @@ pub(crate) fn defaults(pod: &Pod, c: &Container, image: &StoredImage) -> Result<
     Ok(ImageDefaults { env, working_dir, user, home: resolved.home.unwrap_or_else(|| "/".into()) })
 }
 
-/// The kubelet's `/etc/hosts` (pod IP and hostname as this node has them).
-fn etc_hosts(hostname: &str, ip: &str) -> String {
-    format!(
+/// The kubelet's `/etc/hosts` (pod IP and hostname as this node has them), with the pod's
+/// `hostAliases` appended as the kubelet appends them.
+pub(crate) fn etc_hosts(hostname: &str, ip: &str, aliases: &[k8s_openapi::api::core::v1::HostAlias]) -> String {
+    let mut hosts = format!(
         "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
          fe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n{ip}\t{hostname}\n"
-    )
+    );
+    let entries: Vec<_> = aliases.iter().filter(|a| a.hostnames.as_ref().is_some_and(|h| !h.is_empty())).collect();
+    if !entries.is_empty() {
+        hosts.push_str("\n# Entries added by HostAliases.\n");
+        for a in entries {
+            hosts.push_str(&format!("{}\t{}\n", a.ip, a.hostnames.as_deref().unwrap_or_default().join("\t")));
+        }
+    }
+    hosts
 }
 
 /// Makes `dir/{upper,work,merged}` for a container's writable layer over the image's root, with
 /// the `/etc/hosts` a kubelet gives every container in its upper layer.
-pub(crate) fn writable_root(
-    image: &StoredImage,
-    dir: &Path,
-    hostname: &str,
-    ip: &str,
-) -> std::io::Result<OverlayMount> {
+pub(crate) fn writable_root(image: &StoredImage, dir: &Path, hosts: &str) -> std::io::Result<OverlayMount> {
     if dir.exists() {
         super::remove_all(dir)?;
     }
@@ -87,7 +91,7 @@ pub(crate) fn writable_root(
     }
     if image.rootfs.join("etc").is_dir() {
         std::fs::create_dir_all(o.upper.join("etc"))?;
-        std::fs::write(o.upper.join("etc/hosts"), etc_hosts(hostname, ip))?;
+        std::fs::write(o.upper.join("etc/hosts"), hosts)?;
     }
     Ok(o)
 }
