@@ -593,10 +593,8 @@ async fn host_aliases_are_in_etc_hosts() {
     let c = cluster().await;
     let pods: Api<Pod> = Api::default_namespaced(c.client().unwrap());
     let mut p = pod("aliased", json!({"command": ["cat", "/etc/hosts"]}));
-    p.spec.as_mut().unwrap().host_aliases = Some(vec![serde_json::from_value(
-        json!({"ip": "127.0.0.1", "hostnames": ["postgres", "db"]}),
-    )
-    .unwrap()]);
+    p.spec.as_mut().unwrap().host_aliases =
+        Some(vec![serde_json::from_value(json!({"ip": "127.0.0.1", "hostnames": ["postgres", "db"]})).unwrap()]);
     pods.create(&PostParams::default(), &p).await.unwrap();
     until(&pods, "aliased", "Succeeded", phase_is("Succeeded")).await;
     let hosts = pods.logs("aliased", &LogParams::default()).await.unwrap();

@@ -66,6 +66,7 @@ pub fn job(payload: &JobPayload, ctx: &JobContext) -> Result<Job, JobError> {
         pipeline_id: ctx.pipeline_id,
         commit: ctx.commit.as_ref(),
         timeout,
+        runner_version: env!("CARGO_PKG_VERSION"),
     });
     for (k, v) in &ctx.environment {
         vars.set(k.clone(), Definition::expanded(v.clone()));

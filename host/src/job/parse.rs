@@ -824,6 +824,7 @@ fn build_job(
         pipeline_id: ctx.pipeline_id,
         commit: ctx.commit.as_ref(),
         timeout: def.timeout.as_ref().map(|t| t.0),
+        runner_version: env!("CARGO_PKG_VERSION"),
     });
     for (k, v) in &ctx.environment {
         vars.set(k.clone(), Definition::expanded(v.clone()));
