@@ -508,7 +508,9 @@ impl PodRuntime {
                 let working_dir = c.working_dir.clone().unwrap_or_else(|| "/".into());
                 let images_dir = node.cfg.images_dir.as_ref();
                 let root = images_dir.map(|d| d.join(image.replace(['/', ':'], "_"))).filter(|p| p.is_dir());
-                (env, argv, working_dir, None, Rootfs::ReadOnly(root))
+                let user = image::host_root_user(&self.pod, c)
+                    .map_err(|message| CreateFailure { reason: "CreateContainerError", message })?;
+                (env, argv, working_dir, user, Rootfs::ReadOnly(root))
             }
             Some(img) => {
                 // The runtime's failures to apply the image's config: CreateContainerError.

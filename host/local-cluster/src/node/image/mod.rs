@@ -24,7 +24,7 @@ use std::sync::Arc;
 pub(crate) use layer::remove_all;
 use reference::parse_normalized;
 pub(crate) use reference::{default_pull_policy, normalized, repository};
-pub(crate) use run::{defaults as image_defaults, etc_hosts, writable_root};
+pub(crate) use run::{defaults as image_defaults, etc_hosts, host_root_user, writable_root};
 pub use store::{LoadedImage, StoreError};
 pub(crate) use store::{Store, StoredImage};
 

@@ -23,6 +23,29 @@ pub(crate) struct ImageDefaults {
     pub home: String,
 }
 
+/// `securityContext.runAsUser` and `runAsGroup` of `c`, the container's over the pod's.
+fn run_as(pod: &Pod, c: &Container) -> (Option<i64>, Option<i64>) {
+    let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let sc = c.security_context.as_ref();
+    let user = sc.and_then(|s| s.run_as_user).or_else(|| pod_sc.and_then(|s| s.run_as_user));
+    let group = sc.and_then(|s| s.run_as_group).or_else(|| pod_sc.and_then(|s| s.run_as_group));
+    (user, group)
+}
+
+/// The user of a container on the host's root filesystem: `runAsUser`/`runAsGroup` as for an
+/// image, a missing group looked up in the host's `/etc/passwd` (the host is the image here).
+/// `None`: root, as before any of them is set.
+pub(crate) fn host_root_user(pod: &Pod, c: &Container) -> Result<Option<(u32, u32)>, String> {
+    let spec = match run_as(pod, c) {
+        (None, None) => return Ok(None),
+        (Some(u), Some(g)) => format!("{u}:{g}"),
+        (Some(u), None) => u.to_string(),
+        (None, Some(g)) => format!("0:{g}"),
+    };
+    let resolved = resolve_user(Path::new("/"), &spec)?;
+    Ok((resolved.uid != 0 || resolved.gid != 0).then_some((resolved.uid, resolved.gid)))
+}
+
 /// The image's defaults for `c`: `securityContext.runAsUser`/`runAsGroup` (container, then pod)
 /// win over the image's `User`, which is looked up in the image's own `/etc/passwd`.
 pub(crate) fn defaults(pod: &Pod, c: &Container, image: &StoredImage) -> Result<ImageDefaults, String> {
@@ -40,10 +63,7 @@ pub(crate) fn defaults(pod: &Pod, c: &Container, image: &StoredImage) -> Result<
         .or_else(|| image.run.working_dir.clone())
         .filter(|w| !w.is_empty())
         .unwrap_or_else(|| "/".into());
-    let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
-    let sc = c.security_context.as_ref();
-    let run_as_user = sc.and_then(|s| s.run_as_user).or_else(|| pod_sc.and_then(|s| s.run_as_user));
-    let run_as_group = sc.and_then(|s| s.run_as_group).or_else(|| pod_sc.and_then(|s| s.run_as_group));
+    let (run_as_user, run_as_group) = run_as(pod, c);
     let user_spec = match (run_as_user, run_as_group) {
         (Some(u), Some(g)) => Some(format!("{u}:{g}")),
         (Some(u), None) => Some(u.to_string()),
