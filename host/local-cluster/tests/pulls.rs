@@ -4,6 +4,8 @@
 //! on a cluster without the host rootfs, judged through kube-rs and kubectl.
 
 mod common;
+#[path = "pulls/token.rs"]
+mod token;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,12 @@ use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
+enum Auth<'a> {
+    None,
+    Basic(&'a str, &'a str),
+    Token(&'a token::TokenServer),
+}
+
 /// A distribution registry on 127.0.0.1, its storage and access log in a temp dir.
 struct Registry {
     child: Child,
@@ -29,15 +37,15 @@ struct Registry {
 
 impl Registry {
     fn start() -> Registry {
-        Registry::start_with(None)
+        Registry::start_with(Auth::None)
     }
 
-    /// With `basic`, distribution's htpasswd auth (a bcrypt file) for that user and password.
-    fn start_with(basic: Option<(&str, &str)>) -> Registry {
+    /// With distribution's htpasswd auth (Basic, a bcrypt file) or token auth (Bearer).
+    fn start_with(auth: Auth) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let auth = match basic {
-            Some((user, password)) => {
+        let auth = match auth {
+            Auth::Basic(user, password) => {
                 let hash = bcrypt::hash(password, 5).unwrap();
                 std::fs::write(dir.path().join("htpasswd"), format!("{user}:{hash}\n")).unwrap();
                 format!(
@@ -45,7 +53,17 @@ impl Registry {
                     dir.path().join("htpasswd").display()
                 )
             }
-            None => String::new(),
+            Auth::Token(server) => {
+                std::fs::write(dir.path().join("token.crt"), &server.cert_pem).unwrap();
+                format!(
+                    "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                    server.realm,
+                    token::SERVICE,
+                    token::ISSUER,
+                    dir.path().join("token.crt").display()
+                )
+            }
+            Auth::None => String::new(),
         };
         let config = format!(
             "version: 0.1\nlog:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
@@ -287,7 +305,7 @@ async fn an_anonymous_pull_runs_the_pod_in_the_image_with_gzip_zstd_and_plain_la
 async fn a_private_image_pulls_with_the_pods_pull_secret_and_is_unauthorized_without() {
     let tmp = tempfile::tempdir().unwrap();
     let archive = format!("docker-archive:{}", busybox_archive(tmp.path()).display());
-    let registry = Registry::start_with(Some(("keel", "s3cret")));
+    let registry = Registry::start_with(Auth::Basic("keel", "s3cret"));
     registry.push(&archive, "private/busybox:1", &["--dest-creds", "keel:s3cret"]);
     let cluster = pulling_cluster(RegistryOptions::default()).await;
     let client = cluster.client().unwrap();
@@ -314,6 +332,37 @@ async fn a_private_image_pulls_with_the_pods_pull_secret_and_is_unauthorized_wit
         waiting_with(&pods, name, "ImagePullBackOff").await;
     }
     let (log, _) = run(&pods, pod("authorized", &image, json!({"imagePullSecrets": [{"name": "good"}]}))).await;
+    assert!(log.contains("root:x:0:0"), "{log}");
+    cluster.stop().await;
+}
+
+/// The Bearer flow: the registry's challenge names a token server, which grants the pull to the
+/// pod's credentials (sent to it as Basic) and nothing to anonymous requests.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_server_grants_the_pull_to_the_pods_credentials() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = format!("docker-archive:{}", busybox_archive(tmp.path()).display());
+    let server = token::start("keel", "t0ken").await;
+    let registry = Registry::start_with(Auth::Token(&server));
+    registry.push(&archive, "bearer/busybox:1", &["--dest-creds", "keel:t0ken"]);
+    let cluster = pulling_cluster(RegistryOptions::default()).await;
+    let client = cluster.client().unwrap();
+    let secrets: Api<Secret> = Api::default_namespaced(client.clone());
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let config = json!({"auths": {registry.host(): {"username": "keel", "password": "t0ken"}}}).to_string();
+    let secret = serde_json::from_value(json!({
+        "metadata": {"name": "registry"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": b64(&config)}
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    let pods: Api<Pod> = Api::default_namespaced(client);
+    let image = format!("{}/bearer/busybox:1", registry.host());
+    pods.create(&PostParams::default(), &pod("anonymous", &image, json!({}))).await.unwrap();
+    let msg = waiting_with(&pods, "anonymous", "ErrImagePull").await;
+    assert!(msg.ends_with("401 Unauthorized"), "{msg}");
+    let (log, _) = run(&pods, pod("bearer", &image, json!({"imagePullSecrets": [{"name": "registry"}]}))).await;
     assert!(log.contains("root:x:0:0"), "{log}");
     cluster.stop().await;
 }
