@@ -139,7 +139,7 @@ impl Puller {
         let digest = tokio::time::timeout(MANIFEST_TIMEOUT, client.fetch_manifest_digest(&target, &auth))
             .await
             .map_err(|_| resolve(format!("no answer from {} in {MANIFEST_TIMEOUT:?}", endpoint.host)))?
-            .map_err(|e| resolve(containerd_words(name, &e)))?;
+            .map_err(|e| resolve(containerd_words(name, "HEAD", &e)))?;
         // Always: the registry's digest is the one stored, nothing to fetch.
         if let Some(stored) = self.store.get(name).filter(|i| i.repo_digest == digest) {
             tracing::debug!(image.name = %name, image.digest = %digest, "pull: already stored");
@@ -150,7 +150,7 @@ impl Puller {
             tokio::time::timeout(MANIFEST_TIMEOUT, client.pull_image_manifest_and_list_digest(&pinned, &auth))
                 .await
                 .map_err(|_| fetch_err(format!("no manifest from {} in {MANIFEST_TIMEOUT:?}", endpoint.host)))?
-                .map_err(|e| fetch_err(containerd_words(name, &e)))?;
+                .map_err(|e| fetch_err(containerd_words(name, "GET", &e)))?;
         let repo_digest = list_digest.unwrap_or(manifest_digest);
         // The descriptors' digests name files in the store: only well-formed sha256 ones.
         let descriptors: Vec<_> = std::iter::once(&manifest.config).chain(&manifest.layers).collect();
@@ -183,8 +183,9 @@ fn platform_resolver(manifests: &[ImageIndexEntry]) -> Option<String> {
         .map(|m| m.digest.clone())
 }
 
-/// containerd's wording for what went wrong (the part after "failed to resolve reference").
-fn containerd_words(name: &str, e: &OciDistributionError) -> String {
+/// containerd's wording for what went wrong with a `method` request for a manifest (the part
+/// after "failed to resolve reference").
+fn containerd_words(name: &str, method: &str, e: &OciDistributionError) -> String {
     use OciDistributionError as E;
     let not_found_codes = [OciErrorCode::ManifestUnknown, OciErrorCode::NameUnknown, OciErrorCode::NotFound];
     match e {
@@ -192,7 +193,7 @@ fn containerd_words(name: &str, e: &OciDistributionError) -> String {
         E::RegistryError { envelope, .. } if envelope.errors.iter().any(|x| not_found_codes.contains(&x.code)) => {
             format!("{name}: not found")
         }
-        E::UnauthorizedError { url } => format!("unexpected status from HEAD request to {url}: 401 Unauthorized"),
+        E::UnauthorizedError { url } => format!("unexpected status from {method} request to {url}: 401 Unauthorized"),
         E::RegistryError { envelope, url }
             if envelope.errors.iter().any(|x| matches!(x.code, OciErrorCode::Unauthorized | OciErrorCode::Denied)) =>
         {
@@ -204,7 +205,7 @@ fn containerd_words(name: &str, e: &OciDistributionError) -> String {
             "no match for platform in manifest: not found".into()
         }
         E::ServerError { code, url, message } => {
-            format!("unexpected status from request to {url}: {code} {}", message.trim())
+            format!("unexpected status from {method} request to {url}: {code} {}", message.trim())
         }
         E::RequestError(err) => format!("failed to do request: {}", error_chain(err)),
         other => error_chain(other),
@@ -223,4 +224,45 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_answers_become_containerds_words() {
+        let n = "127.0.0.1:5000/a:1";
+        let url = "http://127.0.0.1:5000/v2/a/manifests/1".to_owned();
+        let e = OciDistributionError::ServerError { code: 404, url: url.clone(), message: String::new() };
+        assert_eq!(containerd_words(n, "HEAD", &e), "127.0.0.1:5000/a:1: not found");
+        let e = OciDistributionError::UnauthorizedError { url: url.clone() };
+        assert_eq!(
+            containerd_words(n, "GET", &e),
+            "unexpected status from GET request to http://127.0.0.1:5000/v2/a/manifests/1: 401 Unauthorized"
+        );
+        let e = OciDistributionError::ImageManifestNotFoundError("no entry found in image index manifest matching client's default platform".into());
+        assert_eq!(containerd_words(n, "GET", &e), "no match for platform in manifest: not found");
+        let e = OciDistributionError::ServerError { code: 500, url, message: "boom\n".into() };
+        assert!(containerd_words(n, "HEAD", &e).ends_with(": 500 boom"));
+        let err = PullError::Resolve { image: n.into(), why: "x".into() };
+        assert_eq!(
+            err.to_string(),
+            "failed to pull and unpack image \"127.0.0.1:5000/a:1\": failed to resolve reference \"127.0.0.1:5000/a:1\": x"
+        );
+    }
+
+    #[test]
+    fn an_index_resolves_to_the_nodes_platform_only() {
+        let (os, arch) = super::super::store::platform();
+        let entries: Vec<ImageIndexEntry> = serde_json::from_value(serde_json::json!([
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:other", "size": 1,
+             "platform": {"os": "linux", "architecture": "s390x"}},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:native", "size": 1,
+             "platform": {"os": os, "architecture": arch}}
+        ]))
+        .unwrap();
+        assert_eq!(platform_resolver(&entries).as_deref(), Some("sha256:native"));
+        assert_eq!(platform_resolver(&entries[..1]), None);
+    }
 }
