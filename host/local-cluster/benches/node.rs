@@ -569,6 +569,8 @@ fn fifty_mb_archive(busybox: &std::path::Path, out: &std::path::Path) {
     let mut layer = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
     h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
     h.set_size(payload.len() as u64);
     h.set_mtime(0);
     layer.append_data(&mut h, "data/random", payload.as_slice()).expect("layer");
@@ -588,6 +590,8 @@ fn fifty_mb_archive(busybox: &std::path::Path, out: &std::path::Path) {
     for (path, data) in &files {
         let mut h = tar::Header::new_gnu();
         h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
         h.set_size(data.len() as u64);
         h.set_mtime(0);
         b.append_data(&mut h, path, data.as_slice()).expect("append");
@@ -629,8 +633,13 @@ async fn pull_level(rows: &mut Vec<Row>) {
         let mut pod = api_pod(&format!("pull-{i}"), &["sleep", "3600"]);
         pod.spec.as_mut().expect("spec").containers[0].image = Some(image.clone());
         let t = Instant::now();
-        let created = create_and_wait(&pods, &pod, conditions::is_pod_running()).await;
+        let created = pods.create(&PostParams::default(), &pod).await.expect("pod created");
+        let running = tokio::time::timeout(WAIT, await_condition(pods.clone(), &format!("pull-{i}"), conditions::is_pod_running())).await;
         pulls.push(t.elapsed());
+        if running.is_err() {
+            let status = pods.get_status(&format!("pull-{i}")).await.map(|p| p.status);
+            panic!("the pod of the pulled image did not run in {WAIT:?}: {status:#?}");
+        }
         delete(&pods, &created).await;
         cluster.stop().await;
 

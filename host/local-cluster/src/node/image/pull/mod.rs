@@ -164,7 +164,7 @@ impl Puller {
         let image = tokio::task::spawn_blocking(move || store.add(&owned_name, &config, &layers, &repo_digest))
             .await
             .map_err(|e| PullError::Unpack { image: name.into(), why: e.to_string() })?
-            .map_err(|e| PullError::Unpack { image: name.into(), why: e.to_string() })?;
+            .map_err(|e| PullError::Unpack { image: name.into(), why: error_chain(&e) })?;
         tracing::info!(
             image.name = %name, image.id = %image.id, image.size = image.size, pull.fetched_bytes = fetched,
             pull.ms = started.elapsed().as_millis() as u64, "image pulled"
