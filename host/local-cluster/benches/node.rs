@@ -634,7 +634,11 @@ async fn pull_level(rows: &mut Vec<Row>) {
         pod.spec.as_mut().expect("spec").containers[0].image = Some(image.clone());
         let t = Instant::now();
         let created = pods.create(&PostParams::default(), &pod).await.expect("pod created");
-        let running = tokio::time::timeout(WAIT, await_condition(pods.clone(), &format!("pull-{i}"), conditions::is_pod_running())).await;
+        let running = tokio::time::timeout(
+            WAIT,
+            await_condition(pods.clone(), &format!("pull-{i}"), conditions::is_pod_running()),
+        )
+        .await;
         pulls.push(t.elapsed());
         if running.is_err() {
             let status = pods.get_status(&format!("pull-{i}")).await.map(|p| p.status);

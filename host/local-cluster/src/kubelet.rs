@@ -256,7 +256,9 @@ pub fn image_hooks(store: Weak<Store>) -> ImageHooks {
             match object_data(&store, meta::namespace(&pod), "secret", name) {
                 Ok(Some(data)) => out.push((name.to_owned(), data)),
                 Ok(None) => tracing::warn!(k8s.pod = meta::name(&pod), secret = name, "image pull secret not found"),
-                Err(e) => tracing::warn!(k8s.pod = meta::name(&pod), secret = name, error = %e, "image pull secret unreadable"),
+                Err(e) => {
+                    tracing::warn!(k8s.pod = meta::name(&pod), secret = name, error = %e, "image pull secret unreadable")
+                }
             }
         }
         out

@@ -404,7 +404,9 @@ async fn without_the_host_rootfs_an_image_not_in_the_store_is_pulled_and_fails_w
         .unwrap();
     let waiting = container_status(&p).state.as_ref().unwrap().waiting.clone().unwrap();
     let msg = waiting.message.unwrap_or_default();
-    let want = format!("failed to pull and unpack image {absent:?}: failed to resolve reference {absent:?}: failed to do request: ");
+    let want = format!(
+        "failed to pull and unpack image {absent:?}: failed to resolve reference {absent:?}: failed to do request: "
+    );
     assert!(msg.starts_with(&want), "{msg}");
     tokio::time::timeout(TIMEOUT, await_condition(pods.clone(), "absent", reason("ImagePullBackOff")))
         .await

@@ -149,7 +149,13 @@ impl Registry {
 
     /// Pushes `repo:to`, the image `repo:from` with its config changed by `edit` (same layers).
     /// Returns the new manifest's digest and size and its media type.
-    async fn push_variant(&self, repo: &str, from: &str, to: &str, edit: impl Fn(&mut Value)) -> (String, usize, String) {
+    async fn push_variant(
+        &self,
+        repo: &str,
+        from: &str,
+        to: &str,
+        edit: impl Fn(&mut Value),
+    ) -> (String, usize, String) {
         let client = self.client();
         let anon = oci_client::secrets::RegistryAuth::Anonymous;
         let (mut manifest, _) = self.manifest(repo, from).await;
@@ -168,10 +174,7 @@ impl Registry {
         manifest["config"]["size"] = json!(config.len());
         let media_type = manifest["mediaType"].as_str().unwrap().to_owned();
         let bytes = serde_json::to_vec(&manifest).unwrap();
-        client
-            .push_manifest_raw(&target, bytes.clone(), media_type.parse().unwrap())
-            .await
-            .unwrap();
+        client.push_manifest_raw(&target, bytes.clone(), media_type.parse().unwrap()).await.unwrap();
         (sha256(&bytes), bytes.len(), media_type)
     }
 }
@@ -389,7 +392,9 @@ async fn a_mirror_serves_docker_hub_images_and_an_absent_tag_is_not_found() {
     let msg = waiting_with(&pods, "absent", "ErrImagePull").await;
     assert_eq!(
         msg,
-        format!("failed to pull and unpack image {absent:?}: failed to resolve reference {absent:?}: {absent}: not found")
+        format!(
+            "failed to pull and unpack image {absent:?}: failed to resolve reference {absent:?}: {absent}: not found"
+        )
     );
     waiting_with(&pods, "absent", "ImagePullBackOff").await;
     let events = events_of(&cluster, "absent").await;
@@ -451,7 +456,11 @@ async fn always_re_resolves_a_moved_tag_and_if_not_present_keeps_the_stored_imag
     let archive = format!("docker-archive:{}", busybox_archive(tmp.path()).display());
     let registry = Registry::start();
     registry.push(&archive, "moving/busybox:base", &[]);
-    registry.push_variant("moving/busybox", "base", "1", |c| c["config"]["Env"].as_array_mut().unwrap().push(json!("VERSION=one"))).await;
+    registry
+        .push_variant("moving/busybox", "base", "1", |c| {
+            c["config"]["Env"].as_array_mut().unwrap().push(json!("VERSION=one"))
+        })
+        .await;
     let cluster = pulling_cluster(RegistryOptions::default()).await;
     let pods: Api<Pod> = Api::default_namespaced(cluster.client().unwrap());
     let image = format!("{}/moving/busybox:1", registry.host());
@@ -461,10 +470,15 @@ async fn always_re_resolves_a_moved_tag_and_if_not_present_keeps_the_stored_imag
         "command": ["sh", "-c", "echo \"env:$VERSION\""]}]});
     let (log, _) = run(&pods, pod("first", &image, always.clone())).await;
     assert_eq!(log.trim(), "env:one");
-    let manifest_gets = |r: &Registry| r.log().lines().filter(|l| l.contains("\"GET /v2/moving/busybox/manifests/")).count();
+    let manifest_gets =
+        |r: &Registry| r.log().lines().filter(|l| l.contains("\"GET /v2/moving/busybox/manifests/")).count();
 
     // The tag moves; Always asks the registry and gets the new image.
-    registry.push_variant("moving/busybox", "base", "1", |c| c["config"]["Env"].as_array_mut().unwrap().push(json!("VERSION=two"))).await;
+    registry
+        .push_variant("moving/busybox", "base", "1", |c| {
+            c["config"]["Env"].as_array_mut().unwrap().push(json!("VERSION=two"))
+        })
+        .await;
     let (log, _) = run(&pods, pod("second", &image, always.clone())).await;
     assert_eq!(log.trim(), "env:two");
     // Unchanged: Always resolves the digest (a HEAD) and fetches nothing.
@@ -473,11 +487,18 @@ async fn always_re_resolves_a_moved_tag_and_if_not_present_keeps_the_stored_imag
     assert_eq!(log.trim(), "env:two");
     assert_eq!(manifest_gets(&registry), gets, "an unchanged digest fetched the manifest again");
     // IfNotPresent uses the store, even after the tag moved again.
-    registry.push_variant("moving/busybox", "base", "1", |c| c["config"]["Env"].as_array_mut().unwrap().push(json!("VERSION=three"))).await;
+    registry
+        .push_variant("moving/busybox", "base", "1", |c| {
+            c["config"]["Env"].as_array_mut().unwrap().push(json!("VERSION=three"))
+        })
+        .await;
     let (log, _) = run(&pods, pod("fourth", &image, if_not_present)).await;
     assert_eq!(log.trim(), "env:two");
     let events = events_of(&cluster, "fourth").await;
-    assert!(events.contains(&("Pulled".into(), format!("Container image {image:?} already present on machine"))), "{events:?}");
+    assert!(
+        events.contains(&("Pulled".into(), format!("Container image {image:?} already present on machine"))),
+        "{events:?}"
+    );
     cluster.stop().await;
 }
 

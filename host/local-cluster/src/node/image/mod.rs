@@ -28,11 +28,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub(crate) use layer::remove_all;
+pub(crate) use pull::{DockerConfig, Puller, pod_configs};
+pub use pull::{RegistryOptions, RegistryOptionsError, parse_mirror};
 use reference::parse_normalized;
 pub(crate) use reference::{default_pull_policy, normalized, repository};
 pub(crate) use run::{defaults as image_defaults, writable_root};
-pub use pull::{RegistryOptions, RegistryOptionsError, parse_mirror};
-pub(crate) use pull::{DockerConfig, Puller, pod_configs};
 pub use store::{LoadedImage, StoreError};
 pub(crate) use store::{Store, StoredImage};
 

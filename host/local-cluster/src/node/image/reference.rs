@@ -79,7 +79,8 @@ pub(crate) fn parse_normalized(image: &str) -> Result<(), String> {
 
 /// `sha256:` and 64 lower-case hex digits: the only digests the store names files by.
 pub(crate) fn is_sha256_digest(d: &str) -> bool {
-    d.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    d.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
 /// The registry (domain) of an image reference, as containerd resolves it (`busybox` ->

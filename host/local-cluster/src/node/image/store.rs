@@ -262,11 +262,8 @@ impl Store {
 
     fn image(&self, config: &str, repo_digest: &str, blobs: &[String]) -> Result<StoredImage, StoreError> {
         let cfg: ConfigFile = read_blob_json(&self.blobs(), config, "image config")?;
-        let size = blobs
-            .iter()
-            .filter_map(|b| std::fs::metadata(blob_path(&self.blobs(), b)).ok())
-            .map(|m| m.len())
-            .sum();
+        let size =
+            blobs.iter().filter_map(|b| std::fs::metadata(blob_path(&self.blobs(), b)).ok()).map(|m| m.len()).sum();
         Ok(StoredImage {
             id: config.to_owned(),
             repo_digest: repo_digest.to_owned(),

@@ -16,7 +16,10 @@ use serde::Deserialize;
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Credentials {
     Anonymous,
-    Basic { username: String, password: String },
+    Basic {
+        username: String,
+        password: String,
+    },
     /// An OAuth2 refresh/identity token handed to the registry's token server (docker's
     /// `identitytoken`); oci-client sends it as a Bearer token.
     Bearer(String),
@@ -156,7 +159,9 @@ pub(crate) fn node_config(path: Option<&Path>) -> DockerConfig {
 /// The pod's pull secrets, from the data the API side resolved for it (entries
 /// `imagePullSecret/<name>`, see `node::PULL_SECRET_PREFIX`), in the pod's order. A secret of
 /// another type, or invalid, is skipped with a warning, as the kubelet skips it.
-pub(crate) fn pod_configs<'a>(secrets: impl Iterator<Item = (&'a str, &'a BTreeMap<String, Vec<u8>>)>) -> Vec<DockerConfig> {
+pub(crate) fn pod_configs<'a>(
+    secrets: impl Iterator<Item = (&'a str, &'a BTreeMap<String, Vec<u8>>)>,
+) -> Vec<DockerConfig> {
     let mut out = Vec::new();
     for (name, data) in secrets {
         let parsed = if let Some(b) = data.get(".dockerconfigjson") {
@@ -194,7 +199,10 @@ mod tests {
         );
         let c = DockerConfig::parse(json.as_bytes(), "test", false).unwrap();
         assert_eq!(c.lookup("docker.io"), Some(&Credentials::Basic { username: "u".into(), password: "p:w".into() }));
-        assert_eq!(c.lookup("127.0.0.1:5000"), Some(&Credentials::Basic { username: "a".into(), password: "b".into() }));
+        assert_eq!(
+            c.lookup("127.0.0.1:5000"),
+            Some(&Credentials::Basic { username: "a".into(), password: "b".into() })
+        );
         assert_eq!(c.lookup("ghcr.io"), Some(&Credentials::Bearer("tok".into())));
         assert_eq!(c.lookup("127.0.0.1:5001"), None);
         assert_eq!(c.lookup("empty.example"), None);
@@ -210,7 +218,10 @@ mod tests {
             credentials_for("quay.io", std::slice::from_ref(&legacy), &node),
             Credentials::Basic { username: "x".into(), password: "y".into() }
         );
-        assert_eq!(credentials_for("quay.io", &[], &node), Credentials::Basic { username: "n".into(), password: "m".into() });
+        assert_eq!(
+            credentials_for("quay.io", &[], &node),
+            Credentials::Basic { username: "n".into(), password: "m".into() }
+        );
         assert_eq!(credentials_for("other.io", &[], &node), Credentials::Anonymous);
     }
 }

@@ -31,7 +31,12 @@ impl Blobs {
     }
 
     /// Makes sure the blob `d` of `image` is stored; returns the bytes fetched for it.
-    pub async fn fetch(&self, client: &oci_client::Client, image: &Reference, d: &OciDescriptor) -> Result<u64, String> {
+    pub async fn fetch(
+        &self,
+        client: &oci_client::Client,
+        image: &Reference,
+        d: &OciDescriptor,
+    ) -> Result<u64, String> {
         if self.store.has_blob(&d.digest) {
             return Ok(0);
         }

@@ -23,10 +23,10 @@ use oci_client::Reference;
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::ImageIndexEntry;
 
-pub(crate) use auth::{DockerConfig, pod_configs};
 use auth::{Credentials, credentials_for};
-pub use registry::{RegistryOptions, RegistryOptionsError, parse_mirror};
+pub(crate) use auth::{DockerConfig, pod_configs};
 use registry::{Endpoint, Registries};
+pub use registry::{RegistryOptions, RegistryOptionsError, parse_mirror};
 
 use super::reference;
 use super::store::{Store, StoredImage};
@@ -198,9 +198,14 @@ fn containerd_words(name: &str, method: &str, e: &OciDistributionError) -> Strin
             if envelope.errors.iter().any(|x| matches!(x.code, OciErrorCode::Unauthorized | OciErrorCode::Denied)) =>
         {
             let detail: Vec<_> = envelope.errors.iter().map(|x| x.message.as_str()).collect();
-            format!("pull access denied, repository does not exist or may require authorization: unauthorized: {} ({url})", detail.join("; "))
+            format!(
+                "pull access denied, repository does not exist or may require authorization: unauthorized: {} ({url})",
+                detail.join("; ")
+            )
         }
-        E::AuthenticationFailure(reason) => format!("failed to authorize: failed to fetch oauth token: unauthorized: {}", reason.trim()),
+        E::AuthenticationFailure(reason) => {
+            format!("failed to authorize: failed to fetch oauth token: unauthorized: {}", reason.trim())
+        }
         E::ImageManifestNotFoundError(why) if why.contains("platform") => {
             "no match for platform in manifest: not found".into()
         }
@@ -241,7 +246,9 @@ mod tests {
             containerd_words(n, "GET", &e),
             "unexpected status from GET request to http://127.0.0.1:5000/v2/a/manifests/1: 401 Unauthorized"
         );
-        let e = OciDistributionError::ImageManifestNotFoundError("no entry found in image index manifest matching client's default platform".into());
+        let e = OciDistributionError::ImageManifestNotFoundError(
+            "no entry found in image index manifest matching client's default platform".into(),
+        );
         assert_eq!(containerd_words(n, "GET", &e), "no match for platform in manifest: not found");
         let e = OciDistributionError::ServerError { code: 500, url, message: "boom\n".into() };
         assert!(containerd_words(n, "HEAD", &e).ends_with(": 500 boom"));

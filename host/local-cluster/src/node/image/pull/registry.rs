@@ -105,7 +105,11 @@ impl Registries {
                 return Err(bad("only scheme://host[:port] is supported (no path)"));
             }
             if http && !is_loopback(&host) && !insecure.contains(&host) {
-                return Err(RegistryOptionsError::InsecureMirror { registry: registry.clone(), url: url.clone(), host });
+                return Err(RegistryOptionsError::InsecureMirror {
+                    registry: registry.clone(),
+                    url: url.clone(),
+                    host,
+                });
             }
             mirrors.push((canonical(registry), Endpoint { host, http }));
         }
@@ -199,13 +203,19 @@ mod tests {
         assert_eq!(r.endpoints("[::1]:5000"), vec![Endpoint { host: "[::1]:5000".into(), http: true }]);
         assert_eq!(r.endpoints("ghcr.io"), vec![Endpoint { host: "ghcr.io".into(), http: false }]);
 
-        let insecure = RegistryOptions { mirrors: vec![("docker.io".into(), "http://10.0.0.5:5000".into())], ..Default::default() };
+        let insecure = RegistryOptions {
+            mirrors: vec![("docker.io".into(), "http://10.0.0.5:5000".into())],
+            ..Default::default()
+        };
         assert_eq!(
             Registries::new(&insecure).err().unwrap().to_string(),
             "registry mirror http://10.0.0.5:5000 for docker.io is plain HTTP to a host that is not loopback: name it with --insecure-registry 10.0.0.5:5000"
         );
         assert!(parse_mirror("docker.io").is_err());
-        let path = RegistryOptions { mirrors: vec![("docker.io".into(), "https://m.example/prefix".into())], ..Default::default() };
+        let path = RegistryOptions {
+            mirrors: vec![("docker.io".into(), "https://m.example/prefix".into())],
+            ..Default::default()
+        };
         assert!(Registries::new(&path).is_err());
     }
 }
