@@ -84,6 +84,18 @@ impl Puller {
     pub async fn pull(self: &Arc<Self>, image: &str, secrets: &[DockerConfig]) -> Result<Pulled, PullError> {
         let name = reference::normalized(image);
         let creds = credentials_for(&reference::domain(image), secrets, &self.node_config);
+        // A mirror gets the credentials given for it, never the registry's (which would hand
+        // them to another host); the registry itself, last, gets its own.
+        let endpoints = self.registries.endpoints(&reference::domain(image));
+        let last = endpoints.len().saturating_sub(1);
+        let plan: Vec<(Endpoint, Credentials)> = endpoints
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let c = if i == last { creds.clone() } else { credentials_for(&e.host, secrets, &self.node_config) };
+                (e, c)
+            })
+            .collect();
         let key = (name.clone(), creds.clone());
         let shared = {
             let mut in_flight = self.in_flight.lock().expect("in-flight lock");
@@ -92,7 +104,7 @@ impl Puller {
                 .or_insert_with(|| {
                     let this = self.clone();
                     let task = tokio::spawn(async move {
-                        let result = this.pull_now(&name, &creds).await;
+                        let result = this.pull_now(&name, &plan).await;
                         this.in_flight.lock().expect("in-flight lock").remove(&key);
                         result
                     });
@@ -111,10 +123,9 @@ impl Puller {
     }
 
     /// Tries the registry's endpoints in order (mirrors first); the last failure is the answer.
-    async fn pull_now(&self, name: &str, creds: &Credentials) -> Result<Pulled, PullError> {
-        let endpoints = self.registries.endpoints(&reference::domain(name));
+    async fn pull_now(&self, name: &str, plan: &[(Endpoint, Credentials)]) -> Result<Pulled, PullError> {
         let mut last = None;
-        for endpoint in &endpoints {
+        for (endpoint, creds) in plan {
             match self.pull_from(endpoint, name, creds).await {
                 Ok(p) => return Ok(p),
                 Err(e) => {
