@@ -66,6 +66,16 @@ struct ImageArgs {
     /// default); `--host-rootfs=false` makes their pull fail as on a real node.
     #[arg(long, env = "KEEL_CLUSTER_HOST_ROOTFS", default_value_t = true, action = clap::ArgAction::Set)]
     host_rootfs: bool,
+    /// Pull REGISTRY's images from URL first, as containerd's mirrors (e.g.
+    /// docker.io=http://127.0.0.1:5000). Repeatable.
+    #[arg(long = "registry-mirror", value_name = "REGISTRY=URL", value_parser = local_cluster::node::parse_mirror)]
+    registry_mirrors: Vec<(String, String)>,
+    /// Reach this registry over plain HTTP (loopback registries always are). Repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+    /// Trust this CA (PEM) for registries' TLS, beside the system's. Repeatable.
+    #[arg(long = "registry-ca", value_name = "FILE")]
+    registry_cas: Vec<PathBuf>,
 }
 
 impl ImageArgs {
@@ -73,6 +83,12 @@ impl ImageArgs {
         local_cluster::ClusterOptions {
             images_from: self.images_from.clone(),
             host_rootfs: self.host_rootfs,
+            registries: local_cluster::node::RegistryOptions {
+                mirrors: self.registry_mirrors.clone(),
+                insecure: self.insecure_registries.clone(),
+                ca_files: self.registry_cas.clone(),
+                docker_config: None,
+            },
             ..local_cluster::ClusterOptions::default()
         }
     }

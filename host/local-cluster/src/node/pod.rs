@@ -458,11 +458,24 @@ impl PodRuntime {
     ) -> Option<Option<Arc<StoredImage>>> {
         let name = rt.spec.name.as_str();
         let image = rt.spec.image.clone().unwrap_or_default();
-        let (images, base) = self.node().map(|n| (n.images.clone(), n.cfg.backoff_base))?;
+        let (images, base, hooks) =
+            self.node().map(|n| (n.images.clone(), n.cfg.backoff_base, n.image_hooks.get().cloned()))?;
+        let on_pull = |e: image::ImageEvent| {
+            if let Some(h) = &hooks {
+                (h.events)(&self.uid, name, &image, e);
+            }
+        };
         let max = base * MAX_BACKOFF_FACTOR;
         let mut backoff = base;
         loop {
-            let (reason, msg) = match images.check(&image, rt.spec.image_pull_policy.as_deref()) {
+            let secret_data = hooks.as_ref().map(|h| (h.pull_secrets)(&self.uid)).unwrap_or_default();
+            let secrets = image::pod_configs(secret_data.iter().map(|(n, d)| (n.as_str(), d)));
+            let policy = rt.spec.image_pull_policy.as_deref();
+            let check = tokio::select! {
+                c = images.ensure(&image, policy, &secrets, &on_pull) => c,
+                _ = stop.wait_for(Option::is_some) => return None,
+            };
+            let (reason, msg) = match check {
                 ImageCheck::Ready(stored) => return Some(stored),
                 ImageCheck::InvalidName(msg) => ("InvalidImageName", msg),
                 ImageCheck::NeverPull(msg) => ("ErrImageNeverPull", msg),
