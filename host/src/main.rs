@@ -67,6 +67,16 @@ struct ImageArgs {
     /// default); `--host-rootfs=false` makes their pull fail as on a real node.
     #[arg(long, env = "KEEL_CLUSTER_HOST_ROOTFS", default_value_t = true, action = clap::ArgAction::Set)]
     host_rootfs: bool,
+    /// Pull REGISTRY's images from URL first, as containerd's mirrors (e.g.
+    /// docker.io=http://127.0.0.1:5000). Repeatable.
+    #[arg(long = "registry-mirror", value_name = "REGISTRY=URL", value_parser = local_cluster::node::parse_mirror)]
+    registry_mirrors: Vec<(String, String)>,
+    /// Reach this registry over plain HTTP (loopback registries always are). Repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+    /// Trust this CA (PEM) for registries' TLS, beside the system's. Repeatable.
+    #[arg(long = "registry-ca", value_name = "FILE")]
+    registry_cas: Vec<PathBuf>,
 }
 
 impl ImageArgs {
@@ -74,6 +84,12 @@ impl ImageArgs {
         local_cluster::ClusterOptions {
             images_from: self.images_from.clone(),
             host_rootfs: self.host_rootfs,
+            registries: local_cluster::node::RegistryOptions {
+                mirrors: self.registry_mirrors.clone(),
+                insecure: self.insecure_registries.clone(),
+                ca_files: self.registry_cas.clone(),
+                docker_config: None,
+            },
             ..local_cluster::ClusterOptions::default()
         }
     }
@@ -226,6 +242,8 @@ impl JobArgs {
             object_suffix,
             commit,
             require_strategy,
+            pipeline_id: None,
+            instance_variables: Vec::new(),
         })
     }
 }
@@ -576,7 +594,9 @@ async fn run_pipeline(
     if args.trace_file.is_some() || args.job_id.is_some() {
         anyhow::bail!("--trace-file and --job-id apply to one job; a pipeline keeps each job's trace in its store");
     }
-    let plan = host::pipeline::plan::load(&path)?.select(&args.only_jobs)?;
+    let commit = host::sources::git_facts(&source_dir);
+    let facts = host::pipeline::plan::RunFacts { source_dir: source_dir.clone(), commit: commit.clone() };
+    let plan = host::pipeline::plan::load(&path, &facts)?.select(&args.only_jobs)?;
     let k8s = match &args.job.config {
         Some(config) => host::config::Config::load(config)?
             .runner(args.job.runner.as_deref(), config)?
@@ -596,16 +616,20 @@ async fn run_pipeline(
         Some(p) if !p.as_os_str().is_empty() => p.join(".keel"),
         _ => PathBuf::from(".keel"),
     });
-    let commit = host::sources::git_facts(&source_dir);
     let template = args.job.clone();
     let run_id = fastrand::u32(..) % 100_000;
     let file = path.display().to_string();
-    let make_request: host::pipeline::MakeRequest = Arc::new(move |name: &str, job_id: u64| {
+    let pipeline_id = u64::from(run_id) + 1;
+    let make_request: host::pipeline::MakeRequest = Arc::new(move |planned, job_id| {
         let mut job = template.clone();
-        job.job = format!("{file}#{name}");
+        job.job = format!("{file}#{}", planned.source);
         let suffix = format!("{job_id}-{run_id}");
-        job.request(job_id, project_path.clone(), suffix, commit.clone(), true)
-            .expect("the plugin arguments were checked before the pipeline started")
+        let mut req = job
+            .request(job_id, project_path.clone(), suffix, commit.clone(), true)
+            .expect("the plugin arguments were checked before the pipeline started");
+        req.pipeline_id = Some(pipeline_id);
+        req.instance_variables = planned.variables.clone();
+        req
     });
     // Check the plugin arguments once, up front, so no job fails on them half way.
     extra_plugins(&args.job.plugins)?;

@@ -124,6 +124,10 @@ pub struct PrepareRequest {
     pub commit: Option<crate::job::variables::Commit>,
     /// Whether a missing strategy is an error (`run`) or only leaves the base pod (`render`).
     pub require_strategy: bool,
+    /// The pipeline this job is part of (`CI_PIPELINE_ID`); `None`: a pipeline of its own.
+    pub pipeline_id: Option<u64>,
+    /// Set over the job's own variables (`parallel:` instances).
+    pub instance_variables: Vec<(String, String)>,
 }
 
 /// A job ready to be created: its objects, its plugins' live instances, and what was decided.
@@ -317,9 +321,10 @@ pub async fn prepare(rt: &Runtime, req: &PrepareRequest) -> Result<PreparedJob, 
         runner_token: runner.token.clone(),
         environment: runner.environment.iter().map(|e| (e.key.clone(), e.value.clone())).collect(),
         default_image: k8s.image.clone().filter(|i| !i.is_empty()),
-        // One job per pipeline: the pipeline is the job's own.
-        pipeline_id: req.job_id,
+        // Alone, a job is a pipeline of its own.
+        pipeline_id: req.pipeline_id.unwrap_or(req.job_id),
         commit: req.commit.clone(),
+        instance_variables: req.instance_variables.clone(),
     };
     let (job, caches) = req.job.load(ctx)?;
     let span = tracing::info_span!("job", job.id = job.id, job.name = %job.name);

@@ -218,7 +218,7 @@ mod tests {
         let s = Scaffold::new("team-policy", ScaffoldRole::PodMutator, SdkSource::Registry).unwrap();
         assert_eq!(s.type_name(), "TeamPolicy");
         assert_eq!(s.artifact(), "target/wasm32-wasip2/release/team_policy.wasm");
-        assert!(s.fill(CARGO_TOML).contains("keel-sdk = \"0.2\""));
+        assert!(s.fill(CARGO_TOML).contains(&format!("keel-sdk = \"{SDK_VERSION}\"")));
         let source = s.source(&POD_MUTATOR);
         assert!(
             source.contains("pub struct TeamPolicy {")

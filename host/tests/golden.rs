@@ -113,6 +113,8 @@ fn request(config: &str, job: &str) -> RenderRequest {
         object_suffix: String::new(),
         commit: None,
         require_strategy: false,
+        pipeline_id: None,
+        instance_variables: Vec::new(),
     }
 }
 

@@ -62,6 +62,8 @@ async fn the_harness_pod_is_the_pod_the_host_builds_for_the_same_job() {
     std::fs::write(&path, JOB).unwrap();
     let rt = host::plugins::Runtime::new(Some(dir.path().join("cache"))).unwrap();
     let req = PrepareRequest {
+        pipeline_id: None,
+        instance_variables: Vec::new(),
         config: None,
         runner: None,
         job: JobSource::from_arg(path.to_str().unwrap()).into(),

@@ -225,6 +225,8 @@ impl ContextBuilder {
                 pipeline_id: self.id,
                 commit: None,
                 timeout: None,
+                // The harness stands in for the host: it gives its own version.
+                runner_version: env!("CARGO_PKG_VERSION"),
             })
         } else {
             Variables::new()

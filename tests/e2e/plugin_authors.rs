@@ -293,7 +293,7 @@ fn plugin_new_gives_a_crate_that_tests_builds_and_renders_first_try() {
     let out = host(&["plugin", "new", "outside", "--sdk-from-registry"], root.path());
     succeeded(out, "plugin new --sdk-from-registry");
     let manifest = std::fs::read_to_string(root.path().join("outside/Cargo.toml")).unwrap();
-    assert!(manifest.contains("keel-sdk = \"0.2\""), "{manifest}");
+    assert!(manifest.contains(&format!("keel-sdk = \"{}\"", host::scaffold::SDK_VERSION)), "{manifest}");
     let again = host(&["plugin", "new", "outside"], root.path());
     assert!(text(&again.stderr).contains("exists and is not empty"), "{}", text(&again.stderr));
 }

@@ -403,19 +403,31 @@ async fn a_pipeline_runs_stages_needs_and_artifacts_through_the_local_store() {
     let f = Fixture::new(ClusterOptions::default()).await;
     let pipeline = "stages: [build, test, deploy]\nimage: alpine:3.20\n\
         build:\n  stage: build\n  script:\n    - mkdir -p out && echo \"app v1\" > out/app && echo skip > out/skip.tmp\n\
-        \x20 artifacts:\n    paths: [out/]\n    exclude: [out/*.tmp]\n\
+        \x20   - echo '<testsuite/>' > report.xml && echo loose > loose.txt\n\
+        \x20 artifacts:\n    paths: [out/]\n    exclude: [out/*.tmp, report.xml]\n    untracked: true\n\
+        \x20   reports: {junit: report.xml}\n\
         test:\n  stage: test\n  script:\n    - cat out/app\n    - test ! -e out/skip.tmp\n    - sleep 4\n    - echo test-done\n\
         flaky:\n  stage: test\n  allow_failure: true\n  script: [exit 4]\n\
         early:\n  stage: deploy\n  needs: [build]\n  script: [\"echo early-sees-$(cat out/app)\"]\n\
         nothing-from-build:\n  stage: deploy\n  dependencies: []\n  script: [\"test ! -e out/app && echo no-artifacts\"]\n\
-        on-fail:\n  stage: .post\n  when: on_failure\n  script: [echo on-failure-ran]\n";
+        on-fail:\n  stage: .post\n  when: on_failure\n  script: [echo on-failure-ran]\n\
+        flavors:\n  stage: test\n  parallel: {matrix: [{FLAVOR: [a, b]}]}\n  script: [\"echo flavor-$FLAVOR-$CI_NODE_INDEX-of-$CI_NODE_TOTAL\"]\n\
+        ruled-out:\n  script: [echo ruled-out-ran]\n  rules: [{if: '$NOPE == \"x\"'}]\n\
+        ruled-in:\n  script: [echo ruled-in-ran]\n  rules: [{exists: [.gitlab-ci.yml], when: always}]\n";
     let file = f.write("project/.gitlab-ci.yml", pipeline);
     let out = f.run(&file, &["--jobs", "2"]).await;
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");
     // Two jobs at once: each line is its job's, prefixed with the job's name.
     assert!(text.lines().any(|l| l.starts_with("test ") && l.ends_with("| app v1")), "{text}");
-    for want in ["early-sees-app v1", "no-artifacts", "Pipeline succeeded"] {
+    for want in [
+        "early-sees-app v1",
+        "no-artifacts",
+        "flavor-a-1-of-2",
+        "flavor-b-2-of-2",
+        "ruled-in-ran",
+        "Pipeline succeeded",
+    ] {
         assert!(text.contains(want), "{want:?} missing:\n{text}");
     }
     assert!(!text.contains("on-failure-ran"), "{text}");
@@ -425,6 +437,8 @@ async fn a_pipeline_runs_stages_needs_and_artifacts_through_the_local_store() {
     let row = |job: &str| summary_row(&text, job);
     assert!(row("flaky").contains("failed (allowed)"), "{text}");
     assert!(row("on-fail").contains("skipped"), "{text}");
+    assert!(!text.contains("ruled-out"), "rules left it out, not even in the table:\n{text}");
+    assert!(summary_row(&text, "flavors:").contains("passed"), "matrix instances are `flavors: [a]`...:\n{text}");
     // The store keeps each job's trace and the archive, and ignores itself.
     let store = f.dir.path().join("project/.keel");
     assert!(std::fs::read_to_string(store.join("test/trace.log")).unwrap().contains("Job succeeded"));
@@ -432,6 +446,16 @@ async fn a_pipeline_runs_stages_needs_and_artifacts_through_the_local_store() {
     let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip)).expect("a zip");
     let names: Vec<String> = archive.file_names().map(str::to_string).collect();
     assert!(names.iter().any(|n| n == "out/app") && !names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+    // `untracked`: what the job made outside `paths` (not the sources it was given), less `exclude`.
+    assert!(names.iter().any(|n| n == "loose.txt"), "{names:?}");
+    assert!(!names.iter().any(|n| n == ".gitlab-ci.yml" || n == "report.xml"), "{names:?}");
+    let mut junit = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::MultiGzDecoder::new(std::fs::File::open(store.join("build/junit.gz")).unwrap()),
+        &mut junit,
+    )
+    .unwrap();
+    assert_eq!(junit, "<testsuite/>\n");
     let mut app = String::new();
     std::io::Read::read_to_string(&mut archive.by_name("out/app").unwrap(), &mut app).unwrap();
     assert_eq!(app, "app v1\n");
@@ -449,6 +473,25 @@ async fn a_pipeline_runs_stages_needs_and_artifacts_through_the_local_store() {
     assert_eq!(out.status.code(), Some(0), "{text}");
     let jobs: Vec<&str> = summary(&text).iter().filter_map(|l| l.split_whitespace().next()).collect();
     assert_eq!(jobs, ["build", "test"], "{text}");
+
+    // Ctrl-C: the running jobs stop (after_script runs), no other starts, exit 130.
+    let slow = f.write(
+        "slow/.gitlab-ci.yml",
+        "image: alpine:3.20\nsleepy:\n  stage: build\n  script: [echo sleepy-started, sleep 300]\n\
+         \x20 after_script: [echo sleepy-after]\nlater:\n  stage: test\n  script: [echo later-ran]\n",
+    );
+    let mut child = f.command(&slow, &[]).spawn().expect("spawn host");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut seen = String::new();
+    read_lines(&mut reader, &mut seen, Some("sleepy-started")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = child.id().expect("pid").to_string();
+    std::process::Command::new("kill").args(["-INT", &pid]).status().expect("kill -INT");
+    read_lines(&mut reader, &mut seen, None).await;
+    let status = child.wait().await.expect("wait");
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(seen.contains("sleepy-after") && !seen.contains("later-ran"), "{seen}");
+    assert!(summary_row(&seen, "later").contains("canceled") && seen.contains("Pipeline canceled"), "{seen}");
     f.assert_clean().await;
 }
 

@@ -452,7 +452,8 @@ async fn serve_uploads_artifacts_and_extracts_dependencies() {
     // Variables are expanded in `name`, `paths` and `exclude`.
     build["artifacts"] = json!([
         {"name": "$CI_JOB_NAME-out", "paths": ["$OUT_DIR/", "report.xml", "missing/"], "exclude": ["${OUT_DIR}/*.log"],
-         "when": "on_success", "expire_in": "1 week", "artifact_type": "archive", "artifact_format": "zip"}
+         "when": "on_success", "expire_in": "1 week", "artifact_type": "archive", "artifact_format": "zip"},
+        {"name": "junit", "paths": ["report.xml"], "when": "always", "artifact_type": "junit", "artifact_format": "gzip"}
     ]);
     let build = gitlab.enqueue(build);
 
@@ -484,7 +485,22 @@ async fn serve_uploads_artifacts_and_extracts_dependencies() {
     }
     // after_script ran before the files were collected, as with GitLab Runner.
     assert!(trace.find("after_script").unwrap() < trace.find("Uploading artifacts...").unwrap(), "{trace}");
-    assert_eq!(job.artifacts.len(), 1, "one upload");
+    assert_eq!(job.artifacts.len(), 2, "the archive and the junit report");
+    // The report as GitLab Runner sends it: a gzip member per file, read here by Python's gzip.
+    let junit = &job.artifacts[1];
+    assert_eq!(
+        (junit.filename.as_str(), junit.query.as_str()),
+        ("junit.gz", "artifact_format=gzip&artifact_type=junit")
+    );
+    let gz_path = fx.dir.path().join("junit.gz");
+    std::fs::write(&gz_path, &junit.bytes).unwrap();
+    let read = std::process::Command::new("python3")
+        .args(["-c", "import gzip, sys; sys.stdout.write(gzip.decompress(open(sys.argv[1], 'rb').read()).decode())"])
+        .arg(&gz_path)
+        .output()
+        .expect("python3");
+    assert_eq!(String::from_utf8_lossy(&read.stdout), "<testsuite/>\n", "{}", String::from_utf8_lossy(&read.stderr));
+    assert!(trace.contains("Uploading artifacts as \"junit\" to coordinator... 201 Created"), "{trace}");
     let upload = &job.artifacts[0];
     assert_eq!(upload.filename, "build-out.zip");
     assert_eq!(upload.query, "artifact_format=zip&artifact_type=archive&expire_in=1+week");

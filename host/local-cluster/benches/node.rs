@@ -505,6 +505,173 @@ async fn image_level(rows: &mut Vec<Row>) {
     cluster.stop().await;
 }
 
+/// Samples for a first pull (each one a fresh cluster and a 50 MB download and unpack).
+const PULL_ITER: usize = 5;
+/// Size of the incompressible layer of the pull bench's image (busybox is ~2 MB on top).
+const PULL_LAYER_BYTES: usize = 48 << 20;
+
+/// A distribution registry (Debian's `docker-registry`) on a free loopback port, killed on drop.
+struct Registry {
+    child: std::process::Child,
+    host: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_registry() -> Registry {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+    let config = format!(
+        "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+        dir.path().join("data").display()
+    );
+    std::fs::write(dir.path().join("config.yml"), config).expect("registry config");
+    let child = std::process::Command::new("docker-registry")
+        .arg("serve")
+        .arg(dir.path().join("config.yml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("docker-registry (Debian package docker-registry) runs");
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the registry did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Registry { child, host: format!("127.0.0.1:{port}"), _dir: dir }
+}
+
+/// `busybox.tar` (a docker-archive of one layer) with a second layer of `PULL_LAYER_BYTES`
+/// random bytes, written as another docker-archive: a 50 MB image no compression shrinks.
+fn fifty_mb_archive(busybox: &std::path::Path, out: &std::path::Path) {
+    use sha2::Digest;
+    let mut files = BTreeMap::new();
+    let mut archive = tar::Archive::new(std::fs::File::open(busybox).expect("busybox archive"));
+    for e in archive.entries().expect("entries") {
+        let mut e = e.expect("entry");
+        let path = e.path().expect("path").to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).expect("read");
+        files.insert(path, data);
+    }
+    let mut manifest: serde_json::Value = serde_json::from_slice(&files["manifest.json"]).expect("manifest");
+    let config_name = manifest[0]["Config"].as_str().expect("config name").to_owned();
+    let mut config: serde_json::Value = serde_json::from_slice(&files[&config_name]).expect("config");
+    let mut rng = fastrand::Rng::with_seed(17);
+    let mut payload = vec![0u8; PULL_LAYER_BYTES];
+    rng.fill(&mut payload);
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(payload.len() as u64);
+    h.set_mtime(0);
+    layer.append_data(&mut h, "data/random", payload.as_slice()).expect("layer");
+    let layer = layer.into_inner().expect("layer tar");
+    let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&layer)));
+    config["rootfs"]["diff_ids"].as_array_mut().expect("diff_ids").push(serde_json::json!(diff_id));
+    let config = serde_json::to_vec(&config).expect("config json");
+    let new_config = format!("{}.json", hex::encode(sha2::Sha256::digest(&config)));
+    files.remove(&config_name);
+    manifest[0]["Config"] = serde_json::json!(new_config);
+    manifest[0]["Layers"].as_array_mut().expect("layers").push(serde_json::json!("big/layer.tar"));
+    manifest[0]["RepoTags"] = serde_json::json!(["bench/big:1"]);
+    files.insert(new_config, config);
+    files.insert("big/layer.tar".into(), layer);
+    files.insert("manifest.json".into(), serde_json::to_vec(&manifest).expect("manifest json"));
+    let mut b = tar::Builder::new(std::fs::File::create(out).expect("archive"));
+    for (path, data) in &files {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_size(data.len() as u64);
+        h.set_mtime(0);
+        b.append_data(&mut h, path, data.as_slice()).expect("append");
+    }
+    b.finish().expect("finish");
+}
+
+/// A first pull of a 50 MB image from a loopback registry (create -> Running of a pod of it on
+/// a fresh cluster: resolve, fetch, verify, unpack, start) against `skopeo copy` of the same
+/// image from the same registry to a directory (fetch and verify only), interleaved.
+async fn pull_level(rows: &mut Vec<Row>) {
+    let have = |bin: &str| std::process::Command::new(bin).arg("--version").output().is_ok_and(|o| o.status.success());
+    if !have("skopeo") || !have("docker-registry") {
+        eprintln!("pulls: skipped (needs the Debian packages docker-registry and skopeo)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/images/busybox-archive.sh");
+    let busybox = dir.path().join("busybox.tar");
+    let out = std::process::Command::new("sh").arg(script).arg(&busybox).output().expect("sh runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let big = dir.path().join("big.tar");
+    fifty_mb_archive(&busybox, &big);
+    let registry = start_registry();
+    let image = format!("{}/bench/big:1", registry.host);
+    let pushed = std::process::Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("docker-archive:{}", big.display()))
+        .arg(format!("docker://{image}"))
+        .output()
+        .expect("skopeo runs");
+    assert!(pushed.status.success(), "{}", String::from_utf8_lossy(&pushed.stderr));
+    eprintln!("pulls: first pull of a 50 MB image against skopeo copy...");
+    let (mut pulls, mut copies) = (Vec::new(), Vec::new());
+    for i in 0..PULL_ITER {
+        let opts = ClusterOptions { host_rootfs: false, ..ClusterOptions::default() };
+        let cluster = LocalCluster::start(opts).await.expect("cluster starts");
+        let pods: Api<Pod> = Api::default_namespaced(cluster.client().expect("kube client"));
+        let mut pod = api_pod(&format!("pull-{i}"), &["sleep", "3600"]);
+        pod.spec.as_mut().expect("spec").containers[0].image = Some(image.clone());
+        let t = Instant::now();
+        let created = pods.create(&PostParams::default(), &pod).await.expect("pod created");
+        let running = tokio::time::timeout(
+            WAIT,
+            await_condition(pods.clone(), &format!("pull-{i}"), conditions::is_pod_running()),
+        )
+        .await;
+        pulls.push(t.elapsed());
+        if running.is_err() {
+            let status = pods.get_status(&format!("pull-{i}")).await.map(|p| p.status);
+            panic!("the pod of the pulled image did not run in {WAIT:?}: {status:#?}");
+        }
+        delete(&pods, &created).await;
+        cluster.stop().await;
+
+        let dest = dir.path().join(format!("copy-{i}"));
+        let t = Instant::now();
+        let copied = tokio::process::Command::new("skopeo")
+            .args(["copy", "--quiet", "--src-tls-verify=false"])
+            .arg(format!("docker://{image}"))
+            .arg(format!("dir:{}", dest.display()))
+            .output()
+            .await
+            .expect("skopeo runs");
+        copies.push(t.elapsed());
+        assert!(copied.status.success(), "{}", String::from_utf8_lossy(&copied.stderr));
+        let _ = std::fs::remove_dir_all(&dest);
+    }
+    let (copy_median, _) = stats(copies);
+    rows.push(
+        Row::latency(
+            format!("API: create -> Running with a first pull of a 50 MB image, loopback registry ({PULL_ITER})"),
+            pulls,
+            "`skopeo copy` of it to a dir",
+            copy_median,
+        )
+        .0,
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let started = Instant::now();
@@ -515,6 +682,7 @@ async fn main() {
         api_level(&mut rows, &node).await;
     }
     image_level(&mut rows).await;
+    pull_level(&mut rows).await;
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
 
     println!("| measurement (samples) | median | p90 | baseline (median) | ratio |");

@@ -3,7 +3,7 @@
 
 use crate::api::Shared;
 use crate::errors::ApiError;
-use crate::node::{Node, ResolvedVolumes, StatusSink};
+use crate::node::{ImageEvent, ImageHooks, Node, ResolvedVolumes, StatusSink};
 use crate::store::{EventType, Part, Store, meta, res};
 use base64::Engine;
 use serde_json::{Value, json};
@@ -223,6 +223,49 @@ pub fn status_sink(store: Weak<Store>) -> StatusSink {
     })
 }
 
+/// The node's image hooks: the kubelet's image events (`Pulling`, `Pulled`) recorded on the
+/// pod, and the pod's `imagePullSecrets` read from the store at each pull (a missing one is
+/// skipped, as the kubelet skips it with a warning).
+pub fn image_hooks(store: Weak<Store>) -> ImageHooks {
+    let events_store = store.clone();
+    let events = Arc::new(move |uid: &str, container: &str, image: &str, event: ImageEvent| {
+        let Some(store) = events_store.upgrade() else { return };
+        let Some(pod) = store.pod_by_uid(uid) else { return };
+        let field = Some(format!("spec.containers{{{container}}}"));
+        let (reason, message) = match event {
+            ImageEvent::Pulling => ("Pulling", format!("Pulling image {image:?}")),
+            ImageEvent::AlreadyPresent => ("Pulled", format!("Container image {image:?} already present on machine")),
+            ImageEvent::Pulled { took, size } => {
+                let took = crate::node::go_duration(took);
+                (
+                    "Pulled",
+                    format!(
+                        "Successfully pulled image {image:?} in {took} ({took} including waiting). Image size: {size} bytes."
+                    ),
+                )
+            }
+        };
+        record(&store, &pod, "Normal", reason, &message, field);
+    });
+    let pull_secrets = Arc::new(move |uid: &str| {
+        let Some(store) = store.upgrade() else { return Vec::new() };
+        let Some(pod) = store.pod_by_uid(uid) else { return Vec::new() };
+        let names = pod.pointer("/spec/imagePullSecrets").and_then(Value::as_array).into_iter().flatten();
+        let mut out = Vec::new();
+        for name in names.filter_map(|s| s.get("name").and_then(Value::as_str)) {
+            match object_data(&store, meta::namespace(&pod), "secret", name) {
+                Ok(Some(data)) => out.push((name.to_owned(), data)),
+                Ok(None) => tracing::warn!(k8s.pod = meta::name(&pod), secret = name, "image pull secret not found"),
+                Err(e) => {
+                    tracing::warn!(k8s.pod = meta::name(&pod), secret = name, error = %e, "image pull secret unreadable")
+                }
+            }
+        }
+        out
+    });
+    ImageHooks { events, pull_secrets }
+}
+
 fn container_states(pod: &Value) -> BTreeMap<String, Value> {
     ["initContainerStatuses", "containerStatuses"]
         .iter()
@@ -254,16 +297,7 @@ fn transition_events(store: &Store, old: &Value, new: &Value) {
             && (was == "waiting" || was.is_empty() || restarted)
             && !(was == "running" && is == "terminated")
         {
-            if restarts(Some(&cs)) == 0 || !restarted {
-                record(
-                    store,
-                    new,
-                    "Normal",
-                    "Pulled",
-                    &format!("Container image {image:?} already present on machine"),
-                    field.clone(),
-                );
-            }
+            // `Pulled` (already present, or pulled) comes from the node's image hooks, before this.
             record(store, new, "Normal", "Created", &format!("Created container: {name}"), field.clone());
             record(store, new, "Normal", "Started", &format!("Started container {name}"), field.clone());
         }
@@ -272,7 +306,7 @@ fn transition_events(store: &Store, old: &Value, new: &Value) {
             let message = cs.pointer("/state/waiting/message").and_then(Value::as_str).unwrap_or_default();
             match new_reason.as_deref() {
                 Some("ErrImagePull") => {
-                    record(store, new, "Normal", "Pulling", &format!("Pulling image {image:?}"), field.clone());
+                    // `Pulling` came from the node's image hooks when the pull started.
                     record(
                         store,
                         new,

@@ -48,6 +48,9 @@ pub struct ClusterOptions {
     /// ImagePullBackOff) unless `images_dir` maps its name to a rootfs. A stored image always
     /// runs from the store.
     pub host_rootfs: bool,
+    /// How the node reaches registries when it pulls (without `host_rootfs`): mirrors,
+    /// plain-HTTP registries, extra CAs, the node's docker config.
+    pub registries: node::RegistryOptions,
     /// Images neither on the node nor pullable: ErrImagePull, then ImagePullBackOff, retried
     /// with the kubelet's back-off (ErrImageNeverPull with `imagePullPolicy: Never`).
     pub unavailable_images: Vec<String>,
@@ -80,6 +83,7 @@ impl Default for ClusterOptions {
             images_dir: None,
             images_from: None,
             host_rootfs: true,
+            registries: node::RegistryOptions::default(),
             unavailable_images: Vec::new(),
             cached_unpullable_images: Vec::new(),
             backoff_base: None,
@@ -191,9 +195,14 @@ impl LocalCluster {
             backoff_base: opts.backoff_base.unwrap_or(node::DEFAULT_BACKOFF_BASE),
             node_name: NODE_NAME.to_owned(),
         };
-        let node_images = node::NodeImages { images_from: opts.images_from.clone(), host_rootfs: opts.host_rootfs };
+        let node_images = node::NodeImages {
+            images_from: opts.images_from.clone(),
+            host_rootfs: opts.host_rootfs,
+            registries: opts.registries.clone(),
+        };
         let node = node::Node::with_images(node_cfg, node_images, kubelet::status_sink(Arc::downgrade(&store)))
             .map_err(ClusterError::Node)?;
+        node.set_image_hooks(kubelet::image_hooks(Arc::downgrade(&store)));
         node.load_images_from().await.map_err(ClusterError::Node)?;
         let state = Arc::new(api::ApiState {
             store,

@@ -585,3 +585,39 @@ async fn terminal_pods_report_conditions_as_a_kubelet() {
     }
     c.stop().await;
 }
+
+/// `hostAliases` land in the container's `/etc/hosts` as a kubelet writes them (below its own
+/// entries, under `# Entries added by HostAliases.`), so a job reaches its services by alias.
+#[tokio::test(flavor = "multi_thread")]
+async fn host_aliases_are_in_etc_hosts() {
+    let c = cluster().await;
+    let pods: Api<Pod> = Api::default_namespaced(c.client().unwrap());
+    let mut p = pod("aliased", json!({"command": ["cat", "/etc/hosts"]}));
+    p.spec.as_mut().unwrap().host_aliases =
+        Some(vec![serde_json::from_value(json!({"ip": "127.0.0.1", "hostnames": ["postgres", "db"]})).unwrap()]);
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    until(&pods, "aliased", "Succeeded", phase_is("Succeeded")).await;
+    let hosts = pods.logs("aliased", &LogParams::default()).await.unwrap();
+    assert!(hosts.starts_with("# Kubernetes-managed hosts file.\n"), "{hosts}");
+    assert!(hosts.contains("127.0.0.1\taliased\n"), "{hosts}");
+    assert!(hosts.ends_with("\n# Entries added by HostAliases.\n127.0.0.1\tpostgres\tdb\n"), "{hosts}");
+    c.stop().await;
+}
+
+/// `runAsUser`/`runAsGroup` apply on the host's root filesystem too (the host is the image):
+/// the container runs as that uid and gid, not silently as root.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_as_user_applies_on_the_host_root() {
+    let c = cluster().await;
+    let pods: Api<Pod> = Api::default_namespaced(c.client().unwrap());
+    let mut p = pod(
+        "as-user",
+        json!({"command": ["sh", "-c", "echo \"$(id -u):$(id -g)\""],
+                                     "securityContext": {"runAsUser": 1000, "runAsGroup": 1001}}),
+    );
+    p.spec.as_mut().unwrap().restart_policy = Some("Never".into());
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    until(&pods, "as-user", "Succeeded", phase_is("Succeeded")).await;
+    assert_eq!(pods.logs("as-user", &LogParams::default()).await.unwrap(), "1000:1001\n");
+    c.stop().await;
+}

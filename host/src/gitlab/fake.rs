@@ -502,7 +502,8 @@ async fn upload_artifacts(
     status(code).into_response()
 }
 
-/// `GET jobs/:id/artifacts`: with that job's token, its last upload.
+/// `GET jobs/:id/artifacts`: with that job's token, its last `archive` upload (reports are not
+/// what GitLab hands to dependent jobs).
 async fn download_artifacts(State(shared): State<Arc<Shared>>, Path(id): Path<u64>, headers: HeaderMap) -> Response {
     let mut inner = shared.inner.lock().unwrap();
     let fault = inner.take_fault(Api::DownloadArtifacts);
@@ -514,7 +515,7 @@ async fn download_artifacts(State(shared): State<Arc<Shared>>, Path(id): Path<u6
             inner.record(Api::DownloadArtifacts, resp.status().as_u16(), Some(id), None);
             return resp;
         }
-        Some(job) => match job.artifacts.last() {
+        Some(job) => match job.artifacts.iter().rev().find(|a| a.query.contains("artifact_type=archive")) {
             Some(a) => (200, Some(a.bytes.clone())),
             None => (404, None),
         },

@@ -72,6 +72,7 @@ pub fn job_with_caches(payload: &JobPayload, ctx: &JobContext) -> Result<(Job, V
         pipeline_id: ctx.pipeline_id,
         commit: ctx.commit.as_ref(),
         timeout,
+        runner_version: env!("CARGO_PKG_VERSION"),
     });
     for (k, v) in &ctx.environment {
         vars.set(k.clone(), Definition::expanded(v.clone()));

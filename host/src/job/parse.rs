@@ -93,6 +93,9 @@ pub struct JobContext {
     pub pipeline_id: u64,
     /// The commit of the sources (`CI_COMMIT_*`), when known.
     pub commit: Option<Commit>,
+    /// What the pipeline sets for this instance of the job, over the job's own variables
+    /// (`parallel:`: `CI_NODE_INDEX`, `CI_NODE_TOTAL` and a `matrix:` combination's values).
+    pub instance_variables: Vec<(String, String)>,
 }
 
 impl Default for JobContext {
@@ -108,6 +111,7 @@ impl Default for JobContext {
             default_image: None,
             pipeline_id: 1,
             commit: None,
+            instance_variables: Vec::new(),
         }
     }
 }
@@ -832,6 +836,7 @@ fn build_job(
         pipeline_id: ctx.pipeline_id,
         commit: ctx.commit.as_ref(),
         timeout: def.timeout.as_ref().map(|t| t.0),
+        runner_version: env!("CARGO_PKG_VERSION"),
     });
     for (k, v) in &ctx.environment {
         vars.set(k.clone(), Definition::expanded(v.clone()));
@@ -840,6 +845,9 @@ fn build_job(
         for (k, v) in source {
             vars.set(k, Definition { value: v.value, expand: v.expand, masked: v.masked, public: true, file: false });
         }
+    }
+    for (k, v) in &ctx.instance_variables {
+        vars.set(k.clone(), Definition::literal(v.clone()));
     }
     let services = def.services.clone().unwrap_or_default();
     let variables = super::resolve::variables(&vars, services.len(), path)?;

@@ -5,6 +5,7 @@
 //! jobs that depend on it get them. Ctrl-C cancels every running job and starts no other.
 
 pub mod plan;
+pub mod rules;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -25,9 +26,9 @@ use crate::run::{ClusterChoice, Interrupts, Outcome, RunOptions, Sources};
 pub use plan::{AllowFailure, Plan, PlannedJob, When};
 use store::LocalStore;
 
-/// Builds one job's prepare request (the command line's config, plugins and strategy; the job's
-/// name and id).
-pub type MakeRequest = Arc<dyn Fn(&str, u64) -> PrepareRequest + Send + Sync>;
+/// Builds one job's prepare request (the command line's config, plugins and strategy; the job
+/// from the file with its instance's variables, and its id).
+pub type MakeRequest = Arc<dyn Fn(&PlannedJob, u64) -> PrepareRequest + Send + Sync>;
 
 pub struct PipelineOptions {
     /// Jobs at once (`--jobs`), at least 1.
@@ -228,7 +229,7 @@ pub async fn run(
                 );
                 continue;
             }
-            let req = make_request(&job.name, ids[&job.name]);
+            let req = make_request(job, ids[&job.name]);
             let rt = rt.clone();
             let name = job.name.clone();
             let allow = job.allow_failure.clone();
@@ -282,9 +283,11 @@ pub async fn run(
             _ = interrupts.changed() => {}
         }
     }
-    let jobs = plan
-        .jobs
-        .iter()
+    // Stage by stage, as GitLab shows a pipeline; file order within a stage.
+    let mut in_order: Vec<&PlannedJob> = plan.jobs.iter().collect();
+    in_order.sort_by_key(|j| j.stage_index);
+    let jobs = in_order
+        .into_iter()
         .map(|j| {
             let (s, d) = status.remove(&j.name).unwrap_or((Status::Skipped("never ready"), Duration::ZERO));
             JobResult { name: j.name.clone(), stage: j.stage.clone(), status: s, duration: d }

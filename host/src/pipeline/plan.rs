@@ -58,7 +58,13 @@ impl AllowFailure {
 /// One job of the pipeline, as the scheduler needs it.
 #[derive(Debug, Clone)]
 pub struct PlannedJob {
+    /// Unique in the pipeline: the YAML name, or `name 1/3` / `name: [a, b]` for an instance
+    /// of a `parallel:` job, as GitLab names them.
     pub name: String,
+    /// The job in the file this is (an instance of).
+    pub source: String,
+    /// Set over the job's own variables: `CI_NODE_INDEX`, `CI_NODE_TOTAL`, a matrix's values.
+    pub variables: Vec<(String, String)>,
     pub stage: String,
     /// Index of `stage` in [`Plan::stages`].
     pub stage_index: usize,
@@ -142,11 +148,36 @@ impl Plan {
     }
 }
 
+/// What `rules:` are evaluated against: the sources and their commit.
+#[derive(Debug, Clone, Default)]
+pub struct RunFacts {
+    pub source_dir: PathBuf,
+    pub commit: Option<crate::job::variables::Commit>,
+}
+
+impl RunFacts {
+    /// The predefined variables `rules:if` may test, as a push pipeline of this checkout has them.
+    fn variables(&self) -> BTreeMap<String, String> {
+        let mut vars = BTreeMap::from([("CI_PIPELINE_SOURCE".to_string(), "push".to_string())]);
+        if let Some(c) = &self.commit {
+            vars.insert("CI_COMMIT_SHA".into(), c.commit_sha.clone());
+            vars.insert("CI_COMMIT_REF_NAME".into(), c.ref_name.clone());
+            // A branch checkout has a branch; a detached HEAD at a tag has a tag.
+            if crate::sources::is_tag(&self.source_dir, &c.ref_name) {
+                vars.insert("CI_COMMIT_TAG".into(), c.ref_name.clone());
+            } else if c.ref_name != "HEAD" {
+                vars.insert("CI_COMMIT_BRANCH".into(), c.ref_name.clone());
+            }
+        }
+        vars
+    }
+}
+
 /// Reads the pipeline in `path`.
-pub fn load(path: &Path) -> Result<Plan, PlanError> {
+pub fn load(path: &Path, facts: &RunFacts) -> Result<Plan, PlanError> {
     let text = crate::input::read_text_file(path, limits::YAML_BYTES)
         .map_err(|source| JobError::Read { path: path.to_path_buf(), source })?;
-    plan(path, &text)
+    plan(path, &text, facts)
 }
 
 /// Whether the file at `path` is a pipeline (a `.gitlab-ci.yml` of jobs) rather than one job:
@@ -158,7 +189,7 @@ pub fn is_pipeline(text: &str) -> bool {
         .unwrap_or(false)
 }
 
-pub fn plan(path: &Path, text: &str) -> Result<Plan, PlanError> {
+pub fn plan(path: &Path, text: &str, facts: &RunFacts) -> Result<Plan, PlanError> {
     let invalid = |key: &str, message: String| PlanError::Invalid { at: Located::key(path, key.to_string()), message };
     if text.len() > limits::YAML_BYTES {
         return Err(invalid(
@@ -183,6 +214,36 @@ pub fn plan(path: &Path, text: &str) -> Result<Plan, PlanError> {
         Some(v) => stages.extend(strings(v).ok_or_else(|| invalid("stages", "expected a list of stage names".into()))?),
     }
     stages.push(".post".into());
+
+    // `rules:` see the file's variables over the predefined ones; files and changes are read
+    // once, and only when some rule asks.
+    let mut rule_vars = facts.variables();
+    if let Some(vars) = top.get("variables").and_then(Value::as_mapping) {
+        rule_vars.extend(variable_values(vars));
+    }
+    let files = std::cell::OnceCell::new();
+    let changed = std::cell::OnceCell::new();
+    let decide = |rules: &Value, vars: &BTreeMap<String, String>| {
+        super::rules::evaluate(
+            rules,
+            &super::rules::Facts {
+                variables: vars,
+                files: files.get_or_init(|| super::rules::source_files(&facts.source_dir)),
+                changed: changed.get_or_init(|| super::rules::changed_files(&facts.source_dir)).as_deref(),
+            },
+        )
+    };
+    if let Some(rules) = top.get("workflow").and_then(|w| w.get("rules")) {
+        match decide(rules, &rule_vars).map_err(|m| invalid("workflow.rules", m))? {
+            Some(d) if d.when.as_deref() != Some("never") => {}
+            _ => {
+                return Err(PlanError::Empty {
+                    path: path.to_path_buf(),
+                    why: " (`workflow: rules` leave the pipeline out)".into(),
+                });
+            }
+        }
+    }
 
     let default = top.get("default").and_then(Value::as_mapping);
     let mut jobs = Vec::new();
@@ -215,7 +276,28 @@ pub fn plan(path: &Path, text: &str) -> Result<Plan, PlanError> {
                 Some(strings(v).ok_or_else(|| invalid(&at("dependencies"), "expected a list of job names".into()))?)
             }
         };
-        let when = match get("when").map(|v| v.as_str()) {
+        let mut when_word = get("when").cloned();
+        let mut allow_override = None;
+        if let Some(rules) = get("rules") {
+            let mut vars = rule_vars.clone();
+            vars.insert("CI_JOB_NAME".into(), name.to_string());
+            if let Some(own) = get("variables").and_then(Value::as_mapping) {
+                vars.extend(variable_values(own));
+            }
+            match decide(rules, &vars).map_err(|m| invalid(&at("rules"), m))? {
+                None => continue,
+                Some(d) => {
+                    if let Some(w) = d.when {
+                        when_word = Some(Value::String(w));
+                    }
+                    allow_override = d.allow_failure;
+                }
+            }
+        }
+        if when_word.as_ref().and_then(Value::as_str) == Some("never") {
+            continue;
+        }
+        let when = match when_word.as_ref().map(|v| v.as_str()) {
             None => When::OnSuccess,
             Some(Some("on_success")) => When::OnSuccess,
             Some(Some("on_failure")) => When::OnFailure,
@@ -244,12 +326,19 @@ pub fn plan(path: &Path, text: &str) -> Result<Plan, PlanError> {
             },
             Some(_) => return Err(invalid(&at("allow_failure"), "expected true, false or {exit_codes: [...]}".into())),
         };
+        let allow_failure = match allow_override {
+            Some(true) => AllowFailure::Yes,
+            Some(false) => AllowFailure::No,
+            None => allow_failure,
+        };
         let artifacts = match get("artifacts") {
             None => Vec::new(),
             Some(v) => artifacts(v).map_err(|m| invalid(&at("artifacts"), m))?,
         };
-        jobs.push(PlannedJob {
+        let job = PlannedJob {
             name: name.to_string(),
+            source: name.to_string(),
+            variables: Vec::new(),
             stage,
             stage_index,
             needs,
@@ -257,8 +346,24 @@ pub fn plan(path: &Path, text: &str) -> Result<Plan, PlanError> {
             when,
             allow_failure,
             artifacts,
-        });
+        };
+        match get("parallel") {
+            None => jobs.push(job),
+            Some(v) => {
+                let instances = parallel(v).map_err(|m| invalid(&at("parallel"), m))?;
+                let total = instances.len();
+                for (i, (suffix, vars)) in instances.into_iter().enumerate() {
+                    let mut variables = vec![
+                        ("CI_NODE_INDEX".to_string(), (i + 1).to_string()),
+                        ("CI_NODE_TOTAL".into(), total.to_string()),
+                    ];
+                    variables.extend(vars);
+                    jobs.push(PlannedJob { name: format!("{name}{suffix}"), variables, ..job.clone() });
+                }
+            }
+        }
     }
+    expand_parallel_edges(&mut jobs);
     if jobs.is_empty() {
         return Err(PlanError::Empty {
             path: path.to_path_buf(),
@@ -268,6 +373,94 @@ pub fn plan(path: &Path, text: &str) -> Result<Plan, PlanError> {
     let plan = Plan { path: path.to_path_buf(), stages, jobs };
     check_edges(&plan)?;
     Ok(plan)
+}
+
+/// GitLab's most instances of one `parallel:` job.
+const PARALLEL_MAX: usize = 200;
+
+/// One instance of a `parallel:` job: its name suffix (` 2/3`, `: [a, x]`) and its variables.
+type Instance = (String, Vec<(String, String)>);
+
+/// `parallel: N` or `parallel: {matrix: [...]}` -> its instances.
+fn parallel(v: &Value) -> Result<Vec<Instance>, String> {
+    if let Some(n) = v.as_u64() {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        if !(1..=PARALLEL_MAX).contains(&n) {
+            return Err(format!("{n}: expected 1 to {PARALLEL_MAX}"));
+        }
+        return Ok((1..=n).map(|i| (format!(" {i}/{n}"), Vec::new())).collect());
+    }
+    let matrix = v
+        .get("matrix")
+        .and_then(Value::as_sequence)
+        .ok_or("expected a number or `{matrix: [{KEY: value or [values]}, ...]}`")?;
+    let mut out = Vec::new();
+    for entry in matrix {
+        let m = entry.as_mapping().ok_or("each `matrix` entry is a mapping of variables")?;
+        // The cartesian product of the entry's values, keys in file order.
+        let mut combos: Vec<Vec<(String, String)>> = vec![Vec::new()];
+        for (key, values) in m {
+            let key = key.as_str().ok_or("matrix keys are variable names")?.to_string();
+            let values = match values {
+                Value::Sequence(items) => items.iter().map(scalar).collect::<Option<Vec<_>>>(),
+                other => scalar(other).map(|s| vec![s]),
+            }
+            .ok_or(format!("matrix `{key}`: expected a value or a list of values"))?;
+            let mut next = Vec::with_capacity(combos.len() * values.len());
+            for combo in &combos {
+                for value in &values {
+                    let mut c = combo.clone();
+                    c.push((key.clone(), value.clone()));
+                    next.push(c);
+                }
+            }
+            combos = next;
+            if combos.len() > PARALLEL_MAX {
+                return Err(format!("the matrix makes more than {PARALLEL_MAX} jobs"));
+            }
+        }
+        out.extend(combos);
+    }
+    if out.is_empty() || out.len() > PARALLEL_MAX {
+        return Err(format!("the matrix makes {} jobs: expected 1 to {PARALLEL_MAX}", out.len()));
+    }
+    Ok(out
+        .into_iter()
+        .map(|vars| {
+            let values: Vec<&str> = vars.iter().map(|(_, v)| v.as_str()).collect();
+            (format!(": [{}]", values.join(", ")), vars)
+        })
+        .collect())
+}
+
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// `needs: [test]` and `dependencies: [test]` of a `parallel:` job mean every instance of it.
+fn expand_parallel_edges(jobs: &mut [PlannedJob]) {
+    let instances = |jobs: &[PlannedJob], name: &str| -> Vec<String> {
+        let of: Vec<String> =
+            jobs.iter().filter(|j| j.source == name && j.name != name).map(|j| j.name.clone()).collect();
+        if of.is_empty() { vec![name.to_string()] } else { of }
+    };
+    let snapshot = jobs.to_vec();
+    for job in jobs.iter_mut() {
+        if let Some(needs) = &mut job.needs {
+            *needs = needs
+                .iter()
+                .flat_map(|n| instances(&snapshot, &n.job).into_iter().map(|job| Need { job, artifacts: n.artifacts }))
+                .collect();
+        }
+        if let Some(deps) = &mut job.dependencies {
+            *deps = deps.iter().flat_map(|d| instances(&snapshot, d)).collect();
+        }
+    }
 }
 
 /// `needs` and `dependencies` name jobs of this pipeline; `needs` form no cycle; a dependency
@@ -354,6 +547,19 @@ fn merged_keys(tree: &Value, name: &str, path: &Path) -> Result<Mapping, PlanErr
     Ok(merged)
 }
 
+/// A `variables:` mapping's values as text (`{value: ...}` forms included).
+fn variable_values(m: &Mapping) -> Vec<(String, String)> {
+    m.iter()
+        .filter_map(|(k, v)| {
+            let value = match v {
+                Value::Mapping(full) => full.get("value").and_then(scalar).unwrap_or_default(),
+                other => scalar(other).unwrap_or_default(),
+            };
+            Some((k.as_str()?.to_string(), value))
+        })
+        .collect()
+}
+
 fn strings(v: &Value) -> Option<Vec<String>> {
     match v {
         Value::String(s) => Some(vec![s.clone()]),
@@ -429,7 +635,7 @@ mod tests {
     use super::*;
 
     fn p(text: &str) -> Result<Plan, PlanError> {
-        plan(Path::new(".gitlab-ci.yml"), text)
+        plan(Path::new(".gitlab-ci.yml"), text, &RunFacts::default())
     }
 
     const PIPELINE: &str = r#"
@@ -512,6 +718,45 @@ cleanup:
         assert!(e.contains("a.when"), "{e}");
         let e = err("variables: {A: b}\n.hidden: {script: [x]}");
         assert!(e.contains("no jobs to run"), "{e}");
+    }
+
+    #[test]
+    fn parallel_jobs_become_instances_and_needs_wait_for_all() {
+        let plan = p(concat!(
+            "build: {stage: build, script: [x], parallel: 2}\n",
+            "test: {script: [x], parallel: {matrix: [{OS: [linux, mac], V: 1}, {OS: bsd}]}, needs: [build]}\n",
+        ))
+        .unwrap();
+        let names: Vec<_> = plan.jobs.iter().map(|j| j.name.as_str()).collect();
+        assert_eq!(names, ["build 1/2", "build 2/2", "test: [linux, 1]", "test: [mac, 1]", "test: [bsd]"]);
+        let mac = plan.job("test: [mac, 1]").unwrap();
+        assert_eq!(mac.source, "test");
+        let vars: Vec<(&str, &str)> = mac.variables.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(vars, [("CI_NODE_INDEX", "2"), ("CI_NODE_TOTAL", "3"), ("OS", "mac"), ("V", "1")]);
+        assert_eq!(plan.waits_for(mac), ["build 1/2", "build 2/2"]);
+        let e = p("a: {script: [x], parallel: 500}").unwrap_err().to_string();
+        assert!(e.contains("a.parallel") && e.contains("1 to 200"), "{e}");
+    }
+
+    #[test]
+    fn rules_include_exclude_and_override() {
+        let plan = p(concat!(
+            "variables: {DEPLOY: 'yes'}\n",
+            "always-on: {script: [x]}\n",
+            "deploy: {script: [x], rules: [{if: '$DEPLOY == \"yes\" && $CI_PIPELINE_SOURCE == \"push\"', allow_failure: true}]}\n",
+            "never: {script: [x], rules: [{if: '$DEPLOY', when: never}, {when: always}]}\n",
+            "unmatched: {script: [x], rules: [{if: '$CI_COMMIT_TAG'}]}\n",
+            "own-var: {script: [x], variables: {MINE: a}, rules: [{if: '$MINE == \"a\" && $CI_JOB_NAME == \"own-var\"', when: manual}]}\n",
+        ))
+        .unwrap();
+        let names: Vec<_> = plan.jobs.iter().map(|j| j.name.as_str()).collect();
+        assert_eq!(names, ["always-on", "deploy", "own-var"]);
+        assert_eq!(plan.job("deploy").unwrap().allow_failure, AllowFailure::Yes);
+        assert_eq!(plan.job("own-var").unwrap().when, When::Manual);
+        let e = p("workflow: {rules: [{if: '$NOPE'}]}\na: {script: [x]}").unwrap_err().to_string();
+        assert!(e.contains("workflow: rules"), "{e}");
+        let e = p("a: {script: [x], rules: [{if: '$A =='}]}").unwrap_err().to_string();
+        assert!(e.contains("a.rules") && e.contains("rule 0"), "{e}");
     }
 
     #[test]

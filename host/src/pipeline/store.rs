@@ -82,9 +82,14 @@ impl ArtifactStore for JobStore {
         })
     }
 
-    fn upload<'a>(&'a self, _artifact: &'a Artifact, zip: Vec<u8>) -> BoxFuture<'a, Result<String, String>> {
+    fn upload<'a>(&'a self, artifact: &'a Artifact, zip: Vec<u8>) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
-            let path = self.dir.join(ARCHIVE);
+            // The archive feeds dependants; a report is kept beside it under its type's name.
+            let path = match (artifact.artifact_type.as_str(), artifact.artifact_format.as_str()) {
+                ("" | "archive", _) => self.dir.join(ARCHIVE),
+                (kind, "gzip") => self.dir.join(format!("{kind}.gz")),
+                (kind, _) => self.dir.join(kind),
+            };
             write_atomically(&path, &zip).await.map_err(|e| format!("{}: {e}", path.display()))?;
             Ok(format!("the local store... {}", path.display()))
         })
@@ -92,7 +97,9 @@ impl ArtifactStore for JobStore {
 }
 
 async fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("zip.tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     tokio::fs::write(&tmp, bytes).await?;
     tokio::fs::rename(&tmp, path).await
 }

@@ -292,10 +292,12 @@ pub(super) async fn download_dependencies(
 /// when its artifacts cannot be uploaded); a failed job keeps its own outcome.
 /// `expand` is the job's `$VAR` expansion, applied to `name`, `paths` and `exclude` as GitLab
 /// Runner does.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn upload_artifacts(
     job: &JobArtifacts,
     job_pod: &JobPod,
     project_dir: &str,
+    tracked: &BTreeSet<String>,
     outcome: Outcome,
     expand: &(dyn Fn(&str) -> String + Sync),
     trace: &Trace,
@@ -304,7 +306,6 @@ pub(super) async fn upload_artifacts(
         .artifacts
         .iter()
         .filter(|a| wanted(&a.when, &outcome))
-        .filter(|a| a.artifact_type.is_empty() || a.artifact_type == "archive")
         .map(|a| Artifact {
             name: expand(&a.name),
             paths: a.paths.iter().map(|p| expand(p)).collect(),
@@ -323,7 +324,11 @@ pub(super) async fn upload_artifacts(
         }
     };
     trace.info("Uploading artifacts...");
-    let patterns: Vec<String> = due.iter().flat_map(|a| a.paths.iter().cloned()).collect();
+    let mut patterns: Vec<String> = due.iter().flat_map(|a| a.paths.iter().cloned()).collect();
+    if due.iter().any(|a| a.untracked) {
+        // Untracked files can be anywhere.
+        patterns.push(".".into());
+    }
     let tar = match tar_from_pod(job_pod, project_dir, &roots(&patterns)).await {
         Ok(t) => t,
         Err(e) => return failed(format!("reading {project_dir}: {e}")),
@@ -334,13 +339,11 @@ pub(super) async fn upload_artifacts(
         Err(e) => return failed(e.to_string()),
     };
     for artifact in &due {
-        if artifact.untracked {
-            trace.warning("WARNING: artifacts:untracked is not supported by keel yet: only `paths` are collected");
-        }
         let sel = match select(&entries, &artifact.paths, &artifact.exclude) {
             Ok(s) => s,
             Err(e) => return failed(format!("bad pattern {e}")),
         };
+        let sel = if artifact.untracked { with_untracked(sel, &entries, tracked, &artifact.exclude) } else { sel };
         for p in &sel.outside {
             trace.warning(&format!("WARNING: {p}: not in the project directory {project_dir}: ignored"));
         }
@@ -359,18 +362,86 @@ pub(super) async fn upload_artifacts(
             continue;
         }
         let picked: Vec<Entry> = sel.chosen.iter().map(|&i| entries[i].clone()).collect();
-        let zip = match tokio::task::spawn_blocking(move || build_zip(&picked)).await {
-            Ok(Ok(z)) => z,
-            Ok(Err(e)) => return failed(format!("building the zip: {e}")),
+        let format = if artifact.artifact_format.is_empty() { "zip" } else { artifact.artifact_format.as_str() };
+        let kind = if artifact.artifact_type.is_empty() { "archive" } else { artifact.artifact_type.as_str() };
+        let owned_format = format.to_string();
+        let built = tokio::task::spawn_blocking(move || build_archive(&owned_format, &picked)).await;
+        let body = match built {
+            Ok(Ok((body, notes))) => {
+                for note in notes {
+                    trace.warning(&note);
+                }
+                body
+            }
+            Ok(Err(e)) => return failed(format!("building the {format} archive of {kind}: {e}")),
             Err(e) => return failed(e.to_string()),
         };
-        let size = zip.len();
-        match job.store.upload(artifact, zip).await {
-            Ok(answer) => trace.line(&format!("Uploading artifacts as \"archive\" to {answer} ({size} bytes)")),
+        let size = body.len();
+        match job.store.upload(artifact, body).await {
+            Ok(answer) => trace.line(&format!("Uploading artifacts as \"{kind}\" to {answer} ({size} bytes)")),
             Err(e) => return failed(e),
         }
     }
     outcome
+}
+
+/// `artifacts:untracked`: every file and symlink the sources did not put there (`.git`'s own
+/// excepted), less `exclude`, added to what `paths` chose.
+fn with_untracked(mut sel: Selection, entries: &[Entry], tracked: &BTreeSet<String>, exclude: &[String]) -> Selection {
+    let excluded: Vec<GlobMatcher> =
+        exclude.iter().filter_map(|p| normalize(p)).filter_map(|p| glob(&p).ok()).collect();
+    let mut chosen: BTreeSet<usize> = sel.chosen.iter().copied().collect();
+    let mut n = 0;
+    for (i, e) in entries.iter().enumerate() {
+        let untracked = !matches!(e.kind, EntryKind::Dir)
+            && !tracked.contains(&e.path)
+            && e.path != ".git"
+            && !e.path.starts_with(".git/")
+            && !excluded.iter().any(|m| m.is_match(&e.path));
+        if untracked && chosen.insert(i) {
+            n += 1;
+        }
+    }
+    sel.found.push(("untracked".into(), n));
+    sel.chosen = chosen.into_iter().collect();
+    sel
+}
+
+/// One artifact's upload body in GitLab's `artifact_format`: `zip` (an archive), `gzip` (each
+/// file a gzip member named after it, as GitLab Runner sends `reports:junit`), `raw` (one file as
+/// it is). Returns warnings for the trace beside it.
+pub fn build_archive(format: &str, entries: &[Entry]) -> Result<(Vec<u8>, Vec<String>), String> {
+    let files: Vec<(&str, &[u8])> = entries
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EntryKind::File(data) => Some((e.path.as_str(), data.as_slice())),
+            _ => None,
+        })
+        .collect();
+    match format {
+        "zip" => Ok((build_zip(entries)?, Vec::new())),
+        "gzip" => {
+            let mut out = Vec::new();
+            for (path, data) in &files {
+                let name = path.rsplit('/').next().unwrap_or(path);
+                let mut gz = flate2::GzBuilder::new()
+                    .filename(name.as_bytes())
+                    .comment(path.as_bytes())
+                    .write(&mut out, flate2::Compression::default());
+                gz.write_all(data).and_then(|_| gz.try_finish()).map_err(|e| format!("{path}: {e}"))?;
+            }
+            Ok((out, Vec::new()))
+        }
+        "raw" => match files.as_slice() {
+            [] => Err("no file to upload".into()),
+            [(_, data)] => Ok((data.to_vec(), Vec::new())),
+            [(first, data), rest @ ..] => Ok((
+                data.to_vec(),
+                vec![format!("WARNING: a raw artifact is one file: uploading {first}, not the {} others", rest.len())],
+            )),
+        },
+        other => Err(format!("artifact format {other:?} is not supported (zip, gzip, raw)")),
+    }
 }
 
 /// `roots` under the project directory as a tar (those that exist), from the helper
@@ -525,5 +596,39 @@ mod tests {
             wanted("on_failure", &Outcome::ScriptFailure { exit_code: 1 }) && !wanted("on_failure", &Outcome::Success)
         );
         assert!(wanted("always", &Outcome::Cancelled));
+    }
+
+    #[test]
+    fn report_formats_as_gitlab_takes_them() {
+        let entries = vec![dir("reports"), file("reports/a.xml", "<a/>"), file("reports/b.xml", "<b/>")];
+        let (gz, notes) = build_archive("gzip", &entries).unwrap();
+        assert!(notes.is_empty());
+        // One gzip member per file, named after it.
+        let mut members = Vec::new();
+        let mut rest: &[u8] = &gz;
+        while !rest.is_empty() {
+            let mut d = flate2::bufread::GzDecoder::new(rest);
+            let mut text = String::new();
+            d.read_to_string(&mut text).unwrap();
+            let name = String::from_utf8(d.header().unwrap().filename().unwrap().to_vec()).unwrap();
+            members.push((name, text));
+            rest = d.into_inner();
+        }
+        assert_eq!(members, [("a.xml".to_string(), "<a/>".to_string()), ("b.xml".to_string(), "<b/>".to_string())]);
+        let (raw, notes) = build_archive("raw", &entries).unwrap();
+        assert_eq!((raw.as_slice(), notes.len()), (b"<a/>".as_slice(), 1), "one file; the rest named in a warning");
+        assert!(build_archive("tar", &entries).unwrap_err().contains("not supported"));
+        assert!(build_archive("raw", &[dir("x")]).is_err());
+    }
+
+    #[test]
+    fn untracked_is_what_the_sources_did_not_bring() {
+        let entries = vec![file("README.md", "r"), file("made.txt", "m"), file(".git/HEAD", "h"), file("x.log", "l")];
+        let tracked: BTreeSet<String> = ["README.md".to_string()].into();
+        let sel = select(&entries, &[], &[]).unwrap();
+        let sel = with_untracked(sel, &entries, &tracked, &["*.log".to_string()]);
+        let chosen: Vec<&str> = sel.chosen.iter().map(|&i| entries[i].path.as_str()).collect();
+        assert_eq!(chosen, ["made.txt"]);
+        assert_eq!(sel.found, [("untracked".to_string(), 1)]);
     }
 }

@@ -390,9 +390,10 @@ async fn run_on(
             _ = interrupted(interrupts, 1) => return Outcome::Cancelled,
         }
     };
-    if let Err(reason) = copied {
-        return Outcome::SystemFailure { reason };
-    }
+    let tracked = match copied {
+        Ok(t) => t,
+        Err(reason) => return Outcome::SystemFailure { reason },
+    };
 
     phases.mark("sources");
     if let Some(job_artifacts) = artifacts.filter(|a| a.dependencies.iter().any(|d| d.artifacts_file.is_some())) {
@@ -518,7 +519,8 @@ async fn run_on(
             });
             let lookup = |k: &str| prepared.job.variable(k).map(str::to_string);
             let expand = |s: &str| crate::vocab::expand::expand(s, &lookup);
-            let upload = artifacts::upload_artifacts(job_artifacts, &job_pod, &project_dir, outcome, &expand, trace);
+            let upload =
+                artifacts::upload_artifacts(job_artifacts, &job_pod, &project_dir, &tracked, outcome, &expand, trace);
             // A second cancel stops an upload as it skips after_script.
             let outcome = tokio::select! {
                 o = upload => o,

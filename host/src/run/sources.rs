@@ -7,6 +7,10 @@ use crate::cluster::session::JobPod;
 use crate::sources::{Selection, git};
 use crate::trace::Trace;
 
+/// The paths the sources put into `$CI_PROJECT_DIR` (relative, `/`-separated): what
+/// `artifacts:untracked` leaves out.
+pub(super) type Tracked = std::collections::BTreeSet<String>;
+
 /// The project's files into `$CI_PROJECT_DIR`: a local directory, or a fresh git checkout.
 pub(super) async fn get_sources(
     job: &crate::job::Job,
@@ -14,12 +18,12 @@ pub(super) async fn get_sources(
     job_pod: &JobPod,
     project_dir: &str,
     trace: &Trace,
-) -> Result<(), String> {
+) -> Result<Tracked, String> {
     let (dir, selection, _checkout) = match sources {
         Sources::Dir(dir) => {
             if job.variable("GIT_STRATEGY") == Some("none") {
                 trace.info("Skipping Git repository setup (GIT_STRATEGY: none)");
-                return Ok(());
+                return Ok(Tracked::new());
             }
             trace.info(&format!("Copying sources from {} to {project_dir}", dir.display()));
             (dir.clone(), Selection::Worktree, None)
@@ -40,32 +44,34 @@ pub(super) async fn get_sources(
                 .checkout(cache.as_ref(), &|line| trace.line(line))
                 .await
                 .map_err(|e| format!("getting sources from {}: {}", request.url, chain(&e)))?;
-            let Some(checkout) = checkout else { return Ok(()) };
+            let Some(checkout) = checkout else { return Ok(Tracked::new()) };
             (checkout.path().to_path_buf(), Selection::Checkout, Some(checkout))
         }
     };
-    let files =
+    let (files, tracked) =
         copy_sources(job_pod, &dir, selection, project_dir).await.map_err(|r| format!("copying sources: {r}"))?;
     trace.line(&format!("Copied {files} files"));
-    Ok(())
+    Ok(tracked)
 }
 
-/// Pipes a tar of `dir` into `tar -x` in the helper container; returns the number of files.
+/// Pipes a tar of `dir` into `tar -x` in the helper container; returns the number of files and
+/// every path the tar held.
 pub(super) async fn copy_sources(
     job_pod: &JobPod,
     dir: &std::path::Path,
     selection: Selection,
     project_dir: &str,
-) -> Result<u64, String> {
+) -> Result<(u64, Tracked), String> {
     use crate::plugins::strategy_host::PodAccess;
     let dir = dir.to_path_buf();
-    let (bytes, stats) = tokio::task::spawn_blocking(move || {
+    let (bytes, stats, tracked) = tokio::task::spawn_blocking(move || {
         let mut bytes = Vec::new();
-        crate::sources::archive_selected(&dir, selection, &mut bytes).map(|stats| (bytes, stats))
+        let stats = crate::sources::archive_selected(&dir, selection, &mut bytes).map_err(|e| chain(&e))?;
+        let tracked = super::artifacts::read_tar(&bytes)?.into_iter().map(|e| e.path).collect();
+        Ok::<_, String>((bytes, stats, tracked))
     })
     .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| chain(&e))?;
+    .map_err(|e| e.to_string())??;
     let command = vec![
         "sh".to_string(),
         "-c".to_string(),
@@ -78,7 +84,7 @@ pub(super) async fn copy_sources(
     session.close_stdin().await.map_err(|e| e.to_string())?;
     let (out, exit) = finish(&mut session).await;
     match exit {
-        Ok(0) => Ok(stats.files),
+        Ok(0) => Ok((stats.files, tracked)),
         Ok(code) => {
             Err(format!("tar in the helper container exited with {code}: {}", String::from_utf8_lossy(&out).trim()))
         }

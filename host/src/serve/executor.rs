@@ -44,6 +44,8 @@ pub fn features() -> Features {
         artifacts_exclude: true,
         cache: true,
         fallback_cache_keys: true,
+        upload_multiple_artifacts: true,
+        upload_raw_artifacts: true,
         ..Features::client()
     }
 }
@@ -97,6 +99,8 @@ impl Inner {
         let payload = Arc::new(payload);
         let id = payload.id;
         let req = PrepareRequest {
+            pipeline_id: None,
+            instance_variables: Vec::new(),
             config: Some(self.config_path.clone()),
             runner: (!runner.name.is_empty()).then(|| runner.name.clone()),
             job: JobInput::Gitlab(payload.clone()),
@@ -206,16 +210,19 @@ impl ArtifactStore for GitlabArtifacts {
     fn upload<'a>(&'a self, artifact: &'a Artifact, zip: Vec<u8>) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
             let format = if artifact.artifact_format.is_empty() { "zip" } else { &artifact.artifact_format };
-            if format != "zip" {
-                return Err(format!("artifact format {format:?} is not supported (only zip)"));
-            }
+            let kind = if artifact.artifact_type.is_empty() { "archive" } else { &artifact.artifact_type };
+            // GitLab Runner's file names: the archive after `artifacts:name`, a report after its
+            // type (`junit.gz`); GitLab goes by `artifact_type`, not by the name.
+            let stem = if artifact.name.is_empty() || kind != "archive" { kind } else { &artifact.name };
+            let stem = if stem == "archive" { "artifacts" } else { stem };
+            let filename = match format {
+                "zip" => format!("{stem}.zip"),
+                "gzip" => format!("{stem}.gz"),
+                _ => stem.to_string(),
+            };
             let upload = ArtifactsUpload {
                 zip: zip.into(),
-                filename: if artifact.name.is_empty() {
-                    "artifacts.zip".into()
-                } else {
-                    format!("{}.zip", artifact.name)
-                },
+                filename,
                 artifact_type: if artifact.artifact_type.is_empty() {
                     "archive".into()
                 } else {
@@ -282,7 +289,7 @@ mod tests {
         let f = features();
         assert!(f.variables && f.masking && f.raw_variables && f.refspecs && f.cancelable && f.trace_checksum);
         assert!(f.artifacts && f.artifacts_exclude);
-        assert!(!f.upload_multiple_artifacts && !f.upload_raw_artifacts);
+        assert!(f.upload_multiple_artifacts && f.upload_raw_artifacts);
         assert!(f.service_variables && f.image_executor_opts && f.service_executor_opts);
         assert!(f.cache && f.fallback_cache_keys);
         assert!(!f.terminal && !f.session && !f.vault_secrets);

@@ -293,6 +293,11 @@ pub fn git_facts(dir: &Path) -> Option<Commit> {
     Some(Commit { commit_sha, ref_name })
 }
 
+/// Whether `name` is a tag of the repository at `dir`.
+pub fn is_tag(dir: &Path, name: &str) -> bool {
+    git(dir, &["rev-parse", "--verify", "--quiet", &format!("refs/tags/{name}")]).is_some()
+}
+
 /// Runs git in `dir` and returns its trimmed output, `None` on any failure.
 fn git(dir: &Path, args: &[&str]) -> Option<String> {
     let output = Command::new("git")

@@ -222,12 +222,12 @@ impl ExecutionStrategy for Attach {
         retry.progress();
         self.send_start(host, &id, &mut retry)?;
 
-        let start_wait_polls = (self.settings.start_wait_s * 1000).div_ceil(self.settings.poll_ms);
+        let start_wait_ms = self.settings.start_wait_s.saturating_mul(1000);
         let mut parser = MarkerParser::new(&self.nonce);
         let mut started = false;
         let mut resends = 0;
         loop {
-            let command = self.paths.reader(&id, self.offset, self.settings.poll_ms, start_wait_polls);
+            let command = self.paths.reader(&id, self.offset, self.settings.poll_ms, start_wait_ms);
             let session = match host.exec(HELPER, &command, false) {
                 Ok(s) => s,
                 Err(e) => {

@@ -76,8 +76,9 @@ impl Paths {
         )
     }
 
-    /// The exec (in the helper) that streams the log from `offset` until the stage is done.
-    pub fn reader(&self, id: &str, offset: u64, poll_ms: u32, start_wait_polls: u32) -> Vec<String> {
+    /// The exec (in the helper) that streams the log from `offset` until the stage is done,
+    /// polling at most every `poll_ms`, giving up after `start_wait_ms` without a start.
+    pub fn reader(&self, id: &str, offset: u64, poll_ms: u32, start_wait_ms: u32) -> Vec<String> {
         vec![
             "sh".into(),
             "-c".into(),
@@ -87,8 +88,8 @@ impl Paths {
             offset.to_string(),
             self.started(id),
             self.done(id),
-            format!("{}.{:03}", poll_ms / 1000, poll_ms % 1000),
-            start_wait_polls.to_string(),
+            poll_ms.to_string(),
+            start_wait_ms.to_string(),
         ]
     }
 }
@@ -99,11 +100,15 @@ pub const NOT_STARTED: i32 = 5;
 /// Exit code of [`READER`] when the log cannot be read.
 pub const NO_LOG: i32 = 3;
 
-/// Streams `$1` from byte offset `$2` as it grows, polling every `$5` seconds. It checks for
-/// the done file `$4` *before* measuring the file, so its last round reads everything the
-/// stage wrote (the exit marker is written before the done file). Partial lines go out as soon
-/// as they are in the file. Ends with [`NOT_STARTED`] if `$3` does not exist after `$6` polls.
-pub const READER: &str = r#"f=$1 off=$2 started=$3 done=$4 poll=$5 wait=$6 last= n=0
+/// Streams `$1` from byte offset `$2` as it grows. It checks for the done file `$4` *before*
+/// measuring the file, so its last round reads everything the stage wrote (the exit marker is
+/// written before the done file). Partial lines go out as soon as they are in the file. Ends
+/// with [`NOT_STARTED`] if `$3` does not exist after `$6` ms.
+///
+/// The poll starts at 10 ms and doubles up to `$5` ms: a short stage (`echo hi`) ends within a
+/// few ms, and a fixed 100 ms poll made it wait ~100 ms for nothing; a long one costs the same
+/// few processes per `$5` as before.
+pub const READER: &str = r#"f=$1 off=$2 started=$3 done=$4 max=$5 wait=$6 last= waited=0 ms=10
 [ -r "$f" ] || { echo "keel attach: cannot read the log $f" >&2; exit 3; }
 while :; do
   [ -e "$done" ] && last=1
@@ -113,8 +118,9 @@ while :; do
     off=$size
   fi
   [ -n "$last" ] && exit 0
-  if [ ! -e "$started" ]; then n=$((n + 1)); [ "$n" -gt "$wait" ] && exit 5; fi
-  sleep "$poll" 2>/dev/null || sleep 1
+  if [ ! -e "$started" ]; then waited=$((waited + ms)); [ "$waited" -gt "$wait" ] && exit 5; fi
+  sleep "$((ms / 1000)).$(printf %03d $((ms % 1000)))" 2>/dev/null || sleep 1
+  ms=$((ms * 2)); if [ "$ms" -gt "$max" ]; then ms=$max; fi
 done
 "#;
 

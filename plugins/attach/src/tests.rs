@@ -262,12 +262,12 @@ fn the_pod_side_runs_a_stage_once_and_the_reader_streams_it_from_any_offset() {
     assert_eq!(tail.stdout, all.stdout[10..]);
     // A stage whose start never arrived: the reader says so instead of waiting forever.
     let never = stage_id(2, "after_script");
-    let out = sh(READER, &paths.reader(&never, all.stdout.len() as u64, 10, 3)[4..]);
+    let out = sh(READER, &paths.reader(&never, all.stdout.len() as u64, 10, 30)[4..]);
     assert_eq!(out.status.code(), Some(protocol::NOT_STARTED), "{out:?}");
     // A script that cannot be opened still ends with an exit marker.
     let missing = stage_id(3, "script");
     run_start_line(&paths.start_line(&missing, NONCE));
-    let out = sh(READER, &paths.reader(&missing, all.stdout.len() as u64, 10, 100)[4..]);
+    let out = sh(READER, &paths.reader(&missing, all.stdout.len() as u64, 10, 1000)[4..]);
     let events = MarkerParser::new(NONCE).feed(&out.stdout);
     assert!(matches!(events.last(), Some(Event::Exited(s, code)) if *s == missing && *code != 0), "{events:?}");
 }

@@ -206,6 +206,8 @@ pub struct Facts<'a> {
     pub pipeline_id: u64,
     pub commit: Option<&'a Commit>,
     pub timeout: Option<std::time::Duration>,
+    /// `CI_RUNNER_VERSION`: the host's version (not this crate's).
+    pub runner_version: &'a str,
 }
 
 /// GitLab's predefined variables for a job: the lowest layer of [`Variables`]. Literal values,
@@ -233,7 +235,7 @@ pub fn predefined(f: &Facts<'_>) -> Variables {
     set("CI_CONCURRENT_ID", f.concurrent_id.to_string());
     set("CI_CONCURRENT_PROJECT_ID", f.concurrent_id.to_string());
     set("CI_RUNNER_SHORT_TOKEN", short_token(f.runner_token));
-    set("CI_RUNNER_VERSION", env!("CARGO_PKG_VERSION").into());
+    set("CI_RUNNER_VERSION", f.runner_version.into());
     set("CI_NODE_TOTAL", "1".into());
     set("CI_PIPELINE_ID", f.pipeline_id.to_string());
     if let Some(c) = f.commit {

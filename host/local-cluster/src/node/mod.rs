@@ -91,7 +91,12 @@
 //! other than root (the image's `User`, or `runAsUser`/`runAsGroup`) gets a user namespace of
 //! its own in which only that uid and gid exist, mapped to the pod's root: files appear owned
 //! by it, supplementary groups are not set. An image not in the store runs on the host's root
-//! (read-only) unless `NodeImages::host_rootfs` is off, when its pull fails as containerd's does.
+//! (read-only) unless `NodeImages::host_rootfs` is off, when it is pulled from its registry
+//! (`image::pull`: oci-client for the protocol, mirrors and plain-HTTP registries as
+//! `NodeImages::registries` says, credentials from the pod's `imagePullSecrets` and the node's
+//! docker config, one pull per image and one fetch per blob at a time, digests checked), with
+//! the kubelet's `Pulling`/`Pulled` events through `ImageHooks` and containerd's words when it
+//! fails.
 //!
 //! # Resources: what a kubelet would set
 //! Limits are enforced with per-container cgroups below a directory of the node's own
@@ -163,7 +168,8 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 
-pub use image::{LoadedImage, StoreError};
+pub use image::{ImageEvent, LoadedImage, RegistryOptions, RegistryOptionsError, StoreError, parse_mirror};
+pub(crate) use pod::go_duration;
 pub use session::{ExitStatus, Session, TerminalSize};
 
 /// Configuration of the embedded node.
@@ -193,15 +199,33 @@ pub struct NodeImages {
     /// into the store at start.
     pub images_from: Option<PathBuf>,
     /// An image not in the store runs on the host's root filesystem, as before the store existed;
-    /// `false`: its pull fails as containerd's does for an image no registry has, unless
-    /// `images_dir` maps its name to a rootfs. An image in the store always runs from the store.
+    /// `false`: it is pulled from its registry (see `image::pull`), unless `images_dir` maps
+    /// its name to a rootfs. An image in the store always runs from the store.
     pub host_rootfs: bool,
+    /// Mirrors, plain-HTTP registries, extra CAs, the node's docker config.
+    pub registries: RegistryOptions,
 }
 
 impl Default for NodeImages {
     fn default() -> Self {
-        NodeImages { images_from: None, host_rootfs: true }
+        NodeImages { images_from: None, host_rootfs: true, registries: RegistryOptions::default() }
     }
+}
+
+/// Called with a pod's uid, a container's name and image for what the kubelet records about
+/// the container's image before each start (see `ImageEvent`).
+pub type ImageEventSink = Arc<dyn Fn(&str, &str, &str, ImageEvent) + Send + Sync>;
+
+/// The data of a pod's image pull secrets (pod uid -> `(secret name, key -> bytes)`, in the
+/// pod's order), read at each pull as the kubelet reads them: a Secret created after its pod
+/// counts from the next pull on.
+pub type PullSecretSource = Arc<dyn Fn(&str) -> Vec<(String, BTreeMap<String, Vec<u8>>)> + Send + Sync>;
+
+/// What the node asks of the API side about images.
+#[derive(Clone)]
+pub struct ImageHooks {
+    pub events: ImageEventSink,
+    pub pull_secrets: PullSecretSource,
 }
 
 /// The kubelet's initial back-off (`backOffPeriod`); the cap is `MAX_BACKOFF_FACTOR` times it.
@@ -302,6 +326,8 @@ pub enum NodeError {
         #[source]
         source: image::StoreError,
     },
+    #[error("invalid registry options: {0}")]
+    Registries(#[source] image::RegistryOptionsError),
     #[error("cannot list image archives in {path}: {source}")]
     ImagesFrom {
         path: PathBuf,
@@ -345,6 +371,7 @@ pub(crate) struct NodeInner {
     cgroups: cgroup::NodeCgroups,
     images: image::Images,
     images_from: Option<PathBuf>,
+    image_hooks: std::sync::OnceLock<ImageHooks>,
     pods: Mutex<HashMap<String, Arc<pod::PodRuntime>>>,
     shut_down: std::sync::atomic::AtomicBool,
 }
@@ -367,10 +394,14 @@ impl Node {
         let cgroups = cgroup::NodeCgroups::create(&isolation);
         let spawner = sandbox::Spawner::start(rt.clone());
         let store_dir = cfg.data_dir.join("images");
-        let store = image::Store::open(&store_dir, isolation.root)
-            .map_err(|source| NodeError::ImageStore { path: store_dir.clone(), source })?;
+        let store = Arc::new(
+            image::Store::open(&store_dir, isolation.root)
+                .map_err(|source| NodeError::ImageStore { path: store_dir.clone(), source })?,
+        );
+        let puller = image::Puller::new(store.clone(), &image_opts.registries).map_err(NodeError::Registries)?;
         let images = image::Images {
-            store: Some(Arc::new(store)),
+            store: Some(store),
+            puller: Some(Arc::new(puller)),
             host_rootfs: image_opts.host_rootfs,
             images_dir: cfg.images_dir.clone(),
             unavailable: cfg.unavailable_images.clone(),
@@ -380,6 +411,7 @@ impl Node {
             inner: Arc::new(NodeInner {
                 images,
                 images_from: image_opts.images_from,
+                image_hooks: std::sync::OnceLock::new(),
                 cfg,
                 sink: on_status,
                 rt,
@@ -390,6 +422,14 @@ impl Node {
                 shut_down: std::sync::atomic::AtomicBool::new(false),
             }),
         })
+    }
+
+    /// Where the kubelet's image events go and pull secrets come from; set once, before pods
+    /// run (without: no events, anonymous pulls and the node's own credentials only).
+    pub fn set_image_hooks(&self, hooks: ImageHooks) {
+        if self.inner.image_hooks.set(hooks).is_err() {
+            tracing::warn!("the node's image hooks were already set");
+        }
     }
 
     /// Loads every archive in `NodeImages::images_from` (files ending in `.tar`, `.tar.gz` or

@@ -458,11 +458,24 @@ impl PodRuntime {
     ) -> Option<Option<Arc<StoredImage>>> {
         let name = rt.spec.name.as_str();
         let image = rt.spec.image.clone().unwrap_or_default();
-        let (images, base) = self.node().map(|n| (n.images.clone(), n.cfg.backoff_base))?;
+        let (images, base, hooks) =
+            self.node().map(|n| (n.images.clone(), n.cfg.backoff_base, n.image_hooks.get().cloned()))?;
+        let on_pull = |e: image::ImageEvent| {
+            if let Some(h) = &hooks {
+                (h.events)(&self.uid, name, &image, e);
+            }
+        };
         let max = base * MAX_BACKOFF_FACTOR;
         let mut backoff = base;
         loop {
-            let (reason, msg) = match images.check(&image, rt.spec.image_pull_policy.as_deref()) {
+            let secret_data = hooks.as_ref().map(|h| (h.pull_secrets)(&self.uid)).unwrap_or_default();
+            let secrets = image::pod_configs(secret_data.iter().map(|(n, d)| (n.as_str(), d)));
+            let policy = rt.spec.image_pull_policy.as_deref();
+            let check = tokio::select! {
+                c = images.ensure(&image, policy, &secrets, &on_pull) => c,
+                _ = stop.wait_for(Option::is_some) => return None,
+            };
+            let (reason, msg) = match check {
                 ImageCheck::Ready(stored) => return Some(stored),
                 ImageCheck::InvalidName(msg) => ("InvalidImageName", msg),
                 ImageCheck::NeverPull(msg) => ("ErrImageNeverPull", msg),
@@ -508,7 +521,9 @@ impl PodRuntime {
                 let working_dir = c.working_dir.clone().unwrap_or_else(|| "/".into());
                 let images_dir = node.cfg.images_dir.as_ref();
                 let root = images_dir.map(|d| d.join(image.replace(['/', ':'], "_"))).filter(|p| p.is_dir());
-                (env, argv, working_dir, None, Rootfs::ReadOnly(root))
+                let user = image::host_root_user(&self.pod, c)
+                    .map_err(|message| CreateFailure { reason: "CreateContainerError", message })?;
+                (env, argv, working_dir, user, Rootfs::ReadOnly(root))
             }
             Some(img) => {
                 // The runtime's failures to apply the image's config: CreateContainerError.
@@ -521,15 +536,28 @@ impl PodRuntime {
                 let argv = img.run.argv(c.command.as_deref(), c.args.as_deref()).map_err(runtime)?;
                 let argv = argv.iter().map(|a| expand(a, &env)).collect();
                 let dir = writable_dir.clone();
-                let (img2, hostname) = (img.clone(), self.name.clone());
-                let overlay = tokio::task::spawn_blocking(move || image::writable_root(&img2, &dir, &hostname, POD_IP))
+                let (img2, hosts) = (img.clone(), self.etc_hosts());
+                let overlay = tokio::task::spawn_blocking(move || image::writable_root(&img2, &dir, &hosts))
                     .await
                     .map_err(|e| runtime(e.to_string()))?
                     .map_err(|e| runtime(format!("cannot make the container's writable layer: {e}")))?;
                 (env, argv, defaults.working_dir, defaults.user, Rootfs::Overlay(overlay))
             }
         };
-        let binds = self.binds(c)?;
+        let mut binds = self.binds(c)?;
+        // A container on the host's root would see the host's /etc/hosts: like a kubelet, give
+        // it the pod's when the pod asks for `hostAliases` (an image's root gets it in its
+        // writable layer instead).
+        let aliased = self.spec().host_aliases.is_some_and(|a| !a.is_empty());
+        if aliased
+            && matches!(rootfs, Rootfs::ReadOnly(_))
+            && !binds.iter().any(|b| b.dest == "/etc/hosts")
+            && std::path::Path::new("/etc/hosts").is_file()
+        {
+            let path = self.dir.join("etc-hosts");
+            std::fs::write(&path, self.etc_hosts()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            binds.push(Bind { source: path, dest: "/etc/hosts".into(), read_only: true });
+        }
         let log_path = self.dir.join("logs").join(&c.name).join(format!("{restarts}.log"));
         let log = LogFile::create(&log_path).map_err(|e| format!("cannot create log {}: {e}", log_path.display()))?;
         let (memory, cpu) = resource_limits(c)?;
@@ -733,6 +761,11 @@ impl PodRuntime {
         });
         tracing::info!(k8s.container = %c.name, exit.code = code, exit.reason = reason, "container ended");
         Ok(code)
+    }
+
+    /// The pod's `/etc/hosts`, as a kubelet writes it (its `hostAliases` included).
+    fn etc_hosts(&self) -> String {
+        image::etc_hosts(&self.name, POD_IP, self.spec().host_aliases.as_deref().unwrap_or_default())
     }
 
     fn binds(&self, c: &Container) -> Result<Vec<Bind>, String> {

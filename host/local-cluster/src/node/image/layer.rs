@@ -311,3 +311,22 @@ mod tests {
         assert_eq!(std::fs::read_dir(&layers).unwrap().count(), 1, "a failed unpack leaves nothing");
     }
 }
+
+#[cfg(test)]
+mod parentless_tests {
+    #[test]
+    fn a_file_whose_directory_has_no_entry_unpacks() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(3);
+        h.set_mtime(0);
+        b.append_data(&mut h, "data/random", &b"abc"[..]).unwrap();
+        let bytes = b.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let r = super::unpack(&mut bytes.as_slice(), dir.path(), false);
+        let chain = r.as_ref().err().map(|e| format!("{e} / {:?}", std::error::Error::source(e)));
+        assert!(r.is_ok(), "{chain:?}");
+        assert_eq!(std::fs::read(dir.path().join("data/random")).unwrap(), b"abc");
+    }
+}

@@ -3,28 +3,36 @@
 //! container's image before it starts it: whether the name parses, whether the image is
 //! present, and whether the pull policy lets it pull.
 //!
-//! There are no registries here. An image in the store is present, whatever the pull policy
-//! (there is no registry to check `Always` against). An image not in the store runs on the
-//! host's root filesystem (or its `images_dir` rootfs) when the node allows that
-//! (`host_rootfs`, the default): then every well-formed image is present and pullable, except
-//! those the node is told about: `unavailable_images` are neither present nor pullable,
-//! `cached_unpullable_images` are present but cannot be pulled (a cached image whose registry is
-//! gone). Without `host_rootfs` an image not in the store fails its pull as containerd's does
-//! when a registry has no such image.
+//! Without `host_rootfs`, the node is a real one: images come from the store or from registries
+//! (`pull`). `IfNotPresent` and `Never` use the store (or an `images_dir` rootfs mapped to the
+//! name); `Always` resolves the name at its registry and fetches only when the digest is not
+//! the stored one. A pull is reported as the kubelet reports it (`Pulling`, `Pulled` with size
+//! and duration, see `PullEvent`) and fails with containerd's words.
+//!
+//! With `host_rootfs` (the interim default) no registry is asked: an image in the store is
+//! present whatever the pull policy, and an image not in the store runs on the host's root
+//! filesystem (or its `images_dir` rootfs): then every well-formed image is present and
+//! pullable, except those the node is told about: `unavailable_images` are neither present
+//! nor pullable, `cached_unpullable_images` are present but cannot be pulled (a cached image
+//! whose registry is gone).
 
 mod archive;
 pub(crate) mod config;
 mod layer;
+pub(crate) mod pull;
 mod reference;
 mod run;
 pub(crate) mod store;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub(crate) use layer::remove_all;
+pub(crate) use pull::{DockerConfig, Puller, pod_configs};
+pub use pull::{RegistryOptions, RegistryOptionsError, parse_mirror};
 use reference::parse_normalized;
 pub(crate) use reference::{default_pull_policy, normalized, repository};
-pub(crate) use run::{defaults as image_defaults, writable_root};
+pub(crate) use run::{defaults as image_defaults, etc_hosts, host_root_user, writable_root};
 pub use store::{LoadedImage, StoreError};
 pub(crate) use store::{Store, StoredImage};
 
@@ -53,9 +61,77 @@ pub(crate) struct Images {
     pub images_dir: Option<std::path::PathBuf>,
     pub unavailable: Vec<String>,
     pub cached_unpullable: Vec<String>,
+    /// Pulls from registries (used without `host_rootfs`).
+    pub puller: Option<Arc<Puller>>,
+}
+
+/// What the kubelet records about a container's image before each start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageEvent {
+    /// `Pulling image "x"`: the policy makes the node pull (a registry is asked).
+    Pulling,
+    /// `Successfully pulled image "x" in 1.2s (1.2s including waiting). Image size: N bytes.`
+    Pulled { took: Duration, size: u64 },
+    /// `Container image "x" already present on machine`: no pull needed.
+    AlreadyPresent,
 }
 
 impl Images {
+    /// The kubelet's `EnsureImageExists` for `image` under `policy`: as `check`, with pulls from
+    /// registries when the node has no host rootfs to fall back on. `on_pull` hears of each
+    /// pull (a registry asked), as the kubelet records it.
+    pub async fn ensure(
+        &self,
+        image: &str,
+        policy: Option<&str>,
+        secrets: &[DockerConfig],
+        on_pull: &(dyn Fn(ImageEvent) + Send + Sync),
+    ) -> ImageCheck {
+        let Some(puller) = self.puller.as_ref().filter(|_| !self.host_rootfs) else {
+            let check = self.check(image, policy);
+            match &check {
+                ImageCheck::PullFailed(_) => on_pull(ImageEvent::Pulling),
+                ImageCheck::Ready(_) => on_pull(ImageEvent::AlreadyPresent),
+                _ => {}
+            }
+            return check;
+        };
+        if let Err(e) = parse_normalized(image) {
+            return ImageCheck::InvalidName(format!(
+                "Failed to apply default image tag {image:?}: couldn't parse image name {image:?}: {e}"
+            ));
+        }
+        let stored = self.store.as_ref().and_then(|s| s.get(image));
+        let mapped = self.images_dir.as_ref().is_some_and(|d| d.join(image.replace(['/', ':'], "_")).is_dir());
+        let policy = policy.map_or_else(|| default_pull_policy(image), str::to_owned);
+        match policy.as_str() {
+            "Never" | "IfNotPresent" if stored.is_some() || mapped => {
+                on_pull(ImageEvent::AlreadyPresent);
+                return ImageCheck::Ready(stored);
+            }
+            "Never" => {
+                return ImageCheck::NeverPull(format!(
+                    "Container image {image:?} is not present with pull policy of Never"
+                ));
+            }
+            // A name mapped to a rootfs explicitly has no registry to ask.
+            _ if mapped && stored.is_none() => {
+                on_pull(ImageEvent::AlreadyPresent);
+                return ImageCheck::Ready(None);
+            }
+            _ => {}
+        }
+        on_pull(ImageEvent::Pulling);
+        let started = Instant::now();
+        match puller.pull(image, secrets).await {
+            Ok(p) => {
+                on_pull(ImageEvent::Pulled { took: started.elapsed(), size: p.size });
+                ImageCheck::Ready(Some(p.image))
+            }
+            Err(e) => ImageCheck::PullFailed(e.to_string()),
+        }
+    }
+
     /// The decision for `image` under `policy` (`None`: the API server's default for the image).
     pub fn check(&self, image: &str, policy: Option<&str>) -> ImageCheck {
         if let Err(e) = parse_normalized(image) {
@@ -128,6 +204,7 @@ mod tests {
             images_dir: Some(dir.path().to_path_buf()),
             unavailable: vec![],
             cached_unpullable: vec![],
+            puller: None,
         };
         assert_eq!(images.check("mapped:1", None), ImageCheck::Ready(None), "mapped explicitly by images_dir");
         assert_eq!(
@@ -150,6 +227,7 @@ mod tests {
             images_dir: None,
             unavailable: vec!["gone:1".into()],
             cached_unpullable: vec!["cached:1".into()],
+            puller: None,
         };
         assert_eq!(images.check("busybox", Some("Always")), ImageCheck::Ready(None));
         assert_eq!(images.check("cached:1", Some("IfNotPresent")), ImageCheck::Ready(None));

@@ -77,6 +77,18 @@ pub(crate) fn parse_normalized(image: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `sha256:` and 64 lower-case hex digits: the only digests the store names files by.
+pub(crate) fn is_sha256_digest(d: &str) -> bool {
+    d.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+}
+
+/// The registry (domain) of an image reference, as containerd resolves it (`busybox` ->
+/// `docker.io`, `localhost:5000/a` -> `localhost:5000`).
+pub(crate) fn domain(image: &str) -> String {
+    split_domain(image).0
+}
+
 /// The repository of a normalized reference, without tag or digest
 /// (`docker.io/library/busybox:1.36` -> `docker.io/library/busybox`).
 pub(crate) fn repository(normalized: &str) -> &str {

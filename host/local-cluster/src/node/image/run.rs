@@ -23,6 +23,29 @@ pub(crate) struct ImageDefaults {
     pub home: String,
 }
 
+/// `securityContext.runAsUser` and `runAsGroup` of `c`, the container's over the pod's.
+fn run_as(pod: &Pod, c: &Container) -> (Option<i64>, Option<i64>) {
+    let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let sc = c.security_context.as_ref();
+    let user = sc.and_then(|s| s.run_as_user).or_else(|| pod_sc.and_then(|s| s.run_as_user));
+    let group = sc.and_then(|s| s.run_as_group).or_else(|| pod_sc.and_then(|s| s.run_as_group));
+    (user, group)
+}
+
+/// The user of a container on the host's root filesystem: `runAsUser`/`runAsGroup` as for an
+/// image, a missing group looked up in the host's `/etc/passwd` (the host is the image here).
+/// `None`: root, as before any of them is set.
+pub(crate) fn host_root_user(pod: &Pod, c: &Container) -> Result<Option<(u32, u32)>, String> {
+    let spec = match run_as(pod, c) {
+        (None, None) => return Ok(None),
+        (Some(u), Some(g)) => format!("{u}:{g}"),
+        (Some(u), None) => u.to_string(),
+        (None, Some(g)) => format!("0:{g}"),
+    };
+    let resolved = resolve_user(Path::new("/"), &spec)?;
+    Ok((resolved.uid != 0 || resolved.gid != 0).then_some((resolved.uid, resolved.gid)))
+}
+
 /// The image's defaults for `c`: `securityContext.runAsUser`/`runAsGroup` (container, then pod)
 /// win over the image's `User`, which is looked up in the image's own `/etc/passwd`.
 pub(crate) fn defaults(pod: &Pod, c: &Container, image: &StoredImage) -> Result<ImageDefaults, String> {
@@ -40,10 +63,7 @@ pub(crate) fn defaults(pod: &Pod, c: &Container, image: &StoredImage) -> Result<
         .or_else(|| image.run.working_dir.clone())
         .filter(|w| !w.is_empty())
         .unwrap_or_else(|| "/".into());
-    let pod_sc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
-    let sc = c.security_context.as_ref();
-    let run_as_user = sc.and_then(|s| s.run_as_user).or_else(|| pod_sc.and_then(|s| s.run_as_user));
-    let run_as_group = sc.and_then(|s| s.run_as_group).or_else(|| pod_sc.and_then(|s| s.run_as_group));
+    let (run_as_user, run_as_group) = run_as(pod, c);
     let user_spec = match (run_as_user, run_as_group) {
         (Some(u), Some(g)) => Some(format!("{u}:{g}")),
         (Some(u), None) => Some(u.to_string()),
@@ -57,22 +77,26 @@ pub(crate) fn defaults(pod: &Pod, c: &Container, image: &StoredImage) -> Result<
     Ok(ImageDefaults { env, working_dir, user, home: resolved.home.unwrap_or_else(|| "/".into()) })
 }
 
-/// The kubelet's `/etc/hosts` (pod IP and hostname as this node has them).
-fn etc_hosts(hostname: &str, ip: &str) -> String {
-    format!(
+/// The kubelet's `/etc/hosts` (pod IP and hostname as this node has them), with the pod's
+/// `hostAliases` appended as the kubelet appends them.
+pub(crate) fn etc_hosts(hostname: &str, ip: &str, aliases: &[k8s_openapi::api::core::v1::HostAlias]) -> String {
+    let mut hosts = format!(
         "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
          fe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n{ip}\t{hostname}\n"
-    )
+    );
+    let entries: Vec<_> = aliases.iter().filter(|a| a.hostnames.as_ref().is_some_and(|h| !h.is_empty())).collect();
+    if !entries.is_empty() {
+        hosts.push_str("\n# Entries added by HostAliases.\n");
+        for a in entries {
+            hosts.push_str(&format!("{}\t{}\n", a.ip, a.hostnames.as_deref().unwrap_or_default().join("\t")));
+        }
+    }
+    hosts
 }
 
 /// Makes `dir/{upper,work,merged}` for a container's writable layer over the image's root, with
 /// the `/etc/hosts` a kubelet gives every container in its upper layer.
-pub(crate) fn writable_root(
-    image: &StoredImage,
-    dir: &Path,
-    hostname: &str,
-    ip: &str,
-) -> std::io::Result<OverlayMount> {
+pub(crate) fn writable_root(image: &StoredImage, dir: &Path, hosts: &str) -> std::io::Result<OverlayMount> {
     if dir.exists() {
         super::remove_all(dir)?;
     }
@@ -87,7 +111,7 @@ pub(crate) fn writable_root(
     }
     if image.rootfs.join("etc").is_dir() {
         std::fs::create_dir_all(o.upper.join("etc"))?;
-        std::fs::write(o.upper.join("etc/hosts"), etc_hosts(hostname, ip))?;
+        std::fs::write(o.upper.join("etc/hosts"), hosts)?;
     }
     Ok(o)
 }

@@ -54,6 +54,10 @@ pub(crate) struct StoredImage {
     pub repo_digest: String,
     pub run: RunConfig,
     pub rootfs: PathBuf,
+    /// Its config and layer blobs, recorded in the index.
+    pub blobs: Vec<String>,
+    /// Bytes of its config and layers as stored (compressed), the size a kubelet reports.
+    pub size: u64,
 }
 
 impl PartialEq for StoredImage {
@@ -81,6 +85,9 @@ struct Record {
     name: String,
     id: String,
     repo_digest: String,
+    /// The image's blobs, to recompute its size (absent in stores written before pulls).
+    #[serde(default)]
+    blobs: Vec<String>,
 }
 
 pub(crate) struct Store {
@@ -94,7 +101,7 @@ pub(crate) struct Store {
 }
 
 /// The node's platform as OCI names it.
-fn platform() -> (&'static str, &'static str) {
+pub(crate) fn platform() -> (&'static str, &'static str) {
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -129,7 +136,7 @@ impl Store {
                 let image = match by_id.get(&r.id) {
                     Some(i) => i.clone(),
                     None => {
-                        let i = Arc::new(store.image(&r.id, &r.repo_digest)?);
+                        let i = Arc::new(store.image(&r.id, &r.repo_digest, &r.blobs)?);
                         by_id.insert(r.id.clone(), i.clone());
                         i
                     }
@@ -140,8 +147,29 @@ impl Store {
         Ok(store)
     }
 
-    fn blobs(&self) -> PathBuf {
+    pub fn blobs(&self) -> PathBuf {
         self.dir.join("blobs")
+    }
+
+    /// Whether the blob `digest` is stored (it was verified when it was).
+    pub fn has_blob(&self, digest: &str) -> bool {
+        reference::is_sha256_digest(digest) && blob_path(&self.blobs(), digest).is_file()
+    }
+
+    /// Adds an image whose blobs are already stored (a pull), under `name` (normalized).
+    pub fn add(
+        &self,
+        name: &str,
+        config: &str,
+        layers: &[String],
+        repo_digest: &str,
+    ) -> Result<Arc<StoredImage>, StoreError> {
+        let _one_at_a_time = self.loading.lock().expect("loading lock");
+        let image = Arc::new(self.assemble(config, layers, repo_digest)?);
+        self.names.write().expect("names lock").insert(name.to_owned(), image.clone());
+        self.write_index()?;
+        tracing::info!(image.name = %name, image.id = %image.id, "image pulled into the store");
+        Ok(image)
     }
 
     /// The image `reference` names (any form a pod may use), if stored.
@@ -216,7 +244,9 @@ impl Store {
                 .map_err(|source| StoreError::Io { path: merged.clone(), source })?;
             std::fs::rename(&merged, &root).map_err(|source| StoreError::Io { path: root.clone(), source })?;
         }
-        self.image(config, repo_digest)
+        let mut blobs = vec![config.to_owned()];
+        blobs.extend(layers.iter().cloned());
+        self.image(config, repo_digest, &blobs)
     }
 
     fn root_dir(&self, config: &str) -> Result<PathBuf, StoreError> {
@@ -230,13 +260,17 @@ impl Store {
         Ok(self.dir.join("roots").join(hex))
     }
 
-    fn image(&self, config: &str, repo_digest: &str) -> Result<StoredImage, StoreError> {
+    fn image(&self, config: &str, repo_digest: &str, blobs: &[String]) -> Result<StoredImage, StoreError> {
         let cfg: ConfigFile = read_blob_json(&self.blobs(), config, "image config")?;
+        let size =
+            blobs.iter().filter_map(|b| std::fs::metadata(blob_path(&self.blobs(), b)).ok()).map(|m| m.len()).sum();
         Ok(StoredImage {
             id: config.to_owned(),
             repo_digest: repo_digest.to_owned(),
             run: cfg.config.unwrap_or_default(),
             rootfs: self.root_dir(config)?,
+            size,
+            blobs: blobs.to_vec(),
         })
     }
 
@@ -246,7 +280,12 @@ impl Store {
             .read()
             .expect("names lock")
             .iter()
-            .map(|(n, i)| Record { name: n.clone(), id: i.id.clone(), repo_digest: i.repo_digest.clone() })
+            .map(|(n, i)| Record {
+                name: n.clone(),
+                id: i.id.clone(),
+                repo_digest: i.repo_digest.clone(),
+                blobs: i.blobs.clone(),
+            })
             .collect();
         let path = self.dir.join("index.json");
         let tmp = self.dir.join(".index.json.tmp");
