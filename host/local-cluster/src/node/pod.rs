@@ -1201,6 +1201,33 @@ pub(crate) fn build_env_over(
     Ok(env)
 }
 
+/// How long [`PodRuntime::stop`] waits for KILLed processes to be gone (they normally take
+/// microseconds; a process stuck in uninterruptible sleep can take longer, and is then left).
+const PROCESS_EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// A process's start time (field 22 of `/proc/PID/stat`), which tells it apart from a later
+/// process with the same pid; `None` when it is gone or a zombie (which runs nothing).
+fn process_start(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19).map(|s| s.to_string())
+}
+
+async fn wait_gone(procs: &[(u32, String)], limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while procs.iter().any(|(pid, start)| process_start(*pid).as_deref() == Some(start.as_str())) {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(pids = ?procs.iter().map(|(p, _)| p).collect::<Vec<_>>(), "pod processes still alive after KILL");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1246,32 +1273,5 @@ mod tests {
         let mut no_key = ResolvedVolumes::new();
         no_key.insert("secret/s".into(), BTreeMap::new());
         assert_eq!(build_env(&pod, &c, &no_key).unwrap_err(), "couldn't find key pw in Secret ns/s");
-    }
-}
-
-/// How long [`PodRuntime::stop`] waits for KILLed processes to be gone (they normally take
-/// microseconds; a process stuck in uninterruptible sleep can take longer, and is then left).
-const PROCESS_EXIT_WAIT: Duration = Duration::from_secs(5);
-
-/// A process's start time (field 22 of `/proc/PID/stat`), which tells it apart from a later
-/// process with the same pid; `None` when it is gone or a zombie (which runs nothing).
-fn process_start(pid: u32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    if fields.first() == Some(&"Z") {
-        return None;
-    }
-    fields.get(19).map(|s| s.to_string())
-}
-
-async fn wait_gone(procs: &[(u32, String)], limit: Duration) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while procs.iter().any(|(pid, start)| process_start(*pid).as_deref() == Some(start.as_str())) {
-        if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(pids = ?procs.iter().map(|(p, _)| p).collect::<Vec<_>>(), "pod processes still alive after KILL");
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
