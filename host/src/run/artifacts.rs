@@ -221,7 +221,19 @@ pub fn build_zip<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> Result<Vec
 /// directory are refused. Returns the tar and the number of files.
 pub fn zip_to_tar(zip: &[u8]) -> Result<(Vec<u8>, u64), String> {
     let mut archive = zip::ZipArchive::new(Cursor::new(zip)).map_err(|e| format!("not a zip: {e}"))?;
-    let mut out = tar::Builder::new(Vec::new());
+    // Artifacts' times are not kept (GitLab's archives are rebuilt per job anyway).
+    unzip_into_tar(&mut archive, Vec::new(), |_| 0)
+}
+
+/// Writes `archive`'s entries as a tar to `out` (modes kept, times from `mtime`), streaming each
+/// file; an entry that would land outside the directory is refused. Returns `out` and the
+/// number of files. Shared by artifacts and the cache.
+pub(super) fn unzip_into_tar<R: std::io::Read + std::io::Seek, W: Write>(
+    archive: &mut zip::ZipArchive<R>,
+    out: W,
+    mtime: fn(Option<zip::DateTime>) -> u64,
+) -> Result<(W, u64), String> {
+    let mut out = tar::Builder::new(out);
     let mut files = 0;
     for i in 0..archive.len() {
         let mut f = archive.by_index(i).map_err(|e| e.to_string())?;
@@ -231,7 +243,7 @@ pub fn zip_to_tar(zip: &[u8]) -> Result<(Vec<u8>, u64), String> {
         let mode = f.unix_mode().unwrap_or(if f.is_dir() { 0o755 } else { 0o644 });
         let mut header = tar::Header::new_gnu();
         header.set_mode(mode & 0o7777);
-        header.set_mtime(0);
+        header.set_mtime(mtime(f.last_modified()));
         if f.is_dir() {
             header.set_entry_type(tar::EntryType::Directory);
             header.set_size(0);
@@ -243,15 +255,13 @@ pub fn zip_to_tar(zip: &[u8]) -> Result<(Vec<u8>, u64), String> {
             header.set_size(0);
             out.append_link(&mut header, &path, target).map_err(|e| e.to_string())?;
         } else {
-            let mut data = Vec::new();
-            f.read_to_end(&mut data).map_err(|e| e.to_string())?;
             header.set_entry_type(tar::EntryType::Regular);
-            header.set_size(data.len() as u64);
-            out.append_data(&mut header, &path, data.as_slice()).map_err(|e| e.to_string())?;
+            header.set_size(f.size());
+            out.append_data(&mut header, &path, &mut f).map_err(|e| e.to_string())?;
             files += 1;
         }
     }
-    out.into_inner().map(|b| (b, files)).map_err(|e| e.to_string())
+    out.into_inner().map(|w| (w, files)).map_err(|e| e.to_string())
 }
 
 /// Whether an artifact with this `when` is uploaded after a job that ended so.

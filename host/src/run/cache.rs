@@ -667,35 +667,9 @@ fn zip_to_tar_file(zip: &Path) -> Result<(tempfile::NamedTempFile, u64), String>
     let mut archive =
         zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| format!("cache.zip is not a zip: {e}"))?;
     let tar_file = tempfile::NamedTempFile::new().map_err(|e| format!("a temporary file: {e}"))?;
-    let mut out = tar::Builder::new(std::io::BufWriter::new(tar_file.reopen().map_err(|e| e.to_string())?));
-    let mut files = 0;
-    for i in 0..archive.len() {
-        let mut f = archive.by_index(i).map_err(|e| e.to_string())?;
-        let Some(path) = f.enclosed_name() else {
-            return Err(format!("cache.zip: {:?} leaves the project directory", f.name()));
-        };
-        let mode = f.unix_mode().unwrap_or(if f.is_dir() { 0o755 } else { 0o644 });
-        let mut header = tar::Header::new_gnu();
-        header.set_mode(mode & 0o7777);
-        header.set_mtime(zip_mtime(f.last_modified()));
-        if f.is_dir() {
-            header.set_entry_type(tar::EntryType::Directory);
-            header.set_size(0);
-            out.append_data(&mut header, &path, std::io::empty()).map_err(|e| e.to_string())?;
-        } else if f.is_symlink() {
-            let mut target = String::new();
-            f.read_to_string(&mut target).map_err(|e| e.to_string())?;
-            header.set_entry_type(tar::EntryType::Symlink);
-            header.set_size(0);
-            out.append_link(&mut header, &path, target).map_err(|e| e.to_string())?;
-        } else {
-            header.set_entry_type(tar::EntryType::Regular);
-            header.set_size(f.size());
-            out.append_data(&mut header, &path, &mut f).map_err(|e| e.to_string())?;
-            files += 1;
-        }
-    }
-    let mut w = out.into_inner().map_err(|e| e.to_string())?;
+    let out = std::io::BufWriter::new(tar_file.reopen().map_err(|e| e.to_string())?);
+    let (mut w, files) =
+        super::artifacts::unzip_into_tar(&mut archive, out, zip_mtime).map_err(|e| format!("cache.zip: {e}"))?;
     w.flush().map_err(|e| e.to_string())?;
     Ok((tar_file, files))
 }
