@@ -23,7 +23,7 @@ images:
 # The main job: a sample job through `host run` on an embedded cluster started for it, in the
 # image `make images` builds.
 run: plugins images
-	$(CARGO) run -q -p host -- run --images-from target/images examples/hello.yml
+	$(CARGO) run -q -p host -- run --config examples/local.toml --images-from target/images examples/hello.yml
 
 render: plugins
 	$(CARGO) run -q -p host -- render --config examples/config.toml examples/job.yml

@@ -76,7 +76,7 @@ def main():
 
     work = tempfile.mkdtemp(prefix="keel-cache-bench-")
     moto, port, access, secret = start_moto(work)
-    up = subprocess.Popen([args.host, "cluster", "up"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    up = subprocess.Popen([args.host, "cluster", "up", "--host-rootfs"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     kubeconfig = up.stdout.readline().strip()
     config = os.path.join(work, "config.toml")
     with open(config, "w") as f:

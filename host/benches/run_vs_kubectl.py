@@ -37,7 +37,7 @@ def main():
     job = os.path.join(work, "job.yml")
     with open(job, "w") as f:
         f.write("image: busybox\nvariables:\n  GIT_STRATEGY: none\nscript:\n  - echo hi\n")
-    up = subprocess.Popen([args.host, "cluster", "up"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    up = subprocess.Popen([args.host, "cluster", "up", "--host-rootfs"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     kubeconfig = up.stdout.readline().strip()
     env = dict(os.environ, KEEL_LOG="keel::timings=info", KEEL_PLUGIN_CACHE=os.path.join(work, "cache"))
     host_cmd = [args.host, "run", "--kubeconfig", kubeconfig, job]

@@ -64,7 +64,7 @@ async fn main() {
     let host = Path::new(env!("CARGO_BIN_EXE_host"));
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
     let dir = tempfile::tempdir().unwrap();
-    let cluster = local_cluster::LocalCluster::start(local_cluster::ClusterOptions::default()).await.unwrap();
+    let cluster = local_cluster::LocalCluster::start(local_cluster::ClusterOptions::on_host_rootfs()).await.unwrap();
     let kubeconfig = cluster.kubeconfig_path().to_path_buf();
     let git = git_server::GitServer::start(|t| t.starts_with("glcbt-job")).await;
     let sha = git.create_repo("app", &[("README.md", "bench\n")], None);

@@ -60,7 +60,7 @@ def main():
         f.write('[[runners]]\nname = "bench"\nexecutor = "kubernetes"\ntoken = "glrt-bench"\n'
                 f"output_limit = {args.mib * 1024 * 2}\n[runners.kubernetes]\n")
 
-    up = subprocess.Popen([args.host, "cluster", "up"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    up = subprocess.Popen([args.host, "cluster", "up", "--host-rootfs"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     kubeconfig = up.stdout.readline().strip()
     env = dict(os.environ, KEEL_LOG="keel::timings=info", KEEL_PLUGIN_CACHE=os.path.join(work, "cache"))
     kubectl = ["kubectl", "--kubeconfig", kubeconfig]

@@ -63,9 +63,10 @@ struct ImageArgs {
     /// into the embedded cluster at start.
     #[arg(long, env = "KEEL_CLUSTER_IMAGES_FROM", value_name = "DIR")]
     images_from: Option<PathBuf>,
-    /// Images not in the embedded cluster's store run on the host's root filesystem (today's
-    /// default); `--host-rootfs=false` makes their pull fail as on a real node.
-    #[arg(long, env = "KEEL_CLUSTER_HOST_ROOTFS", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Images not in the embedded cluster's store run on the host's root filesystem instead of
+    /// being pulled from their registries (no network needed; `image:` is then only a name).
+    #[arg(long, env = "KEEL_CLUSTER_HOST_ROOTFS", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", require_equals = true, action = clap::ArgAction::Set)]
     host_rootfs: bool,
     /// Pull REGISTRY's images from URL first, as containerd's mirrors (e.g.
     /// docker.io=http://127.0.0.1:5000). Repeatable.

@@ -99,7 +99,7 @@ fn numbered(text: &str) -> Vec<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_survives_twenty_connection_cuts_with_every_line_once_and_in_order() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let proxy = CuttingProxy::start(f.cluster.addr()).await;
     let via_proxy = proxy.kubeconfig(&f);
     let pass = f.write("pass/job.yml", &long_job(0));
@@ -166,7 +166,7 @@ fn build_pid1(data_dir: &std::path::Path) -> Option<u32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn build_pid1_killed_mid_stage_fails_the_job_with_the_reason() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let job = f.write("job.yml", "image: alpine:3.20\nscript:\n  - echo stage-started\n  - sleep 300\n");
     let (out, task) = Recorded::start(f.command(&job, &[]).spawn().expect("spawn host"));
     out.wait_for("stage-started\n").await;
@@ -182,7 +182,7 @@ async fn build_pid1_killed_mid_stage_fails_the_job_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_mid_stage_stops_the_stage_in_the_pod_and_runs_after_script() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let job = f.write(
         "job.yml",
         "image: alpine:3.20\nscript:\n  - echo stage-started\n  - sleep 4242\n\
@@ -226,7 +226,7 @@ fn job_part(text: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_attach_and_nsenter_give_the_same_trace_and_exit_code() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let job = f.write(
         "job.yml",
         "image: alpine:3.20\nvariables:\n  TOKEN: {value: \"tok-0123456789\", masked: true}\n  GREETING: hello\n\

@@ -83,7 +83,7 @@ fn assert_has(trace: &str, wants: &[&str]) {
 /// key is nowhere but in the host's memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serve_saves_and_restores_caches_through_s3() {
-    let fx = Fixture::new(ClusterOptions::default()).await;
+    let fx = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let moto = Moto::start().await;
     let git = GitServer::start(is_job_token).await;
     let sha = git.create_repo("app", &[("README.md", "cache\n")], None);
@@ -238,7 +238,7 @@ async fn serve_saves_and_restores_caches_through_s3() {
 /// by the next, a changed file means a new key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_saves_and_restores_a_files_keyed_cache_locally() {
-    let fx = Fixture::new(ClusterOptions::default()).await;
+    let fx = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     fx.write("proj/Cargo.lock", "lock v1\n");
     let job = fx.write(
         "proj/job.yml",
@@ -282,7 +282,7 @@ async fn run_saves_and_restores_a_files_keyed_cache_locally() {
 /// `policy: pull` leaves what it changed unsaved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipelines_jobs_share_the_cache() {
-    let fx = Fixture::new(ClusterOptions::default()).await;
+    let fx = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let file = fx.write(
         "pipe/.gitlab-ci.yml",
         "stages: [build, test]\nimage: alpine:3.20\n\

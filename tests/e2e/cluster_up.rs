@@ -98,7 +98,8 @@ fn stop(child: &mut std::process::Child, signal: &str) -> std::process::ExitStat
 
 #[test]
 fn cluster_up_serves_kubectl_and_ctrl_c_leaves_nothing_behind() {
-    let (mut child, kubeconfig, _) = cluster_up(&[]);
+    // `busybox` is not pulled: the host's root filesystem stands in for it, as asked.
+    let (mut child, kubeconfig, _) = cluster_up(&["--host-rootfs"]);
     let data_dir = kubeconfig.parent().expect("kubeconfig lives in the data dir").to_path_buf();
 
     // Run the body so a failed assertion still stops the cluster below.
@@ -268,7 +269,8 @@ fn cluster_up_stops_promptly_after_hostile_requests() {
 fn cluster_load_puts_an_archive_into_a_running_cluster_and_pods_run_on_it() {
     let dir = tempfile::tempdir().unwrap();
     let archive = support::busybox_archive(dir.path(), "keel-e2e/busybox:1");
-    let (mut child, kubeconfig, _) = cluster_up(&["--host-rootfs=false"]);
+    // The default: an image not in the store is pulled, never taken from the host.
+    let (mut child, kubeconfig, _) = cluster_up(&[]);
     let outcome = std::panic::catch_unwind(|| {
         let kc = kubeconfig.to_str().unwrap();
         let loaded = succeeded(
@@ -331,8 +333,17 @@ fn host_run_with_images_from_runs_the_job_in_its_image() {
         "image: keel-e2e/busybox:1\nscript:\n  - 'test -e /etc/debian_version && echo host-rootfs || echo image-rootfs'\n  - busybox | head -1\n",
     )
     .unwrap();
+    // The helper container runs the same image, so no registry is asked for GitLab's helper.
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[[runners]]\nname = \"local\"\nexecutor = \"kubernetes\"\n[runners.kubernetes]\nhelper_image = \"keel-e2e/busybox:1\"\n",
+    )
+    .unwrap();
     let out = Command::new(host_bin())
-        .args(["run", "--images-from"])
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--images-from")
         .arg(&images)
         .arg("--plugin-cache")
         .arg(dir.path().join(".cache"))

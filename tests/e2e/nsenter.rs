@@ -56,7 +56,7 @@ fn busybox_image(images: &Path, name: &str, without: &[&str], files: &[(&str, &s
 async fn fixture_with_images(images: impl FnOnce(&Path)) -> (Fixture, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("images dir");
     images(dir.path());
-    let f = Fixture::new(ClusterOptions { images_dir: Some(dir.path().to_path_buf()), ..Default::default() }).await;
+    let f = Fixture::new(ClusterOptions { images_dir: Some(dir.path().to_path_buf()), ..ClusterOptions::on_host_rootfs() }).await;
     (f, dir)
 }
 
@@ -71,7 +71,7 @@ const NUMBERED: &str = "for i in $(seq 1 300); do echo \"line $i\"; if [ $((i % 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numbered_lines_and_exit_codes() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let ok = f.write("ok/job.yml", &format!("image: alpine:3.20\nscript:\n  - '{NUMBERED}'\n"));
     let out = f.run(&ok, &NSENTER).await;
     let text = stdout(&out);
@@ -143,7 +143,7 @@ fn host_pids_running(cmdline: &[u8]) -> Vec<String> {
 /// A stage running `sleep 3217` until the host stops it (`stop`: SIGINT to the host, or the job's
 /// timeout); after_script then lists what still runs, from inside build.
 async fn stopped_mid_stage(timeout: Option<&str>, interrupt: bool) -> (Option<i32>, String, Vec<String>) {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let job = f.write(
         "job.yml",
         &format!(
@@ -250,7 +250,7 @@ async fn without_nsenter_in_the_helper_the_job_fails_before_the_first_stage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_capability_the_job_fails_before_the_first_stage() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     // An operator's (or a policy's) drop wins over the strategy's add, as in containerd.
     let config = f.write(
         "config.toml",
@@ -298,7 +298,7 @@ async fn a_busybox_helper_without_wdns_runs_the_stages() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_cut_mid_stage_fails_never_succeeds() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let job = f.write(
         "job.yml",
         "image: alpine:3.20\nscript:\n  - echo ticking\n  - for i in $(seq 600); do sleep 0.1; done\n  - echo finished\n",

@@ -40,7 +40,7 @@ async fn rendered_objects_are_created_and_the_pod_runs() {
         .expect("run host");
     std::fs::write(&rendered, succeeded(out, "host render")).expect("write objects");
 
-    let cluster = LocalCluster::start(ClusterOptions::default()).await.expect("start the embedded cluster");
+    let cluster = LocalCluster::start(ClusterOptions::on_host_rootfs()).await.expect("start the embedded cluster");
     let kc = cluster.kubeconfig_path().to_path_buf();
     // Everything below runs on a blocking thread; the cluster is stopped whatever happens.
     let result = tokio::task::spawn_blocking(move || {

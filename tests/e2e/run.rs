@@ -19,7 +19,7 @@ use support::{host_bin, workspace_root};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn success_failure_and_after_script() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let ok = f.write("ok/job.yml", "image: alpine:3.20\nscript:\n  - echo hi\n");
     let out = f.run(&ok, &[]).await;
     assert_eq!(out.status.code(), Some(0));
@@ -53,7 +53,7 @@ async fn success_failure_and_after_script() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_are_masked_and_never_in_the_pod_and_sources_are_copied() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     f.write("src/.gitignore", "ignored.txt\n");
     f.write("src/ignored.txt", "must not be copied\n");
     f.write("src/data/hello.txt", "hello from the sources\n");
@@ -78,7 +78,7 @@ async fn secrets_are_masked_and_never_in_the_pod_and_sources_are_copied() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_timeout_stops_the_stage_and_runs_after_script() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let job = f.write(
         "job.yml",
         "image: alpine:3.20\ntimeout: 3s\nscript:\n  - echo started\n  - sleep 300\nafter_script:\n  - echo after-timeout\n",
@@ -93,7 +93,7 @@ async fn a_job_timeout_stops_the_stage_and_runs_after_script() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_mid_stage_stops_it_runs_after_script_and_cleans_up() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let job = f.write(
         "job.yml",
         "image: alpine:3.20\nscript:\n  - echo stage-started\n  - sleep 300\nafter_script:\n  - echo after-cancel\n  - ps -o pid,args 2>/dev/null || ls /proc\n",
@@ -122,7 +122,7 @@ async fn sigint_mid_stage_stops_it_runs_after_script_and_cleans_up() {
 async fn a_pull_failure_with_no_other_policy_fails_fast() {
     let f = Fixture::new(ClusterOptions {
         unavailable_images: vec!["registry.example.com/missing:1".into()],
-        ..Default::default()
+        ..ClusterOptions::on_host_rootfs()
     })
     .await;
     let job = f.write(
@@ -142,7 +142,7 @@ async fn a_pull_failure_with_no_other_policy_fails_fast() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_container_config_error_and_a_pod_deleted_from_outside() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let config = f.write(
         "config.toml",
         &format!(
@@ -177,7 +177,7 @@ async fn create_container_config_error_and_a_pod_deleted_from_outside() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_killed_by_the_memory_limit_fails_the_job() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     if !f.cluster.node().memory_limits_enforced() {
         eprintln!("memory limits cannot be enforced on this node: OOM test not meaningful here");
         return;
@@ -208,7 +208,7 @@ fn fault_config(f: &Fixture, name: &str, wasm: &str, mode: &str, extra: &str) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_plugins_fail_the_job_as_system_failures() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let job = f.write("job.yml", "image: alpine:3.20\nscript: [echo hi]\n");
     let cases = [
         // A pod mutator that traps: nothing is created.
@@ -238,7 +238,7 @@ async fn misbehaving_plugins_fail_the_job_as_system_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_strategy_connection_cut_mid_stage_fails_never_succeeds() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let job = f.write(
         "job.yml",
         "image: alpine:3.20\nscript:\n  - echo ticking\n  - for i in $(seq 600); do sleep 0.1; done\n  - echo finished\n",
@@ -253,7 +253,7 @@ async fn exec_strategy_connection_cut_mid_stage_fails_never_succeeds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_is_reachable_from_the_build_container() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let job = f.write(
         "job.yml",
         // The embedded node runs every image on the host's root filesystem, so python3 serves
@@ -270,7 +270,7 @@ async fn a_service_is_reachable_from_the_build_container() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_runs_at_once_against_one_cluster() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let job = f.write("job.yml", "image: alpine:3.20\nscript:\n  - echo \"job $CI_JOB_ID\"\n");
     let runs: Vec<_> = (0..10).map(|_| f.command(&job, &[]).output()).collect();
     let outs = futures::future::join_all(runs).await;
@@ -284,7 +284,7 @@ async fn ten_runs_at_once_against_one_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_cleanup_removes_what_a_killed_host_left() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let job = f.write("job.yml", "image: alpine:3.20\nscript:\n  - echo running\n  - sleep 300\n");
     let mut child = f.command(&job, &[]).spawn().expect("spawn host");
     let mut reader = BufReader::new(child.stdout.take().expect("stdout")).lines();
@@ -318,8 +318,9 @@ async fn with_no_cluster_configured_an_embedded_one_is_started_and_removed() {
     let dir = tempfile::tempdir().expect("dir");
     let job = dir.path().join("job.yml");
     std::fs::write(&job, "image: alpine:3.20\nscript: [echo embedded-ok]\n").expect("write");
+    // No registry here: the embedded cluster is asked to run images on the host's root.
     let out = tokio::process::Command::new(host_bin())
-        .arg("run")
+        .args(["run", "--host-rootfs"])
         .arg(&job)
         .env("HOME", home.path())
         .env_remove("KUBECONFIG")
@@ -338,7 +339,7 @@ async fn with_no_cluster_configured_an_embedded_one_is_started_and_removed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_pull_falls_back_to_the_next_policy() {
     let image = "registry.example.com/cached-only:1";
-    let f = Fixture::new(ClusterOptions { cached_unpullable_images: vec![image.into()], ..Default::default() }).await;
+    let f = Fixture::new(ClusterOptions { cached_unpullable_images: vec![image.into()], ..ClusterOptions::on_host_rootfs() }).await;
     let job = f.write(
         "job.yml",
         &format!("image:\n  name: {image}\n  pull_policy: [always, if-not-present]\nscript: [echo ran-from-cache]\n"),
@@ -358,7 +359,7 @@ async fn a_failed_pull_falls_back_to_the_next_policy() {
 async fn runs_through_a_kubeconfig_against_a_tls_and_token_cluster() {
     let data = tempfile::tempdir().expect("data dir");
     let mut up = tokio::process::Command::new(host_bin())
-        .args(["cluster", "up", "--token", "e2e-secret-token", "--data-dir"])
+        .args(["cluster", "up", "--host-rootfs", "--token", "e2e-secret-token", "--data-dir"])
         .arg(data.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -400,7 +401,7 @@ async fn runs_through_a_kubeconfig_against_a_tls_and_token_cluster() {
 /// only when something failed; `--job` runs a job and what it needs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_runs_stages_needs_and_artifacts_through_the_local_store() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let pipeline = "stages: [build, test, deploy]\nimage: alpine:3.20\n\
         build:\n  stage: build\n  script:\n    - mkdir -p out && echo \"app v1\" > out/app && echo skip > out/skip.tmp\n\
         \x20   - echo '<testsuite/>' > report.xml && echo loose > loose.txt\n\

@@ -110,7 +110,7 @@ fn pod_fields_built_from_a_secret_fail_before_anything_is_created() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_jobs_pod_holds_no_derived_secret_and_the_trace_masks_it() {
-    let f = Fixture::new(ClusterOptions::default()).await;
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     // The script waits for a file the test creates once it has read the Pod back.
     let job = f.write(
         "job.yml",

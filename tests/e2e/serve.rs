@@ -94,7 +94,7 @@ async fn serve_runs_gitlab_jobs_from_git_cancels_and_stops_cleanly() {
     let images = tempfile::tempdir().unwrap();
     support::busybox_archive(images.path(), "keel-e2e/busybox:1");
     let fx =
-        Fixture::new(ClusterOptions { images_from: Some(images.path().to_path_buf()), ..Default::default() }).await;
+        Fixture::new(ClusterOptions { images_from: Some(images.path().to_path_buf()), ..ClusterOptions::on_host_rootfs() }).await;
     let git = GitServer::start(is_job_token).await;
     let lib_sha = git.create_repo("lib", &[("lib.txt", "library v1\n")], None);
     let sha = git.create_repo(
@@ -276,7 +276,7 @@ fn free_port() -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_jobs_at_concurrency_four_through_api_faults_then_sigquit_drains() {
     use fake::{Api, Fault};
-    let fx = Fixture::new(ClusterOptions::default()).await;
+    let fx = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let (max_pods, watching) = count_job_pods(fx.cluster.client().unwrap());
     let git = GitServer::start(is_job_token).await;
     // 128 KiB that compress poorly: what a fetch that carries the tree weighs.
@@ -428,7 +428,7 @@ print(json.dumps(out))
 /// its dependencies and finds its files in the project directory before its script runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serve_uploads_artifacts_and_extracts_dependencies() {
-    let fx = Fixture::new(ClusterOptions::default()).await;
+    let fx = Fixture::new(ClusterOptions::on_host_rootfs()).await;
     let git = GitServer::start(is_job_token).await;
     let sha = git.create_repo("app", &[("README.md", "artifacts\n")], None);
     let gitlab = FakeGitlab::start(&[RUNNER_TOKEN]).await;

@@ -318,7 +318,7 @@ async fn delete(pods: &Api<Pod>, pod: &Pod) {
 }
 
 async fn api_level(rows: &mut Vec<Row>, node: &NodeFigures) {
-    let cluster = LocalCluster::start(ClusterOptions::default()).await.expect("cluster starts");
+    let cluster = LocalCluster::start(ClusterOptions::on_host_rootfs()).await.expect("cluster starts");
     let pods: Api<Pod> = Api::default_namespaced(cluster.client().expect("kube client"));
 
     // (a) What a client sees: POST the pod, then a watch (await_condition lists and watches
@@ -475,7 +475,7 @@ async fn image_level(rows: &mut Vec<Row>) {
         .output()
         .expect("sh runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let opts = ClusterOptions { images_from: Some(dir.path().to_path_buf()), ..ClusterOptions::default() };
+    let opts = ClusterOptions { images_from: Some(dir.path().to_path_buf()), ..ClusterOptions::on_host_rootfs() };
     let cluster = LocalCluster::start(opts).await.expect("cluster starts");
     let pods: Api<Pod> = Api::default_namespaced(cluster.client().expect("kube client"));
     eprintln!("images: pod create -> Running, stored image and host rootfs...");

@@ -43,10 +43,10 @@ pub struct ClusterOptions {
     /// a running cluster with [`LocalCluster::load_image_archive`] or the API's
     /// `POST /keel/v1/images` (the archive as the body).
     pub images_from: Option<PathBuf>,
-    /// An image not in the store runs on the host's root filesystem (read-only). `true` by
-    /// default; with `false` its pull fails with containerd's `not found` (ErrImagePull, then
-    /// ImagePullBackOff) unless `images_dir` maps its name to a rootfs. A stored image always
-    /// runs from the store.
+    /// An image not in the store runs on the host's root filesystem (read-only), only when asked
+    /// for (`false` by default, see [`ClusterOptions::on_host_rootfs`]). Without it such an image
+    /// is pulled from its registry, as on a real node, unless `images_dir` maps its name to a
+    /// rootfs. A stored image always runs from the store.
     pub host_rootfs: bool,
     /// How the node reaches registries when it pulls (without `host_rootfs`): mirrors,
     /// plain-HTTP registries, extra CAs, the node's docker config.
@@ -82,7 +82,7 @@ impl Default for ClusterOptions {
             data_dir: None,
             images_dir: None,
             images_from: None,
-            host_rootfs: true,
+            host_rootfs: false,
             registries: node::RegistryOptions::default(),
             unavailable_images: Vec::new(),
             cached_unpullable_images: Vec::new(),
@@ -91,6 +91,14 @@ impl Default for ClusterOptions {
             watch_history: None,
             insecure_unauthenticated: false,
         }
+    }
+}
+
+impl ClusterOptions {
+    /// The defaults, but every image not in the store runs on the host's root filesystem (no
+    /// registry is asked): what tests use to run `busybox` or `alpine` without a network.
+    pub fn on_host_rootfs() -> Self {
+        ClusterOptions { host_rootfs: true, ..ClusterOptions::default() }
     }
 }
 

@@ -1,4 +1,4 @@
-//! Authentication by default: a cluster started with `ClusterOptions::default()` serves HTTPS and
+//! Authentication by default: a cluster started with `ClusterOptions::on_host_rootfs()` serves HTTPS and
 //! answers 401 to every request without the kubeconfig's client certificate (or the token, when
 //! one is set), on every path. Probed as another local user would: as root the anonymous requests
 //! are sent by curl running as uid 65534 (`setpriv`), which also cannot read the kubeconfig.
@@ -57,7 +57,7 @@ async fn running_sleeper(c: &LocalCluster, name: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn anonymous_requests_get_401_on_every_path_and_change_nothing() {
-    let c = cluster_with(ClusterOptions::default()).await;
+    let c = cluster_with(ClusterOptions::on_host_rootfs()).await;
     assert!(c.url().starts_with("https://"), "{}", c.url());
     running_sleeper(&c, "victim").await;
     let witness = tempfile::tempdir().unwrap();
@@ -153,7 +153,7 @@ fn kubeconfig_identity(c: &LocalCluster, dir: &Path) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn only_certificates_from_the_clusters_ca_are_accepted() {
-    let c = cluster_with(ClusterOptions::default()).await;
+    let c = cluster_with(ClusterOptions::on_host_rootfs()).await;
     let dir = tempfile::tempdir().unwrap();
     let ca = c.ca_path().unwrap().to_string_lossy().into_owned();
     let version = format!("{}/version", c.url());
@@ -198,7 +198,7 @@ async fn only_certificates_from_the_clusters_ca_are_accepted() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kube_rs_loads_the_kubeconfig_as_any_client_does() {
-    let c = cluster_with(ClusterOptions::default()).await;
+    let c = cluster_with(ClusterOptions::on_host_rootfs()).await;
     let kc = kube::config::Kubeconfig::read_from(c.kubeconfig_path()).unwrap();
     let cfg =
         kube::Config::from_custom_kubeconfig(kc.clone(), &kube::config::KubeConfigOptions::default()).await.unwrap();
@@ -226,7 +226,7 @@ async fn kube_rs_loads_the_kubeconfig_as_any_client_does() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_over_tls_replaces_the_certificate() {
-    let c = cluster_with(ClusterOptions { token: Some("s3cret-t0ken".into()), ..ClusterOptions::default() }).await;
+    let c = cluster_with(ClusterOptions { token: Some("s3cret-t0ken".into()), ..ClusterOptions::on_host_rootfs() }).await;
     running_sleeper(&c, "p").await;
     let pods = format!("{}/api/v1/namespaces/default/pods", c.url());
     tokio::task::block_in_place(|| {
@@ -247,7 +247,7 @@ async fn a_token_over_tls_replaces_the_certificate() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_open_mode_is_explicit_and_plain_http() {
-    let c = cluster_with(ClusterOptions { insecure_unauthenticated: true, ..ClusterOptions::default() }).await;
+    let c = cluster_with(ClusterOptions { insecure_unauthenticated: true, ..ClusterOptions::on_host_rootfs() }).await;
     assert!(c.url().starts_with("http://") && c.ca_pem().is_none());
     let (code, body) = tokio::task::block_in_place(|| {
         curl(as_other_user("curl"), &format!("{}/api/v1/namespaces/default/pods", c.url()), &[])
@@ -257,6 +257,6 @@ async fn the_open_mode_is_explicit_and_plain_http() {
     c.stop().await;
 
     // A token that kubectl would never send over plain HTTP is refused up front.
-    let opts = ClusterOptions { insecure_unauthenticated: true, token: Some("t".into()), ..ClusterOptions::default() };
+    let opts = ClusterOptions { insecure_unauthenticated: true, token: Some("t".into()), ..ClusterOptions::on_host_rootfs() };
     assert!(matches!(LocalCluster::start(opts).await, Err(ClusterError::TokenWithoutTls)));
 }

@@ -24,7 +24,7 @@ async fn cluster() -> LocalCluster {
         cached_unpullable_images: vec![CACHED.into()],
         unavailable_images: vec![GONE.into()],
         backoff_base: Some(common::TEST_BACKOFF),
-        ..ClusterOptions::default()
+        ..ClusterOptions::on_host_rootfs()
     })
     .await
 }

@@ -288,7 +288,7 @@ async fn cluster_with_docker_archive(tag: &str, host_rootfs: bool) -> (LocalClus
         images_from: Some(dir.path().to_path_buf()),
         host_rootfs,
         backoff_base: Some(common::TEST_BACKOFF),
-        ..Default::default()
+        ..ClusterOptions::default()
     })
     .await;
     (c, dir)
@@ -704,7 +704,7 @@ async fn an_image_user_missing_from_its_passwd_is_a_create_error() {
     let dir = tempfile::tempdir().unwrap();
     write_docker_archive_with(&dir.path().join("ghost.tar"), "keel-test/ghost:1", "ghost", Vec::new());
     let cluster =
-        common::cluster_with(ClusterOptions { images_from: Some(dir.path().to_path_buf()), ..Default::default() })
+        common::cluster_with(ClusterOptions { images_from: Some(dir.path().to_path_buf()), ..ClusterOptions::on_host_rootfs() })
             .await;
     let pods: Api<Pod> = Api::default_namespaced(cluster.client().unwrap());
     pods.create(&PostParams::default(), &pod("ghost", "keel-test/ghost:1", json!({}))).await.unwrap();

@@ -142,7 +142,7 @@ async fn watch_sees_a_pods_whole_life_in_order() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn watch_from_an_old_version_replays_and_expired_versions_are_gone() {
-    let c = cluster_with(ClusterOptions { watch_history: Some(8), ..ClusterOptions::default() }).await;
+    let c = cluster_with(ClusterOptions { watch_history: Some(8), ..ClusterOptions::on_host_rootfs() }).await;
     let cms: Api<ConfigMap> = Api::default_namespaced(c.client().unwrap());
     let first = cms.create(&PostParams::default(), &cm("one", json!({}))).await.unwrap();
     let rv1 = first.metadata.resource_version.clone().unwrap();
@@ -525,7 +525,7 @@ async fn deleting_a_namespace_deletes_its_contents() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bearer_token_is_enforced() {
-    let c = cluster_with(ClusterOptions { token: Some("t0ken".into()), ..ClusterOptions::default() }).await;
+    let c = cluster_with(ClusterOptions { token: Some("t0ken".into()), ..ClusterOptions::on_host_rootfs() }).await;
     let ok: Api<Pod> = Api::default_namespaced(c.client().unwrap());
     ok.list(&ListParams::default()).await.unwrap();
     // Trusting the cluster's CA, but with no credential at all.
@@ -726,7 +726,7 @@ async fn chunked_lists_page_through_one_snapshot() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn continue_tokens_expire_with_the_watch_history() {
-    let c = cluster_with(ClusterOptions { watch_history: Some(10), ..ClusterOptions::default() }).await;
+    let c = cluster_with(ClusterOptions { watch_history: Some(10), ..ClusterOptions::on_host_rootfs() }).await;
     let cms: Api<ConfigMap> = Api::default_namespaced(c.client().unwrap());
     for i in 0..5 {
         cms.create(&PostParams::default(), &cm(&format!("a-{i}"), json!({}))).await.unwrap();

@@ -12,7 +12,7 @@ use local_cluster::{ClusterOptions, LocalCluster};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn cluster() -> LocalCluster {
-    LocalCluster::start(ClusterOptions::default()).await.expect("cluster starts")
+    LocalCluster::start(ClusterOptions::on_host_rootfs()).await.expect("cluster starts")
 }
 
 fn kubectl(c: &LocalCluster, args: &[&str]) -> Output {

@@ -46,7 +46,7 @@ async fn stops_promptly(c: LocalCluster) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn deep_bodies_are_refused_before_parsing() {
-    let c = common::cluster_with(ClusterOptions::default()).await;
+    let c = common::cluster_with(ClusterOptions::on_host_rootfs()).await;
     let cms: Api<ConfigMap> = Api::default_namespaced(c.client().unwrap());
     cms.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "cm"}})).unwrap())
         .await
@@ -83,7 +83,7 @@ async fn deep_bodies_are_refused_before_parsing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bodies_objects_and_patch_results_are_bounded() {
-    let c = common::cluster_with(ClusterOptions::default()).await;
+    let c = common::cluster_with(ClusterOptions::on_host_rootfs()).await;
     let cms: Api<ConfigMap> = Api::default_namespaced(c.client().unwrap());
     let create = "/api/v1/namespaces/default/configmaps";
 
@@ -153,9 +153,9 @@ async fn closed_by_server(mut s: tokio::net::TcpStream) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn silent_and_slow_connections_are_dropped() {
-    let tls = common::cluster_with(ClusterOptions::default()).await;
+    let tls = common::cluster_with(ClusterOptions::on_host_rootfs()).await;
     let plain =
-        common::cluster_with(ClusterOptions { insecure_unauthenticated: true, ..ClusterOptions::default() }).await;
+        common::cluster_with(ClusterOptions { insecure_unauthenticated: true, ..ClusterOptions::on_host_rootfs() }).await;
     let mut idle = Vec::new();
     for c in [&tls, &plain] {
         for _ in 0..100 {
@@ -197,7 +197,7 @@ async fn silent_and_slow_connections_are_dropped() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_is_bounded_with_requests_in_flight() {
-    let c = common::cluster_with(ClusterOptions::default()).await;
+    let c = common::cluster_with(ClusterOptions::on_host_rootfs()).await;
     let client = c.client().unwrap();
     // A watch and a followed log that never end on their own, and a request mid-body.
     let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn tls_cluster() -> LocalCluster {
-    cluster_with(ClusterOptions::default()).await
+    cluster_with(ClusterOptions::on_host_rootfs()).await
 }
 
 fn talker(name: &str) -> Pod {
@@ -86,7 +86,7 @@ async fn files_and_kubeconfig_carry_the_ca_and_never_skip_verification() {
 
     // Only the explicitly insecure mode is plain HTTP, with no certificate files and no CA or
     // credential in the kubeconfig.
-    let plain = cluster_with(ClusterOptions { insecure_unauthenticated: true, ..ClusterOptions::default() }).await;
+    let plain = cluster_with(ClusterOptions { insecure_unauthenticated: true, ..ClusterOptions::on_host_rootfs() }).await;
     assert!(plain.url().starts_with("http://") && plain.ca_pem().is_none());
     assert!(!plain.data_dir().join("ca.crt").exists());
     let plain_kc = std::fs::read_to_string(plain.kubeconfig_path()).unwrap();
@@ -257,7 +257,7 @@ except urllib3.exceptions.MaxRetryError as e:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_and_bearer_token_together() {
-    let c = cluster_with(ClusterOptions { token: Some("t0ken".into()), ..ClusterOptions::default() }).await;
+    let c = cluster_with(ClusterOptions { token: Some("t0ken".into()), ..ClusterOptions::on_host_rootfs() }).await;
     Api::<Namespace>::all(c.client().unwrap()).get("default").await.unwrap();
     assert!(kubectl(&c, &["get", "ns", "default", "-o", "name"]).contains("namespace/default"));
     // The token is the credential; no client key is written beside it.
@@ -337,7 +337,7 @@ async fn malformed_input_on_the_tls_port_does_not_hurt_the_server() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_input_on_the_plain_port_does_not_hurt_the_server() {
-    let c = cluster_with(ClusterOptions { insecure_unauthenticated: true, ..ClusterOptions::default() }).await;
+    let c = cluster_with(ClusterOptions { insecure_unauthenticated: true, ..ClusterOptions::on_host_rootfs() }).await;
     let addr = c.addr();
     // A TLS ClientHello-looking start on plain HTTP, then binary noise.
     let reply = String::from_utf8_lossy(&exchange(addr, &[0x16, 0x03, 0x01, 0x02, 0x00, 1, 2, 3]).await).into_owned();

@@ -90,9 +90,9 @@
 //! config applies as a kubelet on containerd applies it (`image::config`, `image::run`); a user
 //! other than root (the image's `User`, or `runAsUser`/`runAsGroup`) gets a user namespace of
 //! its own in which only that uid and gid exist, mapped to the pod's root: files appear owned
-//! by it, supplementary groups are not set. An image not in the store runs on the host's root
-//! (read-only) unless `NodeImages::host_rootfs` is off, when it is pulled from its registry
-//! (`image::pull`: oci-client for the protocol, mirrors and plain-HTTP registries as
+//! by it, supplementary groups are not set. An image not in the store is pulled from its
+//! registry (or runs on the host's root, read-only, when `NodeImages::host_rootfs` asks for
+//! that: tests without a network) (`image::pull`: oci-client for the protocol, mirrors and plain-HTTP registries as
 //! `NodeImages::registries` says, credentials from the pod's `imagePullSecrets` and the node's
 //! docker config, one pull per image and one fetch per blob at a time, digests checked), with
 //! the kubelet's `Pulling`/`Pulled` events through `ImageHooks` and containerd's words when it
@@ -198,9 +198,9 @@ pub struct NodeImages {
     /// Every image archive (docker-archive or OCI layout tarball) in this directory is loaded
     /// into the store at start.
     pub images_from: Option<PathBuf>,
-    /// An image not in the store runs on the host's root filesystem, as before the store existed;
-    /// `false`: it is pulled from its registry (see `image::pull`), unless `images_dir` maps
-    /// its name to a rootfs. An image in the store always runs from the store.
+    /// An image not in the store runs on the host's root filesystem (only when asked: `false` by
+    /// default); `false`: it is pulled from its registry (see `image::pull`), unless
+    /// `images_dir` maps its name to a rootfs. An image in the store always runs from the store.
     pub host_rootfs: bool,
     /// Mirrors, plain-HTTP registries, extra CAs, the node's docker config.
     pub registries: RegistryOptions,
@@ -208,7 +208,7 @@ pub struct NodeImages {
 
 impl Default for NodeImages {
     fn default() -> Self {
-        NodeImages { images_from: None, host_rootfs: true, registries: RegistryOptions::default() }
+        NodeImages { images_from: None, host_rootfs: false, registries: RegistryOptions::default() }
     }
 }
 
@@ -377,10 +377,11 @@ pub(crate) struct NodeInner {
 }
 
 impl Node {
-    /// Checks that bwrap works here and prepares `data_dir`; images as before the store existed
-    /// (every image on the host's root), with an empty store that `load_image_archive` fills.
+    /// Checks that bwrap works here and prepares `data_dir`; every image not in the store runs
+    /// on the host's root (`NodeImages::host_rootfs`: the node tests' set-up), with an empty
+    /// store that `load_image_archive` fills.
     pub fn new(cfg: NodeConfig, on_status: StatusSink) -> Result<Node, NodeError> {
-        Node::with_images(cfg, NodeImages::default(), on_status)
+        Node::with_images(cfg, NodeImages { host_rootfs: true, ..NodeImages::default() }, on_status)
     }
 
     /// As `new`, with the image store's options. Archives in `images_from` are not loaded here

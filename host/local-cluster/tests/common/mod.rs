@@ -17,7 +17,7 @@ use tokio::sync::watch;
 pub const TEST_BACKOFF: Duration = Duration::from_millis(300);
 
 pub async fn cluster() -> LocalCluster {
-    cluster_with(ClusterOptions::default()).await
+    cluster_with(ClusterOptions::on_host_rootfs()).await
 }
 
 pub async fn cluster_with(opts: ClusterOptions) -> LocalCluster {

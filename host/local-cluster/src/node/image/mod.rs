@@ -9,7 +9,7 @@
 //! the stored one. A pull is reported as the kubelet reports it (`Pulling`, `Pulled` with size
 //! and duration, see `PullEvent`) and fails with containerd's words.
 //!
-//! With `host_rootfs` (the interim default) no registry is asked: an image in the store is
+//! With `host_rootfs` (only when asked: tests, machines without a network) no registry is asked: an image in the store is
 //! present whatever the pull policy, and an image not in the store runs on the host's root
 //! filesystem (or its `images_dir` rootfs): then every well-formed image is present and
 //! pullable, except those the node is told about: `unavailable_images` are neither present
