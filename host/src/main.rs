@@ -78,11 +78,23 @@ struct ImageArgs {
     /// Trust this CA (PEM) for registries' TLS, beside the system's. Repeatable.
     #[arg(long = "registry-ca", value_name = "FILE")]
     registry_cas: Vec<PathBuf>,
+    /// Percent of the image store's filesystem in use at which unused images are deleted,
+    /// least recently used first (the kubelet's flag; 100 disables it).
+    #[arg(long, value_name = "PERCENT", default_value_t = 85, value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_high_threshold: u8,
+    /// Percent of that filesystem the deletion goes down to (below the high threshold).
+    #[arg(long, value_name = "PERCENT", default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_low_threshold: u8,
 }
 
 impl ImageArgs {
-    fn embedded(&self) -> local_cluster::ClusterOptions {
-        local_cluster::ClusterOptions {
+    fn embedded(&self) -> anyhow::Result<local_cluster::ClusterOptions> {
+        let image_gc = local_cluster::node::ImageGcPolicy::with_thresholds(
+            self.image_gc_high_threshold,
+            self.image_gc_low_threshold,
+        )?;
+        Ok(local_cluster::ClusterOptions {
+            image_gc,
             images_from: self.images_from.clone(),
             host_rootfs: self.host_rootfs,
             registries: local_cluster::node::RegistryOptions {
@@ -92,7 +104,7 @@ impl ImageArgs {
                 docker_config: None,
             },
             ..local_cluster::ClusterOptions::default()
-        }
+        })
     }
 }
 
@@ -548,7 +560,7 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
     let req = args.job.request(job_id, project_path, object_suffix, commit, true)?;
     let opts = RunOptions {
         // Authenticated HTTPS with a client certificate: the embedded cluster's default.
-        cluster: ClusterChoice::Connect(Box::new(args.cluster.connect(args.images.embedded()))),
+        cluster: ClusterChoice::Connect(Box::new(args.cluster.connect(args.images.embedded()?))),
         sources: Sources::Dir(source_dir),
         timestamps: args.timestamps,
         trace_file: args.trace_file,
@@ -606,7 +618,7 @@ async fn run_pipeline(
             .unwrap_or_default(),
         None => host::config::Kubernetes::default(),
     };
-    let connection = host::cluster::connect(&k8s, &args.cluster.connect(args.images.embedded()))
+    let connection = host::cluster::connect(&k8s, &args.cluster.connect(args.images.embedded()?))
         .await
         .context("cannot connect to a cluster for the pipeline")?;
     if connection.embedded.is_some() {
@@ -677,7 +689,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let rt = Arc::new(Runtime::new(args.plugin_cache.clone()).context("cannot start the plugin runtime")?);
     // One connection per runner, shared by its jobs; runners that name the same cluster (or
     // none, and so the same embedded one) share it.
-    let connect = args.cluster.connect(args.images.embedded());
+    let connect = args.cluster.connect(args.images.embedded()?);
     let mut by_cluster: Vec<(Option<String>, Arc<host::cluster::Connection>)> = Vec::new();
     let mut connections = HashMap::new();
     for runner in &settings.runners {
@@ -770,7 +782,7 @@ async fn cluster_up(args: ClusterUpArgs) -> anyhow::Result<()> {
         cached_unpullable_images: args.cached_unpullable_images,
         token: args.token,
         insecure_unauthenticated: args.insecure_no_auth,
-        ..args.images.embedded()
+        ..args.images.embedded()?
     };
     // `--tls` asks for what is the default now.
     let _ = args.tls;

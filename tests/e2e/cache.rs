@@ -306,3 +306,33 @@ async fn a_pipelines_jobs_share_the_cache() {
     assert_eq!(x, "from-build\n", "policy: pull saved nothing");
     fx.assert_clean().await;
 }
+
+/// `cache:untracked`: what the job made is cached, what the sources brought is not; the next
+/// run gets it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untracked_files_are_cached_and_sources_are_not() {
+    let fx = Fixture::new(ClusterOptions::on_host_rootfs()).await;
+    fx.write("proj/kept.txt", "a source\n");
+    let job = fx.write(
+        "proj/job.yml",
+        "image: alpine:3.20\ncache: {key: made, untracked: true}\n\
+         script:\n  - cat sub/made.txt 2>/dev/null || echo nothing-cached\n  - mkdir -p sub && echo made-here > sub/made.txt\n",
+    );
+    let out = fx.run(&job, &[]).await;
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_has(
+        &text,
+        &["\nnothing-cached\n", "untracked: found 1 matching artifact files and directories", "Created cache"],
+    );
+    let zip = fx.dir.path().join("proj/.keel/cache/project/1/made/cache.zip");
+    let archive = zip::ZipArchive::new(std::fs::File::open(&zip).expect("the untracked cache")).unwrap();
+    let names: Vec<&str> = archive.file_names().collect();
+    assert_eq!(names, ["sub/made.txt"], "only what the job made");
+
+    let out = fx.run(&job, &[]).await;
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_has(&text, &["Successfully extracted cache", "\nmade-here\n"]);
+    fx.assert_clean().await;
+}

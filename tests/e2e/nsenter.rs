@@ -56,7 +56,9 @@ fn busybox_image(images: &Path, name: &str, without: &[&str], files: &[(&str, &s
 async fn fixture_with_images(images: impl FnOnce(&Path)) -> (Fixture, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("images dir");
     images(dir.path());
-    let f = Fixture::new(ClusterOptions { images_dir: Some(dir.path().to_path_buf()), ..ClusterOptions::on_host_rootfs() }).await;
+    let f =
+        Fixture::new(ClusterOptions { images_dir: Some(dir.path().to_path_buf()), ..ClusterOptions::on_host_rootfs() })
+            .await;
     (f, dir)
 }
 

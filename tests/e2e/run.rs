@@ -339,7 +339,11 @@ async fn with_no_cluster_configured_an_embedded_one_is_started_and_removed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_pull_falls_back_to_the_next_policy() {
     let image = "registry.example.com/cached-only:1";
-    let f = Fixture::new(ClusterOptions { cached_unpullable_images: vec![image.into()], ..ClusterOptions::on_host_rootfs() }).await;
+    let f = Fixture::new(ClusterOptions {
+        cached_unpullable_images: vec![image.into()],
+        ..ClusterOptions::on_host_rootfs()
+    })
+    .await;
     let job = f.write(
         "job.yml",
         &format!("image:\n  name: {image}\n  pull_policy: [always, if-not-present]\nscript: [echo ran-from-cache]\n"),

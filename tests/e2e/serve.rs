@@ -93,8 +93,11 @@ async fn serve_runs_gitlab_jobs_from_git_cancels_and_stops_cleanly() {
     // switch to).
     let images = tempfile::tempdir().unwrap();
     support::busybox_archive(images.path(), "keel-e2e/busybox:1");
-    let fx =
-        Fixture::new(ClusterOptions { images_from: Some(images.path().to_path_buf()), ..ClusterOptions::on_host_rootfs() }).await;
+    let fx = Fixture::new(ClusterOptions {
+        images_from: Some(images.path().to_path_buf()),
+        ..ClusterOptions::on_host_rootfs()
+    })
+    .await;
     let git = GitServer::start(is_job_token).await;
     let lib_sha = git.create_repo("lib", &[("lib.txt", "library v1\n")], None);
     let sha = git.create_repo(

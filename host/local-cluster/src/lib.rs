@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 /// How to start a cluster. `Default` gives a random port, a temporary data dir, HTTPS that
 /// requires the client certificate written into the kubeconfig (see [`LocalCluster::client`]),
 /// and containers of images not in the node's store on the host's root filesystem.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
     /// Port on 127.0.0.1; `None` picks a free one.
     pub port: Option<u16>,
@@ -51,6 +51,9 @@ pub struct ClusterOptions {
     /// How the node reaches registries when it pulls (without `host_rootfs`): mirrors,
     /// plain-HTTP registries, extra CAs, the node's docker config.
     pub registries: node::RegistryOptions,
+    /// When the node deletes unused images (the kubelet's image GC: 85 % / 80 % of the data
+    /// dir's filesystem by default).
+    pub image_gc: node::ImageGcPolicy,
     /// Images neither on the node nor pullable: ErrImagePull, then ImagePullBackOff, retried
     /// with the kubelet's back-off (ErrImageNeverPull with `imagePullPolicy: Never`).
     pub unavailable_images: Vec<String>,
@@ -75,24 +78,6 @@ pub struct ClusterOptions {
     pub insecure_unauthenticated: bool,
 }
 
-impl Default for ClusterOptions {
-    fn default() -> Self {
-        ClusterOptions {
-            port: None,
-            data_dir: None,
-            images_dir: None,
-            images_from: None,
-            host_rootfs: false,
-            registries: node::RegistryOptions::default(),
-            unavailable_images: Vec::new(),
-            cached_unpullable_images: Vec::new(),
-            backoff_base: None,
-            token: None,
-            watch_history: None,
-            insecure_unauthenticated: false,
-        }
-    }
-}
 
 impl ClusterOptions {
     /// The defaults, but every image not in the store runs on the host's root filesystem (no
@@ -207,6 +192,7 @@ impl LocalCluster {
             images_from: opts.images_from.clone(),
             host_rootfs: opts.host_rootfs,
             registries: opts.registries.clone(),
+            gc: opts.image_gc.clone(),
         };
         let node = node::Node::with_images(node_cfg, node_images, kubelet::status_sink(Arc::downgrade(&store)))
             .map_err(ClusterError::Node)?;
@@ -321,6 +307,12 @@ impl LocalCluster {
     /// Loads the images of an archive (docker-archive or OCI layout tarball) into the node's store.
     pub async fn load_image_archive(&self, path: &Path) -> Result<Vec<node::LoadedImage>, node::NodeError> {
         self.state.node.load_image_archive(path).await
+    }
+
+    /// One image garbage collection now, under `ClusterOptions::image_gc` (the node also runs
+    /// one every `period`).
+    pub async fn collect_images(&self) -> Result<node::ImageGcReport, node::NodeError> {
+        self.state.node.collect_images().await
     }
 
     /// A kube-rs client for this cluster, with the kubeconfig's credential (the client

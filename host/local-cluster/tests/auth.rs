@@ -226,7 +226,8 @@ async fn kube_rs_loads_the_kubeconfig_as_any_client_does() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_over_tls_replaces_the_certificate() {
-    let c = cluster_with(ClusterOptions { token: Some("s3cret-t0ken".into()), ..ClusterOptions::on_host_rootfs() }).await;
+    let c =
+        cluster_with(ClusterOptions { token: Some("s3cret-t0ken".into()), ..ClusterOptions::on_host_rootfs() }).await;
     running_sleeper(&c, "p").await;
     let pods = format!("{}/api/v1/namespaces/default/pods", c.url());
     tokio::task::block_in_place(|| {
@@ -257,6 +258,7 @@ async fn the_open_mode_is_explicit_and_plain_http() {
     c.stop().await;
 
     // A token that kubectl would never send over plain HTTP is refused up front.
-    let opts = ClusterOptions { insecure_unauthenticated: true, token: Some("t".into()), ..ClusterOptions::on_host_rootfs() };
+    let opts =
+        ClusterOptions { insecure_unauthenticated: true, token: Some("t".into()), ..ClusterOptions::on_host_rootfs() };
     assert!(matches!(LocalCluster::start(opts).await, Err(ClusterError::TokenWithoutTls)));
 }

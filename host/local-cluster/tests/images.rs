@@ -16,6 +16,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, AttachParams, LogParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
+use local_cluster::node::ImageGcPolicy;
 use local_cluster::{ClusterOptions, LocalCluster};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -703,9 +704,11 @@ async fn a_kept_data_dir_keeps_its_images() {
 async fn an_image_user_missing_from_its_passwd_is_a_create_error() {
     let dir = tempfile::tempdir().unwrap();
     write_docker_archive_with(&dir.path().join("ghost.tar"), "keel-test/ghost:1", "ghost", Vec::new());
-    let cluster =
-        common::cluster_with(ClusterOptions { images_from: Some(dir.path().to_path_buf()), ..ClusterOptions::on_host_rootfs() })
-            .await;
+    let cluster = common::cluster_with(ClusterOptions {
+        images_from: Some(dir.path().to_path_buf()),
+        ..ClusterOptions::on_host_rootfs()
+    })
+    .await;
     let pods: Api<Pod> = Api::default_namespaced(cluster.client().unwrap());
     pods.create(&PostParams::default(), &pod("ghost", "keel-test/ghost:1", json!({}))).await.unwrap();
     let create_error = |p: Option<&Pod>| {
@@ -722,5 +725,86 @@ async fn an_image_user_missing_from_its_passwd_is_a_create_error() {
     // The image's user given as a number need not exist.
     let (r, _) = run(&pods, pod("numeric", "keel-test/ghost:1", json!({"securityContext": {"runAsUser": 4321}}))).await;
     assert_eq!((r["id"].as_str(), r["home"].as_str()), ("4321:0", "/"));
+    cluster.stop().await;
+}
+
+/// Image garbage collection as the kubelet's: above the high threshold, unused images go with
+/// their root and the layers and blobs no other image shares; an image a pod still has stays
+/// until the pod is gone.
+#[tokio::test]
+async fn unused_images_are_garbage_collected_and_images_in_use_kept() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_docker_archive(&dir.path().join("a.tar"), "keel-test/gc-a:1");
+    // B shares A's two layers and has one of its own.
+    let extra = tar_of(&[("extra/", String::new(), 0o755), ("extra/only-b", "b".into(), 0o644)]);
+    write_docker_archive_with(&dir.path().join("b.tar"), "keel-test/gc-b:1", "app", vec![extra.clone()]);
+    let cluster = common::cluster_with(ClusterOptions {
+        data_dir: Some(data.path().to_path_buf()),
+        images_from: Some(dir.path().to_path_buf()),
+        // Always above the high threshold and never down to the low one: every unused image goes.
+        image_gc: ImageGcPolicy {
+            high_threshold: 0,
+            low_threshold: 0,
+            min_age: Duration::ZERO,
+            period: Duration::from_secs(3600),
+        },
+        ..ClusterOptions::default()
+    })
+    .await;
+    let store = data.path().join("node/images");
+    let hex = |b: &[u8]| sha256(b).trim_start_matches("sha256:").to_owned();
+    let layer = |b: &[u8]| store.join("layers").join(hex(b));
+    let roots = || {
+        std::fs::read_dir(store.join("roots"))
+            .unwrap()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .count()
+    };
+    assert_eq!(roots(), 2);
+
+    let pods: Api<Pod> = Api::default_namespaced(cluster.client().unwrap());
+    pods.create(&PostParams::default(), &pod("holder", "keel-test/gc-a:1", json!({"command": ["sleep", "300"]})))
+        .await
+        .unwrap();
+    tokio::time::timeout(TIMEOUT, await_condition(pods.clone(), "holder", conditions::is_pod_running()))
+        .await
+        .expect("the holder runs")
+        .unwrap();
+
+    let report = cluster.collect_images().await.unwrap();
+    let deleted: Vec<Vec<String>> = report.deleted.iter().map(|(_, names)| names.clone()).collect();
+    assert_eq!(deleted, [["docker.io/keel-test/gc-b:1"]], "only the unused image: {report:?}");
+    assert!(!layer(&extra).exists(), "B's own layer is gone");
+    assert!(layer(&base_layer()).exists() && layer(&app_layer()).exists(), "the layers A shares stay");
+    assert!(!store.join("blobs/sha256").join(hex(&extra)).exists(), "B's own blob is gone");
+    assert_eq!(roots(), 1);
+    // B is no longer on the node: a pod that may not pull it cannot start.
+    pods.create(&PostParams::default(), &pod("b-again", "keel-test/gc-b:1", json!({"imagePullPolicy": "Never"})))
+        .await
+        .unwrap();
+    let never_pull = |p: Option<&Pod>| {
+        p.and_then(|p| p.status.as_ref()?.container_statuses.as_ref()?.first()?.state.as_ref()?.waiting.clone())
+            .is_some_and(|w| w.reason.as_deref() == Some("ErrImageNeverPull"))
+    };
+    tokio::time::timeout(TIMEOUT, await_condition(pods.clone(), "b-again", never_pull))
+        .await
+        .expect("ErrImageNeverPull")
+        .unwrap();
+
+    // The holder gone, A goes too, and the store is empty.
+    for name in ["holder", "b-again"] {
+        pods.delete(name, &Default::default()).await.unwrap();
+        tokio::time::timeout(TIMEOUT, await_condition(pods.clone(), name, |p: Option<&Pod>| p.is_none()))
+            .await
+            .expect("the pod is gone")
+            .unwrap();
+    }
+    let report = cluster.collect_images().await.unwrap();
+    let deleted: Vec<Vec<String>> = report.deleted.iter().map(|(_, names)| names.clone()).collect();
+    assert_eq!(deleted, [["docker.io/keel-test/gc-a:1"]], "{report:?}");
+    assert_eq!(roots(), 0);
+    assert!(!layer(&base_layer()).exists() && !layer(&app_layer()).exists());
     cluster.stop().await;
 }

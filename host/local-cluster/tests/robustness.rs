@@ -155,7 +155,8 @@ async fn closed_by_server(mut s: tokio::net::TcpStream) {
 async fn silent_and_slow_connections_are_dropped() {
     let tls = common::cluster_with(ClusterOptions::on_host_rootfs()).await;
     let plain =
-        common::cluster_with(ClusterOptions { insecure_unauthenticated: true, ..ClusterOptions::on_host_rootfs() }).await;
+        common::cluster_with(ClusterOptions { insecure_unauthenticated: true, ..ClusterOptions::on_host_rootfs() })
+            .await;
     let mut idle = Vec::new();
     for c in [&tls, &plain] {
         for _ in 0..100 {

@@ -86,7 +86,8 @@ async fn files_and_kubeconfig_carry_the_ca_and_never_skip_verification() {
 
     // Only the explicitly insecure mode is plain HTTP, with no certificate files and no CA or
     // credential in the kubeconfig.
-    let plain = cluster_with(ClusterOptions { insecure_unauthenticated: true, ..ClusterOptions::on_host_rootfs() }).await;
+    let plain =
+        cluster_with(ClusterOptions { insecure_unauthenticated: true, ..ClusterOptions::on_host_rootfs() }).await;
     assert!(plain.url().starts_with("http://") && plain.ca_pem().is_none());
     assert!(!plain.data_dir().join("ca.crt").exists());
     let plain_kc = std::fs::read_to_string(plain.kubeconfig_path()).unwrap();

@@ -343,7 +343,8 @@ fn cgroup_writable(controller: &str) -> bool {
 
 /// The same through the API server, judged by kubectl.
 async fn cluster_scenario(marker: &str) {
-    let c = LocalCluster::start(ClusterOptions::on_host_rootfs()).await.expect("the cluster starts for an ordinary user");
+    let c =
+        LocalCluster::start(ClusterOptions::on_host_rootfs()).await.expect("the cluster starts for an ordinary user");
     let kubectl = |args: &[&str], stdin: Option<&str>| {
         use std::io::Write;
         let mut child = Command::new("kubectl")

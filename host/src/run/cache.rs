@@ -22,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
 use super::Outcome;
+use super::sources::Tracked;
 use crate::cluster::session::JobPod;
 use crate::config::{CacheConfig, CacheType};
 use crate::job::cache::{CacheKey, CacheWhen, JobCache};
@@ -454,7 +455,14 @@ async fn restore_one(
 
 /// After `after_script`: each cache that `when` and `policy` call for, read out of the pod,
 /// zipped and uploaded. Never changes the outcome.
-pub(super) async fn save(job: &JobCaches<'_>, job_pod: &JobPod, project_dir: &str, outcome: &Outcome, trace: &Trace) {
+pub(super) async fn save(
+    job: &JobCaches<'_>,
+    job_pod: &JobPod,
+    project_dir: &str,
+    tracked: &Tracked,
+    outcome: &Outcome,
+    trace: &Trace,
+) {
     let due: Vec<&JobCache> =
         job.caches.iter().filter(|c| (!c.paths.is_empty() || c.untracked) && wanted(c.when, outcome)).collect();
     if due.is_empty() {
@@ -477,10 +485,8 @@ pub(super) async fn save(job: &JobCaches<'_>, job_pod: &JobPod, project_dir: &st
             continue;
         };
         trace.line(&format!("Creating cache {key}..."));
-        if cache.untracked {
-            trace.warning("WARNING: cache:untracked is not supported by keel yet: only `paths` are cached");
-        }
-        match save_one(store, job, cache, &key, job_pod, project_dir, trace).await {
+        let untracked = cache.untracked.then_some(tracked);
+        match save_one(store, job, cache, &key, job_pod, project_dir, untracked, trace).await {
             Ok(true) => trace.success("Created cache"),
             Ok(false) => {}
             Err(e) => {
@@ -491,6 +497,8 @@ pub(super) async fn save(job: &JobCaches<'_>, job_pod: &JobPod, project_dir: &st
     }
 }
 
+/// `untracked`: with `cache:untracked`, what the sources put there (everything else is cached).
+#[allow(clippy::too_many_arguments)]
 async fn save_one(
     store: &CacheStore,
     job: &JobCaches<'_>,
@@ -498,16 +506,23 @@ async fn save_one(
     key: &str,
     job_pod: &JobPod,
     project_dir: &str,
+    untracked: Option<&Tracked>,
     trace: &Trace,
 ) -> Result<bool, String> {
     let object = store.object(job.project_id, key).map_err(|e| e.to_string())?;
     let span = tracing::info_span!("cache.save", cache.key = %key);
-    let tar = tar_from_pod(job_pod, project_dir, &super::artifacts::roots(&cache.paths)).await?;
+    let mut patterns = cache.paths.clone();
+    if untracked.is_some() {
+        // Untracked files can be anywhere.
+        patterns.push(".".into());
+    }
+    let tar = tar_from_pod(job_pod, project_dir, &super::artifacts::roots(&patterns)).await?;
     let paths = cache.paths.clone();
+    let untracked = untracked.cloned();
     let level = compression(job.compression.as_deref());
     let built = {
         let _enter = span.enter();
-        tokio::task::spawn_blocking(move || tar_to_zip_file(tar.path(), &paths, level))
+        tokio::task::spawn_blocking(move || tar_to_zip_file(tar.path(), &paths, untracked.as_ref(), level))
     }
     .await
     .map_err(|e| e.to_string())??;
@@ -560,7 +575,14 @@ struct BuiltZip {
 
 /// Streams the tar's entries that `paths` select (GitLab's globs: a matched directory takes
 /// everything below it) into a zip, one entry at a time.
-fn tar_to_zip_file(tar: &Path, paths: &[String], level: Option<i64>) -> Result<BuiltZip, String> {
+/// The entries of `tar` that `paths` select, and with `untracked` every file and symlink not in
+/// it (`.git` excepted), as `artifacts:untracked` chooses them.
+fn tar_to_zip_file(
+    tar: &Path,
+    paths: &[String],
+    untracked: Option<&Tracked>,
+    level: Option<i64>,
+) -> Result<BuiltZip, String> {
     use super::artifacts::{PathMatcher, normalize};
     use zip::write::SimpleFileOptions;
     let mut outside = Vec::new();
@@ -579,6 +601,7 @@ fn tar_to_zip_file(tar: &Path, paths: &[String], level: Option<i64>) -> Result<B
         .large_file(false);
     let mut archive = tar::Archive::new(std::io::BufReader::new(std::fs::File::open(tar).map_err(|e| e.to_string())?));
     let mut entries = 0;
+    let mut untracked_n = 0;
     for e in archive.entries().map_err(|e| e.to_string())? {
         let mut e = e.map_err(|e| e.to_string())?;
         let raw = e.path().map_err(|e| e.to_string())?.to_string_lossy().into_owned();
@@ -596,6 +619,11 @@ fn tar_to_zip_file(tar: &Path, paths: &[String], level: Option<i64>) -> Result<B
                 *n += 1;
                 hit = true;
             }
+        }
+        let is_dir = e.header().entry_type() == tar::EntryType::Directory;
+        if untracked.is_some_and(|t| !is_dir && !t.contains(&path)) && path != ".git" && !path.starts_with(".git/") {
+            untracked_n += 1;
+            hit = true;
         }
         if !hit {
             continue;
@@ -633,13 +661,11 @@ fn tar_to_zip_file(tar: &Path, paths: &[String], level: Option<i64>) -> Result<B
     let mut out = zip.finish().map_err(|e| e.to_string())?;
     out.flush().map_err(|e| e.to_string())?;
     let size = zip_file.as_file().metadata().map_err(|e| e.to_string())?.len();
-    Ok(BuiltZip {
-        zip: zip_file,
-        size,
-        entries,
-        found: matchers.into_iter().map(|(p, _, n)| (p, n)).collect(),
-        outside,
-    })
+    let mut found: Vec<(String, usize)> = matchers.into_iter().map(|(p, _, n)| (p, n)).collect();
+    if untracked.is_some() {
+        found.push(("untracked".into(), untracked_n));
+    }
+    Ok(BuiltZip { zip: zip_file, size, entries, found, outside })
 }
 
 /// How much of a file is tried with deflate before it is archived.
@@ -846,6 +872,28 @@ mod tests {
     }
 
     #[test]
+    fn untracked_caches_what_the_sources_did_not_bring() {
+        let dir = tempfile::tempdir().unwrap();
+        let tar_path = dir.path().join("in.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&tar_path).unwrap());
+        for path in ["./src/main.rs", "./target/out.bin", "./.git/HEAD", "./vendor/a.txt"] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(1);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, path, &b"x"[..]).unwrap();
+        }
+        b.into_inner().unwrap();
+        let tracked: Tracked = ["src/main.rs".to_string()].into();
+        let built = tar_to_zip_file(&tar_path, &["vendor/".into()], Some(&tracked), None).unwrap();
+        let z = zip::ZipArchive::new(std::fs::File::open(built.zip.path()).unwrap()).unwrap();
+        let mut names: Vec<&str> = z.file_names().collect();
+        names.sort();
+        assert_eq!(names, ["target/out.bin", "vendor/a.txt"], "tracked files and .git stay out, each file once");
+        assert_eq!(built.found, [("vendor/".to_string(), 1), ("untracked".to_string(), 2)]);
+    }
+
+    #[test]
     fn a_tar_round_trips_through_cache_zip() {
         let dir = tempfile::tempdir().unwrap();
         let tar_path = dir.path().join("in.tar");
@@ -864,7 +912,8 @@ mod tests {
         let random: Vec<u8> = (0..100_000).map(|_| fastrand::u8(..)).collect();
         add("./vendor/sub/random.bin", &random);
         b.into_inner().unwrap();
-        let built = tar_to_zip_file(&tar_path, &["vendor/".into(), "nothing/".into(), "/abs".into()], None).unwrap();
+        let built =
+            tar_to_zip_file(&tar_path, &["vendor/".into(), "nothing/".into(), "/abs".into()], None, None).unwrap();
         assert_eq!(built.entries, 3);
         assert_eq!(built.found, [("vendor/".to_string(), 3), ("nothing/".to_string(), 0)]);
         let mut z = zip::ZipArchive::new(std::fs::File::open(built.zip.path()).unwrap()).unwrap();

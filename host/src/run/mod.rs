@@ -502,7 +502,7 @@ async fn run_on(
     // GitLab Runner's order: after_script, then the cache, then artifacts.
     if !caches.is_empty() && !pod_dead && *interrupts.borrow() < 2 {
         opts.stage("archive_cache");
-        let save = cache::save(&job_caches, &job_pod, &project_dir, &outcome, trace);
+        let save = cache::save(&job_caches, &job_pod, &project_dir, &tracked, &outcome, trace);
         tokio::select! {
             _ = save => {}
             _ = interrupted(interrupts, 2) => trace.warning("WARNING: saving the cache interrupted"),

@@ -168,7 +168,10 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 
-pub use image::{ImageEvent, LoadedImage, RegistryOptions, RegistryOptionsError, StoreError, parse_mirror};
+pub use image::{
+    ImageEvent, ImageGcPolicy, ImageGcPolicyError, ImageGcReport, LoadedImage, RegistryOptions, RegistryOptionsError,
+    StoreError, parse_mirror,
+};
 pub(crate) use pod::go_duration;
 pub use session::{ExitStatus, Session, TerminalSize};
 
@@ -193,7 +196,7 @@ pub struct NodeConfig {
 }
 
 /// Where the node's containers get their root filesystems (see `image`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NodeImages {
     /// Every image archive (docker-archive or OCI layout tarball) in this directory is loaded
     /// into the store at start.
@@ -204,13 +207,10 @@ pub struct NodeImages {
     pub host_rootfs: bool,
     /// Mirrors, plain-HTTP registries, extra CAs, the node's docker config.
     pub registries: RegistryOptions,
+    /// When unused images are deleted (the kubelet's image GC).
+    pub gc: ImageGcPolicy,
 }
 
-impl Default for NodeImages {
-    fn default() -> Self {
-        NodeImages { images_from: None, host_rootfs: false, registries: RegistryOptions::default() }
-    }
-}
 
 /// Called with a pod's uid, a container's name and image for what the kubelet records about
 /// the container's image before each start (see `ImageEvent`).
@@ -320,6 +320,8 @@ pub enum NodeError {
         #[source]
         source: image::StoreError,
     },
+    #[error("image garbage collection: {0}")]
+    ImageGc(String),
     #[error("cannot load image archive {path}: {source}")]
     ImageLoad {
         path: PathBuf,
@@ -371,6 +373,7 @@ pub(crate) struct NodeInner {
     cgroups: cgroup::NodeCgroups,
     images: image::Images,
     images_from: Option<PathBuf>,
+    image_gc: ImageGcPolicy,
     image_hooks: std::sync::OnceLock<ImageHooks>,
     pods: Mutex<HashMap<String, Arc<pod::PodRuntime>>>,
     shut_down: std::sync::atomic::AtomicBool,
@@ -408,10 +411,11 @@ impl Node {
             unavailable: cfg.unavailable_images.clone(),
             cached_unpullable: cfg.cached_unpullable_images.clone(),
         };
-        Ok(Node {
+        let node = Node {
             inner: Arc::new(NodeInner {
                 images,
                 images_from: image_opts.images_from,
+                image_gc: image_opts.gc,
                 image_hooks: std::sync::OnceLock::new(),
                 cfg,
                 sink: on_status,
@@ -422,7 +426,31 @@ impl Node {
                 pods: Mutex::new(HashMap::new()),
                 shut_down: std::sync::atomic::AtomicBool::new(false),
             }),
-        })
+        };
+        // The kubelet's image GC loop; it ends with the node.
+        let weak = Arc::downgrade(&node.inner);
+        let period = node.inner.image_gc.period;
+        node.inner.rt.spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(inner) = weak.upgrade() else { return };
+                if let Err(e) = (Node { inner }).collect_images().await {
+                    tracing::warn!(error = %e, "image garbage collection failed");
+                }
+            }
+        });
+        Ok(node)
+    }
+
+    /// One image garbage collection now, under the node's policy (see `image::gc`).
+    pub async fn collect_images(&self) -> Result<ImageGcReport, NodeError> {
+        let store = self.inner.images.store.clone().expect("the node always has a store");
+        let policy = self.inner.image_gc.clone();
+        let dir = self.inner.cfg.data_dir.join("images");
+        tokio::task::spawn_blocking(move || store.collect(&policy, &|| image::fs_space(&dir)))
+            .await
+            .map_err(|e| NodeError::ImageGc(e.to_string()))?
+            .map_err(|e| NodeError::ImageGc(e.to_string()))
     }
 
     /// Where the kubelet's image events go and pull secrets come from; set once, before pods

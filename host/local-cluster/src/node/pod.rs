@@ -76,6 +76,9 @@ impl Instance {
 struct ContainerRt {
     spec: Container,
     init: bool,
+    /// The image it last started from, held while the pod exists: the image is in use (the
+    /// kubelet counts exited containers too) and no collection deletes it.
+    image: Mutex<Option<Arc<StoredImage>>>,
     current: Mutex<Option<Arc<Instance>>>,
     previous_log: Mutex<Option<Arc<LogFile>>>,
 }
@@ -144,6 +147,7 @@ impl PodRuntime {
                 Arc::new(ContainerRt {
                     spec: c.clone(),
                     init,
+                    image: Mutex::new(None),
                     current: Mutex::new(None),
                     previous_log: Mutex::new(None),
                 }),
@@ -406,6 +410,7 @@ impl PodRuntime {
             let Some(image) = self.ensure_image(rt, stop).await else {
                 return false;
             };
+            *rt.image.lock().expect("image lock") = image.clone();
             let code = match self.run_instance(rt, restarts, ns.clone(), &data, image.as_ref(), stop).await {
                 Ok(code) => code,
                 Err(CreateFailure { reason, message }) => {

@@ -18,6 +18,7 @@
 
 mod archive;
 pub(crate) mod config;
+mod gc;
 mod layer;
 pub(crate) mod pull;
 mod reference;
@@ -27,6 +28,8 @@ pub(crate) mod store;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub(crate) use gc::fs_space;
+pub use gc::{ImageGcPolicy, ImageGcPolicyError, ImageGcReport};
 pub(crate) use layer::remove_all;
 pub(crate) use pull::{DockerConfig, Puller, pod_configs};
 pub use pull::{RegistryOptions, RegistryOptionsError, parse_mirror};

@@ -8,16 +8,19 @@
 //! ```
 //!
 //! An image is named by its config's digest (the image ID); several names may point at one
-//! image, and loading a name again moves it, as a tag moves.
+//! image, and loading a name again moves it, as a tag moves. Images are collected as the
+//! kubelet's image GC does it (`collect`, see `gc`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use super::archive::{self, blob_path, read_blob_json};
 use super::config::{ConfigFile, RunConfig};
+use super::gc::{ImageGcPolicy, ImageGcReport, usage_percent};
 use super::layer;
 use super::reference;
 
@@ -58,6 +61,12 @@ pub(crate) struct StoredImage {
     pub blobs: Vec<String>,
     /// Bytes of its config and layers as stored (compressed), the size a kubelet reports.
     pub size: u64,
+    /// Its layers' diff IDs (`layers/<hex>` in the store).
+    pub layers: Vec<String>,
+    /// When this node first had it (loaded, pulled, or found in a kept store at start).
+    pub added: Instant,
+    /// When a container last asked for it.
+    pub last_used: Mutex<Instant>,
 }
 
 impl PartialEq for StoredImage {
@@ -98,6 +107,9 @@ pub(crate) struct Store {
     names: RwLock<BTreeMap<String, Arc<StoredImage>>>,
     /// One load at a time: loads share layers and roots, and the index is rewritten whole.
     loading: Mutex<()>,
+    /// Pulls hold it shared while they fetch and assemble (they count on blobs and layers they
+    /// find stored); a collection runs only when it can hold it alone.
+    pull_gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// The node's platform as OCI names it.
@@ -125,6 +137,7 @@ impl Store {
             platform: platform(),
             names: RwLock::new(BTreeMap::new()),
             loading: Mutex::new(()),
+            pull_gate: Arc::new(tokio::sync::RwLock::new(())),
         };
         let index = dir.join("index.json");
         if let Ok(bytes) = std::fs::read(&index) {
@@ -172,20 +185,122 @@ impl Store {
         Ok(image)
     }
 
-    /// The image `reference` names (any form a pod may use), if stored.
+    /// The image `reference` names (any form a pod may use), if stored; it counts as used now.
     pub fn get(&self, reference: &str) -> Option<Arc<StoredImage>> {
         let name = reference::normalized(reference);
         let names = self.names.read().expect("names lock");
-        if let Some(i) = names.get(&name) {
-            return Some(i.clone());
+        let found = match names.get(&name) {
+            Some(i) => Some(i.clone()),
+            None => {
+                // By digest: `repo@sha256:...` is any stored image of that repository with that digest.
+                let (_, digest) = name.split_once('@')?;
+                let repo = reference::repository(&name);
+                names
+                    .iter()
+                    .find(|(n, i)| reference::repository(n) == repo && (i.repo_digest == digest || i.id == digest))
+                    .map(|(_, i)| i.clone())
+            }
+        };
+        if let Some(i) = &found {
+            *i.last_used.lock().expect("last used lock") = Instant::now();
         }
-        // By digest: `repo@sha256:...` is any stored image of that repository with that digest.
-        let (_, digest) = name.split_once('@')?;
-        let repo = reference::repository(&name);
-        names
-            .iter()
-            .find(|(n, i)| reference::repository(n) == repo && (i.repo_digest == digest || i.id == digest))
-            .map(|(_, i)| i.clone())
+        found
+    }
+
+    /// Held by a pull from its first request to its image in the store.
+    pub async fn pulling(&self) -> tokio::sync::OwnedRwLockReadGuard<()> {
+        self.pull_gate.clone().read_owned().await
+    }
+
+    /// One collection under `policy` (see `gc`); `space` gives the filesystem's capacity and
+    /// available bytes. Images others hold (containers, pulls) are in use and kept.
+    pub fn collect(
+        &self,
+        policy: &ImageGcPolicy,
+        space: &dyn Fn() -> std::io::Result<(u64, u64)>,
+    ) -> Result<ImageGcReport, StoreError> {
+        let measure = || space().map_err(|source| StoreError::Io { path: self.dir.clone(), source });
+        let before = measure()?;
+        let mut report = ImageGcReport {
+            usage_before: usage_percent(before),
+            usage_after: usage_percent(before),
+            ..ImageGcReport::default()
+        };
+        if report.usage_before < policy.high_threshold {
+            return Ok(report);
+        }
+        let _one_at_a_time = self.loading.lock().expect("loading lock");
+        let Ok(_no_pulls) = self.pull_gate.try_write() else {
+            report.skipped = Some("a pull is in progress".into());
+            return Ok(report);
+        };
+        // Unused images, least recently used first (then the oldest), old enough.
+        let mut candidates: Vec<(Arc<StoredImage>, Vec<String>)> = Vec::new();
+        for (name, image) in self.names.read().expect("names lock").iter() {
+            match candidates.iter_mut().find(|(i, _)| Arc::ptr_eq(i, image)) {
+                Some((_, names)) => names.push(name.clone()),
+                None => candidates.push((image.clone(), vec![name.clone()])),
+            }
+        }
+        candidates.retain(|(i, names)| Arc::strong_count(i) == names.len() + 1 && i.added.elapsed() >= policy.min_age);
+        candidates.sort_by_key(|(i, _)| (*i.last_used.lock().expect("last used lock"), i.added));
+        let mut eligible = 0u64;
+        for (image, image_names) in candidates {
+            if usage_percent(measure()?) <= policy.low_threshold {
+                break;
+            }
+            {
+                let mut names = self.names.write().expect("names lock");
+                let holders = names.values().filter(|i| Arc::ptr_eq(i, &image)).count();
+                // Taken by a container since the list was made: in use.
+                if Arc::strong_count(&image) > holders + 1 {
+                    continue;
+                }
+                names.retain(|_, i| !Arc::ptr_eq(i, &image));
+            }
+            self.write_index()?;
+            eligible += image.size;
+            self.delete_files(&image);
+            tracing::info!(image.id = %image.id, image.names = ?image_names, "image garbage collected");
+            report.deleted.push((image.id.clone(), image_names));
+        }
+        let after = measure()?;
+        report.usage_after = usage_percent(after);
+        report.freed = after.1.saturating_sub(before.1);
+        if report.usage_after > policy.low_threshold {
+            // The kubelet's warning (its FreeDiskSpaceFailed event).
+            let want = (before.0 as u128 * u128::from(100 - policy.low_threshold) / 100) as u64;
+            tracing::warn!(
+                "Failed to garbage collect required amount of images. Attempted to free {} bytes, but only found {eligible} bytes eligible to free.",
+                want.saturating_sub(before.1)
+            );
+        }
+        Ok(report)
+    }
+
+    /// An image's root, and its layers and blobs no remaining image uses. Best effort: what
+    /// cannot be removed is logged and stays.
+    fn delete_files(&self, image: &StoredImage) {
+        let (mut blobs, mut layers) = (BTreeSet::new(), BTreeSet::new());
+        for i in self.names.read().expect("names lock").values() {
+            blobs.extend(i.blobs.iter().cloned());
+            layers.extend(i.layers.iter().cloned());
+        }
+        let mut paths = vec![image.rootfs.clone()];
+        paths.extend(
+            image
+                .layers
+                .iter()
+                .filter(|l| !layers.contains(*l))
+                .filter_map(|l| l.strip_prefix("sha256:"))
+                .map(|hex| self.dir.join("layers").join(hex)),
+        );
+        paths.extend(image.blobs.iter().filter(|b| !blobs.contains(*b)).map(|b| blob_path(&self.blobs(), b)));
+        for path in paths {
+            if let Err(e) = layer::remove_all(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "image garbage collection: cannot remove");
+            }
+        }
     }
 
     /// Loads every image of the archive at `path` (see `archive`).
@@ -264,13 +379,17 @@ impl Store {
         let cfg: ConfigFile = read_blob_json(&self.blobs(), config, "image config")?;
         let size =
             blobs.iter().filter_map(|b| std::fs::metadata(blob_path(&self.blobs(), b)).ok()).map(|m| m.len()).sum();
+        let now = Instant::now();
         Ok(StoredImage {
             id: config.to_owned(),
             repo_digest: repo_digest.to_owned(),
+            layers: cfg.rootfs.map(|r| r.diff_ids).unwrap_or_default(),
             run: cfg.config.unwrap_or_default(),
             rootfs: self.root_dir(config)?,
             size,
             blobs: blobs.to_vec(),
+            added: now,
+            last_used: Mutex::new(now),
         })
     }
 

@@ -124,6 +124,8 @@ impl Puller {
 
     /// Tries the registry's endpoints in order (mirrors first); the last failure is the answer.
     async fn pull_now(&self, name: &str, plan: &[(Endpoint, Credentials)]) -> Result<Pulled, PullError> {
+        // No image collection while blobs found stored are counted on.
+        let _gate = self.store.pulling().await;
         let mut last = None;
         for (endpoint, creds) in plan {
             match self.pull_from(endpoint, name, creds).await {
