@@ -78,7 +78,6 @@ pub struct ClusterOptions {
     pub insecure_unauthenticated: bool,
 }
 
-
 impl ClusterOptions {
     /// The defaults, but every image not in the store runs on the host's root filesystem (no
     /// registry is asked): what tests use to run `busybox` or `alpine` without a network.

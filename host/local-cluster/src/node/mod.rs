@@ -211,7 +211,6 @@ pub struct NodeImages {
     pub gc: ImageGcPolicy,
 }
 
-
 /// Called with a pod's uid, a container's name and image for what the kubelet records about
 /// the container's image before each start (see `ImageEvent`).
 pub type ImageEventSink = Arc<dyn Fn(&str, &str, &str, ImageEvent) + Send + Sync>;
