@@ -65,9 +65,9 @@ struct ImageArgs {
     images_from: Option<PathBuf>,
     /// Images not in the embedded cluster's store run on the host's root filesystem instead of
     /// being pulled from their registries (no network needed; `image:` is then only a name).
-    #[arg(long, env = "KEEL_CLUSTER_HOST_ROOTFS", default_value_t = false, num_args = 0..=1,
-          default_missing_value = "true", require_equals = true, action = clap::ArgAction::Set)]
-    host_rootfs: bool,
+    #[arg(long, env = "KEEL_CLUSTER_HOST_ROOTFS", num_args = 0..=1, default_missing_value = "true",
+          require_equals = true, action = clap::ArgAction::Set)]
+    host_rootfs: Option<bool>,
     /// Pull REGISTRY's images from URL first, as containerd's mirrors (e.g.
     /// docker.io=http://127.0.0.1:5000). Repeatable.
     #[arg(long = "registry-mirror", value_name = "REGISTRY=URL", value_parser = local_cluster::node::parse_mirror)]
@@ -79,33 +79,47 @@ struct ImageArgs {
     #[arg(long = "registry-ca", value_name = "FILE")]
     registry_cas: Vec<PathBuf>,
     /// Percent of the image store's filesystem in use at which unused images are deleted,
-    /// least recently used first (the kubelet's flag; 100 disables it).
-    #[arg(long, value_name = "PERCENT", default_value_t = 85, value_parser = clap::value_parser!(u8).range(0..=100))]
-    image_gc_high_threshold: u8,
-    /// Percent of that filesystem the deletion goes down to (below the high threshold).
-    #[arg(long, value_name = "PERCENT", default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=100))]
-    image_gc_low_threshold: u8,
+    /// least recently used first (the kubelet's flag; default 85; 100 disables it).
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_high_threshold: Option<u8>,
+    /// Percent of that filesystem the deletion goes down to (below the high threshold; default 80).
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_low_threshold: Option<u8>,
 }
 
 impl ImageArgs {
-    fn embedded(&self) -> anyhow::Result<local_cluster::ClusterOptions> {
+    /// The embedded cluster's options: these flags over the config's `[embedded_cluster]`
+    /// (lists: the flags' entries first, then the file's).
+    fn embedded(&self, file: Option<&host::config::EmbeddedCluster>) -> anyhow::Result<local_cluster::ClusterOptions> {
+        let file = file.cloned().unwrap_or_default();
+        let (high, low) = file.image_gc_thresholds();
         let image_gc = local_cluster::node::ImageGcPolicy::with_thresholds(
-            self.image_gc_high_threshold,
-            self.image_gc_low_threshold,
+            self.image_gc_high_threshold.unwrap_or(high),
+            self.image_gc_low_threshold.unwrap_or(low),
         )?;
+        let mut mirrors = self.registry_mirrors.clone();
+        mirrors.extend(file.registry_mirrors);
         Ok(local_cluster::ClusterOptions {
             image_gc,
-            images_from: self.images_from.clone(),
-            host_rootfs: self.host_rootfs,
+            images_from: self.images_from.clone().or(file.images_from),
+            host_rootfs: self.host_rootfs.or(file.host_rootfs).unwrap_or(false),
             registries: local_cluster::node::RegistryOptions {
-                mirrors: self.registry_mirrors.clone(),
-                insecure: self.insecure_registries.clone(),
-                ca_files: self.registry_cas.clone(),
+                mirrors,
+                insecure: [self.insecure_registries.clone(), file.insecure_registries].concat(),
+                ca_files: [self.registry_cas.clone(), file.registry_cas].concat(),
                 docker_config: None,
             },
             ..local_cluster::ClusterOptions::default()
         })
     }
+}
+
+/// `[embedded_cluster]` of the config at `path`, if any.
+fn embedded_section(path: Option<&std::path::Path>) -> anyhow::Result<Option<host::config::EmbeddedCluster>> {
+    Ok(match path {
+        Some(path) => host::config::Config::load(path)?.embedded_cluster,
+        None => None,
+    })
 }
 
 #[derive(clap::Args)]
@@ -557,10 +571,11 @@ async fn run_job(args: RunArgs) -> anyhow::Result<ExitCode> {
     let job_id = args.job_id.unwrap_or_else(|| fastrand::u64(1..1_000_000_000));
     let object_suffix = format!("{job_id}-{}", fastrand::u32(..) % 100_000);
     let commit = host::sources::git_facts(&source_dir);
+    let embedded = embedded_section(args.job.config.as_deref())?;
     let req = args.job.request(job_id, project_path, object_suffix, commit, true)?;
     let opts = RunOptions {
         // Authenticated HTTPS with a client certificate: the embedded cluster's default.
-        cluster: ClusterChoice::Connect(Box::new(args.cluster.connect(args.images.embedded()?))),
+        cluster: ClusterChoice::Connect(Box::new(args.cluster.connect(args.images.embedded(embedded.as_ref())?))),
         sources: Sources::Dir(source_dir),
         timestamps: args.timestamps,
         trace_file: args.trace_file,
@@ -610,15 +625,15 @@ async fn run_pipeline(
     let commit = host::sources::git_facts(&source_dir);
     let facts = host::pipeline::plan::RunFacts { source_dir: source_dir.clone(), commit: commit.clone() };
     let plan = host::pipeline::plan::load(&path, &facts)?.select(&args.only_jobs)?;
-    let k8s = match &args.job.config {
-        Some(config) => host::config::Config::load(config)?
-            .runner(args.job.runner.as_deref(), config)?
-            .kubernetes
-            .clone()
-            .unwrap_or_default(),
-        None => host::config::Kubernetes::default(),
+    let (k8s, embedded) = match &args.job.config {
+        Some(path) => {
+            let config = host::config::Config::load(path)?;
+            let k8s = config.runner(args.job.runner.as_deref(), path)?.kubernetes.clone().unwrap_or_default();
+            (k8s, config.embedded_cluster)
+        }
+        None => (host::config::Kubernetes::default(), None),
     };
-    let connection = host::cluster::connect(&k8s, &args.cluster.connect(args.images.embedded()?))
+    let connection = host::cluster::connect(&k8s, &args.cluster.connect(args.images.embedded(embedded.as_ref())?))
         .await
         .context("cannot connect to a cluster for the pipeline")?;
     if connection.embedded.is_some() {
@@ -689,7 +704,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let rt = Arc::new(Runtime::new(args.plugin_cache.clone()).context("cannot start the plugin runtime")?);
     // One connection per runner, shared by its jobs; runners that name the same cluster (or
     // none, and so the same embedded one) share it.
-    let connect = args.cluster.connect(args.images.embedded()?);
+    let connect = args.cluster.connect(args.images.embedded(config.embedded_cluster.as_ref())?);
     let mut by_cluster: Vec<(Option<String>, Arc<host::cluster::Connection>)> = Vec::new();
     let mut connections = HashMap::new();
     for runner in &settings.runners {
@@ -782,7 +797,7 @@ async fn cluster_up(args: ClusterUpArgs) -> anyhow::Result<()> {
         cached_unpullable_images: args.cached_unpullable_images,
         token: args.token,
         insecure_unauthenticated: args.insecure_no_auth,
-        ..args.images.embedded()?
+        ..args.images.embedded(None)?
     };
     // `--tls` asks for what is the default now.
     let _ = args.tls;

@@ -322,7 +322,7 @@ fn cluster_load_puts_an_archive_into_a_running_cluster_and_pods_run_on_it() {
 }
 
 #[test]
-fn host_run_with_images_from_runs_the_job_in_its_image() {
+fn host_run_with_the_configs_images_runs_the_job_in_its_image() {
     let dir = tempfile::tempdir().unwrap();
     let images = dir.path().join("images");
     std::fs::create_dir(&images).unwrap();
@@ -333,18 +333,18 @@ fn host_run_with_images_from_runs_the_job_in_its_image() {
         "image: keel-e2e/busybox:1\nscript:\n  - 'test -e /etc/debian_version && echo host-rootfs || echo image-rootfs'\n  - busybox | head -1\n",
     )
     .unwrap();
-    // The helper container runs the same image, so no registry is asked for GitLab's helper.
+    // The helper container runs the same image, so no registry is asked for GitLab's helper;
+    // the archives' directory comes from the config (relative to it), as `--images-from` would.
     let config = dir.path().join("config.toml");
     std::fs::write(
         &config,
-        "[[runners]]\nname = \"local\"\nexecutor = \"kubernetes\"\n[runners.kubernetes]\nhelper_image = \"keel-e2e/busybox:1\"\n",
+        "[embedded_cluster]\nimages_from = \"images\"\n\
+         [[runners]]\nname = \"local\"\nexecutor = \"kubernetes\"\n[runners.kubernetes]\nhelper_image = \"keel-e2e/busybox:1\"\n",
     )
     .unwrap();
     let out = Command::new(host_bin())
         .args(["run", "--config"])
         .arg(&config)
-        .arg("--images-from")
-        .arg(&images)
         .arg("--plugin-cache")
         .arg(dir.path().join(".cache"))
         .arg(&job)
@@ -353,6 +353,6 @@ fn host_run_with_images_from_runs_the_job_in_its_image() {
         .env("KEEL_PLUGIN_PATH", support::workspace_root().join("target/plugins"))
         .output()
         .unwrap();
-    let trace = succeeded(out, "host run --images-from");
+    let trace = succeeded(out, "host run with [embedded_cluster] images_from");
     assert!(trace.contains("\nimage-rootfs\n") && trace.contains("BusyBox v1.35"), "{trace}");
 }

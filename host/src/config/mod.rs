@@ -7,7 +7,8 @@
 //! resolved afterwards, relative to the config file's directory.
 //!
 //! Sections: the top level and `[[runners]]` here, `[runners.kubernetes]` in `kubernetes`,
-//! plugin entries in `plugins`; the values they share are `crate::vocab::values`.
+//! plugin entries in `plugins`, `[runners.cache]` in `cache`, keel's `[embedded_cluster]` in
+//! `embedded`; the values they share are `crate::vocab::values`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,11 +17,13 @@ use serde::{Deserialize, Deserializer, Serialize, de};
 
 use crate::input::{Located, check_toml_depth, cut_message, limits, line_col, read_text_file, show_bytes};
 mod cache;
+mod embedded;
 mod kubernetes;
 mod plugins;
 
 use crate::vocab::RESERVED_VOLUMES;
 pub use cache::*;
+pub use embedded::EmbeddedCluster;
 pub use kubernetes::*;
 pub use plugins::*;
 
@@ -75,6 +78,9 @@ pub struct Config {
     /// `[[runners.kubernetes.plugins]]`, in file order.
     #[serde(default, skip_serializing)]
     pub plugins: Vec<PluginConfig>,
+    /// keel's own: the cluster started when no cluster is configured.
+    #[serde(default, skip_serializing)]
+    pub embedded_cluster: Option<EmbeddedCluster>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -214,6 +220,9 @@ impl Config {
     }
 
     fn resolve(&mut self, text: &str, path: &Path, base: &Path) -> Result<(), ConfigError> {
+        if let Some(embedded) = self.embedded_cluster.as_mut() {
+            embedded.resolve(path, base)?;
+        }
         let global_plugins = self.plugins.len();
         for (i, plugin) in self.plugins.iter_mut().enumerate() {
             plugin.resolve(text, path, base, format!("plugins[{i}]"));
