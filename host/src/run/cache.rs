@@ -348,33 +348,61 @@ pub struct JobCaches<'a> {
     pub compression: Option<String>,
 }
 
-/// A cache's key: the literal one, or `<prefix>-<digest of the files>` (`default` when none of
-/// the files exists). GitLab uses the last commit that changed the files; `host run` has a
-/// working tree, not commits, so the files' contents stand in.
+/// A cache's key: the literal one, or GitLab's `cache:key:files` key computed from the source
+/// directory as GitLab computes it from the pipeline's commit: the git blob ids of the files
+/// (patterns with `*` match the directory's files, `.git` and ignored ones left out), sorted and
+/// deduplicated, joined with `-` and hashed with SHA-1; `default` when none exists; the prefix
+/// (if any) and the digest joined with `-`. A committed file gives the key GitLab gives.
 pub fn resolve_key(key: &CacheKey, source_dir: Option<&Path>) -> String {
     match key {
         CacheKey::Literal(k) => k.clone(),
         CacheKey::Files { files, prefix } => {
-            use sha2::{Digest, Sha256};
-            let mut hasher = Sha256::new();
-            let mut any = false;
-            for f in files {
-                let Some(dir) = source_dir else { break };
-                if let Ok(bytes) = std::fs::read(dir.join(f)) {
-                    any = true;
-                    hasher.update(f.as_bytes());
-                    hasher.update([0]);
-                    hasher.update((bytes.len() as u64).to_le_bytes());
-                    hasher.update(&bytes);
-                }
-            }
-            let digest = if any { hex::encode(hasher.finalize())[..40].to_string() } else { "default".into() };
+            let digest = source_dir.and_then(|dir| files_digest(dir, files)).unwrap_or_else(|| "default".into());
             match prefix {
                 Some(p) if !p.is_empty() => format!("{p}-{digest}"),
                 _ => digest,
             }
         }
     }
+}
+
+/// GitLab's `hash_of_file_contents`: SHA-1 of the files' sorted, unique git blob ids joined
+/// with `-`; `None` when no file exists.
+fn files_digest(dir: &Path, patterns: &[String]) -> Option<String> {
+    use sha1::{Digest, Sha1};
+    let mut paths: Vec<PathBuf> = Vec::new();
+    for pattern in patterns.iter().filter(|p| !p.is_empty()) {
+        if pattern.contains('*') {
+            let Ok(glob) = globset::GlobBuilder::new(pattern.trim_start_matches("./")).literal_separator(true).build()
+            else {
+                continue;
+            };
+            let matcher = glob.compile_matcher();
+            let walk = ignore::WalkBuilder::new(dir).hidden(false).require_git(false).build();
+            for entry in walk.flatten().filter(|e| e.file_type().is_some_and(|t| t.is_file())) {
+                let Ok(rel) = entry.path().strip_prefix(dir) else { continue };
+                if !rel.starts_with(".git") && matcher.is_match(rel) {
+                    paths.push(entry.path().to_path_buf());
+                }
+            }
+        } else {
+            paths.push(dir.join(pattern.trim_start_matches("./")));
+        }
+    }
+    let mut ids: Vec<String> = paths
+        .iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .map(|bytes| {
+            // Git's object id of a blob: SHA-1 of `blob <size>\0<content>`.
+            let mut h = Sha1::new();
+            h.update(format!("blob {}\0", bytes.len()).as_bytes());
+            h.update(&bytes);
+            hex::encode(h.finalize())
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    (!ids.is_empty()).then(|| hex::encode(Sha1::digest(ids.join("-").as_bytes())))
 }
 
 /// Whether a cache with this `when` is saved after a job that ended so.
@@ -869,6 +897,42 @@ mod tests {
         assert_ne!(resolve_key(&key, Some(dir.path())), a);
         let none = CacheKey::Files { files: vec!["missing".into()], prefix: None };
         assert_eq!(resolve_key(&none, Some(dir.path())), "default");
+        let prefixed_none = CacheKey::Files { files: vec!["missing".into()], prefix: Some("p".into()) };
+        assert_eq!(resolve_key(&prefixed_none, Some(dir.path())), "p-default");
+    }
+
+    /// The key GitLab computes for a commit: SHA-1 of the files' git blob ids (as `git
+    /// rev-parse HEAD:<path>` names them), sorted, joined with `-`; patterns match files.
+    #[test]
+    fn files_keys_are_gitlabs_for_committed_files() {
+        use sha1::{Digest, Sha1};
+        let dir = tempfile::tempdir().unwrap();
+        let git = |args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@e", "-c", "init.defaultBranch=main"])
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("git runs");
+            assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        std::fs::create_dir_all(dir.path().join("web")).unwrap();
+        std::fs::write(dir.path().join("Gemfile.lock"), "gems\n").unwrap();
+        std::fs::write(dir.path().join("web/package-lock.json"), "{}\n").unwrap();
+        git(&["init", "-q"]);
+        git(&["add", "."]);
+        git(&["commit", "-qm", "c"]);
+        let mut ids = [git(&["rev-parse", "HEAD:Gemfile.lock"]), git(&["rev-parse", "HEAD:web/package-lock.json"])];
+        ids.sort();
+        let want = hex::encode(Sha1::digest(ids.join("-").as_bytes()));
+        let key = CacheKey::Files { files: vec!["Gemfile.lock".into(), "**/package-lock.json".into()], prefix: None };
+        assert_eq!(resolve_key(&key, Some(dir.path())), want);
+        // The same file listed twice counts once, as GitLab's uniq does.
+        let one =
+            CacheKey::Files { files: vec!["Gemfile.lock".into(), "./Gemfile.lock".into()], prefix: Some("rb".into()) };
+        let id = git(&["rev-parse", "HEAD:Gemfile.lock"]);
+        assert_eq!(resolve_key(&one, Some(dir.path())), format!("rb-{}", hex::encode(Sha1::digest(id.as_bytes()))));
     }
 
     #[test]
