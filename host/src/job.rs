@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod from_gitlab;
+pub mod include;
 pub mod overwrites;
 pub mod parse;
 pub mod resolve;

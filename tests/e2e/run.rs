@@ -508,3 +508,29 @@ fn summary(text: &str) -> Vec<&str> {
 fn summary_row(text: &str, job: &str) -> String {
     summary(text).into_iter().find(|l| l.split_whitespace().next() == Some(job)).unwrap_or_default().to_string()
 }
+
+/// `include: local` as GitLab merges it: the included file's jobs and templates, the
+/// including file's values over them, nested includes, a pattern.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_with_local_includes_runs_their_jobs() {
+    let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
+    f.write(
+        "project/ci/templates.yml",
+        "include: ci/jobs/lint.yml\n.base:\n  image: alpine:3.20\n  variables: {WHO: template}\n",
+    );
+    f.write("project/ci/jobs/lint.yml", "lint:\n  extends: .base\n  script: [\"echo lint-by-$WHO\"]\n");
+    f.write("project/ci/jobs/extra.yml", "extra:\n  extends: .base\n  script: [echo extra-ran]\n");
+    let file = f.write(
+        "project/.gitlab-ci.yml",
+        "include:\n  - local: /ci/templates.yml\n  - 'ci/jobs/*.yml'\n\
+         .base:\n  variables: {WHO: main}\n\
+         build:\n  extends: .base\n  script: [\"echo build-by-$WHO\"]\n",
+    );
+    let out = f.run(&file, &[]).await;
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    for want in ["build-by-main", "lint-by-main", "extra-ran", "Pipeline succeeded"] {
+        assert!(text.contains(want), "{want:?} missing:\n{text}");
+    }
+    f.assert_clean().await;
+}

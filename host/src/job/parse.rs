@@ -495,9 +495,6 @@ impl<'de> Visitor<'de> for DocumentSeed<'_> {
                 "before_script" => doc.globals.before_script = Some(map.next_value()?),
                 "after_script" => doc.globals.after_script = Some(map.next_value()?),
                 "cache" => doc.globals.cache = Some(map.next_value()?),
-                "include" => {
-                    map.next_value::<Unsupported>()?;
-                }
                 k if self.wanted.contains(k) => {
                     let job = map.next_value()?;
                     doc.jobs.insert(key, job);
@@ -508,15 +505,6 @@ impl<'de> Visitor<'de> for DocumentSeed<'_> {
             }
         }
         Ok(doc)
-    }
-}
-
-/// A keyword keel refuses; deserialising it fails, so the error carries the key's path.
-struct Unsupported;
-
-impl<'de> Deserialize<'de> for Unsupported {
-    fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
-        Err(de::Error::custom("`include` is not supported: keel reads one file; inline the included jobs"))
     }
 }
 
@@ -542,6 +530,9 @@ pub fn parse(text: &str, source: &JobSource, ctx: &JobContext) -> Result<Job, Jo
 /// [`parse`], with the job's `cache:` entries.
 pub fn parse_with_caches(text: &str, source: &JobSource, ctx: &JobContext) -> Result<(Job, Vec<JobCache>), JobError> {
     let path = &source.path;
+    // `include:` merged in first, as GitLab does before anything else reads the document.
+    let included = super::include::expand(path, text)?;
+    let text = included.as_deref().unwrap_or(text);
     if text.len() > limits::YAML_BYTES {
         return Err(JobError::Invalid {
             at: Located::key(path, "(document)"),

@@ -201,6 +201,9 @@ pub fn plan(path: &Path, text: &str, facts: &RunFacts) -> Result<Plan, PlanError
         at: Located::at(path, l.line, l.column, "(document)"),
         message: l.message,
     })?;
+    // `include:` merged in first, as GitLab does; each job is read from the same merged text.
+    let included = crate::job::include::expand(path, text)?;
+    let text = included.as_deref().unwrap_or(text);
     let mut tree: Value =
         serde_yaml_ng::from_str(text).map_err(|e| invalid("(document)", crate::input::cut(e.to_string(), 512)))?;
     tree.apply_merge().map_err(|e| invalid("(document)", e.to_string()))?;
