@@ -510,7 +510,7 @@ fn summary_row(text: &str, job: &str) -> String {
 }
 
 /// `include: local` as GitLab merges it: the included file's jobs and templates, the
-/// including file's values over them, nested includes, a pattern.
+/// including file's values over them, nested includes, a pattern; and a `when: delayed` job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_with_local_includes_runs_their_jobs() {
     let f = Fixture::new(ClusterOptions::on_host_rootfs()).await;
@@ -524,13 +524,16 @@ async fn a_pipeline_with_local_includes_runs_their_jobs() {
         "project/.gitlab-ci.yml",
         "include:\n  - local: /ci/templates.yml\n  - 'ci/jobs/*.yml'\n\
          .base:\n  variables: {WHO: main}\n\
-         build:\n  extends: .base\n  script: [\"echo build-by-$WHO\"]\n",
+         build:\n  extends: .base\n  script: [\"echo build-by-$WHO\"]\n\
+         later:\n  extends: .base\n  stage: deploy\n  when: delayed\n  start_in: 1 second\n  script: [echo later-ran]\n",
     );
     let out = f.run(&file, &[]).await;
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");
-    for want in ["build-by-main", "lint-by-main", "extra-ran", "Pipeline succeeded"] {
+    for want in ["build-by-main", "lint-by-main", "extra-ran", "later-ran", "Pipeline succeeded"] {
         assert!(text.contains(want), "{want:?} missing:\n{text}");
     }
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("keel: job \"later\" is delayed (when: delayed): it starts in 1s"), "{log}");
     f.assert_clean().await;
 }

@@ -170,7 +170,7 @@ pub async fn run(
             } else {
                 match job.when {
                     When::Manual => Some(Status::Skipped("manual job: keel has no one to start it")),
-                    When::OnSuccess if failed_before => Some(Status::Skipped(SKIPPED_AFTER_FAILURE)),
+                    When::OnSuccess | When::Delayed(_) if failed_before => Some(Status::Skipped(SKIPPED_AFTER_FAILURE)),
                     When::OnFailure if !failed_before => Some(Status::Skipped("when: on_failure, nothing failed")),
                     _ => None,
                 }
@@ -233,9 +233,22 @@ pub async fn run(
             let rt = rt.clone();
             let name = job.name.clone();
             let allow = job.allow_failure.clone();
-            let job_interrupts = interrupts.clone();
+            let mut job_interrupts = interrupts.clone();
+            let delay = match job.when {
+                When::Delayed(d) => Some(d),
+                _ => None,
+            };
             running.spawn(async move {
                 let began = Instant::now();
+                if let Some(d) = delay {
+                    // GitLab's delayed job: its turn has come, it starts `start_in` later; a
+                    // Ctrl-C meanwhile cancels it.
+                    eprintln!("keel: job {name:?} is delayed (when: delayed): it starts in {d:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = job_interrupts.wait_for(|n| *n > 0) => return (name, Status::Cancelled, began.elapsed()),
+                    }
+                }
                 let outcome = crate::run::run(&rt, req, run_opts, sink, job_interrupts).await;
                 let status = match outcome {
                     Outcome::Success => Status::Success,

@@ -34,7 +34,12 @@ pub enum When {
     Always,
     /// Not run by keel (no one to press the button); shown as skipped.
     Manual,
+    /// `when: delayed`: as on_success, started `start_in` after its turn came.
+    Delayed(std::time::Duration),
 }
+
+/// GitLab's longest `start_in`.
+const MAX_START_IN: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
 
 /// Which exit codes a job may fail with and leave the pipeline green.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -306,10 +311,29 @@ pub fn plan(path: &Path, text: &str, facts: &RunFacts) -> Result<Plan, PlanError
             Some(Some("on_failure")) => When::OnFailure,
             Some(Some("always")) => When::Always,
             Some(Some("manual")) => When::Manual,
+            Some(Some("delayed")) => {
+                let start_in = get("start_in")
+                    .and_then(|v| match v {
+                        Value::Number(n) => n.as_u64().map(std::time::Duration::from_secs),
+                        Value::String(s) => crate::vocab::values::parse_duration(s),
+                        _ => None,
+                    })
+                    .ok_or_else(|| {
+                        invalid(
+                            &at("start_in"),
+                            "`when: delayed` needs `start_in`, a duration such as \"30 minutes\" (at most one week)"
+                                .into(),
+                        )
+                    })?;
+                if start_in > MAX_START_IN {
+                    return Err(invalid(&at("start_in"), "should be at most one week (GitLab's limit)".into()));
+                }
+                When::Delayed(start_in)
+            }
             Some(other) => {
                 return Err(invalid(
                     &at("when"),
-                    format!("{other:?}: expected on_success, on_failure, always or manual (delayed is not supported)"),
+                    format!("{other:?}: expected on_success, on_failure, always, manual or delayed"),
                 ));
             }
         };
@@ -718,7 +742,13 @@ cleanup:
         let e = err("a: {stage: build, script: [x], dependencies: [b]}\nb: {script: [x]}");
         assert!(e.contains("a.dependencies") && e.contains("does not run before"), "{e}");
         let e = err("a: {script: [x], when: delayed}");
+        assert!(e.contains("a.start_in") && e.contains("needs `start_in`"), "{e}");
+        let e = err("a: {script: [x], when: delayed, start_in: 8 days}");
+        assert!(e.contains("at most one week"), "{e}");
+        let e = err("a: {script: [x], when: later}");
         assert!(e.contains("a.when"), "{e}");
+        let plan = p("a: {script: [x], when: delayed, start_in: 1 minute 30 seconds}").unwrap();
+        assert_eq!(plan.job("a").unwrap().when, When::Delayed(std::time::Duration::from_secs(90)));
         let e = err("variables: {A: b}\n.hidden: {script: [x]}");
         assert!(e.contains("no jobs to run"), "{e}");
     }
