@@ -151,6 +151,7 @@
 //   Looks like a race in pod-holder/sandbox start-up under concurrency.
 mod caps;
 mod cgroup;
+mod env;
 mod image;
 mod logs;
 mod pod;
