@@ -51,6 +51,9 @@ pub enum CacheKey {
     /// `key: {files: [...], prefix: ...}`: a digest of these files of the project, computed
     /// where the files are (`host run`: the source directory). `prefix` is expanded.
     Files { files: Vec<String>, prefix: Option<String> },
+    /// `key: {files_commits: [...], prefix: ...}`: a digest of the last commits that changed
+    /// these files.
+    FilesCommits { files: Vec<String>, prefix: Option<String> },
 }
 
 /// One `cache:` entry.
@@ -115,7 +118,8 @@ enum KeyDef {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FilesKey {
-    files: Vec<String>,
+    files: Option<Vec<String>>,
+    files_commits: Option<Vec<String>>,
     prefix: Option<String>,
 }
 
@@ -188,12 +192,17 @@ pub(super) fn from_yaml(defs: Vec<CacheDef>, variables: &[Variable], path: &Path
                 Some(KeyDef::Number(n)) => CacheKey::Literal(n.to_string()),
                 Some(KeyDef::Text(t)) => CacheKey::Literal(expand_key(&t, &at("key"), variables, path, true)?),
                 Some(KeyDef::Files(f)) => {
-                    if f.files.is_empty() || f.files.len() > 2 {
-                        return Err(invalid("key.files", "lists one or two files, as GitLab allows".into()));
+                    let (name, files, commits) = match (f.files, f.files_commits) {
+                        (Some(files), None) => ("key.files", files, false),
+                        (None, Some(files)) => ("key.files_commits", files, true),
+                        _ => return Err(invalid("key", "give `files` or `files_commits`, one of them".into())),
+                    };
+                    if files.is_empty() || files.len() > 2 {
+                        return Err(invalid(name, "lists one or two files, as GitLab allows".into()));
                     }
                     let prefix =
                         f.prefix.map(|p| expand_key(&p, &at("key.prefix"), variables, path, true)).transpose()?;
-                    CacheKey::Files { files: f.files, prefix }
+                    if commits { CacheKey::FilesCommits { files, prefix } } else { CacheKey::Files { files, prefix } }
                 }
             };
             let policy_text = d.policy.as_deref().unwrap_or_default();

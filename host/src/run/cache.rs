@@ -356,14 +356,44 @@ pub struct JobCaches<'a> {
 pub fn resolve_key(key: &CacheKey, source_dir: Option<&Path>) -> String {
     match key {
         CacheKey::Literal(k) => k.clone(),
-        CacheKey::Files { files, prefix } => {
-            let digest = source_dir.and_then(|dir| files_digest(dir, files)).unwrap_or_else(|| "default".into());
+        CacheKey::Files { files, prefix } | CacheKey::FilesCommits { files, prefix } => {
+            let digest = match key {
+                CacheKey::FilesCommits { .. } => source_dir.and_then(|dir| commits_digest(dir, files)),
+                _ => source_dir.and_then(|dir| files_digest(dir, files)),
+            };
+            let digest = digest.unwrap_or_else(|| "default".into());
             match prefix {
                 Some(p) if !p.is_empty() => format!("{p}-{digest}"),
                 _ => digest,
             }
         }
     }
+}
+
+/// GitLab's `hash_of_the_latest_changes` (`files_commits:`): SHA-1 of the sorted, unique ids
+/// of the last commits that changed the files (`git log -1 -- <file>` in `dir`), joined with
+/// `-`; `None` when no file was ever committed (or `dir` is no git work tree).
+fn commits_digest(dir: &Path, files: &[String]) -> Option<String> {
+    use sha1::{Digest, Sha1};
+    let mut ids: Vec<String> = files
+        .iter()
+        .filter(|f| !f.is_empty())
+        .filter_map(|f| {
+            let out = std::process::Command::new("git")
+                .args(["log", "-1", "--format=%H", "--"])
+                .arg(f.trim_start_matches('/'))
+                .current_dir(dir)
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .output()
+                .ok()?;
+            let id = String::from_utf8(out.stdout).ok()?.trim().to_string();
+            (out.status.success() && !id.is_empty()).then_some(id)
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    (!ids.is_empty()).then(|| hex::encode(Sha1::digest(ids.join("-").as_bytes())))
 }
 
 /// GitLab's `hash_of_file_contents`: SHA-1 of the files' sorted, unique git blob ids joined
@@ -933,6 +963,16 @@ mod tests {
             CacheKey::Files { files: vec!["Gemfile.lock".into(), "./Gemfile.lock".into()], prefix: Some("rb".into()) };
         let id = git(&["rev-parse", "HEAD:Gemfile.lock"]);
         assert_eq!(resolve_key(&one, Some(dir.path())), format!("rb-{}", hex::encode(Sha1::digest(id.as_bytes()))));
+        // `files_commits:`: the last commits that changed the files.
+        std::fs::write(dir.path().join("Gemfile.lock"), "gems 2\n").unwrap();
+        git(&["commit", "-qam", "d"]);
+        let mut commits = [git(&["log", "-1", "--format=%H", "--", "Gemfile.lock"]), git(&["rev-parse", "HEAD~1"])];
+        commits.sort();
+        let by_commits = CacheKey::FilesCommits {
+            files: vec!["Gemfile.lock".into(), "web/package-lock.json".into(), "never.txt".into()],
+            prefix: None,
+        };
+        assert_eq!(resolve_key(&by_commits, Some(dir.path())), hex::encode(Sha1::digest(commits.join("-").as_bytes())));
     }
 
     #[test]
