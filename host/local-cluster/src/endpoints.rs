@@ -3,7 +3,7 @@
 //! under `notReadyAddresses`) and `discovery.k8s.io/v1` EndpointSlices with the same pods, kept
 //! current as pods and services change, as kube-controller-manager's are. Services without a selector are left to their users, as on a real cluster.
 
-use crate::api::Shared;
+use crate::state::Shared;
 use crate::store::{EventType, Part, meta, res};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;

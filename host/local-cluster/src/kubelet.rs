@@ -1,7 +1,7 @@
 //! The kubelet's share of the API side: start stored pods on the node (with their configMap and
 //! secret data resolved), store the statuses the node reports, and record kubelet-like events.
 
-use crate::api::Shared;
+use crate::state::Shared;
 use crate::errors::ApiError;
 use crate::node::{ImageEvent, ImageHooks, Node, ResolvedVolumes, StatusSink};
 use crate::store::{EventType, Part, Store, meta, res};

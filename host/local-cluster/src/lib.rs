@@ -19,6 +19,7 @@ pub mod protobuf;
 pub mod resources;
 pub mod selectors;
 mod serve;
+pub mod state;
 pub mod store;
 pub mod tls;
 
@@ -197,16 +198,15 @@ impl LocalCluster {
             .map_err(ClusterError::Node)?;
         node.set_image_hooks(kubelet::image_hooks(Arc::downgrade(&store)));
         node.load_images_from().await.map_err(ClusterError::Node)?;
+        let cluster = Arc::new(state::Cluster { store, node, cancel: CancellationToken::new() });
         let state = Arc::new(api::ApiState {
-            store,
-            node,
+            cluster: cluster.clone(),
             auth: if opts.insecure_unauthenticated {
                 api::Authentication::Disabled
             } else {
                 api::Authentication::Required { token: opts.token.clone() }
             },
             server_address: addr.to_string(),
-            cancel: CancellationToken::new(),
         });
         let kubeconfig = data_dir.join("kubeconfig");
         let tls = match &server_tls {
@@ -223,8 +223,8 @@ impl LocalCluster {
         kubeconfig::write(&kubeconfig, &url, opts.token.as_deref(), kubeconfig_tls)
             .map_err(|source| ClusterError::Kubeconfig { path: kubeconfig.clone(), source })?;
 
-        lifecycle::run_garbage_collector(&state);
-        endpoints::run(&state);
+        lifecycle::run_garbage_collector(&cluster);
+        endpoints::run(&cluster);
         // Every API request counted, for benchmarks (requests per job) and diagnostics.
         let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = requests.clone();

@@ -2,7 +2,7 @@
 //! finalizers, namespace teardown, and ownerReference garbage collection with
 //! Background / Foreground / Orphan propagation.
 
-use crate::api::Shared;
+use crate::state::Shared;
 use crate::errors::ApiError;
 use crate::kubelet;
 use crate::resources::Resource;

@@ -25,15 +25,20 @@ use serde_json::Value;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// Everything request handlers share.
+/// Everything request handlers share: the cluster's state (its fields read through `Deref`),
+/// who may call, and where the cluster listens.
 pub struct ApiState {
-    pub store: Arc<Store>,
-    pub node: Node,
+    pub cluster: crate::state::Shared,
     pub auth: Authentication,
     /// `host:port` we listen on, for discovery's serverAddressByClientCIDRs.
     pub server_address: String,
-    /// Cancelled when the cluster stops: ends watches, log streams and background deletions.
-    pub cancel: CancellationToken,
+}
+
+impl std::ops::Deref for ApiState {
+    type Target = crate::state::Cluster;
+    fn deref(&self) -> &crate::state::Cluster {
+        &self.cluster
+    }
 }
 
 pub type Shared = Arc<ApiState>;

@@ -187,7 +187,7 @@ pub async fn create(state: &Shared, t: &Target, req: Request) -> Result<Response
     }
     let created = state.store.create(t.res, t.namespace.as_deref(), body)?;
     if t.res.is("pods") {
-        lifecycle::pod_created(state, &created);
+        lifecycle::pod_created(&state.cluster, &created);
     }
     Ok(json_response(StatusCode::CREATED, &created))
 }
@@ -333,7 +333,7 @@ fn server_side_apply(
         match created {
             Ok(created) => {
                 if t.res.is("pods") && !dry {
-                    lifecycle::pod_created(state, &created);
+                    lifecycle::pod_created(&state.cluster, &created);
                 }
                 return Ok(json_response(StatusCode::CREATED, &created));
             }
@@ -433,7 +433,7 @@ pub async fn delete(state: &Shared, t: &Target, query: &Query, req: Request) -> 
     let obj = if dry {
         delete_dry_run(state, t, t.namespace.as_deref(), name, &opts)?
     } else {
-        lifecycle::delete(state, t.res, t.namespace.as_deref(), name, opts).await?
+        lifecycle::delete(&state.cluster, t.res, t.namespace.as_deref(), name, opts).await?
     };
     Ok(json_response(StatusCode::OK, &deleted_answer(t.res, obj)))
 }
@@ -464,7 +464,7 @@ pub async fn delete_collection(state: &Shared, t: &Target, query: &Query, req: R
         let result = if dry {
             delete_dry_run(state, t, ns.as_deref(), meta::name(&item), &opts)
         } else {
-            lifecycle::delete(state, t.res, ns.as_deref(), meta::name(&item), opts.clone()).await
+            lifecycle::delete(&state.cluster, t.res, ns.as_deref(), meta::name(&item), opts.clone()).await
         };
         match result {
             Ok(obj) => deleted.push(obj),
