@@ -1,9 +1,9 @@
 //! The kubelet's share of the API side: start stored pods on the node (with their configMap and
 //! secret data resolved), store the statuses the node reports, and record kubelet-like events.
 
-use crate::state::Shared;
 use crate::errors::ApiError;
 use crate::node::{ImageEvent, ImageHooks, Node, ResolvedVolumes, StatusSink};
+use crate::state::Shared;
 use crate::store::{EventType, Part, Store, meta, res};
 use base64::Engine;
 use serde_json::{Value, json};

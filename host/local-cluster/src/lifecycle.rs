@@ -2,10 +2,10 @@
 //! finalizers, namespace teardown, and ownerReference garbage collection with
 //! Background / Foreground / Orphan propagation.
 
-use crate::state::Shared;
 use crate::errors::ApiError;
 use crate::kubelet;
 use crate::resources::Resource;
+use crate::state::Shared;
 use crate::store::{Part, meta, res};
 use serde_json::{Value, json};
 use std::future::Future;

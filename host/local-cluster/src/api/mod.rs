@@ -10,9 +10,7 @@ mod watch;
 
 use crate::discovery;
 use crate::errors::ApiError;
-use crate::node::Node;
 use crate::resources::{self, Resource};
-use crate::store::Store;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State as AxState};
@@ -23,7 +21,6 @@ use axum::routing::get;
 use query::Query;
 use serde_json::Value;
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
 
 /// Everything request handlers share: the cluster's state (its fields read through `Deref`),
 /// who may call, and where the cluster listens.
