@@ -22,8 +22,7 @@ use super::cgroup::{ContainerCgroup, Controller, CpuSettings, parse_cpu_millis, 
 use super::env::{POD_IP, argv, build_env, build_env_over, expand};
 use super::image::{self, ImageCheck, StoredImage};
 use super::logs::{LogFile, Pipe};
-use super::sandbox::{self, Bind, ContainerSandbox, PodNamespaces, Rootfs, Stdios};
-use super::session::exit_code;
+use super::sandbox::{self, Bind, ContainerSandbox, PodNamespaces, Rootfs, Stdios, exit_code};
 use super::volumes::{self, PodVolumes};
 use super::{MAX_BACKOFF_FACTOR, NodeError, NodeInner, ResolvedVolumes};
 

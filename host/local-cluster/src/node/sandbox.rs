@@ -606,6 +606,12 @@ fn first_child(pid: i32) -> Option<i32> {
     }
 }
 
+/// A shell-like exit code: the code, or 128 + the signal that killed the process.
+pub(crate) fn exit_code(s: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
+}
+
 pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Starts one container sandbox.

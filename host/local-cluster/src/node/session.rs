@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::pod::{Instance, PodRuntime};
-use super::sandbox;
+use super::sandbox::{self, exit_code};
 use super::{AttachRequest, ExecRequest, NodeError, NodeInner};
 
 /// A terminal size as sent on the resize channel.
@@ -252,12 +252,6 @@ fn kill_group(pid: Option<i32>) {
     if let Some(pid) = pid.and_then(rustix::process::Pid::from_raw) {
         let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
     }
-}
-
-/// A shell-like exit code: the code, or 128 + the signal that killed the process.
-pub(crate) fn exit_code(s: std::process::ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
 }
 
 pub(crate) async fn attach(pod: &Arc<PodRuntime>, container: &str, req: AttachRequest) -> Result<Session, NodeError> {
