@@ -621,3 +621,40 @@ async fn run_as_user_applies_on_the_host_root() {
     assert_eq!(pods.logs("as-user", &LogParams::default()).await.unwrap(), "1000:1001\n");
     c.stop().await;
 }
+
+/// A NodePort Service gets a node port from 30000-32767 for each port that names none; a port
+/// outside the range or held by another Service is refused in the API server's words.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_port_services_get_node_ports() {
+    let c = cluster().await;
+    let svcs: Api<Service> = Api::default_namespaced(c.client().unwrap());
+    let svc = |name: &str, ports: Value| -> Service {
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"type": "NodePort", "ports": ports}}))
+            .unwrap()
+    };
+    let made = svcs.create(&PostParams::default(), &svc("np", json!([{"name": "a", "port": 80}]))).await.unwrap();
+    let port = made.spec.unwrap().ports.unwrap()[0].node_port.expect("a node port");
+    assert!((30000..=32767).contains(&port), "{port}");
+    // kubectl shows it as a real cluster's does.
+    let out =
+        tokio::task::block_in_place(|| kubectl(&c, &["get", "svc", "np", "-o", "jsonpath={.spec.ports[0].nodePort}"]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), port.to_string());
+    let refused = |e: kube::Error| match e {
+        kube::Error::Api(s) => (s.code, s.message),
+        other => panic!("{other}"),
+    };
+    let (code, msg) = refused(
+        svcs.create(&PostParams::default(), &svc("taken", json!([{"port": 81, "nodePort": port}]))).await.unwrap_err(),
+    );
+    assert_eq!(code, 422);
+    assert!(
+        msg.ends_with(&format!("spec.ports[0].nodePort: Invalid value: {port}: provided port is already allocated")),
+        "{msg}"
+    );
+    let (code, msg) = refused(
+        svcs.create(&PostParams::default(), &svc("far", json!([{"port": 82, "nodePort": 40000}]))).await.unwrap_err(),
+    );
+    assert_eq!(code, 422);
+    assert!(msg.contains("provided port is not in the valid range. The range of valid ports is 30000-32767"), "{msg}");
+    c.stop().await;
+}

@@ -10,6 +10,8 @@ pub struct Context<'a> {
     pub node_name: &'a str,
     /// Allocates the next free cluster IP for a Service.
     pub next_cluster_ip: &'a mut dyn FnMut() -> String,
+    /// Allocates a free node port (30000-32767) for a NodePort or LoadBalancer Service's port.
+    pub next_node_port: &'a mut dyn FnMut() -> Option<u16>,
 }
 
 pub fn apply(plural: &str, obj: &mut Value, ctx: &mut Context<'_>) {
@@ -145,11 +147,18 @@ fn service(obj: &mut Value, ctx: &mut Context<'_>) {
     }
     let ip = spec.get("clusterIP").cloned().unwrap_or_default();
     set_default(spec, "clusterIPs", json!([ip]));
+    let node_ports = matches!(spec.get("type").and_then(Value::as_str), Some("NodePort" | "LoadBalancer"));
     if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
         for p in ports.iter_mut().filter_map(Value::as_object_mut) {
             set_default(p, "protocol", json!("TCP"));
             let port = p.get("port").cloned().unwrap_or_default();
             set_default(p, "targetPort", port);
+            if node_ports
+                && p.get("nodePort").is_none_or(|n| n.is_null() || n == 0)
+                && let Some(n) = (ctx.next_node_port)()
+            {
+                p.insert("nodePort".into(), json!(n));
+            }
         }
     }
     map_mut(obj, "status").entry("loadBalancer").or_insert_with(|| json!({}));
@@ -189,7 +198,16 @@ mod tests {
             n += 1;
             format!("10.96.0.{n}")
         };
-        apply(plural, obj, &mut Context { node_name: "node-a", next_cluster_ip: &mut ip });
+        let mut port = 30_000;
+        let mut node_port = || {
+            port += 1;
+            Some(port)
+        };
+        apply(
+            plural,
+            obj,
+            &mut Context { node_name: "node-a", next_cluster_ip: &mut ip, next_node_port: &mut node_port },
+        );
     }
 
     #[test]
@@ -225,6 +243,11 @@ mod tests {
         assert_eq!(s["spec"]["clusterIP"], "10.96.0.10");
         assert_eq!(s["spec"]["ports"][0]["targetPort"], 80);
         assert_eq!(s["spec"]["ports"][0]["protocol"], "TCP");
+        assert!(s["spec"]["ports"][0].get("nodePort").is_none(), "ClusterIP services get no node port");
+        let mut np = json!({"spec": {"type": "NodePort", "ports": [{"port": 80}, {"port": 81, "nodePort": 31000}]}});
+        ctx_apply("services", &mut np);
+        assert_eq!(np["spec"]["ports"][0]["nodePort"], 30001);
+        assert_eq!(np["spec"]["ports"][1]["nodePort"], 31000, "a given node port is kept");
         let mut sec = json!({"stringData": {"k": "v"}});
         ctx_apply("secrets", &mut sec);
         assert_eq!(sec["data"]["k"], "dg==");

@@ -11,7 +11,7 @@ pub mod validate;
 use crate::errors::{ApiError, Cause};
 use crate::resources::{RESOURCES, Resource};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::broadcast;
 
@@ -266,6 +266,15 @@ impl Store {
         obj["apiVersion"] = json!(res.group_version);
         obj["kind"] = json!(res.kind);
         let node_name = self.node_name.clone();
+        // Node ports in use by other Services, and those this one asks for: a new one is a
+        // random free port of the range, as the API server's allocator picks them.
+        let mut taken: BTreeSet<u64> = if res.is("services") {
+            inner.objects.get("services").into_iter().flat_map(|m| m.values()).flat_map(node_ports).collect()
+        } else {
+            BTreeSet::new()
+        };
+        let in_use = taken.clone();
+        taken.extend(node_ports(&obj));
         let ip_before = inner.next_ip;
         let mut next_ip = || {
             inner.next_ip += 1;
@@ -274,13 +283,27 @@ impl Store {
         if meta::name(&obj) == "kubernetes" && res.is("services") && ns.as_deref() == Some("default") {
             obj["spec"]["clusterIP"] = json!("10.96.0.1");
         }
+        let mut next_node_port = || {
+            let free = NODE_PORTS.filter(|p| !taken.contains(&u64::from(*p))).count();
+            let pick = (free > 0).then(|| fastrand::usize(..free))?;
+            let port = NODE_PORTS.filter(|p| !taken.contains(&u64::from(*p))).nth(pick)?;
+            taken.insert(u64::from(port));
+            Some(port)
+        };
         defaults::apply(
             res.plural,
             &mut obj,
-            &mut defaults::Context { node_name: &node_name, next_cluster_ip: &mut next_ip },
+            &mut defaults::Context {
+                node_name: &node_name,
+                next_cluster_ip: &mut next_ip,
+                next_node_port: &mut next_node_port,
+            },
         );
         validate::typed(res.plural, &obj).map_err(|e| ApiError::BadRequest(format!("{} in body: {e}", res.kind)))?;
-        let causes = validate::object(res, &obj);
+        let mut causes = validate::object(res, &obj);
+        if res.is("services") {
+            causes.extend(node_port_causes(&obj, &in_use));
+        }
         if !causes.is_empty() {
             return Err(invalid(res, meta::name(&obj), causes));
         }
@@ -614,6 +637,44 @@ impl Store {
 
 pub fn res(plural: &str) -> &'static Resource {
     crate::resources::by_plural(plural).expect("resource known at compile time")
+}
+
+/// The API server's default `--service-node-port-range`.
+const NODE_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
+
+/// The node ports a Service's ports hold.
+fn node_ports(svc: &Value) -> Vec<u64> {
+    svc.pointer("/spec/ports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.get("nodePort").and_then(Value::as_u64))
+        .filter(|n| *n != 0)
+        .collect()
+}
+
+/// A Service's node ports outside the range, or held by another Service (or twice by this
+/// one), in the API server's words.
+fn node_port_causes(svc: &Value, in_use: &BTreeSet<u64>) -> Vec<Cause> {
+    let mut seen = BTreeSet::new();
+    let mut causes = Vec::new();
+    let ports = svc.pointer("/spec/ports").and_then(Value::as_array).cloned().unwrap_or_default();
+    for (i, p) in ports.iter().enumerate() {
+        let Some(n) = p.get("nodePort").and_then(Value::as_u64).filter(|n| *n != 0) else { continue };
+        let message = if !(u64::from(*NODE_PORTS.start())..=u64::from(*NODE_PORTS.end())).contains(&n) {
+            format!(
+                "Invalid value: {n}: provided port is not in the valid range. The range of valid ports is {}-{}",
+                NODE_PORTS.start(),
+                NODE_PORTS.end()
+            )
+        } else if in_use.contains(&n) || !seen.insert(n) {
+            format!("Invalid value: {n}: provided port is already allocated")
+        } else {
+            continue;
+        };
+        causes.push(Cause { reason: "FieldValueInvalid", field: format!("spec.ports[{i}].nodePort"), message });
+    }
+    causes
 }
 
 fn invalid(res: &Resource, name: &str, causes: Vec<Cause>) -> ApiError {
