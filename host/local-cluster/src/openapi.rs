@@ -10,6 +10,45 @@ use serde_json::{Map, Value, json};
 /// Bumped whenever the document changes, so clients' caches (keyed by it) refresh.
 const HASH: &str = "keel-1";
 
+/// The media type client-go asks `/openapi/v2` for.
+pub const V2_PROTOBUF: &str = "application/com.github.proto-openapi.spec.v2@v1.0+protobuf";
+/// What the API server answers it with (Go's MIME parser refuses the `@` of the asked-for type).
+pub const V2_PROTOBUF_ANSWER: &str = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf";
+
+/// An OpenAPI v2 document without definitions. kubectl validates a `v1 List` on the client
+/// (its field-validation check does not cover `List`) against `/openapi/v2`; a kind the
+/// document has no schema for is not validated there, so the server's own checks decide, as
+/// they do for every other object. Without the document kubectl refused every List.
+pub fn v2() -> Value {
+    json!({"swagger": "2.0", "info": {"title": "Kubernetes", "version": GIT_VERSION}, "paths": {}})
+}
+
+/// [`v2`] in gnostic's protobuf encoding (`openapi_v2.Document`): `swagger` (field 1) and
+/// `info` (field 2: `title` 1, `version` 2).
+pub fn v2_protobuf() -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, number: u8, bytes: &[u8]) {
+        out.push(number << 3 | 2);
+        let mut len = bytes.len();
+        loop {
+            let byte = (len & 0x7f) as u8;
+            len >>= 7;
+            if len == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        }
+        out.extend_from_slice(bytes);
+    }
+    let mut info = Vec::new();
+    field(&mut info, 1, b"Kubernetes");
+    field(&mut info, 2, GIT_VERSION.as_bytes());
+    let mut doc = Vec::new();
+    field(&mut doc, 1, b"2.0");
+    field(&mut doc, 2, &info);
+    doc
+}
+
 pub fn root() -> Value {
     json!({"paths": {"api/v1": {"serverRelativeURL": format!("/openapi/v3/api/v1?hash={HASH}")}}})
 }

@@ -237,3 +237,18 @@ async fn kubectl_apply_server_side_and_client_side() {
     assert_eq!(kubectl(&c, &["get", "configmap", "csa", "-o", "jsonpath={.data}"]), r#"{"mode":"safe"}"#);
     c.stop().await;
 }
+
+/// `kubectl create -f` of a `v1 List`: kubectl validates a List on the client against
+/// `/openapi/v2`, then creates each item.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_creates_the_items_of_a_v1_list() {
+    let c = cluster().await;
+    let list = "apiVersion: v1\nkind: List\nitems:\n\
+                - {apiVersion: v1, kind: ConfigMap, metadata: {name: listed-a}, data: {k: a}}\n\
+                - {apiVersion: v1, kind: Secret, metadata: {name: listed-b}, stringData: {k: b}}\n";
+    let out = tokio::task::block_in_place(|| kubectl_stdin(&c, &["create", "-f", "-"], Some(list)));
+    assert_eq!(out, "configmap/listed-a created\nsecret/listed-b created\n");
+    let names = tokio::task::block_in_place(|| kubectl(&c, &["get", "cm/listed-a", "secret/listed-b", "-o", "name"]));
+    assert_eq!(names, "configmap/listed-a\nsecret/listed-b\n");
+    c.stop().await;
+}

@@ -69,6 +69,7 @@ pub fn router(state: Shared) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
         .route("/livez", get(|| async { "ok" }))
+        .route("/openapi/v2", get(openapi_v2))
         .route("/openapi/v3", get(|| async { json_response(StatusCode::OK, &crate::openapi::root()) }))
         .route("/openapi/v3/api/v1", get(|| async { json_response(StatusCode::OK, &crate::openapi::core_v1()) }))
         .route("/api/v1", get(|| async { json_response(StatusCode::OK, &discovery::core_v1_resources()) }))
@@ -235,6 +236,22 @@ pub async fn body_bytes(body: Body) -> Result<bytes::Bytes, ApiError> {
         }
         ApiError::BadRequest(format!("cannot read request body: {e}"))
     })
+}
+
+/// `/openapi/v2`: a document without schemas (see `openapi::v2`), as protobuf when asked for it
+/// (client-go's discovery asks for nothing else), else as JSON.
+async fn openapi_v2(req: Request) -> Response {
+    let wants_protobuf = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains(crate::openapi::V2_PROTOBUF));
+    if wants_protobuf {
+        let mut resp = (StatusCode::OK, crate::openapi::v2_protobuf()).into_response();
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::openapi::V2_PROTOBUF_ANSWER));
+        return resp;
+    }
+    json_response(StatusCode::OK, &crate::openapi::v2())
 }
 
 #[cfg(test)]
