@@ -147,24 +147,47 @@ fn pod_grace(pod: &Value) -> i64 {
     pod.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(30).max(0)
 }
 
-/// Mark the pod terminating, then (in the background unless grace is 0) stop its containers
-/// through the node, remove it and garbage-collect its dependants.
+/// Mark the pod terminating, then in the background stop its containers through the node,
+/// remove it and garbage-collect its dependants. With grace 0 the object goes at once, as the
+/// API server deletes it immediately: watchers see the pod go from its last state (Running)
+/// straight to DELETED, and its processes are stopped before the call answers.
 async fn delete_pod(state: &Shared, pod: Value, opts: DeleteOptions) -> Result<Value, ApiError> {
     let grace = opts.grace_seconds.unwrap_or_else(|| pod_grace(&pod));
     let name = meta::name(&pod).to_owned();
     let ns = meta::namespace(&pod).to_owned();
+    let propagation = opts.propagation;
+    if grace == 0 {
+        let uid = meta::uid(&pod).to_owned();
+        let removed = state.store.remove(res("pods"), Some(&ns), &name)?;
+        record_killing(state, &removed);
+        state.node.stop_pod(&uid, Duration::ZERO).await;
+        collect_garbage(state, &removed, propagation);
+        state.node.forget_pod(&uid).await;
+        return Ok(removed);
+    }
     let marked = state.store.update_with(res("pods"), Some(&ns), &name, Part::Whole, |o| {
         let md = meta::metadata_mut(o);
         md.insert("deletionTimestamp".into(), json!(deletion_time(grace)));
         md.insert("deletionGracePeriodSeconds".into(), json!(grace));
         Ok(())
     })?;
-    for cs in marked.pointer("/status/containerStatuses").and_then(Value::as_array).into_iter().flatten() {
+    record_killing(state, &marked);
+    let (state2, marked2) = (state.clone(), marked.clone());
+    spawn(
+        state,
+        async move { finish_pod_with(&state2, &marked2, Duration::from_secs(grace as u64), propagation).await },
+    );
+    Ok(marked)
+}
+
+/// The kubelet's `Killing` event for each running container of a pod being deleted.
+fn record_killing(state: &Shared, pod: &Value) {
+    for cs in pod.pointer("/status/containerStatuses").and_then(Value::as_array).into_iter().flatten() {
         if cs.pointer("/state/running").is_some() {
             let cname = cs.get("name").and_then(Value::as_str).unwrap_or_default();
             kubelet::record(
                 &state.store,
-                &marked,
+                pod,
                 "Normal",
                 "Killing",
                 &format!("Stopping container {cname}"),
@@ -172,17 +195,6 @@ async fn delete_pod(state: &Shared, pod: Value, opts: DeleteOptions) -> Result<V
             );
         }
     }
-    let propagation = opts.propagation;
-    if grace == 0 {
-        finish_pod_with(state, &marked, Duration::ZERO, propagation).await;
-        return Ok(marked);
-    }
-    let (state2, marked2) = (state.clone(), marked.clone());
-    spawn(
-        state,
-        async move { finish_pod_with(&state2, &marked2, Duration::from_secs(grace as u64), propagation).await },
-    );
-    Ok(marked)
 }
 
 async fn finish_pod(state: &Shared, pod: &Value, grace: Duration) {

@@ -658,3 +658,38 @@ async fn node_port_services_get_node_ports() {
     assert!(msg.contains("provided port is not in the valid range. The range of valid ports is 30000-32767"), "{msg}");
     c.stop().await;
 }
+
+/// A pod deleted with grace 0 goes at once, as the API server deletes it immediately: a watch
+/// sees it go from Running straight to DELETED (no `Failed`/137 status in between), and its
+/// processes are gone when the call answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_deleted_with_grace_zero_goes_straight_from_running() {
+    use futures::StreamExt;
+    use kube::api::{WatchEvent, WatchParams};
+    let c = cluster().await;
+    let pods: Api<Pod> = Api::default_namespaced(c.client().unwrap());
+    pods.create(&PostParams::default(), &pod("gone", json!({"command": ["sleep", "300"]}))).await.unwrap();
+    let running = until(&pods, "gone", "Running", phase_is("Running")).await;
+    let uid = running.metadata.uid.clone().unwrap();
+    let rv = running.metadata.resource_version.clone().unwrap();
+    let mut events = pods.watch(&WatchParams::default().fields("metadata.name=gone"), &rv).await.unwrap().boxed();
+    pods.delete("gone", &DeleteParams::default().grace_period(0)).await.unwrap();
+    assert!(c.node().pod_processes(&uid).is_empty(), "its processes are gone when the delete answers");
+    let mut seen = Vec::new();
+    while let Some(e) =
+        tokio::time::timeout(Duration::from_secs(30), events.next()).await.expect("events").transpose().unwrap()
+    {
+        match e {
+            WatchEvent::Deleted(p) => {
+                seen.push(format!("DELETED {}", p.status.and_then(|s| s.phase).unwrap_or_default()));
+                break;
+            }
+            WatchEvent::Modified(p) => {
+                seen.push(format!("MODIFIED {}", p.status.and_then(|s| s.phase).unwrap_or_default()))
+            }
+            other => seen.push(format!("{other:?}")),
+        }
+    }
+    assert_eq!(seen, ["DELETED Running"]);
+    c.stop().await;
+}
