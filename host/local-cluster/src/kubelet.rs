@@ -228,6 +228,7 @@ pub fn status_sink(store: Weak<Store>) -> StatusSink {
 /// skipped, as the kubelet skips it with a warning).
 pub fn image_hooks(store: Weak<Store>) -> ImageHooks {
     let events_store = store.clone();
+    let data_store = store.clone();
     let events = Arc::new(move |uid: &str, container: &str, image: &str, event: ImageEvent| {
         let Some(store) = events_store.upgrade() else { return };
         let Some(pod) = store.pod_by_uid(uid) else { return };
@@ -263,7 +264,11 @@ pub fn image_hooks(store: Weak<Store>) -> ImageHooks {
         }
         out
     });
-    ImageHooks { events, pull_secrets }
+    let pod_data = Arc::new(move |uid: &str| {
+        let store = data_store.upgrade()?;
+        resolve_volumes(&store, &store.pod_by_uid(uid)?).ok()
+    });
+    ImageHooks { events, pull_secrets, pod_data }
 }
 
 fn container_states(pod: &Value) -> BTreeMap<String, Value> {

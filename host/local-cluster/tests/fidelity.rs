@@ -693,3 +693,26 @@ async fn a_pod_deleted_with_grace_zero_goes_straight_from_running() {
     assert_eq!(seen, ["DELETED Running"]);
     c.stop().await;
 }
+
+/// A container whose Secret is missing waits in CreateContainerConfigError and starts once the
+/// Secret exists, as a kubelet retries it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_secret_is_retried_until_it_exists() {
+    let c = cluster().await;
+    let client = c.client().unwrap();
+    let (pods, secrets): (Api<Pod>, Api<Secret>) =
+        (Api::default_namespaced(client.clone()), Api::default_namespaced(client));
+    let env = json!([{"name": "PW", "valueFrom": {"secretKeyRef": {"name": "late", "key": "pw"}}}]);
+    pods.create(&PostParams::default(), &pod("waits", json!({"command": ["sh", "-c", "echo pw=$PW"], "env": env})))
+        .await
+        .unwrap();
+    let stuck = until(&pods, "waits", "CreateContainerConfigError", reason_is("CreateContainerConfigError")).await;
+    assert_eq!(waiting(&stuck).unwrap().1, "secret \"late\" not found");
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "late"}, "stringData": {"pw": "at-last"}})).unwrap();
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    until(&pods, "waits", "Succeeded", phase_is("Succeeded")).await;
+    let log = pods.logs("waits", &LogParams::default()).await.unwrap();
+    assert_eq!(log, "pw=at-last\n");
+    c.stop().await;
+}

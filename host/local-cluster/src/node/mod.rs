@@ -221,11 +221,17 @@ pub type ImageEventSink = Arc<dyn Fn(&str, &str, &str, ImageEvent) + Send + Sync
 /// counts from the next pull on.
 pub type PullSecretSource = Arc<dyn Fn(&str) -> Vec<(String, BTreeMap<String, Vec<u8>>)> + Send + Sync>;
 
-/// What the node asks of the API side about images.
+/// A pod's configMap/secret data as the API side has it now (by the pod's uid); `None` when the
+/// pod is gone or a volume's source is still missing.
+pub type PodDataSource = Arc<dyn Fn(&str) -> Option<ResolvedVolumes> + Send + Sync>;
+
+/// What the node asks of the API side: about images, and a pod's current configMap/secret
+/// data when a container's config could not be made (a missing Secret or key is retried).
 #[derive(Clone)]
 pub struct ImageHooks {
     pub events: ImageEventSink,
     pub pull_secrets: PullSecretSource,
+    pub pod_data: PodDataSource,
 }
 
 /// The kubelet's initial back-off (`backOffPeriod`); the cap is `MAX_BACKOFF_FACTOR` times it.

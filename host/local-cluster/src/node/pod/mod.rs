@@ -389,7 +389,7 @@ impl PodRuntime {
         rt: &Arc<ContainerRt>,
         policy: &str,
         ns: Option<Arc<PodNamespaces>>,
-        data: Arc<ResolvedVolumes>,
+        mut data: Arc<ResolvedVolumes>,
         stop: &mut watch::Receiver<Option<Duration>>,
     ) -> bool {
         let name = rt.spec.name.clone();
@@ -411,8 +411,21 @@ impl PodRuntime {
             let code = match self.run_instance(rt, restarts, ns.clone(), &data, image.as_ref(), stop).await {
                 Ok(code) => code,
                 Err(CreateFailure { reason, message }) => {
-                    // Config errors do not go away by retrying; the container waits like a kubelet's.
                     self.set_container(&name, |cs| cs.state = Some(waiting(reason, Some(message))));
+                    // A missing Secret or ConfigMap (or key) goes away once it exists: like a
+                    // kubelet, try again after each back-off with the API side's current data.
+                    // An image's config the runtime cannot apply (CreateContainerError) stays.
+                    if reason == "CreateContainerConfigError" {
+                        if tokio::time::timeout(backoff, stop.wait_for(Option::is_some)).await.is_ok() {
+                            return false;
+                        }
+                        backoff = (backoff * 2).min(max);
+                        let hooks = self.node().and_then(|n| n.image_hooks.get().cloned());
+                        if let Some(fresh) = hooks.and_then(|h| (h.pod_data)(&self.uid)) {
+                            data = Arc::new(fresh);
+                        }
+                        continue;
+                    }
                     let _ = stop.wait_for(Option::is_some).await;
                     return false;
                 }
