@@ -124,24 +124,14 @@ impl State {
         if !relative.contains('*') {
             return Ok(vec![self.project.join(relative)]);
         }
-        let glob = globset::GlobBuilder::new(relative)
-            .literal_separator(true)
-            .build()
-            .map_err(|e| invalid(format!("{local:?}: {e}")))?
-            .compile_matcher();
-        let mut found: Vec<PathBuf> = ignore::WalkBuilder::new(&self.project)
-            .hidden(false)
-            .require_git(false)
-            .build()
-            .flatten()
-            .filter(|e| e.file_type().is_some_and(|t| t.is_file()))
-            .filter(|e| e.path().strip_prefix(&self.project).is_ok_and(|rel| glob.is_match(rel)))
-            .map(|e| e.into_path())
-            .collect();
-        found.sort();
+        let files = crate::vocab::files::project_files(&self.project);
+        let found = crate::vocab::files::matching(&files, relative).map_err(|e| invalid(format!("{local:?}: {e}")))?;
         if found.is_empty() {
             return Err(invalid(format!("{local:?} matches no file")));
         }
+        let mut found: Vec<PathBuf> = found.iter().map(|f| self.project.join(f)).collect();
+        // In path order (component by component), the order included files merge in.
+        found.sort();
         Ok(found)
     }
 }

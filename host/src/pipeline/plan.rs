@@ -236,7 +236,7 @@ pub fn plan(path: &Path, text: &str, facts: &RunFacts) -> Result<Plan, PlanError
             rules,
             &super::rules::Facts {
                 variables: vars,
-                files: files.get_or_init(|| super::rules::source_files(&facts.source_dir)),
+                files: files.get_or_init(|| crate::vocab::files::project_files(&facts.source_dir)),
                 changed: changed.get_or_init(|| super::rules::changed_files(&facts.source_dir)).as_deref(),
             },
         )

@@ -80,19 +80,6 @@ fn any_match(patterns: &Value, files: &[String]) -> Result<bool, String> {
     Ok(files.iter().any(|f| set.is_match(f)))
 }
 
-/// Every file below `dir` (relative, `/`-separated), as the rules see the sources.
-pub fn source_files(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for entry in ignore::WalkBuilder::new(dir).hidden(false).require_git(false).build().flatten() {
-        if entry.file_type().is_some_and(|t| t.is_file())
-            && let Ok(rel) = entry.path().strip_prefix(dir)
-        {
-            out.push(rel.to_string_lossy().replace('\\', "/"));
-        }
-    }
-    out
-}
-
 /// Files git reports as changed in `dir` (modified, added, untracked); `None` outside git.
 pub fn changed_files(dir: &Path) -> Option<Vec<String>> {
     let out = std::process::Command::new("git")

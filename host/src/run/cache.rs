@@ -356,83 +356,71 @@ pub struct JobCaches<'a> {
 pub fn resolve_key(key: &CacheKey, source_dir: Option<&Path>) -> String {
     match key {
         CacheKey::Literal(k) => k.clone(),
-        CacheKey::Files { files, prefix } | CacheKey::FilesCommits { files, prefix } => {
-            let digest = match key {
-                CacheKey::FilesCommits { .. } => source_dir.and_then(|dir| commits_digest(dir, files)),
-                _ => source_dir.and_then(|dir| files_digest(dir, files)),
-            };
-            let digest = digest.unwrap_or_else(|| "default".into());
-            match prefix {
-                Some(p) if !p.is_empty() => format!("{p}-{digest}"),
-                _ => digest,
-            }
+        CacheKey::Files { files, prefix } => with_prefix(prefix, source_dir.and_then(|dir| files_digest(dir, files))),
+        CacheKey::FilesCommits { files, prefix } => {
+            with_prefix(prefix, source_dir.and_then(|dir| commits_digest(dir, files)))
         }
     }
 }
 
-/// GitLab's `hash_of_the_latest_changes` (`files_commits:`): SHA-1 of the sorted, unique ids
-/// of the last commits that changed the files (`git log -1 -- <file>` in `dir`), joined with
-/// `-`; `None` when no file was ever committed (or `dir` is no git work tree).
-fn commits_digest(dir: &Path, files: &[String]) -> Option<String> {
-    use sha1::{Digest, Sha1};
-    let mut ids: Vec<String> = files
-        .iter()
-        .filter(|f| !f.is_empty())
-        .filter_map(|f| {
-            let out = std::process::Command::new("git")
-                .args(["log", "-1", "--format=%H", "--"])
-                .arg(f.trim_start_matches('/'))
-                .current_dir(dir)
-                .stdin(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .output()
-                .ok()?;
-            let id = String::from_utf8(out.stdout).ok()?.trim().to_string();
-            (out.status.success() && !id.is_empty()).then_some(id)
-        })
-        .collect();
-    ids.sort();
-    ids.dedup();
-    (!ids.is_empty()).then(|| hex::encode(Sha1::digest(ids.join("-").as_bytes())))
+/// `<prefix>-<digest>`, the digest `default` when no file counted.
+fn with_prefix(prefix: &Option<String>, digest: Option<String>) -> String {
+    let digest = digest.unwrap_or_else(|| "default".into());
+    match prefix {
+        Some(p) if !p.is_empty() => format!("{p}-{digest}"),
+        _ => digest,
+    }
 }
 
-/// GitLab's `hash_of_file_contents`: SHA-1 of the files' sorted, unique git blob ids joined
-/// with `-`; `None` when no file exists.
+/// GitLab's `hash_of_the_latest_changes` (`files_commits:`): the ids of the last commits that
+/// changed the files (`git log -1 -- <file>` in `dir`); `None` when no file was ever committed
+/// (or `dir` is no git work tree).
+fn commits_digest(dir: &Path, files: &[String]) -> Option<String> {
+    let ids = files.iter().filter(|f| !f.is_empty()).filter_map(|f| {
+        let out = std::process::Command::new("git")
+            .args(["log", "-1", "--format=%H", "--"])
+            .arg(f.trim_start_matches('/'))
+            .current_dir(dir)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        let id = String::from_utf8(out.stdout).ok()?.trim().to_string();
+        (out.status.success() && !id.is_empty()).then_some(id)
+    });
+    digest_from_hashes(ids)
+}
+
+/// GitLab's `hash_of_file_contents`: the files' git blob ids (patterns with `*` expanded
+/// against the project's files); `None` when no file exists.
 fn files_digest(dir: &Path, patterns: &[String]) -> Option<String> {
     use sha1::{Digest, Sha1};
-    let mut paths: Vec<PathBuf> = Vec::new();
+    let mut all: Option<Vec<String>> = None;
+    let mut paths: Vec<String> = Vec::new();
     for pattern in patterns.iter().filter(|p| !p.is_empty()) {
         if pattern.contains('*') {
-            let Ok(glob) = globset::GlobBuilder::new(pattern.trim_start_matches("./")).literal_separator(true).build()
-            else {
-                continue;
-            };
-            let matcher = glob.compile_matcher();
-            let walk = ignore::WalkBuilder::new(dir).hidden(false).require_git(false).build();
-            for entry in walk.flatten().filter(|e| e.file_type().is_some_and(|t| t.is_file())) {
-                let Ok(rel) = entry.path().strip_prefix(dir) else { continue };
-                if !rel.starts_with(".git") && matcher.is_match(rel) {
-                    paths.push(entry.path().to_path_buf());
-                }
-            }
+            let files = all.get_or_insert_with(|| crate::vocab::files::project_files(dir));
+            paths.extend(crate::vocab::files::matching(files, pattern).unwrap_or_default());
         } else {
-            paths.push(dir.join(pattern.trim_start_matches("./")));
+            paths.push(pattern.trim_start_matches("./").to_string());
         }
     }
-    let mut ids: Vec<String> = paths
-        .iter()
-        .filter_map(|p| std::fs::read(p).ok())
-        .map(|bytes| {
-            // Git's object id of a blob: SHA-1 of `blob <size>\0<content>`.
-            let mut h = Sha1::new();
-            h.update(format!("blob {}\0", bytes.len()).as_bytes());
-            h.update(&bytes);
-            hex::encode(h.finalize())
-        })
-        .collect();
-    ids.sort();
-    ids.dedup();
-    (!ids.is_empty()).then(|| hex::encode(Sha1::digest(ids.join("-").as_bytes())))
+    let ids = paths.iter().filter_map(|p| std::fs::read(dir.join(p)).ok()).map(|bytes| {
+        // Git's object id of a blob: SHA-1 of `blob <size>\0<content>`.
+        let mut h = Sha1::new();
+        h.update(format!("blob {}\0", bytes.len()).as_bytes());
+        h.update(&bytes);
+        hex::encode(h.finalize())
+    });
+    digest_from_hashes(ids)
+}
+
+/// GitLab's `digest_from_hashes`: SHA-1 of the sorted, unique ids joined with `-`; `None`
+/// without any.
+fn digest_from_hashes(ids: impl Iterator<Item = String>) -> Option<String> {
+    use sha1::{Digest, Sha1};
+    let ids: std::collections::BTreeSet<String> = ids.collect();
+    (!ids.is_empty()).then(|| hex::encode(Sha1::digest(ids.into_iter().collect::<Vec<_>>().join("-").as_bytes())))
 }
 
 /// Whether a cache with this `when` is saved after a job that ended so.

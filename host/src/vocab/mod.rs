@@ -8,4 +8,5 @@ pub use keel_contract::job::{PullPolicy, Resources};
 pub const RESERVED_VOLUMES: &[&str] = &["repo", "scripts", "logs", "keel-vars"];
 
 pub mod expand;
+pub mod files;
 pub mod values;
