@@ -268,13 +268,12 @@ impl Store {
         let node_name = self.node_name.clone();
         // Node ports in use by other Services, and those this one asks for: a new one is a
         // random free port of the range, as the API server's allocator picks them.
-        let mut taken: BTreeSet<u64> = if res.is("services") {
+        let in_use: BTreeSet<u64> = if res.is("services") {
             inner.objects.get("services").into_iter().flat_map(|m| m.values()).flat_map(node_ports).collect()
         } else {
             BTreeSet::new()
         };
-        let in_use = taken.clone();
-        taken.extend(node_ports(&obj));
+        let mut taken: BTreeSet<u64> = in_use.iter().copied().chain(node_ports(&obj)).collect();
         let ip_before = inner.next_ip;
         let mut next_ip = || {
             inner.next_ip += 1;
@@ -284,9 +283,8 @@ impl Store {
             obj["spec"]["clusterIP"] = json!("10.96.0.1");
         }
         let mut next_node_port = || {
-            let free = NODE_PORTS.filter(|p| !taken.contains(&u64::from(*p))).count();
-            let pick = (free > 0).then(|| fastrand::usize(..free))?;
-            let port = NODE_PORTS.filter(|p| !taken.contains(&u64::from(*p))).nth(pick)?;
+            let free: Vec<u16> = NODE_PORTS.filter(|p| !taken.contains(&u64::from(*p))).collect();
+            let port = fastrand::choice(free)?;
             taken.insert(u64::from(port));
             Some(port)
         };
