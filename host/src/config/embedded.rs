@@ -58,13 +58,17 @@ impl EmbeddedCluster {
         for ca in &mut self.registry_cas {
             *ca = base.join(&*ca);
         }
+        // Checked as the node checks them when it starts (whether plain HTTP is allowed to the
+        // host waits until then: flags may name it insecure).
         for (registry, url) in &self.registry_mirrors {
-            if registry.is_empty() || !(url.starts_with("http://") || url.starts_with("https://")) {
+            let key = format!("registry_mirrors.{registry}");
+            if registry.is_empty() {
                 return Err(invalid(
-                    &format!("registry_mirrors.{registry}"),
-                    format!("expected REGISTRY = \"http(s)://host[:port]\", got {registry:?} = {url:?}"),
+                    &key,
+                    format!("a mirror needs its registry's name (as \"docker.io\"), got {url:?}"),
                 ));
             }
+            local_cluster::node::mirror_endpoint(registry, url).map_err(|e| invalid(&key, e.to_string()))?;
         }
         let (high, low) = self.image_gc_thresholds();
         local_cluster::node::ImageGcPolicy::with_thresholds(high, low).map_err(|e| {
@@ -111,5 +115,14 @@ mod tests {
                 .starts_with("c.toml: key `embedded_cluster.registry_mirrors.docker.io`: "),
         );
         assert!(err("[embedded_cluster]\nhost_root_fs = true\n").contains("unknown field `host_root_fs`"));
+        assert!(
+            err("[embedded_cluster]\nregistry_mirrors = { \"\" = \"http://x\" }\n")
+                .contains("needs its registry's name")
+        );
+        assert!(
+            err("[embedded_cluster]\nregistry_mirrors = { \"docker.io\" = \"https://m.example/path\" }\n")
+                .contains("no path"),
+            "a mirror is checked as the node checks it"
+        );
     }
 }

@@ -171,7 +171,7 @@ use k8s_openapi::api::core::v1::{Pod, PodStatus};
 
 pub use image::{
     ImageEvent, ImageGcPolicy, ImageGcPolicyError, ImageGcReport, LoadedImage, RegistryOptions, RegistryOptionsError,
-    StoreError, parse_mirror,
+    StoreError, mirror_endpoint, parse_mirror,
 };
 pub(crate) use pod::go_duration;
 pub use session::{ExitStatus, Session, TerminalSize};

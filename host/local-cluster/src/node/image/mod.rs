@@ -32,7 +32,7 @@ pub(crate) use gc::fs_space;
 pub use gc::{ImageGcPolicy, ImageGcPolicyError, ImageGcReport};
 pub(crate) use layer::remove_all;
 pub(crate) use pull::{DockerConfig, Puller, pod_configs};
-pub use pull::{RegistryOptions, RegistryOptionsError, parse_mirror};
+pub use pull::{RegistryOptions, RegistryOptionsError, mirror_endpoint, parse_mirror};
 use reference::parse_normalized;
 pub(crate) use reference::{default_pull_policy, normalized, repository};
 pub(crate) use run::{defaults as image_defaults, etc_hosts, host_root_user, writable_root};

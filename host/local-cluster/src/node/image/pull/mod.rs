@@ -26,7 +26,7 @@ use oci_client::manifest::ImageIndexEntry;
 use auth::{Credentials, credentials_for};
 pub(crate) use auth::{DockerConfig, pod_configs};
 use registry::{Endpoint, Registries};
-pub use registry::{RegistryOptions, RegistryOptionsError, parse_mirror};
+pub use registry::{RegistryOptions, RegistryOptionsError, mirror_endpoint, parse_mirror};
 
 use super::reference;
 use super::store::{Store, StoredImage};

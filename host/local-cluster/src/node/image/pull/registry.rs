@@ -51,6 +51,26 @@ pub enum RegistryOptionsError {
     CaNotPem { path: PathBuf },
 }
 
+/// A mirror's URL as the node can use it, `http(s)://host[:port]`: its host (lower case) and
+/// whether it is plain HTTP. Whether plain HTTP is allowed to that host is the node's to say
+/// (loopback, or `--insecure-registry`).
+pub fn mirror_endpoint(registry: &str, url: &str) -> Result<(String, bool), RegistryOptionsError> {
+    let bad =
+        |why: &str| RegistryOptionsError::MirrorUrl { registry: registry.into(), url: url.into(), why: why.into() };
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no http:// or https://"))?;
+    let http = match scheme {
+        "http" => true,
+        "https" => false,
+        _ => return Err(bad("the scheme is neither http nor https")),
+    };
+    // oci-client builds `/v2/...` URLs on the host: a path prefix would be dropped.
+    let host = rest.trim_end_matches('/').trim_end_matches("/v2").to_ascii_lowercase();
+    if host.is_empty() || host.contains('/') {
+        return Err(bad("only scheme://host[:port] is supported (no path)"));
+    }
+    Ok((host, http))
+}
+
 /// `docker.io=http://127.0.0.1:5000` -> `("docker.io", "http://127.0.0.1:5000")`.
 pub fn parse_mirror(s: &str) -> Result<(String, String), RegistryOptionsError> {
     match s.split_once('=') {
@@ -88,22 +108,7 @@ impl Registries {
         let insecure: Vec<String> = opts.insecure.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
         let mut mirrors = Vec::new();
         for (registry, url) in &opts.mirrors {
-            let bad = |why: &str| RegistryOptionsError::MirrorUrl {
-                registry: registry.clone(),
-                url: url.clone(),
-                why: why.into(),
-            };
-            let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no http:// or https://"))?;
-            let http = match scheme {
-                "http" => true,
-                "https" => false,
-                _ => return Err(bad("the scheme is neither http nor https")),
-            };
-            // oci-client builds `/v2/...` URLs on the host: a path prefix would be dropped.
-            let host = rest.trim_end_matches('/').trim_end_matches("/v2").to_ascii_lowercase();
-            if host.is_empty() || host.contains('/') {
-                return Err(bad("only scheme://host[:port] is supported (no path)"));
-            }
+            let (host, http) = mirror_endpoint(registry, url)?;
             if http && !is_loopback(&host) && !insecure.contains(&host) {
                 return Err(RegistryOptionsError::InsecureMirror {
                     registry: registry.clone(),
