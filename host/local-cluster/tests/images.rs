@@ -16,7 +16,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, AttachParams, LogParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
-use local_cluster::node::ImageGcPolicy;
+use local_cluster::node::{ImageGcPolicy, ImageGcReport};
 use local_cluster::{ClusterOptions, LocalCluster};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -773,9 +773,9 @@ async fn unused_images_are_garbage_collected_and_images_in_use_kept() {
         .expect("the holder runs")
         .unwrap();
 
+    let deleted = |r: &ImageGcReport| r.deleted.iter().map(|(_, names)| names.clone()).collect::<Vec<_>>();
     let report = cluster.collect_images().await.unwrap();
-    let deleted: Vec<Vec<String>> = report.deleted.iter().map(|(_, names)| names.clone()).collect();
-    assert_eq!(deleted, [["docker.io/keel-test/gc-b:1"]], "only the unused image: {report:?}");
+    assert_eq!(deleted(&report), [["docker.io/keel-test/gc-b:1"]], "only the unused image: {report:?}");
     assert!(!layer(&extra).exists(), "B's own layer is gone");
     assert!(layer(&base_layer()).exists() && layer(&app_layer()).exists(), "the layers A shares stay");
     assert!(!store.join("blobs/sha256").join(hex(&extra)).exists(), "B's own blob is gone");
@@ -802,8 +802,7 @@ async fn unused_images_are_garbage_collected_and_images_in_use_kept() {
             .unwrap();
     }
     let report = cluster.collect_images().await.unwrap();
-    let deleted: Vec<Vec<String>> = report.deleted.iter().map(|(_, names)| names.clone()).collect();
-    assert_eq!(deleted, [["docker.io/keel-test/gc-a:1"]], "{report:?}");
+    assert_eq!(deleted(&report), [["docker.io/keel-test/gc-a:1"]], "{report:?}");
     assert_eq!(roots(), 0);
     assert!(!layer(&base_layer()).exists() && !layer(&app_layer()).exists());
     cluster.stop().await;

@@ -404,9 +404,7 @@ fn with_untracked(mut sel: Selection, entries: &[Entry], tracked: &BTreeSet<Stri
     let mut n = 0;
     for (i, e) in entries.iter().enumerate() {
         let untracked = !matches!(e.kind, EntryKind::Dir)
-            && !tracked.contains(&e.path)
-            && e.path != ".git"
-            && !e.path.starts_with(".git/")
+            && super::sources::is_untracked(tracked, &e.path)
             && !excluded.iter().any(|m| m.is_match(&e.path));
         if untracked && chosen.insert(i) {
             n += 1;

@@ -667,7 +667,7 @@ fn tar_to_zip_file(
             }
         }
         let is_dir = e.header().entry_type() == tar::EntryType::Directory;
-        if untracked.is_some_and(|t| !is_dir && !t.contains(&path)) && path != ".git" && !path.starts_with(".git/") {
+        if untracked.is_some_and(|t| !is_dir && super::sources::is_untracked(t, &path)) {
             untracked_n += 1;
             hit = true;
         }

@@ -8,8 +8,14 @@ use crate::sources::{Selection, git};
 use crate::trace::Trace;
 
 /// The paths the sources put into `$CI_PROJECT_DIR` (relative, `/`-separated): what
-/// `artifacts:untracked` leaves out.
+/// `artifacts:untracked` and `cache:untracked` leave out.
 pub(super) type Tracked = std::collections::BTreeSet<String>;
+
+/// Whether the file at `path` (relative) is untracked as GitLab reads `untracked: true`: the
+/// sources did not bring it, and it is not git's own.
+pub(super) fn is_untracked(tracked: &Tracked, path: &str) -> bool {
+    !tracked.contains(path) && path != ".git" && !path.starts_with(".git/")
+}
 
 /// The project's files into `$CI_PROJECT_DIR`: a local directory, or a fresh git checkout.
 pub(super) async fn get_sources(
