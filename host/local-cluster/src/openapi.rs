@@ -26,26 +26,13 @@ pub fn v2() -> Value {
 /// [`v2`] in gnostic's protobuf encoding (`openapi_v2.Document`): `swagger` (field 1) and
 /// `info` (field 2: `title` 1, `version` 2).
 pub fn v2_protobuf() -> Vec<u8> {
-    fn field(out: &mut Vec<u8>, number: u8, bytes: &[u8]) {
-        out.push(number << 3 | 2);
-        let mut len = bytes.len();
-        loop {
-            let byte = (len & 0x7f) as u8;
-            len >>= 7;
-            if len == 0 {
-                out.push(byte);
-                break;
-            }
-            out.push(byte | 0x80);
-        }
-        out.extend_from_slice(bytes);
-    }
+    use crate::protobuf::put_bytes;
     let mut info = Vec::new();
-    field(&mut info, 1, b"Kubernetes");
-    field(&mut info, 2, GIT_VERSION.as_bytes());
+    put_bytes(&mut info, 1, b"Kubernetes");
+    put_bytes(&mut info, 2, GIT_VERSION.as_bytes());
     let mut doc = Vec::new();
-    field(&mut doc, 1, b"2.0");
-    field(&mut doc, 2, &info);
+    put_bytes(&mut doc, 1, b"2.0");
+    put_bytes(&mut doc, 2, &info);
     doc
 }
 

@@ -1,7 +1,8 @@
 //! Just enough Kubernetes protobuf to read the bodies kubectl's typed `create` subcommands send
 //! (`kubectl create namespace|secret|configmap` always use protobuf and do not fall back to
 //! JSON on 415). Decodes the `k8s\0` envelope and those three kinds into JSON; anything else is
-//! reported as unsupported.
+//! reported as unsupported. Writes only length-delimited fields ([`put_bytes`], for the
+//! schema-less `/openapi/v2` document).
 
 use base64::Engine;
 use serde_json::{Map, Value, json};
@@ -189,13 +190,25 @@ pub fn decode(body: &[u8]) -> Result<Value, ProtobufError> {
     }
 }
 
+/// Appends field `number` as a length-delimited value (strings, bytes, embedded messages).
+pub(crate) fn put_bytes(out: &mut Vec<u8>, number: u8, bytes: &[u8]) {
+    out.push(number << 3 | 2);
+    let mut len = bytes.len();
+    while len >= 0x80 {
+        out.push((len & 0x7f) as u8 | 0x80);
+        len >>= 7;
+    }
+    out.push(len as u8);
+    out.extend_from_slice(bytes);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn field(n: u8, bytes: &[u8]) -> Vec<u8> {
-        let mut v = vec![(n << 3) | 2, bytes.len() as u8];
-        v.extend_from_slice(bytes);
+        let mut v = Vec::new();
+        put_bytes(&mut v, n, bytes);
         v
     }
 
