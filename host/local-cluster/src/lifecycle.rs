@@ -204,13 +204,15 @@ async fn finish_pod(state: &Shared, pod: &Value, grace: Duration) {
 async fn finish_pod_with(state: &Shared, pod: &Value, grace: Duration, propagation: Propagation) {
     let uid = meta::uid(pod).to_owned();
     state.node.stop_pod(&uid, grace).await;
+    // As a kubelet, the node is done with the pod (its directories and its hold on images
+    // released) before the object goes: a client that saw DELETED finds nothing left behind.
+    state.node.forget_pod(&uid).await;
     // The node reported final statuses while stopping; the pod may also be gone already.
     if let Some(current) = state.store.pod_by_uid(&uid)
         && let Ok(removed) = state.store.remove(res("pods"), Some(meta::namespace(&current)), meta::name(&current))
     {
         collect_garbage(state, &removed, propagation);
     }
-    state.node.forget_pod(&uid).await;
 }
 
 /// Background GC: once an owner is gone, its dependants go too (Orphan already cut them loose).

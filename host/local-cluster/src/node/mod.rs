@@ -534,6 +534,8 @@ impl Node {
         let pod = self.inner.pods.lock().expect("pods lock").remove(uid);
         if let Some(pod) = pod {
             pod.stop(Duration::ZERO).await;
+            // A session or log stream may still hold the pod: the images are free now.
+            pod.release_images();
             pod.remove_dirs().await;
         }
     }
@@ -583,6 +585,8 @@ impl Node {
         let pods: Vec<_> = self.inner.pods.lock().expect("pods lock").drain().collect();
         for (_, pod) in pods {
             pod.stop(Duration::ZERO).await;
+            // A session or log stream may still hold the pod: the images are free now.
+            pod.release_images();
             pod.remove_dirs().await;
         }
         let inner = self.inner.clone();

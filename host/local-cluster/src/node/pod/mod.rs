@@ -568,6 +568,13 @@ impl PodRuntime {
         pids
     }
 
+    /// Drops the pod's hold on the images its containers started from.
+    pub fn release_images(&self) {
+        for c in self.containers.values() {
+            c.image.lock().expect("image lock").take();
+        }
+    }
+
     pub async fn remove_dirs(&self) {
         let tmpfs = std::mem::take(&mut self.volumes.lock().expect("volumes lock").tmpfs);
         let dir = self.dir.clone();
