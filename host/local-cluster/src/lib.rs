@@ -16,6 +16,7 @@ pub mod node;
 pub mod openapi;
 pub mod patch;
 pub mod protobuf;
+pub mod proxy;
 pub mod resources;
 pub mod selectors;
 mod serve;
@@ -52,6 +53,11 @@ pub struct ClusterOptions {
     /// How the node reaches registries when it pulls (without `host_rootfs`): mirrors,
     /// plain-HTTP registries, extra CAs, the node's docker config.
     pub registries: node::RegistryOptions,
+    /// How pods are networked: `None` (the default here) gives each pod only its own loopback
+    /// and `127.0.0.1` as its IP; `Bridge` gives pods IPs of their own on the node's bridge and
+    /// Services ClusterIPs that reach them; `Egress` also lets pods reach what the host reaches
+    /// (through pasta, Debian's `passt`) and the host's loopback as `host.keel.internal`.
+    pub pod_network: node::PodNetwork,
     /// When the node deletes unused images (the kubelet's image GC: 85 % / 80 % of the data
     /// dir's filesystem by default).
     pub image_gc: node::ImageGcPolicy,
@@ -198,6 +204,10 @@ impl LocalCluster {
             .map_err(ClusterError::Node)?;
         node.set_image_hooks(kubelet::image_hooks(Arc::downgrade(&store)));
         node.load_images_from().await.map_err(ClusterError::Node)?;
+        node.start_network(opts.pod_network).await.map_err(ClusterError::Node)?;
+        if node.pod_network() {
+            store.set_node_address(&node::network::BRIDGE_IP.to_string());
+        }
         let cluster = Arc::new(state::Cluster { store, node, cancel: CancellationToken::new() });
         let state = Arc::new(api::ApiState {
             cluster: cluster.clone(),
@@ -225,6 +235,7 @@ impl LocalCluster {
 
         lifecycle::run_garbage_collector(&cluster);
         endpoints::run(&cluster);
+        proxy::run(&cluster);
         // Every API request counted, for benchmarks (requests per job) and diagnostics.
         let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = requests.clone();

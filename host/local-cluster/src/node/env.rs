@@ -81,7 +81,11 @@ fn field_ref(pod: &Pod, path: &str) -> Result<String, String> {
         "metadata.uid" => m.uid.clone().unwrap_or_default(),
         "spec.nodeName" => spec.node_name.clone().unwrap_or_default(),
         "spec.serviceAccountName" => spec.service_account_name.clone().unwrap_or_default(),
-        "status.podIP" | "status.hostIP" | "status.podIPs" | "status.hostIPs" => POD_IP.into(),
+        // The node fills in the pod's addresses before its containers start.
+        "status.podIP" | "status.podIPs" => pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or(POD_IP.into()),
+        "status.hostIP" | "status.hostIPs" => {
+            pod.status.as_ref().and_then(|s| s.host_ip.clone()).unwrap_or(POD_IP.into())
+        }
         p if p.starts_with("metadata.labels[") => map_get(&m.labels, &p["metadata.labels".len()..]),
         p if p.starts_with("metadata.annotations[") => map_get(&m.annotations, &p["metadata.annotations".len()..]),
         p => return Err(format!("unsupported fieldRef fieldPath {p:?}")),

@@ -154,6 +154,7 @@ mod cgroup;
 mod env;
 mod image;
 mod logs;
+pub mod network;
 mod pod;
 mod sandbox;
 mod session;
@@ -173,6 +174,7 @@ pub use image::{
     ImageEvent, ImageGcPolicy, ImageGcPolicyError, ImageGcReport, LoadedImage, RegistryOptions, RegistryOptionsError,
     StoreError, mirror_endpoint, parse_mirror,
 };
+pub use network::{PodNetwork, nft::ServicePort};
 pub(crate) use pod::go_duration;
 pub use session::{ExitStatus, Session, TerminalSize};
 
@@ -326,6 +328,8 @@ pub enum NodeError {
         #[source]
         source: image::StoreError,
     },
+    #[error(transparent)]
+    Network(network::NetworkError),
     #[error("image garbage collection: {0}")]
     ImageGc(String),
     #[error("cannot load image archive {path}: {source}")]
@@ -381,6 +385,9 @@ pub(crate) struct NodeInner {
     images_from: Option<PathBuf>,
     image_gc: ImageGcPolicy,
     image_hooks: std::sync::OnceLock<ImageHooks>,
+    /// The pod network, once `start_network` made it (without it every pod has only its own
+    /// loopback).
+    network: std::sync::OnceLock<network::NodeNetwork>,
     pods: Mutex<HashMap<String, Arc<pod::PodRuntime>>>,
     shut_down: std::sync::atomic::AtomicBool,
 }
@@ -423,6 +430,7 @@ impl Node {
                 images_from: image_opts.images_from,
                 image_gc: image_opts.gc,
                 image_hooks: std::sync::OnceLock::new(),
+                network: std::sync::OnceLock::new(),
                 cfg,
                 sink: on_status,
                 rt,
@@ -446,6 +454,36 @@ impl Node {
             }
         });
         Ok(node)
+    }
+
+    /// Gives pods IPs of their own on a bridge, and with `PodNetwork::Egress` a way out (see
+    /// `network`). Call before pods run; `PodNetwork::None` changes nothing.
+    pub async fn start_network(&self, mode: PodNetwork) -> Result<(), NodeError> {
+        if mode == PodNetwork::None || self.inner.network.get().is_some() {
+            return Ok(());
+        }
+        let dir = self.inner.cfg.data_dir.join("network");
+        std::fs::create_dir_all(&dir).map_err(|source| NodeError::DataDir { path: dir.clone(), source })?;
+        let net =
+            network::NodeNetwork::start(&self.inner.spawner, self.inner.isolation, &dir, mode == PodNetwork::Egress)
+                .await
+                .map_err(NodeError::Network)?;
+        if let Err(net) = self.inner.network.set(net) {
+            net.stop();
+        }
+        Ok(())
+    }
+
+    /// Whether pods have IPs of their own (`start_network` ran).
+    pub fn pod_network(&self) -> bool {
+        self.inner.network.get().is_some()
+    }
+
+    /// Makes the Services' ClusterIPs lead to these endpoints (kube-proxy's job); nothing
+    /// without a pod network.
+    pub async fn sync_services(&self, ports: Vec<ServicePort>) -> Result<(), NodeError> {
+        let Some(net) = self.inner.network.get() else { return Ok(()) };
+        net.sync_services(&self.inner.spawner, ports).await.map_err(NodeError::Network)
     }
 
     /// One image garbage collection now, under the node's policy (see `image::gc`).
@@ -534,8 +572,9 @@ impl Node {
         let pod = self.inner.pods.lock().expect("pods lock").remove(uid);
         if let Some(pod) = pod {
             pod.stop(Duration::ZERO).await;
-            // A session or log stream may still hold the pod: the images are free now.
+            // A session or log stream may still hold the pod: the images and its IP are free now.
             pod.release_images();
+            pod.release_ip();
             pod.remove_dirs().await;
         }
     }
@@ -588,6 +627,9 @@ impl Node {
             // A session or log stream may still hold the pod: the images are free now.
             pod.release_images();
             pod.remove_dirs().await;
+        }
+        if let Some(net) = self.inner.network.get() {
+            net.stop();
         }
         let inner = self.inner.clone();
         let _ = tokio::task::spawn_blocking(move || inner.cgroups.remove()).await;

@@ -505,14 +505,16 @@ async fn spawn_bwrap(
 }
 
 /// Starts the pod holder: new network (loopback up) and PID namespaces, and as an ordinary user
-/// a user namespace, with `sleep` inside.
+/// a user namespace (or `node_user`, the node network's, which the holder then joins), with
+/// `sleep` inside.
 pub(crate) async fn start_holder(
     spawner: &Spawner,
     isolation: Isolation,
     pod_dir: &Path,
     hostname: &str,
+    node_user: Option<&OwnedFd>,
 ) -> std::io::Result<(Started, PodNamespaces)> {
-    let user_ns: &[&str] = if isolation.root { &[] } else { &POD_USER_NS_ARGS };
+    let user_ns: &[&str] = if isolation.root || node_user.is_some() { &[] } else { &POD_USER_NS_ARGS };
     let args: Vec<String> = [
         "--die-with-parent",
         "--unshare-net",
@@ -538,8 +540,8 @@ pub(crate) async fn start_holder(
     .collect();
     let stdio = Stdios { stdin: Stdio::null(), stdout: Stdio::null(), stderr: Stdio::piped() };
     let env = [("PATH".to_string(), DEFAULT_PATH.to_string())];
-    let mut started =
-        spawn_bwrap(spawner, args, &env, stdio, Join::default(), CgroupProcs::default(), None, None).await?;
+    let join = Join { user: node_user.map(|u| u.as_raw_fd()), net: None };
+    let mut started = spawn_bwrap(spawner, args, &env, stdio, join, CgroupProcs::default(), None, None).await?;
     let inner_pid = started.inner_pid;
     let open =
         |kind: &str| -> std::io::Result<OwnedFd> { Ok(File::open(format!("/proc/{inner_pid}/ns/{kind}"))?.into()) };
@@ -558,6 +560,101 @@ pub(crate) async fn start_holder(
             Err(e)
         }
     }
+}
+
+/// Starts the node network's holder: a network namespace (and as an ordinary user a user
+/// namespace owned by us, in which the pods' namespaces are made), with `sleep` inside. Returns
+/// the holder and its namespaces.
+pub(crate) async fn start_network_holder(
+    spawner: &Spawner,
+    isolation: Isolation,
+    dir: &Path,
+) -> std::io::Result<(Child, Option<OwnedFd>, OwnedFd)> {
+    let user_ns: &[&str] = if isolation.root { &[] } else { &POD_USER_NS_ARGS };
+    let args: Vec<String> =
+        ["--die-with-parent", "--unshare-net", "--unshare-pid", "--ro-bind", "/", "/", "--proc", "/proc"]
+            .iter()
+            .chain(user_ns)
+            .map(|s| s.to_string())
+            .chain(["--chdir".into(), dir.display().to_string(), "--".into(), "sleep".into(), "infinity".into()])
+            .collect();
+    let stdio = Stdios { stdin: Stdio::null(), stdout: Stdio::null(), stderr: Stdio::piped() };
+    let env = [("PATH".to_string(), DEFAULT_PATH.to_string())];
+    let mut started =
+        spawn_bwrap(spawner, args, &env, stdio, Join::default(), CgroupProcs::default(), None, None).await?;
+    let inner_pid = started.inner_pid;
+    let open =
+        |kind: &str| -> std::io::Result<OwnedFd> { Ok(File::open(format!("/proc/{inner_pid}/ns/{kind}"))?.into()) };
+    let opened = match holder_set_up(&mut started).await {
+        Ok(()) => (|| Ok((if isolation.root { None } else { Some(open("user")?) }, open("net")?)))(),
+        Err(e) => Err(e),
+    };
+    match opened {
+        Ok((user, net)) => Ok((started.child, user, net)),
+        Err(e) => {
+            let _ = started.child.start_kill();
+            let _ = started.child.wait().await;
+            Err(e)
+        }
+    }
+}
+
+/// A network namespace to run a tool in, with the user namespace that owns it (an ordinary
+/// user's node), joined first.
+#[derive(Clone, Copy)]
+pub(crate) struct NsFds<'a> {
+    pub user: Option<&'a OwnedFd>,
+    pub net: &'a OwnedFd,
+}
+
+/// Runs `program args` inside the namespaces, `input` on its stdin; an error carries what it
+/// printed on stderr. (The node network's `ip`, `nft` and `sysctl`: their own tools do this
+/// best, and a netlink library would need setns of a user namespace, which a multi-threaded
+/// process may not do.)
+pub(crate) async fn run_in(
+    spawner: &Spawner,
+    ns: NsFds<'_>,
+    program: &str,
+    args: &[&str],
+    input: &str,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = Command::new(program);
+    cmd.args(args).env_clear().env("PATH", DEFAULT_PATH);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+    let join = Join { user: ns.user.map(|u| u.as_raw_fd()), net: Some(ns.net.as_raw_fd()) };
+    install_pre_exec(&mut cmd, join, CgroupProcs::default(), [None, None], false, None);
+    let mut child =
+        spawner.spawn(cmd).await.map_err(|e| std::io::Error::new(e.kind(), format!("cannot run {program}: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes()).await?;
+    }
+    let out = child.wait_with_output().await?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(std::io::Error::other(format!(
+        "{program} {} failed ({}): {}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
+/// Spawns a long-running helper (pasta) in the host's namespaces, killed with the node; `pass`
+/// stays open across exec (descriptors named in `args`).
+pub(crate) async fn spawn_tool(
+    spawner: &Spawner,
+    program: &str,
+    args: &[String],
+    pass: [Option<RawFd>; 2],
+    stderr: Stdio,
+) -> std::io::Result<Child> {
+    let mut cmd = Command::new(program);
+    cmd.args(args).env_clear().env("PATH", DEFAULT_PATH);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).kill_on_drop(true);
+    install_pre_exec(&mut cmd, Join::default(), CgroupProcs::default(), pass, false, None);
+    spawner.spawn(cmd).await.map_err(|e| std::io::Error::new(e.kind(), format!("cannot run {program}: {e}")))
 }
 
 /// Waits until the holder's sandbox is completely set up. bwrap reports the pid right after

@@ -679,6 +679,21 @@ fn invalid(res: &Resource, name: &str, causes: Vec<Cause>) -> ApiError {
     ApiError::Invalid { kind: res.kind.into(), name: name.into(), causes }
 }
 
+impl Store {
+    /// The node's InternalIP (its address on the pod network), as the kubelet reports it.
+    pub fn set_node_address(&self, ip: &str) {
+        let name = self.node_name.clone();
+        let result = self.update_with(res("nodes"), None, &name, Part::Whole, |o| {
+            o["status"]["addresses"] =
+                json!([{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}]);
+            Ok(())
+        });
+        if let Err(e) = result {
+            tracing::warn!(error = ?e, "cannot record the node's address");
+        }
+    }
+}
+
 fn node_object(name: &str) -> Value {
     let now = meta::now_rfc3339();
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);

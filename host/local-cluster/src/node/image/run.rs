@@ -96,7 +96,12 @@ pub(crate) fn etc_hosts(hostname: &str, ip: &str, aliases: &[k8s_openapi::api::c
 
 /// Makes `dir/{upper,work,merged}` for a container's writable layer over the image's root, with
 /// the `/etc/hosts` a kubelet gives every container in its upper layer.
-pub(crate) fn writable_root(image: &StoredImage, dir: &Path, hosts: &str) -> std::io::Result<OverlayMount> {
+pub(crate) fn writable_root(
+    image: &StoredImage,
+    dir: &Path,
+    hosts: &str,
+    resolv: Option<&str>,
+) -> std::io::Result<OverlayMount> {
     if dir.exists() {
         super::remove_all(dir)?;
     }
@@ -112,6 +117,9 @@ pub(crate) fn writable_root(image: &StoredImage, dir: &Path, hosts: &str) -> std
     if image.rootfs.join("etc").is_dir() {
         std::fs::create_dir_all(o.upper.join("etc"))?;
         std::fs::write(o.upper.join("etc/hosts"), hosts)?;
+        if let Some(resolv) = resolv {
+            std::fs::write(o.upper.join("etc/resolv.conf"), resolv)?;
+        }
     }
     Ok(o)
 }

@@ -14,11 +14,13 @@ use tokio::sync::{mpsc, watch};
 
 use super::{ContainerRt, CreateFailure, Instance, PodRuntime, StdinWriter, now};
 use crate::node::cgroup::{ContainerCgroup, Controller, CpuSettings, parse_cpu_millis, parse_memory};
-use crate::node::env::{POD_IP, argv, build_env, build_env_over, expand};
+use crate::node::env::{argv, build_env, build_env_over, expand};
 use crate::node::image::{self, StoredImage};
 use crate::node::logs::{LogFile, Pipe};
+use crate::node::network;
 use crate::node::sandbox::{self, Bind, ContainerSandbox, PodNamespaces, Rootfs, Stdios, exit_code};
 use crate::node::{ResolvedVolumes, volumes};
+use k8s_openapi::api::core::v1::HostAlias;
 
 impl PodRuntime {
     /// Starts one instance and waits for it to end; returns its exit code.
@@ -37,7 +39,7 @@ impl PodRuntime {
         let writable_dir = self.dir.join("rootfs").join(format!("{}-{restarts}", c.name));
         let (env, argv, working_dir, user, rootfs) = match stored {
             None => {
-                let env = build_env(&self.pod, c, data)?;
+                let env = build_env(&self.pod_with_addresses(), c, data)?;
                 let argv = argv(c, &env);
                 let working_dir = c.working_dir.clone().unwrap_or_else(|| "/".into());
                 let images_dir = node.cfg.images_dir.as_ref();
@@ -50,34 +52,43 @@ impl PodRuntime {
                 // The runtime's failures to apply the image's config: CreateContainerError.
                 let runtime = |message: String| CreateFailure { reason: "CreateContainerError", message };
                 let defaults = image::image_defaults(&self.pod, c, img).map_err(runtime)?;
-                let mut env = build_env_over(&self.pod, c, data, defaults.env)?;
+                let mut env = build_env_over(&self.pod_with_addresses(), c, data, defaults.env)?;
                 if !env.iter().any(|(k, _)| k == "HOME") {
                     env.push(("HOME".into(), defaults.home));
                 }
                 let argv = img.run.argv(c.command.as_deref(), c.args.as_deref()).map_err(runtime)?;
                 let argv = argv.iter().map(|a| expand(a, &env)).collect();
                 let dir = writable_dir.clone();
-                let (img2, hosts) = (img.clone(), self.etc_hosts());
-                let overlay = tokio::task::spawn_blocking(move || image::writable_root(&img2, &dir, &hosts))
-                    .await
-                    .map_err(|e| runtime(e.to_string()))?
-                    .map_err(|e| runtime(format!("cannot make the container's writable layer: {e}")))?;
+                let (img2, hosts, resolv) = (img.clone(), self.etc_hosts(), self.resolv_conf());
+                let overlay =
+                    tokio::task::spawn_blocking(move || image::writable_root(&img2, &dir, &hosts, resolv.as_deref()))
+                        .await
+                        .map_err(|e| runtime(e.to_string()))?
+                        .map_err(|e| runtime(format!("cannot make the container's writable layer: {e}")))?;
                 (env, argv, defaults.working_dir, defaults.user, Rootfs::Overlay(overlay))
             }
         };
         let mut binds = self.binds(c)?;
         // A container on the host's root would see the host's /etc/hosts: like a kubelet, give
-        // it the pod's when the pod asks for `hostAliases` (an image's root gets it in its
-        // writable layer instead).
+        // it the pod's when the pod asks for `hostAliases` or has an IP of its own (an image's
+        // root gets it in its writable layer instead); the same for the pod network's
+        // resolv.conf.
         let aliased = self.spec().host_aliases.is_some_and(|a| !a.is_empty());
-        if aliased
-            && matches!(rootfs, Rootfs::ReadOnly(_))
-            && !binds.iter().any(|b| b.dest == "/etc/hosts")
-            && std::path::Path::new("/etc/hosts").is_file()
-        {
-            let path = self.dir.join("etc-hosts");
-            std::fs::write(&path, self.etc_hosts()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            binds.push(Bind { source: path, dest: "/etc/hosts".into(), read_only: true });
+        let networked = node.network.get().is_some();
+        if matches!(rootfs, Rootfs::ReadOnly(_)) {
+            let files = [
+                ("/etc/hosts", "etc-hosts", (aliased || networked).then(|| self.etc_hosts())),
+                ("/etc/resolv.conf", "etc-resolv.conf", self.resolv_conf()),
+            ];
+            for (dest, name, content) in files {
+                let Some(content) = content else { continue };
+                if binds.iter().any(|b| b.dest == dest) || !std::path::Path::new(dest).is_file() {
+                    continue;
+                }
+                let path = self.dir.join(name);
+                std::fs::write(&path, content).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                binds.push(Bind { source: path, dest: dest.into(), read_only: true });
+            }
         }
         let log_path = self.dir.join("logs").join(&c.name).join(format!("{restarts}.log"));
         let log = LogFile::create(&log_path).map_err(|e| format!("cannot create log {}: {e}", log_path.display()))?;
@@ -286,7 +297,25 @@ impl PodRuntime {
 
     /// The pod's `/etc/hosts`, as a kubelet writes it (its `hostAliases` included).
     pub(super) fn etc_hosts(&self) -> String {
-        image::etc_hosts(&self.name, POD_IP, self.spec().host_aliases.as_deref().unwrap_or_default())
+        let mut aliases = self.spec().host_aliases.unwrap_or_default();
+        if self.node().is_some_and(|n| n.network.get().is_some_and(|net| net.egress())) {
+            // Where pods reach the host's loopback (see `network`), after the pod's own.
+            aliases.push(HostAlias {
+                ip: network::HOST_LOOPBACK_IP.to_string(),
+                hostnames: Some(network::HOST_LOOPBACK_NAMES.iter().map(|n| n.to_string()).collect()),
+            });
+        }
+        image::etc_hosts(&self.name, &self.ip_or_loopback(), &aliases)
+    }
+
+    /// The pod's `/etc/resolv.conf` with egress (the node's, see `network::resolv_conf`); none
+    /// otherwise (a pod without a way out has no use for a nameserver).
+    pub(super) fn resolv_conf(&self) -> Option<String> {
+        let egress = self.node().is_some_and(|n| n.network.get().is_some_and(|net| net.egress()));
+        if !egress {
+            return None;
+        }
+        std::fs::read_to_string("/etc/resolv.conf").ok().map(|host| network::resolv_conf(&host))
     }
 
     pub(super) fn binds(&self, c: &Container) -> Result<Vec<Bind>, String> {

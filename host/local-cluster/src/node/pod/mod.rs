@@ -103,6 +103,8 @@ pub(crate) struct PodRuntime {
     stop: watch::Sender<Option<Duration>>,
     done: watch::Sender<bool>,
     holder: Mutex<Option<(u32, i32)>>,
+    /// The pod's IP on the node's bridge, once its sandbox is connected (pod network only).
+    ip: Mutex<Option<std::net::Ipv4Addr>>,
     volumes: Mutex<PodVolumes>,
 }
 
@@ -168,6 +170,7 @@ impl PodRuntime {
             stop: watch::Sender::new(None),
             done: watch::Sender::new(false),
             holder: Mutex::new(None),
+            ip: Mutex::new(None),
             volumes: Mutex::new(PodVolumes::default()),
         })
     }
@@ -198,7 +201,44 @@ impl PodRuntime {
         });
     }
 
+    /// The pod's IP (`None` before its sandbox is connected) and its node's, as the pod's
+    /// status reports them. Without a pod network every pod shares the node's loopback.
+    pub(super) fn addresses(&self) -> (Option<String>, String) {
+        let networked = self.node().is_some_and(|n| n.network.get().is_some());
+        if !networked {
+            return (Some(POD_IP.into()), POD_IP.into());
+        }
+        let ip = self.ip.lock().expect("ip lock").map(|ip| ip.to_string());
+        (ip, crate::node::network::BRIDGE_IP.to_string())
+    }
+
+    /// The pod with its addresses in its status, for the `status.podIP`/`hostIP` fieldRefs.
+    pub(super) fn pod_with_addresses(&self) -> Pod {
+        let mut pod = self.pod.clone();
+        let (pod_ip, host_ip) = self.addresses();
+        let status = pod.status.get_or_insert_with(Default::default);
+        status.pod_ip = pod_ip;
+        status.host_ip = Some(host_ip);
+        pod
+    }
+
+    /// The pod's IP once connected, else the one every pod has without a pod network.
+    pub(super) fn ip_or_loopback(&self) -> String {
+        self.addresses().0.unwrap_or_else(|| POD_IP.into())
+    }
+
+    /// Gives the pod's IP back to the node network.
+    pub fn release_ip(&self) {
+        let ip = self.ip.lock().expect("ip lock").take();
+        if let (Some(ip), Some(node)) = (ip, self.node())
+            && let Some(network) = node.network.get()
+        {
+            network.release(ip);
+        }
+    }
+
     fn build_status(&self, st: &mut PodState) -> PodStatus {
+        let (pod_ip, host_ip) = self.addresses();
         let spec = self.spec();
         let init_names: Vec<&str> = spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
         let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
@@ -260,10 +300,10 @@ impl PodRuntime {
         PodStatus {
             phase: Some(phase.into()),
             conditions: Some(order.iter().filter_map(|k| st.conditions.get(k).cloned()).collect()),
-            host_ip: Some(POD_IP.into()),
-            host_ips: Some(vec![k8s_openapi::api::core::v1::HostIP { ip: POD_IP.into() }]),
-            pod_ip: Some(POD_IP.into()),
-            pod_ips: Some(vec![PodIP { ip: POD_IP.into() }]),
+            host_ip: Some(host_ip.clone()),
+            host_ips: Some(vec![k8s_openapi::api::core::v1::HostIP { ip: host_ip }]),
+            pod_ips: pod_ip.clone().map(|ip| vec![PodIP { ip }]),
+            pod_ip,
             start_time: Some(st.start_time.clone()),
             // The API server computed it from the resources at create; the kubelet keeps it.
             qos_class: None,
@@ -315,9 +355,21 @@ impl PodRuntime {
             }
         };
 
-        let pod_ns = match sandbox::start_holder(&node.spawner, node.isolation, &self.dir, &self.name).await {
+        let network = node.network.get();
+        let node_user = network.and_then(|n| n.user_ns());
+        let pod_ns = match sandbox::start_holder(&node.spawner, node.isolation, &self.dir, &self.name, node_user).await
+        {
             Ok((started, ns)) => {
                 *self.holder.lock().expect("holder lock") = Some((started.child.id().unwrap_or(0), started.inner_pid));
+                if let Some(network) = network {
+                    match network.attach(&node.spawner, started.inner_pid, &ns.net).await {
+                        Ok(link) => *self.ip.lock().expect("ip lock") = Some(link.ip),
+                        Err(e) => {
+                            drop(node);
+                            return self.config_error(format!("cannot start the pod sandbox: {e}"), &mut stop).await;
+                        }
+                    }
+                }
                 self.update(|st| st.sandbox_ready = true);
                 // The holder lives as long as this task; kill_on_drop ends it.
                 (Arc::new(ns), started.child)

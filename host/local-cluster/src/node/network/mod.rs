@@ -1,0 +1,400 @@
+//! The pod network: every pod gets an IP of its own on a bridge, pods reach each other and
+//! Services' ClusterIPs, and (with egress) whatever the host can reach, as on a node of a real
+//! cluster. The host's own loopback is reachable from pods as `host.keel.internal`.
+//!
+//! Nothing of it lives in the host's network namespace, so nothing is left behind when the node
+//! dies, however it dies (rootless podman's design):
+//! - a *node network namespace*, held by a holder process like a pod's (`bwrap --unshare-net`,
+//!   as an ordinary user in a user namespace of its own that every pod then shares), with the
+//!   bridge `keel0` (`10.244.0.1/16`), forwarding on, and the nftables rules (`nft`): NAT of
+//!   egress, Services' ClusterIPs (`nft.rs`);
+//! - per pod, a veth pair: one end on the bridge, the other the pod's `eth0` with its IP and a
+//!   default route through the bridge (`ip`, from iproute2); it goes away with the pod's
+//!   network namespace;
+//! - for egress, `pasta` (Debian's `passt`) connects the node namespace to the host's network
+//!   at layer 4 without privileges: a tap device `keel-up` in the node namespace, and the
+//!   connections the pods open there become the host's own sockets. pasta maps its gateway
+//!   address (`169.254.1.1`) to the host's loopback, which gives `host.keel.internal`.
+//!
+//! Everything is killed with the node: the holder and pasta die with the node's spawner thread
+//! (PR_SET_PDEATHSIG), and with the holder goes the namespace and all its links and rules.
+
+pub mod nft;
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::Mutex;
+
+use tokio::process::Child;
+
+use super::sandbox::{self, Isolation, NsFds, Spawner};
+
+/// The bridge in the node's network namespace, and its address (the pods' gateway; also the
+/// node's InternalIP and the pods' `hostIP`).
+pub const BRIDGE: &str = "keel0";
+pub const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// Pod IPs (kind's default pod subnet).
+pub const POD_CIDR: &str = "10.244.0.0/16";
+const POD_PREFIX: u8 = 16;
+/// pasta's side of the uplink; connections to it reach the host's loopback.
+pub const HOST_LOOPBACK_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The node namespace's side of the uplink.
+const UPLINK_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 2);
+const UPLINK: &str = "keel-up";
+/// The names under which pods reach the host's loopback (`host.docker.internal` too, so job
+/// definitions written for Docker work unchanged).
+pub const HOST_LOOPBACK_NAMES: [&str; 2] = ["host.keel.internal", "host.docker.internal"];
+
+/// How pods are networked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PodNetwork {
+    /// Each pod has only its own loopback, and reports `127.0.0.1` as its IP.
+    #[default]
+    None,
+    /// Pod IPs on the node's bridge and Services' ClusterIPs, no way out of the node.
+    Bridge,
+    /// As `Bridge`, and the pods reach what the host reaches (and the host's loopback) through
+    /// pasta.
+    Egress,
+}
+
+impl std::str::FromStr for PodNetwork {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(PodNetwork::None),
+            "bridge" => Ok(PodNetwork::Bridge),
+            "egress" => Ok(PodNetwork::Egress),
+            _ => Err(format!("pod network {s:?} is not one of egress, bridge, none")),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("cannot start the node's network namespace: {0}")]
+    Holder(#[source] std::io::Error),
+    #[error("cannot set up the node's network ({step}): {source}")]
+    Setup {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "pods cannot reach the network: pasta (Debian package `passt`) could not connect the node's network namespace: {0}; install passt, or start the cluster with --pod-network=bridge (no egress)"
+    )]
+    Pasta(String),
+    #[error("no pod IP is free in {POD_CIDR}")]
+    Exhausted,
+    #[error("cannot connect the pod to the node's bridge: {0}")]
+    Attach(#[source] std::io::Error),
+}
+
+/// The node's network namespace and what runs for it.
+pub(crate) struct NodeNetwork {
+    ns: NodeNamespaces,
+    /// The holder and pasta: killed when dropped (and by the kernel when the node dies).
+    _holder: Child,
+    pasta: Mutex<Option<Child>>,
+    ips: Mutex<Ips>,
+    /// The Services' ruleset last applied (not applied again while unchanged).
+    services: tokio::sync::Mutex<Option<Vec<nft::ServicePort>>>,
+    egress: bool,
+}
+
+struct NodeNamespaces {
+    user: Option<OwnedFd>,
+    net: OwnedFd,
+}
+
+impl NodeNamespaces {
+    fn fds(&self) -> NsFds<'_> {
+        NsFds { user: self.user.as_ref(), net: &self.net }
+    }
+}
+
+/// Pod IPs in use, handed out round-robin (as the host-local IPAM plugin does), so an address
+/// is not reused while a deleted pod's link may still be going away.
+struct Ips {
+    used: BTreeSet<u32>,
+    last: u32,
+    /// Names the node side of each veth pair; never reused within a node's life.
+    links: u64,
+}
+
+impl Ips {
+    /// Host numbers 2 ..= 2^16 - 2 of the pod subnet (1 is the bridge).
+    fn take(&mut self) -> Option<u32> {
+        let max = (1u32 << (32 - POD_PREFIX)) - 2;
+        let next = (self.last + 1..=max).chain(2..=self.last).find(|h| *h >= 2 && !self.used.contains(h))?;
+        self.used.insert(next);
+        self.last = next;
+        Some(next)
+    }
+}
+
+fn pod_ip(host: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) | host)
+}
+
+/// A pod's place on the bridge; its IP goes back to the node when dropped.
+pub(crate) struct PodLink {
+    pub ip: Ipv4Addr,
+}
+
+impl NodeNetwork {
+    /// Makes the node's network namespace with its bridge and base rules, and with `egress`
+    /// connects it to the host's network through pasta.
+    pub async fn start(
+        spawner: &Spawner,
+        isolation: Isolation,
+        dir: &Path,
+        egress: bool,
+    ) -> Result<Self, NetworkError> {
+        let (holder, user, net) =
+            sandbox::start_network_holder(spawner, isolation, dir).await.map_err(NetworkError::Holder)?;
+        let ns = NodeNamespaces { user, net };
+        let setup = |step| move |source| NetworkError::Setup { step, source };
+        sandbox::run_in(
+            spawner,
+            ns.fds(),
+            "ip",
+            &["-batch", "-"],
+            &format!(
+                "link set lo up\nlink add {BRIDGE} type bridge\naddr add {BRIDGE_IP}/{POD_PREFIX} dev {BRIDGE}\nlink set {BRIDGE} up\n"
+            ),
+        )
+        .await
+        .map_err(setup("the bridge, with `ip` of iproute2"))?;
+        // Written from inside the namespace: /proc/sys/net is the writer's network namespace's.
+        sandbox::run_in(spawner, ns.fds(), "sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"], "")
+            .await
+            .map_err(setup("forwarding, with `sysctl` of procps"))?;
+        sandbox::run_in(spawner, ns.fds(), "nft", &["-f", "-"], &nft::base())
+            .await
+            .map_err(setup("NAT rules, with `nft` of nftables"))?;
+        let network = NodeNetwork {
+            ns,
+            _holder: holder,
+            pasta: Mutex::new(None),
+            ips: Mutex::new(Ips { used: BTreeSet::new(), last: 1, links: 0 }),
+            services: tokio::sync::Mutex::new(None),
+            egress,
+        };
+        if egress {
+            let pasta = network.start_pasta(spawner, dir).await?;
+            *network.pasta.lock().expect("pasta lock") = Some(pasta);
+        }
+        Ok(network)
+    }
+
+    /// pasta in the foreground (our child, so it dies with the node), attached to the node
+    /// namespace by descriptors: pasta drops its capabilities before it opens a namespace, and
+    /// then may not open another process's `/proc/PID/ns` files.
+    async fn start_pasta(&self, spawner: &Spawner, dir: &Path) -> Result<Child, NetworkError> {
+        let pid_file = dir.join("pasta.pid");
+        let _ = std::fs::remove_file(&pid_file);
+        let net_fd = self.ns.net.as_raw_fd();
+        let mut args: Vec<String> = vec![
+            "--foreground".into(),
+            "--quiet".into(),
+            "--config-net".into(),
+            "--ipv4-only".into(),
+            "--address".into(),
+            UPLINK_IP.to_string(),
+            "--netmask".into(),
+            "30".into(),
+            "--gateway".into(),
+            HOST_LOOPBACK_IP.to_string(),
+            "--ns-ifname".into(),
+            UPLINK.into(),
+            "--no-dhcp".into(),
+            // Nothing of the host is forwarded into the node namespace, nor the other way.
+            "--tcp-ports".into(),
+            "none".into(),
+            "--udp-ports".into(),
+            "none".into(),
+            "--tcp-ns".into(),
+            "none".into(),
+            "--udp-ns".into(),
+            "none".into(),
+            "--pid".into(),
+            pid_file.display().to_string(),
+            "--netns".into(),
+            format!("/proc/self/fd/{net_fd}"),
+        ];
+        let mut pass = [Some(net_fd), None];
+        match &self.ns.user {
+            Some(user) => {
+                args.extend(["--userns".into(), format!("/proc/self/fd/{}", user.as_raw_fd())]);
+                pass[1] = Some(user.as_raw_fd());
+            }
+            // As root pasta would change to `nobody` first; it keeps root's identity (with only
+            // the capabilities it needs) so it can use the namespace we hand it.
+            None => args.extend(["--netns-only".into(), "--runas".into(), "0".into()]),
+        }
+        // Its messages go to a file: a pipe nobody reads could fill up and stop it.
+        let log_path = dir.join("pasta.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| NetworkError::Pasta(format!("{}: {e}", log_path.display())))?;
+        let mut child = sandbox::spawn_tool(spawner, "pasta", &args, pass, log.into())
+            .await
+            .map_err(|e| NetworkError::Pasta(e.to_string()))?;
+        // pasta writes its pid once the namespace's interface is configured.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if std::fs::read_to_string(&pid_file).is_ok_and(|s| !s.trim().is_empty()) {
+                return Ok(child);
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let stderr = std::fs::read_to_string(&log_path).unwrap_or_default();
+                // pasta also says on stderr that it cannot reach syslog.
+                let said: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("Failed to send")).collect();
+                return Err(NetworkError::Pasta(format!("it ended ({status}): {}", said.join("; "))));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(NetworkError::Pasta("it did not configure the namespace within 10 s".into()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
+    pub fn egress(&self) -> bool {
+        self.egress
+    }
+
+    /// Puts the pod whose holder is `holder_pid` (network namespace `pod_net`) on the bridge.
+    pub async fn attach(&self, spawner: &Spawner, holder_pid: i32, pod_net: &OwnedFd) -> Result<PodLink, NetworkError> {
+        let (host, link) = {
+            let mut ips = self.ips.lock().expect("ips lock");
+            let host = ips.take().ok_or(NetworkError::Exhausted)?;
+            ips.links += 1;
+            (host, format!("kv{:x}", ips.links))
+        };
+        let ip = pod_ip(host);
+        let result = async {
+            sandbox::run_in(
+                spawner,
+                self.ns.fds(),
+                "ip",
+                &["-batch", "-"],
+                &format!(
+                    "link add {link} type veth peer name eth0 netns {holder_pid}\n\
+                     link set {link} master {BRIDGE}\n\
+                     link set {link} type bridge_slave hairpin on\n\
+                     link set {link} up\n"
+                ),
+            )
+            .await?;
+            let pod = NsFds { user: self.ns.user.as_ref(), net: pod_net };
+            sandbox::run_in(
+                spawner,
+                pod,
+                "ip",
+                &["-batch", "-"],
+                &format!("addr add {ip}/{POD_PREFIX} dev eth0\nlink set eth0 up\nroute add default via {BRIDGE_IP}\n"),
+            )
+            .await
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(PodLink { ip }),
+            Err(e) => {
+                self.release(ip);
+                Err(NetworkError::Attach(e))
+            }
+        }
+    }
+
+    /// The pod's IP is free again (its link went with its network namespace).
+    pub fn release(&self, ip: Ipv4Addr) {
+        let host = u32::from(ip) & ((1u32 << (32 - POD_PREFIX)) - 1);
+        self.ips.lock().expect("ips lock").used.remove(&host);
+    }
+
+    /// The user namespace pods join (as an ordinary user): the node namespace's owner, which
+    /// may move a link into a pod's namespace only when it owns that namespace too.
+    pub fn user_ns(&self) -> Option<&OwnedFd> {
+        self.ns.user.as_ref()
+    }
+
+    /// Makes the Services' rules what `ports` says (kube-proxy's sync).
+    pub async fn sync_services(&self, spawner: &Spawner, mut ports: Vec<nft::ServicePort>) -> Result<(), NetworkError> {
+        ports.sort();
+        let mut applied = self.services.lock().await;
+        if applied.as_ref() == Some(&ports) {
+            return Ok(());
+        }
+        sandbox::run_in(spawner, self.ns.fds(), "nft", &["-f", "-"], &nft::services(&ports))
+            .await
+            .map_err(|source| NetworkError::Setup { step: "Service rules, with `nft`", source })?;
+        *applied = Some(ports);
+        Ok(())
+    }
+
+    /// Stops pasta (the holder goes when the network is dropped).
+    pub fn stop(&self) {
+        if let Some(mut p) = self.pasta.lock().expect("pasta lock").take() {
+            let _ = p.start_kill();
+        }
+    }
+}
+
+/// The pods' `/etc/resolv.conf`: the node's (as with the kubelet's `dnsPolicy: Default`), with a
+/// nameserver on the host's loopback (systemd-resolved's `127.0.0.53`, a local dnsmasq)
+/// replaced by the address that reaches the host's loopback from a pod.
+pub fn resolv_conf(host: &str) -> String {
+    let mut out = String::new();
+    for line in host.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() == Some("nameserver")
+            && let Some(addr) = words.next()
+            && addr.parse::<Ipv4Addr>().is_ok_and(|a| a.is_loopback())
+        {
+            out.push_str(&format!("nameserver {HOST_LOOPBACK_IP}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_ips_are_handed_out_round_robin_and_skip_those_in_use() {
+        let mut ips = Ips { used: BTreeSet::new(), last: 1, links: 0 };
+        assert_eq!(pod_ip(ips.take().unwrap()), Ipv4Addr::new(10, 244, 0, 2));
+        assert_eq!(pod_ip(ips.take().unwrap()), Ipv4Addr::new(10, 244, 0, 3));
+        ips.used.remove(&2);
+        // Not reused at once: the next one is new.
+        assert_eq!(pod_ip(ips.take().unwrap()), Ipv4Addr::new(10, 244, 0, 4));
+        ips.last = (1 << 16) - 2;
+        assert_eq!(pod_ip(ips.take().unwrap()), Ipv4Addr::new(10, 244, 0, 2), "wraps to the first free one");
+        ips.used = (2..=(1u32 << 16) - 2).collect();
+        assert_eq!(ips.take(), None);
+    }
+
+    #[test]
+    fn a_loopback_nameserver_becomes_the_hosts_loopback_address() {
+        let host =
+            "# generated\nnameserver 127.0.0.53\nnameserver 10.0.0.2\noptions edns0 trust-ad\nsearch example.org\n";
+        assert_eq!(
+            resolv_conf(host),
+            "# generated\nnameserver 169.254.1.1\nnameserver 10.0.0.2\noptions edns0 trust-ad\nsearch example.org\n"
+        );
+    }
+
+    #[test]
+    fn pod_network_modes_parse() {
+        assert_eq!("egress".parse::<PodNetwork>(), Ok(PodNetwork::Egress));
+        assert_eq!("bridge".parse::<PodNetwork>(), Ok(PodNetwork::Bridge));
+        assert_eq!("none".parse::<PodNetwork>(), Ok(PodNetwork::None));
+        assert!("host".parse::<PodNetwork>().unwrap_err().contains("egress, bridge, none"));
+    }
+}
