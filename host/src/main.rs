@@ -56,9 +56,15 @@ enum ClusterCommand {
     Load(ClusterLoadArgs),
 }
 
-/// Where the embedded cluster's images come from.
+/// The embedded cluster's images and pod network.
 #[derive(clap::Args, Clone)]
-struct ImageArgs {
+struct EmbeddedClusterArgs {
+    /// How pods are networked: `egress` (IPs of their own, Services, and what the host
+    /// reaches, the host's loopback as host.keel.internal; needs pasta from Debian's `passt`),
+    /// `bridge` (IPs and Services, no way out of the node) or `none` (each pod only its own
+    /// loopback). Default: egress.
+    #[arg(long, env = "KEEL_CLUSTER_POD_NETWORK", value_name = "MODE")]
+    pod_network: Option<local_cluster::node::PodNetwork>,
     /// Load every image archive in DIR (docker-archive or OCI layout: *.tar, *.tar.gz, *.tgz)
     /// into the embedded cluster at start.
     #[arg(long, env = "KEEL_CLUSTER_IMAGES_FROM", value_name = "DIR")]
@@ -87,7 +93,7 @@ struct ImageArgs {
     image_gc_low_threshold: Option<u8>,
 }
 
-impl ImageArgs {
+impl EmbeddedClusterArgs {
     /// The embedded cluster's options: these flags over the config's `[embedded_cluster]`
     /// (lists: the flags' entries first, then the file's).
     fn embedded(&self, file: Option<&host::config::EmbeddedCluster>) -> anyhow::Result<local_cluster::ClusterOptions> {
@@ -103,6 +109,7 @@ impl ImageArgs {
             image_gc,
             images_from: self.images_from.clone().or(file.images_from),
             host_rootfs: self.host_rootfs.or(file.host_rootfs).unwrap_or(false),
+            pod_network: self.pod_network.or(file.pod_network).unwrap_or(local_cluster::node::PodNetwork::Egress),
             registries: local_cluster::node::RegistryOptions {
                 mirrors,
                 insecure: [self.insecure_registries.clone(), file.insecure_registries].concat(),
@@ -163,7 +170,7 @@ struct ClusterUpArgs {
     #[arg(long, env = "KEEL_CLUSTER_INSECURE_NO_AUTH")]
     insecure_no_auth: bool,
     #[command(flatten)]
-    images: ImageArgs,
+    images: EmbeddedClusterArgs,
 }
 
 #[derive(Subcommand)]
@@ -280,7 +287,7 @@ struct RunArgs {
     #[command(flatten)]
     job: JobArgs,
     #[command(flatten)]
-    images: ImageArgs,
+    images: EmbeddedClusterArgs,
     #[command(flatten)]
     cluster: ClusterArgs,
     /// The project's files, copied into $CI_PROJECT_DIR (default: the job file's directory).
@@ -331,7 +338,7 @@ struct ServeArgs {
     #[arg(long, env = "KEEL_GIT_CACHE")]
     git_cache: Option<PathBuf>,
     #[command(flatten)]
-    images: ImageArgs,
+    images: EmbeddedClusterArgs,
 }
 
 impl ServeArgs {

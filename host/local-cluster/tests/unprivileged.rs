@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use local_cluster::node::PodNetwork;
 use local_cluster::node::{
     AttachRequest, ExecRequest, ExitStatus, LogOptions, Node, NodeConfig, NodeError, ResolvedVolumes,
 };
@@ -343,8 +344,9 @@ fn cgroup_writable(controller: &str) -> bool {
 
 /// The same through the API server, judged by kubectl.
 async fn cluster_scenario(marker: &str) {
-    let c =
-        LocalCluster::start(ClusterOptions::on_host_rootfs()).await.expect("the cluster starts for an ordinary user");
+    // With a pod network (no egress: pasta needs /dev/net/tun, which may be root's only).
+    let opts = ClusterOptions { pod_network: PodNetwork::Bridge, ..ClusterOptions::on_host_rootfs() };
+    let c = LocalCluster::start(opts).await.expect("the cluster starts for an ordinary user");
     let kubectl = |args: &[&str], stdin: Option<&str>| {
         use std::io::Write;
         let mut child = Command::new("kubectl")
@@ -363,14 +365,27 @@ async fn cluster_scenario(marker: &str) {
         drop(child.stdin.take());
         child.wait_with_output().unwrap()
     };
-    let manifest = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: web}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: busybox\n    command: [sleep, '3600']\n    env: [{{name: {MARKER}, value: {marker}}}]\n"
-    );
-    let out = tokio::task::block_in_place(|| kubectl(&["create", "-f", "-"], Some(&manifest)));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out =
-        tokio::task::block_in_place(|| kubectl(&["wait", "--for=condition=Ready", "pod/web", "--timeout=60s"], None));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Two pods: `web` serves its /etc (the pod's own hosts file among it) with busybox's httpd.
+    for (name, command) in [("web", "[busybox, httpd, -f, -p, '8080', -h, /etc]"), ("other", "[sleep, '3600']")] {
+        let manifest = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: busybox\n    command: {command}\n    env: [{{name: {MARKER}, value: {marker}}}]\n"
+        );
+        let out = tokio::task::block_in_place(|| kubectl(&["create", "-f", "-"], Some(&manifest)));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    for pod in ["pod/web", "pod/other"] {
+        let out =
+            tokio::task::block_in_place(|| kubectl(&["wait", "--for=condition=Ready", pod, "--timeout=60s"], None));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Each has an IP of its own on the node's bridge, and one reaches the other.
+    let out = tokio::task::block_in_place(|| kubectl(&["get", "pod", "web", "-o", "jsonpath={.status.podIP}"], None));
+    let web_ip = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(web_ip.starts_with("10.244."), "{web_ip:?}");
+    let url = format!("http://{web_ip}:8080/hosts");
+    let out = tokio::task::block_in_place(|| kubectl(&["exec", "other", "--", "busybox", "wget", "-qO-", &url], None));
+    let hosts = String::from_utf8_lossy(&out.stdout);
+    assert!(hosts.contains(&format!("{web_ip}\tweb")), "{hosts}{}", String::from_utf8_lossy(&out.stderr));
     let out = tokio::task::block_in_place(|| kubectl(&["exec", "web", "--", "sh", "-c", "echo in-pod; id -u"], None));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "in-pod\n0\n", "{}", String::from_utf8_lossy(&out.stderr));
     let out = tokio::task::block_in_place(|| kubectl(&["exec", "web", "--", "sh", "-c", "exit 3"], None));

@@ -6,6 +6,7 @@
 //! [embedded_cluster]
 //!   images_from = "images"                 # relative to this file
 //!   host_rootfs = false
+//!   pod_network = "egress"                 # or "bridge", "none"
 //!   registry_mirrors = { "docker.io" = "http://127.0.0.1:5000" }
 //!   insecure_registries = ["registry.internal:5000"]
 //!   registry_cas = ["certs/registry-ca.pem"] # relative to this file
@@ -29,6 +30,8 @@ pub struct EmbeddedCluster {
     pub images_from: Option<PathBuf>,
     /// Images not in the store run on the host's root filesystem (`--host-rootfs`).
     pub host_rootfs: Option<bool>,
+    /// How pods are networked (`--pod-network`): egress (the default), bridge or none.
+    pub pod_network: Option<local_cluster::node::PodNetwork>,
     /// REGISTRY = URL: pull REGISTRY's images from URL first (`--registry-mirror`).
     #[serde(default)]
     pub registry_mirrors: BTreeMap<String, String>,
@@ -95,7 +98,7 @@ mod tests {
 
     #[test]
     fn paths_resolve_against_the_file_and_values_are_checked() {
-        let text = "[embedded_cluster]\nimages_from = \"images\"\nhost_rootfs = true\n\
+        let text = "[embedded_cluster]\nimages_from = \"images\"\nhost_rootfs = true\npod_network = \"bridge\"\n\
                     registry_mirrors = { \"docker.io\" = \"http://127.0.0.1:5000\" }\n\
                     registry_cas = [\"ca.pem\"]\nimage_gc_high_threshold = 90\n";
         let c = Config::parse(text, Path::new("/etc/keel/config.toml"), Path::new("/etc/keel")).unwrap();
@@ -103,6 +106,7 @@ mod tests {
         assert_eq!(e.images_from.as_deref(), Some(Path::new("/etc/keel/images")));
         assert_eq!(e.registry_cas, [Path::new("/etc/keel/ca.pem")]);
         assert_eq!(e.host_rootfs, Some(true));
+        assert_eq!(e.pod_network, Some(local_cluster::node::PodNetwork::Bridge));
         assert_eq!(e.image_gc_thresholds(), (90, 80));
 
         let err = |text: &str| Config::parse(text, Path::new("c.toml"), Path::new(".")).unwrap_err().to_string();
@@ -115,6 +119,11 @@ mod tests {
                 .starts_with("c.toml: key `embedded_cluster.registry_mirrors.docker.io`: "),
         );
         assert!(err("[embedded_cluster]\nhost_root_fs = true\n").contains("unknown field `host_root_fs`"));
+        let bad_network = err("[embedded_cluster]\npod_network = \"host\"\n");
+        assert!(
+            bad_network.contains("unknown variant `host`, expected one of `none`, `bridge`, `egress`"),
+            "{bad_network}"
+        );
         assert!(
             err("[embedded_cluster]\nregistry_mirrors = { \"\" = \"http://x\" }\n")
                 .contains("needs its registry's name")

@@ -48,7 +48,8 @@ const UPLINK: &str = "keel-up";
 pub const HOST_LOOPBACK_NAMES: [&str; 2] = ["host.keel.internal", "host.docker.internal"];
 
 /// How pods are networked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PodNetwork {
     /// Each pod has only its own loopback, and reports `127.0.0.1` as its IP.
     #[default]
