@@ -356,3 +356,60 @@ fn host_run_with_the_configs_images_runs_the_job_in_its_image() {
     let trace = succeeded(out, "host run with [embedded_cluster] images_from");
     assert!(trace.contains("\nimage-rootfs\n") && trace.contains("BusyBox v1.35"), "{trace}");
 }
+
+/// The pod network through `host run`: the job's pod has an IP of its own, reaches a server on
+/// the host's loopback as `host.keel.internal`, and once `host run` has returned no process of
+/// the job is left (the embedded cluster's temporary directory, under our TMPDIR, is on every
+/// sandbox's and pasta's command line).
+#[test]
+fn host_run_jobs_reach_the_hosts_loopback_by_name_and_leave_no_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    support::busybox_archive(&images, "keel-e2e/busybox:1");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut s in listener.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 17\r\n\r\nfrom-the-host-lo\n");
+        }
+    });
+    let job = dir.path().join("job.yml");
+    std::fs::write(
+        &job,
+        format!(
+            "image: keel-e2e/busybox:1\nscript:\n  - echo \"ip:$(hostname -i)\"\n  - echo \"got:$(wget -qO- http://host.keel.internal:{port}/)\"\n"
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[embedded_cluster]\nimages_from = \"images\"\n\
+         [[runners]]\nname = \"local\"\nexecutor = \"kubernetes\"\n[runners.kubernetes]\nhelper_image = \"keel-e2e/busybox:1\"\n",
+    )
+    .unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let out = Command::new(host_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--plugin-cache")
+        .arg(dir.path().join(".cache"))
+        .arg(&job)
+        .env_remove("KUBECONFIG")
+        .env("HOME", dir.path())
+        .env("TMPDIR", &tmp)
+        .env("KEEL_PLUGIN_PATH", support::workspace_root().join("target/plugins"))
+        .output()
+        .unwrap();
+    let left = processes_with(&tmp.display().to_string());
+    let trace = succeeded(out, "host run reaching the host's loopback");
+    assert!(trace.contains("got:from-the-host-lo"), "{trace}");
+    let ip = trace.lines().find_map(|l| l.strip_prefix("ip:")).unwrap_or_default();
+    assert!(ip.starts_with("10.244."), "{trace}");
+    assert!(left.is_empty(), "processes of the job outlived host run: {left:?}");
+}

@@ -116,10 +116,13 @@
 //!
 //! Each pod has a holder process (`bwrap --unshare-net --unshare-pid ... sleep`, the analogue of
 //! the pause container) whose network namespace every container joins, so containers of a pod
-//! share `localhost` and pods are separated from each other and from the host. With
+//! share `localhost` and pods are separated from each other and from the host. With a pod
+//! network (`Node::start_network`, see `network`) the holder's namespace gets an `eth0` on the
+//! node's bridge before any container starts. With
 //! `shareProcessNamespace` the containers also join the holder's PID namespace (bwrap `--pidns`,
 //! so their `/proc` shows only the pod's processes). As an ordinary user the holder also gets a
-//! user namespace of its own (`--unshare-user --uid 0 --gid 0`); containers join it first, which
+//! user namespace (`--unshare-user --uid 0 --gid 0`; with a pod network the node network's, which
+//! must own the pod's network namespace to move a link into it); containers join it first, which
 //! gives them the capabilities to join the pod's other namespaces, and then run as uid 0 *of that
 //! namespace*: to the host they are the node's user, and so are the files they write to volumes.
 //! exec (`nsenter`) joins the same user namespace first. `Node::new` checks that the pod's
