@@ -18,7 +18,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::api::{Api, AttachParams, DeleteParams, LogParams, PostParams};
 use kube::runtime::wait::{Condition, await_condition, conditions};
-use local_cluster::node::{ExecRequest, ExitStatus, LogOptions, Node, NodeConfig, ResolvedVolumes};
+use local_cluster::node::{ExecRequest, ExitStatus, LogOptions, Node, NodeConfig, PodNetwork, ResolvedVolumes};
 use local_cluster::{ClusterOptions, LocalCluster};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
@@ -505,6 +505,110 @@ async fn image_level(rows: &mut Vec<Row>) {
     cluster.stop().await;
 }
 
+/// Bytes each egress sample downloads.
+const EGRESS_BYTES: u64 = 200 << 20;
+const EGRESS_ITER: usize = 5;
+
+/// The pod network's costs: create -> Running of a pod with an IP on the bridge (and pasta for
+/// egress) against the same pod with only its own loopback, two clusters side by side,
+/// interleaved; and 200 MiB fetched by busybox's `wget` from a server on the host's loopback
+/// through `host.keel.internal` (pod -> bridge -> NAT -> pasta -> host socket) against the same
+/// `wget` run on the host itself.
+async fn network_level(rows: &mut Vec<Row>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/images/busybox-archive.sh");
+    let out = std::process::Command::new("sh")
+        .arg(script)
+        .arg(dir.path().join("busybox.tar"))
+        .arg("keel-examples/busybox:bench")
+        .output()
+        .expect("sh runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let start = |pod_network| {
+        let opts = ClusterOptions { images_from: Some(dir.path().to_path_buf()), pod_network, ..Default::default() };
+        async move { LocalCluster::start(opts).await.expect("cluster starts") }
+    };
+    let (egress, none) = (start(PodNetwork::Egress).await, start(PodNetwork::None).await);
+    let apis: [Api<Pod>; 2] = [
+        Api::default_namespaced(egress.client().expect("kube client")),
+        Api::default_namespaced(none.client().expect("kube client")),
+    ];
+    eprintln!("network: pod create -> Running with a pod network and without...");
+    let mut samples = [Vec::new(), Vec::new()];
+    for i in 0..ITER {
+        for (pods, out) in apis.iter().zip(samples.iter_mut()) {
+            let mut pod = api_pod(&format!("net-{i}"), &["sleep", "3600"]);
+            pod.spec.as_mut().expect("spec").containers[0].image = Some("keel-examples/busybox:bench".into());
+            let t = Instant::now();
+            let created = create_and_wait(pods, &pod, conditions::is_pod_running()).await;
+            out.push(t.elapsed());
+            delete(pods, &created).await;
+        }
+    }
+    let [with, without] = samples;
+    let (without_median, _) = stats(without);
+    rows.push(
+        Row::latency(
+            format!("API: create -> Running, pod network with egress ({ITER})"),
+            with,
+            "the same with --pod-network=none",
+            without_median,
+        )
+        .0,
+    );
+
+    // The served file, and busybox's httpd serving it on the host's loopback.
+    let www = tempfile::tempdir().expect("temp dir");
+    let file = std::fs::File::create(www.path().join("big")).expect("file");
+    file.set_len(EGRESS_BYTES).expect("sized");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+    let mut httpd = std::process::Command::new("busybox")
+        .args(["httpd", "-f", "-p", &format!("127.0.0.1:{port}"), "-h"])
+        .arg(www.path())
+        .spawn()
+        .expect("busybox httpd");
+    std::thread::sleep(Duration::from_millis(200));
+    eprintln!("network: {} MiB through egress and on the host...", EGRESS_BYTES >> 20);
+    // busybox's `time` prints "real\t0m 0.42s" (10 ms resolution: 200 MiB take hundreds).
+    let real = |text: &str| -> Duration {
+        let line =
+            text.lines().find(|l| l.trim_start().starts_with("real")).unwrap_or_else(|| panic!("no time in {text}"));
+        let spec = line.trim_start().trim_start_matches("real").trim();
+        let (m, s) = spec.split_once('m').expect("minutes");
+        let secs: f64 = s.trim().trim_end_matches('s').parse().expect("seconds");
+        Duration::from_secs_f64(m.trim().parse::<f64>().expect("minutes") * 60.0 + secs)
+    };
+    let (mut pod_times, mut host_times) = (Vec::new(), Vec::new());
+    for i in 0..EGRESS_ITER {
+        let cmd = format!("time wget -qO /dev/null http://host.keel.internal:{port}/big 2>&1");
+        let mut pod = api_pod(&format!("egress-{i}"), &["sh", "-c", &cmd]);
+        pod.spec.as_mut().expect("spec").containers[0].image = Some("keel-examples/busybox:bench".into());
+        let created = create_and_wait(&apis[0], &pod, phase_is(&["Succeeded", "Failed"])).await;
+        let log = apis[0].logs(&format!("egress-{i}"), &LogParams::default()).await.expect("logs");
+        pod_times.push(real(&log));
+        delete(&apis[0], &created).await;
+        let out = std::process::Command::new("busybox")
+            .args(["time", "busybox", "wget", "-qO", "/dev/null", &format!("http://127.0.0.1:{port}/big")])
+            .output()
+            .expect("busybox time");
+        host_times.push(real(&String::from_utf8_lossy(&out.stderr)));
+    }
+    let _ = httpd.kill();
+    let _ = httpd.wait();
+    let rate = |d: Duration| format!("{:.0} MiB/s", (EGRESS_BYTES >> 20) as f64 / d.as_secs_f64());
+    let (pod_median, _) = stats(pod_times.clone());
+    let (host_median, _) = stats(host_times);
+    rows.push(Row {
+        what: format!("egress: wget {} MiB from the host's loopback ({EGRESS_ITER})", EGRESS_BYTES >> 20),
+        median: rate(pod_median),
+        p90: format!("slowest {}", rate(pod_times.iter().max().copied().unwrap_or(pod_median))),
+        baseline: format!("the same wget on the host: {}", rate(host_median)),
+        ratio: format!("{:.2} of the host's", host_median.as_secs_f64() / pod_median.as_secs_f64()),
+    });
+    egress.stop().await;
+    none.stop().await;
+}
+
 /// Samples for a first pull (each one a fresh cluster and a 50 MB download and unpack).
 const PULL_ITER: usize = 5;
 /// Size of the incompressible layer of the pull bench's image (busybox is ~2 MB on top).
@@ -676,13 +780,19 @@ async fn pull_level(rows: &mut Vec<Row>) {
 async fn main() {
     let started = Instant::now();
     let mut rows = Vec::new();
-    // `KEEL_BENCH=images` runs only the image rows.
-    if std::env::var("KEEL_BENCH").as_deref() != Ok("images") {
+    // `KEEL_BENCH=images` runs only the image rows (and the network's), `network` only the network's.
+    if std::env::var("KEEL_BENCH").is_err() {
         let node = node_level(&mut rows).await;
         api_level(&mut rows, &node).await;
     }
-    image_level(&mut rows).await;
-    pull_level(&mut rows).await;
+    // `KEEL_BENCH=network` runs only the pod network's rows.
+    if std::env::var("KEEL_BENCH").as_deref() == Ok("network") {
+        network_level(&mut rows).await;
+    } else {
+        image_level(&mut rows).await;
+        pull_level(&mut rows).await;
+        network_level(&mut rows).await;
+    }
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
 
     println!("| measurement (samples) | median | p90 | baseline (median) | ratio |");

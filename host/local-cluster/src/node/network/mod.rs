@@ -35,6 +35,9 @@ use super::sandbox::{self, Isolation, NsFds, Spawner};
 /// node's InternalIP and the pods' `hostIP`).
 pub const BRIDGE: &str = "keel0";
 pub const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// The links' MTU: pasta's (the largest 802.3 frame), so a pod's segments cross the bridge and
+/// the uplink without being cut to 1500 bytes (with 1500, egress ran at a tenth of the speed).
+const MTU: u32 = 65520;
 /// Pod IPs (kind's default pod subnet).
 pub const POD_CIDR: &str = "10.244.0.0/16";
 const POD_PREFIX: u8 = 16;
@@ -164,7 +167,7 @@ impl NodeNetwork {
             "ip",
             &["-batch", "-"],
             &format!(
-                "link set lo up\nlink add {BRIDGE} type bridge\naddr add {BRIDGE_IP}/{POD_PREFIX} dev {BRIDGE}\nlink set {BRIDGE} up\n"
+                "link set lo up\nlink add {BRIDGE} mtu {MTU} type bridge\naddr add {BRIDGE_IP}/{POD_PREFIX} dev {BRIDGE}\nlink set {BRIDGE} up\n"
             ),
         )
         .await
@@ -282,7 +285,7 @@ impl NodeNetwork {
                 "ip",
                 &["-batch", "-"],
                 &format!(
-                    "link add {link} type veth peer name eth0 netns {holder_pid}\n\
+                    "link add {link} mtu {MTU} type veth peer name eth0 mtu {MTU} netns {holder_pid}\n\
                      link set {link} master {BRIDGE}\n\
                      link set {link} type bridge_slave hairpin on\n\
                      link set {link} up\n"
