@@ -716,3 +716,48 @@ async fn a_missing_secret_is_retried_until_it_exists() {
     assert_eq!(log, "pw=at-last\n");
     c.stop().await;
 }
+
+/// A container whose command exits at once goes from waiting straight to terminated, as a
+/// kubelet reports it (it learns of the start at its runtime's next relist, when the command is
+/// already over). The node looks for a moment only, so on a loaded machine a start may still be
+/// seen first: of five such pods at least one must show no `running` state.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_that_exits_at_once_is_never_reported_running() {
+    use futures::StreamExt;
+    use kube::api::{WatchEvent, WatchParams};
+    let c = cluster().await;
+    let pods: Api<Pod> = Api::default_namespaced(c.client().unwrap());
+    let mut never_running = 0;
+    for i in 0..5 {
+        let name = format!("at-once-{i}");
+        let rv = pods.list(&ListParams::default()).await.unwrap().metadata.resource_version.unwrap();
+        let mut events =
+            pods.watch(&WatchParams::default().fields(&format!("metadata.name={name}")), &rv).await.unwrap().boxed();
+        pods.create(&PostParams::default(), &pod(&name, json!({"command": ["true"]}))).await.unwrap();
+        let mut states = Vec::new();
+        while let Some(e) =
+            tokio::time::timeout(Duration::from_secs(30), events.next()).await.expect("events").transpose().unwrap()
+        {
+            let (WatchEvent::Added(p) | WatchEvent::Modified(p)) = e else { continue };
+            let status = p.status.unwrap_or_default();
+            let cs = status.container_statuses.unwrap_or_default();
+            let state = cs.first().and_then(|c| c.state.clone()).unwrap_or_default();
+            states.push(if state.running.is_some() {
+                "running"
+            } else if state.terminated.is_some() {
+                "terminated"
+            } else {
+                "waiting"
+            });
+            if status.phase.as_deref() == Some("Succeeded") {
+                break;
+            }
+        }
+        assert_eq!(states.last(), Some(&"terminated"), "{states:?}");
+        if !states.contains(&"running") {
+            never_running += 1;
+        }
+    }
+    assert!(never_running >= 1, "every one of five `true` containers was first reported running");
+    c.stop().await;
+}

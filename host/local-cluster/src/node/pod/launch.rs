@@ -22,6 +22,9 @@ use crate::node::sandbox::{self, Bind, ContainerSandbox, PodNamespaces, Rootfs, 
 use crate::node::{ResolvedVolumes, volumes};
 use k8s_openapi::api::core::v1::HostAlias;
 
+/// How long a started container is watched before it is reported running (see `run_instance`).
+const EXIT_AT_ONCE: Duration = Duration::from_millis(2);
+
 impl PodRuntime {
     /// Starts one instance and waits for it to end; returns its exit code.
     pub(super) async fn run_instance(
@@ -213,6 +216,13 @@ impl PodRuntime {
             None => (image.clone(), format!("keel-image://{image}")),
         };
         let init = rt.init;
+        let pump_tasks: Vec<_> = pumps.into_iter().map(|(pipe, r)| tokio::spawn(pump(r, pipe, inst.clone()))).collect();
+        let mut child = started.child;
+        // A kubelet learns of a start at its runtime's next relist, when a command that exits at
+        // once is already gone: it reports such a container terminated straight from waiting
+        // (and clients such as `kubectl run -i` act on that). A short look at the process gives
+        // the same for commands that end within it.
+        let ended_at_once = tokio::time::timeout(EXIT_AT_ONCE, child.wait()).await.ok();
         self.set_container(&c.name, |cs| {
             if cs.state.as_ref().is_some_and(|s| s.terminated.is_some()) {
                 cs.last_state = cs.state.take();
@@ -221,23 +231,26 @@ impl PodRuntime {
             cs.container_id = Some(container_id.clone());
             cs.image = status_image.clone();
             cs.image_id = image_id.clone();
-            cs.started = Some(true);
-            cs.ready = !init;
-            cs.state = Some(ContainerState {
-                running: Some(ContainerStateRunning { started_at: Some(started_at.clone()) }),
-                ..Default::default()
-            });
+            if ended_at_once.is_none() {
+                cs.started = Some(true);
+                cs.ready = !init;
+                cs.state = Some(ContainerState {
+                    running: Some(ContainerStateRunning { started_at: Some(started_at.clone()) }),
+                    ..Default::default()
+                });
+            }
         });
         tracing::info!(k8s.container = %c.name, container.pid = started.inner_pid, "container started");
 
-        let pump_tasks: Vec<_> = pumps.into_iter().map(|(pipe, r)| tokio::spawn(pump(r, pipe, inst.clone()))).collect();
-        let mut child = started.child;
-        let status = tokio::select! {
-            s = child.wait() => s,
-            g = async { stop.wait_for(Option::is_some).await.map(|r| r.unwrap_or_default()) } => {
-                let grace = g.unwrap_or_default();
-                terminate(&mut child, inst.inner_pid, share_pid, grace).await
-            }
+        let status = match ended_at_once {
+            Some(s) => s,
+            None => tokio::select! {
+                s = child.wait() => s,
+                g = async { stop.wait_for(Option::is_some).await.map(|r| r.unwrap_or_default()) } => {
+                    let grace = g.unwrap_or_default();
+                    terminate(&mut child, inst.inner_pid, share_pid, grace).await
+                }
+            },
         };
         // Not running from now on: a new exec or attach is refused at once (the node answers
         // "container not found", and kubectl falls back to the log) instead of attaching to output
