@@ -132,13 +132,32 @@ pub static RESOURCES: &[Resource] = &[
         subresources: &[],
         returns_deleted_object: false,
     },
+    // The core Events seen through their own group (store/views.rs): listed after core's, so
+    // `by_plural("events")` is the core resource the store holds them as.
+    Resource {
+        group_version: "events.k8s.io/v1",
+        plural: "events",
+        singular: "event",
+        kind: "Event",
+        namespaced: true,
+        short_names: &["ev"],
+        label_names: false,
+        subresources: &[],
+        returns_deleted_object: false,
+    },
 ];
 
 /// The API groups besides core, as `(group, version)`.
-pub const GROUPS: &[(&str, &str)] = &[("discovery.k8s.io", "v1")];
+pub const GROUPS: &[(&str, &str)] = &[("discovery.k8s.io", "v1"), ("events.k8s.io", "v1")];
 
+/// The resource by plural, the core group's first (the one the store keys objects by).
 pub fn by_plural(plural: &str) -> Option<&'static Resource> {
     RESOURCES.iter().find(|r| r.plural == plural)
+}
+
+/// The resource `plural` of the group version `group_version` (`v1` for core).
+pub fn find(group_version: &str, plural: &str) -> Option<&'static Resource> {
+    RESOURCES.iter().find(|r| r.plural == plural && r.group_version == group_version)
 }
 
 impl Resource {

@@ -761,3 +761,53 @@ async fn a_container_that_exits_at_once_is_never_reported_running() {
     assert!(never_running >= 1, "every one of five `true` containers was first reported running");
     c.stop().await;
 }
+
+/// `events.k8s.io/v1` is served, as the same Events core `v1` serves (kube-apiserver keeps one
+/// copy): kube-rs' `Recorder` publishes through it, a repeat becomes a series (a merge patch of
+/// the view), and the core API and `kubectl describe` see the event with its fields renamed.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_recorded_through_events_k8s_io_are_the_core_events() {
+    use kube::Resource as _;
+    use kube::runtime::events::{Event as Recorded, EventType, Recorder, Reporter};
+    let c = cluster().await;
+    let client = c.client().unwrap();
+    let pods: Api<Pod> = Api::default_namespaced(client.clone());
+    let p = pods.create(&PostParams::default(), &pod("observed", json!({"command": ["sleep", "300"]}))).await.unwrap();
+    let recorder =
+        Recorder::new(client.clone(), Reporter { controller: "keel-test".into(), instance: Some("t1".into()) });
+    let ev = Recorded {
+        type_: EventType::Normal,
+        reason: "Observed".into(),
+        note: Some("seen by the test".into()),
+        action: "Watch".into(),
+        secondary: None,
+    };
+    let reference = p.object_ref(&());
+    recorder.publish(&ev, &reference).await.unwrap();
+    recorder.publish(&ev, &reference).await.unwrap();
+
+    let core: Api<Event> = Api::default_namespaced(client.clone());
+    let listed = core.list(&ListParams::default().fields("involvedObject.name=observed")).await.unwrap();
+    let e = listed.items.iter().find(|e| e.reason.as_deref() == Some("Observed")).expect("the event, through v1");
+    assert_eq!(e.message.as_deref(), Some("seen by the test"));
+    assert_eq!(e.reporting_component.as_deref(), Some("keel-test"));
+    assert_eq!(e.reporting_instance.as_deref(), Some("t1"));
+    assert_eq!(e.series.as_ref().and_then(|s| s.count), Some(2), "the repeat is a series");
+
+    let view: Api<k8s_openapi::api::events::v1::Event> = Api::default_namespaced(client);
+    let seen = view.get(e.metadata.name.as_deref().unwrap()).await.unwrap();
+    assert_eq!(seen.regarding.as_ref().and_then(|r| r.name.as_deref()), Some("observed"));
+    assert_eq!(seen.note.as_deref(), Some("seen by the test"));
+    assert_eq!(seen.reporting_controller.as_deref(), Some("keel-test"));
+
+    let out = kubectl(&c, &["describe", "pod", "observed"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Observed") && text.contains("seen by the test"), "{text}");
+    let out = kubectl(&c, &["get", "events.events.k8s.io", "-o", "jsonpath={.items[*].note}"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("seen by the test"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.stop().await;
+}

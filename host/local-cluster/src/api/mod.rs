@@ -152,7 +152,7 @@ pub fn parse_target(path: &str) -> Result<Target, ApiError> {
         }
     };
     let rest = rest.trim_end_matches('/');
-    let in_group = |plural: &str| resources::by_plural(plural).filter(|r| r.group_version == group_version);
+    let in_group = |plural: &str| resources::find(&group_version, plural);
     let resource = |plural: &str, path: &str| -> Result<&'static Resource, ApiError> {
         in_group(plural).ok_or_else(|| ApiError::UnknownPath(path.to_owned()))
     };

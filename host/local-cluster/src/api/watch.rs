@@ -66,7 +66,7 @@ impl Filter {
                 mode,
                 &self.query,
             ),
-            None => obj.clone(),
+            None => crate::store::views::to_view(self.res, obj.clone()),
         };
         let mut line = json!({"type": kind, "object": object}).to_string();
         line.push('\n');

@@ -7,6 +7,7 @@
 pub mod defaults;
 pub mod meta;
 pub mod validate;
+pub mod views;
 
 use crate::errors::{ApiError, Cause};
 use crate::resources::{RESOURCES, Resource};
@@ -206,6 +207,21 @@ impl Store {
         &self,
         res: &'static Resource,
         ns: Option<&str>,
+        obj: Value,
+        dry_run: bool,
+    ) -> Result<Value, ApiError> {
+        if !views::is_view(res) {
+            return self.create_stored(res, ns, obj, dry_run);
+        }
+        views::typed(res, &obj).map_err(|e| ApiError::BadRequest(format!("{} in body: {e}", res.kind)))?;
+        let created = self.create_stored(views::storage(res), ns, views::to_storage(res, obj), dry_run)?;
+        Ok(views::to_view(res, created))
+    }
+
+    fn create_stored(
+        &self,
+        res: &'static Resource,
+        ns: Option<&str>,
         mut obj: Value,
         dry_run: bool,
     ) -> Result<Value, ApiError> {
@@ -337,6 +353,7 @@ impl Store {
             .get(res.plural)
             .and_then(|m| m.get(&Self::key(res, ns, name)))
             .cloned()
+            .map(|o| views::to_view(res, o))
             .ok_or_else(|| ApiError::not_found(res.plural, name))
     }
 
@@ -352,7 +369,7 @@ impl Store {
             .filter(|((ons, _), _)| !res.namespaced || ns.is_none_or(|ns| ns == ons))
             .map(|(_, v)| v)
             .filter(|v| keep(v))
-            .cloned()
+            .map(|v| views::to_view(res, v.clone()))
             .collect()
     }
 
@@ -405,7 +422,7 @@ impl Store {
             if limit.is_some_and(|l| items.len() >= l) {
                 remaining += 1;
             } else {
-                items.push(obj.clone());
+                items.push(views::to_view(res, obj.clone()));
                 last = Some(key.clone());
             }
         }
@@ -469,6 +486,30 @@ impl Store {
     }
 
     fn update_inner(
+        &self,
+        res: &'static Resource,
+        ns: Option<&str>,
+        name: &str,
+        part: Part,
+        dry_run: bool,
+        change: impl FnOnce(&mut Value) -> Result<(), ApiError>,
+    ) -> Result<Value, ApiError> {
+        if !views::is_view(res) {
+            return self.update_stored(res, ns, name, part, dry_run, change);
+        }
+        // The change is made to the object as the view shows it.
+        let through_view = |o: &mut Value| {
+            let mut shown = views::to_view(res, o.clone());
+            change(&mut shown)?;
+            views::typed(res, &shown).map_err(|e| ApiError::BadRequest(format!("{} in body: {e}", res.kind)))?;
+            *o = views::to_storage(res, shown);
+            Ok(())
+        };
+        let updated = self.update_stored(views::storage(res), ns, name, part, dry_run, through_view)?;
+        Ok(views::to_view(res, updated))
+    }
+
+    fn update_stored(
         &self,
         res: &'static Resource,
         ns: Option<&str>,
@@ -594,15 +635,15 @@ impl Store {
         let before = obj.clone();
         inner.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
-        self.emit(&mut inner, res, EventType::Deleted, obj.clone(), Some(before));
-        Ok(obj)
+        self.emit(&mut inner, views::storage(res), EventType::Deleted, obj.clone(), Some(before));
+        Ok(views::to_view(res, obj))
     }
 
     /// Every stored object (any kind) that has an ownerReference to `owner_uid`.
     pub fn dependents_of(&self, owner_uid: &str) -> Vec<(&'static Resource, Option<String>, String)> {
         let inner = self.lock();
         let mut out = Vec::new();
-        for res in RESOURCES {
+        for res in RESOURCES.iter().filter(|r| !views::is_view(r)) {
             if let Some(map) = inner.objects.get(res.plural) {
                 for ((ns, name), obj) in map {
                     if meta::owner_uids(obj).contains(&owner_uid) {
@@ -618,7 +659,7 @@ impl Store {
     pub fn contents_of_namespace(&self, ns: &str) -> Vec<(&'static Resource, String)> {
         let inner = self.lock();
         let mut out = Vec::new();
-        for res in RESOURCES.iter().filter(|r| r.namespaced) {
+        for res in RESOURCES.iter().filter(|r| r.namespaced && !views::is_view(r)) {
             if let Some(map) = inner.objects.get(res.plural) {
                 out.extend(map.keys().filter(|(n, _)| n == ns).map(|(_, name)| (res, name.clone())));
             }
