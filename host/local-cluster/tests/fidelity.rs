@@ -811,3 +811,54 @@ async fn events_recorded_through_events_k8s_io_are_the_core_events() {
     );
     c.stop().await;
 }
+
+fn kubectl_stdin(c: &LocalCluster, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(c.kubeconfig_path())
+        .args(args)
+        .env("KUBECACHEDIR", c.data_dir().join("kubectl-cache"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Unknown fields as the real server treats them: kubectl's default (`fieldValidation=Strict`)
+/// refuses them naming each path, `--validate=warn` creates the object without them and prints
+/// the server's warnings, `--validate=false` drops them silently.
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_fields_are_refused_warned_about_or_dropped_as_asked() {
+    let c = cluster().await;
+    let manifest = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}, colour: red}}\ndata: {{a: b}}\ndatta: {{typo: x}}\n"
+        )
+    };
+    let out = kubectl_stdin(&c, &["create", "-f", "-"], &manifest("strict"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(
+            "ConfigMap in version \"v1\" cannot be handled as a ConfigMap: strict decoding error: unknown field \"datta\", unknown field \"metadata.colour\""
+        ),
+        "{err}"
+    );
+    let out = kubectl_stdin(&c, &["create", "--validate=warn", "-f", "-"], &manifest("warned"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("unknown field \"datta\"") && err.contains("unknown field \"metadata.colour\""), "{err}");
+    let out = kubectl_stdin(&c, &["create", "--validate=false", "-f", "-"], &manifest("ignored"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for name in ["warned", "ignored"] {
+        let out = kubectl(&c, &["get", "configmap", name, "-o", "json"]);
+        let stored: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(stored["data"]["a"], "b");
+        assert!(stored.get("datta").is_none() && stored["metadata"].get("colour").is_none(), "{stored}");
+    }
+    c.stop().await;
+}

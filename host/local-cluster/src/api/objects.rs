@@ -177,19 +177,77 @@ fn dry_run(values: &[String], options_kind: &str) -> Result<bool, ApiError> {
     })
 }
 
+/// `fieldValidation`: what a write does with fields the kind does not have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FieldValidation {
+    /// Refused: 400 naming every one.
+    Strict,
+    /// Dropped, each named in a `Warning` header (the server's default).
+    Warn,
+    /// Dropped silently.
+    Ignore,
+}
+
+fn field_validation(query: &Query) -> Result<FieldValidation, ApiError> {
+    match query.get("fieldValidation").unwrap_or_default() {
+        "Strict" => Ok(FieldValidation::Strict),
+        "Warn" | "" => Ok(FieldValidation::Warn),
+        "Ignore" => Ok(FieldValidation::Ignore),
+        other => Err(ApiError::BadRequest(format!(
+            "fieldValidation {other:?} is invalid; it must be one of \"Ignore\", \"Warn\" or \"Strict\""
+        ))),
+    }
+}
+
+/// Drops `obj`'s unknown fields as the server's decoder does, or refuses them (Strict) in the
+/// decoder's words; returns the warnings to send (Warn).
+fn unknown_fields(t: &Target, obj: &mut Value, mode: FieldValidation) -> Result<Vec<String>, ApiError> {
+    let unknown = crate::store::validate::unknown_fields(t.res.group_version, t.res.plural, obj);
+    if unknown.is_empty() {
+        return Ok(Vec::new());
+    }
+    let named: Vec<String> = unknown.iter().map(|p| format!("unknown field \"{p}\"")).collect();
+    if mode == FieldValidation::Strict {
+        let version = t.res.group_version.rsplit('/').next().unwrap_or(t.res.group_version);
+        let kind = t.res.kind;
+        return Err(ApiError::BadRequest(format!(
+            "{kind} in version \"{version}\" cannot be handled as a {kind}: strict decoding error: {}",
+            named.join(", ")
+        )));
+    }
+    for path in unknown {
+        path.remove_from(obj);
+    }
+    Ok(if mode == FieldValidation::Warn { named } else { Vec::new() })
+}
+
+/// A JSON answer with a `Warning: 299 - "..."` header per warning, as the server sends them.
+fn with_warnings(code: StatusCode, body: &Value, warnings: &[String]) -> Response {
+    let mut resp = json_response(code, body);
+    for w in warnings {
+        let quoted = w.replace('\\', "\\\\").replace('"', "\\\"");
+        if let Ok(v) = axum::http::HeaderValue::from_str(&format!("299 - \"{quoted}\"")) {
+            resp.headers_mut().append(header::WARNING, v);
+        }
+    }
+    resp
+}
+
 pub async fn create(state: &Shared, t: &Target, req: Request) -> Result<Response, ApiError> {
     let query = Query::parse(req.uri().query());
     let dry = dry_run(&query.all("dryRun"), "CreateOptions")?;
-    let body = object_body(req).await?;
+    let validation = field_validation(&query)?;
+    let mut body = object_body(req).await?;
+    let warnings = unknown_fields(t, &mut body, validation)?;
     if dry {
         let would_be = state.store.create_dry_run(t.res, t.namespace.as_deref(), body)?;
-        return Ok(json_response(StatusCode::CREATED, &would_be));
+        return Ok(with_warnings(StatusCode::CREATED, &would_be, &warnings));
     }
     let created = state.store.create(t.res, t.namespace.as_deref(), body)?;
     if t.res.is("pods") {
         lifecycle::pod_created(&state.cluster, &created);
     }
-    Ok(json_response(StatusCode::CREATED, &created))
+    Ok(with_warnings(StatusCode::CREATED, &created, &warnings))
 }
 
 fn part(t: &Target) -> Part {
@@ -214,7 +272,9 @@ fn write(
 pub async fn update(state: &Shared, t: &Target, req: Request) -> Result<Response, ApiError> {
     let query = Query::parse(req.uri().query());
     let dry = dry_run(&query.all("dryRun"), "UpdateOptions")?;
+    let validation = field_validation(&query)?;
     let mut body = object_body(req).await?;
+    let warnings = unknown_fields(t, &mut body, validation)?;
     let updated = write(state, t, dry, |obj| {
         // Like the real server: a PUT that leaves managedFields out keeps the recorded ones.
         if body.pointer("/metadata/managedFields").is_none()
@@ -225,7 +285,7 @@ pub async fn update(state: &Shared, t: &Target, req: Request) -> Result<Response
         *obj = body;
         Ok(())
     })?;
-    Ok(json_response(StatusCode::OK, &updated))
+    Ok(with_warnings(StatusCode::OK, &updated, &warnings))
 }
 
 pub async fn patch(state: &Shared, t: &Target, req: Request) -> Result<Response, ApiError> {
@@ -256,8 +316,10 @@ pub async fn patch(state: &Shared, t: &Target, req: Request) -> Result<Response,
         check_depth(&body)?;
         return server_side_apply(state, t, dry, &manager, force, &body);
     }
+    let validation = field_validation(&query)?;
     let body = body_bytes(req.into_body()).await?;
     let name = t.name.as_deref().unwrap_or_default();
+    let mut warnings = Vec::new();
     let updated = write(state, t, dry, |obj| {
         patch::apply(kind, obj, &body).map_err(|e| match e {
             patch::PatchError::TooManyOperations(_) => ApiError::RequestEntityTooLarge(e.to_string()),
@@ -267,9 +329,12 @@ pub async fn patch(state: &Shared, t: &Target, req: Request) -> Result<Response,
                 causes: vec![crate::errors::Cause::invalid("", "json patch", &e.to_string())],
             },
             other => ApiError::BadRequest(other.to_string()),
-        })
+        })?;
+        // What the patch brought in that the kind does not have (the stored object has none).
+        warnings = unknown_fields(t, obj, validation)?;
+        Ok(())
     })?;
-    Ok(json_response(StatusCode::OK, &updated))
+    Ok(with_warnings(StatusCode::OK, &updated, &warnings))
 }
 
 fn apply_error(e: ApplyError) -> ApiError {

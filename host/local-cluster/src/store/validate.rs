@@ -185,6 +185,105 @@ pub fn pod_spec_update(old: &Value, new: &Value) -> Option<Cause> {
     })
 }
 
+/// Fields of `obj` that the kind's type does not have, as the API server's strict decoding
+/// names them (`spec.containers[0].foo`): what `fieldValidation=Strict` refuses, `Warn` warns
+/// about and both `Warn` and `Ignore` drop. Found by decoding into the k8s-openapi type and
+/// encoding again: whatever did not survive is unknown. (`events.k8s.io/v1` Events are checked
+/// against their own type.)
+pub fn unknown_fields(group_version: &str, plural: &str, obj: &Value) -> Vec<FieldPath> {
+    use k8s_openapi::api::core::v1 as core;
+    fn check<T: serde::de::DeserializeOwned + serde::Serialize>(obj: &Value) -> Vec<FieldPath> {
+        let Ok(typed) = T::deserialize(obj) else { return Vec::new() };
+        let Ok(known) = serde_json::to_value(typed) else { return Vec::new() };
+        let mut out = Vec::new();
+        missing(obj, &known, &mut Vec::new(), &mut out);
+        out
+    }
+    match (group_version, plural) {
+        ("events.k8s.io/v1", "events") => check::<k8s_openapi::api::events::v1::Event>(obj),
+        (_, "pods") => check::<core::Pod>(obj),
+        (_, "secrets") => check::<core::Secret>(obj),
+        (_, "configmaps") => check::<core::ConfigMap>(obj),
+        (_, "services") => check::<core::Service>(obj),
+        (_, "serviceaccounts") => check::<core::ServiceAccount>(obj),
+        (_, "events") => check::<core::Event>(obj),
+        (_, "namespaces") => check::<core::Namespace>(obj),
+        (_, "nodes") => check::<core::Node>(obj),
+        (_, "endpoints") => check::<core::Endpoints>(obj),
+        (_, "endpointslices") => check::<k8s_openapi::api::discovery::v1::EndpointSlice>(obj),
+        _ => Vec::new(),
+    }
+}
+
+/// Where a field is: object keys and list indexes from the root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldPath(Vec<Step>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+impl std::fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, step) in self.0.iter().enumerate() {
+            match step {
+                Step::Key(k) if i == 0 => write!(f, "{k}")?,
+                Step::Key(k) => write!(f, ".{k}")?,
+                Step::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FieldPath {
+    /// Removes the field from `obj` (the decoder drops unknown fields).
+    pub fn remove_from(&self, obj: &mut Value) {
+        let Some((last, parents)) = self.0.split_last() else { return };
+        let mut at = obj;
+        for step in parents {
+            let next = match step {
+                Step::Key(k) => at.get_mut(k.as_str()),
+                Step::Index(n) => at.get_mut(*n),
+            };
+            let Some(next) = next else { return };
+            at = next;
+        }
+        if let (Step::Key(k), Some(o)) = (last, at.as_object_mut()) {
+            o.remove(k);
+        }
+    }
+}
+
+/// Paths present (and not null) in `given` but absent from `known`.
+fn missing(given: &Value, known: &Value, at: &mut Vec<Step>, out: &mut Vec<FieldPath>) {
+    match (given, known) {
+        (Value::Object(g), Value::Object(k)) => {
+            for (key, value) in g {
+                if value.is_null() {
+                    continue;
+                }
+                at.push(Step::Key(key.clone()));
+                match k.get(key) {
+                    Some(kv) => missing(value, kv, at, out),
+                    None => out.push(FieldPath(at.clone())),
+                }
+                at.pop();
+            }
+        }
+        (Value::Array(g), Value::Array(k)) => {
+            for (i, (gv, kv)) in g.iter().zip(k).enumerate() {
+                at.push(Step::Index(i));
+                missing(gv, kv, at, out);
+                at.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Decode into the k8s-openapi type of the kind, so wrongly typed fields (`"image": 5`) are
 /// rejected with the decoder's message, as the real server's strict decoding does.
 pub fn typed(plural: &str, obj: &Value) -> Result<(), String> {
@@ -209,6 +308,33 @@ pub fn typed(plural: &str, obj: &Value) -> Result<(), String> {
         "endpoints" => decode::<core::Endpoints>(obj),
         "endpointslices" => decode::<k8s_openapi::api::discovery::v1::EndpointSlice>(obj),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod unknown_field_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn unknown_fields_are_named_by_their_path_and_maps_and_nulls_are_not_unknown() {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "labels": {"any": "x"}, "bogus": 1},
+            "spec": {"containers": [{"name": "c", "image": "i", "imagee": "typo", "env": null}], "foo": {"bar": 1}},
+            "status": null});
+        let names =
+            |v: &Value, gv, plural| unknown_fields(gv, plural, v).iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        assert_eq!(names(&pod, "v1", "pods"), ["metadata.bogus", "spec.containers[0].imagee", "spec.foo"]);
+        let mut stripped = pod.clone();
+        for path in unknown_fields("v1", "pods", &pod) {
+            path.remove_from(&mut stripped);
+        }
+        assert!(names(&stripped, "v1", "pods").is_empty());
+        assert_eq!(stripped["spec"]["containers"][0]["image"], "i", "known fields stay");
+        let fine =
+            json!({"metadata": {"name": "s", "annotations": {"a": "b"}}, "data": {"k": "dg=="}, "type": "Opaque"});
+        assert!(names(&fine, "v1", "secrets").is_empty());
+        let ev = json!({"metadata": {"name": "e"}, "regarding": {"name": "p"}, "note": "n", "message": "core's name"});
+        assert_eq!(names(&ev, "events.k8s.io/v1", "events"), ["message"]);
     }
 }
 
