@@ -1,7 +1,7 @@
 //! Just enough Kubernetes protobuf to read the bodies kubectl's typed `create` subcommands send
-//! (`kubectl create namespace|secret|configmap` always use protobuf and do not fall back to
-//! JSON on 415). Decodes the `k8s\0` envelope and those three kinds into JSON; anything else is
-//! reported as unsupported. Writes only length-delimited fields ([`put_bytes`], for the
+//! (`kubectl create namespace|secret|configmap|service` always use protobuf and do not fall
+//! back to JSON on 415). Decodes the `k8s\0` envelope and those kinds into JSON (field numbers
+//! from `k8s.io/api/core/v1/generated.proto`); anything else is reported as unsupported. Writes only length-delimited fields ([`put_bytes`], for the
 //! schema-less `/openapi/v2` document).
 
 use base64::Engine;
@@ -133,6 +133,70 @@ fn object_meta(b: &[u8]) -> Result<Value, ProtobufError> {
     Ok(Value::Object(md))
 }
 
+/// `IntOrString`: type = 1 (0 int, 1 string), intVal = 2, strVal = 3.
+fn int_or_string(b: &[u8]) -> Result<Value, ProtobufError> {
+    let (mut is_string, mut int, mut string) = (false, 0i64, String::new());
+    let mut r = Reader::new(b);
+    while let Some((n, f)) = r.next()? {
+        match (n, f) {
+            (1, Field::Varint(t)) => is_string = t == 1,
+            (2, Field::Varint(v)) => int = v as i32 as i64,
+            (3, Field::Bytes(s)) => string = String::from_utf8_lossy(s).into_owned(),
+            _ => {}
+        }
+    }
+    Ok(if is_string { json!(string) } else { json!(int) })
+}
+
+/// A string field, left out when empty: Go's zero value is what "unset" decodes to, and the
+/// server's defaulting treats it so.
+fn set(obj: &mut Map<String, Value>, key: &str, b: &[u8]) {
+    if !b.is_empty() {
+        obj.insert(key.into(), text(b));
+    }
+}
+
+/// `ServicePort`: name = 1, protocol = 2, port = 3, targetPort = 4, nodePort = 5, appProtocol = 6.
+fn service_port(b: &[u8]) -> Result<Value, ProtobufError> {
+    let mut port = Map::new();
+    let mut r = Reader::new(b);
+    while let Some((n, f)) = r.next()? {
+        match (n, f) {
+            (1, Field::Bytes(v)) => set(&mut port, "name", v),
+            (2, Field::Bytes(v)) => set(&mut port, "protocol", v),
+            (3, Field::Varint(v)) => drop(port.insert("port".into(), json!(v as i32))),
+            (4, Field::Bytes(v)) => drop(port.insert("targetPort".into(), int_or_string(v)?)),
+            (5, Field::Varint(v)) if v != 0 => drop(port.insert("nodePort".into(), json!(v as i32))),
+            (6, Field::Bytes(v)) => set(&mut port, "appProtocol", v),
+            _ => {}
+        }
+    }
+    Ok(Value::Object(port))
+}
+
+/// The `ServiceSpec` fields kubectl's `create service` sets: ports = 1, selector = 2,
+/// clusterIP = 3, type = 4, externalIPs = 5, sessionAffinity = 7, externalName = 10,
+/// clusterIPs = 18.
+fn service_spec(b: &[u8]) -> Result<Value, ProtobufError> {
+    let mut spec = Map::new();
+    let mut r = Reader::new(b);
+    while let Some((n, f)) = r.next()? {
+        let Field::Bytes(v) = f else { continue };
+        match n {
+            1 => push(&mut spec, "ports", service_port(v)?),
+            2 => insert_entry(&mut spec, "selector", v, false)?,
+            3 => set(&mut spec, "clusterIP", v),
+            4 => set(&mut spec, "type", v),
+            5 => push(&mut spec, "externalIPs", text(v)),
+            7 => set(&mut spec, "sessionAffinity", v),
+            10 => set(&mut spec, "externalName", v),
+            18 => push(&mut spec, "clusterIPs", text(v)),
+            _ => {}
+        }
+    }
+    Ok(Value::Object(spec))
+}
+
 fn decode_kind(kind: &str, raw: &[u8]) -> Result<Value, ProtobufError> {
     let mut obj = Map::new();
     obj.insert("apiVersion".into(), json!("v1"));
@@ -159,6 +223,7 @@ fn decode_kind(kind: &str, raw: &[u8]) -> Result<Value, ProtobufError> {
             }
             ("ConfigMap", 2, Field::Bytes(b)) => insert_entry(&mut obj, "data", b, false)?,
             ("ConfigMap", 3, Field::Bytes(b)) => insert_entry(&mut obj, "binaryData", b, true)?,
+            ("Service", 2, Field::Bytes(b)) => drop(obj.insert("spec".into(), service_spec(b)?)),
             _ => {}
         }
     }
@@ -185,7 +250,7 @@ pub fn decode(body: &[u8]) -> Result<Value, ProtobufError> {
         }
     }
     match kind.as_str() {
-        "Namespace" | "Secret" | "ConfigMap" => decode_kind(&kind, raw),
+        "Namespace" | "Secret" | "ConfigMap" | "Service" => decode_kind(&kind, raw),
         _ => Err(ProtobufError::UnsupportedKind(kind)),
     }
 }

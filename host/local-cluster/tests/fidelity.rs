@@ -862,3 +862,32 @@ async fn unknown_fields_are_refused_warned_about_or_dropped_as_asked() {
     }
     c.stop().await;
 }
+
+/// `kubectl create service` sends protobuf (and never falls back to JSON): the Service arrives
+/// with its ports, target ports, selector and type, and a NodePort one gets its node port.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_create_service_sends_protobuf_that_is_understood() {
+    let c = cluster().await;
+    for args in [
+        ["create", "service", "nodeport", "web", "--tcp=80:8080"].as_slice(),
+        ["create", "service", "clusterip", "named", "--tcp=5678:http"].as_slice(),
+    ] {
+        let out = tokio::task::block_in_place(|| kubectl(&c, args));
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let svcs: Api<Service> = Api::default_namespaced(c.client().unwrap());
+    let web = svcs.get("web").await.unwrap().spec.unwrap();
+    assert_eq!(web.type_.as_deref(), Some("NodePort"));
+    assert_eq!(web.selector.unwrap()["app"], "web");
+    let port = &web.ports.unwrap()[0];
+    assert_eq!((port.name.as_deref(), port.port, port.protocol.as_deref()), (Some("80-8080"), 80, Some("TCP")));
+    assert_eq!(port.target_port, Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(8080)));
+    assert!(port.node_port.is_some_and(|p| (30000..=32767).contains(&p)), "{port:?}");
+    assert!(web.cluster_ip.is_some_and(|ip| ip.starts_with("10.96.")));
+    let named = svcs.get("named").await.unwrap().spec.unwrap();
+    assert_eq!(
+        named.ports.unwrap()[0].target_port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("http".into()))
+    );
+    c.stop().await;
+}
