@@ -69,15 +69,6 @@ pub(super) async fn copy_sources(
     project_dir: &str,
 ) -> Result<(u64, Tracked), String> {
     use crate::plugins::strategy_host::PodAccess;
-    let dir = dir.to_path_buf();
-    let (bytes, stats, tracked) = tokio::task::spawn_blocking(move || {
-        let mut bytes = Vec::new();
-        let stats = crate::sources::archive_selected(&dir, selection, &mut bytes).map_err(|e| chain(&e))?;
-        let tracked = super::artifacts::read_tar(&bytes)?.into_iter().map(|e| e.path).collect();
-        Ok::<_, String>((bytes, stats, tracked))
-    })
-    .await
-    .map_err(|e| e.to_string())??;
     let command = vec![
         "sh".to_string(),
         "-c".to_string(),
@@ -86,7 +77,24 @@ pub(super) async fn copy_sources(
         project_dir.to_string(),
     ];
     let mut session = job_pod.exec(crate::pod::HELPER_CONTAINER, command, true).await.map_err(|e| e.to_string())?;
-    session.write_stdin(&bytes).await.map_err(|e| e.to_string())?;
+    // The archive is streamed as it is made, a few chunks in flight: a project of gigabytes
+    // costs no more memory than a small one, and when the copy is abandoned (the job is
+    // cancelled, the pod is gone) the closed channel stops the archiver at its next chunk.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let dir = dir.to_path_buf();
+    let archiver = tokio::task::spawn_blocking(move || {
+        let mut tracked = Tracked::new();
+        let writer = ChunkWriter { tx, buf: Vec::with_capacity(CHUNK) };
+        let stats = crate::sources::archive_listed(&dir, selection, writer, &mut |path| {
+            tracked.insert(path.to_owned());
+        })
+        .map_err(|e| chain(&e))?;
+        Ok::<_, String>((stats, tracked))
+    });
+    while let Some(chunk) = rx.recv().await {
+        session.write_stdin(&chunk).await.map_err(|e| e.to_string())?;
+    }
+    let (stats, tracked) = archiver.await.map_err(|e| e.to_string())??;
     session.close_stdin().await.map_err(|e| e.to_string())?;
     let (out, exit) = finish(&mut session).await;
     match exit {
@@ -95,5 +103,41 @@ pub(super) async fn copy_sources(
             Err(format!("tar in the helper container exited with {code}: {}", String::from_utf8_lossy(&out).trim()))
         }
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Bytes per chunk of the sources' archive on its way to the pod.
+const CHUNK: usize = 256 * 1024;
+
+/// Hands the archive to the async side in chunks; a closed channel (the copy was abandoned) is
+/// a broken pipe to the archiver.
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the copy into the pod was abandoned"))
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
     }
 }

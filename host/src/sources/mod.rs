@@ -103,6 +103,18 @@ pub fn archive_to(dir: &Path, w: impl Write) -> Result<Stats, SourcesError> {
 
 /// [`archive_to`] with the choice of files spelled out.
 pub fn archive_selected(dir: &Path, selection: Selection, w: impl Write) -> Result<Stats, SourcesError> {
+    archive_listed(dir, selection, w, &mut |_| {})
+}
+
+/// [`archive_selected`], telling `seen` the relative (`/`-separated) path of every entry
+/// written: what the sources put into the project directory, known without reading the
+/// archive back.
+pub fn archive_listed(
+    dir: &Path,
+    selection: Selection,
+    w: impl Write,
+    seen: &mut dyn FnMut(&str),
+) -> Result<Stats, SourcesError> {
     let meta = std::fs::metadata(dir).map_err(|source| SourcesError::ProjectDir { path: dir.to_path_buf(), source })?;
     if !meta.is_dir() {
         return Err(SourcesError::NotADirectory(dir.to_path_buf()));
@@ -138,7 +150,9 @@ pub fn archive_selected(dir: &Path, selection: Selection, w: impl Write) -> Resu
         }
         let path = entry.path();
         let rel = path.strip_prefix(dir).expect("the walker yields paths under its root");
-        append(&mut tar, path, rel, &mut stats)?;
+        if append(&mut tar, path, rel, &mut stats)? {
+            seen(&rel.to_string_lossy());
+        }
     }
     tar.into_inner()
         .and_then(|mut w| w.flush())
@@ -194,14 +208,20 @@ fn only_bad_patterns(err: &ignore::Error) -> bool {
     }
 }
 
-fn append(tar: &mut tar::Builder<impl Write>, path: &Path, rel: &Path, stats: &mut Stats) -> Result<(), SourcesError> {
+/// Appends one entry; `false` when it was left out (vanished, or not a file, directory or link).
+fn append(
+    tar: &mut tar::Builder<impl Write>,
+    path: &Path,
+    rel: &Path,
+    stats: &mut Stats,
+) -> Result<bool, SourcesError> {
     let read_err = |source| SourcesError::Read { path: path.to_path_buf(), source };
     let append_err = |source| SourcesError::Append { path: path.to_path_buf(), source };
 
     // A file that vanished since the walk listed it is left out (see `archive_to`).
     let vanished = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
     let meta = match std::fs::symlink_metadata(path) {
-        Err(e) if vanished(&e) => return Ok(()),
+        Err(e) if vanished(&e) => return Ok(false),
         other => other.map_err(read_err)?,
     };
     let mut header = tar::Header::new_gnu();
@@ -214,17 +234,17 @@ fn append(tar: &mut tar::Builder<impl Write>, path: &Path, rel: &Path, stats: &m
     let kind = meta.file_type();
     if kind.is_dir() {
         header.set_entry_type(tar::EntryType::Directory);
-        tar.append_data(&mut header, rel, io::empty()).map_err(append_err)
+        tar.append_data(&mut header, rel, io::empty()).map_err(append_err).map(|()| true)
     } else if kind.is_symlink() {
         let target = std::fs::read_link(path).map_err(read_err)?;
         header.set_entry_type(tar::EntryType::Symlink);
-        tar.append_link(&mut header, rel, &target).map_err(append_err)
+        tar.append_link(&mut header, rel, &target).map_err(append_err).map(|()| true)
     } else if kind.is_file() {
         let size = meta.len();
         header.set_entry_type(tar::EntryType::Regular);
         header.set_size(size);
         let file = match File::open(path) {
-            Err(e) if vanished(&e) => return Ok(()),
+            Err(e) if vanished(&e) => return Ok(false),
             other => other.map_err(read_err)?,
         };
         let mut body = Exact { inner: file.take(size), left: size, failed: None };
@@ -232,7 +252,7 @@ fn append(tar: &mut tar::Builder<impl Write>, path: &Path, rel: &Path, stats: &m
             Ok(()) => {
                 stats.files += 1;
                 stats.bytes += size;
-                Ok(())
+                Ok(true)
             }
             Err(err) => Err(match body.failed.take() {
                 Some(source) => read_err(source),
@@ -241,7 +261,7 @@ fn append(tar: &mut tar::Builder<impl Write>, path: &Path, rel: &Path, stats: &m
         }
     } else {
         tracing::warn!(path = %path.display(), "not a file, directory or symlink; left out of the sources");
-        Ok(())
+        Ok(false)
     }
 }
 
