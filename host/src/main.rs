@@ -60,7 +60,7 @@ enum ClusterCommand {
 #[derive(clap::Args, Clone)]
 struct EmbeddedClusterArgs {
     /// How pods are networked: `egress` (IPs of their own, Services, and what the host
-    /// reaches, the host's loopback as host.keel.internal; needs pasta from Debian's `passt`),
+    /// reaches, the host's loopback as host.keel.internal; needs slirp4netns),
     /// `bridge` (IPs and Services, no way out of the node) or `none` (each pod only its own
     /// loopback). Default: egress.
     #[arg(long, env = "KEEL_CLUSTER_POD_NETWORK", value_name = "MODE")]

@@ -56,7 +56,7 @@ pub struct ClusterOptions {
     /// How pods are networked: `None` (the default here) gives each pod only its own loopback
     /// and `127.0.0.1` as its IP; `Bridge` gives pods IPs of their own on the node's bridge and
     /// Services ClusterIPs that reach them; `Egress` also lets pods reach what the host reaches
-    /// (through pasta, Debian's `passt`) and the host's loopback as `host.keel.internal`.
+    /// (through slirp4netns) and the host's loopback as `host.keel.internal`.
     pub pod_network: node::PodNetwork,
     /// When the node deletes unused images (the kubelet's image GC: 85 % / 80 % of the data
     /// dir's filesystem by default).

@@ -2,7 +2,7 @@
 //! in an image built from Debian's busybox package, as `make run` builds it): pods have IPs of
 //! their own and reach each other, a Service's ClusterIP reaches its pod, and with egress a pod
 //! reaches a host in another network namespace (made by the test, never an outside address)
-//! and a server on the host's loopback as `host.keel.internal`.
+//! and a server on the host's loopback as `host.keel.internal` (a closed port there refuses).
 
 mod common;
 
@@ -191,14 +191,18 @@ async fn with_egress_pods_reach_a_host_elsewhere_and_the_hosts_loopback_by_name(
                 .await;
         }
     });
+    // A port nobody listens on: a connection to it is refused at once, not left to time out
+    // (a job's "wait until the database listens" loop depends on that).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (cluster, _dir) = cluster(PodNetwork::Egress).await;
     let pods: Api<Pod> = Api::default_namespaced(cluster.client().unwrap());
     let script = format!(
         "echo far:$(timeout 10 wget -qO- http://10.250.0.2:8000/); echo local:$(timeout 10 wget -qO- http://host.keel.internal:{port}/); \
-         grep -c host.keel.internal /etc/hosts"
+         timeout 10 wget -qO- http://host.keel.internal:{closed}/ 2>&1; echo closed:$?"
     );
     let log = client(&pods, "egress", &script).await;
     assert!(log.contains("far:hello-from-the-test-host"), "{log}");
     assert!(log.contains("local:hello-from-the-hosts-loopback"), "{log}");
+    assert!(log.contains("Connection refused") && log.contains("closed:1"), "{log}");
     cluster.stop().await;
 }

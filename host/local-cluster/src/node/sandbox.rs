@@ -387,7 +387,7 @@ fn install_pre_exec(
     cmd: &mut Command,
     join: Join,
     cgroup_procs: CgroupProcs,
-    keep_open: [Option<RawFd>; 2],
+    keep_open: [Option<RawFd>; 3],
     ctty: bool,
     overlay: Option<(std::ffi::CString, std::ffi::CString)>,
 ) {
@@ -488,7 +488,7 @@ async fn spawn_bwrap(
     cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
     cmd.stdin(stdio.stdin).stdout(stdio.stdout).stderr(stdio.stderr);
     cmd.kill_on_drop(true);
-    install_pre_exec(&mut cmd, join, cgroup_procs, [Some(write.as_raw_fd()), pass_fd], false, overlay);
+    install_pre_exec(&mut cmd, join, cgroup_procs, [Some(write.as_raw_fd()), pass_fd, None], false, overlay);
     let child = spawner.spawn(cmd).await;
     // Our copy of the write end must go, or a bwrap that dies early never gives us EOF.
     drop(write);
@@ -623,7 +623,7 @@ pub(crate) async fn run_in(
     cmd.args(args).env_clear().env("PATH", DEFAULT_PATH);
     cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
     let join = Join { user: ns.user.map(|u| u.as_raw_fd()), net: Some(ns.net.as_raw_fd()) };
-    install_pre_exec(&mut cmd, join, CgroupProcs::default(), [None, None], false, None);
+    install_pre_exec(&mut cmd, join, CgroupProcs::default(), [None, None, None], false, None);
     let mut child =
         spawner.spawn(cmd).await.map_err(|e| std::io::Error::new(e.kind(), format!("cannot run {program}: {e}")))?;
     if let Some(mut stdin) = child.stdin.take() {
@@ -641,13 +641,13 @@ pub(crate) async fn run_in(
     )))
 }
 
-/// Spawns a long-running helper (pasta) in the host's namespaces, killed with the node; `pass`
+/// Spawns a long-running helper (slirp4netns) in the host's namespaces, killed with the node; `pass`
 /// stays open across exec (descriptors named in `args`).
 pub(crate) async fn spawn_tool(
     spawner: &Spawner,
     program: &str,
     args: &[String],
-    pass: [Option<RawFd>; 2],
+    pass: [Option<RawFd>; 3],
     stderr: Stdio,
 ) -> std::io::Result<Child> {
     let mut cmd = Command::new(program);
@@ -862,7 +862,7 @@ pub(crate) fn prepare_exec(cmd: &mut Command, tty: bool, cgroup_procs: &[File]) 
         cmd.process_group(0);
     }
     let cg: CgroupProcs = std::array::from_fn(|i| cgroup_procs.get(i).map(|f| f.as_raw_fd()));
-    install_pre_exec(cmd, Join::default(), cg, [None, None], tty, None);
+    install_pre_exec(cmd, Join::default(), cg, [None, None, None], tty, None);
 }
 
 /// A terminal pair: the master stays with the node, the slave becomes the process's stdio.

@@ -11,13 +11,16 @@
 //! - per pod, a veth pair: one end on the bridge, the other the pod's `eth0` with its IP and a
 //!   default route through the bridge (`ip`, from iproute2); it goes away with the pod's
 //!   network namespace;
-//! - for egress, `pasta` (Debian's `passt`) connects the node namespace to the host's network
-//!   at layer 4 without privileges: a tap device `keel-up` in the node namespace, and the
-//!   connections the pods open there become the host's own sockets. pasta maps its gateway
-//!   address (`169.254.1.1`) to the host's loopback, which gives `host.keel.internal`.
+//! - for egress, `slirp4netns` (rootless podman's and docker's) connects the node namespace to
+//!   the host's network without privileges: a tap device `keel-up` in the node namespace, and
+//!   the connections the pods open there become the host's own sockets. Its gateway address
+//!   (`169.254.1.2`) is the host's loopback, which gives `host.keel.internal`, and `169.254.1.3`
+//!   forwards DNS to the host's resolvers. (pasta, faster, was tried first: Debian 12's never
+//!   refuses a connection to a closed port, the client waits two minutes for its timeout,
+//!   which breaks every "wait until the database listens" loop of a CI job.)
 //!
-//! Everything is killed with the node: the holder and pasta die with the node's spawner thread
-//! (PR_SET_PDEATHSIG), and with the holder goes the namespace and all its links and rules.
+//! Everything is killed with the node: the holder and slirp4netns die with the node's spawner
+//! thread (PR_SET_PDEATHSIG), and with the holder goes the namespace and all its links and rules.
 
 pub mod nft;
 
@@ -35,16 +38,18 @@ use super::sandbox::{self, Isolation, NsFds, Spawner};
 /// node's InternalIP and the pods' `hostIP`).
 pub const BRIDGE: &str = "keel0";
 pub const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
-/// The links' MTU: pasta's (the largest 802.3 frame), so a pod's segments cross the bridge and
-/// the uplink without being cut to 1500 bytes (with 1500, egress ran at a tenth of the speed).
+/// The links' MTU (the largest slirp4netns takes), so a pod's segments cross the bridge and the
+/// uplink without being cut to 1500 bytes (with 1500, egress ran at a tenth of the speed).
 const MTU: u32 = 65520;
 /// Pod IPs (kind's default pod subnet).
 pub const POD_CIDR: &str = "10.244.0.0/16";
 const POD_PREFIX: u8 = 16;
-/// pasta's side of the uplink; connections to it reach the host's loopback.
-pub const HOST_LOOPBACK_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
-/// The node namespace's side of the uplink.
-const UPLINK_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 2);
+/// slirp4netns' network on the uplink (its gateway is `.2`, its DNS `.3`, the tap `.100`).
+const UPLINK_CIDR: &str = "169.254.1.0/24";
+/// slirp4netns' gateway: connections to it reach the host's loopback.
+pub const HOST_LOOPBACK_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 2);
+/// slirp4netns' DNS forwarder (to the host's own resolvers, a loopback one included).
+pub const DNS_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 3);
 const UPLINK: &str = "keel-up";
 /// The names under which pods reach the host's loopback (`host.docker.internal` too, so job
 /// definitions written for Docker work unchanged).
@@ -60,7 +65,7 @@ pub enum PodNetwork {
     /// Pod IPs on the node's bridge and Services' ClusterIPs, no way out of the node.
     Bridge,
     /// As `Bridge`, and the pods reach what the host reaches (and the host's loopback) through
-    /// pasta.
+    /// slirp4netns.
     Egress,
 }
 
@@ -87,9 +92,9 @@ pub enum NetworkError {
         source: std::io::Error,
     },
     #[error(
-        "pods cannot reach the network: pasta (Debian package `passt`) could not connect the node's network namespace: {0}; install passt, or start the cluster with --pod-network=bridge (no egress)"
+        "pods cannot reach the network: slirp4netns (Debian package `slirp4netns`) could not connect the node's network namespace: {0}; install slirp4netns, or start the cluster with --pod-network=bridge (no egress)"
     )]
-    Pasta(String),
+    Egress(String),
     #[error("no pod IP is free in {POD_CIDR}")]
     Exhausted,
     #[error("cannot connect the pod to the node's bridge: {0}")]
@@ -99,9 +104,9 @@ pub enum NetworkError {
 /// The node's network namespace and what runs for it.
 pub(crate) struct NodeNetwork {
     ns: NodeNamespaces,
-    /// The holder and pasta: killed when dropped (and by the kernel when the node dies).
+    /// The holder and slirp4netns: killed when dropped (and by the kernel when the node dies).
     _holder: Child,
-    pasta: Mutex<Option<Child>>,
+    egress_helper: Mutex<Option<Child>>,
     ips: Mutex<Ips>,
     /// The Services' ruleset last applied (not applied again while unchanged).
     services: tokio::sync::Mutex<Option<Vec<nft::ServicePort>>>,
@@ -150,7 +155,7 @@ pub(crate) struct PodLink {
 
 impl NodeNetwork {
     /// Makes the node's network namespace with its bridge and base rules, and with `egress`
-    /// connects it to the host's network through pasta.
+    /// connects it to the host's network through slirp4netns.
     pub async fn start(
         spawner: &Spawner,
         isolation: Isolation,
@@ -182,86 +187,70 @@ impl NodeNetwork {
         let network = NodeNetwork {
             ns,
             _holder: holder,
-            pasta: Mutex::new(None),
+            egress_helper: Mutex::new(None),
             ips: Mutex::new(Ips { used: BTreeSet::new(), last: 1, links: 0 }),
             services: tokio::sync::Mutex::new(None),
             egress,
         };
         if egress {
-            let pasta = network.start_pasta(spawner, dir).await?;
-            *network.pasta.lock().expect("pasta lock") = Some(pasta);
+            let helper = network.start_slirp(spawner, dir).await?;
+            *network.egress_helper.lock().expect("egress lock") = Some(helper);
         }
         Ok(network)
     }
 
-    /// pasta in the foreground (our child, so it dies with the node), attached to the node
-    /// namespace by descriptors: pasta drops its capabilities before it opens a namespace, and
-    /// then may not open another process's `/proc/PID/ns` files.
-    async fn start_pasta(&self, spawner: &Spawner, dir: &Path) -> Result<Child, NetworkError> {
-        let pid_file = dir.join("pasta.pid");
-        let _ = std::fs::remove_file(&pid_file);
+    /// slirp4netns (our child, so it dies with the node), attached to the node namespace by
+    /// descriptors, in a sandbox of its own (its mount namespace, no capabilities, seccomp):
+    /// it handles what the pods send. Returns once it says the interface is configured.
+    async fn start_slirp(&self, spawner: &Spawner, dir: &Path) -> Result<Child, NetworkError> {
+        let (ready_read, ready_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| NetworkError::Egress(format!("cannot make a pipe: {e}")))?;
         let net_fd = self.ns.net.as_raw_fd();
         let mut args: Vec<String> = vec![
-            "--foreground".into(),
-            "--quiet".into(),
-            "--config-net".into(),
-            "--ipv4-only".into(),
-            "--address".into(),
-            UPLINK_IP.to_string(),
-            "--netmask".into(),
-            "30".into(),
-            "--gateway".into(),
-            HOST_LOOPBACK_IP.to_string(),
-            "--ns-ifname".into(),
-            UPLINK.into(),
-            "--no-dhcp".into(),
-            // Nothing of the host is forwarded into the node namespace, nor the other way.
-            "--tcp-ports".into(),
-            "none".into(),
-            "--udp-ports".into(),
-            "none".into(),
-            "--tcp-ns".into(),
-            "none".into(),
-            "--udp-ns".into(),
-            "none".into(),
-            "--pid".into(),
-            pid_file.display().to_string(),
-            "--netns".into(),
-            format!("/proc/self/fd/{net_fd}"),
+            "--configure".into(),
+            format!("--mtu={MTU}"),
+            format!("--cidr={UPLINK_CIDR}"),
+            format!("--ready-fd={}", ready_write.as_raw_fd()),
+            "--enable-sandbox".into(),
+            "--enable-seccomp".into(),
+            "--netns-type=path".into(),
         ];
-        let mut pass = [Some(net_fd), None];
-        match &self.ns.user {
-            Some(user) => {
-                args.extend(["--userns".into(), format!("/proc/self/fd/{}", user.as_raw_fd())]);
-                pass[1] = Some(user.as_raw_fd());
-            }
-            // As root pasta would change to `nobody` first; it keeps root's identity (with only
-            // the capabilities it needs) so it can use the namespace we hand it.
-            None => args.extend(["--netns-only".into(), "--runas".into(), "0".into()]),
+        let mut pass = [Some(net_fd), Some(ready_write.as_raw_fd()), None];
+        if let Some(user) = &self.ns.user {
+            args.push(format!("--userns-path=/proc/self/fd/{}", user.as_raw_fd()));
+            pass[2] = Some(user.as_raw_fd());
         }
+        args.extend([format!("/proc/self/fd/{net_fd}"), UPLINK.into()]);
         // Its messages go to a file: a pipe nobody reads could fill up and stop it.
-        let log_path = dir.join("pasta.log");
+        let log_path = dir.join("slirp4netns.log");
         let log = std::fs::File::create(&log_path)
-            .map_err(|e| NetworkError::Pasta(format!("{}: {e}", log_path.display())))?;
-        let mut child = sandbox::spawn_tool(spawner, "pasta", &args, pass, log.into())
+            .map_err(|e| NetworkError::Egress(format!("{}: {e}", log_path.display())))?;
+        let mut child = sandbox::spawn_tool(spawner, "slirp4netns", &args, pass, log.into())
             .await
-            .map_err(|e| NetworkError::Pasta(e.to_string()))?;
-        // pasta writes its pid once the namespace's interface is configured.
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            if std::fs::read_to_string(&pid_file).is_ok_and(|s| !s.trim().is_empty()) {
-                return Ok(child);
+            .map_err(|e| NetworkError::Egress(e.to_string()))?;
+        // Our copy of the write end goes, so a slirp4netns that dies early gives EOF.
+        drop(ready_write);
+        let ready = tokio::task::spawn_blocking(move || {
+            let mut byte = [0u8; 1];
+            rustix::io::read(&ready_read, &mut byte).map(|n| n == 1)
+        });
+        let said = |log_path: &Path| {
+            let text = std::fs::read_to_string(log_path).unwrap_or_default();
+            text.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join("; ")
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(10), ready).await {
+            Ok(Ok(Ok(true))) => Ok(child),
+            Ok(_) => {
+                let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
+                Err(NetworkError::Egress(format!("it ended ({status}): {}", said(&log_path))))
             }
-            if let Ok(Some(status)) = child.try_wait() {
-                let stderr = std::fs::read_to_string(&log_path).unwrap_or_default();
-                // pasta also says on stderr that it cannot reach syslog.
-                let said: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("Failed to send")).collect();
-                return Err(NetworkError::Pasta(format!("it ended ({status}): {}", said.join("; "))));
+            Err(_) => {
+                let _ = child.start_kill();
+                Err(NetworkError::Egress(format!(
+                    "it did not configure the namespace within 10 s: {}",
+                    said(&log_path)
+                )))
             }
-            if tokio::time::Instant::now() > deadline {
-                return Err(NetworkError::Pasta("it did not configure the namespace within 10 s".into()));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
     }
 
@@ -338,9 +327,9 @@ impl NodeNetwork {
         Ok(())
     }
 
-    /// Stops pasta (the holder goes when the network is dropped).
+    /// Stops slirp4netns (the holder goes when the network is dropped).
     pub fn stop(&self) {
-        if let Some(mut p) = self.pasta.lock().expect("pasta lock").take() {
+        if let Some(mut p) = self.egress_helper.lock().expect("egress lock").take() {
             let _ = p.start_kill();
         }
     }
@@ -348,7 +337,7 @@ impl NodeNetwork {
 
 /// The pods' `/etc/resolv.conf`: the node's (as with the kubelet's `dnsPolicy: Default`), with a
 /// nameserver on the host's loopback (systemd-resolved's `127.0.0.53`, a local dnsmasq)
-/// replaced by the address that reaches the host's loopback from a pod.
+/// replaced by slirp4netns' DNS forwarder, which asks the host's resolvers.
 pub fn resolv_conf(host: &str) -> String {
     let mut out = String::new();
     for line in host.lines() {
@@ -357,7 +346,7 @@ pub fn resolv_conf(host: &str) -> String {
             && let Some(addr) = words.next()
             && addr.parse::<Ipv4Addr>().is_ok_and(|a| a.is_loopback())
         {
-            out.push_str(&format!("nameserver {HOST_LOOPBACK_IP}\n"));
+            out.push_str(&format!("nameserver {DNS_IP}\n"));
             continue;
         }
         out.push_str(line);
@@ -390,7 +379,7 @@ mod tests {
             "# generated\nnameserver 127.0.0.53\nnameserver 10.0.0.2\noptions edns0 trust-ad\nsearch example.org\n";
         assert_eq!(
             resolv_conf(host),
-            "# generated\nnameserver 169.254.1.1\nnameserver 10.0.0.2\noptions edns0 trust-ad\nsearch example.org\n"
+            "# generated\nnameserver 169.254.1.3\nnameserver 10.0.0.2\noptions edns0 trust-ad\nsearch example.org\n"
         );
     }
 
