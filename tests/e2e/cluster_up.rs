@@ -321,38 +321,40 @@ fn cluster_load_puts_an_archive_into_a_running_cluster_and_pods_run_on_it() {
     assert!(status.success());
 }
 
-#[test]
-fn host_run_with_the_configs_images_runs_the_job_in_its_image() {
-    let dir = tempfile::tempdir().unwrap();
-    let images = dir.path().join("images");
+/// A job in `dir` running `script` in the example busybox image, loaded from an archive that
+/// the config's `[embedded_cluster] images_from` names (relative to the config, as
+/// `--images-from` would); the helper container runs the same image, so no registry is asked.
+/// Returns the `host run` command for it.
+fn busybox_job(dir: &std::path::Path, script: &str) -> Command {
+    let images = dir.join("images");
     std::fs::create_dir(&images).unwrap();
     support::busybox_archive(&images, "keel-e2e/busybox:1");
-    let job = dir.path().join("job.yml");
-    std::fs::write(
-        &job,
-        "image: keel-e2e/busybox:1\nscript:\n  - 'test -e /etc/debian_version && echo host-rootfs || echo image-rootfs'\n  - busybox | head -1\n",
-    )
-    .unwrap();
-    // The helper container runs the same image, so no registry is asked for GitLab's helper;
-    // the archives' directory comes from the config (relative to it), as `--images-from` would.
-    let config = dir.path().join("config.toml");
+    let job = dir.join("job.yml");
+    std::fs::write(&job, format!("image: keel-e2e/busybox:1\nscript:\n{script}")).unwrap();
+    let config = dir.join("config.toml");
     std::fs::write(
         &config,
         "[embedded_cluster]\nimages_from = \"images\"\n\
          [[runners]]\nname = \"local\"\nexecutor = \"kubernetes\"\n[runners.kubernetes]\nhelper_image = \"keel-e2e/busybox:1\"\n",
     )
     .unwrap();
-    let out = Command::new(host_bin())
-        .args(["run", "--config"])
+    let mut cmd = Command::new(host_bin());
+    cmd.args(["run", "--config"])
         .arg(&config)
         .arg("--plugin-cache")
-        .arg(dir.path().join(".cache"))
+        .arg(dir.join(".cache"))
         .arg(&job)
         .env_remove("KUBECONFIG")
-        .env("HOME", dir.path())
-        .env("KEEL_PLUGIN_PATH", support::workspace_root().join("target/plugins"))
-        .output()
-        .unwrap();
+        .env("HOME", dir)
+        .env("KEEL_PLUGIN_PATH", support::workspace_root().join("target/plugins"));
+    cmd
+}
+
+#[test]
+fn host_run_with_the_configs_images_runs_the_job_in_its_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "  - 'test -e /etc/debian_version && echo host-rootfs || echo image-rootfs'\n  - busybox | head -1\n";
+    let out = busybox_job(dir.path(), script).output().unwrap();
     let trace = succeeded(out, "host run with [embedded_cluster] images_from");
     assert!(trace.contains("\nimage-rootfs\n") && trace.contains("BusyBox v1.35"), "{trace}");
 }
@@ -360,13 +362,10 @@ fn host_run_with_the_configs_images_runs_the_job_in_its_image() {
 /// The pod network through `host run`: the job's pod has an IP of its own, reaches a server on
 /// the host's loopback as `host.keel.internal`, and once `host run` has returned no process of
 /// the job is left (the embedded cluster's temporary directory, under our TMPDIR, is on every
-/// sandbox's and pasta's command line).
+/// sandbox's and slirp4netns' command line).
 #[test]
 fn host_run_jobs_reach_the_hosts_loopback_by_name_and_leave_no_process() {
     let dir = tempfile::tempdir().unwrap();
-    let images = dir.path().join("images");
-    std::fs::create_dir(&images).unwrap();
-    support::busybox_archive(&images, "keel-e2e/busybox:1");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -377,35 +376,11 @@ fn host_run_jobs_reach_the_hosts_loopback_by_name_and_leave_no_process() {
             let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 17\r\n\r\nfrom-the-host-lo\n");
         }
     });
-    let job = dir.path().join("job.yml");
-    std::fs::write(
-        &job,
-        format!(
-            "image: keel-e2e/busybox:1\nscript:\n  - echo \"ip:$(hostname -i)\"\n  - echo \"got:$(wget -qO- http://host.keel.internal:{port}/)\"\n"
-        ),
-    )
-    .unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        "[embedded_cluster]\nimages_from = \"images\"\n\
-         [[runners]]\nname = \"local\"\nexecutor = \"kubernetes\"\n[runners.kubernetes]\nhelper_image = \"keel-e2e/busybox:1\"\n",
-    )
-    .unwrap();
+    let script =
+        format!("  - echo \"ip:$(hostname -i)\"\n  - echo \"got:$(wget -qO- http://host.keel.internal:{port}/)\"\n");
     let tmp = dir.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
-    let out = Command::new(host_bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .arg("--plugin-cache")
-        .arg(dir.path().join(".cache"))
-        .arg(&job)
-        .env_remove("KUBECONFIG")
-        .env("HOME", dir.path())
-        .env("TMPDIR", &tmp)
-        .env("KEEL_PLUGIN_PATH", support::workspace_root().join("target/plugins"))
-        .output()
-        .unwrap();
+    let out = busybox_job(dir.path(), &script).env("TMPDIR", &tmp).output().unwrap();
     let left = processes_with(&tmp.display().to_string());
     let trace = succeeded(out, "host run reaching the host's loopback");
     assert!(trace.contains("got:from-the-host-lo"), "{trace}");

@@ -462,10 +462,8 @@ async fn api_level(rows: &mut Vec<Row>, node: &NodeFigures) {
     cluster.stop().await;
 }
 
-/// Pods of a stored image (a busybox image from `examples/images/busybox-archive.sh`, on a
-/// writable overlay of their own) against pods on the host's root, in the same cluster,
-/// interleaved: create -> Running seen through a watch.
-async fn image_level(rows: &mut Vec<Row>) {
+/// A directory holding `keel-examples/busybox:bench`, built by `examples/images/busybox-archive.sh`.
+fn busybox_image_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/images/busybox-archive.sh");
     let out = std::process::Command::new("sh")
@@ -475,6 +473,14 @@ async fn image_level(rows: &mut Vec<Row>) {
         .output()
         .expect("sh runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
+/// Pods of a stored image (a busybox image from `examples/images/busybox-archive.sh`, on a
+/// writable overlay of their own) against pods on the host's root, in the same cluster,
+/// interleaved: create -> Running seen through a watch.
+async fn image_level(rows: &mut Vec<Row>) {
+    let dir = busybox_image_dir();
     let opts = ClusterOptions { images_from: Some(dir.path().to_path_buf()), ..ClusterOptions::on_host_rootfs() };
     let cluster = LocalCluster::start(opts).await.expect("cluster starts");
     let pods: Api<Pod> = Api::default_namespaced(cluster.client().expect("kube client"));
@@ -509,21 +515,13 @@ async fn image_level(rows: &mut Vec<Row>) {
 const EGRESS_BYTES: u64 = 200 << 20;
 const EGRESS_ITER: usize = 5;
 
-/// The pod network's costs: create -> Running of a pod with an IP on the bridge (and pasta for
-/// egress) against the same pod with only its own loopback, two clusters side by side,
+/// The pod network's costs: create -> Running of a pod with an IP on the bridge (and slirp4netns
+/// for egress) against the same pod with only its own loopback, two clusters side by side,
 /// interleaved; and 200 MiB fetched by busybox's `wget` from a server on the host's loopback
-/// through `host.keel.internal` (pod -> bridge -> NAT -> pasta -> host socket) against the same
-/// `wget` run on the host itself.
+/// through `host.keel.internal` (pod -> bridge -> NAT -> slirp4netns -> host socket) against the
+/// same `wget` run on the host itself.
 async fn network_level(rows: &mut Vec<Row>) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/images/busybox-archive.sh");
-    let out = std::process::Command::new("sh")
-        .arg(script)
-        .arg(dir.path().join("busybox.tar"))
-        .arg("keel-examples/busybox:bench")
-        .output()
-        .expect("sh runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = busybox_image_dir();
     let start = |pod_network| {
         let opts = ClusterOptions { images_from: Some(dir.path().to_path_buf()), pod_network, ..Default::default() };
         async move { LocalCluster::start(opts).await.expect("cluster starts") }

@@ -29,6 +29,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+/// The file that marks a directory as an embedded cluster's data directory.
+pub const DATA_DIR_MARKER: &str = ".keel-cluster-data";
+
 /// How to start a cluster. `Default` gives a random port, a temporary data dir, HTTPS that
 /// requires the client certificate written into the kubeconfig (see [`LocalCluster::client`]),
 /// and containers of images not in the node's store on the host's root filesystem.
@@ -173,6 +176,15 @@ impl LocalCluster {
                 (t.path().to_path_buf(), Some(t))
             }
         };
+        // Marks the directory as a cluster's, so a tool that copies a directory tree holding it
+        // (keel's own sources copy) leaves it out: copying a pod's volumes into that pod would
+        // never end.
+        let marker = data_dir.join(DATA_DIR_MARKER);
+        std::fs::write(
+            &marker,
+            "This directory holds an embedded keel cluster's state; copies of trees leave it out.\n",
+        )
+        .map_err(|source| ClusterError::DataDir { path: marker, source })?;
         let port = opts.port.unwrap_or(0);
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await

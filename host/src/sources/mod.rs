@@ -3,7 +3,8 @@
 //!
 //! What goes in is what a fresh clone plus the developer's untracked work would hold: everything
 //! under the project directory, hidden files included, less `.git` (at any depth, directory or
-//! submodule file), keel's own `.keel/` store at the top, and what git's own ignore rules inside the project exclude (`.gitignore` at any
+//! submodule file), keel's own `.keel/` store at the top, an embedded cluster's data directory
+//! (one holding `local_cluster::DATA_DIR_MARKER`), and what git's own ignore rules inside the project exclude (`.gitignore` at any
 //! depth and `.git/info/exclude`). Left out on purpose, because they depend on the machine rather
 //! than the project and would make the same project ship different files on different hosts:
 //! the user's global gitignore (`core.excludesFile`), `.gitignore` files above the project
@@ -170,10 +171,19 @@ fn walker(dir: &Path, selection: Selection) -> ignore::Walk {
         .require_git(false)
         .follow_links(false)
         .sort_by_file_name(OsStr::cmp);
+    // An embedded cluster's data directory inside the project (a `--data-dir` or TMPDIR there)
+    // holds the pod's volumes, so copying it would copy the copy into itself without end.
+    let cluster_data = |e: &ignore::DirEntry| {
+        e.file_type().is_some_and(|t| t.is_dir()) && e.path().join(local_cluster::DATA_DIR_MARKER).is_file()
+    };
     if worktree {
         // `.keel/` at the top is `host run`'s own store (the cache beside the job file): the
         // job gets its cache through `cache:`, not as sources.
-        builder.filter_entry(|e| e.file_name() != ".git" && !(e.depth() == 1 && e.file_name() == ".keel"));
+        builder.filter_entry(move |e| {
+            e.file_name() != ".git" && !(e.depth() == 1 && e.file_name() == ".keel") && !cluster_data(e)
+        });
+    } else {
+        builder.filter_entry(move |e| !cluster_data(e));
     }
     builder.build()
 }
@@ -544,6 +554,22 @@ mod tests {
         assert!(pos("sub") < pos("sub/.gitignore"));
         assert!(pos("sub/code.rs") < pos("sub/important.log"));
         assert_eq!(archive(src.path()).unwrap(), bytes, "the same tree gives the same bytes");
+    }
+
+    #[test]
+    fn an_embedded_clusters_data_directory_is_left_out_and_the_paths_are_listed() {
+        let src = tempfile::tempdir().unwrap();
+        write(src.path().join("a.txt"), "x", 0o644);
+        mkdir(src.path().join("tmp"), 0o755);
+        mkdir(src.path().join("tmp/keel-cluster-1"), 0o755);
+        write(src.path().join("tmp/keel-cluster-1").join(local_cluster::DATA_DIR_MARKER), "", 0o644);
+        write(src.path().join("tmp/keel-cluster-1/kubeconfig"), "k", 0o600);
+        for selection in [Selection::Worktree, Selection::Checkout] {
+            let mut seen = Vec::new();
+            let stats = archive_listed(src.path(), selection, io::sink(), &mut |p| seen.push(p.to_owned())).unwrap();
+            assert_eq!(stats, Stats { files: 1, bytes: 1 });
+            assert_eq!(seen, ["a.txt", "tmp"]);
+        }
     }
 
     #[test]

@@ -642,15 +642,18 @@ pub(crate) async fn run_in(
 }
 
 /// Spawns a long-running helper (slirp4netns) in the host's namespaces, killed with the node; `pass`
-/// stays open across exec (descriptors named in `args`).
+/// stays open across exec (descriptors named in `args`). `owner` (the node's directory) follows
+/// the program's name in its command line, so tests and operators can tell whose it is.
 pub(crate) async fn spawn_tool(
     spawner: &Spawner,
     program: &str,
+    owner: &Path,
     args: &[String],
     pass: [Option<RawFd>; 3],
     stderr: Stdio,
 ) -> std::io::Result<Child> {
     let mut cmd = Command::new(program);
+    cmd.arg0(format!("{program} {}", owner.display()));
     cmd.args(args).env_clear().env("PATH", DEFAULT_PATH);
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).kill_on_drop(true);
     install_pre_exec(&mut cmd, Join::default(), CgroupProcs::default(), pass, false, None);

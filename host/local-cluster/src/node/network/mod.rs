@@ -225,7 +225,7 @@ impl NodeNetwork {
         let log_path = dir.join("slirp4netns.log");
         let log = std::fs::File::create(&log_path)
             .map_err(|e| NetworkError::Egress(format!("{}: {e}", log_path.display())))?;
-        let mut child = sandbox::spawn_tool(spawner, "slirp4netns", &args, pass, log.into())
+        let mut child = sandbox::spawn_tool(spawner, "slirp4netns", dir, &args, pass, log.into())
             .await
             .map_err(|e| NetworkError::Egress(e.to_string()))?;
         // Our copy of the write end goes, so a slirp4netns that dies early gives EOF.
