@@ -344,7 +344,7 @@ fn cgroup_writable(controller: &str) -> bool {
 
 /// The same through the API server, judged by kubectl.
 async fn cluster_scenario(marker: &str) {
-    // With a pod network (no egress: pasta needs /dev/net/tun, which may be root's only).
+    // With a pod network (no egress: slirp4netns needs /dev/net/tun, which may be root's only).
     let opts = ClusterOptions { pod_network: PodNetwork::Bridge, ..ClusterOptions::on_host_rootfs() };
     let c = LocalCluster::start(opts).await.expect("the cluster starts for an ordinary user");
     let kubectl = |args: &[&str], stdin: Option<&str>| {

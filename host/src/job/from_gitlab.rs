@@ -59,24 +59,8 @@ pub fn job_with_caches(payload: &JobPayload, ctx: &JobContext) -> Result<(Job, V
     };
     let timeout = (payload.runner_info.timeout > 0).then(|| Duration::from_secs(payload.runner_info.timeout));
 
-    let mut vars = variables::predefined(&variables::Facts {
-        job_id: ctx.job_id,
-        job_name: &name,
-        stage: if payload.job_info.stage.is_empty() { "test" } else { &payload.job_info.stage },
-        image: &image.name,
-        builds_dir: &ctx.builds_dir,
-        project_id: ctx.project_id,
-        project_path: &ctx.project_path,
-        concurrent_id: ctx.concurrent_id,
-        runner_token: &ctx.runner_token,
-        pipeline_id: ctx.pipeline_id,
-        commit: ctx.commit.as_ref(),
-        timeout,
-        runner_version: env!("CARGO_PKG_VERSION"),
-    });
-    for (k, v) in &ctx.environment {
-        vars.set(k.clone(), Definition::expanded(v.clone()));
-    }
+    let stage = if payload.job_info.stage.is_empty() { "test" } else { &payload.job_info.stage };
+    let mut vars = ctx.base_variables(&name, stage, &image.name, timeout);
     // The job token authenticates as the job: a credential whatever the payload says of it.
     vars.set(
         "CI_JOB_TOKEN",

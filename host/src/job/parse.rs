@@ -98,6 +98,38 @@ pub struct JobContext {
     pub instance_variables: Vec<(String, String)>,
 }
 
+impl JobContext {
+    /// The lowest layers of a job's variables, whichever source the job came from: GitLab's
+    /// predefined ones for this job, then the runner's `environment`.
+    pub(super) fn base_variables(
+        &self,
+        job_name: &str,
+        stage: &str,
+        image: &str,
+        timeout: Option<std::time::Duration>,
+    ) -> variables::Variables {
+        let mut vars = variables::predefined(&variables::Facts {
+            job_id: self.job_id,
+            job_name,
+            stage,
+            image,
+            builds_dir: &self.builds_dir,
+            project_id: self.project_id,
+            project_path: &self.project_path,
+            concurrent_id: self.concurrent_id,
+            runner_token: &self.runner_token,
+            pipeline_id: self.pipeline_id,
+            commit: self.commit.as_ref(),
+            timeout,
+            runner_version: env!("CARGO_PKG_VERSION"),
+        });
+        for (k, v) in &self.environment {
+            vars.set(k.clone(), Definition::expanded(v.clone()));
+        }
+        vars
+    }
+}
+
 impl Default for JobContext {
     fn default() -> Self {
         JobContext {
@@ -814,24 +846,7 @@ fn build_job(
 
     // Precedence, lowest first: predefined, runner `environment`, top-level YAML, job YAML.
     let stage = def.stage.clone().unwrap_or_else(|| "test".into());
-    let mut vars = variables::predefined(&variables::Facts {
-        job_id: ctx.job_id,
-        job_name: &name,
-        stage: &stage,
-        image: &image.name,
-        builds_dir: &ctx.builds_dir,
-        project_id: ctx.project_id,
-        project_path: &ctx.project_path,
-        concurrent_id: ctx.concurrent_id,
-        runner_token: &ctx.runner_token,
-        pipeline_id: ctx.pipeline_id,
-        commit: ctx.commit.as_ref(),
-        timeout: def.timeout.as_ref().map(|t| t.0),
-        runner_version: env!("CARGO_PKG_VERSION"),
-    });
-    for (k, v) in &ctx.environment {
-        vars.set(k.clone(), Definition::expanded(v.clone()));
-    }
+    let mut vars = ctx.base_variables(&name, &stage, &image.name, def.timeout.as_ref().map(|t| t.0));
     for source in [top_variables, def.variables.clone()].into_iter().flatten() {
         for (k, v) in source {
             vars.set(k, Definition { value: v.value, expand: v.expand, masked: v.masked, public: true, file: false });

@@ -162,21 +162,25 @@ fn ancestors(path: &str) -> impl Iterator<Item = &str> {
     path.char_indices().filter(|&(_, c)| c == '/').map(|(i, _)| &path[..i]).rev()
 }
 
+/// A tar entry's path relative to the directory `tar -c -C dir .` archived (no `./`, no trailing
+/// `/`); `None` for the directory itself.
+pub(super) fn entry_path<R: Read>(e: &tar::Entry<'_, R>) -> Result<Option<String>, String> {
+    let raw = e.path().map_err(|e| e.to_string())?.to_string_lossy().into_owned();
+    let mut path = raw.as_str();
+    while let Some(rest) = path.strip_prefix("./") {
+        path = rest;
+    }
+    let path = path.trim_end_matches('/');
+    Ok((!path.is_empty() && path != ".").then(|| path.to_string()))
+}
+
 /// The project directory's entries from a tar of it (`tar -c -C dir .`).
 pub fn read_tar(bytes: &[u8]) -> Result<Vec<Entry>, String> {
     let mut archive = tar::Archive::new(bytes);
     let mut entries = Vec::new();
     for e in archive.entries().map_err(|e| e.to_string())? {
         let mut e = e.map_err(|e| e.to_string())?;
-        let raw = e.path().map_err(|e| e.to_string())?.to_string_lossy().into_owned();
-        let mut path = raw.as_str();
-        while let Some(rest) = path.strip_prefix("./") {
-            path = rest;
-        }
-        let path = path.trim_end_matches('/').to_string();
-        if path.is_empty() || path == "." {
-            continue;
-        }
+        let Some(path) = entry_path(&e)? else { continue };
         let mode = e.header().mode().unwrap_or(0o644);
         let kind = match e.header().entry_type() {
             tar::EntryType::Directory => EntryKind::Dir,

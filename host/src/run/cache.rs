@@ -2,10 +2,11 @@
 //! stage, saved after `after_script` when the outcome matches `when`, one `cache.zip` per key in
 //! an object store (`[runners.cache]`: s3, gcs, azure) or, for `host run`, a local directory.
 //!
-//! The HOST moves the bytes, as for artifacts: the pod only runs `tar` (pods on the embedded
-//! cluster reach no host service, and the store's credentials must never reach the pod, a
-//! plugin or the trace). Archives stream through temporary files on the host, never whole in
-//! memory. A missing cache or a store that fails is a warning in the trace; the job goes on.
+//! The HOST moves the bytes, as for artifacts: the pod only runs `tar`, so the store's
+//! credentials never reach the pod, a plugin or the trace, and the cache works whatever the
+//! cluster's pods can reach (a pod network without egress, or a store on the host's loopback).
+//! Archives stream through temporary files on the host, never whole in memory. A missing cache
+//! or a store that fails is a warning in the trace; the job goes on.
 //!
 //! Object names follow GitLab Runner's `generateObjectName`, so a bucket a GitLab Runner filled
 //! is read as it is: `<Path>/[runner/<short token>/]project/<id>/<key>`.
@@ -650,15 +651,7 @@ fn tar_to_zip_file(
     let mut untracked_n = 0;
     for e in archive.entries().map_err(|e| e.to_string())? {
         let mut e = e.map_err(|e| e.to_string())?;
-        let raw = e.path().map_err(|e| e.to_string())?.to_string_lossy().into_owned();
-        let mut path = raw.as_str();
-        while let Some(rest) = path.strip_prefix("./") {
-            path = rest;
-        }
-        let path = path.trim_end_matches('/').to_string();
-        if path.is_empty() || path == "." {
-            continue;
-        }
+        let Some(path) = super::artifacts::entry_path(&e)? else { continue };
         let mut hit = false;
         for (_, m, n) in matchers.iter_mut() {
             if m.selects(&path) {
