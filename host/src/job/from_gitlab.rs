@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::cache::JobCache;
-use super::parse::{JobContext, JobError};
+use super::parse::{DEFAULT_STAGE, JobContext, JobError};
 use super::{Image, Job, PullPolicy, Service, Stage};
 use crate::gitlab::JobPayload;
 use crate::gitlab::payload as wire;
@@ -59,7 +59,7 @@ pub fn job_with_caches(payload: &JobPayload, ctx: &JobContext) -> Result<(Job, V
     };
     let timeout = (payload.runner_info.timeout > 0).then(|| Duration::from_secs(payload.runner_info.timeout));
 
-    let stage = if payload.job_info.stage.is_empty() { "test" } else { &payload.job_info.stage };
+    let stage = if payload.job_info.stage.is_empty() { DEFAULT_STAGE } else { &payload.job_info.stage };
     let mut vars = ctx.base_variables(&name, stage, &image.name, timeout);
     // The job token authenticates as the job: a credential whatever the payload says of it.
     vars.set(

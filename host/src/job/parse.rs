@@ -691,6 +691,9 @@ fn has_merge_key(v: &serde_yaml_ng::Value) -> bool {
     }
 }
 
+/// GitLab's stage for a job that names none (a job file's, or a payload's empty `job_info.stage`).
+pub(crate) const DEFAULT_STAGE: &str = "test";
+
 pub(crate) const RESERVED: &[&str] = &[
     "variables",
     "default",
@@ -845,8 +848,8 @@ fn build_job(
     };
 
     // Precedence, lowest first: predefined, runner `environment`, top-level YAML, job YAML.
-    let stage = def.stage.clone().unwrap_or_else(|| "test".into());
-    let mut vars = ctx.base_variables(&name, &stage, &image.name, def.timeout.as_ref().map(|t| t.0));
+    let stage = def.stage.as_deref().unwrap_or(DEFAULT_STAGE);
+    let mut vars = ctx.base_variables(&name, stage, &image.name, def.timeout.as_ref().map(|t| t.0));
     for source in [top_variables, def.variables.clone()].into_iter().flatten() {
         for (k, v) in source {
             vars.set(k, Definition { value: v.value, expand: v.expand, masked: v.masked, public: true, file: false });

@@ -11,7 +11,7 @@ use serde_yaml_ng::{Mapping, Value};
 
 use crate::gitlab::payload::Artifact;
 use crate::input::{Located, check_yaml, limits, show_bytes};
-use crate::job::parse::{JobError, RESERVED, extends_chain};
+use crate::job::parse::{DEFAULT_STAGE, JobError, RESERVED, extends_chain};
 
 /// GitLab's stages when the file names none; `.pre` and `.post` always bracket the rest.
 const DEFAULT_STAGES: &[&str] = &["build", "test", "deploy"];
@@ -264,7 +264,7 @@ pub fn plan(path: &Path, text: &str, facts: &RunFacts) -> Result<Plan, PlanError
         let get = |k: &str| merged.get(k).or_else(|| default.and_then(|d| d.get(k)).filter(|_| k == "artifacts"));
         let at = |k: &str| format!("{name}.{k}");
         let stage = match get("stage") {
-            None => "test".to_string(),
+            None => DEFAULT_STAGE.to_string(),
             Some(v) => {
                 v.as_str().map(str::to_string).ok_or_else(|| invalid(&at("stage"), "expected a stage name".into()))?
             }

@@ -97,12 +97,16 @@ pub(super) fn normalize(pattern: &str) -> Option<String> {
     if p.starts_with('/') || p.split('/').any(|s| s == "..") {
         return None;
     }
-    let mut p = p;
-    while let Some(rest) = p.strip_prefix("./") {
-        p = rest;
-    }
-    let p = p.trim_end_matches('/');
+    let p = relative(p);
     Some(if p.is_empty() { ".".to_string() } else { p.to_string() })
+}
+
+/// `././out/` -> `out`: a path below the project directory without leading `./` or trailing `/`.
+fn relative(mut path: &str) -> &str {
+    while let Some(rest) = path.strip_prefix("./") {
+        path = rest;
+    }
+    path.trim_end_matches('/')
 }
 
 /// GitLab's reading of `paths` and `exclude`: a `paths` pattern that matches a directory takes
@@ -165,12 +169,9 @@ fn ancestors(path: &str) -> impl Iterator<Item = &str> {
 /// A tar entry's path relative to the directory `tar -c -C dir .` archived (no `./`, no trailing
 /// `/`); `None` for the directory itself.
 pub(super) fn entry_path<R: Read>(e: &tar::Entry<'_, R>) -> Result<Option<String>, String> {
-    let raw = e.path().map_err(|e| e.to_string())?.to_string_lossy().into_owned();
-    let mut path = raw.as_str();
-    while let Some(rest) = path.strip_prefix("./") {
-        path = rest;
-    }
-    let path = path.trim_end_matches('/');
+    let raw = e.path().map_err(|e| e.to_string())?;
+    let raw = raw.to_string_lossy();
+    let path = relative(&raw);
     Ok((!path.is_empty() && path != ".").then(|| path.to_string()))
 }
 
