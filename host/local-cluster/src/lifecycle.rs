@@ -335,19 +335,31 @@ pub fn run_garbage_collector(state: &Shared) {
             {
                 continue;
             }
-            let Some(owners) = ev.object.pointer("/metadata/ownerReferences").and_then(Value::as_array) else {
+            if ev.object.pointer("/metadata/ownerReferences").is_none() {
                 continue;
-            };
+            }
             let Some(r) = crate::resources::by_plural(ev.resource) else { continue };
             let ns = r.namespaced.then(|| meta::namespace(&ev.object).to_owned());
+            let name = meta::name(&ev.object).to_owned();
+            // The event may be stale (an orphaning delete may have cut the dependant loose since):
+            // decide on the object as it is now, and delete only that version of it.
+            let Ok(current) = state2.store.get(r, ns.as_deref(), &name) else { continue };
+            if meta::uid(&current) != meta::uid(&ev.object) {
+                continue;
+            }
+            let owners =
+                current.pointer("/metadata/ownerReferences").and_then(Value::as_array).cloned().unwrap_or_default();
             let verdicts: Vec<Option<bool>> = owners.iter().map(|o| owner_exists(&state2, ns.as_deref(), o)).collect();
             if verdicts.is_empty() || !verdicts.iter().all(|v| *v == Some(false)) {
                 continue;
             }
-            let name = meta::name(&ev.object).to_owned();
             tracing::debug!(k8s.kind = r.kind, k8s.name = %name, "deleting a dependant whose owners do not exist");
-            if let Err(e) = delete(&state2, r, ns.as_deref(), &name, DeleteOptions::default()).await
-                && !matches!(e, ApiError::NotFound { .. })
+            let opts = DeleteOptions {
+                precondition_rv: Some(meta::resource_version(&current).to_owned()),
+                ..DeleteOptions::default()
+            };
+            if let Err(e) = delete(&state2, r, ns.as_deref(), &name, opts).await
+                && !matches!(e, ApiError::NotFound { .. } | ApiError::Conflict { .. })
             {
                 tracing::warn!(k8s.name = %name, error = %e, "garbage collection of a dangling dependant failed");
             }
