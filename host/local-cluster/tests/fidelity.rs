@@ -622,6 +622,36 @@ async fn run_as_user_applies_on_the_host_root() {
     c.stop().await;
 }
 
+/// A container that fails with `terminationMessagePolicy: FallbackToLogsOnError` has the end of
+/// its log as its termination message, as from a kubelet; one that succeeds, or asks for `File`,
+/// has none.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_container_falls_back_to_its_log_as_termination_message() {
+    let c = cluster().await;
+    let pods: Api<Pod> = Api::default_namespaced(c.client().unwrap());
+    let message = |name: &'static str, command: &str, policy: &str| {
+        let pods = pods.clone();
+        let command = command.to_owned();
+        let policy = policy.to_owned();
+        async move {
+            let mut p = pod(name, json!({"command": ["sh", "-c", command], "terminationMessagePolicy": policy}));
+            p.spec.as_mut().unwrap().restart_policy = Some("Never".into());
+            pods.create(&PostParams::default(), &p).await.unwrap();
+            let ended =
+                |p: &Pod| matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
+            until(&pods, name, "ended", ended).await;
+            let p = pods.get(name).await.unwrap();
+            let cs = &p.status.unwrap().container_statuses.unwrap()[0];
+            cs.state.as_ref().unwrap().terminated.as_ref().unwrap().message.clone()
+        }
+    };
+    let failed = message("fails", "echo first; echo last words >&2; exit 2", "FallbackToLogsOnError").await;
+    assert_eq!(failed.as_deref(), Some("first\nlast words\n"));
+    assert_eq!(message("succeeds", "echo fine", "FallbackToLogsOnError").await, None);
+    assert_eq!(message("file", "echo words; exit 2", "File").await, None);
+    c.stop().await;
+}
+
 /// A NodePort Service gets a node port from 30000-32767 for each port that names none; a port
 /// outside the range or held by another Service is refused in the API server's words.
 #[tokio::test(flavor = "multi_thread")]

@@ -90,7 +90,8 @@ fn base_layer() -> Vec<u8> {
     files.extend([
         ("etc/", String::new(), 0o755),
         ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\napp:x:1234:2345:App:/home/app:/bin/sh\n".into(), 0o644),
-        ("etc/group", "root:x:0:\napp:x:2345:\n".into(), 0o644),
+        ("etc/group", "root:x:0:\nstaff:x:50:app\napp:x:2345:\n".into(), 0o644),
+        ("etc/staff-only", "for staff\n".into(), 0o640),
         ("etc/removed-later", "from the base layer\n".into(), 0o644),
         ("opt/", String::new(), 0o755),
         ("opt/replaced/", String::new(), 0o755),
@@ -100,11 +101,17 @@ fn base_layer() -> Vec<u8> {
         ("tmp/", String::new(), 0o1777),
         ("root/", String::new(), 0o700),
     ]);
+    // Owners as an image has them: the user's home is the user's, a file only group staff reads.
+    let owner = |path: &str| match path {
+        "home/app/" => (1234, 2345),
+        "etc/staff-only" => (0, 50),
+        _ => (0, 0),
+    };
     for (path, content, mode) in files {
         let mut h = tar::Header::new_gnu();
         h.set_mode(mode);
-        h.set_uid(0);
-        h.set_gid(0);
+        h.set_uid(owner(path).0);
+        h.set_gid(owner(path).1);
         h.set_mtime(1_700_000_000);
         if let Some(target) = content.strip_prefix("->") {
             h.set_entry_type(tar::EntryType::Symlink);
@@ -350,9 +357,12 @@ async fn command_args_env_workdir_and_run_as_user_override_the_image() {
 async fn each_container_writes_to_a_private_root_of_its_own() {
     let (cluster, _dir) = cluster_with_docker_archive("keel-test/app:1.0", true).await;
     let pods: Api<Pod> = Api::default_namespaced(cluster.client().unwrap());
+    // As root: the image's user may not write root's directories (see
+    // an_images_user_has_its_groups_and_the_files_it_owns).
     let write = json!({"command": ["/bin/sh", "-c",
         "echo mine > /etc/written && rm /app/hello.txt && echo \"wrote:$(cat /etc/written)\" && \
-         test ! -e /app/hello.txt && echo deleted:yes && mkdir -p /var/new && echo mkdir:yes"]});
+         test ! -e /app/hello.txt && echo deleted:yes && mkdir -p /var/new && echo mkdir:yes"],
+        "securityContext": {"runAsUser": 0}});
     let (r, _) = run(&pods, pod("writer", "keel-test/app:1.0", write)).await;
     assert_eq!((r["wrote"].as_str(), r["deleted"].as_str(), r["mkdir"].as_str()), ("mine", "yes", "yes"));
     // Another container of the image sees the image as it was.
@@ -382,6 +392,50 @@ async fn exec_runs_as_the_images_user_in_its_root() {
     tokio::io::AsyncReadExt::read_to_end(&mut proc.stdout().unwrap(), &mut bytes).await.unwrap();
     proc.join().await.unwrap();
     assert_eq!(String::from_utf8_lossy(&bytes).trim(), "1234:2345:/app:hello from the image");
+    cluster.stop().await;
+}
+
+/// As root the node runs an image's user as containerd does: really that uid and gid, with the
+/// groups the image's `/etc/group` gives it and the pod's `supplementalGroups`, on files with
+/// their real owners (its home is its own, root's files are not). Its execs are the same.
+#[tokio::test]
+async fn an_images_user_has_its_groups_and_the_files_it_owns() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: supplementary groups are set only when the node runs as root");
+        return;
+    }
+    let (cluster, _dir) = cluster_with_docker_archive("keel-test/app:1.0", true).await;
+    let pods: Api<Pod> = Api::default_namespaced(cluster.client().unwrap());
+    const CHECK: &str = "echo \"id:$(id -u):$(id -g):$(id -G | tr ' ' ,)\"; \
+        cat /etc/staff-only >/dev/null && echo staff:read || echo staff:denied; \
+        touch /home/app/mine && echo home:written || echo home:denied; \
+        touch /etc/mine 2>/dev/null && echo etc:written || echo etc:denied; \
+        echo \"owner:$(stat -c %u:%g /home/app/mine 2>/dev/null)\"";
+    let mut p = pod("groups", "keel-test/app:1.0", json!({"command": ["sh", "-c", CHECK]}));
+    p.spec.as_mut().unwrap().security_context =
+        Some(serde_json::from_value(json!({"supplementalGroups": [4000]})).unwrap());
+    let (r, _) = run(&pods, p).await;
+    assert_eq!(r["id"], "1234:2345:2345,50,4000");
+    assert_eq!((r["staff"].as_str(), r["home"].as_str(), r["etc"].as_str()), ("read", "written", "denied"));
+    assert_eq!(r["owner"], "1234:2345");
+
+    let p = pod("exec-groups", "keel-test/app:1.0", json!({"command": ["sleep", "3600"]}));
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    tokio::time::timeout(TIMEOUT, await_condition(pods.clone(), "exec-groups", conditions::is_pod_running()))
+        .await
+        .expect("running")
+        .unwrap();
+    let params = AttachParams::default().stdout(true).stderr(false);
+    let mut proc = pods.exec("exec-groups", ["sh", "-c", CHECK], &params).await.unwrap();
+    let mut bytes = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut proc.stdout().unwrap(), &mut bytes).await.unwrap();
+    proc.join().await.unwrap();
+    let out = String::from_utf8_lossy(&bytes);
+    assert!(
+        out.contains("id:1234:2345:2345,50\n") && out.contains("staff:read") && out.contains("etc:denied"),
+        "{out}"
+    );
+    assert!(out.contains("home:written") && out.contains("owner:1234:2345"), "{out}");
     cluster.stop().await;
 }
 

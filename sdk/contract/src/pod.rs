@@ -370,6 +370,11 @@ pub fn job_pod(input: &PodInput) -> Result<Pod, PodShapeError> {
         resources: input.helper.resources.clone(),
         volume_mounts: Some(job_mounts),
         security_context: security.clone(),
+        // If the idle helper dies, its log says why (the shell's or the runtime's last words)
+        // and the job's failure quotes it. Only the helper's: everything the host runs there is
+        // an exec, whose output is not the container's log, while the build container's log can
+        // hold a job's output and so its secrets, which must not reach the Pod object.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     };
 

@@ -117,6 +117,32 @@ impl LogFile {
     }
 }
 
+/// The kubelet's bounds on a termination message taken from the log
+/// (`terminationMessagePolicy: FallbackToLogsOnError`): the last 80 lines, at most 2048 bytes.
+const MESSAGE_LINES: u64 = 80;
+const MESSAGE_BYTES: usize = 2048;
+
+impl LogFile {
+    /// The end of the log as the kubelet's fallback termination message: the last 80 lines,
+    /// the last 2048 bytes of them, both pipes as they came. Call after `close`.
+    pub fn fallback_message(&self) -> std::io::Result<String> {
+        let start = tail_offset(&self.path, MESSAGE_LINES)?;
+        let mut file = File::open(&self.path)?;
+        file.seek(SeekFrom::Start(start))?;
+        let mut raw = Vec::new();
+        file.read_to_end(&mut raw)?;
+        let mut text = Vec::with_capacity(raw.len());
+        for e in raw.split(|b| *b == b'\n').filter_map(parse_entry) {
+            text.extend_from_slice(e.content);
+            if e.full {
+                text.push(b'\n');
+            }
+        }
+        let from = text.len().saturating_sub(MESSAGE_BYTES);
+        Ok(String::from_utf8_lossy(&text[from..]).into_owned())
+    }
+}
+
 fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
     memchr::memchr(needle, hay)
 }
@@ -304,6 +330,32 @@ mod tests {
             out.extend_from_slice(&c.unwrap());
         }
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_fallback_message_is_the_last_80_lines_and_2048_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogFile::create(&dir.path().join("c.log")).unwrap();
+        log.append(Pipe::Stdout, b"early\n");
+        log.append(Pipe::Stderr, b"bwrap: ");
+        log.append(Pipe::Stderr, b"failed\n");
+        log.close();
+        assert_eq!(log.fallback_message().unwrap(), "early\nbwrap: failed\n");
+
+        let log = LogFile::create(&dir.path().join("long.log")).unwrap();
+        for i in 0..100 {
+            log.append(Pipe::Stdout, format!("line {i}\n").as_bytes());
+        }
+        log.close();
+        let m = log.fallback_message().unwrap();
+        assert!(m.starts_with("line 20\n") && m.ends_with("line 99\n"), "{m}");
+        let log = LogFile::create(&dir.path().join("wide.log")).unwrap();
+        log.append(Pipe::Stdout, &[b'x'; 5000]);
+        log.append(Pipe::Stdout, b"\nend\n");
+        log.close();
+        let m = log.fallback_message().unwrap();
+        assert_eq!(m.len(), 2048);
+        assert!(m.ends_with("x\nend\n"));
     }
 
     #[tokio::test]

@@ -87,10 +87,13 @@
 //! layer, a writable upper layer in the pod's directory (a restart gets a fresh one), mounted in a
 //! mount namespace made for the container before bwrap starts (bubblewrap 0.8 cannot mount
 //! overlays), in the pod's user namespace as an ordinary user (Linux 5.11 or later). The image's
-//! config applies as a kubelet on containerd applies it (`image::config`, `image::run`); a user
-//! other than root (the image's `User`, or `runAsUser`/`runAsGroup`) gets a user namespace of
-//! its own in which only that uid and gid exist, mapped to the pod's root: files appear owned
-//! by it, supplementary groups are not set. An image not in the store is pulled from its
+//! config applies as a kubelet on containerd applies it (`image::config`, `image::run`). A user
+//! other than root (the image's `User`, or `runAsUser`/`runAsGroup`) runs, when the node is
+//! root, really as that uid, gid and supplementary groups in a user namespace that maps every id
+//! to itself and belongs to root (`sandbox::UserMode::Real`: bwrap's setuid mode, the maps
+//! written by the node); as an ordinary user, with `shareProcessNamespace` or on the host's
+//! root it gets a user namespace of its own in which only that uid and gid exist, mapped to the
+//! pod's root (`UserMode::Mapped`): files appear owned by it, no supplementary groups. An image not in the store is pulled from its
 //! registry (or runs on the host's root, read-only, when `NodeImages::host_rootfs` asks for
 //! that: tests without a network) (`image::pull`: oci-client for the protocol, mirrors and plain-HTTP registries as
 //! `NodeImages::registries` says, credentials from the pod's `imagePullSecrets` and the node's

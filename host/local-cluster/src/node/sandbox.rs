@@ -237,13 +237,67 @@ impl OverlayMount {
     }
 }
 
+/// Who a container's process is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Identity {
+    /// uid and primary gid; `None`: the pod's root.
+    pub user: Option<(u32, u32)>,
+    /// Supplementary groups. Set only where the node runs as root: an ordinary user's pod user
+    /// namespace holds one gid, so there are no others to be a member of.
+    pub groups: Vec<u32>,
+}
+
+/// How a container of another user than the pod's root runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UserMode {
+    /// As the pod's root.
+    PodRoot,
+    /// As root: really as that uid, gid and groups, as containerd runs it. bwrap starts with the
+    /// real uid and gid of the user and effective uid 0 (its setuid mode: it clones the user
+    /// namespace as root, so the namespace belongs to root and not to the user, then runs
+    /// everything else as the user), and the node maps every id to itself, so files in the
+    /// image and in volumes keep their real owners.
+    Real,
+    /// As an ordinary user, in a shared PID namespace (which a namespace of the user's own
+    /// could not join) or on the host's root (read-only: the user could not make the mount
+    /// points there): a user namespace of the container's own in which only that uid and gid
+    /// exist, mapped to the pod's root; no supplementary groups.
+    Mapped,
+}
+
+impl UserMode {
+    pub fn of(isolation: Isolation, user: Option<(u32, u32)>, share_pid: bool, rootfs: &Rootfs) -> UserMode {
+        match user {
+            None => UserMode::PodRoot,
+            Some(_) if isolation.root && !share_pid && matches!(rootfs, Rootfs::Overlay(_)) => UserMode::Real,
+            Some(_) => UserMode::Mapped,
+        }
+    }
+}
+
+/// The supplementary groups a container's processes get, set as root before exec: none as an
+/// ordinary user or for a `Mapped` user (in whose namespace they would not exist).
+fn groups_to_set(isolation: Isolation, mode: UserMode, identity: &Identity) -> Option<Vec<rustix::process::Gid>> {
+    (isolation.root && mode != UserMode::Mapped)
+        .then(|| identity.groups.iter().map(|g| rustix::process::Gid::from_raw(*g)).collect())
+}
+
+/// The whole id range mapped to itself: a `Real` container's user namespace changes no owner.
+const IDENTITY_MAP: &str = "0 0 4294967295\n";
+
+/// Credentials set before exec, as root: supplementary groups, and for bwrap's setuid mode the
+/// real ids of the user with effective uid 0.
+#[derive(Debug, Clone, Default)]
+struct Creds {
+    groups: Option<Vec<rustix::process::Gid>>,
+    user: Option<(u32, u32)>,
+}
+
 /// Everything needed to start one container sandbox.
 #[derive(Debug)]
 pub(crate) struct ContainerSandbox {
     pub rootfs: Rootfs,
-    /// Run as this uid/gid (in a user namespace of the container's own, mapped to the pod's
-    /// root); `None`: as the pod's root.
-    pub user: Option<(u32, u32)>,
+    pub identity: Identity,
     pub binds: Vec<Bind>,
     pub env: Vec<(String, String)>,
     pub working_dir: String,
@@ -382,14 +436,18 @@ type CgroupProcs = [Option<RawFd>; 2];
 ///
 /// Safety of the hook: it runs in the forked child before exec and only calls setns(2),
 /// prctl(2), write(2), fcntl(2), setsid(2) and ioctl(2) on descriptors opened before the fork,
-/// and unshare(2) and mount(2) with strings made before the fork.
+/// unshare(2) and mount(2) with strings made before the fork, and setgroups(2), setresgid(2)
+/// and setresuid(2) (raw system calls for this thread, the child's only one) with ids made
+/// before the fork.
+#[allow(clippy::too_many_arguments)]
 fn install_pre_exec(
     cmd: &mut Command,
     join: Join,
     cgroup_procs: CgroupProcs,
-    keep_open: [Option<RawFd>; 3],
+    keep_open: [Option<RawFd>; 4],
     ctty: bool,
     overlay: Option<(std::ffi::CString, std::ffi::CString)>,
+    creds: Creds,
 ) {
     let Join { user, net } = join;
     let hook = move || -> std::io::Result<()> {
@@ -418,6 +476,16 @@ fn install_pre_exec(
             unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS)? };
             mount_change(c"/", MountPropagationFlags::DOWNSTREAM | MountPropagationFlags::REC)?;
             mount(c"overlay", target.as_c_str(), c"overlay", MountFlags::empty(), data.as_c_str())?;
+        }
+        // Last, as root: what comes before needs root's rights.
+        if let Some(groups) = &creds.groups {
+            rustix::thread::set_thread_groups(groups)?;
+        }
+        if let Some((uid, gid)) = creds.user {
+            use rustix::process::{Gid, Uid};
+            let gid = Gid::from_raw(gid);
+            rustix::thread::set_thread_res_gid(gid, gid, gid)?;
+            rustix::thread::set_thread_res_uid(Uid::from_raw(uid), Uid::ROOT, Uid::ROOT)?;
         }
         for fd in keep_open.into_iter().flatten() {
             fcntl_setfd(borrow(fd), FdFlags::empty())?;
@@ -461,6 +529,18 @@ fn read_child_pid(read: OwnedFd) -> std::io::Result<i32> {
         .map_err(|e| std::io::Error::other(format!("bwrap did not report the sandbox pid: {e}")))
 }
 
+/// Maps every uid and gid of `pid`'s user namespace to itself; the namespace may not change
+/// its groups (it has none to gain: they were set before bwrap started).
+fn map_identity(pid: i32) -> std::io::Result<()> {
+    let write = |file: &str, text: &str| {
+        std::fs::write(format!("/proc/{pid}/{file}"), text)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot write the sandbox's {file}: {e}")))
+    };
+    write("uid_map", IDENTITY_MAP)?;
+    write("setgroups", "deny\n")?;
+    write("gid_map", IDENTITY_MAP)
+}
+
 /// Standard streams of a sandbox.
 pub(crate) struct Stdios {
     pub stdin: Stdio,
@@ -481,19 +561,41 @@ async fn spawn_bwrap(
     cgroup_procs: CgroupProcs,
     pass_fd: Option<RawFd>,
     overlay: Option<(std::ffi::CString, std::ffi::CString)>,
+    creds: Creds,
 ) -> std::io::Result<Started> {
     let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     let mut cmd = Command::new("bwrap");
-    cmd.arg("--info-fd").arg(write.as_raw_fd().to_string()).args(args);
+    cmd.arg("--info-fd").arg(write.as_raw_fd().to_string());
+    // A `Real` user: bwrap waits (--userns-block-fd) until we have mapped the namespace it made.
+    let block = match creds.user {
+        Some(_) => {
+            let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+            cmd.args(["--unshare-user", "--userns-block-fd", &r.as_raw_fd().to_string()]);
+            Some((r, w))
+        }
+        None => None,
+    };
+    cmd.args(args);
     cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v)));
     cmd.stdin(stdio.stdin).stdout(stdio.stdout).stderr(stdio.stderr);
     cmd.kill_on_drop(true);
-    install_pre_exec(&mut cmd, join, cgroup_procs, [Some(write.as_raw_fd()), pass_fd, None], false, overlay);
+    let keep_open = [Some(write.as_raw_fd()), pass_fd, block.as_ref().map(|(r, _)| r.as_raw_fd()), None];
+    install_pre_exec(&mut cmd, join, cgroup_procs, keep_open, false, overlay, creds);
     let child = spawner.spawn(cmd).await;
-    // Our copy of the write end must go, or a bwrap that dies early never gives us EOF.
+    // Our copies of the child's ends must go, or a bwrap that dies early never gives us EOF.
     drop(write);
+    let block = block.map(|(_, w)| w);
     let mut child = child?;
-    match tokio::task::spawn_blocking(move || read_child_pid(read)).await {
+    let started = tokio::task::spawn_blocking(move || {
+        let pid = read_child_pid(read)?;
+        if let Some(w) = block {
+            map_identity(pid)?;
+            rustix::io::write(&w, b"1")?;
+        }
+        Ok::<_, std::io::Error>(pid)
+    })
+    .await;
+    match started {
         Ok(Ok(inner_pid)) => Ok(Started { child, inner_pid }),
         Ok(Err(e)) => {
             let _ = child.start_kill();
@@ -541,7 +643,8 @@ pub(crate) async fn start_holder(
     let stdio = Stdios { stdin: Stdio::null(), stdout: Stdio::null(), stderr: Stdio::piped() };
     let env = [("PATH".to_string(), DEFAULT_PATH.to_string())];
     let join = Join { user: node_user.map(|u| u.as_raw_fd()), net: None };
-    let mut started = spawn_bwrap(spawner, args, &env, stdio, join, CgroupProcs::default(), None, None).await?;
+    let mut started =
+        spawn_bwrap(spawner, args, &env, stdio, join, CgroupProcs::default(), None, None, Creds::default()).await?;
     let inner_pid = started.inner_pid;
     let open =
         |kind: &str| -> std::io::Result<OwnedFd> { Ok(File::open(format!("/proc/{inner_pid}/ns/{kind}"))?.into()) };
@@ -581,7 +684,8 @@ pub(crate) async fn start_network_holder(
     let stdio = Stdios { stdin: Stdio::null(), stdout: Stdio::null(), stderr: Stdio::piped() };
     let env = [("PATH".to_string(), DEFAULT_PATH.to_string())];
     let mut started =
-        spawn_bwrap(spawner, args, &env, stdio, Join::default(), CgroupProcs::default(), None, None).await?;
+        spawn_bwrap(spawner, args, &env, stdio, Join::default(), CgroupProcs::default(), None, None, Creds::default())
+            .await?;
     let inner_pid = started.inner_pid;
     let open =
         |kind: &str| -> std::io::Result<OwnedFd> { Ok(File::open(format!("/proc/{inner_pid}/ns/{kind}"))?.into()) };
@@ -623,7 +727,7 @@ pub(crate) async fn run_in(
     cmd.args(args).env_clear().env("PATH", DEFAULT_PATH);
     cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
     let join = Join { user: ns.user.map(|u| u.as_raw_fd()), net: Some(ns.net.as_raw_fd()) };
-    install_pre_exec(&mut cmd, join, CgroupProcs::default(), [None, None, None], false, None);
+    install_pre_exec(&mut cmd, join, CgroupProcs::default(), [None; 4], false, None, Creds::default());
     let mut child =
         spawner.spawn(cmd).await.map_err(|e| std::io::Error::new(e.kind(), format!("cannot run {program}: {e}")))?;
     if let Some(mut stdin) = child.stdin.take() {
@@ -656,7 +760,8 @@ pub(crate) async fn spawn_tool(
     cmd.arg0(format!("{program} {}", owner.display()));
     cmd.args(args).env_clear().env("PATH", DEFAULT_PATH);
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).kill_on_drop(true);
-    install_pre_exec(&mut cmd, Join::default(), CgroupProcs::default(), pass, false, None);
+    let [a, b, c] = pass;
+    install_pre_exec(&mut cmd, Join::default(), CgroupProcs::default(), [a, b, c, None], false, None, Creds::default());
     spawner.spawn(cmd).await.map_err(|e| std::io::Error::new(e.kind(), format!("cannot run {program}: {e}")))
 }
 
@@ -722,11 +827,16 @@ pub(crate) async fn start_container(
     stdio: Stdios,
 ) -> std::io::Result<Started> {
     let mut args: Vec<String> = vec!["--die-with-parent".into(), "--unshare-ipc".into()];
-    if let Some((uid, gid)) = sb.user {
+    let mode = UserMode::of(isolation, sb.identity.user, sb.share_pid, &sb.rootfs);
+    if let (UserMode::Mapped, Some((uid, gid))) = (mode, sb.identity.user) {
         // The pod's user namespace has one uid (0) as an ordinary user, so another user needs a
         // namespace of its own, mapping it to the pod's root; bwrap then drops every capability.
         args.extend(["--unshare-user".into(), "--uid".into(), uid.to_string(), "--gid".into(), gid.to_string()]);
     }
+    let creds = Creds {
+        groups: groups_to_set(isolation, mode, &sb.identity),
+        user: sb.identity.user.filter(|_| mode == UserMode::Real),
+    };
     args.extend(["--unshare-uts".into(), "--hostname".into(), sb.hostname.clone()]);
     if sb.pod_ns.is_none() || !sb.share_pid {
         args.push("--unshare-pid".into());
@@ -751,7 +861,7 @@ pub(crate) async fn start_container(
             Some(o.c_strings(!isolation.root)?)
         }
     };
-    if sb.user.is_none() {
+    if mode == UserMode::PodRoot {
         args.extend(super::caps::bwrap_args(sb.caps));
     }
     args.push("--".into());
@@ -764,7 +874,7 @@ pub(crate) async fn start_container(
         return Err(std::io::Error::other("a container joins at most two cgroups (memory and CPU)"));
     }
     let cg: CgroupProcs = std::array::from_fn(|i| sb.cgroup_procs.get(i).map(|f| f.as_raw_fd()));
-    let mut started = spawn_bwrap(spawner, args, &sb.env, stdio, join, cg, shared_pid, overlay).await?;
+    let mut started = spawn_bwrap(spawner, args, &sb.env, stdio, join, cg, shared_pid, overlay, creds).await?;
     drop(sb.tty);
     // bwrap reports the pid right after clone(), before the sandbox's mounts exist; an exec
     // joining too early would see a half-built filesystem. The process has exec'd the command
@@ -828,11 +938,12 @@ pub(crate) fn find_executable(inner_pid: i32, name: &str, path_env: &str, workin
     Err(format!("exec: {name:?}: executable file not found in $PATH"))
 }
 
-/// Builds the `nsenter` command for an exec into a running container.
+/// Builds the `nsenter` command for an exec into a running container, as its user.
 pub(crate) fn exec_command(
     inner_pid: i32,
     isolation: Isolation,
-    own_user_ns: bool,
+    mode: UserMode,
+    identity: &Identity,
     working_dir: &str,
     env: &[(String, String)],
     argv: &[String],
@@ -840,12 +951,16 @@ pub(crate) fn exec_command(
     let mut cmd = Command::new("nsenter");
     cmd.arg("--target").arg(inner_pid.to_string());
     // A container with a user of its own has a user namespace of its own: joined the same way,
-    // the exec runs as that user (our uid is the one mapped to it).
-    if !isolation.root || own_user_ns {
+    // the exec runs as that user (a `Mapped` one is our uid; a `Real` one nsenter switches to,
+    // keeping the groups set before it started).
+    if !isolation.root || mode != UserMode::PodRoot {
         // The container's namespaces belong to the pod's user namespace: nsenter joins it first
         // and so gets the capabilities to join the rest. Our uid already is the pod's uid 0;
         // without --preserve-credentials nsenter would call setgroups, which bwrap denied.
         cmd.args(["--user", "--preserve-credentials"]);
+    }
+    if let (UserMode::Real, Some((uid, gid))) = (mode, identity.user) {
+        cmd.args(["--setgid", &gid.to_string(), "--setuid", &uid.to_string()]);
     }
     cmd.args(["--mount", "--pid", "--net", "--uts", "--ipc"]);
     cmd.arg(format!("--wdns={working_dir}"));
@@ -859,13 +974,21 @@ pub(crate) fn exec_command(
 /// controlling terminal). An exec runs inside its container's cgroups, as runc puts it there:
 /// its memory counts against the container's limit and an OOM kill is the container's.
 /// `cgroup_procs` must stay open until the command is spawned.
-pub(crate) fn prepare_exec(cmd: &mut Command, tty: bool, cgroup_procs: &[File]) {
+pub(crate) fn prepare_exec(
+    cmd: &mut Command,
+    tty: bool,
+    cgroup_procs: &[File],
+    isolation: Isolation,
+    mode: UserMode,
+    identity: &Identity,
+) {
     if !tty {
         // A process group of its own, so the whole exec (nsenter and its child) can be killed.
         cmd.process_group(0);
     }
     let cg: CgroupProcs = std::array::from_fn(|i| cgroup_procs.get(i).map(|f| f.as_raw_fd()));
-    install_pre_exec(cmd, Join::default(), cg, [None, None, None], tty, None);
+    let creds = Creds { groups: groups_to_set(isolation, mode, identity), user: None };
+    install_pre_exec(cmd, Join::default(), cg, [None; 4], tty, None, creds);
 }
 
 /// A terminal pair: the master stays with the node, the slave becomes the process's stdio.
@@ -944,7 +1067,7 @@ mod tests {
     fn exec_joins_the_pods_user_namespace_first_when_unprivileged() {
         let argv = ["true".to_string()];
         let args = |root| {
-            let cmd = exec_command(42, Isolation { root }, false, "/w", &[], &argv);
+            let cmd = exec_command(42, Isolation { root }, UserMode::PodRoot, &Identity::default(), "/w", &[], &argv);
             cmd.as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>()
         };
         let unprivileged = args(false);

@@ -138,7 +138,7 @@ pub(crate) async fn exec(
     let mut argv = req.command.clone();
     // A container of another user has no capabilities to drop.
     if let super::caps::Capabilities::Set(set) = inst.caps
-        && !inst.own_user_ns
+        && inst.user_mode == sandbox::UserMode::PodRoot
     {
         const SETPRIV: &str = "/usr/bin/setpriv";
         if sandbox::find_executable(inst.inner_pid, SETPRIV, "", "/").is_ok() {
@@ -151,8 +151,15 @@ pub(crate) async fn exec(
             tracing::debug!(k8s.pod = %pod.name, k8s.container = container, "no setpriv in the container: the exec keeps the node's capabilities");
         }
     }
-    let mut cmd =
-        sandbox::exec_command(inst.inner_pid, node.isolation, inst.own_user_ns, &inst.working_dir, &inst.env, &argv);
+    let mut cmd = sandbox::exec_command(
+        inst.inner_pid,
+        node.isolation,
+        inst.user_mode,
+        &inst.identity,
+        &inst.working_dir,
+        &inst.env,
+        &argv,
+    );
     let spawn_err = |source| NodeError::ExecSpawn { container: container.into(), command: req.command.clone(), source };
     let pty = if req.tty {
         let p = sandbox::open_pty().map_err(|source| NodeError::Pty { container: container.into(), source })?;
@@ -170,7 +177,7 @@ pub(crate) async fn exec(
     // Opened here (not at container start) so no descriptor outlives the exec's spawn.
     let cgroup_procs: Vec<std::fs::File> =
         inst.cgroup_procs.iter().filter_map(|p| std::fs::OpenOptions::new().write(true).open(p).ok()).collect();
-    sandbox::prepare_exec(&mut cmd, req.tty, &cgroup_procs);
+    sandbox::prepare_exec(&mut cmd, req.tty, &cgroup_procs, node.isolation, inst.user_mode, &inst.identity);
     let mut child = node.spawner.spawn(cmd).await.map_err(spawn_err)?;
     let pid = child.id().map(|p| p as i32);
     let (mut stdin_tx, mut stdout_rx, mut stderr_rx, mut resize_tx) = (None, None, None, None);

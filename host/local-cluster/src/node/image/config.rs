@@ -81,15 +81,20 @@ pub(crate) struct User {
     pub gid: u32,
     /// The home directory of the uid's passwd entry (`HOME` when the environment has none).
     pub home: Option<String>,
+    /// Supplementary groups: the primary gid, then every group of the image's `/etc/group`
+    /// that lists the user's name as a member (containerd's `WithAdditionalGIDs`, which adds the
+    /// primary gid since CVE-2023-25173).
+    pub groups: Vec<u32>,
 }
 
-/// One line of `/etc/passwd` or `/etc/group`: name, numeric id, and for passwd the primary gid
-/// and home directory.
+/// One line of `/etc/passwd` or `/etc/group`: name, numeric id, for passwd the primary gid
+/// and home directory, for group its members.
 struct Entry {
     name: String,
     id: u32,
     gid: u32,
     home: String,
+    members: Vec<String>,
 }
 
 fn read_entries(rootfs: &Path, file: &str) -> Vec<Entry> {
@@ -104,6 +109,9 @@ fn read_entries(rootfs: &Path, file: &str) -> Vec<Entry> {
                 id,
                 gid: f.get(3).and_then(|g| g.parse().ok()).unwrap_or(0),
                 home: f.get(5).map_or_else(String::new, |h| (*h).to_owned()),
+                members: f.get(3).map_or_else(Vec::new, |m| {
+                    m.split(',').filter(|n| !n.is_empty()).map(|n| n.trim().to_owned()).collect()
+                }),
             })
         })
         .collect()
@@ -143,7 +151,17 @@ pub(crate) fn resolve_user(rootfs: &Path, user: &str) -> Result<User, String> {
         },
     };
     let home = passwd.iter().find(|e| e.id == uid).map(|e| e.home.clone()).filter(|h| !h.is_empty());
-    Ok(User { uid, gid, home })
+    // Memberships go by name: a numeric uid without a passwd entry has none.
+    let name = entry.map(|e| e.name.as_str()).filter(|n| !n.is_empty());
+    let mut groups = vec![gid];
+    if let Some(name) = name {
+        for g in read_entries(rootfs, "etc/group") {
+            if g.members.iter().any(|m| m == name) && !groups.contains(&g.id) {
+                groups.push(g.id);
+            }
+        }
+    }
+    Ok(User { uid, gid, home, groups })
 }
 
 #[cfg(test)]
@@ -184,13 +202,17 @@ mod tests {
             "root:x:0:0:root:/root:/bin/sh\napp:x:1234:2345:App:/home/app:/bin/sh\n",
         )
         .unwrap();
-        std::fs::write(root.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        std::fs::write(root.path().join("etc/group"), "root:x:0:\nstaff:x:50:\nusers:x:100:other,app\napp:x:2345:\n")
+            .unwrap();
         let r = |u: &str| resolve_user(root.path(), u);
-        assert_eq!(r("app").unwrap(), User { uid: 1234, gid: 2345, home: Some("/home/app".into()) });
-        assert_eq!(r("1234").unwrap(), User { uid: 1234, gid: 2345, home: Some("/home/app".into()) });
-        assert_eq!(r("777").unwrap(), User { uid: 777, gid: 0, home: None });
+        let app = User { uid: 1234, gid: 2345, home: Some("/home/app".into()), groups: vec![2345, 100] };
+        assert_eq!(r("app").unwrap(), app);
+        // A uid with a passwd entry has that name's memberships.
+        assert_eq!(r("1234").unwrap(), app);
+        assert_eq!(r("777").unwrap(), User { uid: 777, gid: 0, home: None, groups: vec![0] });
         assert_eq!(r("app:staff").unwrap().gid, 50);
-        assert_eq!(r("777:88").unwrap(), User { uid: 777, gid: 88, home: None });
+        assert_eq!(r("app:staff").unwrap().groups, vec![50, 100]);
+        assert_eq!(r("777:88").unwrap(), User { uid: 777, gid: 88, home: None, groups: vec![88] });
         assert_eq!(r("nobody").unwrap_err(), "unable to find user nobody: no matching entries in passwd file");
         assert_eq!(r("app:wheel").unwrap_err(), "unable to find group wheel: no matching entries in group file");
     }

@@ -35,7 +35,7 @@ pub(crate) use pull::{DockerConfig, Puller, pod_configs};
 pub use pull::{RegistryOptions, RegistryOptionsError, mirror_endpoint, parse_mirror};
 use reference::parse_normalized;
 pub(crate) use reference::{default_pull_policy, normalized, repository};
-pub(crate) use run::{defaults as image_defaults, etc_hosts, host_root_user, writable_root};
+pub(crate) use run::{defaults as image_defaults, etc_hosts, host_root_identity, make_mount_points, writable_root};
 pub use store::{LoadedImage, StoreError};
 pub(crate) use store::{Store, StoredImage};
 

@@ -40,16 +40,16 @@ impl PodRuntime {
         let c = &rt.spec;
         let image = c.image.clone().unwrap_or_default();
         let writable_dir = self.dir.join("rootfs").join(format!("{}-{restarts}", c.name));
-        let (env, argv, working_dir, user, rootfs) = match stored {
+        let (env, argv, working_dir, identity, rootfs) = match stored {
             None => {
                 let env = build_env(&self.pod_with_addresses(), c, data)?;
                 let argv = argv(c, &env);
                 let working_dir = c.working_dir.clone().unwrap_or_else(|| "/".into());
                 let images_dir = node.cfg.images_dir.as_ref();
                 let root = images_dir.map(|d| d.join(image.replace(['/', ':'], "_"))).filter(|p| p.is_dir());
-                let user = image::host_root_user(&self.pod, c)
+                let identity = image::host_root_identity(&self.pod, c)
                     .map_err(|message| CreateFailure { reason: "CreateContainerError", message })?;
-                (env, argv, working_dir, user, Rootfs::ReadOnly(root))
+                (env, argv, working_dir, identity, Rootfs::ReadOnly(root))
             }
             Some(img) => {
                 // The runtime's failures to apply the image's config: CreateContainerError.
@@ -68,7 +68,7 @@ impl PodRuntime {
                         .await
                         .map_err(|e| runtime(e.to_string()))?
                         .map_err(|e| runtime(format!("cannot make the container's writable layer: {e}")))?;
-                (env, argv, defaults.working_dir, defaults.user, Rootfs::Overlay(overlay))
+                (env, argv, defaults.working_dir, defaults.identity, Rootfs::Overlay(overlay))
             }
         };
         let mut binds = self.binds(c)?;
@@ -92,6 +92,17 @@ impl PodRuntime {
                 std::fs::write(&path, content).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
                 binds.push(Bind { source: path, dest: dest.into(), read_only: true });
             }
+        }
+        let share_pid = self.spec().share_process_namespace.unwrap_or(false);
+        let user_mode = sandbox::UserMode::of(node.isolation, identity.user, share_pid, &rootfs);
+        if let (sandbox::UserMode::Real, Rootfs::Overlay(o)) = (user_mode, &rootfs) {
+            let mut dests: Vec<(String, bool)> = vec![("/dev".into(), false), ("/proc".into(), false)];
+            dests.extend(binds.iter().map(|b| (b.dest.clone(), b.source.is_file())));
+            dests.push((working_dir.clone(), false));
+            image::make_mount_points(o, &dests).map_err(|e| CreateFailure {
+                reason: "CreateContainerError",
+                message: format!("cannot make the container's mount points: {e}"),
+            })?;
         }
         let log_path = self.dir.join("logs").join(&c.name).join(format!("{restarts}.log"));
         let log = LogFile::create(&log_path).map_err(|e| format!("cannot create log {}: {e}", log_path.display()))?;
@@ -119,10 +130,9 @@ impl PodRuntime {
             let stdin = if want_stdin { Stdio::piped() } else { Stdio::null() };
             (Stdios { stdin, stdout: Stdio::piped(), stderr: Stdio::piped() }, None)
         };
-        let share_pid = self.spec().share_process_namespace.unwrap_or(false);
         let sb = ContainerSandbox {
             rootfs,
-            user,
+            identity: identity.clone(),
             binds,
             env: env.clone(),
             working_dir: working_dir.clone(),
@@ -194,7 +204,8 @@ impl PodRuntime {
             stdin,
             stdin_once: c.stdin_once.unwrap_or(false),
             caps,
-            own_user_ns: user.is_some(),
+            identity,
+            user_mode,
             cgroup_procs: cgroup.as_ref().map(ContainerCgroup::procs_paths).unwrap_or_default(),
             pty_master,
             exited: exited_rx,
@@ -287,6 +298,18 @@ impl PodRuntime {
         } else {
             "Error"
         };
+        // As a kubelet: a container that failed and asked for it has the end of its log as its
+        // termination message (a `File` message is not read here: `/dev` is the sandbox's own).
+        let message = if code != 0 && c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError") {
+            let log = log.clone();
+            tokio::task::spawn_blocking(move || log.fallback_message().ok())
+                .await
+                .ok()
+                .flatten()
+                .filter(|m| !m.is_empty())
+        } else {
+            None
+        };
         let finished = now();
         self.set_container(&c.name, |cs| {
             cs.ready = false;
@@ -299,7 +322,7 @@ impl PodRuntime {
                     started_at: Some(started_at),
                     finished_at: Some(finished),
                     container_id: Some(container_id),
-                    message: None,
+                    message,
                 }),
                 ..Default::default()
             });

@@ -45,9 +45,9 @@ pub(crate) struct Instance {
     pub stdin_once: bool,
     /// The container's capabilities, which its execs get too.
     pub caps: Capabilities,
-    /// The container runs as a user other than the pod's root, in a user namespace of its own
-    /// that its execs join too.
-    pub own_user_ns: bool,
+    /// Who the container's process is, and how (its execs are the same).
+    pub identity: crate::node::sandbox::Identity,
+    pub user_mode: crate::node::sandbox::UserMode,
     /// `cgroup.procs` files of the container's cgroups, which its execs join too.
     pub cgroup_procs: Vec<std::path::PathBuf>,
     pub pty_master: Option<Arc<OwnedFd>>,
