@@ -27,6 +27,8 @@ const NOBODY: u32 = 65534;
 const EXPECT_UID: &str = "KEEL_TEST_EXPECT_UID";
 /// Put into every pod's environment, so leftovers can be found after the child is gone.
 const MARKER: &str = "KEEL_TEST_MARKER";
+/// Set for the child when the parent made a test host for it to reach (egress).
+const EGRESS_BODY: &str = "KEEL_TEST_EGRESS_BODY";
 
 #[test]
 fn node_runs_pods_with_their_own_namespaces_as_an_unprivileged_user() {
@@ -34,7 +36,12 @@ fn node_runs_pods_with_their_own_namespaces_as_an_unprivileged_user() {
         return runtime().block_on(scenario());
     }
     let marker = format!("keel-unprivileged-{}", std::process::id());
-    run_as_nobody("scenario_as_this_user", &marker, None);
+    // A host for the child's pods to reach through slirp4netns, which opens /dev/net/tun: the
+    // device is root's only on some machines (0600), so the child gets a copy it may open, bound
+    // over the device in a mount namespace of its own (the host's stays as it is).
+    let body = "hello-from-the-test-host";
+    let _test_host = common::TestHost::start(body);
+    run_as_nobody("scenario_as_this_user", &marker, Some(TUN_FOR_THE_CHILD), &[(EGRESS_BODY, body)]);
     // Nothing of the child's pods survives it.
     assert!(common::processes_mentioning(&marker).is_empty(), "sandboxes outlived the node");
 }
@@ -56,7 +63,7 @@ fn node_start_names_the_cause_when_user_namespaces_are_disabled() {
         return;
     }
     let marker = format!("keel-no-userns-{}", std::process::id());
-    run_as_nobody("start_without_user_namespaces", &marker, Some(NO_USER_NAMESPACES));
+    run_as_nobody("start_without_user_namespaces", &marker, Some(NO_USER_NAMESPACES), &[]);
 }
 
 #[test]
@@ -112,10 +119,29 @@ os.write(go_w, b"x")
 sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 "#;
 
+/// `python3 -c` program that runs its arguments in a mount namespace of its own in which
+/// `/dev/net/tun` is a copy of the device that everyone may open.
+const TUN_FOR_THE_CHILD: &str = r#"
+import ctypes, os, stat, sys, tempfile
+libc = ctypes.CDLL(None, use_errno=True)
+def check(r, what):
+    if r != 0:
+        sys.exit(what + " failed: " + os.strerror(ctypes.get_errno()))
+check(libc.unshare(0x00020000), "unshare(CLONE_NEWNS)")
+check(libc.mount(b"none", b"/", None, 0x40000 | 0x4000, None), "making / private")  # MS_PRIVATE | MS_REC
+d = tempfile.mkdtemp()
+tun = os.path.join(d, "tun")
+os.mknod(tun, stat.S_IFCHR | 0o666, os.makedev(10, 200))
+os.chmod(tun, 0o666)
+check(libc.mount(tun.encode(), b"/dev/net/tun", None, 0x1000, None), "binding the tun copy")  # MS_BIND
+os.unlink(tun); os.rmdir(d)
+os.execvp(sys.argv[1], sys.argv[1:])
+"#;
+
 /// Runs the ignored test `name` of a copy of this binary as uid 65534 (through `python3 -c
 /// wrapper` when given, which gets the command line as arguments) and asserts that it passed
 /// and left no files behind.
-fn run_as_nobody(name: &str, marker: &str, wrapper: Option<&str>) {
+fn run_as_nobody(name: &str, marker: &str, wrapper: Option<&str>, env: &[(&str, &str)]) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     // The build directory may sit where uid 65534 cannot reach (under /root): run a copy.
@@ -147,6 +173,7 @@ fn run_as_nobody(name: &str, marker: &str, wrapper: Option<&str>) {
         .env("RUST_BACKTRACE", "1")
         .env(EXPECT_UID, NOBODY.to_string())
         .env(MARKER, marker)
+        .envs(env.iter().copied())
         .output()
         .expect("setpriv (util-linux) runs");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -344,8 +371,10 @@ fn cgroup_writable(controller: &str) -> bool {
 
 /// The same through the API server, judged by kubectl.
 async fn cluster_scenario(marker: &str) {
-    // With a pod network (no egress: slirp4netns needs /dev/net/tun, which may be root's only).
-    let opts = ClusterOptions { pod_network: PodNetwork::Bridge, ..ClusterOptions::on_host_rootfs() };
+    // With a pod network; with egress where the parent made a host to reach (as root, above).
+    let egress = std::env::var(EGRESS_BODY).ok();
+    let pod_network = if egress.is_some() { PodNetwork::Egress } else { PodNetwork::Bridge };
+    let opts = ClusterOptions { pod_network, ..ClusterOptions::on_host_rootfs() };
     let c = LocalCluster::start(opts).await.expect("the cluster starts for an ordinary user");
     let kubectl = |args: &[&str], stdin: Option<&str>| {
         use std::io::Write;
@@ -388,6 +417,27 @@ async fn cluster_scenario(marker: &str) {
     assert!(hosts.contains(&format!("{web_ip}\tweb")), "{hosts}{}", String::from_utf8_lossy(&out.stderr));
     let out = tokio::task::block_in_place(|| kubectl(&["exec", "web", "--", "sh", "-c", "echo in-pod; id -u"], None));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "in-pod\n0\n", "{}", String::from_utf8_lossy(&out.stderr));
+    if let Some(body) = &egress {
+        // A server on this user's loopback, which pods reach as host.keel.internal.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            while let Ok((mut s, _)) = listener.accept() {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nlocal\n");
+            }
+        });
+        let script = format!(
+            "echo far:$(timeout 10 wget -qO- http://10.250.0.2:8000/); \
+             echo near:$(timeout 10 wget -qO- http://host.keel.internal:{port}/)"
+        );
+        let out = tokio::task::block_in_place(|| kubectl(&["exec", "other", "--", "sh", "-c", &script], None));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("far:{body}")), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("near:local"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    }
     let out = tokio::task::block_in_place(|| kubectl(&["exec", "web", "--", "sh", "-c", "exit 3"], None));
     assert_eq!(
         out.status.code(),

@@ -269,7 +269,11 @@ impl UserMode {
     pub fn of(isolation: Isolation, user: Option<(u32, u32)>, share_pid: bool, rootfs: &Rootfs) -> UserMode {
         match user {
             None => UserMode::PodRoot,
-            Some(_) if isolation.root && !share_pid && matches!(rootfs, Rootfs::Overlay(_)) => UserMode::Real,
+            // uid 0 with another group stays `Mapped`: bwrap's setuid mode needs a real uid other
+            // than root, and a root of the identity namespace would hold every capability there.
+            Some((uid, _)) if uid != 0 && isolation.root && !share_pid && matches!(rootfs, Rootfs::Overlay(_)) => {
+                UserMode::Real
+            }
             Some(_) => UserMode::Mapped,
         }
     }
@@ -745,7 +749,8 @@ pub(crate) async fn run_in(
     )))
 }
 
-/// Spawns a long-running helper (slirp4netns) in the host's namespaces, killed with the node; `pass`
+/// Spawns a long-running helper (slirp4netns) in the host's namespaces (joining `user` first,
+/// where given: the user namespace of an ordinary user's node), killed with the node; `pass`
 /// stays open across exec (descriptors named in `args`). `owner` (the node's directory) follows
 /// the program's name in its command line, so tests and operators can tell whose it is.
 pub(crate) async fn spawn_tool(
@@ -754,6 +759,7 @@ pub(crate) async fn spawn_tool(
     owner: &Path,
     args: &[String],
     pass: [Option<RawFd>; 3],
+    user: Option<&OwnedFd>,
     stderr: Stdio,
 ) -> std::io::Result<Child> {
     let mut cmd = Command::new(program);
@@ -761,7 +767,8 @@ pub(crate) async fn spawn_tool(
     cmd.args(args).env_clear().env("PATH", DEFAULT_PATH);
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).kill_on_drop(true);
     let [a, b, c] = pass;
-    install_pre_exec(&mut cmd, Join::default(), CgroupProcs::default(), [a, b, c, None], false, None, Creds::default());
+    let join = Join { user: user.map(|u| u.as_raw_fd()), net: None };
+    install_pre_exec(&mut cmd, join, CgroupProcs::default(), [a, b, c, None], false, None, Creds::default());
     spawner.spawn(cmd).await.map_err(|e| std::io::Error::new(e.kind(), format!("cannot run {program}: {e}")))
 }
 
@@ -1022,6 +1029,27 @@ mod tests {
 
     fn pos(args: &[String], a: &str, b: &str) -> Option<usize> {
         args.windows(2).position(|w| w[0] == a && w[1] == b)
+    }
+
+    #[test]
+    fn a_user_runs_as_itself_only_under_a_root_node_in_an_image_and_its_own_pid_namespace() {
+        let p = PathBuf::from("/x");
+        let image = Rootfs::Overlay(OverlayMount { lower: p.clone(), upper: p.clone(), work: p.clone(), merged: p });
+        let host = Rootfs::ReadOnly(None);
+        let (root, user) = (Isolation { root: true }, Isolation { root: false });
+        let app = Some((1234, 2345));
+        assert_eq!(UserMode::of(root, app, false, &image), UserMode::Real);
+        assert_eq!(UserMode::of(root, None, false, &image), UserMode::PodRoot);
+        assert_eq!(UserMode::of(user, app, false, &image), UserMode::Mapped);
+        assert_eq!(UserMode::of(root, app, true, &image), UserMode::Mapped);
+        assert_eq!(UserMode::of(root, app, false, &host), UserMode::Mapped);
+        // Root with another group: never the identity namespace's root.
+        assert_eq!(UserMode::of(root, Some((0, 50)), false, &image), UserMode::Mapped);
+        // Groups are set as root only, and not where they would not exist.
+        let id = Identity { user: app, groups: vec![2345, 50] };
+        assert_eq!(groups_to_set(root, UserMode::Real, &id).map(|g| g.len()), Some(2));
+        assert!(groups_to_set(root, UserMode::Mapped, &id).is_none());
+        assert!(groups_to_set(user, UserMode::PodRoot, &id).is_none());
     }
 
     #[test]

@@ -187,3 +187,54 @@ impl Fixture {
         String::from_utf8(out).unwrap()
     }
 }
+
+/// A test host in a network namespace of its own, reached from the host's namespace through a
+/// veth pair (10.250.0.1 <-> 10.250.0.2): a holder process owns the namespace, and with it go the
+/// namespace, the pair and the server.
+pub struct TestHost {
+    holder: std::process::Child,
+    server: std::process::Child,
+    _www: tempfile::TempDir,
+}
+
+impl TestHost {
+    /// Serves `body` at `http://10.250.0.2:8000/` (needs root).
+    pub fn start(body: &str) -> TestHost {
+        let run = |cmd: &[&str]| {
+            let out = std::process::Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
+            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let holder = std::process::Command::new("unshare").args(["--net", "sleep", "600"]).spawn().unwrap();
+        let pid = holder.id().to_string();
+        // unshare has made the namespace once its own /proc/PID/ns/net differs from ours.
+        let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+        while std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|l| l == ours) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let link = format!("kt{pid}");
+        run(&["ip", "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &pid]);
+        run(&["ip", "addr", "add", "10.250.0.1/30", "dev", &link]);
+        run(&["ip", "link", "set", &link, "up"]);
+        let netns = format!("--net=/proc/{pid}/ns/net");
+        run(&["nsenter", &netns, "ip", "addr", "add", "10.250.0.2/30", "dev", "eth0"]);
+        run(&["nsenter", &netns, "ip", "link", "set", "eth0", "up"]);
+        run(&["nsenter", &netns, "ip", "link", "set", "lo", "up"]);
+        let www = tempfile::tempdir().unwrap();
+        std::fs::write(www.path().join("index.html"), format!("{body}\n")).unwrap();
+        let server = std::process::Command::new("nsenter")
+            .args([netns.as_str(), "busybox", "httpd", "-f", "-p", "8000", "-h"])
+            .arg(www.path())
+            .spawn()
+            .unwrap();
+        TestHost { holder, server, _www: www }
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        for c in [&mut self.server, &mut self.holder] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

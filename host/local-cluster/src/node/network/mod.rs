@@ -215,19 +215,19 @@ impl NodeNetwork {
             "--enable-seccomp".into(),
             "--netns-type=path".into(),
         ];
-        let mut pass = [Some(net_fd), Some(ready_write.as_raw_fd()), None];
-        if let Some(user) = &self.ns.user {
-            args.push(format!("--userns-path=/proc/self/fd/{}", user.as_raw_fd()));
-            pass[2] = Some(user.as_raw_fd());
-        }
+        let pass = [Some(net_fd), Some(ready_write.as_raw_fd()), None];
         args.extend([format!("/proc/self/fd/{net_fd}"), UPLINK.into()]);
         // Its messages go to a file: a pipe nobody reads could fill up and stop it.
         let log_path = dir.join("slirp4netns.log");
         let log = std::fs::File::create(&log_path)
             .map_err(|e| NetworkError::Egress(format!("{}: {e}", log_path.display())))?;
-        let mut child = sandbox::spawn_tool(spawner, "slirp4netns", dir, &args, pass, log.into())
-            .await
-            .map_err(|e| NetworkError::Egress(e.to_string()))?;
+        // An ordinary user's slirp4netns starts inside the node's user namespace, as its root
+        // (whose capabilities its sandbox needs). Handed the namespace with `--userns-path`
+        // instead, slirp4netns 1.2 fails to become root there ("setegid(0); parent failed").
+        let mut child =
+            sandbox::spawn_tool(spawner, "slirp4netns", dir, &args, pass, self.ns.user.as_ref(), log.into())
+                .await
+                .map_err(|e| NetworkError::Egress(e.to_string()))?;
         // Our copy of the write end goes, so a slirp4netns that dies early gives EOF.
         drop(ready_write);
         let ready = tokio::task::spawn_blocking(move || {
