@@ -29,25 +29,31 @@ type File = (&'static str, String, u32);
 fn tar_of(files: &[File]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (path, content, mode) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(*mode);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        if let Some(target) = content.strip_prefix("->") {
-            h.set_entry_type(tar::EntryType::Symlink);
-            h.set_size(0);
-            b.append_link(&mut h, path, target).unwrap();
-        } else if path.ends_with('/') {
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_size(0);
-            b.append_data(&mut h, path, std::io::empty()).unwrap();
-        } else {
-            h.set_size(content.len() as u64);
-            b.append_data(&mut h, path, content.as_bytes()).unwrap();
-        }
+        append(&mut b, path, content, *mode, (0, 0));
     }
     b.into_inner().unwrap()
+}
+
+/// Appends one file, directory (a path ending in `/`) or symlink (content `->target`), owned
+/// by `owner` (uid, gid).
+fn append(b: &mut tar::Builder<Vec<u8>>, path: &str, content: &str, mode: u32, owner: (u64, u64)) {
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(mode);
+    h.set_uid(owner.0);
+    h.set_gid(owner.1);
+    h.set_mtime(1_700_000_000);
+    if let Some(target) = content.strip_prefix("->") {
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, path, target).unwrap();
+    } else if path.ends_with('/') {
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(0);
+        b.append_data(&mut h, path, std::io::empty()).unwrap();
+    } else {
+        h.set_size(content.len() as u64);
+        b.append_data(&mut h, path, content.as_bytes()).unwrap();
+    }
 }
 
 /// The base layer: busybox with every applet in /bin, its libraries, passwd and group with a
@@ -60,14 +66,7 @@ fn base_layer() -> Vec<u8> {
             if anc.as_os_str().is_empty() || !dirs.insert(anc.to_path_buf()) {
                 continue;
             }
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_mode(0o755);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_mtime(1_700_000_000);
-            h.set_size(0);
-            b.append_data(&mut h, anc, std::io::empty()).unwrap();
+            append(b, &format!("{}/", anc.display()), "", 0o755, (0, 0));
         }
     };
     let mut host_file = |b: &mut tar::Builder<Vec<u8>>, src: &str, dest: &str| {
@@ -108,23 +107,7 @@ fn base_layer() -> Vec<u8> {
         _ => (0, 0),
     };
     for (path, content, mode) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(mode);
-        h.set_uid(owner(path).0);
-        h.set_gid(owner(path).1);
-        h.set_mtime(1_700_000_000);
-        if let Some(target) = content.strip_prefix("->") {
-            h.set_entry_type(tar::EntryType::Symlink);
-            h.set_size(0);
-            b.append_link(&mut h, path, target).unwrap();
-        } else if path.ends_with('/') {
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_size(0);
-            b.append_data(&mut h, path, std::io::empty()).unwrap();
-        } else {
-            h.set_size(content.len() as u64);
-            b.append_data(&mut h, path, content.as_bytes()).unwrap();
-        }
+        append(&mut b, path, &content, mode, owner(path));
     }
     b.into_inner().unwrap()
 }
@@ -377,22 +360,26 @@ async fn each_container_writes_to_a_private_root_of_its_own() {
 async fn exec_runs_as_the_images_user_in_its_root() {
     let (cluster, _dir) = cluster_with_docker_archive("keel-test/app:1.0", true).await;
     let pods: Api<Pod> = Api::default_namespaced(cluster.client().unwrap());
-    let p = pod("sleeper", "keel-test/app:1.0", json!({"command": ["sleep", "3600"]}));
+    let out = exec_in_a_sleeper(&pods, "sleeper", "echo $(id -u):$(id -g):$(pwd):$(cat /app/hello.txt)").await;
+    assert_eq!(out.trim(), "1234:2345:/app:hello from the image");
+    cluster.stop().await;
+}
+
+/// Starts a pod `name` of the app image that sleeps, and returns what `sh -c script` execed in
+/// it prints.
+async fn exec_in_a_sleeper(pods: &Api<Pod>, name: &str, script: &str) -> String {
+    let p = pod(name, "keel-test/app:1.0", json!({"command": ["sleep", "3600"]}));
     pods.create(&PostParams::default(), &p).await.unwrap();
-    tokio::time::timeout(TIMEOUT, await_condition(pods.clone(), "sleeper", conditions::is_pod_running()))
+    tokio::time::timeout(TIMEOUT, await_condition(pods.clone(), name, conditions::is_pod_running()))
         .await
         .expect("running")
         .unwrap();
     let params = AttachParams::default().stdout(true).stderr(false);
-    let mut proc = pods
-        .exec("sleeper", ["sh", "-c", "echo $(id -u):$(id -g):$(pwd):$(cat /app/hello.txt)"], &params)
-        .await
-        .unwrap();
+    let mut proc = pods.exec(name, ["sh", "-c", script], &params).await.unwrap();
     let mut bytes = Vec::new();
     tokio::io::AsyncReadExt::read_to_end(&mut proc.stdout().unwrap(), &mut bytes).await.unwrap();
     proc.join().await.unwrap();
-    assert_eq!(String::from_utf8_lossy(&bytes).trim(), "1234:2345:/app:hello from the image");
-    cluster.stop().await;
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// As root the node runs an image's user as containerd does: really that uid and gid, with the
@@ -419,18 +406,7 @@ async fn an_images_user_has_its_groups_and_the_files_it_owns() {
     assert_eq!((r["staff"].as_str(), r["home"].as_str(), r["etc"].as_str()), ("read", "written", "denied"));
     assert_eq!(r["owner"], "1234:2345");
 
-    let p = pod("exec-groups", "keel-test/app:1.0", json!({"command": ["sleep", "3600"]}));
-    pods.create(&PostParams::default(), &p).await.unwrap();
-    tokio::time::timeout(TIMEOUT, await_condition(pods.clone(), "exec-groups", conditions::is_pod_running()))
-        .await
-        .expect("running")
-        .unwrap();
-    let params = AttachParams::default().stdout(true).stderr(false);
-    let mut proc = pods.exec("exec-groups", ["sh", "-c", CHECK], &params).await.unwrap();
-    let mut bytes = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut proc.stdout().unwrap(), &mut bytes).await.unwrap();
-    proc.join().await.unwrap();
-    let out = String::from_utf8_lossy(&bytes);
+    let out = exec_in_a_sleeper(&pods, "exec-groups", CHECK).await;
     assert!(
         out.contains("id:1234:2345:2345,50\n") && out.contains("staff:read") && out.contains("etc:denied"),
         "{out}"
