@@ -27,7 +27,12 @@ JOBS = {
     "fail": (["exit 3"], "", False),
     "timeout": (["sleep 30"], "timeout: 3s\n", False),
     "net": (["hostname -i", "cat /etc/resolv.conf"], "", True),
+    # The image's user as the node runs it as root: its own uid, gid and groups.
+    # (/etc stays root's: mapped to the pod's root instead, it would appear as the user's.)
+    "user": (["test \"$(id -u):$(id -g)\" = 1000:1000", "test \"$(stat -c %u /etc)\" = 0", "echo made > mine"], "", True),
 }
+# Extra `image:` keys per kind (the job file's image is a mapping then).
+IMAGE_KEYS = {"user": "  kubernetes:\n    user: \"1000:1000\"\n"}
 
 
 def main() -> int:
@@ -41,10 +46,13 @@ def main() -> int:
     # Job files and the cluster's data live apart: the job's directory is copied as its sources.
     jobs_dir = tempfile.mkdtemp(prefix="keel-soak-jobs-")
     cluster_dir = tempfile.mkdtemp(prefix="keel-soak-cluster-")
+    # Open to other users (mkdtemp makes it 0700), so the `user` jobs run as their real uid.
+    os.chmod(cluster_dir, 0o755)
     for kind, (lines, extra, _) in JOBS.items():
         script = "".join(f"  - {line!r}\n" for line in lines)
         with open(os.path.join(jobs_dir, f"{kind}.yml"), "w") as f:
-            f.write(f"image: {IMAGE}\n{extra}script:\n{script}")
+            image = f"image:\n  name: {IMAGE}\n{IMAGE_KEYS[kind]}" if kind in IMAGE_KEYS else f"image: {IMAGE}\n"
+            f.write(f"{image}{extra}script:\n{script}")
     log = open(os.path.join(cluster_dir, "cluster.log"), "w")
     up = subprocess.Popen(
         [args.host, "cluster", "up", "--images-from", images, "--data-dir", os.path.join(cluster_dir, "c")],

@@ -484,14 +484,22 @@ async fn image_level(rows: &mut Vec<Row>) {
     let opts = ClusterOptions { images_from: Some(dir.path().to_path_buf()), ..ClusterOptions::on_host_rootfs() };
     let cluster = LocalCluster::start(opts).await.expect("cluster starts");
     let pods: Api<Pod> = Api::default_namespaced(cluster.client().expect("kube client"));
-    eprintln!("images: pod create -> Running, stored image and host rootfs...");
-    let (mut stored, mut host) = (Vec::new(), Vec::new());
+    eprintln!("images: pod create -> Running, stored image (as root and as a user) and host rootfs...");
+    let (mut stored, mut host, mut as_user) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..ITER {
-        for (kind, image, samples) in
-            [("stored", "keel-examples/busybox:bench", &mut stored), ("host", "busybox", &mut host)]
-        {
+        for (kind, image, samples) in [
+            ("stored", "keel-examples/busybox:bench", &mut stored),
+            ("host", "busybox", &mut host),
+            ("user", "keel-examples/busybox:bench", &mut as_user),
+        ] {
             let mut pod = api_pod(&format!("{kind}-{i}"), &["sleep", "3600"]);
             pod.spec.as_mut().expect("spec").containers[0].image = Some(image.into());
+            if kind == "user" {
+                // A real uid, gid and groups (the node's `UserMode::Real` when it runs as root).
+                pod.spec.as_mut().expect("spec").containers[0].security_context = Some(
+                    serde_json::from_value(serde_json::json!({"runAsUser": 1000, "runAsGroup": 1000})).expect("sc"),
+                );
+            }
             let t = Instant::now();
             let created = create_and_wait(&pods, &pod, conditions::is_pod_running()).await;
             samples.push(t.elapsed());
@@ -499,12 +507,19 @@ async fn image_level(rows: &mut Vec<Row>) {
         }
     }
     let (host_median, _) = stats(host);
+    let (row, stored_median) = Row::latency(
+        format!("API: create -> Running, stored image on an overlay ({ITER})"),
+        stored,
+        "the same on the host rootfs",
+        host_median,
+    );
+    rows.push(row);
     rows.push(
         Row::latency(
-            format!("API: create -> Running, stored image on an overlay ({ITER})"),
-            stored,
-            "the same on the host rootfs",
-            host_median,
+            format!("API: create -> Running, stored image as uid 1000 ({ITER})"),
+            as_user,
+            "the same image as root",
+            stored_median,
         )
         .0,
     );

@@ -10,6 +10,7 @@
 mod common;
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -412,6 +413,23 @@ async fn an_images_user_has_its_groups_and_the_files_it_owns() {
         "{out}"
     );
     assert!(out.contains("home:written") && out.contains("owner:1234:2345"), "{out}");
+    cluster.stop().await;
+
+    // A data dir others may not pass through (under a private home): the user's sandbox could
+    // not reach the image's root, so the user runs mapped to the pod's root, without groups.
+    let private = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let archives = tempfile::tempdir().unwrap();
+    write_docker_archive(&archives.path().join("app.tar"), "keel-test/app:1.0");
+    let cluster = common::cluster_with(ClusterOptions {
+        images_from: Some(archives.path().to_path_buf()),
+        data_dir: Some(private.path().join("cluster")),
+        ..ClusterOptions::on_host_rootfs()
+    })
+    .await;
+    let pods: Api<Pod> = Api::default_namespaced(cluster.client().unwrap());
+    let (r, _) = run(&pods, pod("private", "keel-test/app:1.0", json!({"command": ["sh", "-c", CHECK]}))).await;
+    assert_eq!(r["id"], "1234:2345:2345");
     cluster.stop().await;
 }
 

@@ -279,6 +279,16 @@ impl UserMode {
     }
 }
 
+/// Whether every directory above `path` lets anyone through (others' search bit). A `Real`
+/// user's sandbox is built by that user, who must reach the image's root and every bind
+/// source; where some directory bars the way (a data dir under a private home), the container
+/// runs `Mapped` instead. Group and ACL rights that might let the user through are not
+/// counted: the check errs on the side that works.
+pub(crate) fn reachable_by_anyone(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.ancestors().skip(1).all(|dir| std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+}
+
 /// The supplementary groups a container's processes get, set as root before exec: none as an
 /// ordinary user or for a `Mapped` user (in whose namespace they would not exist).
 fn groups_to_set(isolation: Isolation, mode: UserMode, identity: &Identity) -> Option<Vec<rustix::process::Gid>> {
@@ -302,6 +312,8 @@ struct Creds {
 pub(crate) struct ContainerSandbox {
     pub rootfs: Rootfs,
     pub identity: Identity,
+    /// How the identity's user runs (`UserMode::of`, then `reachable_by_anyone` of the paths).
+    pub user_mode: UserMode,
     pub binds: Vec<Bind>,
     pub env: Vec<(String, String)>,
     pub working_dir: String,
@@ -834,7 +846,7 @@ pub(crate) async fn start_container(
     stdio: Stdios,
 ) -> std::io::Result<Started> {
     let mut args: Vec<String> = vec!["--die-with-parent".into(), "--unshare-ipc".into()];
-    let mode = UserMode::of(isolation, sb.identity.user, sb.share_pid, &sb.rootfs);
+    let mode = sb.user_mode;
     if let (UserMode::Mapped, Some((uid, gid))) = (mode, sb.identity.user) {
         // The pod's user namespace has one uid (0) as an ordinary user, so another user needs a
         // namespace of its own, mapping it to the pod's root; bwrap then drops every capability.
@@ -1043,6 +1055,17 @@ mod tests {
         assert_eq!(UserMode::of(user, app, false, &image), UserMode::Mapped);
         assert_eq!(UserMode::of(root, app, true, &image), UserMode::Mapped);
         assert_eq!(UserMode::of(root, app, false, &host), UserMode::Mapped);
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("open/inner")).unwrap();
+        let mode = |p: &Path, m: u32| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        };
+        mode(d.path(), 0o755);
+        mode(&d.path().join("open"), 0o711);
+        assert!(reachable_by_anyone(&d.path().join("open/inner/merged")));
+        mode(&d.path().join("open"), 0o700);
+        assert!(!reachable_by_anyone(&d.path().join("open/inner/merged")));
         // Root with another group: never the identity namespace's root.
         assert_eq!(UserMode::of(root, Some((0, 50)), false, &image), UserMode::Mapped);
         // Groups are set as root only, and not where they would not exist.

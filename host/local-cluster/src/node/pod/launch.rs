@@ -94,7 +94,24 @@ impl PodRuntime {
             }
         }
         let share_pid = self.spec().share_process_namespace.unwrap_or(false);
-        let user_mode = sandbox::UserMode::of(node.isolation, identity.user, share_pid, &rootfs);
+        let mut user_mode = sandbox::UserMode::of(node.isolation, identity.user, share_pid, &rootfs);
+        if user_mode == sandbox::UserMode::Real {
+            let root = match &rootfs {
+                Rootfs::Overlay(o) => Some(o.merged.as_path()),
+                Rootfs::ReadOnly(_) => None,
+            };
+            if let Some(barred) = root
+                .into_iter()
+                .chain(binds.iter().map(|b| b.source.as_path()))
+                .find(|p| !sandbox::reachable_by_anyone(p))
+            {
+                tracing::info!(
+                    k8s.container = %c.name, path = %barred.display(),
+                    "the container's user runs mapped to the pod's root, without supplementary groups: a directory above this path is closed to other users (chmod o+x to let it through)"
+                );
+                user_mode = sandbox::UserMode::Mapped;
+            }
+        }
         if let (sandbox::UserMode::Real, Rootfs::Overlay(o)) = (user_mode, &rootfs) {
             let mut dests: Vec<(String, bool)> = vec![("/dev".into(), false), ("/proc".into(), false)];
             dests.extend(binds.iter().map(|b| (b.dest.clone(), b.source.is_file())));
@@ -133,6 +150,7 @@ impl PodRuntime {
         let sb = ContainerSandbox {
             rootfs,
             identity: identity.clone(),
+            user_mode,
             binds,
             env: env.clone(),
             working_dir: working_dir.clone(),
