@@ -91,9 +91,11 @@
 //! other than root (the image's `User`, or `runAsUser`/`runAsGroup`) runs, when the node is
 //! root, really as that uid, gid and supplementary groups in a user namespace that maps every id
 //! to itself and belongs to root (`sandbox::UserMode::Real`: bwrap's setuid mode, the maps
-//! written by the node); as an ordinary user, with `shareProcessNamespace` or on the host's
-//! root it gets a user namespace of its own in which only that uid and gid exist, mapped to the
-//! pod's root (`UserMode::Mapped`): files appear owned by it, no supplementary groups. An image not in the store is pulled from its
+//! written by the node); as an ordinary user, with `shareProcessNamespace`, on the host's root,
+//! or where the user could not reach the image's root or a bind source (a directory above them
+//! closed to others) it gets a user namespace of its own in which only that uid and gid exist,
+//! mapped to the pod's root (`UserMode::Mapped`): files appear owned by it, no supplementary
+//! groups. An image not in the store is pulled from its
 //! registry (or runs on the host's root, read-only, when `NodeImages::host_rootfs` asks for
 //! that: tests without a network) (`image::pull`: oci-client for the protocol, mirrors and plain-HTTP registries as
 //! `NodeImages::registries` says, credentials from the pod's `imagePullSecrets` and the node's
