@@ -318,8 +318,12 @@ async fn with_no_cluster_configured_an_embedded_one_is_started_and_removed() {
     let dir = tempfile::tempdir().expect("dir");
     let job = dir.path().join("job.yml");
     std::fs::write(&job, "image: alpine:3.20\nscript: [echo embedded-ok]\n").expect("write");
-    // No registry here: the embedded cluster is asked to run images on the host's root.
-    let out = tokio::process::Command::new(host_bin())
+    // No registry here: the embedded cluster is asked to run images on the host's root. Run
+    // under a subreaper, which inherits whatever the host leaves as an orphan (a process it
+    // started and did not wait for, alive or a zombie).
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", SUBREAPER])
+        .arg(host_bin())
         .args(["run", "--host-rootfs"])
         .arg(&job)
         .env("HOME", home.path())
@@ -334,7 +338,27 @@ async fn with_no_cluster_configured_an_embedded_one_is_started_and_removed() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("started an embedded one"), "said so on stderr");
     let left = processes_mentioning("keel-cluster-");
     assert!(left.iter().all(|p| !p.contains(&dir.path().display().to_string())), "{left:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("orphans: none\n"), "the host left processes it did not reap: {stderr}");
 }
+
+/// `python3 -c` program: runs its arguments as a child subreaper, then says on stderr which
+/// processes were left to it (`orphans: none`, or their pids and states).
+const SUBREAPER: &str = r#"
+import ctypes, os, subprocess, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+rc = subprocess.call(sys.argv[1:])
+left = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        continue
+    if fields[1] == str(os.getpid()):
+        left.append(f"{pid} ({fields[0]})")
+print("orphans: " + (", ".join(left) or "none"), file=sys.stderr)
+sys.exit(rc)
+"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_pull_falls_back_to_the_next_policy() {

@@ -477,7 +477,7 @@ impl Node {
                 .await
                 .map_err(NodeError::Network)?;
         if let Err(net) = self.inner.network.set(net) {
-            net.stop();
+            net.stop().await;
         }
         Ok(())
     }
@@ -637,7 +637,7 @@ impl Node {
             pod.remove_dirs().await;
         }
         if let Some(net) = self.inner.network.get() {
-            net.stop();
+            net.stop().await;
         }
         let inner = self.inner.clone();
         let _ = tokio::task::spawn_blocking(move || inner.cgroups.remove()).await;

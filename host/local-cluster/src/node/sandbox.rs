@@ -48,7 +48,10 @@ impl Isolation {
     pub fn probe() -> Result<Isolation, NodeError> {
         let root = rustix::process::geteuid().is_root();
         let mut cmd = std::process::Command::new("bwrap");
-        cmd.args(["--ro-bind", "/", "/", "--unshare-pid", "--unshare-net"]);
+        // `--as-pid-1`: without it bwrap's own init runs `true`, and the outer bwrap returns
+        // as soon as the init reports the exit code, leaving the init to end as an orphan (a
+        // zombie until the host's init reaps it).
+        cmd.args(["--ro-bind", "/", "/", "--unshare-pid", "--as-pid-1", "--unshare-net"]);
         if !root {
             cmd.args(POD_USER_NS_ARGS);
         }
@@ -338,6 +341,23 @@ pub(crate) struct ContainerSandbox {
 pub(crate) struct Started {
     pub child: Child,
     pub inner_pid: i32,
+}
+
+/// Ends a holder sandbox and reaps it: SIGKILL to the process inside first (the init of its PID
+/// namespace: the kernel takes the rest of the namespace with it), which the outer bwrap reaps
+/// before it exits, and then the outer one, waited for. Killing only the outer bwrap would leave
+/// the inner processes to die by their parent-death signal as orphans, zombies until the host's
+/// init gets round to them.
+pub(crate) async fn end_holder(child: &mut Child, inner_pid: i32) {
+    use rustix::process::{Pid, Signal, kill_process};
+    if let Some(p) = Pid::from_raw(inner_pid)
+        && child.try_wait().ok().flatten().is_none()
+    {
+        let _ = kill_process(p, Signal::KILL);
+    }
+    if tokio::time::timeout(std::time::Duration::from_secs(2), child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
 }
 
 /// bwrap arguments that build the sandbox's filesystem view.
@@ -688,7 +708,7 @@ pub(crate) async fn start_network_holder(
     spawner: &Spawner,
     isolation: Isolation,
     dir: &Path,
-) -> std::io::Result<(Child, Option<OwnedFd>, OwnedFd)> {
+) -> std::io::Result<(Started, Option<OwnedFd>, OwnedFd)> {
     let user_ns: &[&str] = if isolation.root { &[] } else { &POD_USER_NS_ARGS };
     let args: Vec<String> =
         ["--die-with-parent", "--unshare-net", "--unshare-pid", "--ro-bind", "/", "/", "--proc", "/proc"]
@@ -710,7 +730,7 @@ pub(crate) async fn start_network_holder(
         Err(e) => Err(e),
     };
     match opened {
-        Ok((user, net)) => Ok((started.child, user, net)),
+        Ok((user, net)) => Ok((started, user, net)),
         Err(e) => {
             let _ = started.child.start_kill();
             let _ = started.child.wait().await;

@@ -104,8 +104,9 @@ pub enum NetworkError {
 /// The node's network namespace and what runs for it.
 pub(crate) struct NodeNetwork {
     ns: NodeNamespaces,
-    /// The holder and slirp4netns: killed when dropped (and by the kernel when the node dies).
-    _holder: Child,
+    /// The holder and slirp4netns: ended and reaped by `stop`, else killed when dropped (and by
+    /// the kernel when the node dies).
+    holder: Mutex<Option<sandbox::Started>>,
     egress_helper: Mutex<Option<Child>>,
     ips: Mutex<Ips>,
     /// The Services' ruleset last applied (not applied again while unchanged).
@@ -186,7 +187,7 @@ impl NodeNetwork {
             .map_err(setup("NAT rules, with `nft` of nftables"))?;
         let network = NodeNetwork {
             ns,
-            _holder: holder,
+            holder: Mutex::new(Some(holder)),
             egress_helper: Mutex::new(None),
             ips: Mutex::new(Ips { used: BTreeSet::new(), last: 1, links: 0 }),
             services: tokio::sync::Mutex::new(None),
@@ -327,10 +328,15 @@ impl NodeNetwork {
         Ok(())
     }
 
-    /// Stops slirp4netns (the holder goes when the network is dropped).
-    pub fn stop(&self) {
-        if let Some(mut p) = self.egress_helper.lock().expect("egress lock").take() {
-            let _ = p.start_kill();
+    /// Stops slirp4netns and the holder, and reaps them: nothing of the network outlives this.
+    pub async fn stop(&self) {
+        let helper = self.egress_helper.lock().expect("egress lock").take();
+        if let Some(mut p) = helper {
+            let _ = p.kill().await;
+        }
+        let holder = self.holder.lock().expect("holder lock").take();
+        if let Some(mut h) = holder {
+            sandbox::end_holder(&mut h.child, h.inner_pid).await;
         }
     }
 }

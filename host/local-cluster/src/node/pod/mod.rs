@@ -418,7 +418,8 @@ impl PodRuntime {
         // Kill the holder and reap it before the pod counts as done: a stopped pod has no
         // process left (dropping the child would only send the signal).
         let (_ns, mut holder) = pod_ns;
-        let _ = holder.kill().await;
+        let inner = self.holder.lock().expect("holder lock").map_or(0, |(_, inner)| inner);
+        sandbox::end_holder(&mut holder, inner).await;
     }
 
     async fn config_error(&self, msg: String, stop: &mut watch::Receiver<Option<Duration>>) {
