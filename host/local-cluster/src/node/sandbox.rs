@@ -262,9 +262,11 @@ pub(crate) enum UserMode {
     /// image and in volumes keep their real owners.
     Real,
     /// As an ordinary user, in a shared PID namespace (which a namespace of the user's own
-    /// could not join) or on the host's root (read-only: the user could not make the mount
-    /// points there): a user namespace of the container's own in which only that uid and gid
-    /// exist, mapped to the pod's root; no supplementary groups.
+    /// could not join), on the host's root (read-only: the user could not make the mount
+    /// points there), for uid 0 with another group, or where the user could not reach the
+    /// image's root or a bind source (`reachable_by_anyone`): a user namespace of the
+    /// container's own in which only that uid and gid exist, mapped to the pod's root; no
+    /// supplementary groups.
     Mapped,
 }
 
