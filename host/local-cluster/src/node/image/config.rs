@@ -122,6 +122,7 @@ fn read_entries(rootfs: &Path, file: &str) -> Vec<Entry> {
 /// (its gid is then 0), a name must; the errors are containerd's.
 pub(crate) fn resolve_user(rootfs: &Path, user: &str) -> Result<User, String> {
     let passwd = read_entries(rootfs, "etc/passwd");
+    let group = read_entries(rootfs, "etc/group");
     let (user_part, group_part) = match user.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (user, None),
@@ -140,14 +141,11 @@ pub(crate) fn resolve_user(rootfs: &Path, user: &str) -> Result<User, String> {
         None => entry.map_or(0, |e| e.gid),
         Some(g) => match g.parse::<u32>() {
             Ok(gid) => gid,
-            Err(_) => {
-                let groups = read_entries(rootfs, "etc/group");
-                groups
-                    .iter()
-                    .find(|e| e.name == g)
-                    .map(|e| e.id)
-                    .ok_or_else(|| format!("unable to find group {g}: no matching entries in group file"))?
-            }
+            Err(_) => group
+                .iter()
+                .find(|e| e.name == g)
+                .map(|e| e.id)
+                .ok_or_else(|| format!("unable to find group {g}: no matching entries in group file"))?,
         },
     };
     let home = passwd.iter().find(|e| e.id == uid).map(|e| e.home.clone()).filter(|h| !h.is_empty());
@@ -155,7 +153,7 @@ pub(crate) fn resolve_user(rootfs: &Path, user: &str) -> Result<User, String> {
     let name = entry.map(|e| e.name.as_str()).filter(|n| !n.is_empty());
     let mut groups = vec![gid];
     if let Some(name) = name {
-        for g in read_entries(rootfs, "etc/group") {
+        for g in &group {
             if g.members.iter().any(|m| m == name) && !groups.contains(&g.id) {
                 groups.push(g.id);
             }

@@ -147,11 +147,7 @@ pub(crate) fn writable_root(
 /// through a file is left for the sandbox to refuse. `dests`: (path, whether a file is bound).
 pub(crate) fn make_mount_points(o: &OverlayMount, dests: &[(String, bool)]) -> std::io::Result<()> {
     for (dest, file) in dests {
-        let Some(rel) = resolve_in_root(&o.lower, &o.upper, dest) else { continue };
-        let (target, exists) = rel;
-        if exists {
-            continue;
-        }
+        let Some((target, false)) = resolve_in_root(&o.lower, &o.upper, dest) else { continue };
         let path = o.upper.join(&target);
         if *file {
             if let Some(parent) = path.parent() {

@@ -95,31 +95,27 @@ impl PodRuntime {
         }
         let share_pid = self.spec().share_process_namespace.unwrap_or(false);
         let mut user_mode = sandbox::UserMode::of(node.isolation, identity.user, share_pid, &rootfs);
-        if user_mode == sandbox::UserMode::Real {
-            let root = match &rootfs {
-                Rootfs::Overlay(o) => Some(o.merged.as_path()),
-                Rootfs::ReadOnly(_) => None,
-            };
-            if let Some(barred) = root
-                .into_iter()
+        // A `Real` user builds its own sandbox (only on an image's overlay): it must reach the
+        // image's root and every bind source, and finds the mount points already made.
+        if let (sandbox::UserMode::Real, Rootfs::Overlay(o)) = (user_mode, &rootfs) {
+            let barred = std::iter::once(o.merged.as_path())
                 .chain(binds.iter().map(|b| b.source.as_path()))
-                .find(|p| !sandbox::reachable_by_anyone(p))
-            {
+                .find(|p| !sandbox::reachable_by_anyone(p));
+            if let Some(barred) = barred {
                 tracing::info!(
                     k8s.container = %c.name, path = %barred.display(),
                     "the container's user runs mapped to the pod's root, without supplementary groups: a directory above this path is closed to other users (chmod o+x to let it through)"
                 );
                 user_mode = sandbox::UserMode::Mapped;
+            } else {
+                let mut dests: Vec<(String, bool)> = vec![("/dev".into(), false), ("/proc".into(), false)];
+                dests.extend(binds.iter().map(|b| (b.dest.clone(), b.source.is_file())));
+                dests.push((working_dir.clone(), false));
+                image::make_mount_points(o, &dests).map_err(|e| CreateFailure {
+                    reason: "CreateContainerError",
+                    message: format!("cannot make the container's mount points: {e}"),
+                })?;
             }
-        }
-        if let (sandbox::UserMode::Real, Rootfs::Overlay(o)) = (user_mode, &rootfs) {
-            let mut dests: Vec<(String, bool)> = vec![("/dev".into(), false), ("/proc".into(), false)];
-            dests.extend(binds.iter().map(|b| (b.dest.clone(), b.source.is_file())));
-            dests.push((working_dir.clone(), false));
-            image::make_mount_points(o, &dests).map_err(|e| CreateFailure {
-                reason: "CreateContainerError",
-                message: format!("cannot make the container's mount points: {e}"),
-            })?;
         }
         let log_path = self.dir.join("logs").join(&c.name).join(format!("{restarts}.log"));
         let log = LogFile::create(&log_path).map_err(|e| format!("cannot create log {}: {e}", log_path.display()))?;
